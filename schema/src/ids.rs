@@ -1,0 +1,133 @@
+//! Identifier newtypes, so that a task id can never be passed where a job id
+//! is wanted. Every id ends up as a NATS subject token or a KV key segment,
+//! so the allowed alphabet is the one both accept without escaping.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The longest id we accept; keeps subjects and keys well under NATS limits.
+pub const MAX_ID_LEN: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {kind} {value:?}: use 1 to {MAX_ID_LEN} characters from A-Z a-z 0-9 _ -")]
+pub struct IdError {
+    pub kind: &'static str,
+    pub value: String,
+}
+
+/// Whether `s` is usable as one subject token and one KV key segment.
+pub fn is_valid_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_ID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
+                let s = s.into();
+                if is_valid_token(&s) {
+                    Ok(Self(s))
+                } else {
+                    Err(IdError { kind: $kind, value: s })
+                }
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                Self::new(s)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::new(s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A job's id: chosen by the client (idempotent resubmit) or generated.
+    JobId,
+    "job id"
+);
+id_type!(
+    /// A task's id, unique across the fleet: `<job id>-<index>`.
+    TaskId,
+    "task id"
+);
+id_type!(
+    /// A worker's name, unique in the fleet; it is also its advert's key.
+    WorkerId,
+    "worker name"
+);
+
+impl JobId {
+    /// A fresh, time-ordered id (UUIDv7 without dashes), so that listings
+    /// sort by submission.
+    pub fn generate() -> Self {
+        JobId(uuid::Uuid::now_v7().simple().to_string())
+    }
+}
+
+impl TaskId {
+    pub fn for_index(job: &JobId, index: usize) -> Self {
+        // Job ids are at most MAX_ID_LEN; the suffix may push past it, which
+        // is harmless for subjects, so the length check is not applied here.
+        TaskId(format!("{job}-{index}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_reject_subject_breaking_characters() {
+        for bad in ["", "a.b", "a b", "a*", "a>", "é", &"x".repeat(129)] {
+            let err = JobId::new(bad).unwrap_err();
+            assert_eq!(err.kind, "job id");
+        }
+        assert!(JobId::new("sweep-lr_01").is_ok());
+        let err = serde_json::from_str::<WorkerId>("\"gpu.node\"").unwrap_err();
+        assert!(err.to_string().contains("invalid worker name \"gpu.node\""));
+    }
+
+    #[test]
+    fn generated_ids_are_valid_and_distinct() {
+        let a = JobId::generate();
+        let b = JobId::generate();
+        assert_ne!(a, b);
+        assert!(is_valid_token(a.as_str()));
+        let t = TaskId::for_index(&a, 3);
+        assert!(t.as_str().ends_with("-3"));
+    }
+}

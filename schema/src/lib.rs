@@ -1,0 +1,37 @@
+//! gpufleet's wire contract, shared by every program and by clients in
+//! other languages (see the README's API section).
+//!
+//! - [`spec`]: what clients submit (jobs, tasks, resources), with validation
+//!   whose errors name the field.
+//! - [`status`]: job and task states and the status replies.
+//! - [`worker`], [`lease`], [`event`]: what workers advertise, the
+//!   reservations they claim, and the events they stream.
+//! - [`api`]: request and reply bodies of the `gpufleet` micro service.
+//! - [`subjects`]: every subject, bucket and key name.
+//! - [`codec`]: MessagePack (native) and JSON, chosen per message.
+//! - [`units`], [`ids`]: sizes, durations and identifier newtypes.
+//!
+//! This crate holds the wire and nothing else: no NATS client, no runtime.
+
+pub mod api;
+pub mod codec;
+pub mod event;
+pub mod ids;
+pub mod lease;
+pub mod spec;
+pub mod status;
+pub mod subjects;
+pub mod units;
+pub mod worker;
+
+pub use codec::{CodecError, Encoding};
+pub use event::{Artifact, Event, EventBody, EventKind, LogStream, TaskOutcome};
+pub use ids::{JobId, TaskId, WorkerId};
+pub use lease::{GpuGrant, Grant, Lease, LeaseState, Rendezvous};
+pub use spec::{Constraints, GpuRequest, JobSpec, Resources, SpecError, TaskSpec};
+pub use status::{JobState, JobStatus, TaskCounts, TaskState, TaskStatus};
+pub use units::{ByteSize, Dur};
+pub use worker::{GpuAdvert, WorkerAdvert};
+
+/// The version every program reports and advertises.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

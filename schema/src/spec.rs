@@ -1,0 +1,386 @@
+//! What a client submits: a job of one or more tasks.
+//!
+//! Input types reject unknown fields (a typo like `gpu_memroy` must not be
+//! silently ignored) and are checked by [`JobSpec::validate`], whose errors
+//! name the field path (`tasks[2].resources.gpus`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{JobId, WorkerId};
+use crate::units::{ByteSize, Dur};
+
+/// The most tasks one job may hold; the job record must fit one NATS message.
+pub const MAX_TASKS_PER_JOB: usize = 5_000;
+/// The most GPUs one task may ask for.
+pub const MAX_GPUS_PER_TASK: u32 = 64;
+/// Environment names a task may not set: the worker owns them.
+pub const RESERVED_ENV_PREFIX: &str = "GPUFLEET_";
+pub const RESERVED_ENV: &[&str] = &[
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+];
+
+fn default_max_retries() -> u32 {
+    2
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Client-chosen id: resubmitting the same spec under it is a no-op.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<JobId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Higher runs first.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub priority: i32,
+    /// How often a task that was LOST or INTERRUPTED is tried again.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Place every task at once or none.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub gang: bool,
+    /// With `gang`, the smallest number of tasks that may start together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_tasks: Option<u32>,
+    #[serde(default, skip_serializing_if = "Constraints::is_empty")]
+    pub constraints: Constraints,
+    pub tasks: Vec<TaskSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Constraints {
+    /// Every label must be on the worker with this value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Only these workers may run the job's tasks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workers: Vec<WorkerId>,
+}
+
+impl Constraints {
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.workers.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Program and arguments; run directly, not through a shell.
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Dur>,
+    /// Globs, relative to `GPUFLEET_OUTPUT_DIR`, of files to upload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
+}
+
+fn default_cpus() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Whole GPUs. `0` with `gpu_memory` set asks for a share of one GPU.
+    #[serde(default)]
+    pub gpus: u32,
+    /// Free memory needed on each GPU (or on the shared GPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory: Option<ByteSize>,
+    /// Logical CPUs; fractions allowed.
+    #[serde(default = "default_cpus")]
+    pub cpus: f64,
+    /// Host memory; enforced by the worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ByteSize>,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            gpus: 0,
+            gpu_memory: None,
+            cpus: default_cpus(),
+            memory: None,
+        }
+    }
+}
+
+/// What kind of GPU access a task needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuRequest {
+    None,
+    /// `count` GPUs used by nobody else, each with `memory` free.
+    Whole {
+        count: u32,
+        memory: u64,
+    },
+    /// One GPU, shared with others, with `memory` of it set aside.
+    Share {
+        memory: u64,
+    },
+}
+
+impl Resources {
+    pub fn gpu_request(&self) -> GpuRequest {
+        match (self.gpus, self.gpu_memory) {
+            (0, None) | (0, Some(ByteSize(0))) => GpuRequest::None,
+            (0, Some(m)) => GpuRequest::Share { memory: m.0 },
+            (n, m) => GpuRequest::Whole {
+                count: n,
+                memory: m.map_or(0, |m| m.0),
+            },
+        }
+    }
+
+    /// CPUs in thousandths, the unit placement counts in.
+    pub fn cpus_milli(&self) -> u64 {
+        (self.cpus * 1000.0).round() as u64
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.map_or(0, |m| m.0)
+    }
+}
+
+/// A spec that failed validation; `field` is a path such as
+/// `tasks[0].resources.cpus`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn valid_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-./".contains(&b))
+}
+
+impl JobSpec {
+    /// Checks what serde cannot: counts, ranges, reserved names.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.tasks.is_empty() {
+            return Err(err("tasks", "a job needs at least one task"));
+        }
+        if self.tasks.len() > MAX_TASKS_PER_JOB {
+            return Err(err(
+                "tasks",
+                format!(
+                    "{} tasks is more than the {MAX_TASKS_PER_JOB} one job may hold; split the job",
+                    self.tasks.len()
+                ),
+            ));
+        }
+        if let Some(name) = &self.name {
+            if name.len() > 256 {
+                return Err(err("name", "at most 256 bytes"));
+            }
+        }
+        if self.max_retries > 100 {
+            return Err(err("max_retries", "at most 100"));
+        }
+        if let Some(min) = self.min_tasks {
+            if !self.gang {
+                return Err(err("min_tasks", "only applies with \"gang\": true"));
+            }
+            if min == 0 || min as usize > self.tasks.len() {
+                return Err(err(
+                    "min_tasks",
+                    format!(
+                        "must be between 1 and the number of tasks ({})",
+                        self.tasks.len()
+                    ),
+                ));
+            }
+        }
+        for (k, v) in &self.constraints.labels {
+            if !valid_label(k) {
+                return Err(err(
+                    format!("constraints.labels.{k}"),
+                    "label names use A-Z a-z 0-9 _ - . / (at most 63)",
+                ));
+            }
+            if v.len() > 256 {
+                return Err(err(format!("constraints.labels.{k}"), "at most 256 bytes"));
+            }
+        }
+        for (i, task) in self.tasks.iter().enumerate() {
+            task.validate(&format!("tasks[{i}]"))?;
+        }
+        Ok(())
+    }
+}
+
+impl TaskSpec {
+    pub fn validate(&self, at: &str) -> Result<(), SpecError> {
+        match self.command.first() {
+            None => return Err(err(format!("{at}.command"), "must name a program")),
+            Some(p) if p.is_empty() => {
+                return Err(err(format!("{at}.command[0]"), "program must not be empty"))
+            }
+            _ => {}
+        }
+        if self.command.iter().any(|a| a.contains('\0')) {
+            return Err(err(
+                format!("{at}.command"),
+                "arguments must not contain NUL",
+            ));
+        }
+        for (k, v) in &self.env {
+            let field = format!("{at}.env.{k}");
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return Err(err(field, "names must be non-empty without '=' or NUL"));
+            }
+            if k.starts_with(RESERVED_ENV_PREFIX) || RESERVED_ENV.contains(&k.as_str()) {
+                return Err(err(field, "is set by the worker and cannot be overridden"));
+            }
+        }
+        let r = &self.resources;
+        if r.gpus > MAX_GPUS_PER_TASK {
+            return Err(err(
+                format!("{at}.resources.gpus"),
+                format!("at most {MAX_GPUS_PER_TASK}"),
+            ));
+        }
+        if !r.cpus.is_finite() || r.cpus < 0.0 || r.cpus > 4096.0 {
+            return Err(err(
+                format!("{at}.resources.cpus"),
+                "must be a number from 0 to 4096",
+            ));
+        }
+        if let Some(t) = self.timeout {
+            if t.0.is_zero() {
+                return Err(err(format!("{at}.timeout"), "must be more than 0"));
+            }
+        }
+        for (j, pattern) in self.artifacts.iter().enumerate() {
+            if pattern.is_empty()
+                || pattern.starts_with('/')
+                || pattern.split('/').any(|c| c == "..")
+            {
+                return Err(err(
+                    format!("{at}.artifacts[{j}]"),
+                    "must be a relative glob inside the output directory",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The name shown to people: the given one, or the program's.
+    pub fn display_name(&self, index: usize) -> String {
+        self.name.clone().unwrap_or_else(|| format!("task-{index}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(cmd: &[&str]) -> TaskSpec {
+        TaskSpec {
+            name: None,
+            command: cmd.iter().map(|s| s.to_string()).collect(),
+            env: BTreeMap::new(),
+            resources: Resources::default(),
+            timeout: None,
+            artifacts: vec![],
+        }
+    }
+
+    fn job(tasks: Vec<TaskSpec>) -> JobSpec {
+        JobSpec {
+            id: None,
+            name: None,
+            priority: 0,
+            max_retries: 2,
+            gang: false,
+            min_tasks: None,
+            constraints: Constraints::default(),
+            tasks,
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        assert_eq!(job(vec![]).validate().unwrap_err().field, "tasks");
+        assert_eq!(
+            job(vec![task(&["true"]), task(&[])])
+                .validate()
+                .unwrap_err()
+                .field,
+            "tasks[1].command"
+        );
+        let mut t = task(&["true"]);
+        t.env.insert("CUDA_VISIBLE_DEVICES".into(), "3".into());
+        assert_eq!(
+            job(vec![t]).validate().unwrap_err().field,
+            "tasks[0].env.CUDA_VISIBLE_DEVICES"
+        );
+        let mut t = task(&["true"]);
+        t.resources.cpus = f64::NAN;
+        assert_eq!(
+            job(vec![t]).validate().unwrap_err().field,
+            "tasks[0].resources.cpus"
+        );
+        let mut t = task(&["true"]);
+        t.artifacts = vec!["../etc/passwd".into()];
+        assert_eq!(
+            job(vec![t]).validate().unwrap_err().field,
+            "tasks[0].artifacts[0]"
+        );
+        let mut j = job(vec![task(&["true"])]);
+        j.min_tasks = Some(1);
+        assert_eq!(j.validate().unwrap_err().field, "min_tasks");
+        j.gang = true;
+        assert!(j.validate().is_ok());
+        j.min_tasks = Some(2);
+        assert_eq!(j.validate().unwrap_err().field, "min_tasks");
+    }
+
+    #[test]
+    fn gpu_request_kinds() {
+        let mut r = Resources::default();
+        assert_eq!(r.gpu_request(), GpuRequest::None);
+        r.gpu_memory = Some(ByteSize::gib(10));
+        assert_eq!(r.gpu_request(), GpuRequest::Share { memory: 10 << 30 });
+        r.gpus = 2;
+        assert_eq!(
+            r.gpu_request(),
+            GpuRequest::Whole {
+                count: 2,
+                memory: 10 << 30
+            }
+        );
+        r.cpus = 0.5;
+        assert_eq!(r.cpus_milli(), 500);
+    }
+}

@@ -1,0 +1,116 @@
+//! Every subject, bucket and key name, built here and nowhere else.
+
+use crate::event::EventKind;
+use crate::ids::{JobId, TaskId, WorkerId};
+
+/// The micro service's name, as `$SRV.PING` reports it.
+pub const SERVICE_NAME: &str = "gpufleet";
+pub const API_PREFIX: &str = "gpufleet.api";
+
+pub const JOBS_SUBMIT: &str = "gpufleet.api.jobs.submit";
+pub const JOBS_GET: &str = "gpufleet.api.jobs.get";
+pub const JOBS_LIST: &str = "gpufleet.api.jobs.list";
+pub const JOBS_CANCEL: &str = "gpufleet.api.jobs.cancel";
+pub const WORKERS_LIST: &str = "gpufleet.api.workers.list";
+
+pub const WORKERS_BUCKET: &str = "gpufleet-workers";
+pub const LEASES_BUCKET: &str = "gpufleet-leases";
+pub const JOBS_BUCKET: &str = "gpufleet-jobs";
+pub const ARTIFACTS_BUCKET: &str = "gpufleet-artifacts";
+pub const EVENTS_STREAM: &str = "GPUFLEET_EVENTS";
+pub const EVENTS_ALL: &str = "gpufleet.events.>";
+
+/// The stream behind a KV bucket.
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// The subject a KV key is stored on, for raw publishes with headers.
+pub fn kv_subject(bucket: &str, key: &str) -> String {
+    format!("$KV.{bucket}.{key}")
+}
+
+/// The key of a KV subject, if it belongs to `bucket`.
+pub fn kv_key<'a>(bucket: &str, subject: &'a str) -> Option<&'a str> {
+    subject
+        .strip_prefix("$KV.")?
+        .strip_prefix(bucket)?
+        .strip_prefix('.')
+}
+
+pub fn events(job: &JobId, task: &TaskId, kind: EventKind) -> String {
+    format!("gpufleet.events.{job}.{task}.{}", kind.as_str())
+}
+
+/// Every event of one job.
+pub fn job_events(job: &JobId) -> String {
+    format!("gpufleet.events.{job}.>")
+}
+
+/// Events of one kind across the fleet, e.g. every result.
+pub fn events_of_kind(kind: EventKind) -> String {
+    format!("gpufleet.events.*.*.{}", kind.as_str())
+}
+
+/// Splits an event subject into job, task and kind.
+pub fn parse_event_subject(subject: &str) -> Option<(JobId, TaskId, EventKind)> {
+    let mut parts = subject.split('.');
+    if parts.next()? != "gpufleet" || parts.next()? != "events" {
+        return None;
+    }
+    let job = JobId::new(parts.next()?).ok()?;
+    let task = TaskId::new(parts.next()?).ok()?;
+    let kind = EventKind::parse(parts.next()?)?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((job, task, kind))
+}
+
+/// `<worker>.<task>.<attempt>`: one key per attempt, so a key is never
+/// reused by a later attempt (see the KV notes in the README).
+pub fn lease_key(worker: &WorkerId, task: &TaskId, attempt: u32) -> String {
+    format!("{worker}.{task}.{attempt}")
+}
+
+pub fn parse_lease_key(key: &str) -> Option<(WorkerId, TaskId, u32)> {
+    let mut parts = key.split('.');
+    let worker = WorkerId::new(parts.next()?).ok()?;
+    let task = TaskId::new(parts.next()?).ok()?;
+    let attempt = parts.next()?.parse().ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((worker, task, attempt))
+}
+
+/// The lease keys one worker watches.
+pub fn worker_leases(worker: &WorkerId) -> String {
+    format!("{worker}.>")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        let job = JobId::new("j1").unwrap();
+        let task = TaskId::for_index(&job, 0);
+        let s = events(&job, &task, EventKind::Log);
+        assert_eq!(s, "gpufleet.events.j1.j1-0.log");
+        assert_eq!(
+            parse_event_subject(&s),
+            Some((job, task.clone(), EventKind::Log))
+        );
+        assert_eq!(parse_event_subject("gpufleet.events.a.b.nope"), None);
+        let w = WorkerId::new("w-1").unwrap();
+        let key = lease_key(&w, &task, 3);
+        assert_eq!(parse_lease_key(&key), Some((w, task, 3)));
+        assert_eq!(
+            kv_key(LEASES_BUCKET, &kv_subject(LEASES_BUCKET, &key)),
+            Some(key.as_str())
+        );
+        assert_eq!(kv_key(WORKERS_BUCKET, "$KV.gpufleet-workersx.a"), None);
+    }
+}

@@ -1,0 +1,69 @@
+//! What a worker says about itself in `gpufleet-workers`, refreshed on
+//! every heartbeat. Our own output types accept unknown fields, so that a
+//! newer worker can add some without breaking an older coordinator.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::ids::{TaskId, WorkerId};
+use crate::units::{ByteSize, Dur};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerAdvert {
+    pub name: WorkerId,
+    /// Changes each time the worker process starts.
+    pub instance: String,
+    pub version: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// An address of this machine that other workers can reach
+    /// (`MASTER_ADDR` for gangs whose rank 0 runs here).
+    #[serde(default)]
+    pub addr: Option<String>,
+    /// Logical CPUs, in thousandths.
+    pub cpus_milli: u64,
+    pub memory_total: ByteSize,
+    /// Memory available on the host right now.
+    pub memory_available: ByteSize,
+    #[serde(default)]
+    pub load_avg: Option<f64>,
+    #[serde(default)]
+    pub driver_version: Option<String>,
+    #[serde(default)]
+    pub gpus: Vec<GpuAdvert>,
+    /// Tasks this worker holds a lease for, running or starting.
+    #[serde(default)]
+    pub running: Vec<TaskId>,
+    /// Draining workers take no new work.
+    #[serde(default)]
+    pub draining: bool,
+    /// How long the advert lives without a heartbeat.
+    pub ttl: Dur,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub sent_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuAdvert {
+    /// NVML index; also the number in `CUDA_VISIBLE_DEVICES`.
+    pub index: u32,
+    pub uuid: String,
+    pub model: String,
+    pub memory_total: ByteSize,
+    pub memory_used: ByteSize,
+    pub memory_free: ByteSize,
+    /// Memory used by processes that are not this worker's tasks: the part
+    /// of `memory_used` that placement must treat as taken.
+    #[serde(default)]
+    pub memory_unmanaged: ByteSize,
+    #[serde(default)]
+    pub utilization: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<u32>,
+    #[serde(default)]
+    pub simulated: bool,
+}

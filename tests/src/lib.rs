@@ -1,0 +1,11 @@
+//! gpufleet's test kit: real `nats-server` processes ([`server`]), the real
+//! binaries ([`procs`]) and waiting with deadlines ([`wait`]). The
+//! end-to-end suite lives in `tests/tests/`.
+
+pub mod procs;
+pub mod server;
+pub mod wait;
+
+pub use procs::{bin, Proc};
+pub use server::{nats_server_bin, NatsCluster, NatsServer};
+pub use wait::{eventually, with_deadline};
