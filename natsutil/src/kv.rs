@@ -1,0 +1,341 @@
+//! KV operations done as raw JetStream publishes with headers, and a KV
+//! watcher that keeps the headers.
+//!
+//! Why not the client's own KV helpers: (1) a plain update without a TTL
+//! cancels the key's expiry (nats-server#6959), so every write to a leased
+//! key must carry `Nats-TTL`; (2) `create_with_ttl` on a key whose last entry
+//! is an expiry marker or tombstone falls back to an update without the TTL,
+//! so the re-created key would never expire; (3) the client's watcher maps
+//! both an expiry (`Nats-Marker-Reason: MaxAge`) and a purge to `Purge`,
+//! and the coordinator must tell "the worker released it" from "nobody
+//! renewed it". The tests in `natsutil/tests/kv_facts.rs` pin each fact.
+
+use std::time::Duration;
+
+use async_nats::header::{self, HeaderMap};
+use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage as Publish;
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use gpufleet_schema::subjects;
+use time::OffsetDateTime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    /// Compare-and-set lost: the key is not at the expected revision
+    /// (or, for a create, already holds a value).
+    #[error("{bucket}/{key}: revision conflict")]
+    Conflict { bucket: String, key: String },
+    #[error("{bucket}/{key}: {message}")]
+    Other {
+        bucket: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// One bucket, written with raw publishes.
+#[derive(Clone)]
+pub struct RawKv {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    bucket: String,
+}
+
+/// TTLs are whole seconds on the wire and the server refuses 0; round up so
+/// that a lease never lives shorter than asked.
+fn ttl_secs(ttl: Duration) -> u64 {
+    let s = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    s.max(1)
+}
+
+impl RawKv {
+    pub async fn open(js: &jetstream::Context, bucket: &str) -> Result<RawKv, KvError> {
+        let stream = js
+            .get_stream(subjects::kv_stream(bucket))
+            .await
+            .map_err(|e| KvError::Other {
+                bucket: bucket.into(),
+                key: String::new(),
+                message: format!("bucket not found: {e}"),
+            })?;
+        Ok(RawKv {
+            js: js.clone(),
+            stream,
+            bucket: bucket.into(),
+        })
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn other(&self, key: &str, message: impl ToString) -> KvError {
+        KvError::Other {
+            bucket: self.bucket.clone(),
+            key: key.into(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Publishes and waits for the ack; returns the new revision.
+    async fn send(&self, key: &str, msg: Publish) -> Result<u64, KvError> {
+        let ack = self
+            .js
+            .send_publish(subjects::kv_subject(&self.bucket, key), msg)
+            .await
+            .map_err(|e| self.other(key, e))?;
+        match ack.await {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(KvError::Conflict {
+                bucket: self.bucket.clone(),
+                key: key.into(),
+            }),
+            Err(e) => Err(self.other(key, e)),
+        }
+    }
+
+    fn message(value: Bytes, ttl: Option<Duration>) -> Publish {
+        let msg = Publish::build().payload(value);
+        match ttl {
+            Some(ttl) => msg.header(header::NATS_MESSAGE_TTL, ttl_secs(ttl).to_string()),
+            None => msg,
+        }
+    }
+
+    /// Writes unconditionally (last writer wins).
+    pub async fn put(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<u64, KvError> {
+        self.send(key, Self::message(value, ttl)).await
+    }
+
+    /// Writes only if the key's last revision is `expected`.
+    pub async fn update(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        expected: u64,
+    ) -> Result<u64, KvError> {
+        let msg = Self::message(value, ttl).expected_last_subject_sequence(expected);
+        self.send(key, msg).await
+    }
+
+    /// Writes only if the key holds no value: never written, or its last
+    /// entry is a delete, purge or expiry marker.
+    pub async fn create(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<u64, KvError> {
+        match self.update(key, value.clone(), ttl, 0).await {
+            Err(KvError::Conflict { .. }) => {}
+            other => return other,
+        }
+        // The key has history; only a marker may be overwritten.
+        match self.last(key).await? {
+            Some(Entry { revision, op, .. }) if op != KvOp::Put => {
+                self.update(key, value, ttl, revision).await
+            }
+            _ => Err(KvError::Conflict {
+                bucket: self.bucket.clone(),
+                key: key.into(),
+            }),
+        }
+    }
+
+    /// Removes every revision of the key, leaving one purge marker that
+    /// itself expires after `marker_ttl`, so released keys do not pile up.
+    pub async fn purge(&self, key: &str, marker_ttl: Duration) -> Result<u64, KvError> {
+        let msg = Publish::build()
+            .header("KV-Operation", "PURGE")
+            .header(header::NATS_ROLLUP, "sub")
+            .header(header::NATS_MESSAGE_TTL, ttl_secs(marker_ttl).to_string());
+        self.send(key, msg).await
+    }
+
+    /// Purges only if the key is still at `expected`.
+    pub async fn purge_expect(
+        &self,
+        key: &str,
+        marker_ttl: Duration,
+        expected: u64,
+    ) -> Result<u64, KvError> {
+        let msg = Publish::build()
+            .header("KV-Operation", "PURGE")
+            .header(header::NATS_ROLLUP, "sub")
+            .header(header::NATS_MESSAGE_TTL, ttl_secs(marker_ttl).to_string())
+            .expected_last_subject_sequence(expected);
+        self.send(key, msg).await
+    }
+
+    /// The key's last entry, markers included.
+    pub async fn last(&self, key: &str) -> Result<Option<Entry>, KvError> {
+        let subject = subjects::kv_subject(&self.bucket, key);
+        match self.stream.direct_get_last_for_subject(&subject).await {
+            Ok(m) => Ok(Some(Entry {
+                key: key.into(),
+                revision: m.sequence,
+                op: op_from_headers(Some(&m.headers)),
+                value: m.payload,
+            })),
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+                Ok(None)
+            }
+            Err(e) => Err(self.other(key, e)),
+        }
+    }
+
+    /// The key's value and revision, or `None` if it holds none.
+    pub async fn get(&self, key: &str) -> Result<Option<Entry>, KvError> {
+        Ok(self.last(key).await?.filter(|e| e.op == KvOp::Put))
+    }
+
+    /// Watches keys matching `filter` (a KV key pattern such as `w1.>`):
+    /// first the last entry of every matching key, then [`KvEvent::Synced`],
+    /// then every change as it happens.
+    pub async fn watch(&self, filter: &str) -> Result<KvWatcher, KvError> {
+        self.watch_from(filter, DeliverPolicy::LastPerSubject).await
+    }
+
+    async fn watch_from(
+        &self,
+        filter: &str,
+        deliver_policy: DeliverPolicy,
+    ) -> Result<KvWatcher, KvError> {
+        let consumer = self
+            .stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.js.client().new_inbox(),
+                filter_subject: subjects::kv_subject(&self.bucket, filter),
+                replay_policy: ReplayPolicy::Instant,
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| self.other(filter, e))?;
+        let synced = consumer.cached_info().num_pending == 0;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| self.other(filter, e))?;
+        Ok(KvWatcher {
+            messages,
+            bucket: self.bucket.clone(),
+            announce_synced: synced,
+            synced,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvOp {
+    Put,
+    Delete,
+    /// Purged by a client.
+    Purge,
+    /// The key's TTL (or the bucket's max age) ran out.
+    Expired,
+}
+
+fn op_from_headers(headers: Option<&HeaderMap>) -> KvOp {
+    let Some(h) = headers else {
+        return KvOp::Put;
+    };
+    if let Some(reason) = h.get(header::NATS_MARKER_REASON) {
+        return match reason.as_str() {
+            "MaxAge" => KvOp::Expired,
+            "Remove" => KvOp::Delete,
+            _ => KvOp::Purge,
+        };
+    }
+    match h.get("KV-Operation").map(|v| v.as_str()) {
+        Some("DEL") => KvOp::Delete,
+        Some("PURGE") => KvOp::Purge,
+        _ => KvOp::Put,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub key: String,
+    pub revision: u64,
+    pub op: KvOp,
+    pub value: Bytes,
+}
+
+#[derive(Debug, Clone)]
+pub struct KvChange {
+    pub key: String,
+    pub revision: u64,
+    pub op: KvOp,
+    pub value: Bytes,
+    pub published: OffsetDateTime,
+}
+
+#[derive(Debug, Clone)]
+pub enum KvEvent {
+    Change(KvChange),
+    /// Every entry that existed when the watch began has been delivered.
+    Synced,
+}
+
+pub struct KvWatcher {
+    messages: push::Ordered,
+    bucket: String,
+    /// Synced must be announced before the next change.
+    announce_synced: bool,
+    synced: bool,
+}
+
+impl KvWatcher {
+    /// The next change; `None` when the watch can no longer continue.
+    pub async fn next(&mut self) -> Option<Result<KvEvent, KvError>> {
+        if self.announce_synced {
+            self.announce_synced = false;
+            return Some(Ok(KvEvent::Synced));
+        }
+        let msg = match self.messages.next().await? {
+            Ok(m) => m,
+            Err(e) => {
+                return Some(Err(KvError::Other {
+                    bucket: self.bucket.clone(),
+                    key: String::new(),
+                    message: e.to_string(),
+                }))
+            }
+        };
+        let info = match msg.info() {
+            Ok(i) => i,
+            Err(e) => {
+                return Some(Err(KvError::Other {
+                    bucket: self.bucket.clone(),
+                    key: String::new(),
+                    message: e.to_string(),
+                }))
+            }
+        };
+        let (revision, pending, published) = (info.stream_sequence, info.pending, info.published);
+        if !self.synced && pending == 0 {
+            self.synced = true;
+            self.announce_synced = true;
+        }
+        let key = subjects::kv_key(&self.bucket, msg.subject.as_str())
+            .unwrap_or_default()
+            .to_string();
+        Some(Ok(KvEvent::Change(KvChange {
+            key,
+            revision,
+            op: op_from_headers(msg.headers.as_ref()),
+            value: msg.payload.clone(),
+            published,
+        })))
+    }
+}

@@ -1,0 +1,18 @@
+//! gpufleet's NATS plumbing, shared by the coordinator, the worker and the
+//! CLI.
+//!
+//! - [`connect`]: connect with retries and refuse servers older than 2.11.
+//! - [`stores`]: the buckets and the stream of the contract, created on
+//!   first use by whichever program starts first.
+//! - [`kv`]: KV writes with per-message TTLs and compare-and-set done as raw
+//!   publishes with headers (see the KV notes in the README: the client's
+//!   own helpers lose the TTL when a key is re-created or updated), and a
+//!   watcher that tells an expiry from a purge.
+
+pub mod connect;
+pub mod kv;
+pub mod stores;
+
+pub use connect::{check_server_version, connect, ConnectError, MIN_SERVER};
+pub use kv::{KvChange, KvError, KvEvent, KvOp, KvWatcher, RawKv};
+pub use stores::{ensure_stores, Setup, Stores};
