@@ -8,10 +8,13 @@
 //!   publishes with headers (see the KV notes in the README: the client's
 //!   own helpers lose the TTL when a key is re-created or updated), and a
 //!   watcher that tells an expiry from a purge.
+//! - [`settings`]: defaults < file < environment < flags, for every binary.
 
 pub mod connect;
 pub mod kv;
+pub mod settings;
 pub mod stores;
+pub mod telemetry;
 
 pub use connect::{check_server_version, connect, ConnectError, MIN_SERVER};
 pub use kv::{KvChange, KvError, KvEvent, KvOp, KvWatcher, RawKv};

@@ -2,10 +2,12 @@
 //! binaries ([`procs`]) and waiting with deadlines ([`wait`]). The
 //! end-to-end suite lives in `tests/tests/`.
 
+pub mod fleet;
 pub mod procs;
 pub mod server;
 pub mod wait;
 
+pub use fleet::{api, Fleet, WorkerSpec};
 pub use procs::{bin, Proc};
 pub use server::{nats_server_bin, NatsCluster, NatsServer};
 pub use wait::{eventually, with_deadline};

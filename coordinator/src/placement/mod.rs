@@ -1,0 +1,498 @@
+//! Placement: a pure function from a snapshot to assignments.
+//!
+//! `place(tasks, workers)` filters workers for each task (cheap checks first,
+//! each rejection with a reason), scores the ones left (0..100), and takes
+//! the best, deducting what it gave from its copy of the snapshot so that
+//! later tasks in the same call see it. No NATS and no clock in here: the
+//! engine builds the snapshot and applies the result. See `README.md` beside
+//! this file for the algorithm and its reasons.
+
+use std::collections::BTreeMap;
+
+use gpufleet_schema::{GpuGrant, GpuRequest, Grant, WorkerId};
+
+/// One GPU as placement sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuView {
+    pub index: u32,
+    pub uuid: String,
+    pub memory_total: u64,
+    /// Memory still free for us: total, less what processes that are not
+    /// ours use (live, from NVML), less what our reservations set aside.
+    pub memory_free: u64,
+    /// Held whole by one task.
+    pub exclusive: bool,
+    /// Tasks sharing it by memory.
+    pub shares: u32,
+}
+
+impl GpuView {
+    fn is_idle(&self) -> bool {
+        !self.exclusive && self.shares == 0
+    }
+}
+
+/// One worker as placement sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerView {
+    pub name: WorkerId,
+    pub labels: BTreeMap<String, String>,
+    pub draining: bool,
+    pub cpus_total_milli: u64,
+    pub cpus_free_milli: u64,
+    pub memory_total: u64,
+    pub memory_free: u64,
+    pub gpus: Vec<GpuView>,
+}
+
+/// What one task needs, and where it may go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRequest {
+    pub cpus_milli: u64,
+    pub memory: u64,
+    pub gpu: GpuRequest,
+    pub labels: BTreeMap<String, String>,
+    /// If not empty, only these workers.
+    pub workers: Vec<WorkerId>,
+    /// Workers that recently refused this task.
+    pub avoid: Vec<WorkerId>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    /// Index into the `tasks` slice given to [`place`].
+    pub task: usize,
+    /// Index into the `workers` slice.
+    pub worker: usize,
+    pub grant: Grant,
+}
+
+/// Why a task was not placed, summed over workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unplaced {
+    pub task: usize,
+    pub reason: String,
+    /// True when no worker in the snapshot could ever hold it, busy or not.
+    pub never_fits: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Placement {
+    pub assigned: Vec<Assignment>,
+    pub unplaced: Vec<Unplaced>,
+}
+
+/// Why one worker cannot take one task. Static reasons hold whatever runs
+/// there; the others may pass once tasks end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Reject {
+    NotNamed,
+    Labels,
+    Draining,
+    Avoided,
+    GpuCount { has: usize },
+    GpuMemory { largest: u64 },
+    CpusTotal { has: u64 },
+    MemoryTotal { has: u64 },
+    GpusBusy { free: usize },
+    GpuMemoryBusy { most_free: u64 },
+    CpusBusy,
+    MemoryBusy,
+}
+
+impl Reject {
+    fn is_static(self) -> bool {
+        !matches!(
+            self,
+            Reject::GpusBusy { .. }
+                | Reject::GpuMemoryBusy { .. }
+                | Reject::CpusBusy
+                | Reject::MemoryBusy
+                | Reject::Avoided
+        )
+    }
+}
+
+/// What fits on one worker, with the GPUs it would use.
+struct Fit {
+    score: u32,
+    gpus: Vec<usize>,
+}
+
+fn fmt_bytes(b: u64) -> String {
+    gpufleet_schema::ByteSize(b).to_string()
+}
+
+fn fmt_cpus(milli: u64) -> String {
+    if milli.is_multiple_of(1000) {
+        format!("{}", milli / 1000)
+    } else {
+        format!("{:.2}", milli as f64 / 1000.0)
+    }
+}
+
+/// Filters, cheapest first; `Ok` carries the chosen GPUs and the score.
+fn fit(task: &TaskRequest, w: &WorkerView) -> Result<Fit, Reject> {
+    if !task.workers.is_empty() && !task.workers.contains(&w.name) {
+        return Err(Reject::NotNamed);
+    }
+    if task.labels.iter().any(|(k, v)| w.labels.get(k) != Some(v)) {
+        return Err(Reject::Labels);
+    }
+    if w.draining {
+        return Err(Reject::Draining);
+    }
+    if task.avoid.contains(&w.name) {
+        return Err(Reject::Avoided);
+    }
+    // Static capacity before anything that depends on what runs now.
+    match task.gpu {
+        GpuRequest::None => {}
+        GpuRequest::Whole { count, memory } => {
+            if w.gpus.len() < count as usize {
+                return Err(Reject::GpuCount { has: w.gpus.len() });
+            }
+            let big_enough = w.gpus.iter().filter(|g| g.memory_total >= memory).count();
+            if big_enough < count as usize {
+                let largest = w.gpus.iter().map(|g| g.memory_total).max().unwrap_or(0);
+                return Err(Reject::GpuMemory { largest });
+            }
+        }
+        GpuRequest::Share { memory } => {
+            let largest = w.gpus.iter().map(|g| g.memory_total).max().unwrap_or(0);
+            if w.gpus.is_empty() {
+                return Err(Reject::GpuCount { has: 0 });
+            }
+            if largest < memory {
+                return Err(Reject::GpuMemory { largest });
+            }
+        }
+    }
+    if w.cpus_total_milli < task.cpus_milli {
+        return Err(Reject::CpusTotal {
+            has: w.cpus_total_milli,
+        });
+    }
+    if w.memory_total < task.memory {
+        return Err(Reject::MemoryTotal {
+            has: w.memory_total,
+        });
+    }
+    if w.cpus_free_milli < task.cpus_milli {
+        return Err(Reject::CpusBusy);
+    }
+    if w.memory_free < task.memory {
+        return Err(Reject::MemoryBusy);
+    }
+    let cpu_pack = |after_free: u64| -> u32 {
+        // Fuller workers score higher, so that work packs and whole
+        // machines stay free for large tasks.
+        (100 * (w.cpus_total_milli - after_free))
+            .checked_div(w.cpus_total_milli)
+            .unwrap_or(0) as u32
+    };
+    match task.gpu {
+        GpuRequest::None => {
+            // CPU work goes to machines without GPUs first.
+            let gpu_bonus = if w.gpus.is_empty() { 50 } else { 0 };
+            Ok(Fit {
+                score: gpu_bonus + cpu_pack(w.cpus_free_milli - task.cpus_milli) / 2,
+                gpus: vec![],
+            })
+        }
+        GpuRequest::Whole { count, memory } => {
+            let mut idle: Vec<usize> = (0..w.gpus.len())
+                .filter(|&i| w.gpus[i].is_idle() && w.gpus[i].memory_free >= memory)
+                .collect();
+            if idle.len() < count as usize {
+                let free = w.gpus.iter().filter(|g| g.is_idle()).count();
+                if free < count as usize {
+                    return Err(Reject::GpusBusy { free });
+                }
+                let most_free = w.gpus.iter().map(|g| g.memory_free).max().unwrap_or(0);
+                return Err(Reject::GpuMemoryBusy { most_free });
+            }
+            // Best fit: the smallest GPUs that are big enough, keeping large
+            // ones whole; among equals the one with the most free memory.
+            idle.sort_by_key(|&i| {
+                (
+                    w.gpus[i].memory_total,
+                    std::cmp::Reverse(w.gpus[i].memory_free),
+                    i,
+                )
+            });
+            idle.truncate(count as usize);
+            let used_after = w.gpus.iter().filter(|g| !g.is_idle()).count() + idle.len();
+            let pack = (100 * used_after / w.gpus.len()) as u32;
+            let chosen_total: u64 = idle.iter().map(|&i| w.gpus[i].memory_total).sum();
+            let waste = (100 * (chosen_total - memory * count as u64))
+                .checked_div(chosen_total)
+                .unwrap_or(0) as u32;
+            Ok(Fit {
+                score: pack / 2 + (100 - waste.min(100)) / 2,
+                gpus: idle,
+            })
+        }
+        GpuRequest::Share { memory } => {
+            let candidates: Vec<usize> = (0..w.gpus.len())
+                .filter(|&i| !w.gpus[i].exclusive && w.gpus[i].memory_free >= memory)
+                .collect();
+            // A GPU that is already shared first (keep idle GPUs whole for
+            // whole-GPU tasks); then the most free memory, as fedflow's
+            // assign_cuda does.
+            let best = candidates.iter().copied().max_by_key(|&i| {
+                let g = &w.gpus[i];
+                (g.shares > 0, g.memory_free, std::cmp::Reverse(i))
+            });
+            match best {
+                None => {
+                    let most_free = w
+                        .gpus
+                        .iter()
+                        .filter(|g| !g.exclusive)
+                        .map(|g| g.memory_free)
+                        .max()
+                        .unwrap_or(0);
+                    Err(Reject::GpuMemoryBusy { most_free })
+                }
+                Some(i) => {
+                    let g = &w.gpus[i];
+                    let shared_bonus = if g.shares > 0 { 50 } else { 0 };
+                    let roomy = (50 * (g.memory_free - memory) / g.memory_total.max(1)) as u32;
+                    Ok(Fit {
+                        score: shared_bonus + roomy,
+                        gpus: vec![i],
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Deducts a grant from a worker's view.
+fn take(w: &mut WorkerView, task: &TaskRequest, gpus: &[usize]) -> Grant {
+    w.cpus_free_milli -= task.cpus_milli;
+    w.memory_free -= task.memory;
+    let (exclusive, per_gpu) = match task.gpu {
+        GpuRequest::None => (false, 0),
+        GpuRequest::Whole { memory, .. } => (true, memory),
+        GpuRequest::Share { memory } => (false, memory),
+    };
+    let mut grants = Vec::with_capacity(gpus.len());
+    for &i in gpus {
+        let g = &mut w.gpus[i];
+        if exclusive {
+            g.exclusive = true;
+            // A whole GPU is the task's: nothing is left for shares.
+            grants.push(GpuGrant {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                memory: gpufleet_schema::ByteSize(g.memory_free.max(per_gpu)),
+            });
+            g.memory_free = 0;
+        } else {
+            g.shares += 1;
+            g.memory_free -= per_gpu;
+            grants.push(GpuGrant {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                memory: gpufleet_schema::ByteSize(per_gpu),
+            });
+        }
+    }
+    Grant {
+        gpus: grants,
+        exclusive,
+        cpus_milli: task.cpus_milli,
+        memory: gpufleet_schema::ByteSize(task.memory),
+    }
+}
+
+/// Best worker for one task, or the reasons none fits.
+fn choose(task: &TaskRequest, workers: &[WorkerView]) -> Result<(usize, Fit), Vec<Reject>> {
+    let mut best: Option<(usize, Fit)> = None;
+    let mut rejects = Vec::new();
+    for (i, w) in workers.iter().enumerate() {
+        match fit(task, w) {
+            Ok(f) => {
+                // Ties go to the earlier worker, so results are stable.
+                if best.as_ref().is_none_or(|(_, b)| f.score > b.score) {
+                    best = Some((i, f));
+                }
+            }
+            Err(r) => rejects.push(r),
+        }
+    }
+    best.ok_or(rejects)
+}
+
+/// Places `tasks` in the order given (the queue's order) on `workers`,
+/// updating `workers` to what is left.
+pub fn place(tasks: &[TaskRequest], workers: &mut [WorkerView]) -> Placement {
+    let mut out = Placement::default();
+    for (t, task) in tasks.iter().enumerate() {
+        match choose(task, workers) {
+            Ok((w, f)) => {
+                let grant = take(&mut workers[w], task, &f.gpus);
+                out.assigned.push(Assignment {
+                    task: t,
+                    worker: w,
+                    grant,
+                });
+            }
+            Err(rejects) => out.unplaced.push(explain(t, task, &rejects, workers)),
+        }
+    }
+    out
+}
+
+/// Places a gang: every task or none. With `min` below the task count, as
+/// many as fit, if at least `min` do. On failure `workers` is unchanged.
+pub fn place_gang(tasks: &[TaskRequest], min: usize, workers: &mut [WorkerView]) -> Placement {
+    let mut trial = workers.to_vec();
+    let placement = place(tasks, &mut trial);
+    if placement.assigned.len() >= min.max(1) {
+        workers.clone_from_slice(&trial);
+        return placement;
+    }
+    // None of it happens; every task reports why the gang waits.
+    let placed = placement.assigned.len();
+    let detail = placement
+        .unplaced
+        .first()
+        .map(|u| u.reason.clone())
+        .unwrap_or_default();
+    let never_fits = placement.unplaced.iter().any(|u| u.never_fits);
+    Placement {
+        assigned: vec![],
+        unplaced: (0..tasks.len())
+            .map(|t| Unplaced {
+                task: t,
+                reason: format!(
+                    "gang needs {} tasks placed together, only {placed} fit now: {detail}",
+                    min.max(1)
+                ),
+                never_fits,
+            })
+            .collect(),
+    }
+}
+
+/// Turns per-worker rejections into one sentence for the job's `reason`.
+fn explain(t: usize, task: &TaskRequest, rejects: &[Reject], workers: &[WorkerView]) -> Unplaced {
+    if workers.is_empty() {
+        return Unplaced {
+            task: t,
+            reason: "no workers are online".into(),
+            never_fits: true,
+        };
+    }
+    let never_fits = rejects.len() == workers.len() && rejects.iter().all(|r| r.is_static());
+    let reason = if never_fits {
+        // The most telling static reason: the one that got furthest.
+        let worst = rejects.iter().max().copied().unwrap_or(Reject::NotNamed);
+        match worst {
+            Reject::NotNamed => format!(
+                "none of the named workers ({}) is online",
+                task.workers
+                    .iter()
+                    .map(|w| w.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Reject::Labels => format!(
+                "no worker has the labels {}",
+                task.labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            Reject::Draining => "every worker that fits is draining".into(),
+            Reject::GpuCount { .. } => {
+                let want = match task.gpu {
+                    GpuRequest::Whole { count, .. } => count,
+                    _ => 1,
+                };
+                let largest = rejects
+                    .iter()
+                    .filter_map(|r| match r {
+                        Reject::GpuCount { has } => Some(*has),
+                        _ => None,
+                    })
+                    .max()
+                    .unwrap_or(0);
+                format!("no worker has {want} GPUs; the largest has {largest}")
+            }
+            Reject::GpuMemory { .. } => {
+                let want = match task.gpu {
+                    GpuRequest::Whole { memory, .. } | GpuRequest::Share { memory } => memory,
+                    GpuRequest::None => 0,
+                };
+                let largest = rejects
+                    .iter()
+                    .filter_map(|r| match r {
+                        Reject::GpuMemory { largest } => Some(*largest),
+                        _ => None,
+                    })
+                    .max()
+                    .unwrap_or(0);
+                format!(
+                    "no worker has a GPU with {} of memory; the largest has {}",
+                    fmt_bytes(want),
+                    fmt_bytes(largest)
+                )
+            }
+            Reject::CpusTotal { .. } => {
+                let largest = workers
+                    .iter()
+                    .map(|w| w.cpus_total_milli)
+                    .max()
+                    .unwrap_or(0);
+                format!(
+                    "no worker has {} CPUs; the largest has {}",
+                    fmt_cpus(task.cpus_milli),
+                    fmt_cpus(largest)
+                )
+            }
+            Reject::MemoryTotal { .. } => {
+                let largest = workers.iter().map(|w| w.memory_total).max().unwrap_or(0);
+                format!(
+                    "no worker has {} of memory; the largest has {}",
+                    fmt_bytes(task.memory),
+                    fmt_bytes(largest)
+                )
+            }
+            _ => "no worker fits".into(),
+        }
+    } else {
+        let busy: Vec<&Reject> = rejects.iter().filter(|r| !r.is_static()).collect();
+        let mut what: Vec<&str> = busy
+            .iter()
+            .map(|r| match r {
+                Reject::GpusBusy { .. } => "free GPUs",
+                Reject::GpuMemoryBusy { .. } => "free GPU memory",
+                Reject::CpusBusy => "free CPUs",
+                Reject::MemoryBusy => "free memory",
+                Reject::Avoided => "a worker that accepts it (refused recently)",
+                _ => "capacity",
+            })
+            .collect();
+        what.sort_unstable();
+        what.dedup();
+        format!(
+            "waiting for {}: {} of {} workers could run it once busy resources free up",
+            what.join(" and "),
+            busy.len(),
+            workers.len()
+        )
+    };
+    Unplaced {
+        task: t,
+        reason,
+        never_fits,
+    }
+}
+
+#[cfg(test)]
+mod tests;

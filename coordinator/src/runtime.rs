@@ -1,0 +1,487 @@
+//! Connects the engine to NATS: restores state, runs the watchers that feed
+//! it, and carries out its effects in batches.
+//!
+//! One loop owns the engine. It takes every input that is waiting (up to a
+//! bound), lets the engine decide, then writes everything the batch decided
+//! at once: job records, reservations and state events are published
+//! together and their acks awaited together (group commit). Replies that
+//! promise durability (a submit) go out only after their record's ack.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::push, consumer::DeliverPolicy};
+use bytes::Bytes;
+use futures::future::join_all;
+use futures::StreamExt;
+use gpufleet_natsutil::{ensure_stores, KvEvent, KvOp, RawKv};
+use gpufleet_schema::api::code;
+use gpufleet_schema::{codec, subjects, Event, EventKind, JobId, Lease, WorkerAdvert, WorkerId};
+use tokio::sync::mpsc;
+
+use crate::config::CoordinatorConfig;
+use crate::engine::{Effects, Engine, Feed, Input, LeaseChange, Reply};
+use crate::state::JobRecord;
+
+/// Key of the events checkpoint in `gpufleet-jobs`; job ids hold no dots,
+/// so it never collides with a job.
+pub const CHECKPOINT_KEY: &str = "meta.checkpoint";
+
+/// Inputs handled per batch at most, so that effects flow out steadily.
+const MAX_BATCH: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Connect(#[from] gpufleet_natsutil::ConnectError),
+    #[error(transparent)]
+    Store(#[from] gpufleet_natsutil::stores::StoreError),
+    #[error(transparent)]
+    Kv(#[from] gpufleet_natsutil::KvError),
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+struct Io {
+    js: jetstream::Context,
+    jobs: RawKv,
+    leases: RawKv,
+    /// Purge markers of released leases live this long.
+    marker_ttl: Duration,
+}
+
+/// Runs the coordinator until `shutdown` resolves.
+pub async fn run(
+    cfg: CoordinatorConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
+    cfg.validate().map_err(CoordinatorError::Config)?;
+    let client = gpufleet_natsutil::connect(
+        &cfg.nats_url,
+        "gpufleet-coordinator",
+        cfg.connect_patience.0,
+    )
+    .await?;
+    let js = jetstream::new(client.clone());
+    let stores = ensure_stores(&js, &cfg.setup()).await?;
+    let io = Io {
+        js: js.clone(),
+        jobs: RawKv::open(&js, subjects::JOBS_BUCKET).await?,
+        leases: RawKv::open(&js, subjects::LEASES_BUCKET).await?,
+        marker_ttl: Duration::from_secs(60),
+    };
+
+    let mut engine = Engine::new(cfg.clone());
+    let restored = restore(&io.jobs, &mut engine).await?;
+    tracing::info!(
+        jobs = restored,
+        after_seq = engine.applied_seq(),
+        "restored job records"
+    );
+
+    let (tx, mut rx) = mpsc::channel::<Input>(16_384);
+    let workers_kv = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
+    tokio::spawn(forward_kv(
+        workers_kv,
+        Feed::Workers,
+        tx.clone(),
+        advert_input,
+    ));
+    tokio::spawn(forward_kv(
+        io.leases.clone(),
+        Feed::Leases,
+        tx.clone(),
+        lease_input,
+    ));
+    tokio::spawn(follow_results(
+        js.clone(),
+        stores.events.clone(),
+        engine.applied_seq(),
+        tx.clone(),
+    ));
+    tokio::spawn(ticker(cfg.tick.0, tx.clone()));
+
+    let mut service = None;
+    let mut last_checkpoint = engine.applied_seq();
+    tokio::pin!(shutdown);
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            input = rx.recv() => match input {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        engine.handle(first);
+        let mut n = 1;
+        while n < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(i) => {
+                    engine.handle(i);
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        engine.schedule_if_needed();
+        if engine.is_ready() && service.is_none() {
+            service = Some(
+                crate::api::start(client.clone(), tx.clone())
+                    .await
+                    .map_err(|e| CoordinatorError::Nats(e.to_string()))?,
+            );
+            tracing::info!("coordinator ready: serving the gpufleet API");
+        }
+        let fx = engine.take_effects();
+        if !fx.is_empty() {
+            let feedback = execute(fx, &engine, &io, &mut last_checkpoint).await;
+            for input in feedback {
+                engine.handle(input);
+            }
+        }
+    }
+    if let Some(s) = service {
+        let _ = s.stop().await;
+    }
+    // Whatever the last batch decided is written before we go.
+    let fx = engine.take_effects();
+    if !fx.is_empty() {
+        execute(fx, &engine, &io, &mut last_checkpoint).await;
+    }
+    let _ = client.flush().await;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+/// Loads every job record and the events checkpoint.
+async fn restore(jobs: &RawKv, engine: &mut Engine) -> Result<usize, CoordinatorError> {
+    let mut watch = jobs.watch(">").await?;
+    let mut n = 0;
+    loop {
+        match watch.next().await {
+            Some(Ok(KvEvent::Synced)) | None => break,
+            Some(Ok(KvEvent::Change(c))) if c.op == KvOp::Put => {
+                if c.key == CHECKPOINT_KEY {
+                    let seq = std::str::from_utf8(&c.value)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    engine.restore_checkpoint(seq);
+                    continue;
+                }
+                match codec::decode::<JobRecord>(&c.value) {
+                    Ok(job) => {
+                        engine.restore_job(job);
+                        n += 1;
+                    }
+                    Err(e) => {
+                        tracing::error!(key = %c.key, error = %e, "skipping an unreadable job record")
+                    }
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+        }
+    }
+    Ok(n)
+}
+
+/// Writes what one batch decided; returns inputs for the engine about
+/// writes that failed.
+async fn execute(fx: Effects, engine: &Engine, io: &Io, last_checkpoint: &mut u64) -> Vec<Input> {
+    let Effects {
+        put_jobs,
+        create_leases,
+        cancel_leases,
+        purge_leases,
+        events,
+        replies,
+        checkpoint,
+    } = fx;
+    let records: Vec<(JobId, Result<Vec<u8>, String>)> = put_jobs
+        .into_iter()
+        .filter_map(|id| {
+            let job = engine.job(&id)?;
+            Some((id, codec::encode(job).map_err(|e| e.to_string())))
+        })
+        .collect();
+
+    let job_writes = join_all(records.into_iter().map(|(id, bytes)| async move {
+        let r = match bytes {
+            Ok(b) => io
+                .jobs
+                .put(id.as_str(), Bytes::from(b), None)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        (id, r)
+    }));
+    let lease_creates = join_all(create_leases.into_iter().map(|(key, lease)| async move {
+        let r = match codec::encode(&lease) {
+            Ok(b) => io
+                .leases
+                .create(
+                    &key,
+                    Bytes::from(b),
+                    Some(lease_ttl_for_reservation(engine)),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        (key, r)
+    }));
+    let lease_cancels = join_all(
+        cancel_leases
+            .into_iter()
+            .map(|(key, lease, rev)| async move {
+                let ttl = lease.lease_ttl.0;
+                if let Ok(b) = codec::encode(&lease) {
+                    // Losing the race to a renewal is fine: the next tick sees the
+                    // new revision and the cancel is asked again by the engine.
+                    if let Err(e) = io.leases.update(&key, Bytes::from(b), Some(ttl), rev).await {
+                        tracing::info!(key, error = %e, "cancel of a lease did not apply");
+                    }
+                }
+            }),
+    );
+    let purges = join_all(purge_leases.into_iter().map(|key| async move {
+        if let Err(e) = io.leases.purge(&key, io.marker_ttl).await {
+            tracing::warn!(key, error = %e, "could not purge a lease");
+        }
+    }));
+    let publishes = join_all(events.into_iter().map(|(subject, event)| async move {
+        publish_event(&io.js, subject, &event).await;
+    }));
+    let (job_results, create_results, _, _, _) =
+        tokio::join!(job_writes, lease_creates, lease_cancels, purges, publishes);
+
+    let mut failed_jobs: HashMap<JobId, String> = HashMap::new();
+    for (id, r) in job_results {
+        if let Err(e) = r {
+            tracing::error!(job_id = %id, error = %e, "could not write a job record");
+            failed_jobs.insert(id, e);
+        }
+    }
+    let mut feedback = Vec::new();
+    for (key, r) in create_results {
+        if let Err(error) = r {
+            tracing::warn!(key, error = %error, "could not create a reservation");
+            feedback.push(Input::LeaseCreateFailed { key, error });
+        }
+    }
+    for (tx, reply, depends_on) in replies {
+        let reply = match depends_on.and_then(|id| failed_jobs.get(&id).cloned()) {
+            Some(e) => Reply::error(
+                code::UNAVAILABLE,
+                format!("the job could not be stored, try again: {e}"),
+            ),
+            None => reply,
+        };
+        let _ = tx.send(reply);
+    }
+    if failed_jobs.is_empty() {
+        if let Some(seq) = checkpoint.filter(|s| *s > *last_checkpoint) {
+            match io
+                .jobs
+                .put(CHECKPOINT_KEY, Bytes::from(seq.to_string()), None)
+                .await
+            {
+                Ok(_) => *last_checkpoint = seq,
+                Err(e) => tracing::warn!(error = %e, "could not write the events checkpoint"),
+            }
+        }
+    }
+    for id in failed_jobs.into_keys() {
+        feedback.push(Input::Persist(id));
+    }
+    feedback
+}
+
+fn lease_ttl_for_reservation(engine: &Engine) -> Duration {
+    engine.config().reservation_ttl.0
+}
+
+async fn publish_event(js: &jetstream::Context, subject: String, event: &Event) {
+    let Ok(body) = codec::encode(event) else {
+        return;
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(codec::CONTENT_TYPE, codec::MSGPACK);
+    match js.publish_with_headers(subject, headers, body.into()).await {
+        Ok(ack) => {
+            if let Err(e) = ack.await {
+                tracing::warn!(error = %e, "a state event was not stored");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not publish a state event"),
+    }
+}
+
+/// Forwards every change of a bucket to the engine, mapped by `map`, and
+/// says `feed` once the changes that existed at the start are through.
+async fn forward_kv(
+    kv: RawKv,
+    feed: Feed,
+    tx: mpsc::Sender<Input>,
+    map: impl Fn(gpufleet_natsutil::KvChange) -> Option<Input>,
+) {
+    let mut announced = false;
+    loop {
+        let mut watch = match kv.watch(">").await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(bucket = kv.bucket(), error = %e, "cannot watch; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(item) = watch.next().await {
+            let input = match item {
+                Ok(KvEvent::Synced) if !announced => {
+                    announced = true;
+                    Input::Synced(feed)
+                }
+                Ok(KvEvent::Synced) => continue,
+                Ok(KvEvent::Change(c)) => match map(c) {
+                    Some(i) => i,
+                    None => continue,
+                },
+                Err(e) => {
+                    tracing::warn!(bucket = kv.bucket(), error = %e, "watch error");
+                    continue;
+                }
+            };
+            if tx.send(input).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn advert_input(c: gpufleet_natsutil::KvChange) -> Option<Input> {
+    match c.op {
+        KvOp::Put => match codec::decode::<WorkerAdvert>(&c.value) {
+            Ok(a) => Some(Input::Advert(Box::new(a))),
+            Err(e) => {
+                tracing::warn!(key = %c.key, error = %e, "ignoring an unreadable worker advert");
+                None
+            }
+        },
+        _ => WorkerId::new(c.key).ok().map(Input::WorkerGone),
+    }
+}
+
+fn lease_input(c: gpufleet_natsutil::KvChange) -> Option<Input> {
+    let change = match c.op {
+        KvOp::Put => match codec::decode::<Lease>(&c.value) {
+            Ok(lease) => LeaseChange::Put {
+                key: c.key,
+                rev: c.revision,
+                lease: Box::new(lease),
+            },
+            Err(e) => {
+                tracing::warn!(key = %c.key, error = %e, "ignoring an unreadable lease");
+                return None;
+            }
+        },
+        KvOp::Expired => LeaseChange::Expired { key: c.key },
+        KvOp::Purge | KvOp::Delete => LeaseChange::Released { key: c.key },
+    };
+    Some(Input::Lease(change))
+}
+
+/// Follows result events from just after `after`, so that a restarted
+/// coordinator replays what it had not yet stored.
+async fn follow_results(
+    js: jetstream::Context,
+    stream: jetstream::stream::Stream,
+    after: u64,
+    tx: mpsc::Sender<Input>,
+) {
+    let mut next = after + 1;
+    let mut announced = false;
+    loop {
+        let consumer = stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: js.client().new_inbox(),
+                filter_subject: subjects::events_of_kind(EventKind::Result),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: next,
+                },
+                ..Default::default()
+            })
+            .await;
+        let consumer = match consumer {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow results; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if consumer.cached_info().num_pending == 0 && !announced {
+            announced = true;
+            let _ = tx.send(Input::Synced(Feed::Events)).await;
+        }
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow results; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(m) = messages.next().await {
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "results stream error");
+                    continue;
+                }
+            };
+            let Ok(info) = m.info() else { continue };
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            next = seq + 1;
+            match codec::decode::<Event>(&m.payload) {
+                Ok(event) => {
+                    if tx
+                        .send(Input::Result {
+                            seq,
+                            event: Box::new(event),
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(subject = %m.subject, error = %e, "ignoring an unreadable result")
+                }
+            }
+            if pending == 0 && !announced {
+                announced = true;
+                let _ = tx.send(Input::Synced(Feed::Events)).await;
+            }
+        }
+    }
+}
+
+async fn ticker(every: Duration, tx: mpsc::Sender<Input>) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if tx.send(Input::Tick).await.is_err() {
+            return;
+        }
+    }
+}

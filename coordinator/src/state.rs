@@ -1,0 +1,304 @@
+//! Job and task records: what the coordinator persists in `gpufleet-jobs`
+//! and how a job's status follows from its tasks'.
+//!
+//! The records are the coordinator's own format (not part of the public
+//! contract): clients read jobs through the API, never from the bucket.
+
+use gpufleet_schema::{
+    Grant, JobId, JobSpec, JobState, JobStatus, TaskCounts, TaskId, TaskState, TaskStatus, WorkerId,
+};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// Results at most this large are kept in the job record; larger ones stay
+/// in the events stream and are fetched when a client asks.
+pub const INLINE_RESULT_BYTES: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: JobId,
+    /// Submission order across the fleet; the queue's tie-breaker.
+    pub seq: u64,
+    pub spec: JobSpec,
+    pub status: JobState,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub submitted_at: OffsetDateTime,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    #[serde(default)]
+    pub cancel_requested: bool,
+    pub tasks: Vec<TaskRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: TaskId,
+    pub name: String,
+    pub state: TaskState,
+    /// The attempt that runs or will run next; 1 for the first.
+    pub attempt: u32,
+    #[serde(default)]
+    pub worker: Option<WorkerId>,
+    #[serde(default)]
+    pub grant: Option<Grant>,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub result: Option<serde_json::Value>,
+    /// Where a result too large to keep inline is, in `GPUFLEET_EVENTS`.
+    #[serde(default)]
+    pub result_seq: Option<u64>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    /// Whether any attempt got as far as starting its program.
+    #[serde(default)]
+    pub launched: bool,
+}
+
+impl TaskRecord {
+    pub fn is_final(&self) -> bool {
+        self.state.is_end()
+    }
+}
+
+impl JobRecord {
+    pub fn new(id: JobId, seq: u64, spec: JobSpec, now: OffsetDateTime) -> JobRecord {
+        let tasks = spec
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| TaskRecord {
+                id: TaskId::for_index(&id, i),
+                name: t.display_name(i),
+                state: TaskState::Queued,
+                attempt: 1,
+                worker: None,
+                grant: None,
+                exit_code: None,
+                result: None,
+                result_seq: None,
+                reason: None,
+                started_at: None,
+                finished_at: None,
+                launched: false,
+            })
+            .collect();
+        JobRecord {
+            id,
+            seq,
+            spec,
+            status: JobState::Queued,
+            reason: None,
+            submitted_at: now,
+            started_at: None,
+            finished_at: None,
+            cancel_requested: false,
+            tasks,
+        }
+    }
+
+    /// The index of a task of this job, from its id.
+    pub fn task_index(&self, task: &TaskId) -> Option<usize> {
+        let suffix = task
+            .as_str()
+            .strip_prefix(self.id.as_str())?
+            .strip_prefix('-')?;
+        let i: usize = suffix.parse().ok()?;
+        (i < self.tasks.len()).then_some(i)
+    }
+
+    pub fn counts(&self) -> TaskCounts {
+        let mut c = TaskCounts::default();
+        for t in &self.tasks {
+            c.add(t.state);
+        }
+        c
+    }
+
+    /// Recomputes the job's status from its tasks; returns whether it
+    /// changed. `now` stamps `finished_at` when the job ends.
+    pub fn derive_status(&mut self, now: OffsetDateTime) -> bool {
+        let before = self.status;
+        let all_final = self.tasks.iter().all(TaskRecord::is_final);
+        self.status = if all_final {
+            if self.cancel_requested {
+                JobState::Aborted
+            } else if self.tasks.iter().all(|t| t.state == TaskState::Succeeded) {
+                JobState::Completed
+            } else if self.tasks.iter().all(|t| !t.launched) {
+                JobState::FailedToRun
+            } else {
+                JobState::ExecutionException
+            }
+        } else if self.tasks.iter().any(|t| t.state == TaskState::Running) {
+            JobState::Running
+        } else if self.tasks.iter().any(|t| t.state == TaskState::Reserved) {
+            JobState::Dispatched
+        } else if self.started_at.is_some() {
+            // Some tasks ran and ended; the rest wait their turn.
+            JobState::Running
+        } else {
+            JobState::Queued
+        };
+        if self.status == JobState::Running && self.started_at.is_none() {
+            self.started_at = Some(now);
+        }
+        if self.status.is_finished() {
+            if self.finished_at.is_none() {
+                self.finished_at = Some(now);
+            }
+            self.reason = self.end_reason();
+        }
+        self.status != before
+    }
+
+    /// Why a finished job ended as it did, in one line.
+    fn end_reason(&self) -> Option<String> {
+        match self.status {
+            JobState::Completed => None,
+            JobState::Aborted => Some("cancelled".into()),
+            _ => {
+                let bad: Vec<&TaskRecord> = self
+                    .tasks
+                    .iter()
+                    .filter(|t| t.state != TaskState::Succeeded)
+                    .collect();
+                let first = bad.first()?;
+                let what = match (first.state, first.exit_code, &first.reason) {
+                    (TaskState::Failed, Some(code), _) => format!("exited with code {code}"),
+                    (_, _, Some(r)) => r.clone(),
+                    (s, _, None) => s.to_string(),
+                };
+                Some(format!(
+                    "{} of {} tasks did not succeed; {} ({}) {}",
+                    bad.len(),
+                    self.tasks.len(),
+                    first.name,
+                    first.state,
+                    what
+                ))
+            }
+        }
+    }
+
+    pub fn status(&self, with_tasks: bool) -> JobStatus {
+        JobStatus {
+            job_id: self.id.clone(),
+            name: self.spec.name.clone(),
+            status: self.status,
+            reason: self.reason.clone(),
+            priority: self.spec.priority,
+            submitted_at: self.submitted_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            counts: self.counts(),
+            tasks: if with_tasks {
+                self.tasks.iter().map(TaskRecord::status).collect()
+            } else {
+                vec![]
+            },
+        }
+    }
+}
+
+impl TaskRecord {
+    pub fn status(&self) -> TaskStatus {
+        TaskStatus {
+            task_id: self.id.clone(),
+            name: self.name.clone(),
+            state: self.state,
+            attempt: self.attempt,
+            worker: self.worker.clone(),
+            gpus: self
+                .grant
+                .as_ref()
+                .map(|g| g.gpus.iter().map(|g| g.uuid.clone()).collect())
+                .unwrap_or_default(),
+            exit_code: self.exit_code,
+            result: self.result.clone(),
+            reason: self.reason.clone(),
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_schema::{Encoding, TaskSpec};
+
+    fn spec(n: usize) -> JobSpec {
+        let tasks: Vec<TaskSpec> = (0..n)
+            .map(|_| Encoding::Json.decode(br#"{"command": ["true"]}"#).unwrap())
+            .collect();
+        JobSpec {
+            id: None,
+            name: Some("t".into()),
+            priority: 0,
+            max_retries: 0,
+            gang: false,
+            min_tasks: None,
+            constraints: Default::default(),
+            tasks,
+        }
+    }
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap()
+    }
+
+    #[test]
+    fn status_follows_tasks() {
+        let mut j = JobRecord::new(JobId::new("j").unwrap(), 1, spec(2), now());
+        assert!(!j.derive_status(now()));
+        assert_eq!(j.status, JobState::Queued);
+        j.tasks[0].state = TaskState::Reserved;
+        j.derive_status(now());
+        assert_eq!(j.status, JobState::Dispatched);
+        j.tasks[0].state = TaskState::Running;
+        j.derive_status(now());
+        assert_eq!(j.status, JobState::Running);
+        assert!(j.started_at.is_some());
+        j.tasks[0].state = TaskState::Succeeded;
+        j.tasks[0].launched = true;
+        j.derive_status(now());
+        assert_eq!(j.status, JobState::Running, "one task still queued");
+        j.tasks[1].state = TaskState::Failed;
+        j.tasks[1].exit_code = Some(3);
+        j.tasks[1].launched = true;
+        j.derive_status(now());
+        assert_eq!(j.status, JobState::ExecutionException);
+        assert!(j.finished_at.is_some());
+        assert!(j.reason.as_deref().unwrap().contains("exited with code 3"));
+    }
+
+    #[test]
+    fn never_launched_is_failed_to_run_and_cancel_is_aborted() {
+        let mut j = JobRecord::new(JobId::new("j").unwrap(), 1, spec(1), now());
+        j.tasks[0].state = TaskState::Failed;
+        j.derive_status(now());
+        assert_eq!(j.status, JobState::FailedToRun);
+        let mut j = JobRecord::new(JobId::new("k").unwrap(), 1, spec(1), now());
+        j.cancel_requested = true;
+        j.tasks[0].state = TaskState::Cancelled;
+        j.derive_status(now());
+        assert_eq!(j.status, JobState::Aborted);
+    }
+
+    #[test]
+    fn task_index_from_id() {
+        let j = JobRecord::new(JobId::new("a-1").unwrap(), 1, spec(3), now());
+        assert_eq!(j.task_index(&TaskId::new("a-1-2").unwrap()), Some(2));
+        assert_eq!(j.task_index(&TaskId::new("a-1-3").unwrap()), None);
+        assert_eq!(j.task_index(&TaskId::new("a-2").unwrap()), None);
+    }
+}

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests, the real-NATS suites and the end-to-end
+# tests with the real binaries. Installs nats-server if needed.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+NATS_SERVER_BIN="$(scripts/nats-server.sh)"
+export NATS_SERVER_BIN
+echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
+# The end-to-end tests run the binaries; build them once, up front.
+cargo build --bins --quiet
+GPUFLEET_SKIP_BUILD=1 cargo test --workspace "$@"

@@ -1,0 +1,293 @@
+//! A whole fleet of real processes on one real nats-server: the coordinator
+//! and any number of workers with simulated GPUs, started and waited for.
+
+use std::time::Duration;
+
+use async_nats::Client;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::procs::Proc;
+use crate::server::NatsServer;
+use crate::wait::{eventually, with_deadline};
+
+/// Short timers, so that faults show within seconds.
+pub const COORDINATOR_TEST_CONFIG: &str = r#"
+reservation_ttl = "5s"
+lease_ttl = "3s"
+tick = "200ms"
+starvation_after = "5s"
+result_grace = "5s"
+connect_patience = "10s"
+"#;
+
+pub struct Fleet {
+    pub server: NatsServer,
+    pub coordinator: Option<Proc>,
+    pub workers: Vec<(String, Proc)>,
+    dir: TempDir,
+}
+
+/// How a worker is started.
+#[derive(Clone, Debug)]
+pub struct WorkerSpec {
+    pub name: String,
+    pub gpus: Option<String>,
+    pub cpus: Option<f64>,
+    pub labels: Option<String>,
+    pub extra: Vec<String>,
+}
+
+impl WorkerSpec {
+    pub fn new(name: &str) -> WorkerSpec {
+        WorkerSpec {
+            name: name.into(),
+            gpus: None,
+            cpus: None,
+            labels: None,
+            extra: vec![],
+        }
+    }
+
+    pub fn gpus(mut self, spec: &str) -> Self {
+        self.gpus = Some(spec.into());
+        self
+    }
+
+    pub fn cpus(mut self, n: f64) -> Self {
+        self.cpus = Some(n);
+        self
+    }
+
+    pub fn labels(mut self, l: &str) -> Self {
+        self.labels = Some(l.into());
+        self
+    }
+}
+
+impl Fleet {
+    /// A server and a coordinator; add workers with [`Fleet::add_worker`].
+    pub async fn start() -> Fleet {
+        let server = NatsServer::start();
+        let dir = tempfile::Builder::new()
+            .prefix("gpufleet-fleet-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::write(dir.path().join("coordinator.toml"), COORDINATOR_TEST_CONFIG)
+            .expect("write config");
+        let mut fleet = Fleet {
+            server,
+            coordinator: None,
+            workers: vec![],
+            dir,
+        };
+        fleet.start_coordinator().await;
+        fleet
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Starts (or restarts) the coordinator and waits until it serves.
+    pub async fn start_coordinator(&mut self) {
+        let args = vec![
+            "--nats-url".to_string(),
+            self.url(),
+            "--config".into(),
+            self.dir
+                .path()
+                .join("coordinator.toml")
+                .display()
+                .to_string(),
+        ];
+        self.coordinator = Some(Proc::spawn("gpufleet-coordinator", &args, &[]));
+        let client = self.client().await;
+        eventually(Duration::from_secs(30), "the coordinator to answer", || {
+            let client = client.clone();
+            async move {
+                let r = client
+                    .request("$SRV.PING.gpufleet", Bytes::new())
+                    .await
+                    .ok()?;
+                Some(r)
+            }
+        })
+        .await;
+    }
+
+    pub fn worker_args(&self, spec: &WorkerSpec) -> Vec<String> {
+        let mut args = vec![
+            "--nats-url".to_string(),
+            self.url(),
+            "--name".into(),
+            spec.name.clone(),
+            "--heartbeat".into(),
+            "500ms".into(),
+            "--advert-ttl".into(),
+            "2s".into(),
+            "--work-dir".into(),
+            self.dir
+                .path()
+                .join(format!("work-{}", spec.name))
+                .display()
+                .to_string(),
+        ];
+        if let Some(g) = &spec.gpus {
+            args.push("--simulate-gpus".into());
+            args.push(g.clone());
+        }
+        if let Some(c) = spec.cpus {
+            args.push("--cpus".into());
+            args.push(c.to_string());
+        }
+        if let Some(l) = &spec.labels {
+            args.push("--labels".into());
+            args.push(l.clone());
+        }
+        args.extend(spec.extra.iter().cloned());
+        args
+    }
+
+    /// Starts a worker and waits until the coordinator lists it.
+    pub async fn add_worker(&mut self, spec: WorkerSpec) {
+        let args = self.worker_args(&spec);
+        // A short kill grace keeps stop tests quick.
+        let proc = Proc::spawn(
+            "gpufleet-worker",
+            &args,
+            &[
+                ("GPUFLEET_KILL_GRACE", "1s"),
+                ("GPUFLEET_DRAIN_TIMEOUT", "5s"),
+            ],
+        );
+        self.workers.push((spec.name.clone(), proc));
+        self.wait_worker_listed(&spec.name, true).await;
+    }
+
+    pub fn worker(&mut self, name: &str) -> &mut Proc {
+        &mut self
+            .workers
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no worker {name}"))
+            .1
+    }
+
+    /// Waits until `workers.list` does (or does not) show `name`.
+    pub async fn wait_worker_listed(&self, name: &str, present: bool) {
+        let client = self.client().await;
+        let what = format!(
+            "worker {name} to be {}",
+            if present { "listed" } else { "gone" }
+        );
+        eventually(Duration::from_secs(30), &what, || {
+            let client = client.clone();
+            async move {
+                let v = api(&client, "gpufleet.api.workers.list", &serde_json::json!({}))
+                    .await
+                    .ok()?;
+                let listed = v
+                    .as_array()?
+                    .iter()
+                    .any(|w| w["name"] == Value::String(name.to_string()));
+                (listed == present).then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub async fn client(&self) -> Client {
+        async_nats::connect(self.url())
+            .await
+            .expect("connect to the test server")
+    }
+
+    /// Submits a job as JSON and returns its id.
+    pub async fn submit(&self, job: &Value) -> String {
+        let client = self.client().await;
+        let reply = api(&client, "gpufleet.api.jobs.submit", job)
+            .await
+            .unwrap_or_else(|e| panic!("submit failed: {e}"));
+        reply["job_id"].as_str().expect("job_id").to_string()
+    }
+
+    pub async fn get(&self, job_id: &str) -> Value {
+        let client = self.client().await;
+        api(
+            &client,
+            "gpufleet.api.jobs.get",
+            &serde_json::json!({"job_id": job_id}),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("get {job_id} failed: {e}"))
+    }
+
+    /// Waits until the job's status satisfies `pred`, watching its state
+    /// events and checking the job when one arrives.
+    pub async fn wait_job(
+        &self,
+        job_id: &str,
+        deadline: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let client = self.client().await;
+        let mut states = client
+            .subscribe(format!("gpufleet.events.{job_id}.*.state"))
+            .await
+            .expect("subscribe");
+        with_deadline(deadline, what, async {
+            loop {
+                let status = self.get(job_id).await;
+                if pred(&status) {
+                    return status;
+                }
+                // The next state change, or a recheck after a second for
+                // changes that publish no state event (a record write).
+                let _ = tokio::time::timeout(Duration::from_secs(1), states.next()).await;
+            }
+        })
+        .await
+    }
+
+    /// Waits until the job has finished, whatever the outcome.
+    pub async fn wait_finished(&self, job_id: &str, deadline: Duration) -> Value {
+        self.wait_job(job_id, deadline, &format!("job {job_id} to finish"), |s| {
+            let st = s["status"].as_str().unwrap_or("");
+            st.starts_with("FINISHED") || st == "FAILED_TO_RUN"
+        })
+        .await
+    }
+}
+
+/// A JSON API request; `Err` carries the error code and message.
+pub async fn api(client: &Client, subject: &str, body: &Value) -> Result<Value, String> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    let reply = client
+        .request_with_headers(
+            subject.to_string(),
+            headers,
+            serde_json::to_vec(body).unwrap().into(),
+        )
+        .await
+        .map_err(|e| format!("request {subject}: {e}"))?;
+    if let Some(h) = &reply.headers {
+        if let Some(code) = h.get("Nats-Service-Error-Code") {
+            let msg = h
+                .get("Nats-Service-Error")
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            return Err(format!("{code}: {msg}"));
+        }
+    }
+    serde_json::from_slice(&reply.payload)
+        .map_err(|e| format!("reply of {subject} is not JSON: {e}"))
+}

@@ -1,0 +1,774 @@
+//! The worker's main loop: watches its lease keys, accepts or refuses
+//! reservations, claims them, and runs each claimed attempt as its own
+//! tokio task (supervisor + output shipping + lease renewal + result).
+//!
+//! One loop owns the ledger and the table of running attempts. Renewals run
+//! in each attempt's own task on a timer of their own, so neither a task
+//! that prints a lot nor a busy loop can starve them.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, object_store::ObjectStore};
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use gpufleet_natsutil::{ensure_stores, KvError, KvEvent, KvOp, RawKv, Setup};
+use gpufleet_schema::{
+    codec, subjects, Event, EventBody, EventKind, JobId, Lease, LeaseState, TaskId, TaskOutcome,
+    TaskState, WorkerAdvert, WorkerId,
+};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch};
+
+use crate::advert::{self, AdvertInputs};
+use crate::artifacts;
+use crate::config::WorkerConfig;
+use crate::gpu;
+use crate::ledger::{Capacity, Ledger};
+use crate::supervisor::{self, Finished, Limits, Output, StopReason, TaskRun};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Connect(#[from] gpufleet_natsutil::ConnectError),
+    #[error(transparent)]
+    Store(#[from] gpufleet_natsutil::stores::StoreError),
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error("{0}")]
+    NameInUse(String),
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// What every attempt's task shares.
+pub(crate) struct Ctx {
+    pub js: jetstream::Context,
+    pub leases: RawKv,
+    pub objects: ObjectStore,
+    pub worker: WorkerId,
+    pub instance: String,
+    pub cfg: WorkerConfig,
+    pub work_dir: PathBuf,
+}
+
+/// An attempt this worker holds a lease for.
+struct Held {
+    stop: Arc<watch::Sender<Option<StopReason>>>,
+    /// Set once the attempt has reported and lets its lease go, so that
+    /// the purge it causes is not mistaken for a lost lease.
+    released: Arc<AtomicBool>,
+    /// The lease's latest revision, shared with its renewal timer.
+    rev: Arc<AtomicU64>,
+}
+
+/// How an attempt's task ended, for the main loop.
+struct Done {
+    key: String,
+}
+
+/// Runs the worker until `shutdown` resolves, then drains: no new work,
+/// running tasks get `drain_timeout` to finish, then are stopped and handed
+/// back (INTERRUPTED, so they are retried elsewhere).
+pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+    cfg.validate().map_err(WorkerError::Config)?;
+    let worker = cfg.worker_id().map_err(WorkerError::Config)?;
+    let probe = gpu::open_probe(cfg.simulate_gpus.as_deref(), &worker)
+        .map_err(|e| WorkerError::Config(e.to_string()))?;
+    let client = gpufleet_natsutil::connect(
+        &cfg.nats_url,
+        &format!("gpufleet-worker {worker}"),
+        cfg.connect_patience.0,
+    )
+    .await?;
+    let js = jetstream::new(client.clone());
+    ensure_stores(&js, &Setup::default()).await?;
+    let leases = RawKv::open(&js, subjects::LEASES_BUCKET).await?;
+    let adverts = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
+    let objects = js
+        .get_object_store(subjects::ARTIFACTS_BUCKET)
+        .await
+        .map_err(|e| WorkerError::Nats(e.to_string()))?;
+    let instance = uuid::Uuid::now_v7().simple().to_string();
+    wait_for_name(&adverts, &worker, &instance).await?;
+
+    let work_dir = cfg.work_dir(&worker);
+    tokio::fs::create_dir_all(&work_dir)
+        .await
+        .map_err(|e| WorkerError::Config(format!("work_dir {}: {e}", work_dir.display())))?;
+
+    // What the worker offers, fixed at start.
+    let (capacity, probe) = advert::initial_capacity(&cfg, probe).await;
+    tracing::info!(
+        worker = %worker,
+        cpus = capacity.cpus_milli as f64 / 1000.0,
+        memory = %gpufleet_schema::ByteSize(capacity.memory),
+        gpus = capacity.gpus.len(),
+        "worker starting"
+    );
+    let ctx = Arc::new(Ctx {
+        js: js.clone(),
+        leases: leases.clone(),
+        objects,
+        worker: worker.clone(),
+        instance: instance.clone(),
+        cfg: cfg.clone(),
+        work_dir,
+    });
+
+    let unmanaged: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let (advert_tx, advert_rx) = watch::channel(AdvertInputs::default());
+    let advert_task = tokio::spawn(advert::heartbeat(
+        adverts.clone(),
+        cfg.clone(),
+        worker.clone(),
+        instance.clone(),
+        capacity.clone(),
+        probe,
+        advert_rx,
+        unmanaged.clone(),
+    ));
+
+    let mut watch = leases.watch(&subjects::worker_leases(&worker)).await?;
+    let (done_tx, mut done_rx) = mpsc::channel::<Done>(1024);
+    let mut ledger = Ledger::default();
+    let mut held: HashMap<String, Held> = HashMap::new();
+    let mut draining = false;
+    let drain_deadline = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(drain_deadline);
+    tokio::pin!(shutdown);
+
+    let publish_inputs = |held: &HashMap<String, Held>, ledger: &Ledger, draining: bool| {
+        let running: Vec<TaskId> = held
+            .keys()
+            .filter_map(|k| subjects::parse_lease_key(k).map(|(_, t, _)| t))
+            .collect();
+        advert_tx.send_replace(AdvertInputs {
+            running,
+            draining,
+            reserved_gpu: ledger.reserved_gpu_memory(&capacity),
+        });
+    };
+
+    loop {
+        tokio::select! {
+            _ = &mut shutdown, if !draining => {
+                draining = true;
+                tracing::info!(running = held.len(), "draining: taking no new work");
+                publish_inputs(&held, &ledger, draining);
+                drain_deadline.as_mut().reset(tokio::time::Instant::now() + cfg.drain_timeout.0);
+                if held.is_empty() {
+                    break;
+                }
+            }
+            _ = &mut drain_deadline, if draining => {
+                tracing::info!(running = held.len(), "drain timeout: stopping the remaining tasks");
+                for h in held.values() {
+                    h.stop.send_replace(Some(StopReason::Drain));
+                }
+                drain_deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(3600));
+            }
+            Some(done) = done_rx.recv() => {
+                held.remove(&done.key);
+                ledger.release(&done.key);
+                publish_inputs(&held, &ledger, draining);
+                if draining && held.is_empty() {
+                    break;
+                }
+            }
+            item = watch.next() => {
+                let Some(item) = item else {
+                    // The watch cannot continue; start it again from the
+                    // current state (idempotent for keys we already hold).
+                    watch = leases.watch(&subjects::worker_leases(&worker)).await?;
+                    continue;
+                };
+                let change = match item {
+                    Ok(KvEvent::Change(c)) => c,
+                    Ok(KvEvent::Synced) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lease watch error");
+                        continue;
+                    }
+                };
+                match change.op {
+                    KvOp::Put => {
+                        let lease: Lease = match codec::decode(&change.value) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                tracing::warn!(key = %change.key, error = %e, "ignoring an unreadable lease");
+                                continue;
+                            }
+                        };
+                        let before = held.len();
+                        on_lease(&ctx, &mut ledger, &mut held, &capacity, &unmanaged, draining, &done_tx, change.key, change.revision, lease).await;
+                        if held.len() != before {
+                            publish_inputs(&held, &ledger, draining);
+                        }
+                    }
+                    _ => {
+                        // Purged by the coordinator or expired: whatever runs
+                        // under it is no longer ours to report.
+                        if let Some(h) = held.get(&change.key).filter(|h| !h.released.load(Ordering::SeqCst)) {
+                            tracing::warn!(key = %change.key, "lease gone: stopping the task without reporting");
+                            h.stop.send_replace(Some(StopReason::Fenced));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    advert_task.abort();
+    // Leave at once rather than when the TTL runs out.
+    if let Err(e) = adverts
+        .purge(worker.as_str(), Duration::from_secs(60))
+        .await
+    {
+        tracing::warn!(error = %e, "could not remove this worker's advert");
+    }
+    let _ = client.flush().await;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// Waits until no other live worker advertises under our name.
+async fn wait_for_name(
+    adverts: &RawKv,
+    worker: &WorkerId,
+    instance: &str,
+) -> Result<(), WorkerError> {
+    let Some(entry) = adverts.get(worker.as_str()).await? else {
+        return Ok(());
+    };
+    let Ok(old) = codec::decode::<WorkerAdvert>(&entry.value) else {
+        return Ok(());
+    };
+    if old.instance == instance {
+        return Ok(());
+    }
+    let wait = old.ttl.0 * 2 + Duration::from_secs(1);
+    tracing::warn!(
+        worker = %worker,
+        other = %old.instance,
+        "another worker advertised this name recently; waiting up to {wait:?} for its advert to expire"
+    );
+    let mut w = adverts.watch(worker.as_str()).await?;
+    let gone = tokio::time::timeout(wait, async {
+        while let Some(Ok(ev)) = w.next().await {
+            if let KvEvent::Change(c) = ev {
+                if c.op != KvOp::Put {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+    .await;
+    match gone {
+        Ok(true) => Ok(()),
+        _ => Err(WorkerError::NameInUse(format!(
+            "worker name {worker} is in use by a live worker (instance {}); choose another --name",
+            old.instance
+        ))),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn on_lease(
+    ctx: &Arc<Ctx>,
+    ledger: &mut Ledger,
+    held: &mut HashMap<String, Held>,
+    capacity: &Capacity,
+    unmanaged: &Arc<Mutex<HashMap<String, u64>>>,
+    draining: bool,
+    done_tx: &mpsc::Sender<Done>,
+    key: String,
+    rev: u64,
+    lease: Lease,
+) {
+    if let Some(h) = held.get(&key) {
+        h.rev.fetch_max(rev, Ordering::SeqCst);
+        if lease.state == LeaseState::Cancelling {
+            h.stop.send_replace(Some(StopReason::Cancel));
+        }
+        return;
+    }
+    match lease.state {
+        LeaseState::Reserved => {
+            let refusal = if draining {
+                Some("the worker is draining".to_string())
+            } else {
+                let un = unmanaged.lock().map(|m| m.clone()).unwrap_or_default();
+                ledger.try_hold(&key, &lease.grant, capacity, &un).err()
+            };
+            if let Some(reason) = refusal {
+                tracing::info!(key, reason, "refusing a reservation");
+                refuse(ctx, &key, rev, lease, LeaseState::Rejected, reason).await;
+                return;
+            }
+            let (stop_tx, stop_rx) = watch::channel(None);
+            let h = Held {
+                stop: Arc::new(stop_tx),
+                released: Arc::new(AtomicBool::new(false)),
+                rev: Arc::new(AtomicU64::new(rev)),
+            };
+            let attempt = Attempt {
+                ctx: ctx.clone(),
+                key: key.clone(),
+                lease,
+                stop: h.stop.clone(),
+                released: h.released.clone(),
+                stop_rx,
+                rev: h.rev.clone(),
+            };
+            held.insert(key.clone(), h);
+            let done_tx = done_tx.clone();
+            tokio::spawn(async move {
+                attempt.run().await;
+                let _ = done_tx.send(Done { key }).await;
+            });
+        }
+        LeaseState::Running | LeaseState::Cancelling => {
+            if lease.instance.as_deref() != Some(ctx.instance.as_str()) {
+                // A lease of this worker's previous life: that process is
+                // gone (its child died with it), so the attempt is lost.
+                refuse(
+                    ctx,
+                    &key,
+                    rev,
+                    lease,
+                    LeaseState::Abandoned,
+                    "the worker restarted while the task ran".into(),
+                )
+                .await;
+            }
+        }
+        LeaseState::Rejected | LeaseState::Abandoned => {}
+    }
+}
+
+/// Answers a lease with a refusal the coordinator reads and records.
+async fn refuse(
+    ctx: &Ctx,
+    key: &str,
+    rev: u64,
+    mut lease: Lease,
+    state: LeaseState,
+    reason: String,
+) {
+    lease.state = state;
+    lease.reason = Some(reason);
+    let Ok(bytes) = codec::encode(&lease) else {
+        return;
+    };
+    // A short TTL: if the coordinator is away, the refusal still clears.
+    match ctx
+        .leases
+        .update(key, Bytes::from(bytes), Some(Duration::from_secs(10)), rev)
+        .await
+    {
+        Ok(_) | Err(KvError::Conflict { .. }) => {}
+        Err(e) => tracing::warn!(key, error = %e, "could not refuse a lease"),
+    }
+}
+
+/// One claimed (or about to be claimed) attempt.
+struct Attempt {
+    ctx: Arc<Ctx>,
+    key: String,
+    lease: Lease,
+    stop: Arc<watch::Sender<Option<StopReason>>>,
+    released: Arc<AtomicBool>,
+    stop_rx: watch::Receiver<Option<StopReason>>,
+    rev: Arc<AtomicU64>,
+}
+
+impl Attempt {
+    fn event(&self, body: EventBody, lease_rev: u64) -> (String, Event) {
+        let l = &self.lease;
+        let kind = match body {
+            EventBody::State { .. } => EventKind::State,
+            EventBody::Log { .. } => EventKind::Log,
+            EventBody::Progress { .. } => EventKind::Progress,
+            EventBody::Result(_) => EventKind::Result,
+        };
+        (
+            subjects::events(&l.job_id, &l.task_id, kind),
+            Event {
+                job_id: l.job_id.clone(),
+                task_id: l.task_id.clone(),
+                attempt: l.attempt,
+                worker: Some(self.ctx.worker.clone()),
+                lease_rev: Some(lease_rev),
+                at: OffsetDateTime::now_utc(),
+                body,
+            },
+        )
+    }
+
+    async fn run(self) {
+        let ctx = self.ctx.clone();
+        let ttl = self.lease.lease_ttl.0.max(Duration::from_secs(1));
+        // Claim: compare-and-set on the reservation's revision.
+        let mut claimed = self.lease.clone();
+        claimed.state = LeaseState::Running;
+        claimed.instance = Some(ctx.instance.clone());
+        let Ok(bytes) = codec::encode(&claimed) else {
+            return;
+        };
+        let expected = self.rev.load(Ordering::SeqCst);
+        let claim_rev = match ctx
+            .leases
+            .update(&self.key, Bytes::from(bytes), Some(ttl), expected)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(key = %self.key, error = %e, "could not claim a reservation");
+                return;
+            }
+        };
+        self.rev.fetch_max(claim_rev, Ordering::SeqCst);
+        tracing::info!(task_id = %self.lease.task_id, attempt = self.lease.attempt, "task claimed");
+
+        let renewal = tokio::spawn(renew(
+            ctx.clone(),
+            self.key.clone(),
+            claimed,
+            ttl,
+            self.rev.clone(),
+            self.stop.clone(),
+        ));
+
+        let (subject, ev) = self.event(
+            EventBody::State {
+                state: TaskState::Running,
+                reason: None,
+            },
+            claim_rev,
+        );
+        publish(&ctx.js, subject, &ev, None).await;
+
+        let (out_tx, out_rx) = mpsc::channel::<Output>(256);
+        let shipper = tokio::spawn(ship_output(
+            ctx.js.clone(),
+            out_rx,
+            self.lease.job_id.clone(),
+            self.lease.task_id.clone(),
+            self.lease.attempt,
+            ctx.worker.clone(),
+            claim_rev,
+        ));
+        let dir = ctx
+            .work_dir
+            .join(format!("{}-{}", self.lease.task_id, self.lease.attempt));
+        let run = TaskRun {
+            job_id: self.lease.job_id.clone(),
+            task_id: self.lease.task_id.clone(),
+            attempt: self.lease.attempt,
+            spec: self.lease.task.clone(),
+            gpus: self.lease.grant.gpus.clone(),
+            rendezvous: self.lease.rendezvous.clone(),
+            dir: dir.clone(),
+            limits: limits(&ctx.cfg),
+        };
+        let finished = supervisor::run(run, out_tx, self.stop_rx.clone()).await;
+        // Every log line is in the stream before the result.
+        let _ = shipper.await;
+
+        let fenced = *self.stop_rx.borrow() == Some(StopReason::Fenced);
+        if fenced {
+            tracing::warn!(task_id = %self.lease.task_id, "attempt fenced: its result is not reported");
+        } else {
+            let outcome = self.outcome(finished).await;
+            self.report(outcome, claim_rev).await;
+        }
+        renewal.abort();
+        self.released.store(true, Ordering::SeqCst);
+        if !fenced {
+            if let Err(e) = ctx.leases.purge(&self.key, Duration::from_secs(60)).await {
+                tracing::warn!(key = %self.key, error = %e, "could not release a lease; it will expire");
+            }
+        }
+        if !ctx.cfg.keep_task_dirs {
+            if let Err(e) = supervisor::remove_dir(&dir).await {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove a task directory");
+            }
+        }
+    }
+
+    async fn outcome(&self, f: Finished) -> TaskOutcome {
+        let mut error = f.error;
+        let mut artifacts = Vec::new();
+        if f.launched && !self.lease.task.artifacts.is_empty() {
+            let prefix = format!(
+                "{}/{}/{}",
+                self.lease.job_id, self.lease.task_id, self.lease.attempt
+            );
+            let up = artifacts::upload(
+                &self.ctx.objects,
+                &f.output_dir,
+                &self.lease.task.artifacts,
+                &prefix,
+                self.ctx.cfg.max_artifact_size.0,
+            )
+            .await;
+            artifacts = up.artifacts;
+            if !up.errors.is_empty() {
+                let joined = up.errors.join("; ");
+                error = Some(match error {
+                    Some(e) => format!("{e}; {joined}"),
+                    None => joined,
+                });
+            }
+        }
+        TaskOutcome {
+            state: f.state,
+            exit_code: f.exit_code,
+            signal: f.signal,
+            result: f.result,
+            error,
+            artifacts,
+            started_at: f.started_at,
+            finished_at: f.finished_at,
+        }
+    }
+
+    /// Publishes the result until the stream has it, or the lease is lost.
+    async fn report(&self, outcome: TaskOutcome, claim_rev: u64) {
+        let (subject, ev) = self.event(EventBody::Result(outcome), claim_rev);
+        // The same id on every try: the stream keeps one copy.
+        let msg_id = format!("{}.{}.result", self.lease.task_id, self.lease.attempt);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if publish(&self.ctx.js, subject.clone(), &ev, Some(&msg_id)).await {
+                return;
+            }
+            if *self.stop_rx.borrow() == Some(StopReason::Fenced) {
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+fn limits(cfg: &WorkerConfig) -> Limits {
+    Limits {
+        kill_grace: cfg.kill_grace.0,
+        max_result_bytes: cfg.max_result_size.0,
+        log_batch_bytes: cfg.log_batch_size.0 as usize,
+        log_batch_interval: cfg.log_batch_interval.0,
+        max_log_bytes: cfg.max_log_size.0,
+        ..Limits::default()
+    }
+}
+
+/// Renews the lease every third of its TTL, compare-and-set on the last
+/// revision. A lost race is looked into: the coordinator asking to cancel
+/// is obeyed; anything else means the lease is no longer ours.
+async fn renew(
+    ctx: Arc<Ctx>,
+    key: String,
+    lease: Lease,
+    ttl: Duration,
+    rev: Arc<AtomicU64>,
+    stop: Arc<watch::Sender<Option<StopReason>>>,
+) {
+    let Ok(bytes) = codec::encode(&lease) else {
+        return;
+    };
+    let bytes = Bytes::from(bytes);
+    let mut interval = tokio::time::interval(ttl / 3);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let expected = rev.load(Ordering::SeqCst);
+        match ctx
+            .leases
+            .update(&key, bytes.clone(), Some(ttl), expected)
+            .await
+        {
+            Ok(r) => {
+                rev.fetch_max(r, Ordering::SeqCst);
+            }
+            Err(KvError::Conflict { .. }) => match ctx.leases.last(&key).await {
+                Ok(Some(e)) if e.op == KvOp::Put => match codec::decode::<Lease>(&e.value) {
+                    Ok(l)
+                        if l.instance.as_deref() == Some(ctx.instance.as_str())
+                            && l.attempt == lease.attempt =>
+                    {
+                        rev.fetch_max(e.revision, Ordering::SeqCst);
+                        if l.state == LeaseState::Cancelling {
+                            stop.send_replace(Some(StopReason::Cancel));
+                            // Keep renewing the cancelling lease while the
+                            // task is stopped, so it does not expire mid-way.
+                            if let Ok(b) = codec::encode(&l) {
+                                let _ = ctx
+                                    .leases
+                                    .update(&key, Bytes::from(b), Some(ttl), e.revision)
+                                    .await
+                                    .map(|r| rev.fetch_max(r, Ordering::SeqCst));
+                            }
+                        }
+                    }
+                    _ => {
+                        stop.send_replace(Some(StopReason::Fenced));
+                        return;
+                    }
+                },
+                Ok(_) => {
+                    stop.send_replace(Some(StopReason::Fenced));
+                    return;
+                }
+                Err(e) => tracing::warn!(key, error = %e, "lease check failed; retrying"),
+            },
+            Err(e) => tracing::warn!(key, error = %e, "lease renewal failed; retrying"),
+        }
+    }
+}
+
+/// Ships a task's output as events; waits for every ack before returning,
+/// so that the result published after it follows the last line.
+async fn ship_output(
+    js: jetstream::Context,
+    mut rx: mpsc::Receiver<Output>,
+    job: JobId,
+    task: TaskId,
+    attempt: u32,
+    worker: WorkerId,
+    lease_rev: u64,
+) {
+    let mut acks = FuturesUnordered::new();
+    while let Some(out) = rx.recv().await {
+        let (kind, body) = match out {
+            Output::Log {
+                stream,
+                text,
+                dropped_bytes,
+            } => (
+                EventKind::Log,
+                EventBody::Log {
+                    stream,
+                    text,
+                    dropped_bytes,
+                },
+            ),
+            Output::Progress(data) => (EventKind::Progress, EventBody::Progress { data }),
+        };
+        let ev = Event {
+            job_id: job.clone(),
+            task_id: task.clone(),
+            attempt,
+            worker: Some(worker.clone()),
+            lease_rev: Some(lease_rev),
+            at: OffsetDateTime::now_utc(),
+            body,
+        };
+        let subject = subjects::events(&job, &task, kind);
+        let Ok(bytes) = codec::encode(&ev) else {
+            continue;
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(codec::CONTENT_TYPE, codec::MSGPACK);
+        match js
+            .publish_with_headers(subject, headers, bytes.into())
+            .await
+        {
+            Ok(ack) => acks.push(std::future::IntoFuture::into_future(ack)),
+            Err(e) => tracing::warn!(error = %e, "could not publish task output"),
+        }
+        // Bound what is in flight; the supervisor counts what it must drop
+        // while we wait.
+        while acks.len() >= 64 {
+            if let Some(Err(e)) = acks.next().await {
+                tracing::warn!(error = %e, "task output was not stored");
+            }
+        }
+    }
+    while let Some(r) = acks.next().await {
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "task output was not stored");
+        }
+    }
+}
+
+/// Publishes one event and waits for the stream's ack.
+async fn publish(
+    js: &jetstream::Context,
+    subject: String,
+    ev: &Event,
+    msg_id: Option<&str>,
+) -> bool {
+    let Ok(bytes) = codec::encode(ev) else {
+        return false;
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(codec::CONTENT_TYPE, codec::MSGPACK);
+    if let Some(id) = msg_id {
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+    }
+    match js
+        .publish_with_headers(subject, headers, bytes.into())
+        .await
+    {
+        Ok(ack) => match ack.await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "event not stored");
+                false
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "could not publish an event");
+            false
+        }
+    }
+}
+
+/// Our task processes and everything below them, for telling our GPU
+/// memory from others'.
+pub(crate) fn descendants_of_self() -> HashSet<u32> {
+    let me = std::process::id();
+    let mut parent: HashMap<u32, u32> = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                // The command name may hold spaces; fields follow the last ')'.
+                if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                    if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok())
+                    {
+                        parent.insert(pid, ppid);
+                    }
+                }
+            }
+        }
+    }
+    parent
+        .keys()
+        .copied()
+        .filter(|&pid| {
+            let mut p = pid;
+            for _ in 0..64 {
+                match parent.get(&p) {
+                    Some(&pp) if pp == me => return true,
+                    Some(&pp) if pp > 1 => p = pp,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .collect()
+}

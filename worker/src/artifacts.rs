@@ -1,0 +1,200 @@
+//! Uploads a task's output files that match its `artifacts` globs to the
+//! `gpufleet-artifacts` object store, as `<job>/<task>/<attempt>/<path>`.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use async_nats::jetstream::object_store::ObjectStore;
+use gpufleet_schema::{Artifact, ByteSize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// What an upload pass did: the files stored, and what went wrong.
+#[derive(Debug, Default)]
+pub struct Uploaded {
+    pub artifacts: Vec<Artifact>,
+    pub errors: Vec<String>,
+}
+
+/// Files under `root` matching `patterns`, as paths relative to `root`.
+/// Links and anything resolving outside `root` are left out: a task must
+/// not be able to upload the worker's own files.
+pub fn matching_files(root: &Path, patterns: &[String]) -> (Vec<PathBuf>, Vec<String>) {
+    let mut files = Vec::new();
+    let mut errors = Vec::new();
+    let Ok(root_real) = root.canonicalize() else {
+        return (
+            files,
+            vec![format!("output directory {} is missing", root.display())],
+        );
+    };
+    for pattern in patterns {
+        let full = root.join(pattern);
+        let Some(full) = full.to_str() else {
+            errors.push(format!("artifact pattern {pattern:?} is not valid UTF-8"));
+            continue;
+        };
+        let paths = match glob::glob(full) {
+            Ok(p) => p,
+            Err(e) => {
+                errors.push(format!("artifact pattern {pattern:?}: {e}"));
+                continue;
+            }
+        };
+        let mut matched = false;
+        for path in paths.flatten() {
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            let Ok(real) = path.canonicalize() else {
+                continue;
+            };
+            let Ok(rel) = real.strip_prefix(&root_real) else {
+                continue;
+            };
+            matched = true;
+            let rel = rel.to_path_buf();
+            if !files.contains(&rel) {
+                files.push(rel);
+            }
+        }
+        if !matched {
+            errors.push(format!("artifact pattern {pattern:?} matched no file"));
+        }
+    }
+    (files, errors)
+}
+
+/// Hashes what passes through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Hashing<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            let new = &buf.filled()[before..];
+            self.bytes += new.len() as u64;
+            let data = new.to_vec();
+            self.hasher.update(&data);
+        }
+        r
+    }
+}
+
+/// Uploads the matching files of `root` under `prefix`.
+pub async fn upload(
+    store: &ObjectStore,
+    root: &Path,
+    patterns: &[String],
+    prefix: &str,
+    max_size: u64,
+) -> Uploaded {
+    let mut out = Uploaded::default();
+    if patterns.is_empty() {
+        return out;
+    }
+    let (root2, patterns2) = (root.to_path_buf(), patterns.to_vec());
+    let (files, errors) = tokio::task::spawn_blocking(move || matching_files(&root2, &patterns2))
+        .await
+        .unwrap_or_else(|e| (vec![], vec![format!("artifact scan failed: {e}")]));
+    out.errors = errors;
+    for rel in files {
+        let name = rel.to_string_lossy().to_string();
+        let path = root.join(&rel);
+        let size = match tokio::fs::metadata(&path).await {
+            Ok(m) => m.len(),
+            Err(e) => {
+                out.errors.push(format!("artifact {name}: {e}"));
+                continue;
+            }
+        };
+        if size > max_size {
+            out.errors.push(format!(
+                "artifact {name} is {}, more than the limit of {}; not uploaded",
+                ByteSize(size),
+                ByteSize(max_size)
+            ));
+            continue;
+        }
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) => {
+                out.errors.push(format!("artifact {name}: {e}"));
+                continue;
+            }
+        };
+        let object = format!("{prefix}/{name}");
+        let mut reader = Hashing {
+            inner: file,
+            hasher: Sha256::new(),
+            bytes: 0,
+        };
+        match store.put(object.as_str(), &mut reader).await {
+            Ok(_) => out.artifacts.push(Artifact {
+                name,
+                object,
+                size: ByteSize(reader.bytes),
+                sha256: hex(&reader.hasher.finalize()),
+            }),
+            Err(e) => out
+                .errors
+                .push(format!("artifact {name}: upload failed: {e}")),
+        }
+    }
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_stay_inside_the_output_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("out/sub")).unwrap();
+        std::fs::write(root.join("out/a.pt"), b"a").unwrap();
+        std::fs::write(root.join("out/sub/b.pt"), b"b").unwrap();
+        std::fs::write(root.join("out/c.txt"), b"c").unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), root.join("out/link.pt"))
+            .unwrap();
+        let (files, errors) = matching_files(
+            root,
+            &["out/*.pt".into(), "out/**/*.pt".into(), "nothing/*".into()],
+        );
+        let mut names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+        names.sort();
+        assert_eq!(names, vec!["out/a.pt", "out/sub/b.pt"]);
+        assert_eq!(
+            errors,
+            vec!["artifact pattern \"nothing/*\" matched no file"]
+        );
+    }
+
+    #[test]
+    fn hex_digest() {
+        assert_eq!(
+            hex(&Sha256::digest(b"")),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}

@@ -1,0 +1,200 @@
+//! The worker's settings: defaults < file < `GPUFLEET_*` env < flags.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gpufleet_schema::{ByteSize, Dur, WorkerId};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// One URL or several, comma-separated.
+    pub nats_url: String,
+    /// Unique in the fleet; defaults to the host name.
+    pub name: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// `COUNTxMEMORY[:MODEL]` to offer simulated GPUs instead of NVML's.
+    pub simulate_gpus: Option<String>,
+    /// How often the advert is refreshed.
+    pub heartbeat: Dur,
+    /// How long the advert lives without a heartbeat.
+    pub advert_ttl: Dur,
+    /// Where task directories are made; defaults to a folder in $TMPDIR.
+    pub work_dir: Option<PathBuf>,
+    /// Keep each attempt's directory after it ends (for debugging).
+    pub keep_task_dirs: bool,
+    /// Override the CPUs offered (default: what the OS gives this process).
+    pub cpus: Option<f64>,
+    /// Override the memory offered (default: the machine's total).
+    pub memory: Option<ByteSize>,
+    /// The address other workers reach this one at (gang rendezvous).
+    pub addr: Option<String>,
+    /// Ports handed out as `MASTER_PORT` for gangs whose rank 0 runs here.
+    pub rendezvous_ports: (u16, u16),
+    /// SIGTERM-to-SIGKILL grace when a task is stopped.
+    pub kill_grace: Dur,
+    /// How long a draining worker lets its tasks run before stopping them.
+    pub drain_timeout: Dur,
+    /// Largest `GPUFLEET_RESULT` file accepted.
+    pub max_result_size: ByteSize,
+    /// Output shipped per task before the rest is dropped (and counted).
+    pub max_log_size: ByteSize,
+    /// A log batch goes out at this size...
+    pub log_batch_size: ByteSize,
+    /// ...or after this long.
+    pub log_batch_interval: Dur,
+    /// Largest artifact file uploaded.
+    pub max_artifact_size: ByteSize,
+    /// How long to keep retrying the first connection to NATS.
+    pub connect_patience: Dur,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            name: None,
+            labels: BTreeMap::new(),
+            simulate_gpus: None,
+            heartbeat: Dur::secs(2),
+            advert_ttl: Dur::secs(10),
+            work_dir: None,
+            keep_task_dirs: false,
+            cpus: None,
+            memory: None,
+            addr: None,
+            rendezvous_ports: (29500, 29999),
+            kill_grace: Dur::secs(10),
+            drain_timeout: Dur::secs(300),
+            max_result_size: ByteSize::mib(1),
+            max_log_size: ByteSize::mib(256),
+            log_batch_size: ByteSize(64 << 10),
+            log_batch_interval: Dur(Duration::from_millis(100)),
+            max_artifact_size: ByteSize::gib(4),
+            connect_patience: Dur::secs(60),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Settings for tests: quick heartbeats and short grace periods.
+    pub fn for_test(nats_url: impl Into<String>, name: &str) -> Self {
+        WorkerConfig {
+            nats_url: nats_url.into(),
+            name: Some(name.into()),
+            heartbeat: Dur(Duration::from_millis(500)),
+            advert_ttl: Dur::secs(2),
+            kill_grace: Dur(Duration::from_millis(500)),
+            drain_timeout: Dur::secs(5),
+            connect_patience: Dur::secs(10),
+            ..Default::default()
+        }
+    }
+
+    /// The worker's name: the configured one, else the host's.
+    pub fn worker_id(&self) -> Result<WorkerId, String> {
+        let name = match &self.name {
+            Some(n) => n.clone(),
+            None => hostname(),
+        };
+        WorkerId::new(name.clone()).map_err(|e| format!("name: {e}"))
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.worker_id()?;
+        if self.heartbeat.0 < Duration::from_millis(100) {
+            return Err("heartbeat: at least 100ms".into());
+        }
+        if self.advert_ttl.0 < Duration::from_secs(1) || self.advert_ttl.0 <= self.heartbeat.0 * 2 {
+            return Err(
+                "advert_ttl: at least 1s and more than two heartbeats, so one lost heartbeat does not drop the worker"
+                    .into(),
+            );
+        }
+        if let Some(c) = self.cpus {
+            if !c.is_finite() || c <= 0.0 {
+                return Err("cpus: must be more than 0".into());
+            }
+        }
+        if self.rendezvous_ports.0 == 0 || self.rendezvous_ports.0 > self.rendezvous_ports.1 {
+            return Err("rendezvous_ports: a range [low, high] with 0 < low <= high".into());
+        }
+        if self.log_batch_size.0 == 0 || self.log_batch_size.0 > 512 << 10 {
+            return Err(
+                "log_batch_size: from 1 byte to 512KiB (it must fit one NATS message)".into(),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn work_dir(&self, worker: &WorkerId) -> PathBuf {
+        self.work_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("gpufleet-worker-{worker}")))
+    }
+}
+
+/// Parses `k=v,k=v` from the command line.
+pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("labels: {pair:?} is not key=value"))?;
+        if k.trim().is_empty() {
+            return Err(format!("labels: {pair:?} has an empty key"));
+        }
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
+fn hostname() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_else(|_| "worker".into());
+    // Host names may hold dots; a worker name is one subject token.
+    raw.trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_parse() {
+        let l = parse_labels("zone=a, gpu=l4").unwrap();
+        assert_eq!(l.get("zone").unwrap(), "a");
+        assert_eq!(l.len(), 2);
+        assert!(parse_labels("zone").unwrap_err().contains("\"zone\""));
+        assert!(parse_labels("=x").is_err());
+        assert!(parse_labels("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let mut c = WorkerConfig::for_test("nats://x:1", "w");
+        assert!(c.validate().is_ok());
+        c.name = Some("bad.name".into());
+        assert!(c.validate().unwrap_err().starts_with("name:"));
+        let mut c = WorkerConfig::for_test("nats://x:1", "w");
+        c.advert_ttl = Dur::secs(1);
+        assert!(c.validate().unwrap_err().starts_with("advert_ttl"));
+    }
+
+    #[test]
+    fn host_name_becomes_a_valid_worker_name() {
+        assert!(WorkerId::new(hostname()).is_ok());
+    }
+}

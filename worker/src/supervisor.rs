@@ -1,0 +1,899 @@
+//! Runs one attempt of one task as a child process, from start to end, and
+//! reports its output. It knows nothing of NATS: the caller ships each
+//! [`Output`] and the [`Finished`] record.
+//!
+//! # Layout
+//! `dir/work` is the task's working directory and its output directory
+//! (`GPUFLEET_OUTPUT_DIR`, whose files the caller uploads as artifacts);
+//! `dir/meta/result.json` and `dir/meta/events.jsonl` sit outside it so they
+//! are never mistaken for artifacts.
+//!
+//! # Processes and signals
+//! The task runs in its own process group, and every signal goes to the
+//! whole group, so the processes it starts go with it. The direct child gets
+//! `PR_SET_PDEATHSIG = SIGKILL`, so it dies if the worker dies (it is forked
+//! from a thread that never exits, since the signal follows the forking
+//! thread); that does not reach grandchildren, which survive a worker crash
+//! until someone kills their group. A process that leaves the group
+//! (`setsid`, `setpgid`) escapes all of this. The exit is observed with
+//! `waitid(WNOWAIT)` so that the leader stays a zombie, and its pid cannot be
+//! reused as a group id, until the rest of the group has been killed.
+//!
+//! Ending a task (timeout, stop): SIGTERM to the group, then SIGKILL after
+//! `kill_grace`. After the main process exits, whatever is left of the group
+//! gets a moment to finish writing to the pipes, then SIGKILL.
+//!
+//! # Memory
+//! The host memory limit is enforced by sampling, not by an address-space
+//! rlimit (which breaks CUDA's large virtual mappings); see `memory.rs` for
+//! what is measured and where a cgroup v2 implementation would fit.
+//!
+//! # Output
+//! See `output.rs`: the task is never slowed down by a slow caller; output
+//! that cannot be kept is dropped and counted.
+
+mod memory;
+mod output;
+mod progress;
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpufleet_schema::{Dur, GpuGrant, JobId, LogStream, Rendezvous, TaskId, TaskSpec, TaskState};
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use time::OffsetDateTime;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use self::output::{Hub, STDERR_TAIL};
+
+/// How long the pipes may stay open after the main process exited, before
+/// the rest of the group is killed.
+const PIPE_GRACE: Duration = Duration::from_secs(1);
+/// How long to wait for a killed group to be gone before giving up.
+const GROUP_EXIT_WAIT: Duration = Duration::from_secs(2);
+
+/// Knobs, with sane defaults in `Default`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// SIGTERM -> SIGKILL grace.
+    pub kill_grace: Duration,
+    /// The largest `GPUFLEET_RESULT` file accepted.
+    pub max_result_bytes: u64,
+    /// A log batch is sent when it reaches this size...
+    pub log_batch_bytes: usize,
+    /// ... or when its oldest byte has waited this long.
+    pub log_batch_interval: Duration,
+    /// Output shipped per task; past it, output is dropped and counted.
+    pub max_log_bytes: u64,
+    /// Output held in memory while the caller's channel is full (beyond the
+    /// one batch in hand); past it, output is dropped and counted.
+    pub max_pending_log_bytes: usize,
+    /// How often the task's memory is measured.
+    pub memory_poll: Duration,
+    /// How often the `GPUFLEET_EVENTS` file is read.
+    pub progress_poll: Duration,
+    /// After the task ended, how long [`run`] waits for the caller to take
+    /// the output still queued before dropping it.
+    pub final_flush: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            kill_grace: Duration::from_secs(10),
+            max_result_bytes: 1 << 20,
+            log_batch_bytes: 64 << 10,
+            log_batch_interval: Duration::from_millis(100),
+            max_log_bytes: 256 << 20,
+            max_pending_log_bytes: 4 << 20,
+            memory_poll: Duration::from_millis(250),
+            progress_poll: Duration::from_millis(100),
+            final_flush: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Limits {
+    /// Zero periods would make tokio's intervals panic.
+    fn sanitized(mut self) -> Limits {
+        let floor = Duration::from_millis(1);
+        self.log_batch_interval = self.log_batch_interval.max(floor);
+        self.memory_poll = self.memory_poll.max(floor);
+        self.progress_poll = self.progress_poll.max(floor);
+        self.log_batch_bytes = self.log_batch_bytes.max(1);
+        self
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TaskRun {
+    pub job_id: JobId,
+    pub task_id: TaskId,
+    pub attempt: u32,
+    /// Command, env, timeout and `resources.memory` are used.
+    pub spec: TaskSpec,
+    /// The GPUs granted, in the order the task should see them.
+    pub gpus: Vec<GpuGrant>,
+    pub rendezvous: Option<Rendezvous>,
+    /// This attempt's directory; created (with its subdirectories) by [`run`].
+    pub dir: PathBuf,
+    pub limits: Limits,
+}
+
+/// Why the caller wants the task stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Cancel,
+    Drain,
+    Fenced,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Log {
+        stream: LogStream,
+        text: String,
+        /// Bytes of this stream dropped since its previous batch.
+        dropped_bytes: u64,
+    },
+    Progress(serde_json::Value),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    /// SUCCEEDED, FAILED, INTERRUPTED, TIMED_OUT or CANCELLED.
+    pub state: TaskState,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub result: Option<serde_json::Value>,
+    /// Human words when not SUCCEEDED, or a result-file problem.
+    pub error: Option<String>,
+    pub started_at: Option<OffsetDateTime>,
+    pub finished_at: OffsetDateTime,
+    /// `GPUFLEET_OUTPUT_DIR`, for the caller's artifact upload.
+    pub output_dir: PathBuf,
+    /// False if the program could not be started at all.
+    pub launched: bool,
+    /// Output bytes (both streams) that never reached the caller: those
+    /// reported in `Output::Log::dropped_bytes` and those that could not be
+    /// reported because the caller stopped taking output.
+    pub log_dropped_bytes: u64,
+}
+
+/// The paths a task's directory holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskPaths {
+    pub root: PathBuf,
+    /// Working and output directory.
+    pub work: PathBuf,
+    pub result: PathBuf,
+    pub events: PathBuf,
+}
+
+impl TaskPaths {
+    pub fn new(dir: &Path) -> TaskPaths {
+        let meta = dir.join("meta");
+        TaskPaths {
+            root: dir.to_path_buf(),
+            work: dir.join("work"),
+            result: meta.join("result.json"),
+            events: meta.join("events.jsonl"),
+        }
+    }
+
+    fn meta(&self) -> PathBuf {
+        self.root.join("meta")
+    }
+}
+
+/// Why we ended the task ourselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ender {
+    Timeout(Duration),
+    Stop(StopReason),
+    Memory { used: u64, limit: u64 },
+}
+
+/// Runs the attempt to its end. Never panics on anything the task does.
+///
+/// `output` never blocks the task: what the channel cannot take is queued up
+/// to `max_pending_log_bytes`, then dropped and counted, and the count is
+/// reported in that stream's next `Log`. Every `Output` has been sent (or
+/// counted as dropped) when this returns, so the caller can publish the
+/// result after the last log line. Should the caller stop taking output, the
+/// end waits at most `final_flush` for it.
+///
+/// A stop already requested before the start means the program is not
+/// started (`launched` is false).
+pub async fn run(
+    task: TaskRun,
+    output: mpsc::Sender<Output>,
+    mut stop: watch::Receiver<Option<StopReason>>,
+) -> Finished {
+    let dir = std::path::absolute(&task.dir).unwrap_or_else(|_| task.dir.clone());
+    let paths = TaskPaths::new(&dir);
+    let limits = task.limits.clone().sanitized();
+    let not_launched = |state, error: String| Finished {
+        state,
+        exit_code: None,
+        signal: None,
+        result: None,
+        error: Some(error),
+        started_at: None,
+        finished_at: OffsetDateTime::now_utc(),
+        output_dir: paths.work.clone(),
+        launched: false,
+        log_dropped_bytes: 0,
+    };
+
+    if let Err(e) = prepare_dir(&paths).await {
+        return not_launched(
+            TaskState::Failed,
+            format!("cannot prepare the task directory {}: {e}", dir.display()),
+        );
+    }
+    let stopped_early = *stop.borrow_and_update();
+    if let Some(reason) = stopped_early {
+        let (state, error) = describe_end(&Ender::Stop(reason));
+        return not_launched(state, error);
+    }
+    let Some(program) = task.spec.command.first() else {
+        return not_launched(TaskState::Failed, "the task has no command".into());
+    };
+
+    // Listen before the child exists, so that its exit cannot be missed.
+    let sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGCHLD; polling for task exit");
+            None
+        }
+    };
+    let mut child = match spawn(command(&task, &paths)).await {
+        Ok(child) => child,
+        Err(e) => {
+            return not_launched(
+                TaskState::Failed,
+                format!("cannot start program {program:?}: {e}"),
+            );
+        }
+    };
+    let started_at = OffsetDateTime::now_utc();
+    let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
+        // Only possible if the child was already reaped, which we never do
+        // before this point.
+        let _ = child.wait().await;
+        return not_launched(TaskState::Failed, "lost the task's process id".into());
+    };
+    let pgid = Pid::from_raw(pid);
+    let mut group = Group { pgid, armed: true };
+    tracing::debug!(task_id = %task.task_id, attempt = task.attempt, pid, "task started");
+
+    let (hub_tx, hub_rx) = mpsc::channel(16);
+    let hub = tokio::spawn(output::run_hub(
+        hub_rx,
+        Hub::new(output, &limits),
+        limits.final_flush,
+    ));
+    // Should `run` itself be dropped, the helpers below must end too.
+    let stop_reading = CancellationToken::new();
+    let _stop_reading_on_drop = stop_reading.clone().drop_guard();
+    let stdout = child.stdout.take().map(|pipe| {
+        tokio::spawn(output::read_pipe(
+            pipe,
+            LogStream::Stdout,
+            hub_tx.clone(),
+            stop_reading.clone(),
+            0,
+        ))
+    });
+    let stderr = child.stderr.take().map(|pipe| {
+        tokio::spawn(output::read_pipe(
+            pipe,
+            LogStream::Stderr,
+            hub_tx.clone(),
+            stop_reading.clone(),
+            STDERR_TAIL,
+        ))
+    });
+    let progress_done = CancellationToken::new();
+    let _progress_done_on_drop = progress_done.clone().drop_guard();
+    let progress = tokio::spawn(progress::follow(
+        paths.events.clone(),
+        limits.progress_poll,
+        hub_tx.clone(),
+        progress_done.clone(),
+    ));
+    drop(hub_tx);
+
+    let memory_limit = task.spec.resources.memory.map(|m| m.0).filter(|&m| m > 0);
+    let monitor = memory_limit.map(|limit| {
+        AbortOnDropHandle::new(tokio::spawn(watch_memory(pgid, limit, limits.memory_poll)))
+    });
+
+    let ender = supervise(
+        &group,
+        &mut stop,
+        task.spec.timeout.map(|t| t.0),
+        limits.kill_grace,
+        monitor,
+        sigchld,
+    )
+    .await;
+
+    // The main process has exited and is still a zombie. Let what is left
+    // of its group finish writing, but not for long.
+    let readers = async {
+        let _ = join_opt(stdout).await;
+        join_opt(stderr).await.unwrap_or_default()
+    };
+    tokio::pin!(readers);
+    let stderr_tail = match tokio::time::timeout(PIPE_GRACE, &mut readers).await {
+        Ok(tail) => tail,
+        Err(_) => {
+            group.signal(Signal::SIGKILL);
+            match tokio::time::timeout(PIPE_GRACE, &mut readers).await {
+                Ok(tail) => tail,
+                Err(_) => {
+                    // Someone outside the group holds the pipes open.
+                    tracing::warn!(task_id = %task.task_id, "task pipes still open after its group was killed; closing them");
+                    stop_reading.cancel();
+                    readers.await
+                }
+            }
+        }
+    };
+    group.signal(Signal::SIGKILL);
+    wait_group_gone(pgid).await;
+    group.armed = false;
+    let status = child.wait().await;
+
+    progress_done.cancel();
+    let _ = progress.await;
+    let log_dropped_bytes = hub.await.unwrap_or(0);
+
+    let (mut state, exit_code, signal, mut error) =
+        classify(ender.as_ref(), status.as_ref(), &stderr_tail);
+    let result = match read_result(&paths.result, limits.max_result_bytes).await {
+        Ok(value) => value,
+        Err(problem) => {
+            if state == TaskState::Succeeded {
+                state = TaskState::Failed;
+                error = Some(problem);
+            } else {
+                tracing::debug!(task_id = %task.task_id, %problem, "ignoring the result file of a task that did not succeed");
+            }
+            None
+        }
+    };
+    tracing::debug!(task_id = %task.task_id, attempt = task.attempt, %state, ?exit_code, ?signal, "task ended");
+    Finished {
+        state,
+        exit_code,
+        signal,
+        result,
+        error,
+        started_at: Some(started_at),
+        finished_at: OffsetDateTime::now_utc(),
+        output_dir: paths.work.clone(),
+        launched: true,
+        log_dropped_bytes,
+    }
+}
+
+/// Removes an attempt's directory; one already gone is fine.
+pub async fn remove_dir(dir: &Path) -> io::Result<()> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || remove_tree(&dir))
+        .await
+        .map_err(io::Error::other)?
+}
+
+fn remove_tree(dir: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            // A task may leave directories without write permission.
+            make_dirs_writable(dir);
+            match std::fs::remove_dir_all(dir) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn make_dirs_writable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    // symlink_metadata: never follow a link out of the tree.
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    let mut perms = meta.permissions();
+    perms.set_mode(perms.mode() | 0o700);
+    let _ = std::fs::set_permissions(dir, perms);
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            make_dirs_writable(&entry.path());
+        }
+    }
+}
+
+async fn prepare_dir(paths: &TaskPaths) -> io::Result<()> {
+    tokio::fs::create_dir_all(&paths.work).await?;
+    tokio::fs::create_dir_all(paths.meta()).await?;
+    // A result left by an earlier run in the same directory must not count.
+    match tokio::fs::remove_file(&paths.result).await {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    // Created empty so that the task may simply append to it.
+    tokio::fs::File::create(&paths.events).await?;
+    Ok(())
+}
+
+fn join_list<T: ToString>(items: impl Iterator<Item = T>) -> String {
+    items.map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn command(task: &TaskRun, paths: &TaskPaths) -> Command {
+    let spec = &task.spec;
+    let mut cmd = Command::new(&spec.command[0]);
+    cmd.args(&spec.command[1..])
+        .current_dir(&paths.work)
+        .envs(&spec.env)
+        .env("GPUFLEET_JOB_ID", task.job_id.as_str())
+        .env("GPUFLEET_TASK_ID", task.task_id.as_str())
+        .env("GPUFLEET_ATTEMPT", task.attempt.to_string())
+        // Empty, not unset: unset would show a CPU task every GPU.
+        .env(
+            "CUDA_VISIBLE_DEVICES",
+            join_list(task.gpus.iter().map(|g| g.index)),
+        )
+        .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        .env(
+            "GPUFLEET_GPUS",
+            join_list(task.gpus.iter().map(|g| &g.uuid)),
+        )
+        .env("GPUFLEET_RESULT", &paths.result)
+        .env("GPUFLEET_EVENTS", &paths.events)
+        .env("GPUFLEET_OUTPUT_DIR", &paths.work)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    if let Some(r) = &task.rendezvous {
+        cmd.env("GPUFLEET_RANK", r.rank.to_string())
+            .env("GPUFLEET_WORLD_SIZE", r.world_size.to_string())
+            .env("MASTER_ADDR", &r.master_addr)
+            .env("MASTER_PORT", r.master_port.to_string());
+    }
+    let parent = std::process::id();
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe system calls; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Fires when the thread that forked exits: see `spawn`.
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // The worker died before the line above took effect.
+            if libc::getppid() as u32 != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// A request to the spawner thread.
+struct SpawnJob {
+    cmd: Command,
+    runtime: tokio::runtime::Handle,
+    reply: tokio::sync::oneshot::Sender<io::Result<Child>>,
+}
+
+/// Starts `cmd` from one thread that lives as long as the process.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, not the
+/// process. A runtime thread can end while its children run (a worker
+/// thread turned into a blocking one by `block_in_place` retires after
+/// idling), which would kill healthy tasks. The fork also blocks until the
+/// exec, which this keeps off the runtime.
+async fn spawn(cmd: Command) -> io::Result<Child> {
+    static SPAWNER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<SpawnJob>>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        let started = std::thread::Builder::new()
+            .name("gpufleet-spawner".into())
+            .spawn(move || {
+                for job in rx {
+                    let mut cmd = job.cmd;
+                    // The child registers with the caller's runtime.
+                    let spawned = {
+                        let _entered = job.runtime.enter();
+                        cmd.spawn()
+                    };
+                    if let Err(Ok(child)) = job.reply.send(spawned) {
+                        // The caller is gone: nobody will supervise it.
+                        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                        }
+                    }
+                }
+            });
+        match started {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the spawner thread; tasks are started from runtime threads");
+                None
+            }
+        }
+    });
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let job = SpawnJob {
+        cmd,
+        runtime: tokio::runtime::Handle::current(),
+        reply,
+    };
+    let job = match spawner {
+        Some(tx) => match tx.send(job) {
+            Ok(()) => {
+                return answer
+                    .await
+                    .unwrap_or_else(|_| Err(io::Error::other("the spawner thread is gone")))
+            }
+            Err(std::sync::mpsc::SendError(job)) => job,
+        },
+        None => job,
+    };
+    let mut cmd = job.cmd;
+    cmd.spawn()
+}
+
+/// The task's process group; SIGKILLs it if dropped while armed, so that a
+/// cancelled [`run`] leaves nothing behind.
+struct Group {
+    pgid: Pid,
+    armed: bool,
+}
+
+impl Group {
+    fn signal(&self, sig: Signal) {
+        match killpg(self.pgid, sig) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(e) => {
+                tracing::warn!(pgid = self.pgid.as_raw(), signal = %sig, error = %e, "cannot signal task group")
+            }
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if self.armed {
+            self.signal(Signal::SIGKILL);
+        }
+    }
+}
+
+/// Whether the group leader has exited, without reaping it.
+fn leader_exited(pgid: Pid) -> bool {
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    match waitid(Id::Pid(pgid), flags) {
+        Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => false,
+        Ok(_) => true,
+        Err(e) => {
+            // ECHILD: someone else reaped it; there is nothing to wait for.
+            tracing::warn!(pid = pgid.as_raw(), error = %e, "cannot wait for the task process");
+            true
+        }
+    }
+}
+
+/// Escalation state: what ended the task and when SIGKILL is due.
+struct Ending<'a> {
+    group: &'a Group,
+    grace: Duration,
+    ender: Option<Ender>,
+    kill_at: Option<Instant>,
+}
+
+impl Ending<'_> {
+    fn begin(&mut self, why: Ender) {
+        match self.ender {
+            None => {}
+            // A cancel is final, unlike a drain that will retry the task.
+            Some(Ender::Stop(StopReason::Drain))
+                if matches!(why, Ender::Stop(StopReason::Cancel | StopReason::Fenced)) =>
+            {
+                self.ender = Some(why);
+                return;
+            }
+            Some(_) => return,
+        }
+        self.ender = Some(why);
+        if self.grace.is_zero() {
+            self.group.signal(Signal::SIGKILL);
+        } else {
+            self.group.signal(Signal::SIGTERM);
+            self.kill_at = Some(Instant::now() + self.grace);
+        }
+    }
+
+    fn kill_now(&mut self, why: Ender) {
+        self.ender.get_or_insert(why);
+        self.kill_at = None;
+        self.group.signal(Signal::SIGKILL);
+    }
+}
+
+/// Waits for the main process to exit, ending it on timeout, stop or
+/// memory; returns what made us end it, if anything.
+async fn supervise(
+    group: &Group,
+    stop: &mut watch::Receiver<Option<StopReason>>,
+    timeout: Option<Duration>,
+    grace: Duration,
+    mut monitor: Option<AbortOnDropHandle<Option<(u64, u64)>>>,
+    mut sigchld: Option<tokio::signal::unix::Signal>,
+) -> Option<Ender> {
+    let timeout_at = timeout.map(|t| (Instant::now() + t, t));
+    // SIGCHLD wakes us; the poll only guards against missing it.
+    let poll = if sigchld.is_some() {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_millis(50)
+    };
+    let mut ending = Ending {
+        group,
+        grace,
+        ender: None,
+        kill_at: None,
+    };
+    let mut stop_open = true;
+    while !leader_exited(group.pgid) {
+        let timing_out = timeout_at.filter(|_| ending.ender.is_none());
+        let kill_at = ending.kill_at;
+        tokio::select! {
+            _ = next_signal(&mut sigchld) => {}
+            _ = tokio::time::sleep(poll) => {}
+            _ = sleep_until_opt(timing_out.map(|(at, _)| at)), if timing_out.is_some() => {
+                if let Some((_, t)) = timing_out {
+                    ending.begin(Ender::Timeout(t));
+                }
+            }
+            changed = stop.changed(), if stop_open => match changed {
+                Ok(()) => {
+                    let reason = *stop.borrow_and_update();
+                    if let Some(reason) = reason {
+                        ending.begin(Ender::Stop(reason));
+                    }
+                }
+                // Nobody can ask us to stop any more.
+                Err(_) => stop_open = false,
+            },
+            _ = sleep_until_opt(kill_at), if kill_at.is_some() => {
+                ending.kill_at = None;
+                group.signal(Signal::SIGKILL);
+            }
+            over = join_opt_mut(&mut monitor), if monitor.is_some() => {
+                monitor = None;
+                if let Some(Some((used, limit))) = over {
+                    ending.kill_now(Ender::Memory { used, limit });
+                }
+            }
+        }
+    }
+    ending.ender
+}
+
+async fn next_signal(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(sig) => {
+            if sig.recv().await.is_none() {
+                *s = None;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The task's output, `None` if it panicked or was aborted.
+async fn join_opt<T>(h: Option<JoinHandle<T>>) -> Option<T> {
+    h?.await.ok()
+}
+
+async fn join_opt_mut<T>(h: &mut Option<AbortOnDropHandle<T>>) -> Option<T> {
+    match h {
+        Some(h) => h.await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Samples the group's memory until it is over `limit`; returns
+/// `(used, limit)` then, or `None` if it cannot be measured.
+async fn watch_memory(pgid: Pid, limit: u64, every: Duration) -> Option<(u64, u64)> {
+    let probe: Arc<dyn memory::MemoryProbe> = Arc::from(memory::probe_for_group(pgid));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let p = probe.clone();
+        match tokio::task::spawn_blocking(move || p.usage()).await {
+            Ok(Ok(used)) if used > limit => return Some((used, limit)),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(pgid = pgid.as_raw(), error = %e, "cannot measure task memory; its memory limit is not enforced");
+                return None;
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Waits until no live process is left in the group (zombies do not count:
+/// they hold no resources and go when reaped).
+async fn wait_group_gone(pgid: Pid) {
+    let deadline = Instant::now() + GROUP_EXIT_WAIT;
+    loop {
+        let scan =
+            tokio::task::spawn_blocking(move || memory::group_members(Path::new("/proc"), pgid))
+                .await;
+        let alive = match scan {
+            Ok(Ok(members)) => members.iter().any(|m| m.state != 'Z' && m.state != 'X'),
+            _ => return,
+        };
+        if !alive {
+            return;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                pgid = pgid.as_raw(),
+                "task processes still alive after SIGKILL"
+            );
+            return;
+        }
+        // Dying takes the kernel a moment; there is no event to wait on.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// State and words for an end we caused.
+fn describe_end(ender: &Ender) -> (TaskState, String) {
+    match *ender {
+        Ender::Timeout(t) => (TaskState::TimedOut, format!("timed out after {}", Dur(t))),
+        Ender::Stop(StopReason::Cancel) => (TaskState::Cancelled, "cancelled".into()),
+        Ender::Stop(StopReason::Drain) => (TaskState::Interrupted, "worker is draining".into()),
+        Ender::Stop(StopReason::Fenced) => (TaskState::Cancelled, "lease lost".into()),
+        Ender::Memory { used, limit } => (
+            TaskState::Interrupted,
+            format!(
+                "memory limit exceeded: the task used {used} bytes, more than its limit of {limit} bytes"
+            ),
+        ),
+    }
+}
+
+fn mentions_oom(stderr_tail: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(stderr_tail).to_lowercase();
+    text.contains("out of memory") || text.contains("outofmemoryerror")
+}
+
+fn signal_name(sig: i32) -> String {
+    Signal::try_from(sig).map_or_else(|_| format!("signal {sig}"), |s| s.to_string())
+}
+
+/// The end state, exit code, signal and error of a finished task.
+fn classify(
+    ender: Option<&Ender>,
+    status: Result<&ExitStatus, &io::Error>,
+    stderr_tail: &[u8],
+) -> (TaskState, Option<i32>, Option<i32>, Option<String>) {
+    let (code, signal) = match status {
+        Ok(s) => (s.code(), s.signal()),
+        Err(_) => (None, None),
+    };
+    if let Some(ender) = ender {
+        let (state, error) = describe_end(ender);
+        return (state, code, signal, Some(error));
+    }
+    let (state, error) = match (status, code, signal) {
+        (Err(e), _, _) => (
+            TaskState::Interrupted,
+            Some(format!("lost the task's exit status: {e}")),
+        ),
+        (_, Some(0), _) => (TaskState::Succeeded, None),
+        (_, Some(c), _) if mentions_oom(stderr_tail) => (
+            TaskState::Interrupted,
+            Some(format!("ran out of memory (exit code {c})")),
+        ),
+        (_, Some(c), _) => (TaskState::Failed, Some(format!("exited with code {c}"))),
+        (_, None, Some(s)) => {
+            let hint = if s == libc::SIGKILL {
+                ", perhaps by the kernel's out-of-memory killer"
+            } else {
+                ""
+            };
+            (
+                TaskState::Interrupted,
+                Some(format!("killed by {}{hint}", signal_name(s))),
+            )
+        }
+        (_, None, None) => (
+            TaskState::Interrupted,
+            Some("ended without an exit code or signal".into()),
+        ),
+    };
+    (state, code, signal, error)
+}
+
+/// The task's result: `Ok(None)` when it wrote none, `Err` with words when
+/// the file is unusable.
+async fn read_result(path: &Path, max: u64) -> Result<Option<serde_json::Value>, String> {
+    let meta = match tokio::fs::metadata(path).await {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read the result file: {e}")),
+    };
+    // A FIFO would block the read forever, a device never end.
+    if !meta.is_file() {
+        return Err("the result file is not a regular file".into());
+    }
+    let too_big = |n: u64| format!("result file is {n} bytes, more than the limit of {max}");
+    if meta.len() > max {
+        return Err(too_big(meta.len()));
+    }
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| format!("cannot read the result file: {e}"))?;
+    let mut bytes = Vec::new();
+    // The task may still be growing it through a stray process.
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| format!("cannot read the result file: {e}"))?;
+    if bytes.len() as u64 > max {
+        return Err(too_big(bytes.len() as u64));
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| format!("result file is not valid JSON: {e}"))
+}

@@ -1,0 +1,214 @@
+//! Following the `GPUFLEET_EVENTS` file: one JSON value per line.
+
+use std::io::SeekFrom;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::output::HubMsg;
+
+/// The most read from the file in one poll, so that a task writing
+/// progress in a tight loop cannot make us hold much at once.
+const MAX_READ_PER_POLL: u64 = 4 << 20;
+/// A longer line is not progress; it is skipped up to its newline.
+const MAX_LINE: usize = 1 << 20;
+/// How much of a bad line the notice quotes.
+const QUOTE_CHARS: usize = 200;
+
+pub(super) struct EventsTail {
+    path: PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+    /// Inside a line that was too long; drop bytes until its newline.
+    skipping: bool,
+}
+
+impl EventsTail {
+    pub(super) fn new(path: PathBuf) -> EventsTail {
+        EventsTail {
+            path,
+            offset: 0,
+            partial: Vec::new(),
+            skipping: false,
+        }
+    }
+
+    /// Reads what was appended since the last poll and returns the messages
+    /// for its complete lines; at the end (`last`), a final line without its
+    /// newline counts too.
+    pub(super) async fn poll(&mut self, last: bool) -> Vec<HubMsg> {
+        let mut msgs = Vec::new();
+        loop {
+            let got = match self.read_more().await {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::debug!(path = %self.path.display(), error = %e, "cannot read the events file");
+                    Vec::new()
+                }
+            };
+            let more = got.len() as u64 == MAX_READ_PER_POLL;
+            self.take_lines(&got, &mut msgs);
+            // At the end read everything; otherwise the next poll goes on.
+            if !(last && more) {
+                break;
+            }
+        }
+        if last && !self.partial.is_empty() && !self.skipping {
+            let line = std::mem::take(&mut self.partial);
+            line_message(&line, &mut msgs);
+        }
+        msgs
+    }
+
+    async fn read_more(&mut self) -> std::io::Result<Vec<u8>> {
+        let meta = match tokio::fs::metadata(&self.path).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        // A FIFO or device would block or never end.
+        if !meta.is_file() {
+            return Ok(Vec::new());
+        }
+        if meta.len() < self.offset {
+            // Truncated or replaced: start over.
+            self.offset = 0;
+            self.partial.clear();
+            self.skipping = false;
+        }
+        if meta.len() == self.offset {
+            return Ok(Vec::new());
+        }
+        let mut file = tokio::fs::File::open(&self.path).await?;
+        file.seek(SeekFrom::Start(self.offset)).await?;
+        let mut bytes = Vec::new();
+        file.take(MAX_READ_PER_POLL).read_to_end(&mut bytes).await?;
+        self.offset += bytes.len() as u64;
+        Ok(bytes)
+    }
+
+    fn take_lines(&mut self, bytes: &[u8], msgs: &mut Vec<HubMsg>) {
+        let mut rest = bytes;
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            let (head, tail) = (&rest[..i], &rest[i + 1..]);
+            rest = tail;
+            if self.skipping {
+                self.skipping = false;
+                continue;
+            }
+            if self.partial.is_empty() {
+                line_message(head, msgs);
+            } else {
+                self.partial.extend_from_slice(head);
+                let line = std::mem::take(&mut self.partial);
+                line_message(&line, msgs);
+            }
+        }
+        if self.skipping {
+            return;
+        }
+        self.partial.extend_from_slice(rest);
+        if self.partial.len() > MAX_LINE {
+            self.partial = Vec::new();
+            self.skipping = true;
+            msgs.push(HubMsg::Notice(format!(
+                "[gpufleet] ignored a progress line longer than {MAX_LINE} bytes\n"
+            )));
+        }
+    }
+}
+
+fn line_message(line: &[u8], msgs: &mut Vec<HubMsg>) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.iter().all(|b| b.is_ascii_whitespace()) {
+        return;
+    }
+    match serde_json::from_slice(line) {
+        Ok(value) => msgs.push(HubMsg::Progress(value, line.len())),
+        Err(_) => {
+            let text = String::from_utf8_lossy(line);
+            let mut quoted: String = text.chars().take(QUOTE_CHARS).collect();
+            if quoted.len() < text.len() {
+                quoted.push_str("...");
+            }
+            msgs.push(HubMsg::Notice(format!(
+                "[gpufleet] ignored progress line that is not JSON: {quoted}\n"
+            )));
+        }
+    }
+}
+
+/// Polls every `every` until `done`, then once more for the rest.
+pub(super) async fn follow(
+    path: PathBuf,
+    every: Duration,
+    hub: mpsc::Sender<HubMsg>,
+    done: CancellationToken,
+) {
+    let mut tail = EventsTail::new(path);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let last = tokio::select! {
+            _ = tick.tick() => false,
+            _ = done.cancelled() => true,
+        };
+        for msg in tail.poll(last).await {
+            if hub.send(msg).await.is_err() {
+                return;
+            }
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn describe(msgs: Vec<HubMsg>) -> Vec<String> {
+        msgs.into_iter()
+            .map(|m| match m {
+                HubMsg::Progress(v, _) => v.to_string(),
+                HubMsg::Notice(t) => t,
+                _ => "other".into(),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn lines_are_taken_whole_and_the_last_one_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let mut tail = EventsTail::new(path.clone());
+        assert!(tail.poll(false).await.is_empty(), "no file yet");
+
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(b"{\"a\":1}\n\n{\"b\":").unwrap();
+        assert_eq!(describe(tail.poll(false).await), vec!["{\"a\":1}"]);
+        f.write_all(b"2}\r\nnope\n{\"c\":3}").unwrap();
+        let got = describe(tail.poll(false).await);
+        assert_eq!(got[0], "{\"b\":2}");
+        assert_eq!(
+            got[1],
+            "[gpufleet] ignored progress line that is not JSON: nope\n"
+        );
+        assert_eq!(got.len(), 2);
+        assert_eq!(describe(tail.poll(true).await), vec!["{\"c\":3}"]);
+    }
+
+    #[test]
+    fn a_bad_line_is_quoted_shortly() {
+        let mut msgs = Vec::new();
+        line_message("é".repeat(500).as_bytes(), &mut msgs);
+        let got = describe(msgs);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].ends_with(&format!("{}...\n", "é".repeat(200))));
+    }
+}

@@ -1,0 +1,812 @@
+//! Tests with real child processes. Every wait has a deadline; the tests
+//! wait for what the task prints rather than for time to pass.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use gpufleet_schema::{ByteSize, GpuGrant, JobId, Rendezvous, Resources, TaskId, TaskSpec};
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::*;
+
+/// Generous: the machine may be busy building.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn spec(cmd: &[&str]) -> TaskSpec {
+    TaskSpec {
+        name: None,
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        env: BTreeMap::new(),
+        resources: Resources::default(),
+        timeout: None,
+        artifacts: vec![],
+    }
+}
+
+fn task(dir: &Path, cmd: &[&str]) -> TaskRun {
+    TaskRun {
+        job_id: JobId::new("job1").unwrap(),
+        task_id: TaskId::new("job1-0").unwrap(),
+        attempt: 1,
+        spec: spec(cmd),
+        gpus: vec![],
+        rendezvous: None,
+        dir: dir.join("attempt-1"),
+        limits: Limits {
+            kill_grace: Duration::from_millis(300),
+            log_batch_interval: Duration::from_millis(10),
+            progress_poll: Duration::from_millis(10),
+            memory_poll: Duration::from_millis(20),
+            final_flush: Duration::from_secs(2),
+            ..Limits::default()
+        },
+    }
+}
+
+fn sh(dir: &Path, script: &str) -> TaskRun {
+    task(dir, &["sh", "-c", script])
+}
+
+struct Running {
+    handle: JoinHandle<Finished>,
+    rx: mpsc::Receiver<Output>,
+    stop: watch::Sender<Option<StopReason>>,
+    seen: Vec<Output>,
+}
+
+fn start(task: TaskRun) -> Running {
+    start_with(task, 10_000)
+}
+
+fn start_with(task: TaskRun, capacity: usize) -> Running {
+    let (tx, rx) = mpsc::channel(capacity);
+    let (stop, stop_rx) = watch::channel(None);
+    Running {
+        handle: tokio::spawn(run(task, tx, stop_rx)),
+        rx,
+        stop,
+        seen: Vec::new(),
+    }
+}
+
+impl Running {
+    /// Reads output until `stream` has shown `needle`; returns that
+    /// stream's text so far.
+    async fn wait_for(&mut self, stream: LogStream, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let text = text_of(&self.seen, stream);
+            if text.contains(needle) {
+                return text;
+            }
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(o)) => self.seen.push(o),
+                Ok(None) => panic!("task ended before printing {needle:?}; saw {text:?}"),
+                Err(_) => panic!("no {needle:?} in time; saw {text:?}"),
+            }
+        }
+    }
+
+    fn stop(&self, why: StopReason) {
+        self.stop.send_replace(Some(why));
+    }
+
+    /// Reads the rest of the output and the end.
+    async fn finish(mut self) -> (Finished, Vec<Output>) {
+        let collect = async {
+            while let Some(o) = self.rx.recv().await {
+                self.seen.push(o);
+            }
+        };
+        tokio::time::timeout(DEADLINE, collect)
+            .await
+            .expect("output did not end in time");
+        let finished = tokio::time::timeout(DEADLINE, self.handle)
+            .await
+            .expect("run did not return in time")
+            .expect("run panicked");
+        (finished, self.seen)
+    }
+}
+
+async fn run_to_end(task: TaskRun) -> (Finished, Vec<Output>) {
+    start(task).finish().await
+}
+
+fn text_of(outputs: &[Output], want: LogStream) -> String {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Log { stream, text, .. } if *stream == want => Some(text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn progress_of(outputs: &[Output]) -> Vec<serde_json::Value> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Progress(v) => Some(v.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The value printed as `name=value` on a line of its own.
+fn field(text: &str, name: &str) -> String {
+    let prefix = format!("{name}=");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {name}= in {text:?}"))
+        .to_string()
+}
+
+/// Whether a process that is neither gone nor a zombie has `pid` and
+/// belongs to group `pgid` (the group check guards against pid reuse).
+fn alive_in_group(pid: i32, pgid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    match memory::parse_stat(&stat) {
+        Some((state, pgrp)) => pgrp == pgid && state != 'Z' && state != 'X',
+        None => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_with_layout_and_environment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = sh(
+        tmp.path(),
+        r#"
+        echo "job=$GPUFLEET_JOB_ID"
+        echo "task=$GPUFLEET_TASK_ID"
+        echo "attempt=$GPUFLEET_ATTEMPT"
+        echo "cvd=$CUDA_VISIBLE_DEVICES"
+        echo "order=$CUDA_DEVICE_ORDER"
+        echo "gpus=$GPUFLEET_GPUS"
+        echo "result=$GPUFLEET_RESULT"
+        echo "events=$GPUFLEET_EVENTS"
+        echo "out=$GPUFLEET_OUTPUT_DIR"
+        echo "rank=$GPUFLEET_RANK"
+        echo "world=$GPUFLEET_WORLD_SIZE"
+        echo "addr=$MASTER_ADDR"
+        echo "port=$MASTER_PORT"
+        echo "foo=$FOO"
+        echo "path=$PATH"
+        echo "cwd=$(pwd -P)"
+        echo "stdin=$(wc -c)"
+        "#,
+    );
+    t.spec.env.insert("FOO".into(), "bar baz".into());
+    t.gpus = vec![
+        GpuGrant {
+            index: 1,
+            uuid: "GPU-aaa".into(),
+            memory: ByteSize::gib(1),
+        },
+        GpuGrant {
+            index: 3,
+            uuid: "GPU-bbb".into(),
+            memory: ByteSize::gib(1),
+        },
+    ];
+    t.rendezvous = Some(Rendezvous {
+        rank: 2,
+        world_size: 4,
+        master_addr: "10.0.0.7".into(),
+        master_port: 29500,
+    });
+    let root = t.dir.clone();
+    let (fin, out) = run_to_end(t).await;
+
+    assert_eq!(fin.state, TaskState::Succeeded, "{fin:?}");
+    assert_eq!(fin.exit_code, Some(0));
+    assert!(fin.launched);
+    assert!(fin.error.is_none());
+    assert!(fin.started_at.is_some());
+    assert_eq!(fin.output_dir, root.join("work"));
+    let text = text_of(&out, LogStream::Stdout);
+    let paths = TaskPaths::new(&root);
+    let expect = [
+        ("job", "job1".to_string()),
+        ("task", "job1-0".into()),
+        ("attempt", "1".into()),
+        ("cvd", "1,3".into()),
+        ("order", "PCI_BUS_ID".into()),
+        ("gpus", "GPU-aaa,GPU-bbb".into()),
+        (
+            "result",
+            root.join("meta/result.json").display().to_string(),
+        ),
+        (
+            "events",
+            root.join("meta/events.jsonl").display().to_string(),
+        ),
+        ("out", paths.work.display().to_string()),
+        ("rank", "2".into()),
+        ("world", "4".into()),
+        ("addr", "10.0.0.7".into()),
+        ("port", "29500".into()),
+        ("foo", "bar baz".into()),
+        ("path", std::env::var("PATH").unwrap()),
+        (
+            "cwd",
+            std::fs::canonicalize(&paths.work)
+                .unwrap()
+                .display()
+                .to_string(),
+        ),
+        ("stdin", "0".into()),
+    ];
+    for (name, want) in expect {
+        assert_eq!(field(&text, name), want, "{name} in {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_task_sees_no_gpus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = sh(
+        tmp.path(),
+        r#"echo "cvd=${CUDA_VISIBLE_DEVICES-unset}."; echo "rank=${GPUFLEET_RANK-unset}""#,
+    );
+    let (fin, out) = run_to_end(t).await;
+    assert_eq!(fin.state, TaskState::Succeeded);
+    let text = text_of(&out, LogStream::Stdout);
+    assert_eq!(field(&text, "cvd"), ".", "set, and empty");
+    assert_eq!(field(&text, "rank"), "unset");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_zero_exit_fails_with_its_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (fin, _) = run_to_end(sh(tmp.path(), "echo oops >&2; exit 3")).await;
+    assert_eq!(fin.state, TaskState::Failed);
+    assert_eq!(fin.exit_code, Some(3));
+    assert_eq!(fin.signal, None);
+    assert_eq!(fin.error.as_deref(), Some("exited with code 3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_json_comes_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = sh(
+        tmp.path(),
+        r#"printf '{"loss": 0.25, "tags": ["a", "b"]}' > "$GPUFLEET_RESULT""#,
+    );
+    let (fin, _) = run_to_end(t).await;
+    assert_eq!(fin.state, TaskState::Succeeded, "{fin:?}");
+    assert_eq!(fin.result, Some(json!({"loss": 0.25, "tags": ["a", "b"]})));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_over_the_limit_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = sh(
+        tmp.path(),
+        r#"printf '"%098d"' 0 > "$GPUFLEET_RESULT""#, // 100 bytes of valid JSON
+    );
+    t.limits.max_result_bytes = 10;
+    let (fin, _) = run_to_end(t).await;
+    assert_eq!(fin.state, TaskState::Failed);
+    assert_eq!(fin.exit_code, Some(0));
+    assert_eq!(fin.result, None);
+    assert_eq!(
+        fin.error.as_deref(),
+        Some("result file is 100 bytes, more than the limit of 10")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_result_fails_only_a_successful_task() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = r#"printf '{"loss": ' > "$GPUFLEET_RESULT"; exit "$CODE""#;
+    let mut t = sh(tmp.path(), script);
+    t.spec.env.insert("CODE".into(), "0".into());
+    let (fin, _) = run_to_end(t).await;
+    assert_eq!(fin.state, TaskState::Failed);
+    let error = fin.error.unwrap();
+    assert!(
+        error.starts_with("result file is not valid JSON: EOF while parsing"),
+        "{error}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = sh(tmp.path(), script);
+    t.spec.env.insert("CODE".into(), "4".into());
+    let (fin, _) = run_to_end(t).await;
+    assert_eq!(fin.state, TaskState::Failed);
+    assert_eq!(fin.error.as_deref(), Some("exited with code 4"));
+    assert_eq!(fin.result, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_ends_a_task_that_ignores_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The handler proves SIGTERM came first; the loop outlives it.
+    let mut t = sh(
+        tmp.path(),
+        r#"trap 'echo got TERM' TERM; while :; do sleep 1; done"#,
+    );
+    t.spec.timeout = Some(Dur(Duration::from_millis(1500)));
+    let (fin, out) = run_to_end(t).await;
+    assert_eq!(fin.state, TaskState::TimedOut, "{fin:?}");
+    assert_eq!(fin.signal, Some(libc::SIGKILL));
+    assert_eq!(fin.error.as_deref(), Some("timed out after 1500ms"));
+    assert!(text_of(&out, LogStream::Stdout).contains("got TERM"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_the_task() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = start(sh(tmp.path(), "echo ready; exec sleep 1000"));
+    r.wait_for(LogStream::Stdout, "ready").await;
+    r.stop(StopReason::Cancel);
+    let (fin, _) = r.finish().await;
+    assert_eq!(fin.state, TaskState::Cancelled);
+    assert_eq!(fin.signal, Some(libc::SIGTERM));
+    assert_eq!(fin.error.as_deref(), Some("cancelled"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_interrupts_the_task_and_kills_it_after_the_grace() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Ignored signals stay ignored across exec, so sleep ignores TERM too.
+    let mut r = start(sh(
+        tmp.path(),
+        "trap '' TERM; echo ready; while :; do sleep 1; done",
+    ));
+    r.wait_for(LogStream::Stdout, "ready").await;
+    let asked = tokio::time::Instant::now();
+    r.stop(StopReason::Drain);
+    let (fin, _) = r.finish().await;
+    assert!(asked.elapsed() >= Duration::from_millis(300));
+    assert_eq!(fin.state, TaskState::Interrupted);
+    assert_eq!(fin.signal, Some(libc::SIGKILL));
+    assert_eq!(fin.error.as_deref(), Some("worker is draining"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_task_is_cancelled_for_lease_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = start(sh(tmp.path(), "echo ready; exec sleep 1000"));
+    r.wait_for(LogStream::Stdout, "ready").await;
+    r.stop(StopReason::Fenced);
+    let (fin, _) = r.finish().await;
+    assert_eq!(fin.state, TaskState::Cancelled);
+    assert_eq!(fin.error.as_deref(), Some("lease lost"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_before_the_start_launches_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = tmp.path().join("ran");
+    let t = task(tmp.path(), &["touch", marker.to_str().unwrap()]);
+    let (tx, _rx) = mpsc::channel(10);
+    let (_stop, stop_rx) = watch::channel(Some(StopReason::Drain));
+    let fin = tokio::time::timeout(DEADLINE, run(t, tx, stop_rx))
+        .await
+        .unwrap();
+    assert_eq!(fin.state, TaskState::Interrupted);
+    assert!(!fin.launched);
+    assert!(!marker.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grandchildren_die_with_the_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = start(sh(
+        tmp.path(),
+        r#"sleep 1000 & echo "child=$!"; echo "group=$$"; wait"#,
+    ));
+    let text = r.wait_for(LogStream::Stdout, "group=").await;
+    let child: i32 = field(&text, "child").parse().unwrap();
+    let group: i32 = field(&text, "group").parse().unwrap();
+    assert!(alive_in_group(child, group));
+    r.stop(StopReason::Cancel);
+    let (fin, _) = r.finish().await;
+    assert_eq!(fin.state, TaskState::Cancelled);
+    assert!(!alive_in_group(child, group), "sleep {child} survived");
+}
+
+/// Waits for process `pid` to exit, on the event its pidfd gives.
+async fn wait_exited(pid: i32) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::ESRCH), "pidfd_open: {e}");
+        return;
+    }
+    // SAFETY: the fd was just opened, nobody else owns it, and the AsyncFd
+    // owns it until both are dropped together.
+    let fd = unsafe {
+        let fd = OwnedFd::from_raw_fd(fd as i32);
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE).unwrap()
+    };
+    let ready = tokio::time::timeout(DEADLINE, fd.readable())
+        .await
+        .expect("the process did not exit in time");
+    ready.unwrap().retain_ready();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_run_kills_the_task() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = start(sh(tmp.path(), r#"echo "pid=$$"; exec sleep 1000"#));
+    let text = r.wait_for(LogStream::Stdout, "pid=").await;
+    let pid: i32 = field(&text, "pid").parse().unwrap();
+    r.handle.abort();
+    wait_exited(pid).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grandchild_left_behind_is_killed_when_the_task_exits() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Detached from the pipes: nothing would make us wait for it.
+    let t = sh(
+        tmp.path(),
+        r#"sleep 1000 >/dev/null 2>&1 & echo "child=$!"; echo "group=$$""#,
+    );
+    let (fin, out) = run_to_end(t).await;
+    assert_eq!(fin.state, TaskState::Succeeded);
+    let text = text_of(&out, LogStream::Stdout);
+    let child: i32 = field(&text, "child").parse().unwrap();
+    let group: i32 = field(&text, "group").parse().unwrap();
+    assert!(!alive_in_group(child, group), "sleep {child} survived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grandchild_holding_the_pipes_does_not_hang_the_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = sh(
+        tmp.path(),
+        r#"sleep 1000 & echo "child=$!"; echo "group=$$"; echo bye >&2"#,
+    );
+    let (fin, out) = run_to_end(t).await;
+    assert_eq!(fin.state, TaskState::Succeeded);
+    let text = text_of(&out, LogStream::Stdout);
+    let child: i32 = field(&text, "child").parse().unwrap();
+    let group: i32 = field(&text, "group").parse().unwrap();
+    assert!(!alive_in_group(child, group), "sleep {child} survived");
+    assert_eq!(text_of(&out, LogStream::Stderr), "bye\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_outside_the_group_holding_the_pipes_does_not_hang_the_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = sh(tmp.path(), r#"setsid sleep 1000 & echo "child=$!""#);
+    let (fin, out) = run_to_end(t).await;
+    let child: i32 = field(&text_of(&out, LogStream::Stdout), "child")
+        .parse()
+        .unwrap();
+    // It escaped the group, so cleaning it up is ours.
+    let _ = nix::sys::signal::kill(Pid::from_raw(child), Signal::SIGKILL);
+    assert_eq!(fin.state, TaskState::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_over_the_limit_interrupts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = task(
+        tmp.path(),
+        &[
+            "python3",
+            "-c",
+            // Bytes filled with data, so the pages are really resident.
+            "import time\nb = b'x' * (200 << 20)\nprint('allocated', flush=True)\ntime.sleep(600)",
+        ],
+    );
+    t.spec.resources.memory = Some(ByteSize::mib(50));
+    let (fin, _) = run_to_end(t).await;
+    assert_eq!(fin.state, TaskState::Interrupted, "{fin:?}");
+    assert_eq!(fin.signal, Some(libc::SIGKILL));
+    let error = fin.error.unwrap();
+    assert!(
+        error.starts_with("memory limit exceeded: the task used "),
+        "{error}"
+    );
+    assert!(
+        error.ends_with("more than its limit of 52428800 bytes"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_memory_messages_interrupt_instead_of_failing() {
+    for message in [
+        "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        "Exception in thread main java.lang.OutOfMemoryError: Java heap space",
+        "fatal: Out Of Memory",
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut t = sh(tmp.path(), r#"echo "$MSG" >&2; exit 1"#);
+        t.spec.env.insert("MSG".into(), message.into());
+        let (fin, _) = run_to_end(t).await;
+        assert_eq!(fin.state, TaskState::Interrupted, "{message}");
+        assert_eq!(fin.exit_code, Some(1));
+        assert_eq!(
+            fin.error.as_deref(),
+            Some("ran out of memory (exit code 1)")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn death_by_a_signal_we_did_not_send_interrupts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (fin, _) = run_to_end(sh(tmp.path(), "kill -9 $$")).await;
+    assert_eq!(fin.state, TaskState::Interrupted);
+    assert_eq!(fin.signal, Some(9));
+    assert_eq!(fin.exit_code, None);
+    let error = fin.error.unwrap();
+    assert!(error.starts_with("killed by SIGKILL"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_that_cannot_start_fails_unlaunched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (fin, out) = run_to_end(task(tmp.path(), &["gpufleet-no-such-program", "x"])).await;
+    assert_eq!(fin.state, TaskState::Failed);
+    assert!(!fin.launched);
+    assert!(fin.started_at.is_none());
+    assert!(out.is_empty());
+    let error = fin.error.unwrap();
+    assert!(error.contains("\"gpufleet-no-such-program\""), "{error}");
+    assert!(error.contains("No such file or directory"), "{error}");
+
+    // Not executable: EACCES, even for root.
+    let script = tmp.path().join("script.sh");
+    std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+    let (fin, _) = run_to_end(task(tmp.path(), &[script.to_str().unwrap()])).await;
+    assert_eq!(fin.state, TaskState::Failed);
+    assert!(!fin.launched);
+    let error = fin.error.unwrap();
+    assert!(error.contains("script.sh"), "{error}");
+    assert!(error.contains("Permission denied"), "{error}");
+}
+
+/// Peak and current resident memory of this test process, in bytes.
+fn own_memory(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+const FLOOD_BYTES: u64 = 200_000_000;
+/// 200 MB in 100-byte lines, written as fast as Python can.
+const FLOOD: &str = "import sys\nchunk = (b'y' * 99 + b'\\n') * 10000\nfor _ in range(200):\n    sys.stdout.buffer.write(chunk)\n";
+
+/// A caller that takes nothing until the end loses output but does not
+/// block the task, and memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_output_with_a_stalled_caller_is_dropped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let before = own_memory("VmRSS:");
+    let mut t = task(tmp.path(), &["python3", "-c", FLOOD]);
+    t.limits.final_flush = Duration::from_millis(200);
+    let (tx, mut rx) = mpsc::channel(4);
+    let (_stop, stop_rx) = watch::channel(None);
+    let fin = tokio::time::timeout(DEADLINE, run(t, tx, stop_rx))
+        .await
+        .expect("run did not return in time");
+    assert_eq!(fin.state, TaskState::Succeeded, "{fin:?}");
+    let mut text_bytes = 0u64;
+    while let Ok(o) = rx.try_recv() {
+        if let Output::Log { text, .. } = o {
+            assert!(text.bytes().all(|b| b == b'y' || b == b'\n'));
+            text_bytes += text.len() as u64;
+        }
+    }
+    assert!(fin.log_dropped_bytes > 0);
+    assert_eq!(text_bytes + fin.log_dropped_bytes, FLOOD_BYTES);
+    let peak = own_memory("VmHWM:");
+    assert!(
+        peak < before + (100 << 20),
+        "peak RSS {peak} from {before}: output was buffered"
+    );
+}
+
+/// A slow caller gets whole lines, in order, and is told of every loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_output_with_a_slow_caller_reports_every_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = task(tmp.path(), &["python3", "-c", FLOOD]);
+    t.limits.final_flush = Duration::from_secs(30);
+    t.limits.max_pending_log_bytes = 1 << 20;
+    let (tx, mut rx) = mpsc::channel(4);
+    let (_stop, stop_rx) = watch::channel(None);
+    let handle = tokio::spawn(run(t, tx, stop_rx));
+    let consume = async {
+        let (mut text_bytes, mut reported) = (0u64, 0u64);
+        while let Some(o) = rx.recv().await {
+            if let Output::Log {
+                text,
+                dropped_bytes,
+                ..
+            } = o
+            {
+                assert!(text.len() % 100 == 0, "batches hold whole lines");
+                text_bytes += text.len() as u64;
+                reported += dropped_bytes;
+            }
+            // The caller's work, e.g. a publish round trip.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        (text_bytes, reported)
+    };
+    let (text_bytes, reported) = tokio::time::timeout(DEADLINE, consume).await.unwrap();
+    let fin = handle.await.unwrap();
+    assert_eq!(fin.state, TaskState::Succeeded);
+    assert_eq!(reported, fin.log_dropped_bytes);
+    assert_eq!(text_bytes + reported, FLOOD_BYTES);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_past_the_total_limit_is_dropped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = sh(
+        tmp.path(),
+        "i=0; while [ $i -lt 1000 ]; do echo 123456789; i=$((i+1)); done",
+    );
+    t.limits.max_log_bytes = 1000;
+    let (fin, out) = run_to_end(t).await;
+    let text = text_of(&out, LogStream::Stdout);
+    assert_eq!(text, "123456789\n".repeat(100));
+    let Some(Output::Log { dropped_bytes, .. }) = out.last() else {
+        panic!("no last batch");
+    };
+    assert_eq!(*dropped_bytes, 9000);
+    assert_eq!(fin.log_dropped_bytes, 9000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_lines_are_forwarded_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = sh(
+        tmp.path(),
+        r#"
+        for i in 1 2 3; do echo "{\"step\": $i}" >> "$GPUFLEET_EVENTS"; done
+        echo "not json" >> "$GPUFLEET_EVENTS"
+        printf '{"step": 4}' >> "$GPUFLEET_EVENTS"
+        "#,
+    );
+    let (fin, out) = run_to_end(t).await;
+    assert_eq!(fin.state, TaskState::Succeeded);
+    let steps: Vec<_> = progress_of(&out)
+        .iter()
+        .map(|v| v["step"].clone())
+        .collect();
+    assert_eq!(steps, vec![json!(1), json!(2), json!(3), json!(4)]);
+    assert_eq!(
+        text_of(&out, LogStream::Stderr),
+        "[gpufleet] ignored progress line that is not JSON: not json\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_arrives_while_the_task_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = start(sh(
+        tmp.path(),
+        r#"echo '{"epoch": 1}' >> "$GPUFLEET_EVENTS"; echo ready; exec sleep 1000"#,
+    ));
+    r.wait_for(LogStream::Stdout, "ready").await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while progress_of(&r.seen).is_empty() {
+        let o = tokio::time::timeout_at(deadline, r.rx.recv())
+            .await
+            .expect("no progress in time")
+            .expect("output ended");
+        r.seen.push(o);
+    }
+    assert_eq!(progress_of(&r.seen), vec![json!({"epoch": 1})]);
+    r.stop(StopReason::Cancel);
+    let (fin, _) = r.finish().await;
+    assert_eq!(fin.state, TaskState::Cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_keeps_its_order_and_is_all_sent_before_run_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = sh(
+        tmp.path(),
+        r#"i=0; while [ $i -lt 2000 ]; do echo "out $i"; echo "err $i" >&2; i=$((i+1)); done; echo last; printf 'no newline' >&2"#,
+    );
+    t.limits.log_batch_bytes = 100;
+    let (tx, mut rx) = mpsc::channel(100_000);
+    let (_stop, stop_rx) = watch::channel(None);
+    let fin = tokio::time::timeout(DEADLINE, run(t, tx, stop_rx))
+        .await
+        .unwrap();
+    assert_eq!(fin.state, TaskState::Succeeded);
+    // Everything is already in the channel, and the channel is closed.
+    let mut out = Vec::new();
+    loop {
+        match rx.try_recv() {
+            Ok(o) => out.push(o),
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => panic!("run returned with output unsent"),
+        }
+    }
+    let mut want_out: String = (0..2000).map(|i| format!("out {i}\n")).collect();
+    want_out.push_str("last\n");
+    let mut want_err: String = (0..2000).map(|i| format!("err {i}\n")).collect();
+    want_err.push_str("no newline");
+    assert_eq!(text_of(&out, LogStream::Stdout), want_out);
+    assert_eq!(text_of(&out, LogStream::Stderr), want_err);
+    for o in &out {
+        if let Output::Log { stream, text, .. } = o {
+            assert!(text.len() <= 100);
+            if *stream == LogStream::Stdout {
+                assert!(text.ends_with('\n'), "cut at a newline: {text:?}");
+            }
+        }
+    }
+    assert_eq!(fin.log_dropped_bytes, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_dir_removes_what_the_task_left() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (fin, _) = run_to_end(sh(
+        tmp.path(),
+        "mkdir -p locked/inner && echo x > locked/inner/f && chmod 500 locked/inner locked",
+    ))
+    .await;
+    assert_eq!(fin.state, TaskState::Succeeded);
+    let root = tmp.path().join("attempt-1");
+    assert!(root.join("work/locked/inner/f").exists());
+    remove_dir(&root).await.unwrap();
+    assert!(!root.exists());
+    remove_dir(&root).await.unwrap();
+    // Leave the temp dir removable whatever happened above.
+    let _ = std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700));
+}
+
+#[test]
+fn classification_of_ends() {
+    let exited = |code: i32| ExitStatus::from_raw(code << 8);
+    let killed = |sig: i32| ExitStatus::from_raw(sig);
+    let c = |ender: Option<Ender>, status: ExitStatus, tail: &str| {
+        let (state, code, signal, _) = classify(ender.as_ref(), Ok(&status), tail.as_bytes());
+        (state, code, signal)
+    };
+    assert_eq!(
+        c(None, exited(0), ""),
+        (TaskState::Succeeded, Some(0), None)
+    );
+    assert_eq!(c(None, exited(2), ""), (TaskState::Failed, Some(2), None));
+    assert_eq!(
+        c(None, exited(2), "torch.OutOfMemoryError: boom"),
+        (TaskState::Interrupted, Some(2), None)
+    );
+    assert_eq!(
+        c(None, killed(11), ""),
+        (TaskState::Interrupted, None, Some(11))
+    );
+    // A task that exits cleanly on our SIGTERM still ends as we asked.
+    assert_eq!(
+        c(Some(Ender::Stop(StopReason::Cancel)), exited(0), ""),
+        (TaskState::Cancelled, Some(0), None)
+    );
+    assert_eq!(
+        c(
+            Some(Ender::Timeout(Duration::from_secs(60))),
+            killed(15),
+            ""
+        ),
+        (TaskState::TimedOut, None, Some(15))
+    );
+}
