@@ -258,7 +258,14 @@ impl Engine {
         match input {
             Input::Api(call, tx) => self.api(call, tx),
             Input::Advert(advert) => {
-                self.workers.insert(advert.name.clone(), *advert);
+                // A fresh advert ends a refusal: what made the worker say
+                // no (a race with a task that just ended) is behind it.
+                let name = advert.name.clone();
+                self.avoid.retain(|_, list| {
+                    list.retain(|(w, _)| *w != name);
+                    !list.is_empty()
+                });
+                self.workers.insert(name, *advert);
                 self.wants_schedule = true;
             }
             Input::WorkerGone(name) => {
@@ -754,6 +761,40 @@ impl Engine {
             self.wants_schedule = true;
             let seq = self.applied_seq;
             self.fx.checkpoint = Some(seq);
+            self.repeat_cancels();
+        }
+    }
+
+    /// A cancel written to a lease can lose its compare-and-set to the
+    /// worker's renewal; ask again until the lease shows it.
+    fn repeat_cancels(&mut self) {
+        let jobs: Vec<JobId> = self
+            .queue
+            .iter()
+            .map(|(_, _, id)| id)
+            .filter(|id| self.jobs[*id].cancel_requested)
+            .cloned()
+            .collect();
+        for job in jobs {
+            let keys: Vec<(usize, String)> = self.jobs[&job]
+                .tasks
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.state == TaskState::Running)
+                .filter_map(|(i, t)| {
+                    let w = t.worker.as_ref()?;
+                    Some((i, subjects::lease_key(w, &t.id, t.attempt)))
+                })
+                .collect();
+            for (i, key) in keys {
+                if self
+                    .leases
+                    .get(&key)
+                    .is_some_and(|l| l.lease.state == LeaseState::Running)
+                {
+                    self.stop_lease(&job, i, &key);
+                }
+            }
         }
     }
 

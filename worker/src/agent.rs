@@ -74,6 +74,29 @@ struct Done {
     key: String,
 }
 
+/// Tells the main loop an attempt no longer holds its resources: at the
+/// latest when dropped, however the attempt ends.
+struct DoneGuard {
+    tx: mpsc::Sender<Done>,
+    key: Option<String>,
+}
+
+impl DoneGuard {
+    async fn send(&mut self) {
+        if let Some(key) = self.key.take() {
+            let _ = self.tx.send(Done { key }).await;
+        }
+    }
+}
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let _ = self.tx.try_send(Done { key });
+        }
+    }
+}
+
 /// Runs the worker until `shutdown` resolves, then drains: no new work,
 /// running tasks get `drain_timeout` to finish, then are stopped and handed
 /// back (INTERRUPTED, so they are retried elsewhere).
@@ -330,11 +353,11 @@ async fn on_lease(
                 rev: h.rev.clone(),
             };
             held.insert(key.clone(), h);
-            let done_tx = done_tx.clone();
-            tokio::spawn(async move {
-                attempt.run().await;
-                let _ = done_tx.send(Done { key }).await;
-            });
+            let done = DoneGuard {
+                tx: done_tx.clone(),
+                key: Some(key),
+            };
+            tokio::spawn(attempt.run(done));
         }
         LeaseState::Running | LeaseState::Cancelling => {
             if lease.instance.as_deref() != Some(ctx.instance.as_str()) {
@@ -414,7 +437,7 @@ impl Attempt {
         )
     }
 
-    async fn run(self) {
+    async fn run(self, mut done: DoneGuard) {
         let ctx = self.ctx.clone();
         let ttl = self.lease.lease_ttl.0.max(Duration::from_secs(1));
         // Claim: compare-and-set on the reservation's revision.
@@ -493,6 +516,9 @@ impl Attempt {
         }
         renewal.abort();
         self.released.store(true, Ordering::SeqCst);
+        // Free the ledger before the lease: the coordinator places new work
+        // here as soon as it sees the lease go, and that work must fit.
+        done.send().await;
         if !fenced {
             if let Err(e) = ctx.leases.purge(&self.key, Duration::from_secs(60)).await {
                 tracing::warn!(key = %self.key, error = %e, "could not release a lease; it will expire");
