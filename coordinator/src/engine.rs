@@ -14,7 +14,7 @@ use std::time::Duration;
 use gpufleet_schema::api::{code, SubmitReply};
 use gpufleet_schema::{
     subjects, Encoding, Event, EventBody, GpuRequest, JobId, JobSpec, JobState, JobStatus, Lease,
-    LeaseState, TaskId, TaskOutcome, TaskState, WorkerAdvert, WorkerId,
+    LeaseState, Rendezvous, TaskId, TaskOutcome, TaskState, WorkerAdvert, WorkerId,
 };
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
@@ -153,11 +153,28 @@ impl Readiness {
     }
 }
 
-/// A worker held back for the task at the head of the queue.
+/// Workers held back for the task or gang at the head of the queue.
 #[derive(Debug, Clone, PartialEq)]
 struct Hold {
-    task: TaskId,
-    worker: WorkerId,
+    job: JobId,
+    /// The task, for a plain job; `None` for a gang.
+    task: Option<usize>,
+    workers: Vec<WorkerId>,
+}
+
+/// What one scheduling pass decided to reserve.
+enum Placed {
+    Task {
+        job: JobId,
+        index: usize,
+        worker: usize,
+        grant: gpufleet_schema::Grant,
+    },
+    /// A gang's members: (task index, worker index, grant).
+    Gang {
+        job: JobId,
+        members: Vec<(usize, usize, gpufleet_schema::Grant)>,
+    },
 }
 
 pub struct Engine {
@@ -270,7 +287,11 @@ impl Engine {
             }
             Input::WorkerGone(name) => {
                 self.workers.remove(&name);
-                if self.hold.as_ref().is_some_and(|h| h.worker == name) {
+                if self
+                    .hold
+                    .as_ref()
+                    .is_some_and(|h| h.workers.contains(&name))
+                {
                     self.hold = None;
                 }
                 self.wants_schedule = true;
@@ -591,12 +612,128 @@ impl Engine {
             t.state = TaskState::Queued;
             t.worker = None;
             t.grant = None;
+            t.started_at = None;
             t.reason = Some(why.to_string());
             self.queued_since
                 .entry(t.id.clone())
                 .or_insert_with(Instant::now);
         }
         self.emit_state(job, i, Some(why.to_string()));
+        if self.jobs[job].spec.gang {
+            // One member could not start: the rest of the gang must not
+            // run without it (FLARE's check, then cancel).
+            self.break_gang(job, why);
+        }
+        self.touch(job);
+        self.wants_schedule = true;
+    }
+
+    /// Marks a gang's current run as failed and tears it down.
+    fn break_gang(&mut self, job: &JobId, why: &str) {
+        let j = self.jobs.get_mut(job).expect("job");
+        if j.gang_broken.is_none() {
+            j.gang_broken = Some(why.to_string());
+        }
+        self.settle_gang(job);
+    }
+
+    /// Moves a broken gang along: stops every member that still holds
+    /// resources; once none does, queues the whole gang again (as attempt
+    /// + 1 if any member ran, within `max_retries`) or ends it.
+    fn settle_gang(&mut self, job: &JobId) {
+        let Some(why) = self.jobs[job].gang_broken.clone() else {
+            return;
+        };
+        let active: Vec<(usize, TaskState, String)> = self.jobs[job]
+            .tasks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t.state, TaskState::Reserved | TaskState::Running))
+            .filter_map(|(i, t)| {
+                let w = t.worker.as_ref()?;
+                Some((i, t.state, subjects::lease_key(w, &t.id, t.attempt)))
+            })
+            .collect();
+        let mut still_running = false;
+        for (i, state, key) in active {
+            match (state, self.leases.get(&key).map(|l| l.lease.state)) {
+                (TaskState::Running, Some(LeaseState::Running)) => {
+                    let live = self.leases[&key].clone();
+                    let mut lease = live.lease;
+                    lease.state = LeaseState::Cancelling;
+                    lease.reason = Some(format!("another member of its gang failed: {why}"));
+                    self.fx.cancel_leases.push((key, lease, live.rev));
+                    still_running = true;
+                }
+                (TaskState::Running, _) => still_running = true,
+                _ => {
+                    // Reserved, not yet claimed: withdraw it.
+                    self.fx.purge_leases.push(key.clone());
+                    self.leases.remove(&key);
+                    let t = &mut self.jobs.get_mut(job).expect("job").tasks[i];
+                    t.state = TaskState::Queued;
+                    t.worker = None;
+                    t.grant = None;
+                    self.emit_state(job, i, Some(format!("its gang could not start: {why}")));
+                }
+            }
+        }
+        if still_running {
+            return;
+        }
+        let j = self.jobs.get_mut(job).expect("job");
+        let attempt = j.tasks.iter().map(|t| t.attempt).max().unwrap_or(1);
+        let ran = j.tasks.iter().any(|t| t.started_at.is_some());
+        let t_now = now();
+        j.gang_broken = None;
+        if j.cancel_requested {
+            for t in j.tasks.iter_mut().filter(|t| !t.is_final()) {
+                t.state = TaskState::Cancelled;
+                t.finished_at = Some(t_now);
+            }
+        } else if !ran || attempt <= j.spec.max_retries {
+            // The whole gang again, as one unit.
+            let next = if ran { attempt + 1 } else { attempt };
+            for t in j.tasks.iter_mut() {
+                t.state = TaskState::Queued;
+                t.attempt = next;
+                t.worker = None;
+                t.grant = None;
+                t.exit_code = None;
+                t.result = None;
+                t.result_seq = None;
+                t.started_at = None;
+                t.finished_at = None;
+                t.dropped = false;
+                t.reason = Some(format!("gang run {attempt} failed: {why}"));
+            }
+            let since = Instant::now();
+            let ids: Vec<TaskId> = j.tasks.iter().map(|t| t.id.clone()).collect();
+            for id in ids {
+                self.queued_since.insert(id, since);
+            }
+            for i in 0..self.jobs[job].tasks.len() {
+                self.emit_state(job, i, Some(format!("gang run {attempt} failed: {why}")));
+            }
+        } else {
+            let msg = format!("its gang failed: {why}");
+            let ends: Vec<usize> = j
+                .tasks
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| !t.is_final())
+                .map(|(i, _)| i)
+                .collect();
+            for &i in &ends {
+                let t = &mut j.tasks[i];
+                t.state = TaskState::Cancelled;
+                t.finished_at = Some(t_now);
+                t.reason = Some(msg.clone());
+            }
+            for i in ends {
+                self.emit_state(job, i, Some(msg.clone()));
+            }
+        }
         self.touch(job);
         self.wants_schedule = true;
     }
@@ -620,6 +757,9 @@ impl Engine {
         why: String,
     ) {
         self.released.remove(&self.jobs[job].tasks[i].id);
+        if self.jobs[job].spec.gang {
+            return self.end_gang_member(job, i, state, exit_code, why);
+        }
         let j = self.jobs.get_mut(job).expect("job");
         let max_retries = j.spec.max_retries;
         let cancelled = j.cancel_requested;
@@ -651,6 +791,36 @@ impl Engine {
         }
         let reason = self.jobs[job].tasks[i].reason.clone();
         self.emit_state(job, i, reason);
+        self.touch(job);
+        self.wants_schedule = true;
+    }
+
+    /// A gang member's attempt ended: a success waits for the others; any
+    /// other end breaks the gang (every member stops, then it runs again
+    /// as a unit).
+    fn end_gang_member(
+        &mut self,
+        job: &JobId,
+        i: usize,
+        state: TaskState,
+        exit_code: Option<i32>,
+        why: String,
+    ) {
+        let j = self.jobs.get_mut(job).expect("job");
+        let broken = j.gang_broken.is_some();
+        let t = &mut j.tasks[i];
+        t.exit_code = exit_code;
+        t.finished_at = Some(now());
+        t.state = state;
+        t.reason = (state != TaskState::Succeeded).then(|| why.clone());
+        let reason = t.reason.clone();
+        let name = t.name.clone();
+        self.emit_state(job, i, reason);
+        if state != TaskState::Succeeded && !broken {
+            self.break_gang(job, &format!("{name} ended {state}: {why}"));
+        } else {
+            self.settle_gang(job);
+        }
         self.touch(job);
         self.wants_schedule = true;
     }
@@ -768,6 +938,16 @@ impl Engine {
     /// A cancel written to a lease can lose its compare-and-set to the
     /// worker's renewal; ask again until the lease shows it.
     fn repeat_cancels(&mut self) {
+        let broken: Vec<JobId> = self
+            .queue
+            .iter()
+            .map(|(_, _, id)| id)
+            .filter(|id| self.jobs[*id].gang_broken.is_some())
+            .cloned()
+            .collect();
+        for job in broken {
+            self.settle_gang(&job);
+        }
         let jobs: Vec<JobId> = self
             .queue
             .iter()
@@ -1018,27 +1198,41 @@ impl Engine {
 
     /// Places queued work in queue order.
     ///
-    /// Queue policy: priority, then submission order. A task that does not
-    /// fit does not block the ones behind it (backfill), except that once
-    /// the first waiting task has waited `starvation_after`, one worker
-    /// that could hold it is kept free of new work until it fits there.
+    /// Queue policy: priority, then submission order. Work that does not
+    /// fit does not block what is behind it (backfill), except that once the
+    /// first waiting task or gang that could fit somewhere has waited
+    /// `starvation_after`, the workers it needs are held: no new work is
+    /// placed on them until it fits there.
     fn schedule(&mut self) {
         let mut views = self.snapshot();
         let order: Vec<JobId> = self.queue.iter().map(|(_, _, id)| id.clone()).collect();
         // Requests that already failed in this pass fail again (the snapshot
         // only shrinks), so their reason is reused: cheap with many tasks.
-        let mut failed: HashMap<String, (String, bool)> = HashMap::new();
-        let mut assignments: Vec<(JobId, usize, usize, gpufleet_schema::Grant)> = Vec::new();
+        let mut failed: HashMap<String, String> = HashMap::new();
+        let mut placed: Vec<Placed> = Vec::new();
         let mut reasons: Vec<(JobId, usize, String)> = Vec::new();
+        let mut dropped: Vec<(JobId, usize, String)> = Vec::new();
         let now_i = Instant::now();
         let starvation = self.cfg.starvation_after.0;
         let mut head_seen = false;
-        let held_idx = self
-            .hold
+        // The hold is dropped unless its holder is still waiting this pass.
+        let hold = self.hold.take();
+        let held: Vec<usize> = hold
             .as_ref()
-            .and_then(|h| views.iter().position(|v| v.name == h.worker));
-        let held_draining = held_idx.is_some_and(|h| views[h].draining);
-        let mut hold_still_needed = false;
+            .map(|h| {
+                h.workers
+                    .iter()
+                    .filter_map(|w| views.iter().position(|v| &v.name == w))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let held_draining: Vec<bool> = held.iter().map(|&i| views[i].draining).collect();
+        // Closes the held workers to everyone but the holder, and reopens them.
+        let mask = |views: &mut Vec<WorkerView>, closed: bool| {
+            for (k, &i) in held.iter().enumerate() {
+                views[i].draining = held_draining[k] || closed;
+            }
+        };
 
         for job_id in order {
             let job = &self.jobs[&job_id];
@@ -1053,46 +1247,105 @@ impl Engine {
                 continue;
             }
             if job.spec.gang {
-                // Gangs are handled as one unit; only whole-gang retries
-                // reach here with every task queued.
-                let reqs: Vec<TaskRequest> = queued.iter().map(|&i| self.request(job, i)).collect();
-                let min = job.spec.min_tasks.map_or(queued.len(), |m| m as usize);
-                let p = placement::place_gang(&reqs, min.min(queued.len()), &mut views);
-                for a in p.assigned {
-                    assignments.push((job_id.clone(), queued[a.task], a.worker, a.grant));
+                // A gang goes only when none of it still holds resources.
+                if job
+                    .tasks
+                    .iter()
+                    .any(|t| matches!(t.state, TaskState::Reserved | TaskState::Running))
+                {
+                    continue;
                 }
-                for u in p.unplaced {
-                    reasons.push((job_id.clone(), queued[u.task], u.reason));
+                let is_holder = hold.as_ref().is_some_and(|h| h.job == job_id);
+                let reqs: Vec<TaskRequest> = queued.iter().map(|&i| self.request(job, i)).collect();
+                let min = job
+                    .spec
+                    .min_tasks
+                    .map_or(queued.len(), |m| m as usize)
+                    .min(queued.len());
+                mask(&mut views, !is_holder);
+                let p = placement::place_gang(&reqs, min, &mut views);
+                mask(&mut views, false);
+                if !p.assigned.is_empty() {
+                    if is_holder {
+                        tracing::info!(job_id = %job_id, "the held gang fits now");
+                    }
+                    let world = p.assigned.len();
+                    for u in &p.unplaced {
+                        dropped.push((
+                            job_id.clone(),
+                            queued[u.task],
+                            format!(
+                                "dropped from this run: the gang started with {world} of {} tasks (min_tasks {min})",
+                                queued.len()
+                            ),
+                        ));
+                    }
+                    placed.push(Placed::Gang {
+                        job: job_id.clone(),
+                        members: p
+                            .assigned
+                            .into_iter()
+                            .map(|a| (queued[a.task], a.worker, a.grant))
+                            .collect(),
+                    });
+                    continue;
+                }
+                let never_fits = p.unplaced.iter().any(|u| u.never_fits);
+                let mut reason = p
+                    .unplaced
+                    .first()
+                    .map(|u| u.reason.clone())
+                    .unwrap_or_default();
+                if is_holder {
+                    reason.push_str("; workers are held for it");
+                    self.hold = hold.clone();
+                } else if !head_seen && !never_fits {
+                    head_seen = true;
+                    let waited = queued
+                        .iter()
+                        .filter_map(|&i| self.queued_since.get(&job.tasks[i].id))
+                        .min()
+                        .map(|s| now_i.duration_since(*s))
+                        .unwrap_or_default();
+                    if hold.is_none() && self.hold.is_none() && waited >= starvation {
+                        let workers = gang_hold_candidates(&reqs, min, &views);
+                        if !workers.is_empty() {
+                            tracing::info!(job_id = %job_id, ?workers, "holding workers for a starving gang");
+                            self.hold = Some(Hold {
+                                job: job_id.clone(),
+                                task: None,
+                                workers,
+                            });
+                        }
+                    }
+                }
+                for &i in &queued {
+                    reasons.push((job_id.clone(), i, reason.clone()));
                 }
                 continue;
             }
             for &i in &queued {
                 let req = self.request(job, i);
-                let sig = format!("{req:?}");
-                let is_holder = self
-                    .hold
+                let is_holder = hold
                     .as_ref()
-                    .is_some_and(|h| h.task == job.tasks[i].id);
+                    .is_some_and(|h| h.job == job_id && h.task == Some(i));
+                let sig = format!("{req:?}");
                 if !is_holder {
-                    if let Some((reason, _)) = failed.get(&sig) {
+                    if let Some(reason) = failed.get(&sig) {
                         reasons.push((job_id.clone(), i, reason.clone()));
                         continue;
                     }
                 }
-                let task_id = &job.tasks[i].id;
-                // Everyone but the holder sees the held worker as closed.
-                if let Some(h) = held_idx {
-                    views[h].draining = held_draining || !is_holder;
-                }
+                mask(&mut views, !is_holder);
                 let p = placement::place(std::slice::from_ref(&req), &mut views);
-                if let Some(h) = held_idx {
-                    views[h].draining = held_draining;
-                }
+                mask(&mut views, false);
                 if let Some(a) = p.assigned.into_iter().next() {
-                    if is_holder {
-                        self.hold = None;
-                    }
-                    assignments.push((job_id.clone(), i, a.worker, a.grant));
+                    placed.push(Placed::Task {
+                        job: job_id.clone(),
+                        index: i,
+                        worker: a.worker,
+                        grant: a.grant,
+                    });
                     continue;
                 }
                 let u = p
@@ -1100,47 +1353,34 @@ impl Engine {
                     .into_iter()
                     .next()
                     .expect("one task, one outcome");
-                if is_holder {
-                    hold_still_needed = true;
-                }
-                // The first waiting task that could fit somewhere, once it
-                // has waited long enough, gets a worker held for it.
-                if !head_seen && !u.never_fits {
-                    head_seen = true;
-                    let waited = self
-                        .queued_since
-                        .get(task_id)
-                        .map(|s| now_i.duration_since(*s))
-                        .unwrap_or_default();
-                    if self.hold.is_none() && waited >= starvation {
-                        if let Some(w) = hold_candidate(&req, &views) {
-                            tracing::info!(task_id = %task_id, worker = %w, "holding a worker for a starving task");
-                            self.hold = Some(Hold {
-                                task: task_id.clone(),
-                                worker: w,
-                            });
-                            hold_still_needed = true;
-                        }
-                    }
-                }
                 let mut reason = u.reason.clone();
                 if is_holder {
                     reason.push_str("; a worker is held for it");
+                    self.hold = hold.clone();
                 } else {
-                    failed.insert(sig, (u.reason, u.never_fits));
+                    // The first waiting task that could fit somewhere, once it
+                    // has waited long enough, gets a worker held for it.
+                    if !head_seen && !u.never_fits {
+                        head_seen = true;
+                        let waited = self
+                            .queued_since
+                            .get(&job.tasks[i].id)
+                            .map(|s| now_i.duration_since(*s))
+                            .unwrap_or_default();
+                        if hold.is_none() && self.hold.is_none() && waited >= starvation {
+                            if let Some(w) = hold_candidate(&req, &views) {
+                                tracing::info!(task_id = %job.tasks[i].id, worker = %w, "holding a worker for a starving task");
+                                self.hold = Some(Hold {
+                                    job: job_id.clone(),
+                                    task: Some(i),
+                                    workers: vec![w],
+                                });
+                            }
+                        }
+                    }
+                    failed.insert(sig, u.reason);
                 }
                 reasons.push((job_id.clone(), i, reason));
-            }
-        }
-        if !hold_still_needed {
-            if let Some(h) = &self.hold {
-                // The holder was placed, cancelled or finished.
-                if self
-                    .find_task(&h.task)
-                    .is_none_or(|(j, i)| self.jobs[&j].tasks[i].state != TaskState::Queued)
-                {
-                    self.hold = None;
-                }
             }
         }
 
@@ -1152,10 +1392,49 @@ impl Engine {
                 touched.insert(job);
             }
         }
-        let names: Vec<WorkerId> = views.iter().map(|v| v.name.clone()).collect();
-        for (job, i, w, grant) in assignments {
-            self.reserve(&job, i, names[w].clone(), grant);
+        for (job, i, reason) in dropped {
+            let t = &mut self.jobs.get_mut(&job).expect("job").tasks[i];
+            t.state = TaskState::Cancelled;
+            t.dropped = true;
+            t.finished_at = Some(now());
+            t.reason = Some(reason.clone());
+            self.emit_state(&job, i, Some(reason));
             touched.insert(job);
+        }
+        let names: Vec<WorkerId> = views.iter().map(|v| v.name.clone()).collect();
+        for p in placed {
+            match p {
+                Placed::Task {
+                    job,
+                    index,
+                    worker,
+                    grant,
+                } => {
+                    self.reserve(&job, index, names[worker].clone(), grant, None);
+                    touched.insert(job);
+                }
+                Placed::Gang { job, mut members } => {
+                    members.sort_by_key(|(i, _, _)| *i);
+                    let master = names[members[0].1].clone();
+                    let addr = self
+                        .workers
+                        .get(&master)
+                        .and_then(|a| a.addr.clone())
+                        .unwrap_or_else(|| "127.0.0.1".into());
+                    let port = self.free_rendezvous_port(&master);
+                    let world = members.len() as u32;
+                    for (rank, (i, w, grant)) in members.into_iter().enumerate() {
+                        let rv = Rendezvous {
+                            rank: rank as u32,
+                            world_size: world,
+                            master_addr: addr.clone(),
+                            master_port: port,
+                        };
+                        self.reserve(&job, i, names[w].clone(), grant, Some(rv));
+                    }
+                    touched.insert(job);
+                }
+            }
         }
         for job in touched {
             self.update_job_reason(&job);
@@ -1163,8 +1442,41 @@ impl Engine {
         }
     }
 
+    /// A port from the master worker's rendezvous range that no live gang
+    /// with its rank 0 there uses.
+    fn free_rendezvous_port(&self, master: &WorkerId) -> u16 {
+        let (lo, hi) = self
+            .workers
+            .get(master)
+            .and_then(|a| a.rendezvous_ports)
+            .unwrap_or((29500, 29999));
+        let used: HashSet<u16> = self
+            .leases
+            .values()
+            .filter(|l| &l.lease.worker == master)
+            .filter_map(|l| l.lease.rendezvous.as_ref())
+            .filter(|r| r.rank == 0)
+            .map(|r| r.master_port)
+            .collect();
+        // Start at a random place in the range: other fleets (or a port a
+        // worker refused as busy) are then unlikely to be met again.
+        let span = u32::from(hi - lo) + 1;
+        let start = (random_u64() % u64::from(span)) as u32;
+        (0..span)
+            .map(|k| lo + ((start + k) % span) as u16)
+            .find(|p| !used.contains(p))
+            .unwrap_or(lo)
+    }
+
     /// Creates the reservation for one task on one worker.
-    fn reserve(&mut self, job: &JobId, i: usize, worker: WorkerId, grant: gpufleet_schema::Grant) {
+    fn reserve(
+        &mut self,
+        job: &JobId,
+        i: usize,
+        worker: WorkerId,
+        grant: gpufleet_schema::Grant,
+        rendezvous: Option<Rendezvous>,
+    ) {
         let lease_ttl = self.cfg.lease_ttl;
         let j = self.jobs.get_mut(job).expect("job");
         let spec = j.spec.tasks[i].clone();
@@ -1183,7 +1495,7 @@ impl Engine {
             reason: None,
             task: spec,
             grant,
-            rendezvous: None,
+            rendezvous,
             lease_ttl,
             instance: None,
             reserved_at: now(),
@@ -1262,6 +1574,19 @@ impl Engine {
     }
 }
 
+/// A random number from the std hasher's per-process random keys: enough
+/// to spread port choices, without a RNG dependency.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 fn queue_key(j: &JobRecord) -> (std::cmp::Reverse<i32>, u64, JobId) {
     (std::cmp::Reverse(j.spec.priority), j.seq, j.id.clone())
 }
@@ -1294,6 +1619,35 @@ fn hold_candidate(req: &TaskRequest, views: &[WorkerView]) -> Option<WorkerId> {
                 .count() as u64,
         })
         .map(|v| v.name.clone())
+}
+
+/// The workers to hold for a starving gang: those it would use were they
+/// empty, preferring the least busy.
+fn gang_hold_candidates(reqs: &[TaskRequest], min: usize, views: &[WorkerView]) -> Vec<WorkerId> {
+    let mut empty: Vec<WorkerView> = views
+        .iter()
+        .filter(|v| !v.draining)
+        .map(|v| {
+            let mut e = v.clone();
+            e.cpus_free_milli = e.cpus_total_milli;
+            e.memory_free = e.memory_total;
+            for g in &mut e.gpus {
+                g.exclusive = false;
+                g.shares = 0;
+                g.memory_free = g.memory_total;
+            }
+            e
+        })
+        .collect();
+    let p = placement::place_gang(reqs, min, &mut empty);
+    let mut out: Vec<WorkerId> = p
+        .assigned
+        .iter()
+        .map(|a| empty[a.worker].name.clone())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Encodes a reply in the request's encoding: `(error code, body)`.

@@ -31,6 +31,9 @@ pub struct JobRecord {
     pub finished_at: Option<OffsetDateTime>,
     #[serde(default)]
     pub cancel_requested: bool,
+    /// Why a gang's current run is being torn down, while it is.
+    #[serde(default)]
+    pub gang_broken: Option<String>,
     pub tasks: Vec<TaskRecord>,
 }
 
@@ -61,6 +64,9 @@ pub struct TaskRecord {
     /// Whether any attempt got as far as starting its program.
     #[serde(default)]
     pub launched: bool,
+    /// A gang member left out of this run by `min_tasks`.
+    #[serde(default)]
+    pub dropped: bool,
 }
 
 impl TaskRecord {
@@ -89,6 +95,7 @@ impl JobRecord {
                 started_at: None,
                 finished_at: None,
                 launched: false,
+                dropped: false,
             })
             .collect();
         JobRecord {
@@ -101,6 +108,7 @@ impl JobRecord {
             started_at: None,
             finished_at: None,
             cancel_requested: false,
+            gang_broken: None,
             tasks,
         }
     }
@@ -131,7 +139,12 @@ impl JobRecord {
         self.status = if all_final {
             if self.cancel_requested {
                 JobState::Aborted
-            } else if self.tasks.iter().all(|t| t.state == TaskState::Succeeded) {
+            } else if self
+                .tasks
+                .iter()
+                .all(|t| t.state == TaskState::Succeeded || t.dropped)
+                && self.tasks.iter().any(|t| t.state == TaskState::Succeeded)
+            {
                 JobState::Completed
             } else if self.tasks.iter().all(|t| !t.launched) {
                 JobState::FailedToRun
@@ -169,7 +182,7 @@ impl JobRecord {
                 let bad: Vec<&TaskRecord> = self
                     .tasks
                     .iter()
-                    .filter(|t| t.state != TaskState::Succeeded)
+                    .filter(|t| t.state != TaskState::Succeeded && !t.dropped)
                     .collect();
                 let first = bad.first()?;
                 let what = match (first.state, first.exit_code, &first.reason) {

@@ -36,6 +36,10 @@ pub struct WorkerAdvert {
     /// Tasks this worker holds a lease for, running or starting.
     #[serde(default)]
     pub running: Vec<TaskId>,
+    /// Ports this worker hands out as `MASTER_PORT` to gangs whose rank 0
+    /// runs here, `[low, high]`.
+    #[serde(default)]
+    pub rendezvous_ports: Option<(u16, u16)>,
     /// Draining workers take no new work.
     #[serde(default)]
     pub draining: bool,

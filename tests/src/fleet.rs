@@ -138,6 +138,9 @@ impl Fleet {
                 .join(format!("work-{}", spec.name))
                 .display()
                 .to_string(),
+            // Gang rendezvous stays on loopback in tests.
+            "--addr".into(),
+            "127.0.0.1".into(),
         ];
         if let Some(g) = &spec.gpus {
             args.push("--simulate-gpus".into());

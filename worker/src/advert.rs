@@ -141,6 +141,7 @@ pub async fn heartbeat(
             driver_version: snap.driver_version.clone(),
             gpus,
             running: now_inputs.running.clone(),
+            rendezvous_ports: Some(cfg.rendezvous_ports),
             draining: now_inputs.draining,
             ttl: cfg.advert_ttl,
             started_at,

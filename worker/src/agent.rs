@@ -328,6 +328,15 @@ async fn on_lease(
         LeaseState::Reserved => {
             let refusal = if draining {
                 Some("the worker is draining".to_string())
+            } else if let Some(port) = lease
+                .rendezvous
+                .as_ref()
+                .filter(|r| r.rank == 0)
+                .map(|r| r.master_port)
+                .filter(|p| std::net::TcpListener::bind(("0.0.0.0", *p)).is_err())
+            {
+                // Rank 0 listens there; the others would never meet it.
+                Some(format!("MASTER_PORT {port} is in use on this worker"))
             } else {
                 let un = unmanaged.lock().map(|m| m.clone()).unwrap_or_default();
                 ledger.try_hold(&key, &lease.grant, capacity, &un).err()
