@@ -5,7 +5,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::push, consumer::DeliverPolicy};
 use async_nats::Client;
 use futures::StreamExt;
-use gpufleet_schema::api::{ErrorBody, JobRef, ListRequest, SubmitReply, WorkersRequest};
+use gpufleet_schema::api::{
+    ErrorBody, GetRequest, JobRef, ListRequest, SubmitReply, WorkersRequest,
+};
 use gpufleet_schema::codec::{self, CONTENT_TYPE, MSGPACK};
 use gpufleet_schema::{subjects, Event, JobId, JobSpec, JobState, JobStatus, WorkerAdvert};
 use serde::de::DeserializeOwned;
@@ -79,14 +81,26 @@ impl Api {
         self.call(subjects::JOBS_SUBMIT, spec).await
     }
 
+    /// A job with every task, page by page.
     pub async fn get(&self, job: &JobId) -> Result<JobStatus, ApiError> {
-        self.call(
-            subjects::JOBS_GET,
-            &JobRef {
-                job_id: job.clone(),
-            },
-        )
-        .await
+        let mut status: JobStatus = self.get_page(job, 0).await?;
+        while (status.tasks.len() as u32) < status.counts.total() {
+            let page = self.get_page(job, status.tasks.len() as u32).await?;
+            if page.tasks.is_empty() {
+                break;
+            }
+            status.tasks.extend(page.tasks);
+        }
+        Ok(status)
+    }
+
+    async fn get_page(&self, job: &JobId, offset: u32) -> Result<JobStatus, ApiError> {
+        let req = GetRequest {
+            job_id: job.clone(),
+            task_offset: (offset > 0).then_some(offset),
+            task_limit: None,
+        };
+        self.call(subjects::JOBS_GET, &req).await
     }
 
     pub async fn list(
@@ -108,8 +122,20 @@ impl Api {
         .await
     }
 
+    /// Every worker, page by page.
     pub async fn workers(&self) -> Result<Vec<WorkerAdvert>, ApiError> {
-        self.call(subjects::WORKERS_LIST, &WorkersRequest {}).await
+        let mut all: Vec<WorkerAdvert> = Vec::new();
+        loop {
+            let req = WorkersRequest {
+                after: all.last().map(|w| w.name.clone()),
+                limit: None,
+            };
+            let page: Vec<WorkerAdvert> = self.call(subjects::WORKERS_LIST, &req).await?;
+            if page.is_empty() {
+                return Ok(all);
+            }
+            all.extend(page);
+        }
     }
 
     /// Every event of `job` matching `kinds` from the start of the stream,

@@ -7,7 +7,10 @@
 use async_nats::service::{Service, ServiceExt};
 use async_nats::HeaderMap;
 use futures::StreamExt;
-use gpufleet_schema::api::{code, ErrorBody, JobRef, ListRequest, WorkersRequest};
+use gpufleet_schema::api::{
+    code, ErrorBody, GetRequest, JobRef, ListRequest, WorkersRequest, MAX_TASKS_PER_PAGE,
+    MAX_WORKERS_PER_PAGE,
+};
 use gpufleet_schema::codec::CONTENT_TYPE;
 use gpufleet_schema::{subjects, Encoding, JobSpec};
 use tokio::sync::{mpsc, oneshot};
@@ -38,12 +41,22 @@ const ENDPOINTS: [(&str, &str, Kind); 5] = [
 pub async fn start(
     client: async_nats::Client,
     engine: mpsc::Sender<Input>,
+    metrics: crate::metrics::Metrics,
 ) -> Result<Service, async_nats::Error> {
     let service = client
         .service_builder()
         .description("gpufleet job API: submit, get, list and cancel jobs; list workers")
+        .stats_handler(move |endpoint, _| {
+            // The coordinator's own figures ride on one endpoint's stats.
+            if endpoint == "jobs-submit" {
+                metrics.snapshot()
+            } else {
+                serde_json::Value::Null
+            }
+        })
         .start(subjects::SERVICE_NAME, gpufleet_schema::VERSION)
         .await?;
+    let max_payload = client.server_info().max_payload;
     for (name, subject, kind) in ENDPOINTS {
         let mut endpoint = service.endpoint_builder().name(name).add(subject).await?;
         let engine = engine.clone();
@@ -77,7 +90,7 @@ pub async fn start(
                     let reply = rx.await.unwrap_or_else(|_| {
                         Reply::error(code::UNAVAILABLE, "the coordinator is shutting down")
                     });
-                    respond(request, enc, &reply).await;
+                    respond(request, enc, &reply, max_payload).await;
                 });
             }
         });
@@ -89,7 +102,17 @@ fn decode(kind: Kind, enc: Encoding, body: &[u8]) -> Result<ApiCall, String> {
     let bad = |e: gpufleet_schema::CodecError| e.to_string();
     Ok(match kind {
         Kind::Submit => ApiCall::Submit(Box::new(enc.decode::<JobSpec>(body).map_err(bad)?)),
-        Kind::Get => ApiCall::Get(enc.decode::<JobRef>(body).map_err(bad)?.job_id),
+        Kind::Get => {
+            let r: GetRequest = enc.decode(body).map_err(bad)?;
+            ApiCall::Get {
+                job: r.job_id,
+                offset: r.task_offset.unwrap_or(0) as usize,
+                limit: r
+                    .task_limit
+                    .unwrap_or(MAX_TASKS_PER_PAGE)
+                    .min(MAX_TASKS_PER_PAGE) as usize,
+            }
+        }
         Kind::Cancel => ApiCall::Cancel(enc.decode::<JobRef>(body).map_err(bad)?.job_id),
         Kind::List => {
             let r: ListRequest = enc.decode(body).map_err(bad)?;
@@ -99,14 +122,36 @@ fn decode(kind: Kind, enc: Encoding, body: &[u8]) -> Result<ApiCall, String> {
             }
         }
         Kind::Workers => {
-            let _: WorkersRequest = enc.decode(body).map_err(bad)?;
-            ApiCall::Workers
+            let r: WorkersRequest = enc.decode(body).map_err(bad)?;
+            ApiCall::Workers {
+                after: r.after,
+                limit: r
+                    .limit
+                    .unwrap_or(MAX_WORKERS_PER_PAGE)
+                    .min(MAX_WORKERS_PER_PAGE) as usize,
+            }
         }
     })
 }
 
-async fn respond(request: async_nats::service::Request, enc: Encoding, reply: &Reply) {
-    let (error, body) = encode_reply(reply, enc);
+async fn respond(
+    request: async_nats::service::Request,
+    enc: Encoding,
+    reply: &Reply,
+    max_payload: usize,
+) {
+    let (mut error, mut body) = encode_reply(reply, enc);
+    // A reply that cannot be sent must still answer: say why, and how to
+    // ask for less.
+    if body.len() + 512 > max_payload {
+        let message = format!(
+            "the reply is {} bytes, more than the server's max_payload of {max_payload}; ask for fewer tasks or workers per page (task_limit, limit)",
+            body.len()
+        );
+        let (e, b) = encode_reply(&Reply::error(code::INTERNAL, message), enc);
+        error = e;
+        body = b;
+    }
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE, enc.content_type());
     if let Some(code) = error {

@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::CoordinatorConfig;
+use crate::metrics::{InputKind, Metrics};
 use crate::placement::{self, GpuView, TaskRequest, WorkerView};
 use crate::state::{JobRecord, INLINE_RESULT_BYTES};
 
@@ -48,13 +49,20 @@ pub type ReplyTx = oneshot::Sender<Reply>;
 #[derive(Debug)]
 pub enum ApiCall {
     Submit(Box<JobSpec>),
-    Get(JobId),
+    Get {
+        job: JobId,
+        offset: usize,
+        limit: usize,
+    },
     List {
         status: Option<JobState>,
         limit: usize,
     },
     Cancel(JobId),
-    Workers,
+    Workers {
+        after: Option<WorkerId>,
+        limit: usize,
+    },
 }
 
 /// A change in `gpufleet-leases`, as the watcher saw it.
@@ -199,6 +207,7 @@ pub struct Engine {
     ready: bool,
     /// Something changed that placement should look at.
     wants_schedule: bool,
+    metrics: Metrics,
 }
 
 fn now() -> OffsetDateTime {
@@ -223,6 +232,7 @@ impl Engine {
             readiness: Readiness::default(),
             ready: false,
             wants_schedule: true,
+            metrics: Metrics::default(),
         }
     }
 
@@ -252,6 +262,10 @@ impl Engine {
         &self.cfg
     }
 
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
+    }
+
     pub fn job(&self, id: &JobId) -> Option<&JobRecord> {
         self.jobs.get(id)
     }
@@ -272,18 +286,37 @@ impl Engine {
     }
 
     pub fn handle(&mut self, input: Input) {
+        self.metrics.input(match &input {
+            Input::Advert(_) | Input::WorkerGone(_) => InputKind::Advert,
+            Input::Lease(_) => InputKind::Lease,
+            Input::Result { .. } => InputKind::Result,
+            Input::Api(..) => InputKind::Api,
+            _ => InputKind::Other,
+        });
         match input {
             Input::Api(call, tx) => self.api(call, tx),
             Input::Advert(advert) => {
                 // A fresh advert ends a refusal: what made the worker say
                 // no (a race with a task that just ended) is behind it.
                 let name = advert.name.clone();
+                let mut lifted = false;
                 self.avoid.retain(|_, list| {
+                    let before = list.len();
                     list.retain(|(w, _)| *w != name);
+                    lifted |= list.len() != before;
                     !list.is_empty()
                 });
+                // Most heartbeats change nothing placement looks at; only
+                // those that do are worth a pass over the queue.
+                if lifted
+                    || self
+                        .workers
+                        .get(&name)
+                        .is_none_or(|old| capacity_changed(old, &advert))
+                {
+                    self.wants_schedule = true;
+                }
                 self.workers.insert(name, *advert);
-                self.wants_schedule = true;
             }
             Input::WorkerGone(name) => {
                 self.workers.remove(&name);
@@ -327,10 +360,20 @@ impl Engine {
     fn api(&mut self, call: ApiCall, tx: ReplyTx) {
         match call {
             ApiCall::Submit(spec) => self.submit(*spec, tx),
-            ApiCall::Get(id) => {
-                let reply = match self.jobs.get(&id) {
-                    Some(j) => Reply::Job(Box::new(j.status(true))),
-                    None => Reply::error(code::NOT_FOUND, format!("job {id} not found")),
+            ApiCall::Get { job, offset, limit } => {
+                let reply = match self.jobs.get(&job) {
+                    Some(j) => {
+                        let mut status = j.status(false);
+                        status.tasks = j
+                            .tasks
+                            .iter()
+                            .skip(offset)
+                            .take(limit)
+                            .map(|t| t.status())
+                            .collect();
+                        Reply::Job(Box::new(status))
+                    }
+                    None => Reply::error(code::NOT_FOUND, format!("job {job} not found")),
                 };
                 self.fx.replies.push((tx, reply, None));
             }
@@ -346,8 +389,16 @@ impl Engine {
                 self.fx.replies.push((tx, Reply::Jobs(list), None));
             }
             ApiCall::Cancel(id) => self.cancel(id, tx),
-            ApiCall::Workers => {
-                let list = self.workers.values().cloned().collect();
+            ApiCall::Workers { after, limit } => {
+                let list = match after {
+                    Some(a) => self
+                        .workers
+                        .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+                        .take(limit)
+                        .map(|(_, w)| w.clone())
+                        .collect(),
+                    None => self.workers.values().take(limit).cloned().collect(),
+                };
                 self.fx.replies.push((tx, Reply::Workers(list), None));
             }
         }
@@ -1173,6 +1224,37 @@ impl Engine {
         views
     }
 
+    /// A hash of everything placement looks at for one task: two tasks with
+    /// the same signature fit (or not) in the same places. `job_part` is
+    /// [`Engine::job_signature`] of its job.
+    fn task_signature(&self, job: &JobRecord, i: usize, job_part: u64) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let r = &job.spec.tasks[i].resources;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        job_part.hash(&mut h);
+        r.cpus_milli().hash(&mut h);
+        r.memory_bytes().hash(&mut h);
+        match r.gpu_request() {
+            GpuRequest::None => 0u8.hash(&mut h),
+            GpuRequest::Whole { count, memory } => (1u8, count, memory).hash(&mut h),
+            GpuRequest::Share { memory } => (2u8, memory).hash(&mut h),
+        }
+        if let Some(list) = self.avoid.get(&job.tasks[i].id) {
+            for (w, _) in list {
+                w.hash(&mut h);
+            }
+        }
+        h.finish()
+    }
+
+    fn job_signature(job: &JobRecord) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        job.spec.constraints.labels.hash(&mut h);
+        job.spec.constraints.workers.hash(&mut h);
+        h.finish()
+    }
+
     fn request(&self, job: &JobRecord, i: usize) -> TaskRequest {
         let spec = &job.spec.tasks[i];
         let task = &job.tasks[i];
@@ -1204,11 +1286,12 @@ impl Engine {
     /// `starvation_after`, the workers it needs are held: no new work is
     /// placed on them until it fits there.
     fn schedule(&mut self) {
+        let pass_started = std::time::Instant::now();
         let mut views = self.snapshot();
         let order: Vec<JobId> = self.queue.iter().map(|(_, _, id)| id.clone()).collect();
         // Requests that already failed in this pass fail again (the snapshot
         // only shrinks), so their reason is reused: cheap with many tasks.
-        let mut failed: HashMap<String, String> = HashMap::new();
+        let mut failed: HashMap<u64, String> = HashMap::new();
         let mut placed: Vec<Placed> = Vec::new();
         let mut reasons: Vec<(JobId, usize, String)> = Vec::new();
         let mut dropped: Vec<(JobId, usize, String)> = Vec::new();
@@ -1263,7 +1346,9 @@ impl Engine {
                     .map_or(queued.len(), |m| m as usize)
                     .min(queued.len());
                 mask(&mut views, !is_holder);
+                let t0 = std::time::Instant::now();
                 let p = placement::place_gang(&reqs, min, &mut views);
+                self.metrics.placement(t0.elapsed());
                 mask(&mut views, false);
                 if !p.assigned.is_empty() {
                     if is_holder {
@@ -1324,20 +1409,25 @@ impl Engine {
                 }
                 continue;
             }
+            let job_part = Self::job_signature(job);
             for &i in &queued {
-                let req = self.request(job, i);
                 let is_holder = hold
                     .as_ref()
                     .is_some_and(|h| h.job == job_id && h.task == Some(i));
-                let sig = format!("{req:?}");
+                let sig = self.task_signature(job, i, job_part);
                 if !is_holder {
                     if let Some(reason) = failed.get(&sig) {
-                        reasons.push((job_id.clone(), i, reason.clone()));
+                        if job.tasks[i].reason.as_deref() != Some(reason.as_str()) {
+                            reasons.push((job_id.clone(), i, reason.clone()));
+                        }
                         continue;
                     }
                 }
+                let req = self.request(job, i);
                 mask(&mut views, !is_holder);
+                let t0 = std::time::Instant::now();
                 let p = placement::place(std::slice::from_ref(&req), &mut views);
+                self.metrics.placement(t0.elapsed());
                 mask(&mut views, false);
                 if let Some(a) = p.assigned.into_iter().next() {
                     placed.push(Placed::Task {
@@ -1402,6 +1492,7 @@ impl Engine {
             touched.insert(job);
         }
         let names: Vec<WorkerId> = views.iter().map(|v| v.name.clone()).collect();
+        let placed_count = placed.len();
         for p in placed {
             match p {
                 Placed::Task {
@@ -1440,6 +1531,7 @@ impl Engine {
             self.update_job_reason(&job);
             self.touch(&job);
         }
+        self.metrics.pass(pass_started.elapsed(), placed_count);
     }
 
     /// A port from the master worker's rendezvous range that no live gang
@@ -1585,6 +1677,23 @@ fn random_u64() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish()
+}
+
+/// Whether a new advert changes what placement sees of a worker. Small
+/// swings in other processes' GPU memory (under 256 MiB) are ignored.
+fn capacity_changed(old: &WorkerAdvert, new: &WorkerAdvert) -> bool {
+    const NOISE: u64 = 256 << 20;
+    old.instance != new.instance
+        || old.draining != new.draining
+        || old.cpus_milli != new.cpus_milli
+        || old.memory_total != new.memory_total
+        || old.labels != new.labels
+        || old.gpus.len() != new.gpus.len()
+        || old.gpus.iter().zip(&new.gpus).any(|(a, b)| {
+            a.uuid != b.uuid
+                || a.memory_total != b.memory_total
+                || a.memory_unmanaged.0.abs_diff(b.memory_unmanaged.0) > NOISE
+        })
 }
 
 fn queue_key(j: &JobRecord) -> (std::cmp::Reverse<i32>, u64, JobId) {

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::config::CoordinatorConfig;
 use crate::engine::{Effects, Engine, Feed, Input, LeaseChange, Reply};
+use crate::metrics::Writes;
 use crate::state::JobRecord;
 
 /// Key of the events checkpoint in `gpufleet-jobs`; job ids hold no dots,
@@ -127,10 +128,11 @@ pub async fn run(
                 Err(_) => break,
             }
         }
+        engine.metrics().batch(rx.len());
         engine.schedule_if_needed();
         if engine.is_ready() && service.is_none() {
             service = Some(
-                crate::api::start(client.clone(), tx.clone())
+                crate::api::start(client.clone(), tx.clone(), engine.metrics())
                     .await
                     .map_err(|e| CoordinatorError::Nats(e.to_string()))?,
             );
@@ -202,6 +204,13 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, last_checkpoint: &mut u6
         replies,
         checkpoint,
     } = fx;
+    let started = std::time::Instant::now();
+    let mut writes = Writes {
+        job: put_jobs.len() as u64,
+        lease: (create_leases.len() + cancel_leases.len() + purge_leases.len()) as u64,
+        event: events.len() as u64,
+        checkpoint: 0,
+    };
     let records: Vec<(JobId, Result<Vec<u8>, String>)> = put_jobs
         .into_iter()
         .filter_map(|id| {
@@ -294,7 +303,10 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, last_checkpoint: &mut u6
                 .put(CHECKPOINT_KEY, Bytes::from(seq.to_string()), None)
                 .await
             {
-                Ok(_) => *last_checkpoint = seq,
+                Ok(_) => {
+                    *last_checkpoint = seq;
+                    writes.checkpoint = 1;
+                }
                 Err(e) => tracing::warn!(error = %e, "could not write the events checkpoint"),
             }
         }
@@ -302,6 +314,7 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, last_checkpoint: &mut u6
     for id in failed_jobs.into_keys() {
         feedback.push(Input::Persist(id));
     }
+    engine.metrics().flush(started.elapsed(), writes);
     feedback
 }
 

@@ -11,6 +11,7 @@
 //! - [`settings`]: defaults < file < environment < flags, for every binary.
 
 pub mod connect;
+pub mod histogram;
 pub mod kv;
 pub mod settings;
 pub mod stores;

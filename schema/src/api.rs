@@ -19,7 +19,7 @@ fn yes() -> bool {
     true
 }
 
-/// Request of `jobs.get` and `jobs.cancel`.
+/// Request of `jobs.cancel`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobRef {
@@ -36,10 +36,38 @@ pub struct ListRequest {
     pub limit: Option<u32>,
 }
 
-/// Request of `workers.list`.
+/// Request of `jobs.get`. Large jobs come in pages of tasks, so that a
+/// reply always fits one NATS message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetRequest {
+    pub job_id: JobId,
+    /// Index of the first task to include (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_offset: Option<u32>,
+    /// How many tasks to include (default and most: [`MAX_TASKS_PER_PAGE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_limit: Option<u32>,
+}
+
+/// The most tasks one `jobs.get` reply holds.
+pub const MAX_TASKS_PER_PAGE: u32 = 1000;
+
+/// Request of `workers.list`: workers sorted by name, in pages.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WorkersRequest {}
+pub struct WorkersRequest {
+    /// Only workers whose name sorts after this one (the last of the
+    /// previous page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<crate::ids::WorkerId>,
+    /// How many workers (default and most: [`MAX_WORKERS_PER_PAGE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// The most workers one `workers.list` reply holds.
+pub const MAX_WORKERS_PER_PAGE: u32 = 200;
 
 /// Body of every error reply, beside the `Nats-Service-Error` headers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -209,7 +209,7 @@ mod tests {
     #[test]
     fn empty_json_body_reads_as_empty_object() {
         let r: crate::api::WorkersRequest = Encoding::Json.decode(b"").unwrap();
-        assert_eq!(r, crate::api::WorkersRequest {});
+        assert_eq!(r, crate::api::WorkersRequest::default());
     }
 
     #[test]

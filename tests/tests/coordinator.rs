@@ -298,12 +298,13 @@ async fn cancel_mid_run_stops_the_task_and_aborts_the_job() {
             {"command": ["true"]}
         ]}))
         .await;
-    // One CPU: the second task waits behind the first.
-    fleet
-        .wait_job(&id, T, "the first task to run", |s| {
-            s["tasks"][0]["state"] == "RUNNING"
-        })
-        .await;
+    // One CPU: the second task waits behind the first; its pid file says
+    // its process is up.
+    let pid: i32 = gpufleet_testkit::eventually(T, "the pid file", || {
+        let p = pidfile.clone();
+        async move { std::fs::read_to_string(p).ok()?.trim().parse().ok() }
+    })
+    .await;
     let client = fleet.client().await;
     let reply = api(&client, "gpufleet.api.jobs.cancel", &json!({"job_id": id}))
         .await
@@ -312,11 +313,6 @@ async fn cancel_mid_run_stops_the_task_and_aborts_the_job() {
     let status = fleet.wait_finished(&id, T).await;
     assert_eq!(status["status"], "FINISHED:ABORTED", "{status:#}");
     assert_eq!(states(&status), vec!["CANCELLED", "CANCELLED"]);
-    let pid: i32 = gpufleet_testkit::eventually(T, "the pid file", || {
-        let p = pidfile.clone();
-        async move { std::fs::read_to_string(p).ok()?.trim().parse().ok() }
-    })
-    .await;
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "the cancelled task's process {pid} still runs"
