@@ -624,7 +624,12 @@ impl Engine {
             t.launched = true;
             t.reason = None;
             self.queued_since.remove(&l.task_id);
-            self.touch(&job);
+            // Not written to the record: the lease itself says the task
+            // runs, and a restarted coordinator adopts running leases. One
+            // write less per task; the next change writes it anyway.
+            let j = self.jobs.get_mut(&job).expect("job");
+            j.derive_status(now());
+            self.update_job_reason(&job);
         }
     }
 
@@ -1786,3 +1791,7 @@ pub fn encode_reply(reply: &Reply, enc: Encoding) -> (Option<u16>, Vec<u8>) {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

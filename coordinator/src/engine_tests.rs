@@ -1,0 +1,319 @@
+//! The engine without NATS: inputs in, effects out.
+
+use super::*;
+use gpufleet_schema::{ByteSize, Dur, GpuAdvert, TaskOutcome};
+use tokio::sync::oneshot;
+
+fn advert(name: &str, cpus: u64, gpus: u32) -> WorkerAdvert {
+    WorkerAdvert {
+        name: WorkerId::new(name).unwrap(),
+        instance: format!("i-{name}"),
+        version: "test".into(),
+        labels: Default::default(),
+        addr: Some("127.0.0.1".into()),
+        cpus_milli: cpus * 1000,
+        memory_total: ByteSize::gib(64),
+        memory_available: ByteSize::gib(64),
+        load_avg: None,
+        driver_version: None,
+        gpus: (0..gpus)
+            .map(|i| GpuAdvert {
+                index: i,
+                uuid: format!("GPU-{name}-{i}"),
+                model: "T".into(),
+                memory_total: ByteSize::gib(24),
+                memory_used: ByteSize(0),
+                memory_free: ByteSize::gib(24),
+                memory_unmanaged: ByteSize(0),
+                utilization: None,
+                temperature: None,
+                simulated: true,
+            })
+            .collect(),
+        running: vec![],
+        rendezvous_ports: Some((29500, 29510)),
+        draining: false,
+        ttl: Dur::secs(10),
+        started_at: now(),
+        sent_at: now(),
+    }
+}
+
+fn ready_engine(workers: &[WorkerAdvert]) -> Engine {
+    let mut e = Engine::new(CoordinatorConfig::default());
+    for w in workers {
+        e.handle(Input::Advert(Box::new(w.clone())));
+    }
+    for f in [Feed::Workers, Feed::Leases, Feed::Events] {
+        e.handle(Input::Synced(f));
+    }
+    e
+}
+
+fn spec(json: &str) -> JobSpec {
+    Encoding::Json.decode(json.as_bytes()).unwrap()
+}
+
+fn submit(e: &mut Engine, json: &str) -> (JobId, oneshot::Receiver<Reply>) {
+    let (tx, rx) = oneshot::channel();
+    e.handle(Input::Api(ApiCall::Submit(Box::new(spec(json))), tx));
+    e.schedule_if_needed();
+    let id = e
+        .jobs
+        .keys()
+        .max_by_key(|k| e.jobs[*k].seq)
+        .unwrap()
+        .clone();
+    (id, rx)
+}
+
+fn claim(e: &mut Engine, key: &str, lease: &Lease, rev: u64) {
+    let mut l = lease.clone();
+    l.state = LeaseState::Running;
+    l.instance = Some("inst".into());
+    e.handle(Input::Lease(LeaseChange::Put {
+        key: key.into(),
+        rev,
+        lease: Box::new(l),
+    }));
+}
+
+fn result(lease: &Lease, state: TaskState, seq: u64) -> Input {
+    Input::Result {
+        seq,
+        event: Box::new(Event {
+            job_id: lease.job_id.clone(),
+            task_id: lease.task_id.clone(),
+            attempt: lease.attempt,
+            worker: Some(lease.worker.clone()),
+            lease_rev: Some(1),
+            at: now(),
+            body: EventBody::Result(TaskOutcome {
+                state,
+                exit_code: Some(if state == TaskState::Succeeded { 0 } else { 1 }),
+                signal: None,
+                result: Some(serde_json::json!({"seq": seq})),
+                error: None,
+                artifacts: vec![],
+                started_at: Some(now()),
+                finished_at: now(),
+            }),
+        }),
+    }
+}
+
+#[test]
+fn a_task_goes_from_submit_to_completed() {
+    let mut e = ready_engine(&[advert("w1", 4, 1)]);
+    let (id, mut rx) = submit(
+        &mut e,
+        r#"{"tasks": [{"command": ["true"], "resources": {"gpus": 1}}]}"#,
+    );
+    let fx = e.take_effects();
+    assert!(fx.put_jobs.contains(&id));
+    assert_eq!(fx.create_leases.len(), 1);
+    let (key, lease) = fx.create_leases[0].clone();
+    assert_eq!(key, format!("w1.{id}-0.1"));
+    assert_eq!(lease.grant.gpus.len(), 1);
+    // The submit reply waits for the record to be written.
+    let (tx, reply, depends) = fx.replies.into_iter().next().unwrap();
+    assert_eq!(depends, Some(id.clone()));
+    tx.send(reply).unwrap();
+    assert!(matches!(rx.try_recv(), Ok(Reply::Submit(r)) if r.created));
+
+    claim(&mut e, &key, &lease, 10);
+    assert_eq!(e.jobs[&id].tasks[0].state, TaskState::Running);
+    assert_eq!(e.jobs[&id].status, JobState::Running);
+    // A claim costs no record write.
+    assert!(!e.take_effects().put_jobs.contains(&id));
+
+    e.handle(result(&lease, TaskState::Succeeded, 42));
+    assert_eq!(e.jobs[&id].status, JobState::Completed);
+    assert_eq!(
+        e.jobs[&id].tasks[0].result,
+        Some(serde_json::json!({"seq": 42}))
+    );
+    let fx = e.take_effects();
+    assert!(fx.put_jobs.contains(&id));
+    assert_eq!(fx.events.len(), 1, "one SUCCEEDED state event");
+
+    // The same result again (a replay after restart) changes nothing.
+    e.handle(result(&lease, TaskState::Succeeded, 42));
+    let fx = e.take_effects();
+    assert!(fx.put_jobs.is_empty() && fx.events.is_empty());
+}
+
+#[test]
+fn a_superseded_attempt_is_fenced_off() {
+    let mut e = ready_engine(&[advert("w1", 4, 0), advert("w2", 4, 0)]);
+    let (id, _rx) = submit(
+        &mut e,
+        r#"{"max_retries": 1, "tasks": [{"command": ["true"]}]}"#,
+    );
+    let (key1, lease1) = e.take_effects().create_leases[0].clone();
+    claim(&mut e, &key1, &lease1, 5);
+    // The worker froze: its lease ran out.
+    e.handle(Input::Lease(LeaseChange::Expired { key: key1.clone() }));
+    assert_eq!(e.jobs[&id].tasks[0].state, TaskState::Queued);
+    assert_eq!(e.jobs[&id].tasks[0].attempt, 2);
+    e.take_effects();
+    e.handle(Input::Tick);
+    e.schedule_if_needed();
+    let fx = e.take_effects();
+    let (key2, lease2) = fx.create_leases[0].clone();
+    assert_eq!(lease2.attempt, 2);
+    claim(&mut e, &key2, &lease2, 9);
+    // The frozen worker comes back and reports attempt 1: refused.
+    e.handle(result(&lease1, TaskState::Succeeded, 50));
+    assert_eq!(e.jobs[&id].tasks[0].state, TaskState::Running);
+    assert_eq!(e.jobs[&id].tasks[0].result, None);
+    e.handle(result(&lease2, TaskState::Succeeded, 51));
+    assert_eq!(e.jobs[&id].status, JobState::Completed);
+    assert_eq!(
+        e.jobs[&id].tasks[0].result,
+        Some(serde_json::json!({"seq": 51}))
+    );
+}
+
+#[test]
+fn retries_stop_at_max_retries() {
+    let mut e = ready_engine(&[advert("w1", 4, 0)]);
+    let (id, _rx) = submit(
+        &mut e,
+        r#"{"max_retries": 1, "tasks": [{"command": ["true"]}]}"#,
+    );
+    for attempt in 1..=2 {
+        e.handle(Input::Tick);
+        e.schedule_if_needed();
+        let (key, lease) = e.take_effects().create_leases[0].clone();
+        assert_eq!(lease.attempt, attempt);
+        claim(&mut e, &key, &lease, attempt as u64 * 10);
+        e.handle(result(&lease, TaskState::Interrupted, attempt as u64));
+        e.handle(Input::Lease(LeaseChange::Released { key }));
+    }
+    assert_eq!(e.jobs[&id].tasks[0].state, TaskState::Interrupted);
+    assert_eq!(e.jobs[&id].status, JobState::ExecutionException);
+}
+
+#[test]
+fn start_up_adopts_unrecorded_leases_and_requeues_lapsed_reservations() {
+    let mut e = Engine::new(CoordinatorConfig::default());
+    let s = spec(r#"{"id": "j", "tasks": [{"command": ["a"]}, {"command": ["b"]}]}"#);
+    let mut job = JobRecord::new(JobId::new("j").unwrap(), 1, s, now());
+    // Task 0 was reserved on w1 before the crash, but its lease is gone.
+    job.tasks[0].state = TaskState::Reserved;
+    job.tasks[0].worker = Some(WorkerId::new("w1").unwrap());
+    e.restore_job(job.clone());
+    // Task 1's reservation was made and claimed, but never recorded.
+    let lease = Lease {
+        job_id: job.id.clone(),
+        task_id: job.tasks[1].id.clone(),
+        attempt: 1,
+        worker: WorkerId::new("w1").unwrap(),
+        state: LeaseState::Running,
+        reason: None,
+        task: job.spec.tasks[1].clone(),
+        grant: gpufleet_schema::Grant {
+            cpus_milli: 1000,
+            ..Default::default()
+        },
+        rendezvous: None,
+        lease_ttl: Dur::secs(30),
+        instance: Some("x".into()),
+        reserved_at: now(),
+    };
+    e.handle(Input::Lease(LeaseChange::Put {
+        key: "w1.j-1.1".into(),
+        rev: 3,
+        lease: Box::new(lease),
+    }));
+    e.handle(Input::Advert(Box::new(advert("w1", 1, 0))));
+    for f in [Feed::Workers, Feed::Leases, Feed::Events] {
+        e.handle(Input::Synced(f));
+    }
+    let j = &e.jobs[&JobId::new("j").unwrap()];
+    assert_eq!(j.tasks[1].state, TaskState::Running);
+    assert_eq!(j.tasks[0].state, TaskState::Queued);
+    // w1 has one CPU and task 1 holds it: task 0 must wait.
+    e.schedule_if_needed();
+    assert!(e.take_effects().create_leases.is_empty());
+    let j = &e.jobs[&JobId::new("j").unwrap()];
+    assert!(
+        j.tasks[0].reason.as_deref().unwrap().contains("free CPUs"),
+        "{:?}",
+        j.tasks[0].reason
+    );
+}
+
+#[test]
+fn submit_validates_and_is_idempotent() {
+    let mut e = ready_engine(&[]);
+    let (tx, mut rx) = oneshot::channel();
+    e.handle(Input::Api(
+        ApiCall::Submit(Box::new(spec(r#"{"tasks": []}"#))),
+        tx,
+    ));
+    for (tx, r, _) in e.take_effects().replies {
+        tx.send(r).unwrap();
+    }
+    assert!(
+        matches!(rx.try_recv(), Ok(Reply::Error { code: 400, message }) if message.starts_with("tasks"))
+    );
+
+    let job = r#"{"id": "same", "tasks": [{"command": ["true"]}]}"#;
+    submit(&mut e, job);
+    e.take_effects();
+    let (tx, mut rx) = oneshot::channel();
+    e.handle(Input::Api(ApiCall::Submit(Box::new(spec(job))), tx));
+    for (tx, r, _) in e.take_effects().replies {
+        tx.send(r).unwrap();
+    }
+    assert!(matches!(rx.try_recv(), Ok(Reply::Submit(r)) if !r.created));
+    let (tx, mut rx) = oneshot::channel();
+    let other = r#"{"id": "same", "tasks": [{"command": ["false"]}]}"#;
+    e.handle(Input::Api(ApiCall::Submit(Box::new(spec(other))), tx));
+    for (tx, r, _) in e.take_effects().replies {
+        tx.send(r).unwrap();
+    }
+    assert!(matches!(rx.try_recv(), Ok(Reply::Error { code: 409, .. })));
+}
+
+#[test]
+fn cancelling_a_waiting_job_aborts_it_at_once() {
+    let mut e = ready_engine(&[]);
+    let (id, _rx) = submit(
+        &mut e,
+        r#"{"tasks": [{"command": ["true"]}, {"command": ["true"]}]}"#,
+    );
+    assert_eq!(e.jobs[&id].reason.as_deref(), Some("no workers are online"));
+    let (tx, _rx2) = oneshot::channel();
+    e.handle(Input::Api(ApiCall::Cancel(id.clone()), tx));
+    assert_eq!(e.jobs[&id].status, JobState::Aborted);
+    let fx = e.take_effects();
+    let cancelled = fx
+        .events
+        .iter()
+        .filter(|(_, ev)| {
+            matches!(
+                ev.body,
+                EventBody::State {
+                    state: TaskState::Cancelled,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(cancelled, 2);
+}
+
+#[test]
+fn heartbeats_that_change_nothing_do_not_schedule() {
+    let mut e = ready_engine(&[advert("w1", 1, 0)]);
+    e.schedule_if_needed();
+    e.handle(Input::Advert(Box::new(advert("w1", 1, 0))));
+    assert!(!e.wants_schedule);
+    let mut busier = advert("w1", 2, 0);
+    busier.sent_at = now();
+    e.handle(Input::Advert(Box::new(busier)));
+    assert!(e.wants_schedule);
+}
