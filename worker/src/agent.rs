@@ -23,7 +23,7 @@ use gpufleet_schema::{
     TaskState, WorkerAdvert, WorkerId,
 };
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::advert::{self, AdvertInputs};
 use crate::artifacts;
@@ -48,6 +48,14 @@ pub enum WorkerError {
     Nats(String),
 }
 
+/// Output batches waiting between a task's supervisor and its shipper.
+/// With `OUTPUT_IN_FLIGHT` and the supervisor's own queue
+/// (`max_pending_log_bytes`) this bounds the output a task can make the
+/// worker hold: 4 MiB plus about 80 batches (5 MiB at 64 KiB a batch).
+const OUTPUT_CHANNEL: usize = 16;
+/// Output events published and not yet acknowledged, per task.
+const OUTPUT_IN_FLIGHT: usize = 64;
+
 /// What every attempt's task shares.
 pub(crate) struct Ctx {
     pub js: jetstream::Context,
@@ -69,9 +77,18 @@ struct Held {
     rev: Arc<AtomicU64>,
 }
 
-/// How an attempt's task ended, for the main loop.
-struct Done {
-    key: String,
+/// What an attempt's task tells the main loop.
+enum AttemptMsg {
+    /// The attempt is about to release its lease. The main loop frees its
+    /// resources in the ledger first and then answers: once the lease is
+    /// gone the coordinator may place new work here at once, and that
+    /// reservation must not find the old grant still held.
+    Releasing {
+        key: String,
+        freed: oneshot::Sender<()>,
+    },
+    /// The attempt's task is over (reported, released, cleaned up).
+    Done { key: String },
 }
 
 /// Runs the worker until `shutdown` resolves, then drains: no new work,
@@ -137,7 +154,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     ));
 
     let mut watch = leases.watch(&subjects::worker_leases(&worker)).await?;
-    let (done_tx, mut done_rx) = mpsc::channel::<Done>(1024);
+    let (done_tx, mut done_rx) = mpsc::channel::<AttemptMsg>(1024);
     let mut ledger = Ledger::default();
     let mut held: HashMap<String, Held> = HashMap::new();
     let mut draining = false;
@@ -175,14 +192,21 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 }
                 drain_deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(3600));
             }
-            Some(done) = done_rx.recv() => {
-                held.remove(&done.key);
-                ledger.release(&done.key);
-                publish_inputs(&held, &ledger, draining);
-                if draining && held.is_empty() {
-                    break;
+            Some(msg) = done_rx.recv() => match msg {
+                AttemptMsg::Releasing { key, freed } => {
+                    ledger.release(&key);
+                    publish_inputs(&held, &ledger, draining);
+                    let _ = freed.send(());
                 }
-            }
+                AttemptMsg::Done { key } => {
+                    held.remove(&key);
+                    ledger.release(&key);
+                    publish_inputs(&held, &ledger, draining);
+                    if draining && held.is_empty() {
+                        break;
+                    }
+                }
+            },
             item = watch.next() => {
                 let Some(item) = item else {
                     // The watch cannot continue; start it again from the
@@ -289,7 +313,7 @@ async fn on_lease(
     capacity: &Capacity,
     unmanaged: &Arc<Mutex<HashMap<String, u64>>>,
     draining: bool,
-    done_tx: &mpsc::Sender<Done>,
+    done_tx: &mpsc::Sender<AttemptMsg>,
     key: String,
     rev: u64,
     lease: Lease,
@@ -328,12 +352,13 @@ async fn on_lease(
                 released: h.released.clone(),
                 stop_rx,
                 rev: h.rev.clone(),
+                main: done_tx.clone(),
             };
             held.insert(key.clone(), h);
             let done_tx = done_tx.clone();
             tokio::spawn(async move {
                 attempt.run().await;
-                let _ = done_tx.send(Done { key }).await;
+                let _ = done_tx.send(AttemptMsg::Done { key }).await;
             });
         }
         LeaseState::Running | LeaseState::Cancelling => {
@@ -389,6 +414,8 @@ struct Attempt {
     released: Arc<AtomicBool>,
     stop_rx: watch::Receiver<Option<StopReason>>,
     rev: Arc<AtomicU64>,
+    /// The main loop, which owns the ledger.
+    main: mpsc::Sender<AttemptMsg>,
 }
 
 impl Attempt {
@@ -457,7 +484,7 @@ impl Attempt {
         );
         publish(&ctx.js, subject, &ev, None).await;
 
-        let (out_tx, out_rx) = mpsc::channel::<Output>(256);
+        let (out_tx, out_rx) = mpsc::channel::<Output>(OUTPUT_CHANNEL);
         let shipper = tokio::spawn(ship_output(
             ctx.js.clone(),
             out_rx,
@@ -484,7 +511,13 @@ impl Attempt {
         // Every log line is in the stream before the result.
         let _ = shipper.await;
 
-        let fenced = *self.stop_rx.borrow() == Some(StopReason::Fenced);
+        let mut fenced = *self.stop_rx.borrow() == Some(StopReason::Fenced);
+        if !fenced && !self.still_ours().await {
+            // The lease lapsed while nothing here could notice (a frozen
+            // worker, a stalled runtime): a newer attempt may run elsewhere.
+            self.stop.send_replace(Some(StopReason::Fenced));
+            fenced = true;
+        }
         if fenced {
             tracing::warn!(task_id = %self.lease.task_id, "attempt fenced: its result is not reported");
         } else {
@@ -494,6 +527,7 @@ impl Attempt {
         renewal.abort();
         self.released.store(true, Ordering::SeqCst);
         if !fenced {
+            self.free_resources().await;
             if let Err(e) = ctx.leases.purge(&self.key, Duration::from_secs(60)).await {
                 tracing::warn!(key = %self.key, error = %e, "could not release a lease; it will expire");
             }
@@ -502,6 +536,37 @@ impl Attempt {
             if let Err(e) = supervisor::remove_dir(&dir).await {
                 tracing::warn!(dir = %dir.display(), error = %e, "could not remove a task directory");
             }
+        }
+    }
+
+    /// Whether the lease is still this attempt's: its last entry is a value
+    /// that this process claimed or renewed (or the coordinator's request
+    /// to cancel it), not an expiry or purge marker or someone else's.
+    async fn still_ours(&self) -> bool {
+        match self.ctx.leases.last(&self.key).await {
+            Ok(Some(e)) if e.op == KvOp::Put => codec::decode::<Lease>(&e.value).is_ok_and(|l| {
+                l.instance.as_deref() == Some(self.ctx.instance.as_str())
+                    && l.attempt == self.lease.attempt
+            }),
+            Ok(_) => false,
+            Err(e) => {
+                // Cannot tell; the coordinator refuses a superseded
+                // attempt's result anyway.
+                tracing::warn!(key = %self.key, error = %e, "cannot check the lease before reporting");
+                true
+            }
+        }
+    }
+
+    /// Frees this attempt's resources in the ledger before its lease goes.
+    async fn free_resources(&self) {
+        let (freed, answer) = oneshot::channel();
+        let msg = AttemptMsg::Releasing {
+            key: self.key.clone(),
+            freed,
+        };
+        if self.main.send(msg).await.is_ok() {
+            let _ = answer.await;
         }
     }
 
@@ -689,7 +754,7 @@ async fn ship_output(
         }
         // Bound what is in flight; the supervisor counts what it must drop
         // while we wait.
-        while acks.len() >= 64 {
+        while acks.len() >= OUTPUT_IN_FLIGHT {
             if let Some(Err(e)) = acks.next().await {
                 tracing::warn!(error = %e, "task output was not stored");
             }
