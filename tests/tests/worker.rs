@@ -1106,6 +1106,31 @@ async fn output_past_max_log_size_is_dropped_and_counted_before_the_result() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_too_big_for_one_nats_message_fails_the_task_instead_of_hanging() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_worker(WorkerSpec::new("w1")).await;
+    // A JSON string just under the worker's 1 MiB result limit: as an
+    // event, with its envelope, it is over the server's 1 MiB max_payload.
+    let n = (1 << 20) - 6;
+    let script = format!(
+        r#"{{ printf '"'; head -c {n} /dev/zero | tr '\000' x; printf '"'; }} > "$GPUFLEET_RESULT""#
+    );
+    let id = fleet
+        .submit(&json!({"max_retries": 2, "tasks": [{"command": ["sh", "-c", script], "resources": {"cpus": 0.5}}]}))
+        .await;
+    let status = fleet.wait_finished(&id, T).await;
+    assert_eq!(
+        status["status"], "FINISHED:EXECUTION_EXCEPTION",
+        "{status:#}"
+    );
+    let t = &status["tasks"][0];
+    assert_eq!(t["state"], "FAILED", "not retried: it would fail again");
+    assert_eq!(t["exit_code"], 0);
+    let reason = t["reason"].as_str().unwrap();
+    assert!(reason.contains("max_payload"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn artifacts_are_stored_under_job_task_attempt_with_matching_sizes_and_digests() {
     let mut fleet = Fleet::start().await;
     fleet.add_worker(WorkerSpec::new("w1")).await;

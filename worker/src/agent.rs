@@ -609,6 +609,18 @@ impl Attempt {
 
     /// Publishes the result until the stream has it, or the lease is lost.
     async fn report(&self, outcome: TaskOutcome, claim_rev: u64) {
+        // A result event that cannot be one NATS message would be refused
+        // on every try: make it fit first.
+        let max = self
+            .ctx
+            .js
+            .client()
+            .max_payload()
+            .saturating_sub(HEADER_ROOM);
+        let outcome = fit_outcome(outcome, max, |o| {
+            let (_, ev) = self.event(EventBody::Result(o.clone()), claim_rev);
+            codec::encode(&ev).map_or(0, |b| b.len())
+        });
         let (subject, ev) = self.event(EventBody::Result(outcome), claim_rev);
         // The same id on every try: the stream keeps one copy.
         let msg_id = format!("{}.{}.result", self.lease.task_id, self.lease.attempt);
@@ -624,6 +636,65 @@ impl Attempt {
             delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
+}
+
+/// Room kept for a result event's headers (content type, message id).
+const HEADER_ROOM: usize = 1024;
+/// The longest error text a result carries.
+const MAX_ERROR_CHARS: usize = 16 * 1024;
+
+/// Makes an outcome fit in `max` bytes as measured by `size`: a result too
+/// large to send is left out and a success becomes FAILED (the task would
+/// fail the same way if retried), then, if need be, the artifact list is
+/// left out (the files stay in the store) and the error text is shortened.
+fn fit_outcome(
+    mut o: TaskOutcome,
+    max: usize,
+    size: impl Fn(&TaskOutcome) -> usize,
+) -> TaskOutcome {
+    let add_error = |o: &mut TaskOutcome, problem: String| {
+        o.error = Some(match o.error.take() {
+            Some(e) => format!("{e}; {problem}"),
+            None => problem,
+        });
+    };
+    let n = size(&o);
+    if n <= max {
+        return o;
+    }
+    if o.result.take().is_some() {
+        if o.state == TaskState::Succeeded {
+            o.state = TaskState::Failed;
+        }
+        let problem = format!(
+            "the result is {} as an event, more than the {} one NATS message may hold (the server's max_payload); write less to GPUFLEET_RESULT",
+            gpufleet_schema::ByteSize(n as u64),
+            gpufleet_schema::ByteSize(max as u64)
+        );
+        add_error(&mut o, problem);
+        if size(&o) <= max {
+            return o;
+        }
+    }
+    if !o.artifacts.is_empty() {
+        let count = o.artifacts.len();
+        o.artifacts.clear();
+        add_error(
+            &mut o,
+            format!("{count} artifacts were uploaded: too many to list in the result"),
+        );
+    }
+    if let Some(e) = &mut o.error {
+        if e.len() > MAX_ERROR_CHARS {
+            let cut = (0..=MAX_ERROR_CHARS)
+                .rev()
+                .find(|&i| e.is_char_boundary(i))
+                .unwrap_or(0);
+            e.truncate(cut);
+            e.push_str("...");
+        }
+    }
+    o
 }
 
 fn limits(cfg: &WorkerConfig) -> Limits {
@@ -836,4 +907,60 @@ pub(crate) fn descendants_of_self() -> HashSet<u32> {
             false
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_schema::{Artifact, ByteSize};
+
+    fn outcome(result: usize, artifacts: usize) -> TaskOutcome {
+        TaskOutcome {
+            state: TaskState::Succeeded,
+            exit_code: Some(0),
+            signal: None,
+            result: Some(serde_json::Value::String("x".repeat(result))),
+            error: None,
+            artifacts: (0..artifacts)
+                .map(|i| Artifact {
+                    name: format!("out/{i}"),
+                    object: format!("j/t/1/out/{i}"),
+                    size: ByteSize(1),
+                    sha256: "0".repeat(64),
+                })
+                .collect(),
+            started_at: None,
+            finished_at: OffsetDateTime::now_utc(),
+        }
+    }
+
+    fn size(o: &TaskOutcome) -> usize {
+        codec::encode(o).unwrap().len()
+    }
+
+    #[test]
+    fn an_outcome_that_fits_is_left_alone() {
+        let o = outcome(100, 3);
+        assert_eq!(fit_outcome(o.clone(), 1 << 20, size), o);
+    }
+
+    #[test]
+    fn a_result_too_large_to_send_fails_the_task_with_the_reason() {
+        let o = fit_outcome(outcome(1 << 20, 3), 1 << 20, size);
+        assert_eq!(o.state, TaskState::Failed);
+        assert_eq!(o.result, None);
+        assert_eq!(o.artifacts.len(), 3, "the artifacts still fit");
+        assert!(o.error.unwrap().contains("max_payload"));
+    }
+
+    #[test]
+    fn too_many_artifacts_are_left_out_of_the_list_but_not_failed() {
+        let o = outcome(0, 20_000);
+        let max = 64 << 10;
+        let mut o = fit_outcome(TaskOutcome { result: None, ..o }, max, size);
+        assert_eq!(o.state, TaskState::Succeeded);
+        assert!(o.artifacts.is_empty());
+        assert!(o.error.take().unwrap().contains("20000 artifacts"));
+        assert!(size(&o) <= max);
+    }
 }
