@@ -273,6 +273,13 @@ async fn a_worker_killed_with_kill_9_leaves_the_fleet_within_its_advert_ttl() {
     let status = fleet.wait_finished(&id, T).await;
     assert_eq!(status["tasks"][0]["state"], "LOST", "{status:#}");
     assert_eq!(status["status"], "FINISHED:EXECUTION_EXCEPTION");
+
+    // The killed worker could not remove its task's directory; started
+    // again on the same work dir, it does before it takes work.
+    let left = fleet.dir().join(format!("work-w1/{id}-0-1"));
+    assert!(left.join("work").is_dir());
+    fleet.add_worker(WorkerSpec::new("w1")).await;
+    assert!(!left.exists(), "{} was cleaned up", left.display());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

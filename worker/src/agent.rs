@@ -120,6 +120,17 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     tokio::fs::create_dir_all(&work_dir)
         .await
         .map_err(|e| WorkerError::Config(format!("work_dir {}: {e}", work_dir.display())))?;
+    // Attempts of an earlier life of this worker (killed before it could
+    // clean up) are over: their leases are gone or will be abandoned.
+    if !cfg.keep_task_dirs {
+        let stale = supervisor::remove_stale_dirs(&work_dir).await;
+        if stale > 0 {
+            tracing::info!(
+                count = stale,
+                "removed task directories left by an earlier run"
+            );
+        }
+    }
 
     // What the worker offers, fixed at start.
     let (capacity, probe) = advert::initial_capacity(&cfg, probe).await;

@@ -396,6 +396,39 @@ pub async fn run(
     }
 }
 
+/// Removes what earlier runs of this worker left in `work_dir`: attempt
+/// directories (recognised by their `work` and `meta` folders) whose worker
+/// died before it could clean up. Other entries are left alone. Returns how
+/// many were removed.
+pub async fn remove_stale_dirs(work_dir: &Path) -> usize {
+    let work_dir = work_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let Ok(entries) = std::fs::read_dir(&work_dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let paths = TaskPaths::new(&dir);
+            let is_attempt = entry.file_type().is_ok_and(|t| t.is_dir())
+                && paths.work.is_dir()
+                && paths.meta().is_dir();
+            if !is_attempt {
+                continue;
+            }
+            match remove_tree(&dir) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a stale task directory")
+                }
+            }
+        }
+        removed
+    })
+    .await
+    .unwrap_or(0)
+}
+
 /// Removes an attempt's directory; one already gone is fine.
 pub async fn remove_dir(dir: &Path) -> io::Result<()> {
     let dir = dir.to_path_buf();

@@ -775,6 +775,20 @@ async fn remove_dir_removes_what_the_task_left() {
     let _ = std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700));
 }
 
+#[tokio::test]
+async fn stale_attempt_dirs_are_removed_and_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (fin, _) = run_to_end(sh(tmp.path(), "echo left > behind")).await;
+    assert_eq!(fin.state, TaskState::Succeeded);
+    std::fs::create_dir_all(tmp.path().join("someone-elses/work")).unwrap();
+    std::fs::write(tmp.path().join("notes-1"), b"keep").unwrap();
+    assert_eq!(remove_stale_dirs(tmp.path()).await, 1);
+    assert!(!tmp.path().join("attempt-1").exists());
+    assert!(tmp.path().join("someone-elses/work").exists());
+    assert!(tmp.path().join("notes-1").exists());
+    assert_eq!(remove_stale_dirs(&tmp.path().join("missing")).await, 0);
+}
+
 #[test]
 fn classification_of_ends() {
     let exited = |code: i32| ExitStatus::from_raw(code << 8);
