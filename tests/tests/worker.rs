@@ -744,9 +744,14 @@ async fn a_cancel_stops_the_process_frees_the_lease_and_aborts_the_job() {
     let mut fleet = Fleet::start().await;
     fleet.add_worker(WorkerSpec::new("w1")).await;
     let ctl = ctl(&fleet, "cancel");
+    // It ignores SIGTERM, so it takes the kill grace (1 s) to stop.
+    let script = format!(
+        "trap '' TERM; {} while :; do sleep 0.1; done",
+        write_pid("pid")
+    );
     let id = fleet
         .submit(&json!({"id": "cx", "tasks": [{
-            "command": ["sh", "-c", format!("{} exec sleep 600", write_pid("pid"))],
+            "command": ["sh", "-c", script],
             "env": {"CTL": ctl}, "resources": {"cpus": 0.5}}]}))
         .await;
     let pid = wait_pid(&ctl.join("pid")).await;
@@ -765,16 +770,26 @@ async fn a_cancel_stops_the_process_frees_the_lease_and_aborts_the_job() {
     assert_eq!(status["status"], "FINISHED:ABORTED", "{status:#}");
     assert_eq!(status["tasks"][0]["state"], "CANCELLED");
     wait_gone(pid, "the cancelled task's process to be gone").await;
-    // The worker released the lease (a purge, not an expiry).
-    let released = next_change(&mut watch, T, "the lease to be released", |c| {
-        c.op != KvOp::Put
+    // While the task is stopped the worker keeps the lease alive, and the
+    // coordinator's request visible; then it releases it (a purge, not an
+    // expiry).
+    next_change(&mut watch, T, "the coordinator's cancel request", |c| {
+        decode_lease(c).is_some_and(|l| l.state == LeaseState::Cancelling)
     })
     .await;
+    let released = loop {
+        let c = next_change(&mut watch, T, "the lease to be released", |_| true).await;
+        match decode_lease(&c) {
+            Some(l) => assert_eq!(l.state, LeaseState::Cancelling, "renewed as it was"),
+            None => break c,
+        }
+    };
     assert_eq!(released.op, KvOp::Purge);
     let evs = events(&fleet, &id).await;
     let outs = outcomes(&evs);
     assert_eq!(outs.len(), 1);
     assert_eq!(outs[0].2.state, TaskState::Cancelled);
+    assert_eq!(outs[0].2.signal, Some(libc::SIGKILL), "after the grace");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -721,7 +721,10 @@ fn limits(cfg: &WorkerConfig) -> Limits {
 
 /// Renews the lease every third of its TTL, compare-and-set on the last
 /// revision. A lost race is looked into: the coordinator asking to cancel
-/// is obeyed; anything else means the lease is no longer ours.
+/// is obeyed; anything else means the lease is no longer ours. A lease the
+/// coordinator marked CANCELLING is renewed as CANCELLING, so that its
+/// request stays visible (to a coordinator that restarts meanwhile, say)
+/// until the worker releases the lease.
 async fn renew(
     ctx: Arc<Ctx>,
     key: String,
@@ -730,19 +733,23 @@ async fn renew(
     rev: Arc<AtomicU64>,
     stop: Arc<watch::Sender<Option<StopReason>>>,
 ) {
-    let Ok(bytes) = codec::encode(&lease) else {
-        return;
-    };
-    let bytes = Bytes::from(bytes);
+    let mut current = lease;
     let mut interval = tokio::time::interval(ttl / 3);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interval.tick().await;
     loop {
         interval.tick().await;
+        // A cancel the lease watch saw (its revision is already ours).
+        if *stop.borrow() == Some(StopReason::Cancel) {
+            current.state = LeaseState::Cancelling;
+        }
+        let Ok(bytes) = codec::encode(&current) else {
+            return;
+        };
         let expected = rev.load(Ordering::SeqCst);
         match ctx
             .leases
-            .update(&key, bytes.clone(), Some(ttl), expected)
+            .update(&key, Bytes::from(bytes), Some(ttl), expected)
             .await
         {
             Ok(r) => {
@@ -752,20 +759,21 @@ async fn renew(
                 Ok(Some(e)) if e.op == KvOp::Put => match codec::decode::<Lease>(&e.value) {
                     Ok(l)
                         if l.instance.as_deref() == Some(ctx.instance.as_str())
-                            && l.attempt == lease.attempt =>
+                            && l.attempt == current.attempt =>
                     {
                         rev.fetch_max(e.revision, Ordering::SeqCst);
                         if l.state == LeaseState::Cancelling {
                             stop.send_replace(Some(StopReason::Cancel));
-                            // Keep renewing the cancelling lease while the
-                            // task is stopped, so it does not expire mid-way.
-                            if let Ok(b) = codec::encode(&l) {
-                                let _ = ctx
-                                    .leases
-                                    .update(&key, Bytes::from(b), Some(ttl), e.revision)
-                                    .await
-                                    .map(|r| rev.fetch_max(r, Ordering::SeqCst));
-                            }
+                        }
+                        // Renew at once what we found, so that it does not
+                        // lapse while the task is stopped.
+                        current = l;
+                        if let Ok(b) = codec::encode(&current) {
+                            let _ = ctx
+                                .leases
+                                .update(&key, Bytes::from(b), Some(ttl), e.revision)
+                                .await
+                                .map(|r| rev.fetch_max(r, Ordering::SeqCst));
                         }
                     }
                     _ => {
