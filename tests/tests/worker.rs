@@ -1227,6 +1227,17 @@ async fn sigterm_drains_the_running_task_finishes_and_the_worker_exits_0() {
     fleet.worker("w1").sigterm();
     let adv = next_advert(&mut watch, "a draining advert", |a| a.draining).await;
     assert_eq!(adv.running.len(), 1);
+    // A reservation written straight to it is refused, saying why.
+    let leases = bucket(&fleet, subjects::LEASES_BUCKET).await;
+    let late = rogue_lease(
+        "w1",
+        "late-0",
+        grant(100, 0, &[], false),
+        json!({"command": ["true"]}),
+    );
+    let answer = reserve_directly(&leases, "w1.late-0.1", &late).await;
+    assert_eq!(answer.state, LeaseState::Rejected);
+    assert_eq!(answer.reason.as_deref(), Some("the worker is draining"));
     // New work waits rather than going to the draining worker (once the
     // coordinator has seen the advert: it has no event for that).
     let client = fleet.client().await;
