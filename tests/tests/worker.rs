@@ -243,12 +243,18 @@ async fn a_worker_killed_with_kill_9_leaves_the_fleet_within_its_advert_ttl() {
     let mut fleet = Fleet::start().await;
     fleet.add_worker(WorkerSpec::new("w1")).await;
     let ctl = ctl(&fleet, "kill9");
+    // The task starts a process of its own, as torchrun would.
+    let script = format!(
+        r#"sleep 600 & echo $! > "$CTL/child.tmp" && mv "$CTL/child.tmp" "$CTL/child"; {} wait"#,
+        write_pid("pid")
+    );
     let id = fleet
         .submit(&json!({"max_retries": 0, "tasks": [{
-            "command": ["sh", "-c", format!("{} exec sleep 600", write_pid("pid"))],
+            "command": ["sh", "-c", script],
             "env": {"CTL": ctl}, "resources": {"cpus": 0.5}}]}))
         .await;
     let task_pid = wait_pid(&ctl.join("pid")).await;
+    let grandchild = wait_pid(&ctl.join("child")).await;
 
     let workers = bucket(&fleet, subjects::WORKERS_BUCKET).await;
     let mut watch = workers.watch("w1").await.unwrap();
@@ -274,12 +280,18 @@ async fn a_worker_killed_with_kill_9_leaves_the_fleet_within_its_advert_ttl() {
     assert_eq!(status["tasks"][0]["state"], "LOST", "{status:#}");
     assert_eq!(status["status"], "FINISHED:EXECUTION_EXCEPTION");
 
-    // The killed worker could not remove its task's directory; started
-    // again on the same work dir, it does before it takes work.
+    // The killed worker could not remove its task's directory, nor kill
+    // what its task started; started again on the same work dir, it does
+    // both before it takes work.
     let left = fleet.dir().join(format!("work-w1/{id}-0-1"));
     assert!(left.join("work").is_dir());
+    assert!(
+        !process_gone(grandchild),
+        "PR_SET_PDEATHSIG reaches only the task's main process"
+    );
     fleet.add_worker(WorkerSpec::new("w1")).await;
     assert!(!left.exists(), "{} was cleaned up", left.display());
+    wait_gone(grandchild, "the left-over process to be killed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -120,16 +120,14 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     tokio::fs::create_dir_all(&work_dir)
         .await
         .map_err(|e| WorkerError::Config(format!("work_dir {}: {e}", work_dir.display())))?;
-    // Attempts of an earlier life of this worker (killed before it could
-    // clean up) are over: their leases are gone or will be abandoned.
-    if !cfg.keep_task_dirs {
-        let stale = supervisor::remove_stale_dirs(&work_dir).await;
-        if stale > 0 {
-            tracing::info!(
-                count = stale,
-                "removed task directories left by an earlier run"
-            );
-        }
+    let cleaned =
+        supervisor::clean_up_earlier_run(&work_dir, worker.as_str(), !cfg.keep_task_dirs).await;
+    if cleaned != supervisor::CleanedUp::default() {
+        tracing::info!(
+            killed = cleaned.killed,
+            removed = cleaned.removed,
+            "cleaned up after an earlier run of this worker"
+        );
     }
 
     // What the worker offers, fixed at start.
@@ -508,6 +506,9 @@ impl Attempt {
         let dir = ctx
             .work_dir
             .join(format!("{}-{}", self.lease.task_id, self.lease.attempt));
+        if let Err(e) = supervisor::mark_owner(&dir, ctx.worker.as_str()).await {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot mark a task directory as this worker's");
+        }
         let run = TaskRun {
             job_id: self.lease.job_id.clone(),
             task_id: self.lease.task_id.clone(),
