@@ -1,7 +1,7 @@
 //! The worker's advert in `gpufleet-workers`: refreshed every heartbeat
 //! with a TTL, so that a worker that dies disappears on its own.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -97,33 +97,7 @@ pub async fn heartbeat(
         } else {
             Default::default()
         };
-        let mut unmanaged = HashMap::new();
-        let gpus: Vec<GpuAdvert> = snap
-            .gpus
-            .iter()
-            .map(|g| {
-                let reserved_here: u64 = now_inputs
-                    .reserved_gpu
-                    .iter()
-                    .filter(|(u, _)| *u == g.uuid)
-                    .map(|(_, m)| *m)
-                    .sum();
-                let other = gpu::unmanaged_memory(g, &ours, reserved_here);
-                unmanaged.insert(g.uuid.clone(), other);
-                GpuAdvert {
-                    index: g.index,
-                    uuid: g.uuid.clone(),
-                    model: g.model.clone(),
-                    memory_total: ByteSize(g.memory_total),
-                    memory_used: ByteSize(g.memory_used),
-                    memory_free: ByteSize(g.memory_free),
-                    memory_unmanaged: ByteSize(other),
-                    utilization: g.utilization,
-                    temperature: g.temperature,
-                    simulated: g.simulated,
-                }
-            })
-            .collect();
+        let (gpus, unmanaged) = gpu_adverts(&snap, &now_inputs.reserved_gpu, &ours);
         if let Ok(mut m) = unmanaged_out.lock() {
             *m = unmanaged;
         }
@@ -161,6 +135,43 @@ pub async fn heartbeat(
     }
 }
 
+/// The GPUs as advertised, and the memory on each (by uuid) that processes
+/// other than this worker's tasks (`ours`: their pids) use, which the
+/// ledger and placement must treat as taken.
+pub fn gpu_adverts(
+    snap: &GpuSnapshot,
+    reserved: &[(String, u64)],
+    ours: &HashSet<u32>,
+) -> (Vec<GpuAdvert>, HashMap<String, u64>) {
+    let mut unmanaged = HashMap::new();
+    let gpus = snap
+        .gpus
+        .iter()
+        .map(|g| {
+            let reserved_here: u64 = reserved
+                .iter()
+                .filter(|(u, _)| *u == g.uuid)
+                .map(|(_, m)| *m)
+                .sum();
+            let other = gpu::unmanaged_memory(g, ours, reserved_here);
+            unmanaged.insert(g.uuid.clone(), other);
+            GpuAdvert {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                model: g.model.clone(),
+                memory_total: ByteSize(g.memory_total),
+                memory_used: ByteSize(g.memory_used),
+                memory_free: ByteSize(g.memory_free),
+                memory_unmanaged: ByteSize(other),
+                utilization: g.utilization,
+                temperature: g.temperature,
+                simulated: g.simulated,
+            }
+        })
+        .collect();
+    (gpus, unmanaged)
+}
+
 /// This machine's first non-loopback IPv4 address, from its interfaces;
 /// loopback when it has none. Set `addr` when that is not the one other
 /// workers should use.
@@ -182,4 +193,113 @@ fn default_addr() -> Option<String> {
         }
     }
     Some(first.unwrap_or_else(|| "127.0.0.1".to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::GpuInfo;
+    use crate::ledger::Ledger;
+    use gpufleet_schema::{GpuGrant, Grant};
+
+    const GIB: u64 = 1 << 30;
+
+    /// Stands in for NVML: real (not simulated) GPUs, with the compute
+    /// processes the driver reports on each.
+    struct FakeNvml {
+        gpus: Vec<GpuInfo>,
+    }
+
+    impl GpuProbe for FakeNvml {
+        fn probe(&mut self, _: &[(String, u64)]) -> GpuSnapshot {
+            GpuSnapshot {
+                driver_version: Some("550.54".into()),
+                gpus: self.gpus.clone(),
+            }
+        }
+    }
+
+    fn nvml_gpu(index: u32, used: u64, processes: Option<Vec<(u32, u64)>>) -> GpuInfo {
+        GpuInfo {
+            index,
+            uuid: format!("GPU-{index}"),
+            model: "NVIDIA L4".into(),
+            memory_total: 24 * GIB,
+            memory_used: used,
+            memory_free: 24 * GIB - used,
+            utilization: Some(40),
+            temperature: Some(61),
+            processes,
+            simulated: false,
+        }
+    }
+
+    fn probe() -> Box<dyn GpuProbe> {
+        Box::new(FakeNvml {
+            gpus: vec![
+                // Our task (pid 100) uses 6 GiB, a stranger (pid 999) 10.
+                nvml_gpu(0, 16 * GIB, Some(vec![(100, 6 * GIB), (999, 10 * GIB)])),
+                // The driver does not list processes (a container without
+                // the host's PID namespace): whatever our reservations do
+                // not explain counts as someone else's.
+                nvml_gpu(1, 12 * GIB, None),
+            ],
+        })
+    }
+
+    #[tokio::test]
+    async fn real_gpus_advertise_what_the_driver_says_and_whose_memory_it_is() {
+        let (mut probe, snap) = probe_gpus(probe(), vec![]).await;
+        let reserved = vec![
+            ("GPU-0".to_string(), 8 * GIB),
+            ("GPU-1".to_string(), 4 * GIB),
+        ];
+        let ours: HashSet<u32> = [100].into();
+        let (gpus, unmanaged) = gpu_adverts(&snap, &reserved, &ours);
+        assert_eq!(gpus.len(), 2);
+        let g0 = &gpus[0];
+        assert!(!g0.simulated);
+        assert_eq!(
+            (g0.memory_used.0, g0.memory_free.0, g0.memory_unmanaged.0),
+            (16 * GIB, 8 * GIB, 10 * GIB)
+        );
+        assert_eq!((g0.utilization, g0.temperature), (Some(40), Some(61)));
+        assert_eq!(gpus[1].memory_unmanaged.0, 8 * GIB);
+        assert_eq!(unmanaged["GPU-0"], 10 * GIB);
+        assert_eq!(snap.driver_version.as_deref(), Some("550.54"));
+        // The probe is used again on the next heartbeat.
+        assert_eq!(probe.probe(&[]).gpus.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn memory_others_use_on_a_real_gpu_is_refused_to_shares() {
+        let cfg = crate::config::WorkerConfig::for_test("nats://x:1", "w");
+        let (cap, probe) = initial_capacity(&cfg, probe()).await;
+        assert_eq!(
+            cap.gpus,
+            vec![
+                ("GPU-0".to_string(), 24 * GIB),
+                ("GPU-1".to_string(), 24 * GIB)
+            ]
+        );
+        let (_, snap) = probe_gpus(probe, vec![]).await;
+        let (_, unmanaged) = gpu_adverts(&snap, &[], &[100].into());
+        let share = |gib: u64| Grant {
+            gpus: vec![GpuGrant {
+                index: 0,
+                uuid: "GPU-0".into(),
+                memory: ByteSize(gib * GIB),
+            }],
+            exclusive: false,
+            cpus_milli: 0,
+            memory: ByteSize(0),
+        };
+        let mut ledger = Ledger::default();
+        // 24 GiB less the stranger's 10: 14 GiB can be shared out.
+        let err = ledger
+            .try_hold("a", &share(15), &cap, &unmanaged)
+            .unwrap_err();
+        assert!(err.contains("10GiB by other processes"), "{err}");
+        ledger.try_hold("b", &share(14), &cap, &unmanaged).unwrap();
+    }
 }

@@ -23,7 +23,7 @@ use gpufleet_schema::{
     TaskState, WorkerAdvert, WorkerId,
 };
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::advert::{self, AdvertInputs};
 use crate::artifacts;
@@ -48,6 +48,14 @@ pub enum WorkerError {
     Nats(String),
 }
 
+/// Output batches waiting between a task's supervisor and its shipper.
+/// With `OUTPUT_IN_FLIGHT` and the supervisor's own queue
+/// (`max_pending_log_bytes`) this bounds the output a task can make the
+/// worker hold: 4 MiB plus about 80 batches (5 MiB at 64 KiB a batch).
+const OUTPUT_CHANNEL: usize = 16;
+/// Output events published and not yet acknowledged, per task.
+const OUTPUT_IN_FLIGHT: usize = 64;
+
 /// What every attempt's task shares.
 pub(crate) struct Ctx {
     pub js: jetstream::Context,
@@ -69,32 +77,18 @@ struct Held {
     rev: Arc<AtomicU64>,
 }
 
-/// How an attempt's task ended, for the main loop.
-struct Done {
-    key: String,
-}
-
-/// Tells the main loop an attempt no longer holds its resources: at the
-/// latest when dropped, however the attempt ends.
-struct DoneGuard {
-    tx: mpsc::Sender<Done>,
-    key: Option<String>,
-}
-
-impl DoneGuard {
-    async fn send(&mut self) {
-        if let Some(key) = self.key.take() {
-            let _ = self.tx.send(Done { key }).await;
-        }
-    }
-}
-
-impl Drop for DoneGuard {
-    fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            let _ = self.tx.try_send(Done { key });
-        }
-    }
+/// What an attempt's task tells the main loop.
+enum AttemptMsg {
+    /// The attempt is about to release its lease. The main loop frees its
+    /// resources in the ledger first and then answers: once the lease is
+    /// gone the coordinator may place new work here at once, and that
+    /// reservation must not find the old grant still held.
+    Releasing {
+        key: String,
+        freed: oneshot::Sender<()>,
+    },
+    /// The attempt's task is over (reported, released, cleaned up).
+    Done { key: String },
 }
 
 /// Runs the worker until `shutdown` resolves, then drains: no new work,
@@ -126,6 +120,15 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     tokio::fs::create_dir_all(&work_dir)
         .await
         .map_err(|e| WorkerError::Config(format!("work_dir {}: {e}", work_dir.display())))?;
+    let cleaned =
+        supervisor::clean_up_earlier_run(&work_dir, worker.as_str(), !cfg.keep_task_dirs).await;
+    if cleaned != supervisor::CleanedUp::default() {
+        tracing::info!(
+            killed = cleaned.killed,
+            removed = cleaned.removed,
+            "cleaned up after an earlier run of this worker"
+        );
+    }
 
     // What the worker offers, fixed at start.
     let (capacity, probe) = advert::initial_capacity(&cfg, probe).await;
@@ -160,7 +163,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     ));
 
     let mut watch = leases.watch(&subjects::worker_leases(&worker)).await?;
-    let (done_tx, mut done_rx) = mpsc::channel::<Done>(1024);
+    let (done_tx, mut done_rx) = mpsc::channel::<AttemptMsg>(1024);
     let mut ledger = Ledger::default();
     let mut held: HashMap<String, Held> = HashMap::new();
     let mut draining = false;
@@ -198,14 +201,21 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 }
                 drain_deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(3600));
             }
-            Some(done) = done_rx.recv() => {
-                held.remove(&done.key);
-                ledger.release(&done.key);
-                publish_inputs(&held, &ledger, draining);
-                if draining && held.is_empty() {
-                    break;
+            Some(msg) = done_rx.recv() => match msg {
+                AttemptMsg::Releasing { key, freed } => {
+                    ledger.release(&key);
+                    publish_inputs(&held, &ledger, draining);
+                    let _ = freed.send(());
                 }
-            }
+                AttemptMsg::Done { key } => {
+                    held.remove(&key);
+                    ledger.release(&key);
+                    publish_inputs(&held, &ledger, draining);
+                    if draining && held.is_empty() {
+                        break;
+                    }
+                }
+            },
             item = watch.next() => {
                 let Some(item) = item else {
                     // The watch cannot continue; start it again from the
@@ -312,7 +322,7 @@ async fn on_lease(
     capacity: &Capacity,
     unmanaged: &Arc<Mutex<HashMap<String, u64>>>,
     draining: bool,
-    done_tx: &mpsc::Sender<Done>,
+    done_tx: &mpsc::Sender<AttemptMsg>,
     key: String,
     rev: u64,
     lease: Lease,
@@ -360,13 +370,14 @@ async fn on_lease(
                 released: h.released.clone(),
                 stop_rx,
                 rev: h.rev.clone(),
+                main: done_tx.clone(),
             };
             held.insert(key.clone(), h);
-            let done = DoneGuard {
-                tx: done_tx.clone(),
-                key: Some(key),
-            };
-            tokio::spawn(attempt.run(done));
+            let done_tx = done_tx.clone();
+            tokio::spawn(async move {
+                attempt.run().await;
+                let _ = done_tx.send(AttemptMsg::Done { key }).await;
+            });
         }
         LeaseState::Running | LeaseState::Cancelling => {
             if lease.instance.as_deref() != Some(ctx.instance.as_str()) {
@@ -421,6 +432,8 @@ struct Attempt {
     released: Arc<AtomicBool>,
     stop_rx: watch::Receiver<Option<StopReason>>,
     rev: Arc<AtomicU64>,
+    /// The main loop, which owns the ledger.
+    main: mpsc::Sender<AttemptMsg>,
 }
 
 impl Attempt {
@@ -446,7 +459,7 @@ impl Attempt {
         )
     }
 
-    async fn run(self, mut done: DoneGuard) {
+    async fn run(self) {
         let ctx = self.ctx.clone();
         let ttl = self.lease.lease_ttl.0.max(Duration::from_secs(1));
         // Claim: compare-and-set on the reservation's revision.
@@ -489,7 +502,7 @@ impl Attempt {
         );
         publish(&ctx.js, subject, &ev, None).await;
 
-        let (out_tx, out_rx) = mpsc::channel::<Output>(256);
+        let (out_tx, out_rx) = mpsc::channel::<Output>(OUTPUT_CHANNEL);
         let shipper = tokio::spawn(ship_output(
             ctx.js.clone(),
             out_rx,
@@ -502,6 +515,9 @@ impl Attempt {
         let dir = ctx
             .work_dir
             .join(format!("{}-{}", self.lease.task_id, self.lease.attempt));
+        if let Err(e) = supervisor::mark_owner(&dir, ctx.worker.as_str()).await {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot mark a task directory as this worker's");
+        }
         let run = TaskRun {
             job_id: self.lease.job_id.clone(),
             task_id: self.lease.task_id.clone(),
@@ -516,7 +532,13 @@ impl Attempt {
         // Every log line is in the stream before the result.
         let _ = shipper.await;
 
-        let fenced = *self.stop_rx.borrow() == Some(StopReason::Fenced);
+        let mut fenced = *self.stop_rx.borrow() == Some(StopReason::Fenced);
+        if !fenced && !self.still_ours().await {
+            // The lease lapsed while nothing here could notice (a frozen
+            // worker, a stalled runtime): a newer attempt may run elsewhere.
+            self.stop.send_replace(Some(StopReason::Fenced));
+            fenced = true;
+        }
         if fenced {
             tracing::warn!(task_id = %self.lease.task_id, "attempt fenced: its result is not reported");
         } else {
@@ -525,10 +547,8 @@ impl Attempt {
         }
         renewal.abort();
         self.released.store(true, Ordering::SeqCst);
-        // Free the ledger before the lease: the coordinator places new work
-        // here as soon as it sees the lease go, and that work must fit.
-        done.send().await;
         if !fenced {
+            self.free_resources().await;
             if let Err(e) = ctx.leases.purge(&self.key, Duration::from_secs(60)).await {
                 tracing::warn!(key = %self.key, error = %e, "could not release a lease; it will expire");
             }
@@ -537,6 +557,37 @@ impl Attempt {
             if let Err(e) = supervisor::remove_dir(&dir).await {
                 tracing::warn!(dir = %dir.display(), error = %e, "could not remove a task directory");
             }
+        }
+    }
+
+    /// Whether the lease is still this attempt's: its last entry is a value
+    /// that this process claimed or renewed (or the coordinator's request
+    /// to cancel it), not an expiry or purge marker or someone else's.
+    async fn still_ours(&self) -> bool {
+        match self.ctx.leases.last(&self.key).await {
+            Ok(Some(e)) if e.op == KvOp::Put => codec::decode::<Lease>(&e.value).is_ok_and(|l| {
+                l.instance.as_deref() == Some(self.ctx.instance.as_str())
+                    && l.attempt == self.lease.attempt
+            }),
+            Ok(_) => false,
+            Err(e) => {
+                // Cannot tell; the coordinator refuses a superseded
+                // attempt's result anyway.
+                tracing::warn!(key = %self.key, error = %e, "cannot check the lease before reporting");
+                true
+            }
+        }
+    }
+
+    /// Frees this attempt's resources in the ledger before its lease goes.
+    async fn free_resources(&self) {
+        let (freed, answer) = oneshot::channel();
+        let msg = AttemptMsg::Releasing {
+            key: self.key.clone(),
+            freed,
+        };
+        if self.main.send(msg).await.is_ok() {
+            let _ = answer.await;
         }
     }
 
@@ -579,6 +630,18 @@ impl Attempt {
 
     /// Publishes the result until the stream has it, or the lease is lost.
     async fn report(&self, outcome: TaskOutcome, claim_rev: u64) {
+        // A result event that cannot be one NATS message would be refused
+        // on every try: make it fit first.
+        let max = self
+            .ctx
+            .js
+            .client()
+            .max_payload()
+            .saturating_sub(HEADER_ROOM);
+        let outcome = fit_outcome(outcome, max, |o| {
+            let (_, ev) = self.event(EventBody::Result(o.clone()), claim_rev);
+            codec::encode(&ev).map_or(0, |b| b.len())
+        });
         let (subject, ev) = self.event(EventBody::Result(outcome), claim_rev);
         // The same id on every try: the stream keeps one copy.
         let msg_id = format!("{}.{}.result", self.lease.task_id, self.lease.attempt);
@@ -596,6 +659,65 @@ impl Attempt {
     }
 }
 
+/// Room kept for a result event's headers (content type, message id).
+const HEADER_ROOM: usize = 1024;
+/// The longest error text a result carries.
+const MAX_ERROR_CHARS: usize = 16 * 1024;
+
+/// Makes an outcome fit in `max` bytes as measured by `size`: a result too
+/// large to send is left out and a success becomes FAILED (the task would
+/// fail the same way if retried), then, if need be, the artifact list is
+/// left out (the files stay in the store) and the error text is shortened.
+fn fit_outcome(
+    mut o: TaskOutcome,
+    max: usize,
+    size: impl Fn(&TaskOutcome) -> usize,
+) -> TaskOutcome {
+    let add_error = |o: &mut TaskOutcome, problem: String| {
+        o.error = Some(match o.error.take() {
+            Some(e) => format!("{e}; {problem}"),
+            None => problem,
+        });
+    };
+    let n = size(&o);
+    if n <= max {
+        return o;
+    }
+    if o.result.take().is_some() {
+        if o.state == TaskState::Succeeded {
+            o.state = TaskState::Failed;
+        }
+        let problem = format!(
+            "the result is {} as an event, more than the {} one NATS message may hold (the server's max_payload); write less to GPUFLEET_RESULT",
+            gpufleet_schema::ByteSize(n as u64),
+            gpufleet_schema::ByteSize(max as u64)
+        );
+        add_error(&mut o, problem);
+        if size(&o) <= max {
+            return o;
+        }
+    }
+    if !o.artifacts.is_empty() {
+        let count = o.artifacts.len();
+        o.artifacts.clear();
+        add_error(
+            &mut o,
+            format!("{count} artifacts were uploaded: too many to list in the result"),
+        );
+    }
+    if let Some(e) = &mut o.error {
+        if e.len() > MAX_ERROR_CHARS {
+            let cut = (0..=MAX_ERROR_CHARS)
+                .rev()
+                .find(|&i| e.is_char_boundary(i))
+                .unwrap_or(0);
+            e.truncate(cut);
+            e.push_str("...");
+        }
+    }
+    o
+}
+
 fn limits(cfg: &WorkerConfig) -> Limits {
     Limits {
         kill_grace: cfg.kill_grace.0,
@@ -609,7 +731,10 @@ fn limits(cfg: &WorkerConfig) -> Limits {
 
 /// Renews the lease every third of its TTL, compare-and-set on the last
 /// revision. A lost race is looked into: the coordinator asking to cancel
-/// is obeyed; anything else means the lease is no longer ours.
+/// is obeyed; anything else means the lease is no longer ours. A lease the
+/// coordinator marked CANCELLING is renewed as CANCELLING, so that its
+/// request stays visible (to a coordinator that restarts meanwhile, say)
+/// until the worker releases the lease.
 async fn renew(
     ctx: Arc<Ctx>,
     key: String,
@@ -618,19 +743,23 @@ async fn renew(
     rev: Arc<AtomicU64>,
     stop: Arc<watch::Sender<Option<StopReason>>>,
 ) {
-    let Ok(bytes) = codec::encode(&lease) else {
-        return;
-    };
-    let bytes = Bytes::from(bytes);
+    let mut current = lease;
     let mut interval = tokio::time::interval(ttl / 3);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interval.tick().await;
     loop {
         interval.tick().await;
+        // A cancel the lease watch saw (its revision is already ours).
+        if *stop.borrow() == Some(StopReason::Cancel) {
+            current.state = LeaseState::Cancelling;
+        }
+        let Ok(bytes) = codec::encode(&current) else {
+            return;
+        };
         let expected = rev.load(Ordering::SeqCst);
         match ctx
             .leases
-            .update(&key, bytes.clone(), Some(ttl), expected)
+            .update(&key, Bytes::from(bytes), Some(ttl), expected)
             .await
         {
             Ok(r) => {
@@ -640,20 +769,21 @@ async fn renew(
                 Ok(Some(e)) if e.op == KvOp::Put => match codec::decode::<Lease>(&e.value) {
                     Ok(l)
                         if l.instance.as_deref() == Some(ctx.instance.as_str())
-                            && l.attempt == lease.attempt =>
+                            && l.attempt == current.attempt =>
                     {
                         rev.fetch_max(e.revision, Ordering::SeqCst);
                         if l.state == LeaseState::Cancelling {
                             stop.send_replace(Some(StopReason::Cancel));
-                            // Keep renewing the cancelling lease while the
-                            // task is stopped, so it does not expire mid-way.
-                            if let Ok(b) = codec::encode(&l) {
-                                let _ = ctx
-                                    .leases
-                                    .update(&key, Bytes::from(b), Some(ttl), e.revision)
-                                    .await
-                                    .map(|r| rev.fetch_max(r, Ordering::SeqCst));
-                            }
+                        }
+                        // Renew at once what we found, so that it does not
+                        // lapse while the task is stopped.
+                        current = l;
+                        if let Ok(b) = codec::encode(&current) {
+                            let _ = ctx
+                                .leases
+                                .update(&key, Bytes::from(b), Some(ttl), e.revision)
+                                .await
+                                .map(|r| rev.fetch_max(r, Ordering::SeqCst));
                         }
                     }
                     _ => {
@@ -724,7 +854,7 @@ async fn ship_output(
         }
         // Bound what is in flight; the supervisor counts what it must drop
         // while we wait.
-        while acks.len() >= 64 {
+        while acks.len() >= OUTPUT_IN_FLIGHT {
             if let Some(Err(e)) = acks.next().await {
                 tracing::warn!(error = %e, "task output was not stored");
             }
@@ -806,4 +936,60 @@ pub(crate) fn descendants_of_self() -> HashSet<u32> {
             false
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_schema::{Artifact, ByteSize};
+
+    fn outcome(result: usize, artifacts: usize) -> TaskOutcome {
+        TaskOutcome {
+            state: TaskState::Succeeded,
+            exit_code: Some(0),
+            signal: None,
+            result: Some(serde_json::Value::String("x".repeat(result))),
+            error: None,
+            artifacts: (0..artifacts)
+                .map(|i| Artifact {
+                    name: format!("out/{i}"),
+                    object: format!("j/t/1/out/{i}"),
+                    size: ByteSize(1),
+                    sha256: "0".repeat(64),
+                })
+                .collect(),
+            started_at: None,
+            finished_at: OffsetDateTime::now_utc(),
+        }
+    }
+
+    fn size(o: &TaskOutcome) -> usize {
+        codec::encode(o).unwrap().len()
+    }
+
+    #[test]
+    fn an_outcome_that_fits_is_left_alone() {
+        let o = outcome(100, 3);
+        assert_eq!(fit_outcome(o.clone(), 1 << 20, size), o);
+    }
+
+    #[test]
+    fn a_result_too_large_to_send_fails_the_task_with_the_reason() {
+        let o = fit_outcome(outcome(1 << 20, 3), 1 << 20, size);
+        assert_eq!(o.state, TaskState::Failed);
+        assert_eq!(o.result, None);
+        assert_eq!(o.artifacts.len(), 3, "the artifacts still fit");
+        assert!(o.error.unwrap().contains("max_payload"));
+    }
+
+    #[test]
+    fn too_many_artifacts_are_left_out_of_the_list_but_not_failed() {
+        let o = outcome(0, 20_000);
+        let max = 64 << 10;
+        let mut o = fit_outcome(TaskOutcome { result: None, ..o }, max, size);
+        assert_eq!(o.state, TaskState::Succeeded);
+        assert!(o.artifacts.is_empty());
+        assert!(o.error.take().unwrap().contains("20000 artifacts"));
+        assert!(size(&o) <= max);
+    }
 }

@@ -38,6 +38,7 @@ mod progress;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashSet;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -199,6 +200,20 @@ impl TaskPaths {
     fn meta(&self) -> PathBuf {
         self.root.join("meta")
     }
+
+    /// Names the worker whose attempt this is (see [`mark_owner`]).
+    fn owner(&self) -> PathBuf {
+        self.meta().join("owner")
+    }
+}
+
+/// Records which worker an attempt directory belongs to, so that a later
+/// run of that worker cleans it up ([`clean_up_earlier_run`]) and no other
+/// worker sharing the `work_dir` ever does.
+pub async fn mark_owner(dir: &Path, owner: &str) -> io::Result<()> {
+    let paths = TaskPaths::new(dir);
+    tokio::fs::create_dir_all(paths.meta()).await?;
+    tokio::fs::write(paths.owner(), owner).await
 }
 
 /// Why we ended the task ourselves.
@@ -394,6 +409,111 @@ pub async fn run(
         launched: true,
         log_dropped_bytes,
     }
+}
+
+/// What [`clean_up_earlier_run`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CleanedUp {
+    /// Processes of earlier attempts that were still running, killed.
+    pub killed: usize,
+    /// Attempt directories removed.
+    pub removed: usize,
+}
+
+/// Deals with what an earlier run of this worker, killed before it could
+/// clean up, left in `work_dir`. Its attempts are over (their leases are
+/// gone or will be abandoned), but the processes their tasks started may
+/// still run: `PR_SET_PDEATHSIG` took only each task's main process. Those
+/// are killed, recognised by the `GPUFLEET_OUTPUT_DIR` in their environment;
+/// then, if `remove_dirs`, the attempt directories are removed. Only
+/// attempt directories that [`mark_owner`] gave to `owner` are touched.
+pub async fn clean_up_earlier_run(work_dir: &Path, owner: &str, remove_dirs: bool) -> CleanedUp {
+    let work_dir = std::path::absolute(work_dir).unwrap_or_else(|_| work_dir.to_path_buf());
+    let owner = owner.to_string();
+    tokio::task::spawn_blocking(move || {
+        let Ok(entries) = std::fs::read_dir(&work_dir) else {
+            return CleanedUp::default();
+        };
+        let attempts: Vec<TaskPaths> = entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| TaskPaths::new(&e.path()))
+            .filter(|p| {
+                p.work.is_dir() && std::fs::read_to_string(p.owner()).is_ok_and(|o| o == owner)
+            })
+            .collect();
+        let mut done = CleanedUp::default();
+        if attempts.is_empty() {
+            return done;
+        }
+        let works: HashSet<Vec<u8>> = attempts
+            .iter()
+            .map(|p| p.work.as_os_str().as_encoded_bytes().to_vec())
+            .collect();
+        done.killed = kill_leftovers(Path::new("/proc"), &works);
+        if remove_dirs {
+            for p in &attempts {
+                match remove_tree(&p.root) {
+                    Ok(()) => done.removed += 1,
+                    Err(e) => {
+                        tracing::warn!(dir = %p.root.display(), error = %e, "cannot remove a stale task directory")
+                    }
+                }
+            }
+        }
+        done
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// SIGKILLs every live process whose `GPUFLEET_OUTPUT_DIR` is one of
+/// `works`: the processes a task starts inherit it. Rescans, since a process
+/// may fork while a scan runs. Returns how many were killed. Blocking.
+fn kill_leftovers(proc_root: &Path, works: &HashSet<Vec<u8>>) -> usize {
+    const VAR: &[u8] = b"GPUFLEET_OUTPUT_DIR=";
+    let me = std::process::id() as i32;
+    let mut killed = HashSet::new();
+    for _ in 0..5 {
+        let Ok(entries) = std::fs::read_dir(proc_root) else {
+            break;
+        };
+        let mut found = 0;
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+                continue;
+            };
+            let ours = environ
+                .split(|&b| b == 0)
+                .filter_map(|var| var.strip_prefix(VAR))
+                .any(|dir| works.contains(dir));
+            if !ours {
+                continue;
+            }
+            let dead = std::fs::read_to_string(entry.path().join("stat"))
+                .ok()
+                .and_then(|stat| memory::parse_stat(&stat))
+                .is_some_and(|(state, _)| matches!(state, 'Z' | 'X'));
+            if !dead && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+                found += 1;
+                killed.insert(pid);
+            }
+        }
+        if found == 0 {
+            break;
+        }
+    }
+    killed.len()
 }
 
 /// Removes an attempt's directory; one already gone is fine.

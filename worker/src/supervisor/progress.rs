@@ -13,8 +13,10 @@ use super::output::HubMsg;
 /// The most read from the file in one poll, so that a task writing
 /// progress in a tight loop cannot make us hold much at once.
 const MAX_READ_PER_POLL: u64 = 4 << 20;
-/// A longer line is not progress; it is skipped up to its newline.
-const MAX_LINE: usize = 1 << 20;
+/// A longer line is not progress; it is skipped up to its newline. Well
+/// under NATS's default 1 MiB `max_payload`, so that a progress event
+/// always fits in one message.
+const MAX_LINE: usize = 256 << 10;
 /// How much of a bad line the notice quotes.
 const QUOTE_CHARS: usize = 200;
 
@@ -126,6 +128,12 @@ fn line_message(line: &[u8], msgs: &mut Vec<HubMsg>) {
     if line.iter().all(|b| b.is_ascii_whitespace()) {
         return;
     }
+    if line.len() > MAX_LINE {
+        msgs.push(HubMsg::Notice(format!(
+            "[gpufleet] ignored a progress line longer than {MAX_LINE} bytes\n"
+        )));
+        return;
+    }
     match serde_json::from_slice(line) {
         Ok(value) => msgs.push(HubMsg::Progress(value, line.len())),
         Err(_) => {
@@ -201,6 +209,31 @@ mod tests {
         );
         assert_eq!(got.len(), 2);
         assert_eq!(describe(tail.poll(true).await), vec!["{\"c\":3}"]);
+    }
+
+    #[tokio::test]
+    async fn a_line_too_long_is_skipped_whether_it_comes_whole_or_in_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let mut tail = EventsTail::new(path.clone());
+        let long = format!("\"{}\"\n", "x".repeat(MAX_LINE));
+        let mut f = std::fs::File::create(&path).unwrap();
+        // Whole, in one read.
+        f.write_all(format!("{long}{{\"a\":1}}\n").as_bytes())
+            .unwrap();
+        let got = describe(tail.poll(false).await);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].contains("longer than"), "{}", got[0]);
+        assert_eq!(got[1], "{\"a\":1}");
+        // In parts, over several reads.
+        f.write_all(&long.as_bytes()[..MAX_LINE / 2]).unwrap();
+        assert!(tail.poll(false).await.is_empty());
+        f.write_all(&long.as_bytes()[MAX_LINE / 2..]).unwrap();
+        f.write_all(b"{\"b\":2}\n").unwrap();
+        let got = describe(tail.poll(false).await);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].contains("longer than"), "{}", got[0]);
+        assert_eq!(got[1], "{\"b\":2}");
     }
 
     #[test]

@@ -775,6 +775,83 @@ async fn remove_dir_removes_what_the_task_left() {
     let _ = std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700));
 }
 
+#[tokio::test]
+async fn stale_attempt_dirs_are_removed_and_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let attempt = tmp.path().join("attempt-1");
+    mark_owner(&attempt, "w1").await.unwrap();
+    let (fin, _) = run_to_end(sh(tmp.path(), "echo left > behind")).await;
+    assert_eq!(fin.state, TaskState::Succeeded);
+    // Another worker's attempt in a shared work_dir, and a stranger.
+    let theirs = tmp.path().join("job9-0-1");
+    mark_owner(&theirs, "w2").await.unwrap();
+    std::fs::create_dir_all(theirs.join("work")).unwrap();
+    std::fs::create_dir_all(tmp.path().join("someone-elses/work")).unwrap();
+    std::fs::write(tmp.path().join("notes-1"), b"keep").unwrap();
+    assert_eq!(
+        clean_up_earlier_run(tmp.path(), "w1", true).await,
+        CleanedUp {
+            killed: 0,
+            removed: 1
+        }
+    );
+    assert!(!attempt.exists());
+    assert!(theirs.join("work").exists());
+    assert!(tmp.path().join("someone-elses/work").exists());
+    assert!(tmp.path().join("notes-1").exists());
+    assert_eq!(
+        clean_up_earlier_run(&tmp.path().join("missing"), "w1", true).await,
+        CleanedUp::default()
+    );
+}
+
+#[tokio::test]
+async fn what_a_stale_attempt_left_running_is_killed_before_its_dir_goes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = std::path::absolute(tmp.path().join("job1-0-1/work")).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    mark_owner(&tmp.path().join("job1-0-1"), "w1")
+        .await
+        .unwrap();
+    // As a grandchild of a killed worker would be: its environment says
+    // which attempt it belongs to.
+    let mut orphan = std::process::Command::new("sleep")
+        .arg("600")
+        .env("GPUFLEET_OUTPUT_DIR", &work)
+        .spawn()
+        .unwrap();
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("600")
+        .env("GPUFLEET_OUTPUT_DIR", tmp.path().join("other-0-1/work"))
+        .spawn()
+        .unwrap();
+    // Kept directories (keep_task_dirs) still get their processes killed.
+    assert_eq!(
+        clean_up_earlier_run(tmp.path(), "w1", false).await,
+        CleanedUp {
+            killed: 1,
+            removed: 0
+        }
+    );
+    let status = orphan.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    assert!(work.exists());
+    assert_eq!(
+        clean_up_earlier_run(tmp.path(), "w1", true).await,
+        CleanedUp {
+            killed: 0,
+            removed: 1
+        }
+    );
+    assert!(!work.exists());
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "others are left alone"
+    );
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+}
+
 #[test]
 fn classification_of_ends() {
     let exited = |code: i32| ExitStatus::from_raw(code << 8);
