@@ -9,3 +9,5 @@ echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
 # The end-to-end tests run the binaries; build them once, up front.
 cargo build --bins --quiet
 GPUFLEET_SKIP_BUILD=1 cargo test --workspace "$@"
+# Every benchmark scenario at a tiny size, so that they keep working.
+target/debug/gpufleet-bench --smoke all

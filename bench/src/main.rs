@@ -2,6 +2,7 @@
 //! one table; see the README's Benchmarks section for the commands and the
 //! figures from our machines.
 
+mod control;
 mod floor;
 mod scale;
 
@@ -26,6 +27,10 @@ enum What {
     All,
     /// The bare NATS operations of one task, sequential and 64 in flight
     Floor,
+    /// The real coordinator and 100 workers whose tasks end at once
+    Control,
+    /// Two workers running /bin/true
+    Processes,
     /// 1,000 simulated workers and 100,000 queued tasks against one coordinator
     Scale,
 }
@@ -41,13 +46,18 @@ fn row(name: &str, value: String) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let server = NatsServer::start();
-    let url = server.url();
+    // Each scenario gets a fresh server, so that none sees another's data.
+    let fresh = || {
+        let server = NatsServer::start();
+        let url = server.url();
+        (server, url)
+    };
     println!("| scenario / figure {:<34} | {:>20} |", "", "value");
     println!("|{}|{}|", "-".repeat(54), "-".repeat(22));
     let mut floor_seq = None;
     let mut floor_par = None;
     if matches!(cli.what, What::All | What::Floor) {
+        let (_server, url) = fresh();
         let n = if cli.smoke { 50 } else { 2_000 };
         let seq = floor::run(&url, n, 1).await?;
         row("floor, sequential: cycles/s", format!("{:.0}", seq.rate()));
@@ -64,12 +74,99 @@ async fn main() -> anyhow::Result<()> {
         floor_seq = Some(seq);
         floor_par = Some(par);
     }
+    let mut control_rate = None;
+    let mut control_p50 = None;
+    if matches!(cli.what, What::All | What::Control) {
+        let (single, jobs, per_job, seq) = if cli.smoke {
+            (200, 5, 20, 20)
+        } else {
+            (100_000, 1_000, 100, 1_000)
+        };
+        let (_server, url) = fresh();
+        let fleet = control::Fleet::start(
+            &url,
+            100,
+            8.0,
+            std::sync::Arc::new(gpufleet_worker::launcher::Instant),
+        )
+        .await?;
+        let s0 = control::coordinator_stats(&url).await?;
+        let one = control::throughput(&url, single, 1).await?;
+        let s1 = control::coordinator_stats(&url).await?;
+        row(
+            &format!("control: {single} single-task jobs, tasks/s"),
+            format!("{:.0}", one.rate()),
+        );
+        let writes = |s: &serde_json::Value| {
+            ["job", "lease", "event", "checkpoint"]
+                .iter()
+                .map(|k| s["writes"][k].as_f64().unwrap_or(0.0))
+                .sum::<f64>()
+        };
+        row(
+            "control: coordinator JetStream writes per task",
+            format!("{:.2}", (writes(&s1) - writes(&s0)) / single as f64),
+        );
+        let many = control::throughput(&url, jobs, per_job).await?;
+        row(
+            &format!("control: {jobs} jobs x {per_job} tasks, tasks/s"),
+            format!("{:.0}", many.rate()),
+        );
+        let lat = control::latency(&url, seq).await?;
+        row(
+            "control: submit to running p50",
+            ms(lat.to_running.quantile(0.5)),
+        );
+        row(
+            "control: submit to running p99",
+            ms(lat.to_running.quantile(0.99)),
+        );
+        row(
+            "control: submit to result p50",
+            ms(lat.to_result.quantile(0.5)),
+        );
+        row(
+            "control: submit to result p99",
+            ms(lat.to_result.quantile(0.99)),
+        );
+        let s2 = control::coordinator_stats(&url).await?;
+        row(
+            "control: placement per task p50 / p99",
+            format!(
+                "{:.1} / {:.1} us",
+                s2["placement_us"]["p50"].as_f64().unwrap_or(0.0),
+                s2["placement_us"]["p99"].as_f64().unwrap_or(0.0)
+            ),
+        );
+        fleet.stop().await;
+        control_rate = Some(one.rate());
+        control_p50 = Some(lat.to_result.quantile(0.5));
+    }
+    if matches!(cli.what, What::All | What::Processes) {
+        let (jobs, per_job) = if cli.smoke { (1, 50) } else { (50, 100) };
+        let n = jobs * per_job;
+        let (_server, url) = fresh();
+        let fleet = control::Fleet::start(
+            &url,
+            2,
+            2.0,
+            std::sync::Arc::new(gpufleet_worker::launcher::Processes),
+        )
+        .await?;
+        let r = control::throughput(&url, jobs, per_job).await?;
+        row(
+            &format!("real processes: {n} /bin/true tasks on 2 workers, tasks/s"),
+            format!("{:.0}", r.rate()),
+        );
+        fleet.stop().await;
+    }
     if matches!(cli.what, What::All | What::Scale) {
         let (workers, tasks, window) = if cli.smoke {
             (20, 200, Duration::from_secs(3))
         } else {
             (1_000, 100_000, Duration::from_secs(30))
         };
+        let (_server, url) = fresh();
         let r = scale::run(&url, workers, tasks, window).await?;
         row(
             &format!("scale: {} workers, {} queued tasks", r.workers, r.tasks),
@@ -108,6 +205,20 @@ async fn main() -> anyhow::Result<()> {
             format!("{} / {}", r.backlog_start, r.backlog_end),
         );
     }
-    let _ = (floor_seq, floor_par);
+    if let (Some(par), Some(rate)) = (&floor_par, control_rate) {
+        row(
+            "ratio: control tasks/s / floor cycles/s (64 in flight)",
+            format!("{:.2}", rate / par.rate()),
+        );
+    }
+    if let (Some(seq), Some(p50)) = (&floor_seq, control_p50) {
+        row(
+            "ratio: control submit-to-result p50 / floor p50",
+            format!(
+                "{:.2}",
+                p50.as_secs_f64() / seq.latency.quantile(0.5).as_secs_f64()
+            ),
+        );
+    }
     Ok(())
 }

@@ -29,6 +29,7 @@ use crate::advert::{self, AdvertInputs};
 use crate::artifacts;
 use crate::config::WorkerConfig;
 use crate::gpu;
+use crate::launcher::{Launcher, Processes};
 use crate::ledger::{Capacity, Ledger};
 use crate::supervisor::{self, Finished, Limits, Output, StopReason, TaskRun};
 
@@ -58,6 +59,7 @@ const OUTPUT_IN_FLIGHT: usize = 64;
 
 /// What every attempt's task shares.
 pub(crate) struct Ctx {
+    pub launcher: Arc<dyn Launcher>,
     pub js: jetstream::Context,
     pub leases: RawKv,
     pub objects: ObjectStore,
@@ -95,6 +97,16 @@ enum AttemptMsg {
 /// running tasks get `drain_timeout` to finish, then are stopped and handed
 /// back (INTERRUPTED, so they are retried elsewhere).
 pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+    run_with(cfg, shutdown, Arc::new(Processes)).await
+}
+
+/// [`run`] with another way of running tasks (benchmarks use
+/// [`crate::launcher::Instant`] to measure the control plane alone).
+pub async fn run_with(
+    cfg: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+    launcher: Arc<dyn Launcher>,
+) -> Result<(), WorkerError> {
     cfg.validate().map_err(WorkerError::Config)?;
     let worker = cfg.worker_id().map_err(WorkerError::Config)?;
     let probe = gpu::open_probe(cfg.simulate_gpus.as_deref(), &worker)
@@ -147,6 +159,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
         instance: instance.clone(),
         cfg: cfg.clone(),
         work_dir,
+        launcher,
     });
 
     let unmanaged: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
@@ -528,7 +541,7 @@ impl Attempt {
             dir: dir.clone(),
             limits: limits(&ctx.cfg),
         };
-        let finished = supervisor::run(run, out_tx, self.stop_rx.clone()).await;
+        let finished = ctx.launcher.launch(run, out_tx, self.stop_rx.clone()).await;
         // Every log line is in the stream before the result.
         let _ = shipper.await;
 

@@ -10,6 +10,7 @@
 //! - [`ledger`]: the worker's own check against overcommit.
 //! - [`gpu`], [`host`]: what the machine has (NVML or simulated GPUs).
 //! - [`artifacts`]: uploads of a task's output files.
+//! - [`launcher`]: real processes, or none (benchmarks of the control plane).
 //! - [`config`]: settings and their defaults.
 
 pub mod advert;
@@ -18,8 +19,9 @@ pub mod artifacts;
 pub mod config;
 pub mod gpu;
 pub mod host;
+pub mod launcher;
 pub mod ledger;
 pub mod supervisor;
 
-pub use agent::{run, WorkerError};
+pub use agent::{run, run_with, WorkerError};
 pub use config::WorkerConfig;
