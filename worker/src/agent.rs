@@ -436,6 +436,30 @@ async fn refuse(
     }
 }
 
+/// When a lease was last known to be this attempt's (claim or renewal), as
+/// nanoseconds on a process-wide monotonic clock, which keeps counting
+/// while the process is frozen.
+#[derive(Default)]
+struct Confirmed(AtomicU64);
+
+fn clock_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
+
+impl Confirmed {
+    fn mark(&self) {
+        self.0.fetch_max(clock_ns(), Ordering::SeqCst);
+    }
+
+    fn age(&self) -> Duration {
+        Duration::from_nanos(clock_ns().saturating_sub(self.0.load(Ordering::SeqCst)))
+    }
+}
+
 /// One claimed (or about to be claimed) attempt.
 struct Attempt {
     ctx: Arc<Ctx>,
@@ -495,6 +519,8 @@ impl Attempt {
             }
         };
         self.rev.fetch_max(claim_rev, Ordering::SeqCst);
+        let confirmed = Arc::new(Confirmed::default());
+        confirmed.mark();
         tracing::info!(task_id = %self.lease.task_id, attempt = self.lease.attempt, "task claimed");
 
         let renewal = tokio::spawn(renew(
@@ -504,6 +530,7 @@ impl Attempt {
             ttl,
             self.rev.clone(),
             self.stop.clone(),
+            confirmed.clone(),
         ));
 
         let (subject, ev) = self.event(
@@ -513,7 +540,10 @@ impl Attempt {
             },
             claim_rev,
         );
-        publish(&ctx.js, subject, &ev, None).await;
+        // Sent now (so it is stored before any output, which follows on the
+        // same connection), its ack awaited before the result: the task
+        // does not wait a round trip to start.
+        let running_ack = send_event(&ctx.js, subject, &ev).await;
 
         let (out_tx, out_rx) = mpsc::channel::<Output>(OUTPUT_CHANNEL);
         let shipper = tokio::spawn(ship_output(
@@ -545,8 +575,15 @@ impl Attempt {
         // Every log line is in the stream before the result.
         let _ = shipper.await;
 
+        if let Some(ack) = running_ack {
+            if let Err(e) = ack.await {
+                tracing::warn!(error = %e, "the RUNNING event was not stored");
+            }
+        }
         let mut fenced = *self.stop_rx.borrow() == Some(StopReason::Fenced);
-        if !fenced && !self.still_ours().await {
+        // A lease confirmed within half its TTL cannot have lapsed yet; an
+        // older one is checked (the worker may have been frozen).
+        if !fenced && confirmed.age() >= ttl / 2 && !self.still_ours().await {
             // The lease lapsed while nothing here could notice (a frozen
             // worker, a stalled runtime): a newer attempt may run elsewhere.
             self.stop.send_replace(Some(StopReason::Fenced));
@@ -755,6 +792,7 @@ async fn renew(
     ttl: Duration,
     rev: Arc<AtomicU64>,
     stop: Arc<watch::Sender<Option<StopReason>>>,
+    confirmed: Arc<Confirmed>,
 ) {
     let mut current = lease;
     let mut interval = tokio::time::interval(ttl / 3);
@@ -777,6 +815,7 @@ async fn renew(
         {
             Ok(r) => {
                 rev.fetch_max(r, Ordering::SeqCst);
+                confirmed.mark();
             }
             Err(KvError::Conflict { .. }) => match ctx.leases.last(&key).await {
                 Ok(Some(e)) if e.op == KvOp::Put => match codec::decode::<Lease>(&e.value) {
@@ -881,6 +920,28 @@ async fn ship_output(
 }
 
 /// Publishes one event and waits for the stream's ack.
+/// Sends one event without waiting for the stream's ack; the ack comes
+/// back as a future.
+async fn send_event(
+    js: &jetstream::Context,
+    subject: String,
+    ev: &Event,
+) -> Option<async_nats::jetstream::context::PublishAckFuture> {
+    let bytes = codec::encode(ev).ok()?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(codec::CONTENT_TYPE, codec::MSGPACK);
+    match js
+        .publish_with_headers(subject, headers, bytes.into())
+        .await
+    {
+        Ok(ack) => Some(ack),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not publish an event");
+            None
+        }
+    }
+}
+
 async fn publish(
     js: &jetstream::Context,
     subject: String,
