@@ -33,14 +33,30 @@ pub struct Api {
 
 impl Api {
     pub async fn connect(url: &str, patience: Duration) -> anyhow::Result<Api> {
+        use async_nats::ConnectErrorKind as Kind;
         let client = gpufleet_natsutil::connect(url, "gpufleet-cli", patience)
             .await
-            .map_err(|e| match e {
-                gpufleet_natsutil::ConnectError::Connect { .. } => anyhow::anyhow!(
-                    "{e}\n  (is a fleet running there? `gpufleet up` starts a local one; \
-                     point at another with --nats-url or GPUFLEET_NATS_URL)"
-                ),
-                e => e.into(),
+            .map_err(|e| {
+                let hint = match &e {
+                    gpufleet_natsutil::ConnectError::Connect { source, .. } => {
+                        match source.kind() {
+                            Kind::Authentication | Kind::AuthorizationViolation => {
+                                "the server wants credentials, which gpufleet cannot send yet \
+                                 (see \"Operating notes\" in the README)"
+                            }
+                            Kind::Tls => {
+                                "a TLS problem: for a private CA set SSL_CERT_FILE to its \
+                                 certificate (see \"Operating notes\" in the README)"
+                            }
+                            _ => {
+                                "is a fleet running there? `gpufleet up` starts a local one; \
+                                 point at another with --nats-url or GPUFLEET_NATS_URL"
+                            }
+                        }
+                    }
+                    _ => return anyhow::Error::from(e),
+                };
+                anyhow::anyhow!("{e}\n  ({hint})")
             })?;
         Ok(Api { client })
     }

@@ -342,7 +342,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             } else {
                 let stopping = s.counts.running + s.counts.reserved;
                 println!(
-                    "cancelling job {id}: {stopping} running task(s) are being stopped; `gpufleet status {id}` shows when they have"
+                    "cancelling job {id}: stopping {stopping} running task{} (`gpufleet status {id} --wait` waits for them)",
+                    if stopping == 1 { "" } else { "s" }
                 );
             }
             Ok(exit::OK)

@@ -437,7 +437,8 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<i32> {
          use it from another terminal with:\n  \
          export GPUFLEET_NATS_URL={url}\n  \
          gpufleet workers\n  \
-         gpufleet run --gpus 1 -- nvidia-smi -L   # or any command\n\
+         gpufleet submit examples/hello.json --follow\n  \
+         gpufleet run --gpus 1 -- python3 -c 'import os; print(os.environ[\"CUDA_VISIBLE_DEVICES\"])'\n\
          logs and data: {}{}\n\
          press Ctrl-C to stop the fleet",
         args.workers,

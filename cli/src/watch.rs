@@ -416,7 +416,10 @@ fn show_event(ev: &Event, names: &Names, opts: &WaitOptions, bars: &mut Option<B
                 above(bars, || eprintln!("{prefix}progress: {compact}"));
             }
         }
-        EventBody::State { state, reason } if opts.states && bars.is_none() => {
+        // RESERVED is placement in flight; RUNNING says where it went.
+        EventBody::State { state, reason }
+            if opts.states && bars.is_none() && *state != TaskState::Reserved =>
+        {
             let prefix = names.prefix(ev, true);
             let mut line = format!("{prefix}{state}");
             if let (TaskState::Reserved | TaskState::Running, Some(w)) = (state, &ev.worker) {

@@ -604,6 +604,16 @@ fn alive(pid: u32, name: &str) -> bool {
     !stat.is_empty() && state != Some("Z") && comm(pid) == name
 }
 
+/// Removes `up`'s data folder when a test ends early: a `kill -9`ed (or
+/// panicking) `up` cannot.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Starts `gpufleet up ARGS` and waits for it to say it is ready; returns
 /// it, the NATS URL it printed and its data folder.
 async fn start_up(args: &[&str]) -> (Child, String, PathBuf, String) {
@@ -662,6 +672,7 @@ async fn up_starts_a_fleet_and_ctrl_c_stops_every_process_it_started() {
     }
     assert!(url.starts_with("nats://127.0.0.1:"), "{url}");
     assert!(dir.exists());
+    let _cleanup = RemoveOnDrop(dir.clone());
 
     // The fleet works: two workers of two simulated GPUs, and a command.
     let ws = gpufleet(&url, &["workers", "--json"]).await.json();
@@ -686,6 +697,7 @@ async fn up_starts_a_fleet_and_ctrl_c_stops_every_process_it_started() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_killed_with_sigkill_takes_its_fleet_and_tasks_down_too() {
     let (mut up, url, dir, _) = start_up(&["up", "--workers", "1", "--port", "0"]).await;
+    let _cleanup = RemoveOnDrop(dir);
     let out = gpufleet(&url, &["run", "--no-wait", "--", "sleep", "300"]).await;
     let job = out.stdout.trim().to_string();
     let client = async_nats::connect(&url).await.unwrap();
@@ -701,15 +713,25 @@ async fn up_killed_with_sigkill_takes_its_fleet_and_tasks_down_too() {
         }
     })
     .await;
-    let mut procs: Vec<(u32, String)> = vec![];
-    for k in children(up.id().unwrap()) {
-        procs.push((k, comm(k)));
-        if comm(k) == "gpufleet-worker" {
-            procs.extend(children(k).into_iter().map(|t| (t, comm(t))));
+    // The task's process comes a moment after RUNNING is announced; the
+    // process table has no event to wait on.
+    let up_pid = up.id().unwrap();
+    let procs: Vec<(u32, String)> = eventually(T, "the task's process", || async move {
+        let mut procs: Vec<(u32, String)> = vec![];
+        for k in children(up_pid) {
+            procs.push((k, comm(k)));
+            if comm(k) == "gpufleet-worker" {
+                procs.extend(children(k).into_iter().map(|t| (t, comm(t))));
+            }
         }
-    }
-    assert!(procs.iter().any(|(_, n)| n == "sleep"), "{procs:?}");
-    assert_eq!(procs.len(), 4, "{procs:?}");
+        procs.iter().any(|(_, n)| n == "sleep").then_some(procs)
+    })
+    .await;
+    assert_eq!(
+        procs.len(),
+        4,
+        "nats-server, coordinator, worker, task: {procs:?}"
+    );
 
     up.start_kill().unwrap(); // SIGKILL: `up` cleans nothing up itself.
     let _ = exit_code(&mut up).await;
@@ -722,7 +744,6 @@ async fn up_killed_with_sigkill_takes_its_fleet_and_tasks_down_too() {
         },
     )
     .await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Waits until `$SRV.PING.gpufleet` answers on `url`.
@@ -900,6 +921,20 @@ fn python_path() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_example_submits_a_job_and_follows_it_to_the_end() {
+    // The README shows the example whole; it must be this tested file.
+    let root = workspace_root();
+    let example = std::fs::read_to_string(root.join("examples/submit_and_follow.py")).unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let shown = readme
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```\n").next())
+        .expect("a python block in the README");
+    assert_eq!(
+        shown, example,
+        "README's Python example differs from examples/submit_and_follow.py"
+    );
+
     let pythonpath = tokio::task::spawn_blocking(python_path).await.unwrap();
     let mut fleet = Fleet::start().await;
     fleet
@@ -909,8 +944,8 @@ async fn the_python_example_submits_a_job_and_follows_it_to_the_end() {
         T,
         "examples/submit_and_follow.py",
         Command::new("python3")
-            .arg(workspace_root().join("examples/submit_and_follow.py"))
-            .args(["--nats-url", &fleet.url()])
+            .arg(root.join("examples/submit_and_follow.py"))
+            .env("GPUFLEET_NATS_URL", fleet.url())
             .env("PYTHONPATH", pythonpath)
             .stdin(Stdio::null())
             .kill_on_drop(true)
@@ -923,12 +958,23 @@ async fn the_python_example_submits_a_job_and_follows_it_to_the_end() {
         String::from_utf8_lossy(&out.stderr),
     );
     assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("[train] step "))
+            .count(),
+        3,
+        "every line, once: {stdout}"
+    );
     assert!(stdout.contains("[train] step 2\n"), "{stdout}");
     assert!(
         stdout.contains("[evaluate] evaluating on GPU ["),
         "{stdout}"
     );
-    assert!(stderr.contains("\"step\": 2}"), "{stderr}");
+    assert!(
+        stderr.contains("[train] progress: {\"step\": 2}"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("[train] result: SUCCEEDED {\"accuracy\": 0.9}"),
         "{stderr}"
