@@ -432,23 +432,30 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<i32> {
         _ = sigterm.recv() => bail!("terminated while the fleet started; stopped it"),
     };
     let url = fleet.url.clone();
-    eprintln!(
-        "fleet ready: {} worker(s) on {url}\n\
-         use it from another terminal with:\n  \
-         export GPUFLEET_NATS_URL={url}\n  \
-         gpufleet workers\n  \
-         gpufleet submit examples/hello.json --follow\n  \
-         gpufleet run --gpus 1 -- python3 -c 'import os; print(os.environ[\"CUDA_VISIBLE_DEVICES\"])'\n\
-         logs and data: {}{}\n\
-         press Ctrl-C to stop the fleet",
-        args.workers,
-        fleet.dir.display(),
-        if fleet._tmp.is_some() {
-            " (removed on exit; keep them with --data-dir)"
-        } else {
-            ""
-        }
-    );
+    if args.once {
+        eprintln!(
+            "fleet ready: {} worker(s) on {url}; it stops when the job ends",
+            args.workers
+        );
+    } else {
+        eprintln!(
+            "fleet ready: {} worker(s) on {url}\n\
+             use it from another terminal with:\n  \
+             export GPUFLEET_NATS_URL={url}\n  \
+             gpufleet workers\n  \
+             gpufleet submit examples/hello.json --follow\n  \
+             gpufleet run --gpus 1 -- python3 -c 'import os; print(os.environ[\"CUDA_VISIBLE_DEVICES\"])'\n\
+             logs and data: {}{}\n\
+             press Ctrl-C to stop the fleet",
+            args.workers,
+            fleet.dir.display(),
+            if fleet._tmp.is_some() {
+                " (removed on exit; keep them with --data-dir)"
+            } else {
+                ""
+            }
+        );
+    }
     println!("{url}");
 
     let mut code = exit::OK;

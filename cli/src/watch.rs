@@ -60,6 +60,9 @@ pub enum Waited {
 const SAFETY_REFRESH: Duration = Duration::from_secs(2);
 /// While a backlog of state events is replayed, re-read at most this often.
 const REFRESH_EVERY: Duration = Duration::from_millis(300);
+/// A status read that takes longer is given up and tried again later (a
+/// request to a coordinator that died in between gets no answer at all).
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(3);
 /// Running tasks drawn as spinners at most; the rest are counted.
 const MAX_SPINNERS: usize = 8;
 
@@ -251,6 +254,7 @@ pub async fn wait(api: &Api, job: &JobId, opts: &WaitOptions) -> anyhow::Result<
     let mut dirty = false;
     let mut tail: Option<u64> = None;
     let mut cancelling = false;
+    let mut unreachable = false;
     loop {
         if status.status.is_finished() {
             if !opts.follow {
@@ -272,18 +276,16 @@ pub async fn wait(api: &Api, job: &JobId, opts: &WaitOptions) -> anyhow::Result<
                 }
                 show_event(&event, &names, opts, &mut bars);
                 if dirty && (pending == 0 || refreshed.elapsed() > REFRESH_EVERY) {
-                    status = api.get(job).await?;
+                    dirty = !refresh(api, job, &mut status, &mut unreachable, &bars).await;
                     refreshed = Instant::now();
-                    dirty = false;
                     if let Some(b) = &mut bars {
                         b.update(&status);
                     }
                 }
             }
             _ = tokio::time::sleep(SAFETY_REFRESH) => {
-                status = api.get(job).await?;
+                dirty = !refresh(api, job, &mut status, &mut unreachable, &bars).await;
                 refreshed = Instant::now();
-                dirty = false;
                 if let Some(b) = &mut bars {
                     b.update(&status);
                 }
@@ -336,6 +338,41 @@ pub async fn wait(api: &Api, job: &JobId, opts: &WaitOptions) -> anyhow::Result<
         b.finish();
     }
     Ok(Waited::Finished(Box::new(status)))
+}
+
+/// Re-reads the job's status; true if it could. A coordinator that is away
+/// for a while (restarting, say) is waited for, not an error: the job goes
+/// on without it and the events keep coming.
+async fn refresh(
+    api: &Api,
+    job: &JobId,
+    status: &mut JobStatus,
+    unreachable: &mut bool,
+    bars: &Option<Bars>,
+) -> bool {
+    let got = match tokio::time::timeout(REFRESH_TIMEOUT, api.get(job)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {REFRESH_TIMEOUT:?}")),
+    };
+    match got {
+        Ok(s) => {
+            if *unreachable {
+                above(bars, || eprintln!("the coordinator answers again"));
+                *unreachable = false;
+            }
+            *status = s;
+            true
+        }
+        Err(e) => {
+            if !*unreachable {
+                above(bars, || {
+                    eprintln!("cannot read job {job} ({e}); still following its events")
+                });
+                *unreachable = true;
+            }
+            false
+        }
+    }
 }
 
 /// Prints the events stored for a job now (its output so far), then returns.

@@ -263,6 +263,60 @@ async fn submit_follow_then_status_list_and_logs_for_people_and_scripts() {
     let done = gpufleet(&url, &["status", id, "--wait", "--json"]).await;
     assert_eq!(done.code, Some(0), "{done:#?}");
     assert_eq!(done.json()["status"], "FINISHED:COMPLETED");
+
+    // Artifacts: listed by task and name, fetched to a file or to stdout.
+    let out = gpufleet(
+        &url,
+        &[
+            "run",
+            "--name",
+            "saver",
+            "--artifact",
+            "out/*.pt",
+            "--",
+            "sh",
+            "-c",
+            "mkdir out && echo weights > out/model.pt && echo skipped > out/notes.txt",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let job = out.submitted();
+    let list = gpufleet(&url, &["artifacts", "list", &job, "--json"])
+        .await
+        .json();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list:#}");
+    assert_eq!(list[0]["task"], "saver");
+    assert_eq!(list[0]["name"], "out/model.pt");
+    assert_eq!(list[0]["size"], 8);
+    let target = fleet.dir().join("fetched.pt");
+    let got = gpufleet(
+        &url,
+        &[
+            "artifacts",
+            "get",
+            &job,
+            "saver",
+            "out/model.pt",
+            "-o",
+            target.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(got.code, Some(0), "{got:#?}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "weights\n");
+    let piped = gpufleet(
+        &url,
+        &["artifacts", "get", &job, "saver", "out/model.pt", "-o", "-"],
+    )
+    .await;
+    assert_eq!(piped.stdout, "weights\n", "{piped:#?}");
+    let missing = gpufleet(&url, &["artifacts", "get", &job, "saver", "out/notes.txt"]).await;
+    assert_eq!(missing.code, Some(2), "{missing:#?}");
+    assert!(
+        missing.stderr.contains("uploaded no \"out/notes.txt\""),
+        "{missing:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -572,6 +626,45 @@ async fn ctrl_c_asks_on_a_terminal_and_otherwise_leaves_the_job_running() {
     assert_eq!(exit_code(&mut child).await, Some(3), "{seen}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_rides_out_a_coordinator_restart() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_worker(WorkerSpec::new("w1")).await;
+    let url = fleet.url();
+    let gate = fleet.dir().join("go");
+    let script = format!(
+        "echo waiting; while [ ! -e {} ]; do sleep 0.05; done; echo through",
+        gate.display()
+    );
+    let mut child = command(Some(&url), &["run", "--", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut seen = String::new();
+    read_until(&mut stderr, &mut seen, "RUNNING on w1").await;
+
+    // The coordinator dies, and the follower notices; the task ends while
+    // it is away; it comes back.
+    fleet.coordinator.as_mut().unwrap().kill9();
+    read_until(&mut stderr, &mut seen, "still following its events").await;
+    std::fs::write(&gate, "").unwrap();
+    fleet.start_coordinator().await;
+
+    let mut stdout = String::new();
+    let mut out_pipe = child.stdout.take().unwrap();
+    let (a, b) = tokio::join!(
+        out_pipe.read_to_string(&mut stdout),
+        stderr.read_to_string(&mut seen)
+    );
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(exit_code(&mut child).await, Some(0), "{seen}");
+    assert_eq!(stdout, "waiting\nthrough\n", "{seen}");
+    assert!(seen.contains("FINISHED:COMPLETED"), "{seen}");
+    assert!(seen.contains("the coordinator answers again"), "{seen}");
+}
+
 /// The children of `pid` (all its threads').
 fn children(pid: u32) -> Vec<u32> {
     let mut out = vec![];
@@ -744,6 +837,64 @@ async fn up_killed_with_sigkill_takes_its_fleet_and_tasks_down_too() {
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_run_once_runs_the_sample_job_and_exits_with_its_outcome() {
+    // What ./scripts/demo.sh does, minus the release build.
+    let mut up = command(
+        None,
+        &[
+            "up",
+            "--workers",
+            "2",
+            "--port",
+            "0",
+            "--run",
+            "examples/hello.json",
+            "--once",
+        ],
+    )
+    .stdin(Stdio::null())
+    .spawn()
+    .unwrap();
+    let pid = up.id().unwrap();
+    let mut stderr = up.stderr.take().unwrap();
+    let mut said = String::new();
+    read_until(&mut stderr, &mut said, "fleet ready").await;
+    let kids: Vec<(u32, String)> = children(pid).into_iter().map(|k| (k, comm(k))).collect();
+    assert_eq!(kids.len(), 4, "{kids:?}");
+    let dir = said
+        .lines()
+        .find_map(|l| l.strip_prefix("starting a local fleet in "))
+        .map(PathBuf::from)
+        .unwrap();
+    let _cleanup = RemoveOnDrop(dir.clone());
+    let (mut stdout, mut rest) = (String::new(), String::new());
+    let mut out_pipe = up.stdout.take().unwrap();
+    let (a, b) = tokio::join!(
+        out_pipe.read_to_string(&mut stdout),
+        stderr.read_to_string(&mut rest)
+    );
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(exit_code(&mut up).await, Some(0), "{said}{rest}");
+    assert!(
+        stdout.contains("[hello-gpu-0] training step 3\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[hello-cpu] cpu task, no GPUs: ''\n"),
+        "{stdout}"
+    );
+    assert!(
+        rest.contains("status: FINISHED:COMPLETED") && rest.contains("fleet stopped"),
+        "{rest}"
+    );
+    for (k, name) in &kids {
+        assert!(!alive(*k, name), "{name} (pid {k}) survived `up --once`");
+    }
+    assert!(!dir.exists());
 }
 
 /// Waits until `$SRV.PING.gpufleet` answers on `url`.
