@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, consumer::push, consumer::DeliverPolicy};
 use async_nats::Client;
 use futures::StreamExt;
@@ -9,7 +11,9 @@ use gpufleet_schema::api::{
     ErrorBody, GetRequest, JobRef, ListRequest, SubmitReply, WorkersRequest,
 };
 use gpufleet_schema::codec::{self, CONTENT_TYPE, MSGPACK};
-use gpufleet_schema::{subjects, Event, JobId, JobSpec, JobState, JobStatus, WorkerAdvert};
+use gpufleet_schema::{
+    subjects, Event, EventKind, JobId, JobSpec, JobState, JobStatus, WorkerAdvert,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -18,7 +22,7 @@ pub enum ApiError {
     /// The coordinator answered with an error code.
     #[error("{message} (error {code})")]
     Service { code: u16, message: String },
-    #[error("no coordinator answers on {subject}: is `gpufleet-coordinator` running and connected to the same NATS?")]
+    #[error("no coordinator answers on {subject}: is `gpufleet-coordinator` running and connected to the same NATS? (`gpufleet up` starts a local fleet)")]
     NoCoordinator { subject: String },
     #[error("{0}")]
     Other(String),
@@ -30,9 +34,32 @@ pub struct Api {
 }
 
 impl Api {
-    pub async fn connect(url: &str) -> anyhow::Result<Api> {
-        let client =
-            gpufleet_natsutil::connect(url, "gpufleet-cli", Duration::from_secs(5)).await?;
+    pub async fn connect(url: &str, patience: Duration) -> anyhow::Result<Api> {
+        use async_nats::ConnectErrorKind as Kind;
+        let client = gpufleet_natsutil::connect(url, "gpufleet-cli", patience)
+            .await
+            .map_err(|e| {
+                let hint = match &e {
+                    gpufleet_natsutil::ConnectError::Connect { source, .. } => {
+                        match source.kind() {
+                            Kind::Authentication | Kind::AuthorizationViolation => {
+                                "the server wants credentials, which gpufleet cannot send yet \
+                                 (see \"Operating notes\" in the README)"
+                            }
+                            Kind::Tls => {
+                                "a TLS problem: for a private CA set SSL_CERT_FILE to its \
+                                 certificate (see \"Operating notes\" in the README)"
+                            }
+                            _ => {
+                                "is a fleet running there? `gpufleet up` starts a local one; \
+                                 point at another with --nats-url or GPUFLEET_NATS_URL"
+                            }
+                        }
+                    }
+                    _ => return anyhow::Error::from(e),
+                };
+                anyhow::anyhow!("{e}\n  ({hint})")
+            })?;
         Ok(Api { client })
     }
 
@@ -138,45 +165,61 @@ impl Api {
         }
     }
 
-    /// Every event of `job` matching `kinds` from the start of the stream,
-    /// then new ones as they come. `pending` is how many were stored when
-    /// the subscription began.
-    pub async fn job_events(
-        &self,
-        job: &JobId,
-        kinds: &[&str],
-    ) -> anyhow::Result<(u64, EventStream)> {
+    /// Every event of `job` on `filters` (subjects in the events stream)
+    /// from the start of the stream, then new ones as they come.
+    pub async fn events(&self, filters: Vec<String>) -> anyhow::Result<EventStream> {
         let js = jetstream::new(self.client.clone());
-        let stream = js.get_stream(subjects::EVENTS_STREAM).await?;
-        let filters: Vec<String> = kinds
-            .iter()
-            .map(|k| format!("gpufleet.events.{job}.*.{k}"))
-            .collect();
+        let stream = js
+            .get_stream(subjects::EVENTS_STREAM)
+            .await
+            .context("opening the events stream (has a coordinator ever run on this NATS?)")?;
         let consumer = stream
             .create_consumer(push::OrderedConfig {
                 deliver_subject: self.client.new_inbox(),
-                filter_subjects: filters,
+                filter_subjects: filters.clone(),
                 deliver_policy: DeliverPolicy::All,
                 ..Default::default()
             })
             .await?;
-        let pending = consumer.cached_info().num_pending;
-        Ok((
-            pending,
-            EventStream {
-                inner: consumer.messages().await?,
-            },
-        ))
+        let stored = consumer.cached_info().num_pending;
+        Ok(EventStream {
+            inner: consumer.messages().await?,
+            stream,
+            filters,
+            stored,
+            last_seq: 0,
+        })
     }
 }
 
+/// The subjects of one job's events of one kind, across its tasks.
+pub fn job_events_of_kind(job: &JobId, kind: EventKind) -> String {
+    // `schema::subjects` has `events(job, task, kind)` and `job_events(job)`
+    // but nothing for "every task"; a wildcard token is not a valid TaskId.
+    format!("gpufleet.events.{job}.*.{}", kind.as_str())
+}
+
+/// An ordered replay of stored events followed by live ones.
 pub struct EventStream {
     inner: push::Ordered,
+    stream: jetstream::stream::Stream,
+    filters: Vec<String>,
+    /// Events stored when the subscription began.
+    pub stored: u64,
+    /// Stream sequence of the last event handed out.
+    pub last_seq: u64,
+}
+
+/// One event with where it sits in the stream.
+pub struct Delivered {
+    pub event: Event,
+    /// Events stored after this one that this subscription will still see.
+    pub pending: u64,
 }
 
 impl EventStream {
-    /// The next event, with how many stored events remain after it.
-    pub async fn next(&mut self) -> Option<(Event, u64)> {
+    /// The next event.
+    pub async fn next(&mut self) -> Option<Delivered> {
         loop {
             let m = match self.inner.next().await? {
                 Ok(m) => m,
@@ -185,13 +228,32 @@ impl EventStream {
                     continue;
                 }
             };
-            let pending = m.info().map(|i| i.pending).unwrap_or(0);
+            let (pending, seq) = m
+                .info()
+                .map(|i| (i.pending, i.stream_sequence))
+                .unwrap_or((0, self.last_seq));
+            self.last_seq = seq;
             match codec::decode::<Event>(&m.payload) {
-                Ok(e) => return Some((e, pending)),
+                Ok(event) => return Some(Delivered { event, pending }),
                 Err(e) => {
                     tracing::warn!(subject = %m.subject, error = %e, "skipping an unreadable event")
                 }
             }
         }
+    }
+
+    /// The stream sequence of the newest event stored on our subjects now.
+    /// Once a job has finished, nothing of it comes after this, so a
+    /// follower that has seen it has seen every line.
+    pub async fn stored_tail(&self) -> anyhow::Result<u64> {
+        let mut tail = 0;
+        for f in &self.filters {
+            match self.stream.get_last_raw_message_by_subject(f).await {
+                Ok(m) => tail = tail.max(m.sequence),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(anyhow::anyhow!("reading the events stream: {e}")),
+            }
+        }
+        Ok(tail)
     }
 }

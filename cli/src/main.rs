@@ -1,40 +1,74 @@
 //! `gpufleet`: the command line of the fleet.
 //!
 //! Exit codes: 0 when the job (or command) succeeded; 1 when a job failed;
-//! 3 when it was cancelled; 2 for a usage or connection error.
+//! 2 for a usage, input or connection error; 3 when the job was cancelled;
+//! 130 when Ctrl-C stopped the waiting and left the job running.
+//!
+//! Modules: `client` speaks the API and reads the events stream,
+//! `jobfile` reads job files and builds one-off jobs, `watch` waits on a
+//! job (bars, logs, Ctrl-C), `show` draws tables, `up` runs a local fleet,
+//! `settings` loads the command line's own configuration.
 
 mod client;
 mod jobfile;
+mod settings;
 mod show;
 mod up;
 mod watch;
 
-use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use gpufleet_schema::{codec, subjects, JobId, JobState, Lease};
+use futures::StreamExt;
+use gpufleet_schema::{codec, subjects, JobId, JobSpec, JobState, JobStatus, Lease, LeaseState};
+use gpufleet_schema::{TaskId, TaskState};
 use serde::Serialize;
 
 use client::Api;
-use watch::{WaitOptions, Waited};
+use watch::{CtrlC, WaitOptions, Waited};
+
+/// Process exit codes.
+pub mod exit {
+    pub const OK: i32 = 0;
+    /// The job ended in `FINISHED:EXECUTION_EXCEPTION` or `FAILED_TO_RUN`.
+    pub const FAILED: i32 = 1;
+    /// Bad usage or input, or NATS / the coordinator could not be reached.
+    pub const USAGE: i32 = 2;
+    /// The job was cancelled (`FINISHED:ABORTED`).
+    pub const CANCELLED: i32 = 3;
+    /// Ctrl-C ended the waiting; the job was left running.
+    pub const INTERRUPTED: i32 = 130;
+
+    /// The code that mirrors a job's outcome.
+    pub fn of(status: gpufleet_schema::JobState) -> i32 {
+        use gpufleet_schema::JobState;
+        match status {
+            JobState::Completed => OK,
+            JobState::Aborted => CANCELLED,
+            _ => FAILED,
+        }
+    }
+}
 
 #[derive(Parser)]
 #[command(
     name = "gpufleet",
     version,
-    about = "Run batch work on a fleet of GPU machines over NATS"
+    about = "Run batch work on a fleet of GPU machines over NATS",
+    after_help = "Exit codes: 0 completed, 1 failed, 2 usage or connection error, 3 cancelled, \
+                  130 interrupted (job left running).\n\
+                  Start a local fleet with `gpufleet up`, then e.g. `gpufleet run -- echo hello`."
 )]
 struct Cli {
-    /// NATS server URL(s), comma-separated
-    #[arg(
-        long,
-        global = true,
-        env = "GPUFLEET_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    nats_url: String,
+    /// NATS server URL(s), comma-separated [env: GPUFLEET_NATS_URL] [default: nats://127.0.0.1:4222]
+    #[arg(long, global = true)]
+    nats_url: Option<String>,
+    /// TOML settings file (keys: nats_url, connect_timeout)
+    #[arg(long, global = true, env = "GPUFLEET_CONFIG")]
+    config: Option<PathBuf>,
     /// Print JSON for scripts instead of tables
     #[arg(long, global = true)]
     json: bool,
@@ -42,12 +76,12 @@ struct Cli {
     command: Cmd,
 }
 
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Default)]
 struct WaitFlags {
     /// Wait for the job to finish, showing progress; the exit code mirrors the outcome
     #[arg(long, short)]
     wait: bool,
-    /// Stream the job's output (implies --wait)
+    /// Stream the job's output and progress events while waiting (implies --wait)
     #[arg(long, short)]
     follow: bool,
     /// On Ctrl-C leave the job running instead of asking whether to cancel it
@@ -55,50 +89,66 @@ struct WaitFlags {
     detach: bool,
 }
 
+#[derive(Args)]
+struct RunArgs {
+    /// Whole GPUs
+    #[arg(long, default_value_t = 0)]
+    gpus: u32,
+    /// Free GPU memory needed on each GPU, e.g. 20GiB (with --gpus 0: a share of one GPU)
+    #[arg(long)]
+    gpu_memory: Option<String>,
+    /// Logical CPUs, fractions allowed [default: 1]
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Host memory limit, e.g. 8GiB
+    #[arg(long)]
+    memory: Option<String>,
+    /// Stop the task after this long, e.g. 90s or 2h
+    #[arg(long)]
+    timeout: Option<String>,
+    /// Name of the job and its task [default: the command]
+    #[arg(long)]
+    name: Option<String>,
+    /// NAME=VALUE for the task's environment, repeatable
+    #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// Glob of output files to upload, repeatable
+    #[arg(long = "artifact", value_name = "GLOB")]
+    artifacts: Vec<String>,
+    /// Retries after LOST or INTERRUPTED [default: 2]
+    #[arg(long)]
+    max_retries: Option<u32>,
+    /// Higher runs first
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
+    /// Only on workers with this label, KEY=VALUE, repeatable
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Only on this worker, repeatable
+    #[arg(long = "worker", value_name = "NAME")]
+    workers: Vec<String>,
+    /// Submit, print the job id and return at once
+    #[arg(long)]
+    no_wait: bool,
+    /// On Ctrl-C leave the job running instead of asking whether to cancel it
+    #[arg(long)]
+    detach: bool,
+    /// The command and its arguments, after --
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Submit a job file (JSON or TOML; - for stdin)
+    /// Submit a job file (JSON or TOML; - for stdin) and print its id
     Submit {
+        /// The job file; `-` reads it from stdin
         file: String,
         #[command(flatten)]
         wait: WaitFlags,
     },
-    /// Run one command as a one-task job and follow it
-    Run {
-        /// Whole GPUs
-        #[arg(long, default_value_t = 0)]
-        gpus: u32,
-        /// Free GPU memory needed, e.g. 20GiB (with --gpus 0: a share of one GPU)
-        #[arg(long)]
-        gpu_memory: Option<String>,
-        #[arg(long)]
-        cpus: Option<f64>,
-        /// Host memory, e.g. 8GiB
-        #[arg(long)]
-        memory: Option<String>,
-        /// e.g. 2h
-        #[arg(long)]
-        timeout: Option<String>,
-        #[arg(long)]
-        name: Option<String>,
-        /// NAME=VALUE, repeatable
-        #[arg(long = "env", short = 'e')]
-        env: Vec<String>,
-        /// Globs of output files to upload, repeatable
-        #[arg(long = "artifact")]
-        artifacts: Vec<String>,
-        #[arg(long)]
-        max_retries: Option<u32>,
-        /// Submit and return at once
-        #[arg(long)]
-        no_wait: bool,
-        /// On Ctrl-C leave the job running instead of asking
-        #[arg(long)]
-        detach: bool,
-        /// The command and its arguments, after --
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
+    /// Run one command as a one-task job, streaming its output
+    Run(Box<RunArgs>),
     /// Show a job and its tasks
     Status {
         job: String,
@@ -110,12 +160,18 @@ enum Cmd {
         /// Only jobs in this status, e.g. RUNNING or FINISHED:COMPLETED
         #[arg(long)]
         status: Option<String>,
+        /// At most this many
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
     /// Cancel a job: its tasks stop and the job ends FINISHED:ABORTED
-    Cancel { job: String },
-    /// Print a job's output (one task's with TASK)
+    Cancel {
+        job: String,
+        /// Wait until its tasks have stopped
+        #[arg(long, short)]
+        wait: bool,
+    },
+    /// Print a job's output so far (one task's with TASK)
     Logs {
         job: String,
         /// A task id or name
@@ -124,48 +180,29 @@ enum Cmd {
         #[arg(long, short)]
         follow: bool,
     },
-    /// List workers and their GPUs
+    /// List workers, their GPUs and which task holds each
     Workers,
     /// Task artifacts in the object store
     Artifacts {
         #[command(subcommand)]
         command: ArtifactsCmd,
     },
-    /// Start a local fleet: nats-server, a coordinator and workers
-    Up {
-        #[arg(long, default_value_t = 1)]
-        workers: usize,
-        /// Simulated GPUs per worker, COUNTxMEMORY[:MODEL]; "" for none
-        #[arg(long, default_value = "2x24GiB:Simulated")]
-        simulate_gpus: String,
-        /// NATS port (another free one if taken)
-        #[arg(long, default_value_t = 4222)]
-        port: u16,
-        /// Keep NATS data here instead of a temporary folder
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// The nats-server binary (default: NATS_SERVER_BIN, scripts/nats-server.sh, PATH)
-        #[arg(long)]
-        nats_server: Option<PathBuf>,
-        /// Submit this job file once the fleet is up and follow it
-        #[arg(long)]
-        run: Option<String>,
-        /// With --run: stop the fleet when the job ends and exit with its outcome
-        #[arg(long)]
-        once: bool,
-    },
+    /// Start a local fleet: nats-server, a coordinator and workers; Ctrl-C stops it all
+    Up(up::UpArgs),
 }
 
 #[derive(Subcommand)]
 enum ArtifactsCmd {
     /// List a job's artifacts
     List { job: String },
-    /// Download one artifact
+    /// Download one artifact of a task (its newest attempt that uploaded it)
     Get {
         job: String,
+        /// A task id or name
         task: String,
+        /// The file's path in the task's output directory, e.g. out/model.pt
         name: String,
-        /// Where to write it (default: its file name here)
+        /// Where to write it; `-` for stdout [default: its file name, here]
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
@@ -179,147 +216,86 @@ fn job_id(s: &str) -> anyhow::Result<JobId> {
     JobId::new(s).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// An error and its causes on one line, without the repeats that arise
+/// when a message already quotes its source.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if out.contains(&c) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&c);
+    }
+    out
+}
+
 fn main() {
+    // Die quietly of a closed pipe (`gpufleet logs JOB | head`), as Unix
+    // tools do, instead of panicking on the next print.
+    // SAFETY: setting a signal disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
     let code = match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            2
+            eprintln!("error: {}", describe(&e));
+            exit::USAGE
         }
     };
-    drop(runtime);
+    // A prompt abandoned by a second Ctrl-C may still block a thread on
+    // stdin; do not wait for it.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    let _ = std::io::stdout().flush();
     std::process::exit(code);
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let json = cli.json;
+    let cfg = settings::load(cli.config.as_deref(), cli.nats_url.clone())?;
+    let connect = || Api::connect(&cfg.nats_url, cfg.connect_timeout.0);
     match cli.command {
-        Cmd::Up {
-            workers,
-            simulate_gpus,
-            port,
-            data_dir,
-            nats_server,
-            run,
-            once,
-        } => {
-            let opts = up::UpOptions {
-                workers,
-                simulate_gpus,
-                port,
-                data_dir,
-                nats_server,
-            };
-            let mut fleet = up::up(&opts).await?;
-            let mut code = 0;
-            if let Some(file) = run {
-                let api = Api::connect(&fleet.url).await?;
-                let spec = jobfile::read(&file)?;
-                code = submit_and_wait(&api, spec, true, true, false, json).await?;
-                if once {
-                    fleet.stop();
-                    return Ok(code);
-                }
-            }
-            eprintln!("press Ctrl-C to stop the fleet");
-            tokio::signal::ctrl_c().await?;
-            eprintln!("stopping the fleet...");
-            fleet.stop();
-            Ok(code)
-        }
-        command => {
-            let api = Api::connect(&cli.nats_url).await?;
-            run_command(&api, command, json).await
-        }
-    }
-}
-
-async fn submit_and_wait(
-    api: &Api,
-    spec: gpufleet_schema::JobSpec,
-    wait: bool,
-    follow: bool,
-    detach: bool,
-    json: bool,
-) -> anyhow::Result<i32> {
-    let reply = api.submit(&spec).await?;
-    if !wait && !follow {
-        if json {
-            print_json(&reply);
-        } else {
-            println!("{}", reply.job_id);
-        }
-        return Ok(0);
-    }
-    eprintln!("submitted job {}", reply.job_id);
-    wait_job(api, &reply.job_id, follow, detach, json).await
-}
-
-async fn wait_job(
-    api: &Api,
-    job: &JobId,
-    follow: bool,
-    detach: bool,
-    json: bool,
-) -> anyhow::Result<i32> {
-    let opts = WaitOptions {
-        follow,
-        detach,
-        progress: !json,
-    };
-    match watch::wait(api, job, &opts).await? {
-        Waited::Detached => Ok(0),
-        Waited::Finished(status) => {
-            if json {
-                print_json(&status);
-            } else {
-                eprintln!("{}", show::job(&status));
-            }
-            Ok(watch::exit_code(status.status))
-        }
-    }
-}
-
-async fn run_command(api: &Api, command: Cmd, json: bool) -> anyhow::Result<i32> {
-    match command {
+        Cmd::Up(args) => up::run(args, json).await,
         Cmd::Submit { file, wait } => {
+            // Read and check the job before touching the network.
             let spec = jobfile::read(&file)?;
-            submit_and_wait(api, spec, wait.wait, wait.follow, wait.detach, json).await
+            submit(&connect().await?, spec, &wait, json).await
         }
-        Cmd::Run {
-            gpus,
-            gpu_memory,
-            cpus,
-            memory,
-            timeout,
-            name,
-            env,
-            artifacts,
-            max_retries,
-            no_wait,
-            detach,
-            command,
-        } => {
+        Cmd::Run(r) => {
+            let r = *r;
             let spec = jobfile::one_off(jobfile::OneOff {
-                command,
-                name,
-                gpus,
-                gpu_memory,
-                cpus,
-                memory,
-                timeout,
-                env,
-                artifacts,
-                max_retries,
+                command: r.command,
+                name: r.name,
+                gpus: r.gpus,
+                gpu_memory: r.gpu_memory,
+                cpus: r.cpus,
+                memory: r.memory,
+                timeout: r.timeout,
+                env: r.env,
+                artifacts: r.artifacts,
+                max_retries: r.max_retries,
+                priority: r.priority,
+                labels: r.labels,
+                workers: r.workers,
             })?;
-            submit_and_wait(api, spec, !no_wait, !no_wait, detach, json).await
+            let wait = WaitFlags {
+                wait: !r.no_wait,
+                follow: !r.no_wait,
+                detach: r.detach,
+            };
+            submit(&connect().await?, spec, &wait, json).await
         }
         Cmd::Status { job, wait } => {
             let id = job_id(&job)?;
+            let api = connect().await?;
             if wait.wait || wait.follow {
-                return wait_job(api, &id, wait.follow, wait.detach, json).await;
+                return wait_job(&api, &id, &wait, json).await;
             }
             let s = api.get(&id).await?;
             if json {
@@ -327,57 +303,176 @@ async fn run_command(api: &Api, command: Cmd, json: bool) -> anyhow::Result<i32>
             } else {
                 println!("{}", show::job(&s));
             }
-            Ok(0)
+            Ok(exit::OK)
         }
         Cmd::List { status, limit } => {
             let status: Option<JobState> = match status {
-                Some(s) => Some(s.parse().map_err(anyhow::Error::msg)?),
+                Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--status: {e}"))?),
                 None => None,
             };
-            let list = api.list(status, Some(limit)).await?;
+            let list = connect().await?.list(status, Some(limit)).await?;
             if json {
                 print_json(&list);
             } else {
                 println!("{}", show::jobs(&list));
             }
-            Ok(0)
+            Ok(exit::OK)
         }
-        Cmd::Cancel { job } => {
-            let s = api.cancel(&job_id(&job)?).await?;
+        Cmd::Cancel { job, wait } => {
+            let id = job_id(&job)?;
+            let api = connect().await?;
+            let s = api.cancel(&id).await?;
+            if wait && !s.status.is_finished() {
+                let flags = WaitFlags {
+                    wait: true,
+                    detach: true,
+                    ..Default::default()
+                };
+                if !json {
+                    eprintln!("cancelling job {id}; waiting for its tasks to stop");
+                }
+                return wait_job(&api, &id, &flags, json).await;
+            }
             if json {
                 print_json(&s);
+            } else if s.status == JobState::Aborted {
+                println!("cancelled job {id}");
+            } else if s.status.is_finished() {
+                println!("job {id} had already finished: {}", s.status);
             } else {
-                println!("cancelling job {}: {}", s.job_id, s.status);
+                let stopping = s.counts.running + s.counts.reserved;
+                println!(
+                    "cancelling job {id}: stopping {stopping} running task{} (`gpufleet status {id} --wait` waits for them)",
+                    if stopping == 1 { "" } else { "s" }
+                );
             }
-            Ok(0)
+            Ok(exit::OK)
         }
-        Cmd::Logs { job, task, follow } => logs(api, &job_id(&job)?, task.as_deref(), follow).await,
+        Cmd::Logs { job, task, follow } => {
+            let id = job_id(&job)?;
+            logs(&connect().await?, &id, task.as_deref(), follow, json).await
+        }
         Cmd::Workers => {
+            let api = connect().await?;
             let list = api.workers().await?;
+            let holders = gpu_holders(&api).await.unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "could not read the leases");
+                Default::default()
+            });
             if json {
-                print_json(&list);
+                print_json(&show::workers_json(&list, &holders));
             } else {
-                let holders = gpu_holders(api).await.unwrap_or_default();
                 println!("{}", show::workers(&list, &holders));
             }
-            Ok(0)
+            Ok(exit::OK)
         }
-        Cmd::Artifacts { command } => artifacts(api, command, json).await,
-        Cmd::Up { .. } => unreachable!("handled before connecting"),
+        Cmd::Artifacts { command } => artifacts(&connect().await?, command, json).await,
     }
 }
 
+/// What to show while waiting, from the flags and where output goes.
+fn view(flags: &WaitFlags, json: bool) -> WaitOptions {
+    let bars = !json && std::io::stderr().is_terminal();
+    WaitOptions {
+        follow: flags.follow,
+        states: !bars,
+        progress: true,
+        bars,
+        ctrl_c: if flags.detach {
+            CtrlC::Detach
+        } else {
+            CtrlC::Ask
+        },
+        json,
+        task: None,
+    }
+}
+
+async fn submit(api: &Api, spec: JobSpec, flags: &WaitFlags, json: bool) -> anyhow::Result<i32> {
+    let reply = api.submit(&spec).await?;
+    if !flags.wait && !flags.follow {
+        if json {
+            print_json(&reply);
+        } else {
+            println!("{}", reply.job_id);
+        }
+        return Ok(exit::OK);
+    }
+    if !json {
+        let again = if reply.created {
+            ""
+        } else {
+            " (it already existed)"
+        };
+        eprintln!("submitted job {}{again}", reply.job_id);
+    }
+    wait_job(api, &reply.job_id, flags, json).await
+}
+
+async fn wait_job(api: &Api, job: &JobId, flags: &WaitFlags, json: bool) -> anyhow::Result<i32> {
+    let opts = view(flags, json);
+    match watch::wait(api, job, &opts).await? {
+        Waited::Detached => Ok(exit::INTERRUPTED),
+        Waited::Finished(status) => {
+            if json && opts.follow {
+                // The last line of the JSON-lines stream.
+                println!("{}", serde_json::to_string(&status)?);
+            } else if json {
+                print_json(&status);
+            } else {
+                eprintln!("{}", summary(&status));
+            }
+            Ok(exit::of(status.status))
+        }
+    }
+}
+
+/// After waiting: one line for a one-task job, the table otherwise.
+fn summary(s: &JobStatus) -> String {
+    let [t] = s.tasks.as_slice() else {
+        return format!("\n{}", show::job(s));
+    };
+    let mut line = format!("job {} {}: {} {}", s.job_id, s.status, t.name, t.state);
+    if let Some(w) = &t.worker {
+        line.push_str(&format!(" on {w}"));
+    }
+    if !t.gpus.is_empty() {
+        line.push_str(&format!(" (GPUs {})", t.gpus.join(",")));
+    }
+    if let (Some(a), Some(b)) = (t.started_at, t.finished_at) {
+        line.push_str(&format!(" in {}", show::span((b - a).whole_seconds())));
+    }
+    if let Some(c) = t.exit_code {
+        line.push_str(&format!(", exit {c}"));
+    }
+    if let Some(r) = &t.result {
+        line.push_str(&format!("\nresult: {r}"));
+    } else if let Some(r) = t.reason.as_ref().or(s.reason.as_ref()) {
+        let said = t.exit_code.is_some() && r.starts_with("exited with code");
+        if t.state != TaskState::Succeeded && !said {
+            line.push_str(&format!("\nreason: {r}"));
+        }
+    }
+    line
+}
+
 /// Which tasks hold each GPU, from the live leases.
-async fn gpu_holders(api: &Api) -> anyhow::Result<HashMap<String, Vec<String>>> {
+async fn gpu_holders(api: &Api) -> anyhow::Result<show::Holders> {
     let js = async_nats::jetstream::new(api.client.clone());
     let kv = gpufleet_natsutil::RawKv::open(&js, subjects::LEASES_BUCKET).await?;
     let mut watch = kv.watch(">").await?;
-    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    let mut out = show::Holders::new();
     while let Some(Ok(ev)) = watch.next().await {
         match ev {
             gpufleet_natsutil::KvEvent::Synced => break,
             gpufleet_natsutil::KvEvent::Change(c) if c.op == gpufleet_natsutil::KvOp::Put => {
-                if let Ok(l) = codec::decode::<Lease>(&c.value) {
+                let Ok(l) = codec::decode::<Lease>(&c.value) else {
+                    continue;
+                };
+                if matches!(
+                    l.state,
+                    LeaseState::Reserved | LeaseState::Running | LeaseState::Cancelling
+                ) {
                     for g in &l.grant.gpus {
                         out.entry(g.uuid.clone())
                             .or_default()
@@ -391,71 +486,53 @@ async fn gpu_holders(api: &Api) -> anyhow::Result<HashMap<String, Vec<String>>> 
     Ok(out)
 }
 
-async fn logs(api: &Api, job: &JobId, task: Option<&str>, follow: bool) -> anyhow::Result<i32> {
-    let status = api.get(job).await?;
-    let wanted: Option<String> = match task {
-        None => None,
-        Some(t) => Some(
-            status
-                .tasks
-                .iter()
-                .find(|x| x.task_id.as_str() == t || x.name == t)
-                .map(|x| x.task_id.to_string())
-                .with_context(|| format!("job {job} has no task {t:?}"))?,
-        ),
-    };
-    let multi = wanted.is_none() && status.tasks.len() > 1;
-    let names: HashMap<String, String> = status
+/// A task of `status` by id or name.
+fn find_task(status: &JobStatus, task: &str) -> anyhow::Result<TaskId> {
+    status
         .tasks
         .iter()
-        .map(|t| (t.task_id.to_string(), t.name.clone()))
-        .collect();
-    let (mut pending, mut events) = api.job_events(job, &["log", "state"]).await?;
-    let mut finished = status.status.is_finished();
-    while pending > 0 || (follow && !finished) {
-        let Some((ev, left)) = events.next().await else {
-            break;
-        };
-        pending = left;
-        if wanted.as_deref().is_some_and(|w| w != ev.task_id.as_str()) {
-            continue;
-        }
-        match ev.body {
-            gpufleet_schema::EventBody::Log {
-                stream,
-                text,
-                dropped_bytes,
-            } => {
-                use std::io::Write;
-                let prefix = if multi {
-                    format!(
-                        "[{}] ",
-                        names.get(ev.task_id.as_str()).cloned().unwrap_or_default()
-                    )
-                } else {
-                    String::new()
-                };
-                let mut out: Box<dyn Write> = match stream {
-                    gpufleet_schema::LogStream::Stdout => Box::new(std::io::stdout().lock()),
-                    gpufleet_schema::LogStream::Stderr => Box::new(std::io::stderr().lock()),
-                };
-                if dropped_bytes > 0 {
-                    writeln!(
-                        out,
-                        "{prefix}[gpufleet: {dropped_bytes} bytes of output dropped here]"
-                    )?;
-                }
-                for line in text.split_inclusive('\n') {
-                    write!(out, "{prefix}{line}")?;
-                }
-            }
-            gpufleet_schema::EventBody::State { .. } if follow => {
-                finished = api.get(job).await?.status.is_finished();
-            }
-            _ => {}
-        }
+        .find(|t| t.task_id.as_str() == task || t.name == task)
+        .map(|t| t.task_id.clone())
+        .with_context(|| {
+            let names: Vec<&str> = status
+                .tasks
+                .iter()
+                .map(|t| t.name.as_str())
+                .take(10)
+                .collect();
+            format!(
+                "job {} has no task {task:?} (its tasks: {}{})",
+                status.job_id,
+                names.join(", "),
+                if status.tasks.len() > 10 { ", …" } else { "" }
+            )
+        })
+}
+
+async fn logs(
+    api: &Api,
+    job: &JobId,
+    task: Option<&str>,
+    follow: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let status = api.get(job).await?;
+    let task = task.map(|t| find_task(&status, t)).transpose()?;
+    let opts = WaitOptions {
+        follow: true,
+        ctrl_c: CtrlC::Quit,
+        json,
+        task,
+        ..Default::default()
+    };
+    if !follow {
+        watch::print_stored(api, job, &opts).await?;
+        return Ok(exit::OK);
     }
-    Ok(0)
+    match watch::wait(api, job, &opts).await? {
+        Waited::Finished(_) => Ok(exit::OK),
+        Waited::Detached => Ok(exit::INTERRUPTED),
+    }
 }
 
 async fn artifacts(api: &Api, command: ArtifactsCmd, json: bool) -> anyhow::Result<i32> {
@@ -464,67 +541,107 @@ async fn artifacts(api: &Api, command: ArtifactsCmd, json: bool) -> anyhow::Resu
         .get_object_store(subjects::ARTIFACTS_BUCKET)
         .await
         .context("opening the artifacts store")?;
+    let job = match &command {
+        ArtifactsCmd::List { job } | ArtifactsCmd::Get { job, .. } => job_id(job)?,
+    };
+    let status = api.get(&job).await?;
+    // Objects are named <job>/<task>/<attempt>/<path>.
+    let prefix = format!("{job}/");
     let mut infos = Vec::new();
-    {
-        use futures::StreamExt;
-        let mut list = store.list().await?;
-        while let Some(i) = list.next().await {
-            infos.push(i?);
+    let mut list = store.list().await?;
+    while let Some(i) = list.next().await {
+        let i = i?;
+        if i.name.starts_with(&prefix) && !i.deleted {
+            infos.push(i);
         }
     }
+    infos.sort_by(|a, b| a.name.cmp(&b.name));
     match command {
-        ArtifactsCmd::List { job } => {
-            let prefix = format!("{job}/");
-            let rows: Vec<Vec<String>> = infos
+        ArtifactsCmd::List { .. } => {
+            let rows: Vec<(String, String, String, String, u64)> = infos
                 .iter()
-                .filter(|i| i.name.starts_with(&prefix) && !i.deleted)
-                .map(|i| {
-                    vec![
+                .filter_map(|i| {
+                    let mut parts = i.name.splitn(4, '/');
+                    let (_, task, attempt, path) =
+                        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+                    let name = status
+                        .tasks
+                        .iter()
+                        .find(|t| t.task_id.as_str() == task)
+                        .map(|t| t.name.clone())
+                        .unwrap_or_else(|| task.to_string());
+                    Some((
+                        name,
+                        attempt.to_string(),
+                        path.to_string(),
                         i.name.clone(),
-                        gpufleet_schema::ByteSize(i.size as u64).to_string(),
-                    ]
+                        i.size as u64,
+                    ))
                 })
                 .collect();
             if json {
                 print_json(
                     &rows
                         .iter()
-                        .map(|r| serde_json::json!({"object": r[0], "size": r[1]}))
+                        .map(|(task, attempt, path, object, size)| {
+                            serde_json::json!({"task": task, "attempt": attempt.parse::<u32>().ok(),
+                                "name": path, "object": object, "size": size})
+                        })
                         .collect::<Vec<_>>(),
                 );
+            } else if rows.is_empty() {
+                println!("job {job} has no artifacts");
             } else {
-                println!("{}", show::table(&["OBJECT", "SIZE"], &rows));
+                let table: Vec<Vec<String>> = rows
+                    .into_iter()
+                    .map(|(task, attempt, path, _, size)| {
+                        vec![task, attempt, path, show::size(size)]
+                    })
+                    .collect();
+                println!("{}", show::table(&["TASK", "TRY", "NAME", "SIZE"], &table));
             }
-            Ok(0)
+            Ok(exit::OK)
         }
         ArtifactsCmd::Get {
-            job,
-            task,
-            name,
-            output,
+            task, name, output, ..
         } => {
-            let status = api.get(&job_id(&job)?).await?;
-            let t = status
+            let task_id = find_task(&status, &task)?;
+            let attempts = status
                 .tasks
                 .iter()
-                .find(|t| t.task_id.as_str() == task || t.name == task)
-                .with_context(|| format!("job {job} has no task {task:?}"))?;
-            // The newest attempt that uploaded this name.
-            let object = (1..=t.attempt)
+                .find(|t| t.task_id == task_id)
+                .map_or(1, |t| t.attempt);
+            let object = (1..=attempts)
                 .rev()
-                .map(|a| format!("{job}/{}/{a}/{name}", t.task_id))
-                .find(|o| infos.iter().any(|i| &i.name == o && !i.deleted))
-                .with_context(|| format!("no artifact {name:?} for task {task} of job {job}"))?;
-            let path = output.unwrap_or_else(|| {
-                PathBuf::from(std::path::Path::new(&name).file_name().unwrap_or_default())
-            });
+                .map(|a| format!("{job}/{task_id}/{a}/{name}"))
+                .find(|o| infos.iter().any(|i| &i.name == o))
+                .with_context(|| {
+                    format!("task {task} of job {job} uploaded no {name:?} (see `gpufleet artifacts list {job}`)")
+                })?;
             let mut obj = store.get(&object).await?;
-            let mut file = tokio::fs::File::create(&path)
-                .await
-                .with_context(|| format!("creating {}", path.display()))?;
-            let n = tokio::io::copy(&mut obj, &mut file).await?;
-            eprintln!("wrote {} ({n} bytes) from {object}", path.display());
-            Ok(0)
+            let (n, path) = if output.as_deref() == Some(std::path::Path::new("-")) {
+                let mut out = tokio::io::stdout();
+                let n = tokio::io::copy(&mut obj, &mut out).await?;
+                tokio::io::AsyncWriteExt::flush(&mut out).await?;
+                (n, "-".to_string())
+            } else {
+                let path = output.unwrap_or_else(|| {
+                    PathBuf::from(std::path::Path::new(&name).file_name().unwrap_or_default())
+                });
+                let mut file = tokio::fs::File::create(&path)
+                    .await
+                    .with_context(|| format!("creating {}", path.display()))?;
+                let n = tokio::io::copy(&mut obj, &mut file).await?;
+                (n, path.display().to_string())
+            };
+            if path == "-" {
+                // The bytes were the output.
+            } else if json {
+                print_json(&serde_json::json!({"object": object, "path": path, "size": n}));
+            } else {
+                eprintln!("wrote {path} ({}) from {object}", show::size(n));
+            }
+            Ok(exit::OK)
         }
     }
 }

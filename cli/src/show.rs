@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use gpufleet_schema::{ByteSize, JobStatus, WorkerAdvert};
+use gpufleet_schema::{JobStatus, WorkerAdvert};
 use time::OffsetDateTime;
 
 /// Left-aligned columns sized to their widest cell.
@@ -36,12 +36,62 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 fn ago(t: OffsetDateTime) -> String {
     let d = (OffsetDateTime::now_utc() - t).whole_seconds().max(0);
+    format!("{} ago", span(d))
+}
+
+/// A duration in seconds, as people say it: `42s`, `3m05s`, `2h10m`, `3d4h`.
+pub fn span(d: i64) -> String {
     match d {
-        0..=59 => format!("{d}s ago"),
-        60..=3599 => format!("{}m ago", d / 60),
-        3600..=86399 => format!("{}h ago", d / 3600),
-        _ => format!("{}d ago", d / 86400),
+        ..=59 => format!("{}s", d.max(0)),
+        60..=3599 => format!("{}m{:02}s", d / 60, d % 60),
+        3600..=86399 => format!("{}h{:02}m", d / 3600, d % 3600 / 60),
+        _ => format!("{}d{}h", d / 86400, d % 86400 / 3600),
     }
+}
+
+fn took(start: Option<OffsetDateTime>, end: Option<OffsetDateTime>) -> Option<String> {
+    let start = start?;
+    let end = end.unwrap_or_else(OffsetDateTime::now_utc);
+    Some(span((end - start).whole_seconds()))
+}
+
+/// A size in the largest binary unit under it, one decimal: `23.5 GiB`.
+pub fn size(bytes: u64) -> String {
+    let (value, unit) = unit_of(bytes);
+    format!("{} {unit}", decimal(bytes as f64 / value as f64))
+}
+
+/// `used/total unit`, both in the unit that suits the total: `0.8/23.5 GiB`.
+pub fn used_of(used: u64, total: u64) -> String {
+    let (value, unit) = unit_of(total.max(used));
+    format!(
+        "{}/{} {unit}",
+        decimal(used as f64 / value as f64),
+        decimal(total as f64 / value as f64)
+    )
+}
+
+fn unit_of(bytes: u64) -> (u64, &'static str) {
+    const UNITS: [(u64, &str); 5] = [
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+        (1, "B"),
+    ];
+    UNITS
+        .into_iter()
+        .find(|(v, _)| bytes >= *v)
+        .unwrap_or((1, "B"))
+}
+
+fn decimal(x: f64) -> String {
+    let s = format!("{x:.1}");
+    s.strip_suffix(".0").map(str::to_string).unwrap_or(s)
+}
+
+fn or_dash(s: Option<String>) -> String {
+    s.filter(|s| !s.is_empty()).unwrap_or_else(|| "-".into())
 }
 
 pub fn job(s: &JobStatus) -> String {
@@ -57,7 +107,18 @@ pub fn job(s: &JobStatus) -> String {
     if let Some(r) = &s.reason {
         out.push_str(&format!("reason: {r}\n"));
     }
-    out.push_str(&format!("submitted: {}\n\n", ago(s.submitted_at)));
+    let mut when = format!("submitted {}", ago(s.submitted_at));
+    if let Some(t) = took(s.started_at, s.finished_at) {
+        when.push_str(&format!(
+            ", {} {t}",
+            if s.finished_at.is_some() {
+                "ran"
+            } else {
+                "running for"
+            }
+        ));
+    }
+    out.push_str(&format!("{when}\n\n"));
     let rows: Vec<Vec<String>> = s
         .tasks
         .iter()
@@ -66,22 +127,14 @@ pub fn job(s: &JobStatus) -> String {
                 t.name.clone(),
                 t.state.to_string(),
                 t.attempt.to_string(),
-                t.worker
-                    .as_ref()
-                    .map(|w| w.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                if t.gpus.is_empty() {
-                    "-".into()
-                } else {
-                    t.gpus.join(",")
-                },
-                t.exit_code
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| "-".into()),
+                or_dash(t.worker.as_ref().map(|w| w.to_string())),
+                or_dash(Some(t.gpus.join(","))),
+                or_dash(t.exit_code.map(|c| c.to_string())),
+                or_dash(took(t.started_at, t.finished_at)),
                 t.result
                     .as_ref()
-                    .map(|r| truncate(&r.to_string(), 40))
-                    .or_else(|| t.reason.as_ref().map(|r| truncate(r, 60)))
+                    .map(|r| truncate(&r.to_string(), 50))
+                    .or_else(|| t.reason.as_ref().map(|r| truncate(r, 70)))
                     .unwrap_or_default(),
             ]
         })
@@ -94,6 +147,7 @@ pub fn job(s: &JobStatus) -> String {
             "WORKER",
             "GPUS",
             "EXIT",
+            "TIME",
             "RESULT / REASON",
         ],
         &rows,
@@ -102,14 +156,20 @@ pub fn job(s: &JobStatus) -> String {
 }
 
 pub fn jobs(list: &[JobStatus]) -> String {
+    if list.is_empty() {
+        return "no jobs".into();
+    }
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|s| {
             vec![
                 s.job_id.to_string(),
-                s.name.clone().unwrap_or_default(),
+                s.name
+                    .as_deref()
+                    .map(|n| truncate(n, 40))
+                    .unwrap_or_default(),
                 s.status.to_string(),
-                format!("{}/{}", s.counts.succeeded, s.counts.total()),
+                format!("{}/{}", s.counts.finished(), s.counts.total()),
                 ago(s.submitted_at),
                 s.reason
                     .as_deref()
@@ -124,21 +184,34 @@ pub fn jobs(list: &[JobStatus]) -> String {
     )
 }
 
-/// Workers, one line per GPU; `holders` maps GPU uuid to the tasks on it.
-pub fn workers(list: &[WorkerAdvert], holders: &HashMap<String, Vec<String>>) -> String {
+/// Which tasks hold each GPU (by uuid), from the live leases.
+pub type Holders = HashMap<String, Vec<String>>;
+
+/// Workers, one line per GPU.
+pub fn workers(list: &[WorkerAdvert], holders: &Holders) -> String {
+    if list.is_empty() {
+        return "no workers (start one with `gpufleet-worker`, or a local fleet with `gpufleet up`)"
+            .into();
+    }
     let mut rows = Vec::new();
     for w in list {
         let state = if w.draining { "draining" } else { "ready" };
+        let labels = w
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let base = vec![
             w.name.to_string(),
             state.to_string(),
-            format!("{:.1}", w.cpus_milli as f64 / 1000.0),
-            format!(
-                "{}/{}",
-                ByteSize(w.memory_total.0 - w.memory_available.0.min(w.memory_total.0)),
-                w.memory_total
+            decimal(w.cpus_milli as f64 / 1000.0),
+            used_of(
+                w.memory_total.0.saturating_sub(w.memory_available.0),
+                w.memory_total.0,
             ),
             w.running.len().to_string(),
+            or_dash(Some(labels)),
         ];
         if w.gpus.is_empty() {
             let mut r = base.clone();
@@ -152,7 +225,7 @@ pub fn workers(list: &[WorkerAdvert], holders: &HashMap<String, Vec<String>>) ->
                 vec![String::new(); base.len()]
             };
             r.push(format!("{} {}", g.index, g.model));
-            r.push(format!("{}/{}", g.memory_used, g.memory_total));
+            r.push(used_of(g.memory_used.0, g.memory_total.0));
             r.push(
                 holders
                     .get(&g.uuid)
@@ -169,12 +242,29 @@ pub fn workers(list: &[WorkerAdvert], holders: &HashMap<String, Vec<String>>) ->
             "CPUS",
             "MEMORY",
             "TASKS",
+            "LABELS",
             "GPU",
             "GPU MEMORY",
             "HELD BY",
         ],
         &rows,
     )
+}
+
+/// The adverts as JSON, each GPU with `held_by`: the tasks holding it.
+pub fn workers_json(list: &[WorkerAdvert], holders: &Holders) -> serde_json::Value {
+    let mut v = serde_json::to_value(list).expect("adverts serialize");
+    for w in v.as_array_mut().into_iter().flatten() {
+        for g in w["gpus"].as_array_mut().into_iter().flatten() {
+            let held = g["uuid"]
+                .as_str()
+                .and_then(|u| holders.get(u))
+                .cloned()
+                .unwrap_or_default();
+            g["held_by"] = serde_json::json!(held);
+        }
+    }
+    v
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -199,5 +289,17 @@ mod tests {
             ],
         );
         assert_eq!(t, "A    LONGER\nxyz  1\nq    22");
+    }
+
+    #[test]
+    fn sizes_and_spans_read_well() {
+        assert_eq!(used_of(862_535_680, 25_276_502_016), "0.8/23.5 GiB");
+        assert_eq!(used_of(24 << 30, 24 << 30), "24/24 GiB");
+        assert_eq!(used_of(0, 512 << 20), "0/512 MiB");
+        assert_eq!(size(1536), "1.5 KiB");
+        assert_eq!(size(3), "3 B");
+        assert_eq!(span(42), "42s");
+        assert_eq!(span(185), "3m05s");
+        assert_eq!(span(7800), "2h10m");
     }
 }
