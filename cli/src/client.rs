@@ -34,17 +34,22 @@ pub struct Api {
 }
 
 impl Api {
-    pub async fn connect(url: &str, patience: Duration) -> anyhow::Result<Api> {
+    pub async fn connect(
+        url: &str,
+        auth: &gpufleet_natsutil::Auth,
+        patience: Duration,
+    ) -> anyhow::Result<Api> {
         use async_nats::ConnectErrorKind as Kind;
-        let client = gpufleet_natsutil::connect(url, "gpufleet-cli", patience)
+        let client = gpufleet_natsutil::connect(url, auth, "gpufleet-cli", patience)
             .await
             .map_err(|e| {
                 let hint = match &e {
                     gpufleet_natsutil::ConnectError::Connect { source, .. } => {
                         match source.kind() {
                             Kind::Authentication | Kind::AuthorizationViolation => {
-                                "the server wants credentials, which gpufleet cannot send yet \
-                                 (see \"Operating notes\" in the README)"
+                                "the server wants credentials: give them in the URL \
+                                 (nats://user:password@host), with --nats-creds FILE, or \
+                                 with GPUFLEET_NATS_TOKEN"
                             }
                             Kind::Tls => {
                                 "a TLS problem: for a private CA set SSL_CERT_FILE to its \

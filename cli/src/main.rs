@@ -66,6 +66,9 @@ struct Cli {
     /// NATS server URL(s), comma-separated [env: GPUFLEET_NATS_URL] [default: nats://127.0.0.1:4222]
     #[arg(long, global = true)]
     nats_url: Option<String>,
+    /// NATS credentials file (JWT + NKey seed) [env: GPUFLEET_NATS_CREDS]
+    #[arg(long, global = true)]
+    nats_creds: Option<PathBuf>,
     /// TOML settings file (keys: nats_url, connect_timeout)
     #[arg(long, global = true, env = "GPUFLEET_CONFIG")]
     config: Option<PathBuf>,
@@ -258,8 +261,13 @@ fn main() {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let json = cli.json;
-    let cfg = settings::load(cli.config.as_deref(), cli.nats_url.clone())?;
-    let connect = || Api::connect(&cfg.nats_url, cfg.connect_timeout.0);
+    let cfg = settings::load(
+        cli.config.as_deref(),
+        cli.nats_url.clone(),
+        cli.nats_creds.clone(),
+    )?;
+    let auth = cfg.auth();
+    let connect = || Api::connect(&cfg.nats_url, &auth, cfg.connect_timeout.0);
     match cli.command {
         Cmd::Up(args) => up::run(args, json).await,
         Cmd::Submit { file, wait } => {

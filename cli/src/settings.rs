@@ -10,6 +10,11 @@ use serde::{Deserialize, Serialize};
 pub struct CliConfig {
     /// One URL or several, comma-separated.
     pub nats_url: String,
+    /// A NATS credentials file (JWT and NKey seed), for secured servers.
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// A NATS token, for servers that use one (prefer the environment
+    /// variable `GPUFLEET_NATS_TOKEN` to a file).
+    pub nats_token: Option<String>,
     /// How long to keep trying to reach NATS before giving up.
     pub connect_timeout: gpufleet_schema::Dur,
 }
@@ -18,15 +23,36 @@ impl Default for CliConfig {
     fn default() -> Self {
         CliConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_creds: None,
+            nats_token: None,
             connect_timeout: gpufleet_schema::Dur::secs(5),
         }
     }
 }
 
-pub fn load(file: Option<&Path>, nats_url: Option<String>) -> anyhow::Result<CliConfig> {
+impl CliConfig {
+    pub fn auth(&self) -> gpufleet_natsutil::Auth {
+        gpufleet_natsutil::Auth {
+            creds: self.nats_creds.clone(),
+            token: self.nats_token.clone(),
+        }
+    }
+}
+
+pub fn load(
+    file: Option<&Path>,
+    nats_url: Option<String>,
+    nats_creds: Option<std::path::PathBuf>,
+) -> anyhow::Result<CliConfig> {
     Ok(gpufleet_natsutil::settings::load(
         &CliConfig::default(),
         file,
-        vec![("nats_url", nats_url.map(Into::into))],
+        vec![
+            ("nats_url", nats_url.map(Into::into)),
+            (
+                "nats_creds",
+                nats_creds.map(|p| p.display().to_string().into()),
+            ),
+        ],
     )?)
 }

@@ -389,7 +389,7 @@ async fn start(args: &UpArgs) -> anyhow::Result<LocalFleet> {
         if let Some((name, how, tail)) = fleet.newly_exited() {
             bail!("{name} exited while the fleet started ({how}); the end of its log:\n{tail}");
         }
-        if let Ok(api) = Api::connect(&url, Duration::from_millis(200)).await {
+        if let Ok(api) = Api::connect(&url, &Default::default(), Duration::from_millis(200)).await {
             break api;
         }
         if tokio::time::Instant::now() > deadline {
@@ -460,7 +460,7 @@ pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<i32> {
 
     let mut code = exit::OK;
     if let Some(spec) = spec {
-        let api = Api::connect(&url, Duration::from_secs(5)).await?;
+        let api = Api::connect(&url, &Default::default(), Duration::from_secs(5)).await?;
         let flags = crate::WaitFlags {
             wait: true,
             follow: true,

@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 pub struct CoordinatorConfig {
     /// One URL or several, comma-separated.
     pub nats_url: String,
+    /// A NATS credentials file (JWT and NKey seed), for secured servers.
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// A NATS token, for servers that use one (prefer the environment
+    /// variable `GPUFLEET_NATS_TOKEN` to a file).
+    pub nats_token: Option<String>,
     /// How long a reservation waits for its worker's claim.
     pub reservation_ttl: Dur,
     /// How long a claimed lease lives between renewals; the worker renews
@@ -37,6 +42,8 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_creds: None,
+            nats_token: None,
             reservation_ttl: Dur::secs(30),
             lease_ttl: Dur::secs(30),
             tick: Dur::secs(1),
@@ -79,6 +86,13 @@ impl CoordinatorConfig {
             return Err("replicas: from 1 to 5".into());
         }
         Ok(())
+    }
+
+    pub fn auth(&self) -> gpufleet_natsutil::Auth {
+        gpufleet_natsutil::Auth {
+            creds: self.nats_creds.clone(),
+            token: self.nats_token.clone(),
+        }
     }
 
     pub fn setup(&self) -> Setup {

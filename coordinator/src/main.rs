@@ -15,6 +15,9 @@ struct Args {
     /// NATS server URL(s), comma-separated [env: GPUFLEET_NATS_URL]
     #[arg(long)]
     nats_url: Option<String>,
+    /// NATS credentials file (JWT + NKey seed) [env: GPUFLEET_NATS_CREDS]
+    #[arg(long)]
+    nats_creds: Option<PathBuf>,
     /// TOML configuration file
     #[arg(long, env = "GPUFLEET_CONFIG")]
     config: Option<PathBuf>,
@@ -36,6 +39,10 @@ fn main() -> anyhow::Result<()> {
         args.config.as_deref(),
         vec![
             ("nats_url", args.nats_url.map(Into::into)),
+            (
+                "nats_creds",
+                args.nats_creds.map(|p| p.display().to_string().into()),
+            ),
             ("reservation_ttl", args.reservation_ttl.map(Into::into)),
             ("lease_ttl", args.lease_ttl.map(Into::into)),
             ("replicas", args.replicas.map(|r| (r as u64).into())),

@@ -62,6 +62,7 @@ pub async fn run(
     cfg.validate().map_err(CoordinatorError::Config)?;
     let client = gpufleet_natsutil::connect(
         &cfg.nats_url,
+        &cfg.auth(),
         "gpufleet-coordinator",
         cfg.connect_patience.0,
     )
@@ -154,7 +155,8 @@ pub async fn run(
     if !fx.is_empty() {
         execute(fx, &engine, &io, &mut last_checkpoint).await;
     }
-    let _ = client.flush().await;
+    // Without NATS there is nothing to flush to; do not wait for it.
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
     tracing::info!("coordinator stopped");
     Ok(())
 }

@@ -31,7 +31,7 @@ pub fn parse_urls(url: &str) -> Result<Vec<ServerAddr>, ConnectError> {
         .filter(|s| !s.is_empty())
         .map(|s| {
             s.parse::<ServerAddr>().map_err(|e| ConnectError::BadUrl {
-                url: url.to_string(),
+                url: redact(url),
                 reason: e.to_string(),
             })
         })
@@ -60,37 +60,97 @@ pub fn check_server_version(url: &str, version: &str) -> Result<(), ConnectError
     }
 }
 
+/// How a program proves who it is to NATS, beside `user:password@` in the
+/// URL: a credentials file (JWT + NKey seed, as `nsc` writes) or a token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Auth {
+    pub creds: Option<std::path::PathBuf>,
+    pub token: Option<String>,
+}
+
+/// The URL with any password replaced, for messages and logs.
+pub fn redact(url: &str) -> String {
+    url.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let userinfo = &u[scheme + 3..at];
+                let user = userinfo.split(':').next().unwrap_or("");
+                let masked = if userinfo.contains(':') {
+                    format!("{user}:***")
+                } else {
+                    "***".to_string()
+                };
+                format!("{}{masked}{}", &u[..scheme + 3], &u[at..])
+            }
+            _ => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+async fn options(
+    name: &str,
+    auth: &Auth,
+    addrs: &[ServerAddr],
+    url: &str,
+) -> Result<ConnectOptions, ConnectError> {
+    let mut options = ConnectOptions::new()
+        .name(name)
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        // Replies from a busy coordinator may take a while under load.
+        .request_timeout(Some(Duration::from_secs(30)));
+    if let Some(path) = &auth.creds {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| ConnectError::BadUrl {
+                url: redact(url),
+                reason: format!("credentials file {}: {e}", path.display()),
+            })?;
+    }
+    if let Some(token) = &auth.token {
+        options = options.token(token.clone());
+    }
+    // The client does not take these from the URL by itself.
+    if let Some(a) = addrs.iter().find(|a| a.has_user_pass()) {
+        if let (Some(u), Some(p)) = (a.username(), a.password()) {
+            options = options.user_and_password(u.to_string(), p.to_string());
+        }
+    }
+    Ok(options)
+}
+
 /// Connects as `name`, retrying until `patience` runs out (a fleet's
 /// programs may start before its server), then checks the server version.
 /// Once connected, the client reconnects on its own forever.
-pub async fn connect(url: &str, name: &str, patience: Duration) -> Result<Client, ConnectError> {
+pub async fn connect(
+    url: &str,
+    auth: &Auth,
+    name: &str,
+    patience: Duration,
+) -> Result<Client, ConnectError> {
     let addrs = parse_urls(url)?;
+    let shown = redact(url);
     let deadline = tokio::time::Instant::now() + patience;
     let mut delay = Duration::from_millis(50);
     let client = loop {
-        let options = ConnectOptions::new()
-            .name(name)
-            .max_reconnects(None)
-            .connection_timeout(Duration::from_secs(5))
-            // Replies from a busy coordinator may take a while under load.
-            .request_timeout(Some(Duration::from_secs(30)));
-        match options.connect(addrs.clone()).await {
+        match options(name, auth, &addrs, url)
+            .await?
+            .connect(addrs.clone())
+            .await
+        {
             Ok(c) => break c,
             Err(e) if tokio::time::Instant::now() + delay < deadline => {
-                tracing::warn!(url, error = %e, "NATS not reachable yet, retrying");
+                tracing::warn!(url = %shown, error = %e, "NATS not reachable yet, retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
-            Err(source) => {
-                return Err(ConnectError::Connect {
-                    url: url.to_string(),
-                    source,
-                })
-            }
+            Err(source) => return Err(ConnectError::Connect { url: shown, source }),
         }
     };
     let info = client.server_info();
-    check_server_version(url, &info.version)?;
+    check_server_version(&shown, &info.version)?;
     Ok(client)
 }
 
@@ -107,6 +167,16 @@ mod tests {
             let err = check_server_version("u", old).unwrap_err().to_string();
             assert!(err.contains("too old") && err.contains("2.11"), "{err}");
         }
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redact("nats://alice:s3cret@h:4222,nats://h2:4222"),
+            "nats://alice:***@h:4222,nats://h2:4222"
+        );
+        assert_eq!(redact("tls://tok@h:1"), "tls://***@h:1");
+        assert_eq!(redact("nats://h:1"), "nats://h:1");
     }
 
     #[test]

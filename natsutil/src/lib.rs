@@ -17,6 +17,6 @@ pub mod settings;
 pub mod stores;
 pub mod telemetry;
 
-pub use connect::{check_server_version, connect, ConnectError, MIN_SERVER};
+pub use connect::{check_server_version, connect, redact, Auth, ConnectError, MIN_SERVER};
 pub use kv::{KvChange, KvError, KvEvent, KvOp, KvWatcher, RawKv};
 pub use stores::{ensure_stores, Setup, Stores};

@@ -75,9 +75,14 @@ where
         },
         None => SettingsError::Invalid(e.to_string()),
     })?;
-    built
-        .try_deserialize()
-        .map_err(|e| SettingsError::Invalid(e.to_string()))
+    built.try_deserialize().map_err(|e| match file {
+        // The unknown or bad key may come from the file: name it.
+        Some(p) => SettingsError::File {
+            path: p.display().to_string(),
+            message: e.to_string(),
+        },
+        None => SettingsError::Invalid(e.to_string()),
+    })
 }
 
 #[cfg(test)]

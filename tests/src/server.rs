@@ -87,6 +87,16 @@ impl NatsServer {
     }
 
     pub fn try_start() -> Result<NatsServer> {
+        Self::try_start_with("")
+    }
+
+    /// Starts a server with `extra` appended to its configuration (an
+    /// `authorization { ... }` block, say).
+    pub fn start_with(extra: &str) -> NatsServer {
+        Self::try_start_with(extra).expect("start nats-server")
+    }
+
+    fn try_start_with(extra: &str) -> Result<NatsServer> {
         let mut last_error = None;
         for _ in 0..5 {
             let dir = tempfile::Builder::new()
@@ -94,7 +104,10 @@ impl NatsServer {
                 .tempdir()?;
             let port = free_port();
             let config = dir.path().join("server.conf");
-            std::fs::write(&config, single_config(port, &dir.path().join("store")))?;
+            std::fs::write(
+                &config,
+                single_config(port, &dir.path().join("store")) + extra,
+            )?;
             let mut server = NatsServer {
                 child: None,
                 port,

@@ -113,6 +113,7 @@ pub async fn run_with(
         .map_err(|e| WorkerError::Config(e.to_string()))?;
     let client = gpufleet_natsutil::connect(
         &cfg.nats_url,
+        &cfg.auth(),
         &format!("gpufleet-worker {worker}"),
         cfg.connect_patience.0,
     )
@@ -280,7 +281,8 @@ pub async fn run_with(
     {
         tracing::warn!(error = %e, "could not remove this worker's advert");
     }
-    let _ = client.flush().await;
+    // Without NATS there is nothing to flush to; do not wait for it.
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
     tracing::info!("worker stopped");
     Ok(())
 }

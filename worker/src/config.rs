@@ -12,6 +12,11 @@ use serde::{Deserialize, Serialize};
 pub struct WorkerConfig {
     /// One URL or several, comma-separated.
     pub nats_url: String,
+    /// A NATS credentials file (JWT and NKey seed), for secured servers.
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// A NATS token, for servers that use one (prefer the environment
+    /// variable `GPUFLEET_NATS_TOKEN` to a file).
+    pub nats_token: Option<String>,
     /// Unique in the fleet; defaults to the host name.
     pub name: Option<String>,
     pub labels: BTreeMap<String, String>,
@@ -55,6 +60,8 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_creds: None,
+            nats_token: None,
             name: None,
             labels: BTreeMap::new(),
             simulate_gpus: None,
@@ -90,6 +97,13 @@ impl WorkerConfig {
             drain_timeout: Dur::secs(5),
             connect_patience: Dur::secs(10),
             ..Default::default()
+        }
+    }
+
+    pub fn auth(&self) -> gpufleet_natsutil::Auth {
+        gpufleet_natsutil::Auth {
+            creds: self.nats_creds.clone(),
+            token: self.nats_token.clone(),
         }
     }
 

@@ -18,6 +18,9 @@ struct Args {
     /// NATS server URL(s), comma-separated [env: GPUFLEET_NATS_URL]
     #[arg(long)]
     nats_url: Option<String>,
+    /// NATS credentials file (JWT + NKey seed) [env: GPUFLEET_NATS_CREDS]
+    #[arg(long)]
+    nats_creds: Option<PathBuf>,
     /// TOML configuration file
     #[arg(long, env = "GPUFLEET_CONFIG")]
     config: Option<PathBuf>,
@@ -64,6 +67,10 @@ fn main() -> anyhow::Result<()> {
         args.config.as_deref(),
         vec![
             ("nats_url", args.nats_url.map(Into::into)),
+            (
+                "nats_creds",
+                args.nats_creds.map(|p| p.display().to_string().into()),
+            ),
             ("name", args.name.map(Into::into)),
             ("simulate_gpus", args.simulate_gpus.map(Into::into)),
             (
