@@ -82,11 +82,19 @@ impl Fleet {
         Ok(fleet)
     }
 
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
         let _ = self.stop.send(true);
-        for h in self.workers.drain(..) {
+        let mut me = self;
+        for h in me.workers.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(30), h).await;
         }
+        // The coordinator goes with the Fleet, in Drop.
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // Also on an error path: never leave a coordinator behind.
         let _ = self.coordinator.kill();
         let _ = self.coordinator.wait();
     }
@@ -191,15 +199,20 @@ impl Throughput {
     }
 }
 
-/// Submits `jobs` jobs of `per_job` one-CPU-tenth tasks, 64 submits in
-/// flight, and waits until the coordinator has recorded every task done.
-pub async fn throughput(url: &str, jobs: usize, per_job: usize) -> anyhow::Result<Throughput> {
+/// Submits `jobs` jobs of `per_job` tasks of `cpus` CPUs each, 64 submits
+/// in flight, and waits until the coordinator has recorded every task done.
+pub async fn throughput(
+    url: &str,
+    jobs: usize,
+    per_job: usize,
+    cpus: f64,
+) -> anyhow::Result<Throughput> {
     let client = async_nats::connect(url).await?;
     let watcher = Watcher::start(&client).await?;
     let base = watcher.done.load(Ordering::Relaxed);
     let total = (jobs * per_job) as u64;
     let tasks: Vec<Value> = (0..per_job)
-        .map(|_| json!({"command": ["true"], "resources": {"cpus": 0.01}}))
+        .map(|_| json!({"command": ["true"], "resources": {"cpus": cpus}}))
         .collect();
     let body = Bytes::from(serde_json::to_vec(&json!({"tasks": tasks}))?);
     let started = Instant::now();

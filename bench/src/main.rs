@@ -27,7 +27,7 @@ enum What {
     All,
     /// The bare NATS operations of one task, sequential and 64 in flight
     Floor,
-    /// The real coordinator and 100 workers whose tasks end at once
+    /// The real coordinator and 100 workers (8 one-CPU slots each) whose tasks end at once
     Control,
     /// Two workers running /bin/true
     Processes,
@@ -46,6 +46,10 @@ fn row(name: &str, value: String) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    gpufleet_natsutil::telemetry::init();
     // Each scenario gets a fresh server, so that none sees another's data.
     let fresh = || {
         let server = NatsServer::start();
@@ -90,28 +94,6 @@ async fn main() -> anyhow::Result<()> {
             std::sync::Arc::new(gpufleet_worker::launcher::Instant),
         )
         .await?;
-        let s0 = control::coordinator_stats(&url).await?;
-        let one = control::throughput(&url, single, 1).await?;
-        let s1 = control::coordinator_stats(&url).await?;
-        row(
-            &format!("control: {single} single-task jobs, tasks/s"),
-            format!("{:.0}", one.rate()),
-        );
-        let writes = |s: &serde_json::Value| {
-            ["job", "lease", "event", "checkpoint"]
-                .iter()
-                .map(|k| s["writes"][k].as_f64().unwrap_or(0.0))
-                .sum::<f64>()
-        };
-        row(
-            "control: coordinator JetStream writes per task",
-            format!("{:.2}", (writes(&s1) - writes(&s0)) / single as f64),
-        );
-        let many = control::throughput(&url, jobs, per_job).await?;
-        row(
-            &format!("control: {jobs} jobs x {per_job} tasks, tasks/s"),
-            format!("{:.0}", many.rate()),
-        );
         let lat = control::latency(&url, seq).await?;
         row(
             "control: submit to running p50",
@@ -128,6 +110,28 @@ async fn main() -> anyhow::Result<()> {
         row(
             "control: submit to result p99",
             ms(lat.to_result.quantile(0.99)),
+        );
+        let s0 = control::coordinator_stats(&url).await?;
+        let one = control::throughput(&url, single, 1, 1.0).await?;
+        let s1 = control::coordinator_stats(&url).await?;
+        row(
+            &format!("control: {single} single-task jobs, tasks/s"),
+            format!("{:.0}", one.rate()),
+        );
+        let writes = |s: &serde_json::Value| {
+            ["job", "lease", "event", "checkpoint"]
+                .iter()
+                .map(|k| s["writes"][k].as_f64().unwrap_or(0.0))
+                .sum::<f64>()
+        };
+        row(
+            "control: coordinator JetStream writes per task",
+            format!("{:.2}", (writes(&s1) - writes(&s0)) / single as f64),
+        );
+        let many = control::throughput(&url, jobs, per_job, 1.0).await?;
+        row(
+            &format!("control: {jobs} jobs x {per_job} tasks, tasks/s"),
+            format!("{:.0}", many.rate()),
         );
         let s2 = control::coordinator_stats(&url).await?;
         row(
@@ -153,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
             std::sync::Arc::new(gpufleet_worker::launcher::Processes),
         )
         .await?;
-        let r = control::throughput(&url, jobs, per_job).await?;
+        let r = control::throughput(&url, jobs, per_job, 0.1).await?;
         row(
             &format!("real processes: {n} /bin/true tasks on 2 workers, tasks/s"),
             format!("{:.0}", r.rate()),

@@ -30,6 +30,10 @@ pub struct CoordinatorConfig {
     /// How long a task may show RUNNING after its worker released the lease
     /// without its result arriving, before it counts as LOST.
     pub result_grace: Dur,
+    /// The most reservations one scheduling pass makes; the next pass
+    /// follows at once. Keeps each batch of writes small enough to be
+    /// acknowledged promptly when thousands of tasks fit at once.
+    pub max_reservations_per_pass: usize,
     /// JetStream replicas for the stores it creates.
     pub replicas: usize,
     /// How long events (logs, results) are kept.
@@ -49,6 +53,7 @@ impl Default for CoordinatorConfig {
             tick: Dur::secs(1),
             starvation_after: Dur::secs(60),
             result_grace: Dur::secs(30),
+            max_reservations_per_pass: 512,
             replicas: 1,
             events_max_age: Dur::secs(7 * 24 * 3600),
             connect_patience: Dur::secs(60),

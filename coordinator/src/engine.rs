@@ -258,6 +258,11 @@ impl Engine {
         self.ready
     }
 
+    /// Placement has work left that an earlier pass did not get to.
+    pub fn schedule_pending(&self) -> bool {
+        self.ready && self.wants_schedule
+    }
+
     pub fn config(&self) -> &CoordinatorConfig {
         &self.cfg
     }
@@ -1322,7 +1327,15 @@ impl Engine {
             }
         };
 
+        // Reservations made in this pass. A pass makes at most
+        // `max_reservations_per_pass`, so that one flush stays a size the
+        // server acks well within its timeout; the next pass follows at once.
+        let mut budget = self.cfg.max_reservations_per_pass.max(1);
+        let mut out_of_budget = false;
         for job_id in order {
+            if out_of_budget {
+                break;
+            }
             let job = &self.jobs[&job_id];
             let queued: Vec<usize> = job
                 .tasks
@@ -1356,6 +1369,8 @@ impl Engine {
                 self.metrics.placement(t0.elapsed());
                 mask(&mut views, false);
                 if !p.assigned.is_empty() {
+                    budget = budget.saturating_sub(p.assigned.len());
+                    out_of_budget = budget == 0;
                     if is_holder {
                         tracing::info!(job_id = %job_id, "the held gang fits now");
                     }
@@ -1416,6 +1431,10 @@ impl Engine {
             }
             let job_part = Self::job_signature(job);
             for &i in &queued {
+                if budget == 0 {
+                    out_of_budget = true;
+                    break;
+                }
                 let is_holder = hold
                     .as_ref()
                     .is_some_and(|h| h.job == job_id && h.task == Some(i));
@@ -1435,6 +1454,7 @@ impl Engine {
                 self.metrics.placement(t0.elapsed());
                 mask(&mut views, false);
                 if let Some(a) = p.assigned.into_iter().next() {
+                    budget -= 1;
                     placed.push(Placed::Task {
                         job: job_id.clone(),
                         index: i,
@@ -1537,6 +1557,9 @@ impl Engine {
             self.touch(&job);
         }
         self.metrics.pass(pass_started.elapsed(), placed_count);
+        if out_of_budget {
+            self.wants_schedule = true;
+        }
     }
 
     /// A port from the master worker's rendezvous range that no live gang

@@ -110,15 +110,23 @@ pub async fn run(
     let mut last_checkpoint = engine.applied_seq();
     tokio::pin!(shutdown);
     loop {
-        let first = tokio::select! {
-            biased;
-            _ = &mut shutdown => break,
-            input = rx.recv() => match input {
-                Some(i) => i,
-                None => break,
-            },
+        // A pass cut short by its budget goes on at once; otherwise wait
+        // for something to happen.
+        let first = if engine.schedule_pending() {
+            rx.try_recv().ok()
+        } else {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                input = rx.recv() => match input {
+                    Some(i) => Some(i),
+                    None => break,
+                },
+            }
         };
-        engine.handle(first);
+        if let Some(first) = first {
+            engine.handle(first);
+        }
         let mut n = 1;
         while n < MAX_BATCH {
             match rx.try_recv() {
@@ -458,8 +466,10 @@ async fn follow_results(
             let m = match m {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::warn!(error = %e, "results stream error");
-                    continue;
+                    // Never poll a failed ordered consumer again (see
+                    // natsutil's KvWatcher): start a new one after `next`.
+                    tracing::warn!(error = %e, "results stream error; following again");
+                    break;
                 }
             };
             let Ok(info) = m.info() else { continue };

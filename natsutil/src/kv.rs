@@ -227,7 +227,7 @@ impl RawKv {
             .await
             .map_err(|e| self.other(filter, e))?;
         Ok(KvWatcher {
-            messages,
+            messages: Some(messages),
             bucket: self.bucket.clone(),
             announce_synced: synced,
             synced,
@@ -288,7 +288,8 @@ pub enum KvEvent {
 }
 
 pub struct KvWatcher {
-    messages: push::Ordered,
+    /// `None` once the stream failed: it is never polled again.
+    messages: Option<push::Ordered>,
     bucket: String,
     /// Synced must be announced before the next change.
     announce_synced: bool,
@@ -296,20 +297,45 @@ pub struct KvWatcher {
 }
 
 impl KvWatcher {
-    /// The next change; `None` when the watch can no longer continue.
+    /// The next change; `None` when the watch can no longer continue (the
+    /// caller starts a new one).
+    ///
+    /// After the underlying consumer yields an error it is dropped, never
+    /// polled again: async-nats 0.51's ordered consumer panics ("async fn
+    /// resumed after completion") when polled after its connection-state
+    /// watcher ended. A panic inside it is also caught and ends the watch,
+    /// so a library bug costs a re-watch, not the worker's main loop.
     pub async fn next(&mut self) -> Option<Result<KvEvent, KvError>> {
+        use futures::FutureExt;
         if self.announce_synced {
             self.announce_synced = false;
             return Some(Ok(KvEvent::Synced));
         }
-        let msg = match self.messages.next().await? {
-            Ok(m) => m,
-            Err(e) => {
+        let messages = self.messages.as_mut()?;
+        let item = std::panic::AssertUnwindSafe(messages.next())
+            .catch_unwind()
+            .await;
+        let msg = match item {
+            Ok(Some(Ok(m))) => m,
+            Ok(None) => {
+                self.messages = None;
+                return None;
+            }
+            Ok(Some(Err(e))) => {
+                self.messages = None;
                 return Some(Err(KvError::Other {
                     bucket: self.bucket.clone(),
                     key: String::new(),
                     message: e.to_string(),
-                }))
+                }));
+            }
+            Err(_) => {
+                self.messages = None;
+                return Some(Err(KvError::Other {
+                    bucket: self.bucket.clone(),
+                    key: String::new(),
+                    message: "the watch's consumer panicked; watch again".into(),
+                }));
             }
         };
         let info = match msg.info() {

@@ -234,7 +234,17 @@ pub async fn run_with(
                 let Some(item) = item else {
                     // The watch cannot continue; start it again from the
                     // current state (idempotent for keys we already hold).
-                    watch = leases.watch(&subjects::worker_leases(&worker)).await?;
+                    let mut delay = Duration::from_millis(100);
+                    watch = loop {
+                        match leases.watch(&subjects::worker_leases(&worker)).await {
+                            Ok(w) => break w,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot watch leases; retrying");
+                                tokio::time::sleep(delay).await;
+                                delay = (delay * 2).min(Duration::from_secs(5));
+                            }
+                        }
+                    };
                     continue;
                 };
                 let change = match item {
@@ -560,8 +570,10 @@ impl Attempt {
         let dir = ctx
             .work_dir
             .join(format!("{}-{}", self.lease.task_id, self.lease.attempt));
-        if let Err(e) = supervisor::mark_owner(&dir, ctx.worker.as_str()).await {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot mark a task directory as this worker's");
+        if ctx.launcher.uses_dir() {
+            if let Err(e) = supervisor::mark_owner(&dir, ctx.worker.as_str()).await {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot mark a task directory as this worker's");
+            }
         }
         let run = TaskRun {
             job_id: self.lease.job_id.clone(),
@@ -605,7 +617,7 @@ impl Attempt {
                 tracing::warn!(key = %self.key, error = %e, "could not release a lease; it will expire");
             }
         }
-        if !ctx.cfg.keep_task_dirs {
+        if !ctx.cfg.keep_task_dirs && ctx.launcher.uses_dir() {
             if let Err(e) = supervisor::remove_dir(&dir).await {
                 tracing::warn!(dir = %dir.display(), error = %e, "could not remove a task directory");
             }

@@ -14,6 +14,12 @@ pub type Launch = Pin<Box<dyn Future<Output = Finished> + Send>>;
 
 /// Runs one attempt to its end; the contract is [`supervisor::run`]'s.
 pub trait Launcher: Send + Sync + 'static {
+    /// Whether attempts need their directory on disk (creating one per
+    /// task is most of a worker's own cost when tasks are tiny).
+    fn uses_dir(&self) -> bool {
+        true
+    }
+
     fn launch(
         &self,
         run: TaskRun,
@@ -41,6 +47,10 @@ impl Launcher for Processes {
 pub struct Instant;
 
 impl Launcher for Instant {
+    fn uses_dir(&self) -> bool {
+        false
+    }
+
     fn launch(
         &self,
         run: TaskRun,
