@@ -11,13 +11,13 @@
 //! # Processes and signals
 //! The task runs in its own process group, and every signal goes to the
 //! whole group, so the processes it starts go with it. The direct child gets
-//! `PR_SET_PDEATHSIG = SIGKILL`, so it dies if the worker dies (it is forked
-//! from a thread that never exits, since the signal follows the forking
-//! thread); that does not reach grandchildren, which survive a worker crash
+//! `PR_SET_PDEATHSIG = SIGKILL`, so it dies if the worker dies (it is
+//! started from a thread that never exits, since the signal follows the
+//! starting thread; see `command` for how it is set); that does not reach grandchildren, which survive a worker crash
 //! until someone kills their group. A process that leaves the group
 //! (`setsid`, `setpgid`) escapes all of this. The exit is observed with
 //! `waitid(WNOWAIT)` so that the leader stays a zombie, and its pid cannot be
-//! reused as a group id, until the rest of the group has been killed.
+//! reused as a group id, until the rest of the group has been signalled.
 //!
 //! Ending a task (timeout, stop): SIGTERM to the group, then SIGKILL after
 //! `kill_grace`. After the main process exits, whatever is left of the group
