@@ -16,7 +16,7 @@ use gpufleet_worker::WorkerConfig;
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
 
-use crate::scale::sibling;
+use crate::scale::{count_workers, sibling};
 
 /// A coordinator process and workers in this process.
 pub struct Fleet {
@@ -69,7 +69,7 @@ impl Fleet {
         let client = async_nats::connect(url).await?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let n = workers_listed(&client).await.unwrap_or(0);
+            let n = count_workers(&client).await.unwrap_or(0);
             if n >= workers {
                 break;
             }
@@ -97,29 +97,6 @@ impl Drop for Fleet {
         // Also on an error path: never leave a coordinator behind.
         let _ = self.coordinator.kill();
         let _ = self.coordinator.wait();
-    }
-}
-
-async fn workers_listed(client: &async_nats::Client) -> anyhow::Result<usize> {
-    let mut n = 0;
-    let mut after: Option<String> = None;
-    loop {
-        let body = after.as_ref().map_or(json!({}), |a| json!({"after": a}));
-        let r = client
-            .request(
-                subjects::WORKERS_LIST,
-                Bytes::from(serde_json::to_vec(&body)?),
-            )
-            .await?;
-        let page: Vec<Value> = serde_json::from_slice(&r.payload)?;
-        if page.is_empty() {
-            return Ok(n);
-        }
-        n += page.len();
-        after = page
-            .last()
-            .and_then(|w| w["name"].as_str())
-            .map(String::from);
     }
 }
 
@@ -291,16 +268,4 @@ pub async fn latency(url: &str, jobs: usize) -> anyhow::Result<Latency> {
         watcher.waiting.lock().expect("lock").remove(&id);
     }
     Ok(out)
-}
-
-/// Coordinator figures, from its `$SRV.STATS`.
-pub async fn coordinator_stats(url: &str) -> anyhow::Result<Value> {
-    let client = async_nats::connect(url).await?;
-    let r = client.request("$SRV.STATS.gpufleet", Bytes::new()).await?;
-    let v: Value = serde_json::from_slice(&r.payload)?;
-    v["endpoints"]
-        .as_array()
-        .and_then(|e| e.iter().find(|e| e["name"] == "jobs-submit"))
-        .map(|e| e["data"].clone())
-        .ok_or_else(|| anyhow::anyhow!("no coordinator stats"))
 }

@@ -94,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
             std::sync::Arc::new(gpufleet_worker::launcher::Instant),
         )
         .await?;
+        let stats_client = async_nats::connect(url.as_str()).await?;
         let lat = control::latency(&url, seq).await?;
         row(
             "control: submit to running p50",
@@ -111,9 +112,9 @@ async fn main() -> anyhow::Result<()> {
             "control: submit to result p99",
             ms(lat.to_result.quantile(0.99)),
         );
-        let s0 = control::coordinator_stats(&url).await?;
+        let s0 = scale::coordinator_stats(&stats_client).await?;
         let one = control::throughput(&url, single, 1, 1.0).await?;
-        let s1 = control::coordinator_stats(&url).await?;
+        let s1 = scale::coordinator_stats(&stats_client).await?;
         row(
             &format!("control: {single} single-task jobs, tasks/s"),
             format!("{:.0}", one.rate()),
@@ -133,7 +134,7 @@ async fn main() -> anyhow::Result<()> {
             &format!("control: {jobs} jobs x {per_job} tasks, tasks/s"),
             format!("{:.0}", many.rate()),
         );
-        let s2 = control::coordinator_stats(&url).await?;
+        let s2 = scale::coordinator_stats(&stats_client).await?;
         row(
             "control: placement per task p50 / p99",
             format!(

@@ -115,7 +115,8 @@ fn proc_stat(pid: u32) -> Option<(u64, f64, f64)> {
     Some((ticks, kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0))
 }
 
-async fn coordinator_stats(client: &async_nats::Client) -> anyhow::Result<Value> {
+/// Coordinator figures, from its `$SRV.STATS`.
+pub async fn coordinator_stats(client: &async_nats::Client) -> anyhow::Result<Value> {
     let r = client.request("$SRV.STATS.gpufleet", Bytes::new()).await?;
     let v: Value = serde_json::from_slice(&r.payload)?;
     v["endpoints"]
@@ -126,7 +127,7 @@ async fn coordinator_stats(client: &async_nats::Client) -> anyhow::Result<Value>
 }
 
 /// Workers the coordinator lists, page by page.
-async fn count_workers(client: &async_nats::Client) -> anyhow::Result<usize> {
+pub async fn count_workers(client: &async_nats::Client) -> anyhow::Result<usize> {
     let mut after: Option<String> = None;
     let mut n = 0;
     loop {
