@@ -38,6 +38,9 @@ pub struct CoordinatorConfig {
     pub replicas: usize,
     /// How long events (logs, results) are kept.
     pub events_max_age: Dur,
+    /// How long the leadership lives without renewal: a coordinator
+    /// standing by takes over this long after the leader dies.
+    pub leader_ttl: Dur,
     /// How long to keep retrying the first connection to NATS.
     pub connect_patience: Dur,
 }
@@ -56,6 +59,7 @@ impl Default for CoordinatorConfig {
             max_reservations_per_pass: 512,
             replicas: 1,
             events_max_age: Dur::secs(7 * 24 * 3600),
+            leader_ttl: Dur::secs(10),
             connect_patience: Dur::secs(60),
         }
     }
@@ -71,6 +75,7 @@ impl CoordinatorConfig {
             tick: Dur(Duration::from_millis(200)),
             starvation_after: Dur::secs(5),
             result_grace: Dur::secs(5),
+            leader_ttl: Dur::secs(3),
             connect_patience: Dur::secs(10),
             ..Default::default()
         }
@@ -86,6 +91,9 @@ impl CoordinatorConfig {
         }
         if self.tick.0 < Duration::from_millis(10) {
             return Err("tick: at least 10ms".into());
+        }
+        if self.leader_ttl.0 < Duration::from_secs(2) {
+            return Err("leader_ttl: at least 2s, so that renewals fit inside it".into());
         }
         if !(1..=5).contains(&self.replicas) {
             return Err("replicas: from 1 to 5".into());

@@ -8,12 +8,14 @@
 //! - [`runtime`]: restores state from JetStream, feeds the engine from
 //!   watchers and carries out its effects in batches.
 //! - [`api`]: the `gpufleet` micro service.
+//! - [`leader`]: one coordinator leads, others stand by.
 //! - [`metrics`]: counters and timings served in `$SRV.STATS`.
 //! - [`config`]: settings and their defaults.
 
 pub mod api;
 pub mod config;
 pub mod engine;
+pub mod leader;
 pub mod metrics;
 pub mod placement;
 pub mod runtime;

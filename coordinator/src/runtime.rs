@@ -44,6 +44,8 @@ pub enum CoordinatorError {
     Kv(#[from] gpufleet_natsutil::KvError),
     #[error("NATS: {0}")]
     Nats(String),
+    #[error("another coordinator has taken over the fleet (this one was cut off or frozen past leader_ttl)")]
+    Replaced,
 }
 
 struct Io {
@@ -59,6 +61,7 @@ pub async fn run(
     cfg: CoordinatorConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CoordinatorError> {
+    tokio::pin!(shutdown);
     cfg.validate().map_err(CoordinatorError::Config)?;
     let client = gpufleet_natsutil::connect(
         &cfg.nats_url,
@@ -76,6 +79,14 @@ pub async fn run(
         marker_ttl: Duration::from_secs(60),
     };
 
+    let workers_kv = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
+    let instance = JobId::generate().to_string();
+    let mut leadership = tokio::select! {
+        l = crate::leader::acquire(workers_kv.clone(), &instance, cfg.leader_ttl.0) => l?,
+        // A standby asked to stop stops.
+        _ = &mut shutdown => return Ok(()),
+    };
+
     let mut engine = Engine::new(cfg.clone());
     let restored = restore(&io.jobs, &mut engine).await?;
     tracing::info!(
@@ -85,7 +96,6 @@ pub async fn run(
     );
 
     let (tx, mut rx) = mpsc::channel::<Input>(16_384);
-    let workers_kv = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
     tokio::spawn(forward_kv(
         workers_kv,
         Feed::Workers,
@@ -108,7 +118,7 @@ pub async fn run(
 
     let mut service = None;
     let mut last_checkpoint = engine.applied_seq();
-    tokio::pin!(shutdown);
+    let mut replaced = false;
     loop {
         // A pass cut short by its budget goes on at once; otherwise wait
         // for something to happen.
@@ -118,6 +128,10 @@ pub async fn run(
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
+                _ = leadership.lost() => {
+                    replaced = true;
+                    break;
+                }
                 input = rx.recv() => match input {
                     Some(i) => Some(i),
                     None => break,
@@ -158,11 +172,17 @@ pub async fn run(
     if let Some(s) = service {
         let _ = s.stop().await;
     }
+    if replaced {
+        // Another coordinator leads now: writing anything more could undo
+        // what it decides.
+        return Err(CoordinatorError::Replaced);
+    }
     // Whatever the last batch decided is written before we go.
     let fx = engine.take_effects();
     if !fx.is_empty() {
         execute(fx, &engine, &io, &mut last_checkpoint).await;
     }
+    leadership.release().await;
     // Without NATS there is nothing to flush to; do not wait for it.
     let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
     tracing::info!("coordinator stopped");
@@ -390,6 +410,9 @@ async fn forward_kv(
 }
 
 fn advert_input(c: gpufleet_natsutil::KvChange) -> Option<Input> {
+    if crate::leader::is_leader_key(&c.key) {
+        return None;
+    }
     match c.op {
         KvOp::Put => match codec::decode::<WorkerAdvert>(&c.value) {
             Ok(a) => Some(Input::Advert(Box::new(a))),

@@ -20,6 +20,7 @@ lease_ttl = "3s"
 tick = "200ms"
 starvation_after = "5s"
 result_grace = "5s"
+leader_ttl = "3s"
 connect_patience = "10s"
 "#;
 
@@ -95,9 +96,9 @@ impl Fleet {
         self.dir.path()
     }
 
-    /// Starts (or restarts) the coordinator and waits until it serves.
-    pub async fn start_coordinator(&mut self) {
-        let args = vec![
+    /// The arguments a coordinator of this fleet runs with.
+    pub fn coordinator_args(&self) -> Vec<String> {
+        vec![
             "--nats-url".to_string(),
             self.url(),
             "--config".into(),
@@ -106,7 +107,12 @@ impl Fleet {
                 .join("coordinator.toml")
                 .display()
                 .to_string(),
-        ];
+        ]
+    }
+
+    /// Starts (or restarts) the coordinator and waits until it serves.
+    pub async fn start_coordinator(&mut self) {
+        let args = self.coordinator_args();
         self.coordinator = Some(Proc::spawn("gpufleet-coordinator", &args, &[]));
         let client = self.client().await;
         eventually(Duration::from_secs(30), "the coordinator to answer", || {

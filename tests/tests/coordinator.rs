@@ -495,3 +495,65 @@ async fn a_large_task_is_not_starved_by_a_stream_of_small_ones() {
     let small_done = fleet.wait_finished(&small, T).await;
     assert_eq!(small_done["status"], "FINISHED:COMPLETED");
 }
+
+/// How many coordinators answer `$SRV.PING.gpufleet` within a moment.
+async fn serving_coordinators(client: &async_nats::Client) -> usize {
+    use futures::StreamExt;
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.unwrap();
+    client
+        .publish_with_reply("$SRV.PING.gpufleet", inbox, Bytes::new())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let mut n = 0;
+    // Replies come within milliseconds; a second is far past the last.
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(1), replies.next()).await {
+        n += 1;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_worker(WorkerSpec::new("w1").cpus(2.0)).await;
+    let mut standby =
+        gpufleet_testkit::Proc::spawn("gpufleet-coordinator", &fleet.coordinator_args(), &[]);
+    let client = fleet.client().await;
+    gpufleet_testkit::eventually(T, "the standby to say it stands by", || {
+        let out = standby.output();
+        async move { out.contains("standing by").then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        serving_coordinators(&client).await,
+        1,
+        "a standby must not serve"
+    );
+
+    let tasks: Vec<Value> = (0..20)
+        .map(|i| json!({"command": ["sh", "-c", format!("sleep 0.{}; echo '{{\"i\": {i}}}' > $GPUFLEET_RESULT", i % 5)], "resources": {"cpus": 0.5}}))
+        .collect();
+    let id = fleet.submit(&json!({"tasks": tasks})).await;
+    fleet
+        .wait_job(&id, T, "some tasks done", |s| {
+            s["counts"]["succeeded"].as_u64() >= Some(3)
+        })
+        .await;
+    fleet.coordinator.as_mut().unwrap().kill9();
+    gpufleet_testkit::eventually(T, "the standby to lead", || {
+        let out = standby.output();
+        async move { out.contains("leading the fleet").then_some(()) }
+    })
+    .await;
+    let status = fleet.wait_finished(&id, T).await;
+    assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
+    for (i, t) in status["tasks"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(t["result"]["i"], i);
+        assert_eq!(t["attempt"], 1, "{t}");
+    }
+    assert_eq!(serving_coordinators(&client).await, 1);
+    standby.sigterm();
+    assert!(standby.wait_exit(T).is_some_and(|s| s.success()));
+}
