@@ -603,7 +603,13 @@ async fn ctrl_c_asks_on_a_terminal_and_otherwise_leaves_the_job_running() {
 
     // On a terminal (a pty from `script`), with bars: Ctrl-C asks, and "y"
     // cancels the job: exit 3.
-    let line = format!("{} run --name asked -- sleep 60", bin("gpufleet").display());
+    // `exec`: script(1) runs the line with $SHELL, and a dash that stays as
+    // the parent is killed by the Ctrl-C, so script would report its 130
+    // rather than the CLI's own exit code.
+    let line = format!(
+        "exec {} run --name asked -- sleep 60",
+        bin("gpufleet").display()
+    );
     let mut child = Command::new("script")
         .args(["-qec", &line, "/dev/null"])
         .env("GPUFLEET_NATS_URL", &url)
