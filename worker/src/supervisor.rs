@@ -13,8 +13,9 @@
 //! whole group, so the processes it starts go with it. The direct child gets
 //! `PR_SET_PDEATHSIG = SIGKILL`, so it dies if the worker dies (it is
 //! started from a thread that never exits, since the signal follows the
-//! starting thread; see `command` for how it is set); that does not reach grandchildren, which survive a worker crash
-//! until someone kills their group. A process that leaves the group
+//! starting thread; see `spawn.rs` for how it is started without forking
+//! the worker); that does not reach grandchildren, which survive a worker
+//! crash until someone kills their group. A process that leaves the group
 //! (`setsid`, `setpgid`) escapes all of this. The exit is observed with
 //! `waitid(WNOWAIT)` so that the leader stays a zombie, and its pid cannot be
 //! reused as a group id, until the rest of the group has been signalled.
@@ -35,6 +36,7 @@
 mod memory;
 mod output;
 mod progress;
+mod spawn;
 #[cfg(test)]
 mod tests;
 
@@ -42,7 +44,7 @@ use std::collections::HashSet;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,7 +55,6 @@ use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use time::OffsetDateTime;
 use tokio::io::AsyncReadExt;
-use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -279,12 +280,12 @@ pub async fn run(
             None
         }
     };
-    let spawned = match command(&task, &paths) {
-        Ok(cmd) => spawn(cmd).await,
+    let spawned = match process_spec(&task, &paths) {
+        Ok(spec) => start(spec).await,
         Err(e) => Err(e),
     };
-    let mut child = match spawned {
-        Ok(child) => child,
+    let started = match spawned {
+        Ok(started) => started,
         Err(e) => {
             return not_launched(
                 TaskState::Failed,
@@ -293,12 +294,8 @@ pub async fn run(
         }
     };
     let started_at = OffsetDateTime::now_utc();
-    let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
-        // Only possible if the child was already reaped, which we never do
-        // before this point.
-        let _ = child.wait().await;
-        return not_launched(TaskState::Failed, "lost the task's process id".into());
-    };
+    let mut leader = spawn::Leader::new(started.pid);
+    let pid = leader.pid();
     let pgid = Pid::from_raw(pid);
     let mut group = Group { pgid, armed: true };
     tracing::debug!(task_id = %task.task_id, attempt = task.attempt, pid, "task started");
@@ -312,7 +309,7 @@ pub async fn run(
     // Should `run` itself be dropped, the helpers below must end too.
     let stop_reading = CancellationToken::new();
     let _stop_reading_on_drop = stop_reading.clone().drop_guard();
-    let stdout = child.stdout.take().map(|pipe| {
+    let stdout = reader(started.stdout).map(|pipe| {
         tokio::spawn(output::read_pipe(
             pipe,
             LogStream::Stdout,
@@ -321,7 +318,7 @@ pub async fn run(
             0,
         ))
     });
-    let stderr = child.stderr.take().map(|pipe| {
+    let stderr = reader(started.stderr).map(|pipe| {
         tokio::spawn(output::read_pipe(
             pipe,
             LogStream::Stderr,
@@ -380,7 +377,7 @@ pub async fn run(
     group.signal(Signal::SIGKILL);
     // Reaping the leader only now keeps its pid (the group's id) from
     // being reused while the group is signalled.
-    let status = child.wait().await;
+    let status = leader.wait().await;
     wait_group_gone(pgid).await;
     group.armed = false;
 
@@ -582,28 +579,6 @@ fn join_list<T: ToString>(items: impl Iterator<Item = T>) -> String {
     items.map(|i| i.to_string()).collect::<Vec<_>>().join(",")
 }
 
-/// `setpriv` from util-linux, if this machine has one that can set the
-/// parent-death signal.
-fn pdeathsig_shim() -> Option<&'static Path> {
-    static SHIM: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
-    SHIM.get_or_init(|| {
-        let found = find_executable(
-            Path::new("setpriv"),
-            std::env::var_os("PATH").as_deref(),
-            Path::new("/"),
-        )
-        .ok()?;
-        let help = std::process::Command::new(&found)
-            .arg("--help")
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&help.stdout)
-            .contains("--pdeathsig")
-            .then_some(found)
-    })
-    .as_deref()
-}
-
 /// Where `program` would be found, as `execvp` looks: as given when it
 /// holds a '/' (relative to `cwd`), else on `path`. The error is the one
 /// exec would give: not found, or found but not executable.
@@ -638,111 +613,80 @@ fn find_executable(
     })
 }
 
-/// The command for a task. Where `setpriv` can set the parent-death
-/// signal, the task starts through it, so that no code runs between fork
-/// and exec and the standard library can use `posix_spawn`: forking the
-/// worker (copying its page tables, then faulting them back in) was most
-/// of the cost of a short task. Elsewhere a `pre_exec` hook does the same.
-fn command(task: &TaskRun, paths: &TaskPaths) -> io::Result<Command> {
+/// What to start for a task: its program, resolved as `execvp` would (so
+/// that a missing program is an error to start, with the OS's own words),
+/// with the environment of the contract on top of the worker's own.
+fn process_spec(task: &TaskRun, paths: &TaskPaths) -> io::Result<spawn::Spec> {
     let spec = &task.spec;
-    let mut cmd = match pdeathsig_shim() {
-        Some(shim) => {
-            // Resolved here so that a missing program is still an error to
-            // spawn, not an exit code of the shim.
-            let path = spec
-                .env
-                .get("PATH")
-                .map(std::ffi::OsString::from)
-                .or_else(|| std::env::var_os("PATH"));
-            let program =
-                find_executable(Path::new(&spec.command[0]), path.as_deref(), &paths.work)
-                    .map_err(|kind| {
-                        // The OS's own words, as a failed exec would give.
-                        io::Error::from_raw_os_error(match kind {
-                            io::ErrorKind::PermissionDenied => libc::EACCES,
-                            _ => libc::ENOENT,
-                        })
-                    })?;
-            let mut cmd = Command::new(shim);
-            cmd.args(["--pdeathsig", "KILL", "--"]).arg(program);
-            cmd
-        }
-        None => Command::new(&spec.command[0]),
+    let path = spec
+        .env
+        .get("PATH")
+        .map(std::ffi::OsString::from)
+        .or_else(|| std::env::var_os("PATH"));
+    let program = find_executable(Path::new(&spec.command[0]), path.as_deref(), &paths.work)
+        .map_err(|kind| {
+            io::Error::from_raw_os_error(match kind {
+                io::ErrorKind::PermissionDenied => libc::EACCES,
+                _ => libc::ENOENT,
+            })
+        })?;
+    let mut env: std::collections::BTreeMap<std::ffi::OsString, std::ffi::OsString> =
+        std::env::vars_os().collect();
+    let mut set = |k: &str, v: &str| {
+        env.insert(k.into(), v.into());
     };
-    cmd.args(&spec.command[1..])
-        .current_dir(&paths.work)
-        .envs(&spec.env)
-        .env("GPUFLEET_JOB_ID", task.job_id.as_str())
-        .env("GPUFLEET_TASK_ID", task.task_id.as_str())
-        .env("GPUFLEET_ATTEMPT", task.attempt.to_string())
-        // Empty, not unset: unset would show a CPU task every GPU.
-        .env(
-            "CUDA_VISIBLE_DEVICES",
-            join_list(task.gpus.iter().map(|g| g.index)),
-        )
-        .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-        .env(
-            "GPUFLEET_GPUS",
-            join_list(task.gpus.iter().map(|g| &g.uuid)),
-        )
-        .env("GPUFLEET_RESULT", &paths.result)
-        .env("GPUFLEET_EVENTS", &paths.events)
-        .env("GPUFLEET_OUTPUT_DIR", &paths.work)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(false);
+    for (k, v) in &spec.env {
+        set(k, v);
+    }
+    set("GPUFLEET_JOB_ID", task.job_id.as_str());
+    set("GPUFLEET_TASK_ID", task.task_id.as_str());
+    set("GPUFLEET_ATTEMPT", &task.attempt.to_string());
+    // Empty, not unset: unset would show a CPU task every GPU.
+    set(
+        "CUDA_VISIBLE_DEVICES",
+        &join_list(task.gpus.iter().map(|g| g.index)),
+    );
+    set("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
+    set(
+        "GPUFLEET_GPUS",
+        &join_list(task.gpus.iter().map(|g| &g.uuid)),
+    );
     if let Some(r) = &task.rendezvous {
-        cmd.env("GPUFLEET_RANK", r.rank.to_string())
-            .env("GPUFLEET_WORLD_SIZE", r.world_size.to_string())
-            .env("MASTER_ADDR", &r.master_addr)
-            .env("MASTER_PORT", r.master_port.to_string());
+        set("GPUFLEET_RANK", &r.rank.to_string());
+        set("GPUFLEET_WORLD_SIZE", &r.world_size.to_string());
+        set("MASTER_ADDR", &r.master_addr);
+        set("MASTER_PORT", &r.master_port.to_string());
     }
-    if pdeathsig_shim().is_some() {
-        return Ok(cmd);
+    for (k, p) in [
+        ("GPUFLEET_RESULT", &paths.result),
+        ("GPUFLEET_EVENTS", &paths.events),
+        ("GPUFLEET_OUTPUT_DIR", &paths.work),
+    ] {
+        env.insert(k.into(), p.clone().into_os_string());
     }
-    let parent = std::process::id();
-    // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe system calls; it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Fires when the thread that forked exits: see `spawn`.
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            // The worker died before the line above took effect.
-            if libc::getppid() as u32 != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-    Ok(cmd)
+    Ok(spawn::Spec {
+        program,
+        args: spec.command.iter().map(Into::into).collect(),
+        env: env.into_iter().collect(),
+        cwd: paths.work.clone(),
+    })
 }
 
 /// A request to the spawner thread.
 struct SpawnJob {
-    cmd: Command,
-    runtime: tokio::runtime::Handle,
-    reply: tokio::sync::oneshot::Sender<io::Result<Child>>,
+    spec: spawn::Spec,
+    reply: tokio::sync::oneshot::Sender<io::Result<spawn::Started>>,
 }
 
-/// Starts `cmd` from one thread that lives as long as the process.
+/// Starts a task's process from one thread that lives as long as the
+/// process.
 ///
-/// `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, not the
-/// process. A runtime thread can end while its children run (a worker
-/// thread turned into a blocking one by `block_in_place` retires after
-/// idling), which would kill healthy tasks. The fork also blocks until the
-/// exec, which this keeps off the runtime.
-async fn spawn(cmd: Command) -> io::Result<Child> {
+/// `PR_SET_PDEATHSIG` fires when the *thread* that started the child exits,
+/// not the process. A runtime thread can end while its children run (a
+/// worker thread turned into a blocking one by `block_in_place` retires
+/// after idling), which would kill healthy tasks. Starting also blocks
+/// until the exec, which this keeps off the runtime.
+async fn start(spec: spawn::Spec) -> io::Result<spawn::Started> {
     static SPAWNER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<SpawnJob>>> =
         std::sync::OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
@@ -751,17 +695,11 @@ async fn spawn(cmd: Command) -> io::Result<Child> {
             .name("gpufleet-spawner".into())
             .spawn(move || {
                 for job in rx {
-                    let mut cmd = job.cmd;
-                    // The child registers with the caller's runtime.
-                    let spawned = {
-                        let _entered = job.runtime.enter();
-                        cmd.spawn()
-                    };
-                    if let Err(Ok(child)) = job.reply.send(spawned) {
+                    let spawned = spawn::spawn(&job.spec);
+                    if let Err(Ok(started)) = job.reply.send(spawned) {
                         // The caller is gone: nobody will supervise it.
-                        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-                            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-                        }
+                        let _ = killpg(Pid::from_raw(started.pid), Signal::SIGKILL);
+                        let _ = spawn::wait_blocking(started.pid);
                     }
                 }
             });
@@ -774,11 +712,7 @@ async fn spawn(cmd: Command) -> io::Result<Child> {
         }
     });
     let (reply, answer) = tokio::sync::oneshot::channel();
-    let job = SpawnJob {
-        cmd,
-        runtime: tokio::runtime::Handle::current(),
-        reply,
-    };
+    let job = SpawnJob { spec, reply };
     let job = match spawner {
         Some(tx) => match tx.send(job) {
             Ok(()) => {
@@ -790,8 +724,19 @@ async fn spawn(cmd: Command) -> io::Result<Child> {
         },
         None => job,
     };
-    let mut cmd = job.cmd;
-    cmd.spawn()
+    spawn::spawn(&job.spec)
+}
+
+/// The read end of a task's pipe, for the runtime. `None` (and the pipe
+/// closed, so the task gets EPIPE rather than blocking) if it cannot be.
+fn reader(fd: std::os::fd::OwnedFd) -> Option<tokio::net::unix::pipe::Receiver> {
+    match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read a task's output pipe");
+            None
+        }
+    }
 }
 
 /// The task's process group; SIGKILLs it if dropped while armed, so that a
