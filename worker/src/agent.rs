@@ -67,6 +67,7 @@ pub(crate) struct Ctx {
     pub instance: String,
     pub cfg: WorkerConfig,
     pub work_dir: PathBuf,
+    pub dirs: supervisor::DirPool,
 }
 
 /// An attempt this worker holds a lease for.
@@ -159,6 +160,7 @@ pub async fn run_with(
         worker: worker.clone(),
         instance: instance.clone(),
         cfg: cfg.clone(),
+        dirs: supervisor::DirPool::new(&work_dir, worker.as_str()),
         work_dir,
         launcher,
     });
@@ -571,8 +573,9 @@ impl Attempt {
             .work_dir
             .join(format!("{}-{}", self.lease.task_id, self.lease.attempt));
         if ctx.launcher.uses_dir() {
-            if let Err(e) = supervisor::mark_owner(&dir, ctx.worker.as_str()).await {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot mark a task directory as this worker's");
+            if let Err(e) = ctx.dirs.take(&dir).await {
+                // The task's start reports it, if it cannot make it either.
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot make a task directory");
             }
         }
         let run = TaskRun {
@@ -618,7 +621,7 @@ impl Attempt {
             }
         }
         if !ctx.cfg.keep_task_dirs && ctx.launcher.uses_dir() {
-            if let Err(e) = supervisor::remove_dir(&dir).await {
+            if let Err(e) = ctx.dirs.give_back(&dir).await {
                 tracing::warn!(dir = %dir.display(), error = %e, "could not remove a task directory");
             }
         }

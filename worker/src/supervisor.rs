@@ -33,6 +33,7 @@
 //! See `output.rs`: the task is never slowed down by a slow caller; output
 //! that cannot be kept is dropped and counted.
 
+mod dirs;
 mod memory;
 mod output;
 mod progress;
@@ -62,6 +63,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use self::output::{Hub, STDERR_TAIL};
+pub use dirs::DirPool;
 
 /// How long the pipes may stay open after the main process exited, before
 /// the rest of the group is killed.
@@ -206,15 +208,6 @@ impl TaskPaths {
     fn owner(&self) -> PathBuf {
         self.meta().join("owner")
     }
-}
-
-/// Records which worker an attempt directory belongs to, so that a later
-/// run of that worker cleans it up ([`clean_up_earlier_run`]) and no other
-/// worker sharing the `work_dir` ever does.
-pub async fn mark_owner(dir: &Path, owner: &str) -> io::Result<()> {
-    let paths = TaskPaths::new(dir);
-    tokio::fs::create_dir_all(paths.meta()).await?;
-    tokio::fs::write(paths.owner(), owner).await
 }
 
 /// Why we ended the task ourselves.
@@ -429,7 +422,7 @@ pub struct CleanedUp {
 /// still run: `PR_SET_PDEATHSIG` took only each task's main process. Those
 /// are killed, recognised by the `GPUFLEET_OUTPUT_DIR` in their environment;
 /// then, if `remove_dirs`, the attempt directories are removed. Only
-/// attempt directories that [`mark_owner`] gave to `owner` are touched.
+/// attempt directories that a [`DirPool`] of `owner`'s made are touched.
 pub async fn clean_up_earlier_run(work_dir: &Path, owner: &str, remove_dirs: bool) -> CleanedUp {
     let work_dir = std::path::absolute(work_dir).unwrap_or_else(|_| work_dir.to_path_buf());
     let owner = owner.to_string();

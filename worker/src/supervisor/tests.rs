@@ -779,12 +779,12 @@ async fn remove_dir_removes_what_the_task_left() {
 async fn stale_attempt_dirs_are_removed_and_nothing_else() {
     let tmp = tempfile::tempdir().unwrap();
     let attempt = tmp.path().join("attempt-1");
-    mark_owner(&attempt, "w1").await.unwrap();
+    DirPool::new(tmp.path(), "w1").take(&attempt).await.unwrap();
     let (fin, _) = run_to_end(sh(tmp.path(), "echo left > behind")).await;
     assert_eq!(fin.state, TaskState::Succeeded);
     // Another worker's attempt in a shared work_dir, and a stranger.
     let theirs = tmp.path().join("job9-0-1");
-    mark_owner(&theirs, "w2").await.unwrap();
+    DirPool::new(tmp.path(), "w2").take(&theirs).await.unwrap();
     std::fs::create_dir_all(theirs.join("work")).unwrap();
     std::fs::create_dir_all(tmp.path().join("someone-elses/work")).unwrap();
     std::fs::write(tmp.path().join("notes-1"), b"keep").unwrap();
@@ -810,7 +810,8 @@ async fn what_a_stale_attempt_left_running_is_killed_before_its_dir_goes() {
     let tmp = tempfile::tempdir().unwrap();
     let work = std::path::absolute(tmp.path().join("job1-0-1/work")).unwrap();
     std::fs::create_dir_all(&work).unwrap();
-    mark_owner(&tmp.path().join("job1-0-1"), "w1")
+    DirPool::new(tmp.path(), "w1")
+        .take(&tmp.path().join("job1-0-1"))
         .await
         .unwrap();
     // As a grandchild of a killed worker would be: its environment says
