@@ -63,19 +63,23 @@ impl DirPool {
     /// Makes `dir` an attempt directory of this worker's, with an empty
     /// `work/`: a spare renamed into place, else a new one.
     pub async fn take(&self, dir: &Path) -> io::Result<()> {
-        let inner = self.inner.clone();
-        let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || inner.take(&dir))
-            .await
-            .map_err(io::Error::other)?
+        self.off_runtime(dir, Inner::take).await
     }
 
     /// Done with `dir`: kept as a spare if its task left it as it found
     /// it, else removed.
     pub async fn give_back(&self, dir: &Path) -> io::Result<()> {
+        self.off_runtime(dir, Inner::give_back).await
+    }
+
+    async fn off_runtime(
+        &self,
+        dir: &Path,
+        f: fn(&Inner, &Path) -> io::Result<()>,
+    ) -> io::Result<()> {
         let inner = self.inner.clone();
         let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || inner.give_back(&dir))
+        tokio::task::spawn_blocking(move || f(&inner, &dir))
             .await
             .map_err(io::Error::other)?
     }
