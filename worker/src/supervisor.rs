@@ -265,14 +265,7 @@ pub async fn run(
         return not_launched(TaskState::Failed, "the task has no command".into());
     };
 
-    // Listen before the child exists, so that its exit cannot be missed.
-    let sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGCHLD; polling for task exit");
-            None
-        }
-    };
+    let mut exit_watch = spawn::ExitWatch::new();
     let spawned = match process_spec(&task, &paths) {
         Ok(spec) => start(spec).await,
         Err(e) => Err(e),
@@ -289,6 +282,7 @@ pub async fn run(
     let started_at = OffsetDateTime::now_utc();
     let mut leader = spawn::Leader::new(started.pid);
     let pid = leader.pid();
+    exit_watch.attach(pid);
     let pgid = Pid::from_raw(pid);
     let mut group = Group { pgid, armed: true };
     tracing::debug!(task_id = %task.task_id, attempt = task.attempt, pid, "task started");
@@ -341,7 +335,7 @@ pub async fn run(
         task.spec.timeout.map(|t| t.0),
         limits.kill_grace,
         monitor,
-        sigchld,
+        exit_watch,
     )
     .await;
 
@@ -817,15 +811,11 @@ async fn supervise(
     timeout: Option<Duration>,
     grace: Duration,
     mut monitor: Option<AbortOnDropHandle<Option<(u64, u64)>>>,
-    mut sigchld: Option<tokio::signal::unix::Signal>,
+    mut exit_watch: spawn::ExitWatch,
 ) -> Option<Ender> {
     let timeout_at = timeout.map(|t| (Instant::now() + t, t));
-    // SIGCHLD wakes us; the poll only guards against missing it.
-    let poll = if sigchld.is_some() {
-        Duration::from_secs(1)
-    } else {
-        Duration::from_millis(50)
-    };
+    // The poll only guards against a missed wake-up.
+    let poll = exit_watch.poll_every();
     let mut ending = Ending {
         group,
         grace,
@@ -837,7 +827,7 @@ async fn supervise(
         let timing_out = timeout_at.filter(|_| ending.ender.is_none());
         let kill_at = ending.kill_at;
         tokio::select! {
-            _ = next_signal(&mut sigchld) => {}
+            _ = exit_watch.changed() => {}
             _ = tokio::time::sleep(poll) => {}
             _ = sleep_until_opt(timing_out.map(|(at, _)| at)), if timing_out.is_some() => {
                 if let Some((_, t)) = timing_out {
@@ -867,17 +857,6 @@ async fn supervise(
         }
     }
     ending.ender
-}
-
-async fn next_signal(s: &mut Option<tokio::signal::unix::Signal>) {
-    match s {
-        Some(sig) => {
-            if sig.recv().await.is_none() {
-                *s = None;
-            }
-        }
-        None => std::future::pending().await,
-    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

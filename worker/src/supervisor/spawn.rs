@@ -341,6 +341,101 @@ impl Drop for Leader {
     }
 }
 
+/// What wakes the supervisor when a task's main process exits.
+///
+/// Its pidfd (Linux 5.3 and later) wakes only that task's supervisor.
+/// SIGCHLD, the fallback, wakes every running task's supervisor at every
+/// child's exit: with many short tasks that was a storm of wake-ups.
+#[derive(Debug)]
+pub(super) struct ExitWatch(Watch);
+
+#[derive(Debug)]
+enum Watch {
+    Pidfd(tokio::io::unix::AsyncFd<OwnedFd>),
+    Sigchld(tokio::signal::unix::Signal),
+    Poll,
+}
+
+fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: a plain system call; the fd it returns is ours alone.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just opened, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as c_int) })
+}
+
+fn pidfds_work() -> bool {
+    static WORK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // SAFETY: getpid cannot fail.
+    *WORK.get_or_init(|| pidfd_open(unsafe { libc::getpid() }).is_ok())
+}
+
+impl ExitWatch {
+    /// Made before the process starts, so that its exit cannot be missed.
+    pub fn new() -> ExitWatch {
+        if pidfds_work() {
+            // Upgraded by `attach`; a pidfd of an exited child still works.
+            return ExitWatch(Watch::Poll);
+        }
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
+            Ok(s) => ExitWatch(Watch::Sigchld(s)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGCHLD; polling for task exit");
+                ExitWatch(Watch::Poll)
+            }
+        }
+    }
+
+    /// Watches `pid`, the process just started.
+    pub fn attach(&mut self, pid: libc::pid_t) {
+        if !matches!(self.0, Watch::Poll) || !pidfds_work() {
+            return;
+        }
+        let watched = pidfd_open(pid).and_then(|fd| {
+            // SAFETY: an OwnedFd keeps its descriptor open and unchanged
+            // for as long as it lives, which is as long as the AsyncFd.
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            }
+            .map_err(io::Error::from)
+        });
+        match watched {
+            Ok(fd) => self.0 = Watch::Pidfd(fd),
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "cannot watch a task's pidfd; polling for its exit")
+            }
+        }
+    }
+
+    /// How often to look anyway: often only when nothing wakes us.
+    pub fn poll_every(&self) -> std::time::Duration {
+        match self.0 {
+            Watch::Poll => std::time::Duration::from_millis(50),
+            _ => std::time::Duration::from_secs(1),
+        }
+    }
+
+    /// Returns when the process may have exited. Once it has, returns at
+    /// once every time.
+    pub async fn changed(&mut self) {
+        match &mut self.0 {
+            Watch::Pidfd(fd) => {
+                if fd.readable().await.is_err() {
+                    self.0 = Watch::Poll;
+                }
+            }
+            Watch::Sigchld(sig) => {
+                if sig.recv().await.is_none() {
+                    self.0 = Watch::Poll;
+                }
+            }
+            Watch::Poll => std::future::pending().await,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,6 +539,27 @@ mod tests {
         nul.args.push("a\0b".into());
         let e = spawn(&nul).unwrap_err();
         assert!(e.to_string().contains("NUL byte"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_exit_watch_wakes_when_the_process_exits_and_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut watch = ExitWatch::new();
+        let started = spawn(&sh("exec sleep 600", &[], dir.path())).unwrap();
+        watch.attach(started.pid);
+        assert!(
+            matches!(watch.0, Watch::Pidfd(_)),
+            "this kernel has pidfds: {watch:?}"
+        );
+        let early = tokio::time::timeout(std::time::Duration::from_millis(200), watch.changed());
+        assert!(early.await.is_err(), "woke while the process ran");
+        // SAFETY: our child, not reaped.
+        unsafe { libc::kill(started.pid, libc::SIGKILL) };
+        tokio::time::timeout(std::time::Duration::from_secs(10), watch.changed())
+            .await
+            .expect("woke when it died");
+        let status = wait_blocking(started.pid).unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
     }
 
     #[test]
