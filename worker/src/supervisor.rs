@@ -55,7 +55,6 @@ use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use time::OffsetDateTime;
-use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -549,17 +548,24 @@ fn make_dirs_writable(dir: &Path) {
     }
 }
 
+/// One trip to the blocking pool for all of it: each trip is a handful of
+/// context switches, which short tasks notice.
 async fn prepare_dir(paths: &TaskPaths) -> io::Result<()> {
-    tokio::fs::create_dir_all(&paths.work).await?;
-    tokio::fs::create_dir_all(paths.meta()).await?;
-    // A result left by an earlier run in the same directory must not count.
-    match tokio::fs::remove_file(&paths.result).await {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    // Created empty so that the task may simply append to it.
-    tokio::fs::File::create(&paths.events).await?;
-    Ok(())
+    let paths = paths.clone();
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&paths.work)?;
+        std::fs::create_dir_all(paths.meta())?;
+        // A result left by an earlier run in the same directory must not count.
+        match std::fs::remove_file(&paths.result) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        // Created empty so that the task may simply append to it.
+        std::fs::File::create(&paths.events)?;
+        Ok(())
+    })
+    .await
+    .map_err(io::Error::other)?
 }
 
 fn join_list<T: ToString>(items: impl Iterator<Item = T>) -> String {
@@ -1003,7 +1009,15 @@ fn classify(
 /// The task's result: `Ok(None)` when it wrote none, `Err` with words when
 /// the file is unusable.
 async fn read_result(path: &Path, max: u64) -> Result<Option<serde_json::Value>, String> {
-    let meta = match tokio::fs::metadata(path).await {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || read_result_blocking(&path, max))
+        .await
+        .map_err(|e| format!("cannot read the result file: {e}"))?
+}
+
+fn read_result_blocking(path: &Path, max: u64) -> Result<Option<serde_json::Value>, String> {
+    use std::io::Read;
+    let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read the result file: {e}")),
@@ -1016,14 +1030,12 @@ async fn read_result(path: &Path, max: u64) -> Result<Option<serde_json::Value>,
     if meta.len() > max {
         return Err(too_big(meta.len()));
     }
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| format!("cannot read the result file: {e}"))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read the result file: {e}"))?;
     let mut bytes = Vec::new();
     // The task may still be growing it through a stray process.
     file.take(max.saturating_add(1))
         .read_to_end(&mut bytes)
-        .await
         .map_err(|e| format!("cannot read the result file: {e}"))?;
     if bytes.len() as u64 > max {
         return Err(too_big(bytes.len() as u64));

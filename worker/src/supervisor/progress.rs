@@ -1,10 +1,9 @@
 //! Following the `GPUFLEET_EVENTS` file: one JSON value per line.
 
-use std::io::SeekFrom;
-use std::path::PathBuf;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +18,31 @@ const MAX_READ_PER_POLL: u64 = 4 << 20;
 const MAX_LINE: usize = 256 << 10;
 /// How much of a bad line the notice quotes.
 const QUOTE_CHARS: usize = 200;
+
+/// What was appended to `path` after `offset`, at most
+/// `MAX_READ_PER_POLL` bytes; true if the file was truncated or replaced,
+/// so the bytes are from its start. Blocking.
+fn read_appended(path: &Path, offset: u64) -> std::io::Result<(bool, Vec<u8>)> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((false, Vec::new())),
+        Err(e) => return Err(e),
+    };
+    // A FIFO or device would block or never end.
+    if !meta.is_file() {
+        return Ok((false, Vec::new()));
+    }
+    let restarted = meta.len() < offset;
+    let from = if restarted { 0 } else { offset };
+    if meta.len() == from {
+        return Ok((restarted, Vec::new()));
+    }
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(from))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_READ_PER_POLL).read_to_end(&mut bytes)?;
+    Ok((restarted, bytes))
+}
 
 pub(super) struct EventsTail {
     path: PathBuf,
@@ -66,28 +90,17 @@ impl EventsTail {
     }
 
     async fn read_more(&mut self) -> std::io::Result<Vec<u8>> {
-        let meta = match tokio::fs::metadata(&self.path).await {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        // A FIFO or device would block or never end.
-        if !meta.is_file() {
-            return Ok(Vec::new());
-        }
-        if meta.len() < self.offset {
-            // Truncated or replaced: start over.
+        let path = self.path.clone();
+        let offset = self.offset;
+        // One trip to the blocking pool, not one per file operation.
+        let (restarted, bytes) = tokio::task::spawn_blocking(move || read_appended(&path, offset))
+            .await
+            .map_err(std::io::Error::other)??;
+        if restarted {
             self.offset = 0;
             self.partial.clear();
             self.skipping = false;
         }
-        if meta.len() == self.offset {
-            return Ok(Vec::new());
-        }
-        let mut file = tokio::fs::File::open(&self.path).await?;
-        file.seek(SeekFrom::Start(self.offset)).await?;
-        let mut bytes = Vec::new();
-        file.take(MAX_READ_PER_POLL).read_to_end(&mut bytes).await?;
         self.offset += bytes.len() as u64;
         Ok(bytes)
     }
