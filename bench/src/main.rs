@@ -17,6 +17,9 @@ struct Cli {
     /// Tiny sizes, to check that every scenario runs (CI)
     #[arg(long, global = true)]
     smoke: bool,
+    /// How many single-task jobs the control scenario runs (100,000)
+    #[arg(long, global = true)]
+    single_jobs: Option<usize>,
     #[command(subcommand)]
     what: What,
 }
@@ -81,11 +84,14 @@ async fn main() -> anyhow::Result<()> {
     let mut control_rate = None;
     let mut control_p50 = None;
     if matches!(cli.what, What::All | What::Control) {
-        let (single, jobs, per_job, seq) = if cli.smoke {
+        let (mut single, jobs, per_job, seq) = if cli.smoke {
             (200, 5, 20, 20)
         } else {
             (100_000, 1_000, 100, 1_000)
         };
+        if let Some(n) = cli.single_jobs {
+            single = n;
+        }
         let (_server, url) = fresh();
         let fleet = control::Fleet::start(
             &url,
