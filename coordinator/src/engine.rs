@@ -567,13 +567,14 @@ impl Engine {
                     return;
                 };
                 let state = self.jobs[&job].tasks[i].state;
-                if state == TaskState::Running {
-                    // The result was published before the release; it
-                    // will arrive on the events stream shortly.
+                // A worker releases only what it claimed, after publishing
+                // the result, which will arrive on the events stream. Still
+                // `Reserved` here means the claim was never seen: the
+                // release's rollup removed it before the watch got to it
+                // (a watch running behind). Placing the attempt again would
+                // run the task twice under one attempt number.
+                if matches!(state, TaskState::Running | TaskState::Reserved) {
                     self.released.insert(l.task_id.clone(), Instant::now());
-                } else if state == TaskState::Reserved {
-                    // Released without ever running: place it again.
-                    self.requeue_same_attempt(&job, i, "its reservation was withdrawn");
                 }
             }
             LeaseChange::Expired { key } => {
@@ -977,7 +978,10 @@ impl Engine {
         for task in overdue {
             self.released.remove(&task);
             if let Some((job, i)) = self.find_task(&task) {
-                if self.jobs[&job].tasks[i].state == TaskState::Running {
+                if matches!(
+                    self.jobs[&job].tasks[i].state,
+                    TaskState::Running | TaskState::Reserved
+                ) {
                     self.end_attempt(
                         &job,
                         i,

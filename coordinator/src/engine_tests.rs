@@ -176,6 +176,53 @@ fn a_superseded_attempt_is_fenced_off() {
 }
 
 #[test]
+fn a_release_whose_claim_was_never_seen_waits_for_the_result() {
+    let mut e = ready_engine(&[advert("w1", 4, 0), advert("w2", 4, 0)]);
+    let (id, _rx) = submit(&mut e, r#"{"tasks": [{"command": ["true"]}]}"#);
+    let (key, lease) = e.take_effects().create_leases[0].clone();
+    // The worker claimed, ran, reported and released; the release's rollup
+    // removed the claim before the lease watch delivered it.
+    e.handle(Input::Lease(LeaseChange::Released { key }));
+    e.handle(Input::Tick);
+    e.schedule_if_needed();
+    let fx = e.take_effects();
+    assert!(
+        fx.create_leases.is_empty(),
+        "the same attempt was placed again: {:?}",
+        fx.create_leases
+    );
+    assert_eq!(e.jobs[&id].tasks[0].state, TaskState::Reserved);
+    e.handle(result(&lease, TaskState::Succeeded, 7));
+    assert_eq!(e.jobs[&id].status, JobState::Completed);
+}
+
+#[test]
+fn a_release_with_no_result_is_lost_after_the_grace_and_retried() {
+    let mut e = Engine::new(CoordinatorConfig {
+        result_grace: Dur(std::time::Duration::ZERO),
+        ..Default::default()
+    });
+    e.handle(Input::Advert(Box::new(advert("w1", 4, 0))));
+    for f in [Feed::Workers, Feed::Leases, Feed::Events] {
+        e.handle(Input::Synced(f));
+    }
+    let (id, _rx) = submit(
+        &mut e,
+        r#"{"max_retries": 1, "tasks": [{"command": ["true"]}]}"#,
+    );
+    let (key, _) = e.take_effects().create_leases[0].clone();
+    e.handle(Input::Lease(LeaseChange::Released { key }));
+    e.handle(Input::Tick);
+    let t = &e.jobs[&id].tasks[0];
+    assert_eq!(t.attempt, 2, "{t:?}");
+    assert_eq!(t.state, TaskState::Queued);
+    e.schedule_if_needed();
+    let fx = e.take_effects();
+    assert_eq!(fx.create_leases.len(), 1);
+    assert_eq!(fx.create_leases[0].1.attempt, 2);
+}
+
+#[test]
 fn retries_stop_at_max_retries() {
     let mut e = ready_engine(&[advert("w1", 4, 0)]);
     let (id, _rx) = submit(
