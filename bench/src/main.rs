@@ -102,22 +102,11 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         let stats_client = async_nats::connect(url.as_str()).await?;
         let lat = control::latency(&url, seq).await?;
-        row(
-            "control: submit to running p50",
-            ms(lat.to_running.quantile(0.5)),
-        );
-        row(
-            "control: submit to running p99",
-            ms(lat.to_running.quantile(0.99)),
-        );
-        row(
-            "control: submit to result p50",
-            ms(lat.to_result.quantile(0.5)),
-        );
-        row(
-            "control: submit to result p99",
-            ms(lat.to_result.quantile(0.99)),
-        );
+        for (to, h) in [("running", &lat.to_running), ("result", &lat.to_result)] {
+            for (p, q) in [("p50", 0.5), ("p99", 0.99)] {
+                row(&format!("control: submit to {to} {p}"), ms(h.quantile(q)));
+            }
+        }
         let s0 = scale::coordinator_stats(&stats_client).await?;
         let one = control::throughput(&url, single, 1, 1.0).await?;
         let s1 = scale::coordinator_stats(&stats_client).await?;

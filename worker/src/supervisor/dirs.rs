@@ -189,12 +189,18 @@ mod tests {
         std::fs::metadata(p).unwrap().ino()
     }
 
-    #[tokio::test]
-    async fn a_directory_left_as_found_is_reused_and_cleared() {
+    /// A pool in a temp dir, and an attempt directory `a-1` taken from it.
+    async fn pool_with_one() -> (tempfile::TempDir, DirPool, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
         let pool = DirPool::new(tmp.path(), "w1");
         let a = tmp.path().join("a-1");
         pool.take(&a).await.unwrap();
+        (tmp, pool, a)
+    }
+
+    #[tokio::test]
+    async fn a_directory_left_as_found_is_reused_and_cleared() {
+        let (tmp, pool, a) = pool_with_one().await;
         let paths = TaskPaths::new(&a);
         assert_eq!(std::fs::read_to_string(paths.owner()).unwrap(), "w1");
         assert!(std::fs::read_dir(&paths.work).unwrap().next().is_none());
@@ -245,10 +251,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_spare_written_to_after_its_task_is_not_taken() {
-        let tmp = tempfile::tempdir().unwrap();
-        let pool = DirPool::new(tmp.path(), "w1");
-        let a = tmp.path().join("a-1");
-        pool.take(&a).await.unwrap();
+        let (tmp, pool, a) = pool_with_one().await;
         pool.give_back(&a).await.unwrap();
         // A process that escaped its task's group writes into its old cwd.
         let spare = std::fs::read_dir(tmp.path())
