@@ -57,7 +57,7 @@ impl DirPool {
 
     /// How many spares are kept now.
     pub fn spares(&self) -> usize {
-        self.inner.spares.lock().map(|s| s.len()).unwrap_or(0)
+        self.inner.spares()
     }
 
     /// Makes `dir` an attempt directory of this worker's, with an empty
