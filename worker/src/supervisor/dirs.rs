@@ -106,7 +106,7 @@ impl Inner {
             Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
             Err(_) => {}
         }
-        std::fs::File::create(&paths.events)?;
+        // The task's start makes the rest (`prepare_dir`).
         Ok(())
     }
 
@@ -176,7 +176,8 @@ fn is_pristine(paths: &TaskPaths, work_mode: u32) -> bool {
             .and_then(|f| f.set_len(0))
             .is_ok(),
         Ok(_) => true,
-        Err(_) => false,
+        // Not made yet: the attempt never started.
+        Err(e) => e.kind() == io::ErrorKind::NotFound,
     }
 }
 
