@@ -265,11 +265,7 @@ pub async fn run(
     };
 
     let mut exit_watch = spawn::ExitWatch::new();
-    let spawned = match process_spec(&task, &paths) {
-        Ok(spec) => start(spec).await,
-        Err(e) => Err(e),
-    };
-    let started = match spawned {
+    let started = match start(process_spec(&task, &paths)).await {
         Ok(started) => started,
         Err(e) => {
             return not_launched(
@@ -572,57 +568,15 @@ fn join_list<T: ToString>(items: impl Iterator<Item = T>) -> String {
     items.map(|i| i.to_string()).collect::<Vec<_>>().join(",")
 }
 
-/// Where `program` would be found, as `execvp` looks: as given when it
-/// holds a '/' (relative to `cwd`), else on `path`. The error is the one
-/// exec would give: not found, or found but not executable.
-fn find_executable(
-    program: &Path,
-    path: Option<&std::ffi::OsStr>,
-    cwd: &Path,
-) -> Result<PathBuf, io::ErrorKind> {
-    use std::os::unix::fs::PermissionsExt;
-    let check = |p: &Path| match std::fs::metadata(p) {
-        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
-        Ok(_) => Err(io::ErrorKind::PermissionDenied),
-        Err(_) => Err(io::ErrorKind::NotFound),
-    };
-    if program.components().count() > 1 || program.is_absolute() {
-        let p = cwd.join(program);
-        return check(&p).map(|()| p);
-    }
-    let mut denied = false;
-    for dir in std::env::split_paths(path.unwrap_or_default()) {
-        let p = cwd.join(dir).join(program);
-        match check(&p) {
-            Ok(()) => return Ok(p),
-            Err(io::ErrorKind::PermissionDenied) => denied = true,
-            Err(_) => {}
-        }
-    }
-    Err(if denied {
-        io::ErrorKind::PermissionDenied
-    } else {
-        io::ErrorKind::NotFound
-    })
-}
-
-/// What to start for a task: its program, resolved as `execvp` would (so
-/// that a missing program is an error to start, with the OS's own words),
+/// What to start for a task: its program, looked up on the task's `PATH`,
 /// with the environment of the contract on top of the worker's own.
-fn process_spec(task: &TaskRun, paths: &TaskPaths) -> io::Result<spawn::Spec> {
+fn process_spec(task: &TaskRun, paths: &TaskPaths) -> spawn::Spec {
     let spec = &task.spec;
-    let path = spec
+    let search_path = spec
         .env
         .get("PATH")
         .map(std::ffi::OsString::from)
         .or_else(|| std::env::var_os("PATH"));
-    let program = find_executable(Path::new(&spec.command[0]), path.as_deref(), &paths.work)
-        .map_err(|kind| {
-            io::Error::from_raw_os_error(match kind {
-                io::ErrorKind::PermissionDenied => libc::EACCES,
-                _ => libc::ENOENT,
-            })
-        })?;
     let mut env: std::collections::BTreeMap<std::ffi::OsString, std::ffi::OsString> =
         std::env::vars_os().collect();
     let mut set = |k: &str, v: &str| {
@@ -657,12 +611,13 @@ fn process_spec(task: &TaskRun, paths: &TaskPaths) -> io::Result<spawn::Spec> {
     ] {
         env.insert(k.into(), p.clone().into_os_string());
     }
-    Ok(spawn::Spec {
-        program,
+    spawn::Spec {
+        program: PathBuf::from(&spec.command[0]),
+        search_path,
         args: spec.command.iter().map(Into::into).collect(),
         env: env.into_iter().collect(),
         cwd: paths.work.clone(),
-    })
+    }
 }
 
 /// A request to the spawner thread.

@@ -21,7 +21,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -31,8 +31,10 @@ const STACK_SIZE: usize = 64 * 1024;
 /// What to start.
 #[derive(Debug, Clone)]
 pub(super) struct Spec {
-    /// The program, already resolved to a path (see `find_executable`).
+    /// The program: a path if it holds a '/', else a name to look up on
+    /// `search_path`, as `execvp` does.
     pub program: PathBuf,
+    pub search_path: Option<OsString>,
     /// `argv`, from `argv[0]`.
     pub args: Vec<OsString>,
     /// The whole environment.
@@ -92,7 +94,17 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// `PR_SET_PDEATHSIG` fires when the *thread* that started the child exits,
 /// so call this from a thread that lives as long as the process.
 pub(super) fn spawn(spec: &Spec) -> io::Result<Started> {
-    let path = c_string(spec.program.as_os_str(), "the program")?;
+    // Resolved here, so that a missing program is an error to start with
+    // the OS's own words, and the lookup's file system calls stay off the
+    // runtime.
+    let program =
+        find_executable(&spec.program, spec.search_path.as_deref(), &spec.cwd).map_err(|kind| {
+            io::Error::from_raw_os_error(match kind {
+                io::ErrorKind::PermissionDenied => libc::EACCES,
+                _ => libc::ENOENT,
+            })
+        })?;
+    let path = c_string(program.as_os_str(), "the program")?;
     let args = spec
         .args
         .iter()
@@ -183,6 +195,40 @@ pub(super) fn spawn(spec: &Spec) -> io::Result<Started> {
         pid,
         stdout: out_r,
         stderr: err_r,
+    })
+}
+
+/// Where `program` would be found, as `execvp` looks: as given when it
+/// holds a '/' (relative to `cwd`), else on `path`. The error is the one
+/// exec would give: not found, or found but not executable.
+fn find_executable(
+    program: &Path,
+    path: Option<&OsStr>,
+    cwd: &Path,
+) -> Result<PathBuf, io::ErrorKind> {
+    use std::os::unix::fs::PermissionsExt;
+    let check = |p: &Path| match std::fs::metadata(p) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(_) => Err(io::ErrorKind::PermissionDenied),
+        Err(_) => Err(io::ErrorKind::NotFound),
+    };
+    if program.components().count() > 1 || program.is_absolute() {
+        let p = cwd.join(program);
+        return check(&p).map(|()| p);
+    }
+    let mut denied = false;
+    for dir in std::env::split_paths(path.unwrap_or_default()) {
+        let p = cwd.join(dir).join(program);
+        match check(&p) {
+            Ok(()) => return Ok(p),
+            Err(io::ErrorKind::PermissionDenied) => denied = true,
+            Err(_) => {}
+        }
+    }
+    Err(if denied {
+        io::ErrorKind::PermissionDenied
+    } else {
+        io::ErrorKind::NotFound
     })
 }
 
@@ -444,6 +490,7 @@ mod tests {
     fn sh(script: &str, env: &[(&str, &str)], cwd: &std::path::Path) -> Spec {
         Spec {
             program: "/bin/sh".into(),
+            search_path: None,
             args: vec!["sh".into(), "-c".into(), script.into()],
             env: env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
             cwd: cwd.to_path_buf(),
@@ -480,19 +527,12 @@ mod tests {
 
     fn program(args: &[&str], cwd: &std::path::Path) -> Spec {
         Spec {
-            program: find(args[0]),
+            program: args[0].into(),
+            search_path: Some("/usr/bin:/bin".into()),
             args: args.iter().map(Into::into).collect(),
             env: vec![],
             cwd: cwd.to_path_buf(),
         }
-    }
-
-    fn find(name: &str) -> PathBuf {
-        ["/usr/bin", "/bin"]
-            .iter()
-            .map(|d| std::path::Path::new(d).join(name))
-            .find(|p| p.exists())
-            .unwrap_or_else(|| panic!("no {name}"))
     }
 
     #[test]
