@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, ServerAddr};
 
+use crate::retry::Backoff;
+
 /// Oldest server with per-key TTLs and limit markers (ADR-43).
 pub const MIN_SERVER: (u64, u64) = (2, 11);
 
@@ -133,7 +135,7 @@ pub async fn connect(
     let addrs = parse_urls(url)?;
     let shown = redact(url);
     let deadline = tokio::time::Instant::now() + patience;
-    let mut delay = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let client = loop {
         match options(name, auth, &addrs, url)
             .await?
@@ -141,12 +143,13 @@ pub async fn connect(
             .await
         {
             Ok(c) => break c,
-            Err(e) if tokio::time::Instant::now() + delay < deadline => {
-                tracing::warn!(url = %shown, error = %e, "NATS not reachable yet, retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-            Err(source) => return Err(ConnectError::Connect { url: shown, source }),
+            Err(source) => match backoff.next_before(deadline) {
+                Some(delay) => {
+                    tracing::warn!(url = %shown, error = %source, "NATS not reachable yet, retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(ConnectError::Connect { url: shown, source }),
+            },
         }
     };
     let info = client.server_info();

@@ -13,14 +13,15 @@
 use std::time::Duration;
 
 use async_nats::header::{self, HeaderMap};
-use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
-use futures::StreamExt;
 use gpufleet_schema::subjects;
 use time::OffsetDateTime;
+
+use crate::ordered::OrderedMessages;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
@@ -210,24 +211,17 @@ impl RawKv {
         filter: &str,
         deliver_policy: DeliverPolicy,
     ) -> Result<KvWatcher, KvError> {
-        let consumer = self
-            .stream
-            .create_consumer(push::OrderedConfig {
-                deliver_subject: self.js.client().new_inbox(),
-                filter_subject: subjects::kv_subject(&self.bucket, filter),
-                replay_policy: ReplayPolicy::Instant,
-                deliver_policy,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| self.other(filter, e))?;
-        let synced = consumer.cached_info().num_pending == 0;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(|e| self.other(filter, e))?;
+        let (messages, pending) = OrderedMessages::open(
+            &self.stream,
+            &self.js.client(),
+            &[subjects::kv_subject(&self.bucket, filter)],
+            deliver_policy,
+        )
+        .await
+        .map_err(|e| self.other(filter, e))?;
+        let synced = pending == 0;
         Ok(KvWatcher {
-            messages: Some(messages),
+            messages,
             bucket: self.bucket.clone(),
             announce_synced: synced,
             synced,
@@ -288,8 +282,7 @@ pub enum KvEvent {
 }
 
 pub struct KvWatcher {
-    /// `None` once the stream failed: it is never polled again.
-    messages: Option<push::Ordered>,
+    messages: OrderedMessages,
     bucket: String,
     /// Synced must be announced before the next change.
     announce_synced: bool,
@@ -298,44 +291,21 @@ pub struct KvWatcher {
 
 impl KvWatcher {
     /// The next change; `None` when the watch can no longer continue (the
-    /// caller starts a new one).
-    ///
-    /// After the underlying consumer yields an error it is dropped, never
-    /// polled again: async-nats 0.51's ordered consumer panics ("async fn
-    /// resumed after completion") when polled after its connection-state
-    /// watcher ended. A panic inside it is also caught and ends the watch,
-    /// so a library bug costs a re-watch, not the worker's main loop.
+    /// caller starts a new one). After an error the watch ends: see
+    /// [`crate::ordered`] for why a failed consumer is never polled again.
     pub async fn next(&mut self) -> Option<Result<KvEvent, KvError>> {
-        use futures::FutureExt;
         if self.announce_synced {
             self.announce_synced = false;
             return Some(Ok(KvEvent::Synced));
         }
-        let messages = self.messages.as_mut()?;
-        let item = std::panic::AssertUnwindSafe(messages.next())
-            .catch_unwind()
-            .await;
-        let msg = match item {
-            Ok(Some(Ok(m))) => m,
-            Ok(None) => {
-                self.messages = None;
-                return None;
-            }
-            Ok(Some(Err(e))) => {
-                self.messages = None;
+        let msg = match self.messages.next().await? {
+            Ok(m) => m,
+            Err(message) => {
                 return Some(Err(KvError::Other {
                     bucket: self.bucket.clone(),
                     key: String::new(),
-                    message: e.to_string(),
-                }));
-            }
-            Err(_) => {
-                self.messages = None;
-                return Some(Err(KvError::Other {
-                    bucket: self.bucket.clone(),
-                    key: String::new(),
-                    message: "the watch's consumer panicked; watch again".into(),
-                }));
+                    message,
+                }))
             }
         };
         let info = match msg.info() {

@@ -8,15 +8,25 @@
 //!   publishes with headers (see the KV notes in the README: the client's
 //!   own helpers lose the TTL when a key is re-created or updated), and a
 //!   watcher that tells an expiry from a purge.
+//! - [`events`]: publishing an event with its headers, and replaying a
+//!   subject of the events stream from a sequence, resuming after a failed
+//!   consumer (both the replay and the KV watcher read through the one
+//!   ordered-consumer wrapper in `ordered`).
+//! - [`retry`]: the delays between tries of anything that failed.
 //! - [`settings`]: defaults < file < environment < flags, for every binary.
 
 pub mod connect;
+pub mod events;
 pub mod histogram;
 pub mod kv;
+mod ordered;
+pub mod retry;
 pub mod settings;
 pub mod stores;
 pub mod telemetry;
 
 pub use connect::{check_server_version, connect, redact, Auth, ConnectError, MIN_SERVER};
+pub use events::{EventsError, Replay, Replayed, Until};
 pub use kv::{KvChange, KvError, KvEvent, KvOp, KvWatcher, RawKv};
+pub use retry::Backoff;
 pub use stores::{ensure_stores, Setup, Stores};

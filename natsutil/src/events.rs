@@ -1,0 +1,291 @@
+//! The events stream: publishing an event with its headers, and replaying a
+//! subject from a sequence.
+//!
+//! Every event is MessagePack (`schema::codec`) and says so in its
+//! `Content-Type` header, so that clients in other languages decode it
+//! without sniffing. A `Nats-Msg-Id` makes the stream keep one copy of a
+//! message sent again within its duplicate window (a retried result).
+//!
+//! A replay is an ordered push consumer. async-nats recreates one on its
+//! own after a gap or a reconnect, but once it yields an error it must not
+//! be polled again (see [`crate::ordered`]); the replay then creates a new
+//! consumer that starts just after the last sequence it handed out, so that
+//! nothing is skipped or handed out twice.
+
+use std::time::Duration;
+
+use async_nats::header;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::context::{PublishAckFuture, PublishError};
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::jetstream::{self, stream};
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use gpufleet_schema::codec;
+
+use crate::ordered::OrderedMessages;
+use crate::retry::Backoff;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventsError {
+    #[error("could not publish on {subject}: {source}")]
+    Publish {
+        subject: String,
+        #[source]
+        source: PublishError,
+    },
+    #[error("the stream did not store the message on {subject}: {source}")]
+    NotStored {
+        subject: String,
+        #[source]
+        source: PublishError,
+    },
+    #[error("cannot open stream {stream}: {message}")]
+    Stream { stream: String, message: String },
+    #[error("replaying {filters:?} from sequence {from}: {message}")]
+    Consumer {
+        filters: Vec<String>,
+        from: u64,
+        message: String,
+    },
+}
+
+/// Sends `body` (a message encoded with `schema::codec`'s MessagePack) on
+/// `subject` without waiting for the stream; the ack comes back as a
+/// future, so that a batch can be sent before any ack is awaited.
+pub async fn send(
+    js: &jetstream::Context,
+    subject: impl Into<Subject>,
+    body: Bytes,
+    msg_id: Option<&str>,
+) -> Result<PublishAckFuture, EventsError> {
+    let subject = subject.into();
+    let mut headers = HeaderMap::new();
+    headers.insert(codec::CONTENT_TYPE, codec::MSGPACK);
+    if let Some(id) = msg_id {
+        headers.insert(header::NATS_MESSAGE_ID, id);
+    }
+    js.publish_with_headers(subject.clone(), headers, body)
+        .await
+        .map_err(|source| EventsError::Publish {
+            subject: subject.to_string(),
+            source,
+        })
+}
+
+/// Publishes `body` as [`send`] does and waits until the stream has it.
+pub async fn publish(
+    js: &jetstream::Context,
+    subject: impl Into<Subject>,
+    body: Bytes,
+    msg_id: Option<&str>,
+) -> Result<PublishAck, EventsError> {
+    let subject = subject.into();
+    let ack = send(js, subject.clone(), body, msg_id).await?;
+    ack.await.map_err(|source| EventsError::NotStored {
+        subject: subject.to_string(),
+        source,
+    })
+}
+
+/// Where a replay ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// At what the stream held when the replay began: messages stored
+    /// later are not handed out.
+    CaughtUp,
+    /// Never: after the stored messages, new ones as they are stored.
+    Live,
+}
+
+/// One message of a replay.
+#[derive(Debug)]
+pub struct Replayed {
+    /// Its sequence in the stream.
+    pub sequence: u64,
+    /// Messages on the replay's subjects stored after this one, as the
+    /// consumer counted when it delivered this one.
+    pub pending: u64,
+    pub message: async_nats::Message,
+}
+
+/// Consumers that fail are created again after these delays.
+const RESUME_BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+
+/// The messages of a stream on some subjects, in order, from a sequence.
+pub struct Replay {
+    client: async_nats::Client,
+    stream: stream::Stream,
+    filters: Vec<String>,
+    until: Until,
+    /// The sequence to hand out next: every earlier one on our subjects
+    /// has been handed out (or came before the start).
+    next: u64,
+    /// The stream's last sequence when the replay began.
+    end: u64,
+    caught_up: bool,
+    /// `None` after the consumer failed, until the next is created.
+    messages: Option<OrderedMessages>,
+    backoff: Backoff,
+    /// Whether the last consumer (or the try to create one) failed.
+    failed: bool,
+    restarts: u64,
+}
+
+impl Replay {
+    /// Replays the messages of `stream` on `filters` from sequence `from`
+    /// (1 for the beginning) until `until`.
+    pub async fn start(
+        js: &jetstream::Context,
+        stream: &str,
+        filters: Vec<String>,
+        from: u64,
+        until: Until,
+    ) -> Result<Replay, EventsError> {
+        let stream_name = stream;
+        let stream = js
+            .get_stream(stream_name)
+            .await
+            .map_err(|e| EventsError::Stream {
+                stream: stream_name.to_string(),
+                message: e.to_string(),
+            })?;
+        // Fetched just now by get_stream: the end of what is stored.
+        let end = stream.cached_info().state.last_sequence;
+        let from = from.max(1);
+        let mut replay = Replay {
+            client: js.client(),
+            stream,
+            filters,
+            until,
+            next: from,
+            end,
+            caught_up: from > end,
+            messages: None,
+            backoff: RESUME_BACKOFF,
+            failed: false,
+            restarts: 0,
+        };
+        replay.open().await?;
+        Ok(replay)
+    }
+
+    async fn open(&mut self) -> Result<(), EventsError> {
+        let policy = DeliverPolicy::ByStartSequence {
+            start_sequence: self.next,
+        };
+        let opened = OrderedMessages::open(&self.stream, &self.client, &self.filters, policy).await;
+        let (messages, pending) = opened.map_err(|message| self.consumer_error(message))?;
+        if pending == 0 {
+            self.caught_up = true;
+        }
+        self.messages = Some(messages);
+        Ok(())
+    }
+
+    fn consumer_error(&self, message: String) -> EventsError {
+        EventsError::Consumer {
+            filters: self.filters.clone(),
+            from: self.next,
+            message,
+        }
+    }
+
+    /// The next message; `None` once caught up (never when live).
+    ///
+    /// An error means the consumer failed; the replay goes on, and the next
+    /// call resumes after the last message handed out (after a pause that
+    /// grows while the failures go on).
+    pub async fn next(&mut self) -> Option<Result<Replayed, EventsError>> {
+        loop {
+            if self.until == Until::CaughtUp && self.caught_up {
+                return None;
+            }
+            let Some(messages) = self.messages.as_mut() else {
+                if self.failed {
+                    self.backoff.wait().await;
+                }
+                self.restarts += 1;
+                if let Err(e) = self.open().await {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+                continue;
+            };
+            let message = match messages.next().await {
+                Some(Ok(m)) => m,
+                failure => {
+                    let message = match failure {
+                        Some(Err(message)) => message,
+                        _ => "the consumer's subscription ended".to_string(),
+                    };
+                    self.messages = None;
+                    self.failed = true;
+                    return Some(Err(self.consumer_error(message)));
+                }
+            };
+            let Ok(info) = message.info() else {
+                continue;
+            };
+            let (sequence, pending) = (info.stream_sequence, info.pending);
+            // async-nats recreates a consumer that has delivered nothing from
+            // the stream's start, not from ours.
+            if sequence < self.next {
+                continue;
+            }
+            if self.until == Until::CaughtUp && sequence > self.end {
+                self.caught_up = true;
+                return None;
+            }
+            self.next = sequence + 1;
+            self.failed = false;
+            self.backoff.reset();
+            if sequence >= self.end || pending == 0 {
+                self.caught_up = true;
+            }
+            return Some(Ok(Replayed {
+                sequence,
+                pending,
+                message: message.message,
+            }));
+        }
+    }
+
+    /// Whether every message stored on our subjects when the replay began
+    /// has been handed out.
+    pub fn caught_up(&self) -> bool {
+        self.caught_up
+    }
+
+    /// The sequence of the last message handed out (or the one before the
+    /// start, before any).
+    pub fn last_sequence(&self) -> u64 {
+        self.next - 1
+    }
+
+    /// How many times a new consumer was tried after one failed.
+    pub fn restarts(&self) -> u64 {
+        self.restarts
+    }
+
+    /// The sequence of the newest message stored on our subjects now (0 if
+    /// none): a replay whose [`Replay::last_sequence`] has reached it has
+    /// handed out everything stored so far.
+    pub async fn stored_tail(&self) -> Result<u64, EventsError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let mut tail = 0;
+        for f in &self.filters {
+            match self.stream.get_last_raw_message_by_subject(f).await {
+                Ok(m) => tail = tail.max(m.sequence),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+                Err(e) => {
+                    return Err(EventsError::Stream {
+                        stream: self.stream.cached_info().config.name.clone(),
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
+        Ok(tail)
+    }
+}
