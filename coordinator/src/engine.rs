@@ -1044,9 +1044,7 @@ impl Engine {
     }
 
     fn find_task(&self, task: &TaskId) -> Option<(JobId, usize)> {
-        // Task ids are `<job>-<index>`; the job id may itself contain '-'.
-        let (job, _) = task.as_str().rsplit_once('-')?;
-        let job = JobId::new(job).ok()?;
+        let (job, _) = task.job_and_index()?;
         let i = self.jobs.get(&job)?.task_index(task)?;
         Some((job, i))
     }

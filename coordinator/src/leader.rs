@@ -14,7 +14,7 @@ use bytes::Bytes;
 use gpufleet_natsutil::{KvError, KvEvent, KvOp, RawKv};
 use tokio::sync::watch;
 
-pub const LEADER_KEY: &str = "coordinator.leader";
+pub const LEADER_KEY: &str = gpufleet_schema::subjects::LEADER_KEY;
 
 /// Whether a KV key belongs to the leadership, not to a worker.
 pub fn is_leader_key(key: &str) -> bool {

@@ -27,7 +27,7 @@ use crate::state::JobRecord;
 
 /// Key of the events checkpoint in `gpufleet-jobs`; job ids hold no dots,
 /// so it never collides with a job.
-pub const CHECKPOINT_KEY: &str = "meta.checkpoint";
+pub const CHECKPOINT_KEY: &str = subjects::CHECKPOINT_KEY;
 
 /// Inputs handled per batch at most, so that effects flow out steadily.
 const MAX_BATCH: usize = 4096;

@@ -40,7 +40,7 @@ pub enum EventsError {
         #[source]
         source: PublishError,
     },
-    #[error("cannot open stream {stream}: {message}")]
+    #[error("reading stream {stream}: {message}")]
     Stream { stream: String, message: String },
     #[error("replaying {filters:?} from sequence {from}: {message}")]
     Consumer {

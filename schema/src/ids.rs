@@ -104,6 +104,13 @@ impl TaskId {
         // is harmless for subjects, so the length check is not applied here.
         TaskId(format!("{job}-{index}"))
     }
+
+    /// The job and index a task id was made from by [`TaskId::for_index`];
+    /// `None` for an id not of that form. The job id may itself hold `-`.
+    pub fn job_and_index(&self) -> Option<(JobId, usize)> {
+        let (job, index) = self.0.rsplit_once('-')?;
+        Some((JobId::new(job).ok()?, index.parse().ok()?))
+    }
 }
 
 #[cfg(test)]
@@ -129,5 +136,15 @@ mod tests {
         assert!(is_valid_token(a.as_str()));
         let t = TaskId::for_index(&a, 3);
         assert!(t.as_str().ends_with("-3"));
+    }
+
+    #[test]
+    fn a_task_id_splits_into_its_job_and_index() {
+        let job = JobId::new("sweep-lr-2").unwrap();
+        let task = TaskId::for_index(&job, 17);
+        assert_eq!(task.job_and_index(), Some((job, 17)));
+        for bad in ["nodash", "j-", "-3", "j-x", "j-1x"] {
+            assert_eq!(TaskId::new(bad).unwrap().job_and_index(), None, "{bad}");
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! Every subject, bucket and key name, built here and nowhere else.
+//! Every subject, bucket, key, object and message-id name, built and parsed
+//! here and nowhere else.
 
 use crate::event::EventKind;
 use crate::ids::{JobId, TaskId, WorkerId};
@@ -19,6 +20,13 @@ pub const JOBS_BUCKET: &str = "gpufleet-jobs";
 pub const ARTIFACTS_BUCKET: &str = "gpufleet-artifacts";
 pub const EVENTS_STREAM: &str = "GPUFLEET_EVENTS";
 pub const EVENTS_ALL: &str = "gpufleet.events.>";
+
+/// The key in [`WORKERS_BUCKET`] the leading coordinator holds (worker
+/// names hold no dots, so it never meets a worker's advert).
+pub const LEADER_KEY: &str = "coordinator.leader";
+/// The key in [`JOBS_BUCKET`] holding the events stream sequence up to
+/// which the coordinator has stored every result.
+pub const CHECKPOINT_KEY: &str = "meta.checkpoint";
 
 /// The stream behind a KV bucket.
 pub fn kv_stream(bucket: &str) -> String {
@@ -50,6 +58,17 @@ pub fn job_events(job: &JobId) -> String {
 /// Events of one kind across the fleet, e.g. every result.
 pub fn events_of_kind(kind: EventKind) -> String {
     format!("gpufleet.events.*.*.{}", kind.as_str())
+}
+
+/// Events of one kind of every task of one job.
+pub fn job_events_of_kind(job: &JobId, kind: EventKind) -> String {
+    format!("gpufleet.events.{job}.*.{}", kind.as_str())
+}
+
+/// The `Nats-Msg-Id` of an attempt's result: the same on every try, so
+/// that the stream keeps one copy.
+pub fn result_msg_id(task: &TaskId, attempt: u32) -> String {
+    format!("{task}.{attempt}.result")
 }
 
 /// Splits an event subject into job, task and kind.
@@ -89,6 +108,28 @@ pub fn worker_leases(worker: &WorkerId) -> String {
     format!("{worker}.>")
 }
 
+/// An artifact's object name in [`ARTIFACTS_BUCKET`]:
+/// `<job>/<task>/<attempt>/<path>`, `path` relative to the task's output
+/// directory.
+pub fn artifact_object(job: &JobId, task: &TaskId, attempt: u32, path: &str) -> String {
+    format!("{job}/{task}/{attempt}/{path}")
+}
+
+/// The prefix of every artifact object of one job.
+pub fn job_artifacts(job: &JobId) -> String {
+    format!("{job}/")
+}
+
+/// Splits an artifact object name into job, task, attempt and path.
+pub fn parse_artifact_object(name: &str) -> Option<(JobId, TaskId, u32, &str)> {
+    let mut parts = name.splitn(4, '/');
+    let job = JobId::new(parts.next()?).ok()?;
+    let task = TaskId::new(parts.next()?).ok()?;
+    let attempt = parts.next()?.parse().ok()?;
+    let path = parts.next().filter(|p| !p.is_empty())?;
+    Some((job, task, attempt, path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +153,34 @@ mod tests {
             Some(key.as_str())
         );
         assert_eq!(kv_key(WORKERS_BUCKET, "$KV.gpufleet-workersx.a"), None);
+    }
+
+    #[test]
+    fn job_wide_names() {
+        let job = JobId::new("j-1").unwrap();
+        let task = TaskId::for_index(&job, 2);
+        assert_eq!(
+            job_events_of_kind(&job, EventKind::Progress),
+            "gpufleet.events.j-1.*.progress"
+        );
+        assert_eq!(result_msg_id(&task, 3), "j-1-2.3.result");
+        // Never a worker's advert key.
+        assert!(WorkerId::new(LEADER_KEY).is_err());
+    }
+
+    #[test]
+    fn artifact_objects_round_trip() {
+        let job = JobId::new("j1").unwrap();
+        let task = TaskId::for_index(&job, 0);
+        let name = artifact_object(&job, &task, 2, "out/sub/model.pt");
+        assert_eq!(name, "j1/j1-0/2/out/sub/model.pt");
+        assert!(name.starts_with(&job_artifacts(&job)));
+        assert_eq!(
+            parse_artifact_object(&name),
+            Some((job, task, 2, "out/sub/model.pt"))
+        );
+        for bad in ["j1/j1-0/2/", "j1/j1-0/x/a", "j1/j1-0", "j.1/t/1/a", ""] {
+            assert_eq!(parse_artifact_object(bad), None, "{bad}");
+        }
     }
 }

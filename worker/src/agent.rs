@@ -711,7 +711,7 @@ impl Attempt {
         });
         let (subject, ev) = self.event(EventBody::Result(outcome), claim_rev);
         // The same id on every try: the stream keeps one copy.
-        let msg_id = format!("{}.{}.result", self.lease.task_id, self.lease.attempt);
+        let msg_id = subjects::result_msg_id(&self.lease.task_id, self.lease.attempt);
         let mut delay = Duration::from_millis(100);
         loop {
             if publish(&self.ctx.js, subject.clone(), &ev, Some(&msg_id)).await {
