@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use gpufleet_natsutil::histogram::Histogram;
-use gpufleet_schema::{codec, subjects, Event, EventBody, TaskState};
+use gpufleet_natsutil::Backoff;
+use gpufleet_schema::{codec, subjects, Event, EventBody, EventKind, TaskState};
 use gpufleet_worker::launcher::Launcher;
 use gpufleet_worker::WorkerConfig;
 use serde_json::{json, Value};
@@ -67,17 +68,17 @@ impl Fleet {
             workers: handles,
         };
         let client = async_nats::connect(url).await?;
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut pace = Backoff::fixed(Duration::from_millis(100));
         loop {
             let n = count_workers(&client).await.unwrap_or(0);
             if n >= workers {
                 break;
             }
             anyhow::ensure!(
-                Instant::now() < deadline,
+                pace.wait_before(deadline).await,
                 "only {n} of {workers} workers came up"
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(fleet)
     }
@@ -117,8 +118,12 @@ impl Watcher {
     async fn start(client: &async_nats::Client) -> anyhow::Result<Watcher> {
         let done = Arc::new(AtomicU64::new(0));
         let waiting: Arc<Mutex<HashMap<String, Waiter>>> = Arc::default();
-        let states = client.subscribe("gpufleet.events.*.*.state").await?;
-        let results = client.subscribe("gpufleet.events.*.*.result").await?;
+        let states = client
+            .subscribe(subjects::events_of_kind(EventKind::State))
+            .await?;
+        let results = client
+            .subscribe(subjects::events_of_kind(EventKind::Result))
+            .await?;
         let mut sub = futures::stream::select(states, results);
         let (d, w) = (done.clone(), waiting.clone());
         tokio::spawn(async move {

@@ -20,9 +20,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::push, kv, stream};
+use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use futures::StreamExt;
+use gpufleet_natsutil::events::{self, Replay, Replayed, Until};
 use gpufleet_natsutil::histogram::Histogram;
 use gpufleet_natsutil::{KvEvent, KvOp, RawKv};
 use tokio::sync::oneshot;
@@ -66,8 +67,9 @@ async fn setup(js: &jetstream::Context) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An event, with the headers gpufleet's events carry.
 async fn publish(js: &jetstream::Context, subject: String, body: Bytes) -> anyhow::Result<()> {
-    js.publish(subject, body).await?.await?;
+    events::publish(js, subject, body, None).await?;
     Ok(())
 }
 
@@ -102,19 +104,15 @@ async fn coordinator(client: async_nats::Client) -> anyhow::Result<()> {
             });
         }
     });
-    // Results, as the coordinator's stream consumer sees them.
-    let stream = js.get_stream(STREAM).await?;
-    let consumer = stream
-        .create_consumer(push::OrderedConfig {
-            deliver_subject: client.new_inbox(),
-            filter_subject: "floor.events.*.*.result".into(),
-            deliver_policy: jetstream::consumer::DeliverPolicy::New,
-            ..Default::default()
-        })
-        .await?;
-    let mut results = consumer.messages().await?;
+    // Results, as the coordinator's stream consumer sees them: from the
+    // start of the stream, which `setup` has just made empty.
+    let filters = vec!["floor.events.*.*.result".to_string()];
+    let mut results = Replay::start(&js, STREAM, filters, 1, Until::Live).await?;
     tokio::spawn(async move {
-        while let Some(Ok(m)) = results.next().await {
+        while let Some(r) = results.next().await {
+            let Ok(Replayed { message: m, .. }) = r else {
+                continue;
+            };
             let (j, js) = (jobs.clone(), js.clone());
             let id = m.subject.split('.').nth(2).unwrap_or_default().to_string();
             tokio::spawn(async move {

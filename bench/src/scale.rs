@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use gpufleet_natsutil::{ensure_stores, RawKv, Setup};
+use gpufleet_natsutil::{ensure_stores, Backoff, RawKv, Setup};
 use gpufleet_schema::{codec, subjects, ByteSize, Dur, GpuAdvert, WorkerAdvert, WorkerId};
 use serde_json::{json, Value};
 
@@ -189,7 +189,8 @@ pub async fn run(
         let _ = coord.wait();
     });
     // Ready when it serves and sees every worker.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut pace = Backoff::fixed(Duration::from_millis(200));
     loop {
         if count_workers(&client).await.unwrap_or(0) >= workers {
             break;
@@ -199,10 +200,9 @@ pub async fn run(
             "the coordinator exited during start-up"
         );
         anyhow::ensure!(
-            Instant::now() < deadline,
+            pace.wait_before(deadline).await,
             "the coordinator did not see {workers} workers in 60s"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Queue the tasks as jobs of 100 one-GPU tasks.
     let per_job = 100;

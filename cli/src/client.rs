@@ -3,17 +3,14 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
-use async_nats::jetstream::{self, consumer::push, consumer::DeliverPolicy};
+use async_nats::jetstream;
 use async_nats::Client;
-use futures::StreamExt;
+use gpufleet_natsutil::events::{Replay, Until};
 use gpufleet_schema::api::{
     ErrorBody, GetRequest, JobRef, ListRequest, SubmitReply, WorkersRequest,
 };
 use gpufleet_schema::codec::{self, CONTENT_TYPE, MSGPACK};
-use gpufleet_schema::{
-    subjects, Event, EventKind, JobId, JobSpec, JobState, JobStatus, WorkerAdvert,
-};
+use gpufleet_schema::{subjects, Event, JobId, JobSpec, JobState, JobStatus, WorkerAdvert};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -170,49 +167,21 @@ impl Api {
         }
     }
 
-    /// Every event of `job` on `filters` (subjects in the events stream)
-    /// from the start of the stream, then new ones as they come.
-    pub async fn events(&self, filters: Vec<String>) -> anyhow::Result<EventStream> {
+    /// Every event on `filters` (subjects in the events stream) from the
+    /// start of the stream: until what was stored when this is called, or
+    /// then new ones as they come.
+    pub async fn events(&self, filters: Vec<String>, until: Until) -> anyhow::Result<EventStream> {
         let js = jetstream::new(self.client.clone());
-        let stream = js
-            .get_stream(subjects::EVENTS_STREAM)
+        let replay = Replay::start(&js, subjects::EVENTS_STREAM, filters, 1, until)
             .await
             .context("opening the events stream (has a coordinator ever run on this NATS?)")?;
-        let consumer = stream
-            .create_consumer(push::OrderedConfig {
-                deliver_subject: self.client.new_inbox(),
-                filter_subjects: filters.clone(),
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await?;
-        let stored = consumer.cached_info().num_pending;
-        Ok(EventStream {
-            inner: consumer.messages().await?,
-            stream,
-            filters,
-            stored,
-            last_seq: 0,
-        })
+        Ok(EventStream { replay })
     }
 }
 
-/// The subjects of one job's events of one kind, across its tasks.
-pub fn job_events_of_kind(job: &JobId, kind: EventKind) -> String {
-    // `schema::subjects` has `events(job, task, kind)` and `job_events(job)`
-    // but nothing for "every task"; a wildcard token is not a valid TaskId.
-    format!("gpufleet.events.{job}.*.{}", kind.as_str())
-}
-
-/// An ordered replay of stored events followed by live ones.
+/// An ordered replay of stored events, then (live) new ones.
 pub struct EventStream {
-    inner: push::Ordered,
-    stream: jetstream::stream::Stream,
-    filters: Vec<String>,
-    /// Events stored when the subscription began.
-    pub stored: u64,
-    /// Stream sequence of the last event handed out.
-    pub last_seq: u64,
+    replay: Replay,
 }
 
 /// One event with where it sits in the stream.
@@ -223,42 +192,43 @@ pub struct Delivered {
 }
 
 impl EventStream {
-    /// The next event.
+    /// The next event; `None` once caught up.
     pub async fn next(&mut self) -> Option<Delivered> {
         loop {
-            let m = match self.inner.next().await? {
-                Ok(m) => m,
+            let r = match self.replay.next().await? {
+                Ok(r) => r,
                 Err(e) => {
+                    // The replay resumes after the last event on the next call.
                     tracing::warn!(error = %e, "event stream hiccup");
                     continue;
                 }
             };
-            let (pending, seq) = m
-                .info()
-                .map(|i| (i.pending, i.stream_sequence))
-                .unwrap_or((0, self.last_seq));
-            self.last_seq = seq;
-            match codec::decode::<Event>(&m.payload) {
-                Ok(event) => return Some(Delivered { event, pending }),
+            match codec::decode::<Event>(&r.message.payload) {
+                Ok(event) => {
+                    return Some(Delivered {
+                        event,
+                        pending: r.pending,
+                    })
+                }
                 Err(e) => {
-                    tracing::warn!(subject = %m.subject, error = %e, "skipping an unreadable event")
+                    tracing::warn!(subject = %r.message.subject, error = %e, "skipping an unreadable event")
                 }
             }
         }
+    }
+
+    /// Stream sequence of the last event handed out.
+    pub fn last_seq(&self) -> u64 {
+        self.replay.last_sequence()
     }
 
     /// The stream sequence of the newest event stored on our subjects now.
     /// Once a job has finished, nothing of it comes after this, so a
     /// follower that has seen it has seen every line.
     pub async fn stored_tail(&self) -> anyhow::Result<u64> {
-        let mut tail = 0;
-        for f in &self.filters {
-            match self.stream.get_last_raw_message_by_subject(f).await {
-                Ok(m) => tail = tail.max(m.sequence),
-                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
-                Err(e) => return Err(anyhow::anyhow!("reading the events stream: {e}")),
-            }
-        }
-        Ok(tail)
+        self.replay
+            .stored_tail()
+            .await
+            .context("reading the events stream")
     }
 }

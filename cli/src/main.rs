@@ -553,8 +553,7 @@ async fn artifacts(api: &Api, command: ArtifactsCmd, json: bool) -> anyhow::Resu
         ArtifactsCmd::List { job } | ArtifactsCmd::Get { job, .. } => job_id(job)?,
     };
     let status = api.get(&job).await?;
-    // Objects are named <job>/<task>/<attempt>/<path>.
-    let prefix = format!("{job}/");
+    let prefix = subjects::job_artifacts(&job);
     let mut infos = Vec::new();
     let mut list = store.list().await?;
     while let Some(i) = list.next().await {
@@ -566,21 +565,19 @@ async fn artifacts(api: &Api, command: ArtifactsCmd, json: bool) -> anyhow::Resu
     infos.sort_by(|a, b| a.name.cmp(&b.name));
     match command {
         ArtifactsCmd::List { .. } => {
-            let rows: Vec<(String, String, String, String, u64)> = infos
+            let rows: Vec<(String, u32, String, String, u64)> = infos
                 .iter()
                 .filter_map(|i| {
-                    let mut parts = i.name.splitn(4, '/');
-                    let (_, task, attempt, path) =
-                        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+                    let (_, task, attempt, path) = subjects::parse_artifact_object(&i.name)?;
                     let name = status
                         .tasks
                         .iter()
-                        .find(|t| t.task_id.as_str() == task)
+                        .find(|t| t.task_id == task)
                         .map(|t| t.name.clone())
                         .unwrap_or_else(|| task.to_string());
                     Some((
                         name,
-                        attempt.to_string(),
+                        attempt,
                         path.to_string(),
                         i.name.clone(),
                         i.size as u64,
@@ -592,7 +589,7 @@ async fn artifacts(api: &Api, command: ArtifactsCmd, json: bool) -> anyhow::Resu
                     &rows
                         .iter()
                         .map(|(task, attempt, path, object, size)| {
-                            serde_json::json!({"task": task, "attempt": attempt.parse::<u32>().ok(),
+                            serde_json::json!({"task": task, "attempt": attempt,
                                 "name": path, "object": object, "size": size})
                         })
                         .collect::<Vec<_>>(),
@@ -603,7 +600,7 @@ async fn artifacts(api: &Api, command: ArtifactsCmd, json: bool) -> anyhow::Resu
                 let table: Vec<Vec<String>> = rows
                     .into_iter()
                     .map(|(task, attempt, path, _, size)| {
-                        vec![task, attempt, path, show::size(size)]
+                        vec![task, attempt.to_string(), path, show::size(size)]
                     })
                     .collect();
                 println!("{}", show::table(&["TASK", "TRY", "NAME", "SIZE"], &table));
@@ -621,7 +618,7 @@ async fn artifacts(api: &Api, command: ArtifactsCmd, json: bool) -> anyhow::Resu
                 .map_or(1, |t| t.attempt);
             let object = (1..=attempts)
                 .rev()
-                .map(|a| format!("{job}/{task_id}/{a}/{name}"))
+                .map(|a| subjects::artifact_object(&job, &task_id, a, &name))
                 .find(|o| infos.iter().any(|i| &i.name == o))
                 .with_context(|| {
                     format!("task {task} of job {job} uploaded no {name:?} (see `gpufleet artifacts list {job}`)")

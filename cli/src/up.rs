@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use gpufleet_natsutil::Backoff;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::client::Api;
@@ -399,6 +400,7 @@ async fn start(args: &UpArgs) -> anyhow::Result<LocalFleet> {
             );
         }
     };
+    let mut pace = Backoff::fixed(Duration::from_millis(100));
     loop {
         if let Some((name, how, tail)) = fleet.newly_exited() {
             bail!("{name} exited while the fleet started ({how}); the end of its log:\n{tail}");
@@ -408,13 +410,12 @@ async fn start(args: &UpArgs) -> anyhow::Result<LocalFleet> {
                 break;
             }
         }
-        if tokio::time::Instant::now() > deadline {
+        if !pace.wait_before(deadline).await {
             bail!(
                 "the fleet did not come up within 60s; see the logs in {}",
                 dir.display()
             );
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(fleet)
 }

@@ -11,12 +11,13 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
+use gpufleet_natsutil::events::Until;
 use gpufleet_schema::{subjects, Event, EventBody, EventKind, JobId, JobStatus, LogStream};
 use gpufleet_schema::{TaskId, TaskState};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::client::{job_events_of_kind, Api, Delivered};
+use crate::client::{Api, Delivered};
 
 /// What to show while waiting.
 #[derive(Debug, Clone, Default)]
@@ -231,13 +232,13 @@ pub async fn wait(api: &Api, job: &JobId, opts: &WaitOptions) -> anyhow::Result<
     let filters = if opts.follow {
         vec![subjects::job_events(job)]
     } else {
-        let mut f = vec![job_events_of_kind(job, EventKind::State)];
+        let mut f = vec![subjects::job_events_of_kind(job, EventKind::State)];
         if opts.bars {
-            f.push(job_events_of_kind(job, EventKind::Progress));
+            f.push(subjects::job_events_of_kind(job, EventKind::Progress));
         }
         f
     };
-    let mut events = api.events(filters).await?;
+    let mut events = api.events(filters, Until::Live).await?;
     let mut status = api.get(job).await?;
     let names = Names(
         status
@@ -264,7 +265,7 @@ pub async fn wait(api: &Api, job: &JobId, opts: &WaitOptions) -> anyhow::Result<
                 Some(t) => t,
                 None => *tail.insert(events.stored_tail().await?),
             };
-            if events.last_seq >= t {
+            if events.last_seq() >= t {
                 break;
             }
         }
@@ -387,22 +388,17 @@ pub async fn print_stored(api: &Api, job: &JobId, opts: &WaitOptions) -> anyhow:
     );
     let mut filters = match &opts.task {
         Some(t) => vec![subjects::events(job, t, EventKind::Log)],
-        None => vec![job_events_of_kind(job, EventKind::Log)],
+        None => vec![subjects::job_events_of_kind(job, EventKind::Log)],
     };
     if opts.progress {
         filters.push(match &opts.task {
             Some(t) => subjects::events(job, t, EventKind::Progress),
-            None => job_events_of_kind(job, EventKind::Progress),
+            None => subjects::job_events_of_kind(job, EventKind::Progress),
         });
     }
-    let mut events = api.events(filters).await?;
-    let mut left = events.stored;
+    let mut events = api.events(filters, Until::CaughtUp).await?;
     let mut bars = None;
-    while left > 0 {
-        let Some(Delivered { event, pending }) = events.next().await else {
-            break;
-        };
-        left = pending;
+    while let Some(Delivered { event, .. }) = events.next().await {
         show_event(&event, &names, opts, &mut bars);
     }
     Ok(())
