@@ -3,15 +3,21 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream;
 use async_nats::Client;
 use bytes::Bytes;
 use futures::StreamExt;
+use gpufleet_natsutil::events::{Replay, Until};
+use gpufleet_schema::{codec, subjects, Event, EventBody, EventKind, JobId, TaskState};
 use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::procs::Proc;
 use crate::server::NatsServer;
 use crate::wait::{eventually, with_deadline};
+
+/// How long reading a job's stored events may take.
+const READ_EVENTS: Duration = Duration::from_secs(60);
 
 /// Short timers, so that faults show within seconds.
 pub const COORDINATOR_TEST_CONFIG: &str = r#"
@@ -199,7 +205,7 @@ impl Fleet {
         eventually(Duration::from_secs(30), &what, || {
             let client = client.clone();
             async move {
-                let v = api(&client, "gpufleet.api.workers.list", &serde_json::json!({}))
+                let v = api(&client, subjects::WORKERS_LIST, &serde_json::json!({}))
                     .await
                     .ok()?;
                 let listed = v
@@ -221,7 +227,7 @@ impl Fleet {
     /// Submits a job as JSON and returns its id.
     pub async fn submit(&self, job: &Value) -> String {
         let client = self.client().await;
-        let reply = api(&client, "gpufleet.api.jobs.submit", job)
+        let reply = api(&client, subjects::JOBS_SUBMIT, job)
             .await
             .unwrap_or_else(|e| panic!("submit failed: {e}"));
         reply["job_id"].as_str().expect("job_id").to_string()
@@ -231,7 +237,7 @@ impl Fleet {
         let client = self.client().await;
         api(
             &client,
-            "gpufleet.api.jobs.get",
+            subjects::JOBS_GET,
             &serde_json::json!({"job_id": job_id}),
         )
         .await
@@ -248,8 +254,9 @@ impl Fleet {
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
         let client = self.client().await;
+        let job = JobId::new(job_id).expect("a job id");
         let mut states = client
-            .subscribe(format!("gpufleet.events.{job_id}.*.state"))
+            .subscribe(subjects::job_events_of_kind(&job, EventKind::State))
             .await
             .expect("subscribe");
         with_deadline(deadline, what, async {
@@ -266,6 +273,59 @@ impl Fleet {
         .await
     }
 
+    /// A replay of every event of a job from the start of the stream.
+    async fn job_events(&self, job: &str, until: Until) -> Replay {
+        let js = jetstream::new(self.client().await);
+        let job = JobId::new(job).expect("a job id");
+        let filters = vec![subjects::job_events(&job)];
+        Replay::start(&js, subjects::EVENTS_STREAM, filters, 1, until)
+            .await
+            .expect("the events stream")
+    }
+
+    /// Every event of a job stored so far, in stream order.
+    pub async fn events(&self, job: &str) -> Vec<Event> {
+        let mut replay = self.job_events(job, Until::CaughtUp).await;
+        with_deadline(READ_EVENTS, "stored events", async {
+            let mut out = Vec::new();
+            while let Some(r) = replay.next().await {
+                match r {
+                    Ok(r) => out.push(codec::decode(&r.message.payload).expect("event decodes")),
+                    // The replay resumes after the last event it handed out.
+                    Err(e) => eprintln!("reading the events of {job}: {e}"),
+                }
+            }
+            out
+        })
+        .await
+    }
+
+    /// Waits for an event of the job (stored or yet to come) matching
+    /// `pred`.
+    pub async fn wait_event(
+        &self,
+        job: &str,
+        deadline: Duration,
+        what: &str,
+        pred: impl Fn(&Event) -> bool,
+    ) -> Event {
+        let mut replay = self.job_events(job, Until::Live).await;
+        with_deadline(deadline, what, async {
+            loop {
+                match replay.next().await.expect("a live replay goes on") {
+                    Ok(r) => {
+                        let ev = codec::decode::<Event>(&r.message.payload).expect("event decodes");
+                        if pred(&ev) {
+                            return ev;
+                        }
+                    }
+                    Err(e) => eprintln!("reading the events of {job}: {e}"),
+                }
+            }
+        })
+        .await
+    }
+
     /// Waits until the job has finished, whatever the outcome.
     pub async fn wait_finished(&self, job_id: &str, deadline: Duration) -> Value {
         self.wait_job(job_id, deadline, &format!("job {job_id} to finish"), |s| {
@@ -274,6 +334,26 @@ impl Fleet {
         })
         .await
     }
+}
+
+/// The state of each task of a job status, in order.
+pub fn task_states(status: &Value) -> Vec<String> {
+    status["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["state"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// (attempt, state, reason) of every state event among `evs`, in order.
+pub fn state_events(evs: &[Event]) -> Vec<(u32, TaskState, Option<String>)> {
+    evs.iter()
+        .filter_map(|e| match &e.body {
+            EventBody::State { state, reason } => Some((e.attempt, *state, reason.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A JSON API request; `Err` carries the error code and message.

@@ -10,19 +10,10 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use gpufleet_natsutil::{KvEvent, KvOp, RawKv};
 use gpufleet_schema::{codec, Lease, LeaseState, WorkerAdvert};
-use gpufleet_testkit::{api, with_deadline, Fleet, WorkerSpec};
+use gpufleet_testkit::{api, state_events, task_states, Fleet, WorkerSpec};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(120);
-
-fn states(status: &Value) -> Vec<String> {
-    status["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["state"].as_str().unwrap().to_string())
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_is_discoverable_and_answers_every_endpoint() {
@@ -312,7 +303,7 @@ async fn cancel_mid_run_stops_the_task_and_aborts_the_job() {
     assert_eq!(reply["tasks"][1]["state"], "CANCELLED");
     let status = fleet.wait_finished(&id, T).await;
     assert_eq!(status["status"], "FINISHED:ABORTED", "{status:#}");
-    assert_eq!(states(&status), vec!["CANCELLED", "CANCELLED"]);
+    assert_eq!(task_states(&status), vec!["CANCELLED", "CANCELLED"]);
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "the cancelled task's process {pid} still runs"
@@ -353,9 +344,10 @@ async fn a_task_whose_worker_dies_is_lost_then_succeeds_elsewhere() {
     assert_eq!(t["result"]["worker"], "second");
 
     // The stream tells the story: LOST, then a new attempt that succeeded.
-    let client = fleet.client().await;
-    let js = jetstream::new(client);
-    let evs = read_states(&js, &id).await;
+    let evs: Vec<(String, u32)> = state_events(&fleet.events(&id).await)
+        .into_iter()
+        .map(|(attempt, state, _)| (state.to_string(), attempt))
+        .collect();
     let lost = evs
         .iter()
         .position(|(s, a)| s == "LOST" && *a == 1)
@@ -365,35 +357,6 @@ async fn a_task_whose_worker_dies_is_lost_then_succeeds_elsewhere() {
         .position(|(s, a)| s == "SUCCEEDED" && *a == 2)
         .expect("SUCCEEDED on attempt 2");
     assert!(lost < ok, "{evs:?}");
-}
-
-/// (state, attempt) of every state event of a job, in order.
-async fn read_states(js: &jetstream::Context, job: &str) -> Vec<(String, u32)> {
-    let stream = js.get_stream("GPUFLEET_EVENTS").await.unwrap();
-    let mut out = Vec::new();
-    let consumer = stream
-        .create_consumer(jetstream::consumer::push::OrderedConfig {
-            deliver_subject: js.client().new_inbox(),
-            filter_subject: format!("gpufleet.events.{job}.*.state"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut pending = consumer.cached_info().num_pending;
-    let mut msgs = consumer.messages().await.unwrap();
-    while pending > 0 {
-        use futures::StreamExt;
-        let m = with_deadline(T, "state events", msgs.next())
-            .await
-            .unwrap()
-            .unwrap();
-        pending = m.info().unwrap().pending;
-        let e: gpufleet_schema::Event = codec::decode(&m.payload).unwrap();
-        if let gpufleet_schema::EventBody::State { state, .. } = e.body {
-            out.push((state.to_string(), e.attempt));
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

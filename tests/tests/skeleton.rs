@@ -3,40 +3,11 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::push, consumer::DeliverPolicy};
-use futures::StreamExt;
 use gpufleet_schema::{Event, EventBody};
-use gpufleet_testkit::{api, with_deadline, Fleet, WorkerSpec};
+use gpufleet_testkit::{api, state_events, Fleet, WorkerSpec};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
-
-/// Every event of a job stored so far, in order.
-async fn events(fleet: &Fleet, job: &str) -> Vec<Event> {
-    let js = jetstream::new(fleet.client().await);
-    let stream = js.get_stream("GPUFLEET_EVENTS").await.unwrap();
-    let consumer = stream
-        .create_consumer(push::OrderedConfig {
-            deliver_subject: fleet.client().await.new_inbox(),
-            filter_subject: format!("gpufleet.events.{job}.>"),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut pending = consumer.cached_info().num_pending;
-    let mut out = Vec::new();
-    let mut messages = consumer.messages().await.unwrap();
-    while pending > 0 {
-        let m = with_deadline(T, "stored events", messages.next())
-            .await
-            .unwrap()
-            .unwrap();
-        pending = m.info().unwrap().pending;
-        out.push(gpufleet_schema::codec::decode::<Event>(&m.payload).expect("event decodes"));
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_json_job_completes_with_its_logs_and_result_in_the_stream() {
@@ -63,7 +34,7 @@ async fn a_json_job_completes_with_its_logs_and_result_in_the_stream() {
     assert_eq!(task["worker"], "w1");
     assert_eq!(task["gpus"].as_array().unwrap().len(), 1);
 
-    let evs = events(&fleet, &id).await;
+    let evs = fleet.events(&id).await;
     let logs: String = evs
         .iter()
         .filter_map(|e| match &e.body {
@@ -92,12 +63,9 @@ async fn a_json_job_completes_with_its_logs_and_result_in_the_stream() {
         .position(|e| matches!(e.body, EventBody::Result(_)))
         .unwrap();
     assert!(last_log < result_at);
-    let states: Vec<String> = evs
+    let states: Vec<String> = state_events(&evs)
         .iter()
-        .filter_map(|e| match &e.body {
-            EventBody::State { state, .. } => Some(state.to_string()),
-            _ => None,
-        })
+        .map(|(_, state, _)| state.to_string())
         .collect();
     assert_eq!(states, vec!["RESERVED", "RUNNING", "SUCCEEDED"]);
 }

@@ -12,15 +12,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::push, consumer::DeliverPolicy};
+use async_nats::jetstream;
 use bytes::Bytes;
-use futures::StreamExt;
 use gpufleet_natsutil::{KvChange, KvEvent, KvOp, KvWatcher, RawKv};
 use gpufleet_schema::{
-    codec, subjects, ByteSize, Dur, Event, EventBody, GpuGrant, Grant, JobId, Lease, LeaseState,
+    codec, subjects, ByteSize, Dur, Event, EventBody, GpuGrant, Grant, Lease, LeaseState,
     LogStream, TaskId, TaskOutcome, TaskState, WorkerAdvert, WorkerId,
 };
-use gpufleet_testkit::{eventually, with_deadline, Fleet, WorkerSpec};
+use gpufleet_testkit::{eventually, state_events, task_states, with_deadline, Fleet, WorkerSpec};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -149,58 +148,6 @@ fn decode_lease(c: &KvChange) -> Option<Lease> {
         .flatten()
 }
 
-/// An ordered consumer of every event of a job, from the start.
-async fn job_events(fleet: &Fleet, job: &str) -> (push::Ordered, u64) {
-    let client = fleet.client().await;
-    let js = jetstream::new(client.clone());
-    let stream = js.get_stream(subjects::EVENTS_STREAM).await.unwrap();
-    let consumer = stream
-        .create_consumer(push::OrderedConfig {
-            deliver_subject: client.new_inbox(),
-            filter_subject: format!("gpufleet.events.{job}.>"),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let pending = consumer.cached_info().num_pending;
-    (consumer.messages().await.unwrap(), pending)
-}
-
-/// Every event of a job stored so far, in stream order.
-async fn events(fleet: &Fleet, job: &str) -> Vec<Event> {
-    let (mut messages, mut pending) = job_events(fleet, job).await;
-    let mut out = Vec::new();
-    while pending > 0 {
-        let m = with_deadline(T, "stored events", messages.next())
-            .await
-            .expect("events continue")
-            .expect("an event");
-        pending = m.info().unwrap().pending;
-        out.push(codec::decode::<Event>(&m.payload).expect("event decodes"));
-    }
-    out
-}
-
-/// Waits for an event of the job (stored or yet to come) matching `pred`.
-async fn wait_event(fleet: &Fleet, job: &str, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
-    let (mut messages, _) = job_events(fleet, job).await;
-    with_deadline(T, what, async {
-        loop {
-            let m = messages
-                .next()
-                .await
-                .expect("events continue")
-                .expect("an event");
-            let ev = codec::decode::<Event>(&m.payload).expect("event decodes");
-            if pred(&ev) {
-                return ev;
-            }
-        }
-    })
-    .await
-}
-
 fn outcomes(evs: &[Event]) -> Vec<(usize, &Event, &TaskOutcome)> {
     evs.iter()
         .enumerate()
@@ -208,24 +155,6 @@ fn outcomes(evs: &[Event]) -> Vec<(usize, &Event, &TaskOutcome)> {
             EventBody::Result(o) => Some((i, e, o)),
             _ => None,
         })
-        .collect()
-}
-
-fn state_events(evs: &[Event]) -> Vec<(u32, TaskState, Option<String>)> {
-    evs.iter()
-        .filter_map(|e| match &e.body {
-            EventBody::State { state, reason } => Some((e.attempt, *state, reason.clone())),
-            _ => None,
-        })
-        .collect()
-}
-
-fn task_states(status: &Value) -> Vec<String> {
-    status["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["state"].as_str().unwrap().to_string())
         .collect()
 }
 
@@ -418,10 +347,10 @@ fn parse_env(text: &str) -> std::collections::HashMap<String, String> {
 // ----- 3. the worker's own accounting -----
 
 fn rogue_lease(worker_field: &str, task: &str, grant: Grant, spec: Value) -> Lease {
-    let job = task.rsplit_once('-').unwrap().0;
+    let task_id = TaskId::new(task).unwrap();
     Lease {
-        job_id: JobId::new(job).unwrap(),
-        task_id: TaskId::new(task).unwrap(),
+        job_id: task_id.job_and_index().unwrap().0,
+        task_id,
         attempt: 1,
         worker: WorkerId::new(worker_field).unwrap(),
         state: LeaseState::Reserved,
@@ -541,7 +470,7 @@ async fn a_reservation_that_would_overcommit_the_worker_is_refused_with_a_reason
     let id = fleet
         .submit(&json!({"tasks": [{"command": ["true"], "resources": {"cpus": 1}}]}))
         .await;
-    let refused = wait_event(&fleet, &id, "the coordinator to record the refusal", |e| {
+    let refused = fleet.wait_event(&id, T, "the coordinator to record the refusal", |e| {
         matches!(&e.body, EventBody::State { state: TaskState::Queued, reason: Some(r) } if r.contains("refused"))
     })
     .await;
@@ -615,7 +544,7 @@ async fn work_the_coordinator_places_is_never_refused() {
                 .all(|t| t["attempt"] == 1),
             "{status:#}"
         );
-        for (_, state, reason) in state_events(&events(&fleet, id).await) {
+        for (_, state, reason) in state_events(&fleet.events(id).await) {
             let reason = reason.unwrap_or_default();
             assert!(!reason.contains("refused"), "{state}: {reason}");
         }
@@ -736,7 +665,7 @@ async fn a_timeout_ends_the_task_timed_out_with_sigkill_after_the_grace() {
         .contains("timed out after 1s"));
     wait_gone(stubborn_pid, "the task that ignored SIGTERM to be killed").await;
 
-    let evs = events(&fleet, &id).await;
+    let evs = fleet.events(&id).await;
     let signals: Vec<(String, Option<i32>)> = outcomes(&evs)
         .into_iter()
         .map(|(_, e, o)| (e.task_id.to_string(), o.signal))
@@ -797,7 +726,7 @@ async fn a_cancel_stops_the_process_frees_the_lease_and_aborts_the_job() {
         }
     };
     assert_eq!(released.op, KvOp::Purge);
-    let evs = events(&fleet, &id).await;
+    let evs = fleet.events(&id).await;
     let outs = outcomes(&evs);
     assert_eq!(outs.len(), 1);
     assert_eq!(outs[0].2.state, TaskState::Cancelled);
@@ -837,7 +766,7 @@ async fn going_over_the_memory_limit_or_out_of_memory_is_interrupted_and_retried
             .contains("memory limit exceeded"),
         "{t:#}"
     );
-    let interrupted: Vec<u32> = state_events(&events(&fleet, &mem).await)
+    let interrupted: Vec<u32> = state_events(&fleet.events(&mem).await)
         .into_iter()
         .filter(|(_, s, _)| *s == TaskState::Interrupted)
         .map(|(a, _, _)| a)
@@ -893,7 +822,7 @@ async fn a_task_outliving_several_lease_ttls_keeps_its_lease() {
     let status = fleet.wait_finished(&id, T).await;
     assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
     assert_eq!(status["tasks"][0]["attempt"], 1);
-    let states: Vec<TaskState> = state_events(&events(&fleet, &id).await)
+    let states: Vec<TaskState> = state_events(&fleet.events(&id).await)
         .into_iter()
         .map(|(_, s, _)| s)
         .collect();
@@ -972,7 +901,7 @@ async fn a_frozen_worker_is_fenced_off_and_never_reports_over_the_newer_attempt(
     }
     // w1 reported nothing for the attempts it lost: the only results in
     // the stream are the second attempts'.
-    let evs = events(&fleet, &id).await;
+    let evs = fleet.events(&id).await;
     let results: Vec<(String, u32, Option<String>)> = outcomes(&evs)
         .into_iter()
         .map(|(_, e, _)| {
@@ -1004,7 +933,7 @@ async fn progress_logs_and_result_stream_in_order_and_200_mb_of_output_stays_bou
         .await;
     let status = fleet.wait_finished(&id, T).await;
     assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
-    let evs = events(&fleet, &id).await;
+    let evs = fleet.events(&id).await;
     let progress: Vec<(usize, &Value)> = evs
         .iter()
         .enumerate()
@@ -1047,7 +976,7 @@ async fn progress_logs_and_result_stream_in_order_and_200_mb_of_output_stays_bou
     assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
     assert_eq!(status["tasks"][0]["result"], json!({"ok": 1}));
     let after = vm_hwm_bytes(worker_pid);
-    let out = OutputSeen::of(&events(&fleet, &id).await);
+    let out = OutputSeen::of(&fleet.events(&id).await);
     eprintln!(
         "{} MB of output: {took:?}; {} log events carrying {} bytes, {} reported dropped; worker VmHWM {} MiB before, {} MiB after",
         TOTAL / 1_000_000,
@@ -1133,7 +1062,7 @@ async fn output_past_max_log_size_is_dropped_and_counted_before_the_result() {
     let id = fleet.submit(&print_a_lot(TOTAL)).await;
     let status = fleet.wait_finished(&id, T).await;
     assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
-    let out = OutputSeen::of(&events(&fleet, &id).await);
+    let out = OutputSeen::of(&fleet.events(&id).await);
     assert_eq!(out.shipped, 8 << 20, "exactly max_log_size is shipped");
     assert_eq!(out.shipped + out.dropped, TOTAL, "the rest is counted");
     assert!(out.logs_before_result);
@@ -1178,7 +1107,7 @@ async fn artifacts_are_stored_under_job_task_attempt_with_matching_sizes_and_dig
         .await;
     let status = fleet.wait_finished(&id, T).await;
     assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
-    let evs = events(&fleet, &id).await;
+    let evs = fleet.events(&id).await;
     let outs = outcomes(&evs);
     let mut listed = outs[0].2.artifacts.clone();
     listed.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1289,7 +1218,7 @@ async fn sigterm_drains_the_running_task_finishes_and_the_worker_exits_0() {
     assert_eq!(gone.op, KvOp::Purge, "removed at exit, not left to expire");
 
     // The waiting job never went to w1, and runs once a worker comes.
-    let evs = events(&fleet, &b).await;
+    let evs = fleet.events(&b).await;
     assert!(
         !state_events(&evs)
             .iter()
@@ -1340,7 +1269,7 @@ async fn a_task_longer_than_the_drain_timeout_is_interrupted_and_retried_elsewhe
     assert_eq!(t["attempt"], 2);
     assert_eq!(t["worker"], "w2");
     assert_eq!(t["result"], json!({"attempt": 2}));
-    let states = state_events(&events(&fleet, &id).await);
+    let states = state_events(&fleet.events(&id).await);
     let first = states
         .iter()
         .find(|(a, s, _)| *a == 1 && *s == TaskState::Interrupted)
