@@ -359,7 +359,7 @@ pub fn state_events(evs: &[Event]) -> Vec<(u32, TaskState, Option<String>)> {
 /// A JSON API request; `Err` carries the error code and message.
 pub async fn api(client: &Client, subject: &str, body: &Value) -> Result<Value, String> {
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Content-Type", "application/json");
+    headers.insert(codec::CONTENT_TYPE, codec::JSON);
     let reply = client
         .request_with_headers(
             subject.to_string(),

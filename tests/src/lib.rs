@@ -1,6 +1,7 @@
 //! gpufleet's test kit: real `nats-server` processes ([`server`]), the real
-//! binaries ([`procs`]) and waiting with deadlines ([`wait`]). The
-//! end-to-end suite lives in `tests/tests/`.
+//! binaries ([`procs`]), a whole fleet with the reads the suites share (a
+//! job's events and its tasks' states, [`fleet`]) and waiting with
+//! deadlines ([`wait`]). The end-to-end suite lives in `tests/tests/`.
 
 pub mod fleet;
 pub mod procs;
