@@ -1,8 +1,9 @@
 //! gpufleet's test kit: real `nats-server` processes ([`server`]), the real
-//! binaries ([`procs`]) and waiting with deadlines ([`wait`]). The
-//! end-to-end suite lives in `tests/tests/`.
+//! binaries ([`procs`]), a stand-in NVML library ([`nvml`]) and waiting
+//! with deadlines ([`wait`]). The end-to-end suite lives in `tests/tests/`.
 
 pub mod fleet;
+pub mod nvml;
 pub mod procs;
 pub mod server;
 pub mod wait;
