@@ -23,6 +23,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
+use gpufleet_natsutil::telemetry::{self, LogFormat};
 use gpufleet_schema::{codec, subjects, JobId, JobSpec, JobState, JobStatus, Lease, LeaseState};
 use gpufleet_schema::{TaskId, TaskState};
 use serde::Serialize;
@@ -75,6 +76,9 @@ struct Cli {
     /// Print JSON for scripts instead of tables
     #[arg(long, global = true)]
     json: bool,
+    /// Warnings on stderr as `text` or `json` lines (`up` passes it on) [env: GPUFLEET_LOG_FORMAT]
+    #[arg(long, global = true, value_name = "text|json")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -265,11 +269,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         cli.config.as_deref(),
         cli.nats_url.clone(),
         cli.nats_creds.clone(),
+        cli.log_format,
     )?;
+    // What it says to people goes to stderr too: only warnings are logged.
+    telemetry::init_with_default(cfg.log_format, "warn");
     let auth = cfg.auth();
     let connect = || Api::connect(&cfg.nats_url, &auth, cfg.connect_timeout.0);
     match cli.command {
-        Cmd::Up(args) => up::run(args, json).await,
+        Cmd::Up(args) => up::run(args, json, cli.log_format).await,
         Cmd::Submit { file, wait } => {
             // Read and check the job before touching the network.
             let spec = jobfile::read(&file)?;
