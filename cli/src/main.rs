@@ -70,7 +70,7 @@ struct Cli {
     /// NATS credentials file (JWT + NKey seed) [env: GPUFLEET_NATS_CREDS]
     #[arg(long, global = true)]
     nats_creds: Option<PathBuf>,
-    /// TOML settings file (keys: nats_url, connect_timeout)
+    /// TOML settings file (keys: nats_url, nats_creds, nats_token, connect_timeout, log_format)
     #[arg(long, global = true, env = "GPUFLEET_CONFIG")]
     config: Option<PathBuf>,
     /// Print JSON for scripts instead of tables
@@ -135,11 +135,12 @@ struct RunArgs {
     #[arg(long = "worker", value_name = "NAME")]
     workers: Vec<String>,
     /// Submit, print the job id and return at once
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["wait", "follow"])]
     no_wait: bool,
-    /// On Ctrl-C leave the job running instead of asking whether to cancel it
-    #[arg(long)]
-    detach: bool,
+    // `--wait` and `--follow` are what `run` does anyway; taken so that a
+    // hand used to `submit` is not refused.
+    #[command(flatten)]
+    wait: WaitFlags,
     /// The command and its arguments, after --
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -154,7 +155,8 @@ enum Cmd {
         #[command(flatten)]
         wait: WaitFlags,
     },
-    /// Run one command as a one-task job, streaming its output
+    /// Run one command as a one-task job, waiting for it and streaming its output
+    /// (`--wait` and `--follow` are the default; `--no-wait` only submits)
     Run(Box<RunArgs>),
     /// Show a job and its tasks
     Status {
@@ -302,7 +304,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let wait = WaitFlags {
                 wait: !r.no_wait,
                 follow: !r.no_wait,
-                detach: r.detach,
+                detach: r.wait.detach,
             };
             submit(&connect().await?, spec, &wait, json).await
         }
