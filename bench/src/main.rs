@@ -9,6 +9,7 @@ mod scale;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use gpufleet_natsutil::telemetry::LogFormat;
 use gpufleet_testkit::NatsServer;
 
 #[derive(Parser)]
@@ -20,6 +21,9 @@ struct Cli {
     /// How many single-task jobs the control scenario runs (100,000)
     #[arg(long, global = true)]
     single_jobs: Option<usize>,
+    /// Log lines as `text` or `json`
+    #[arg(long, global = true, env = "GPUFLEET_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     what: What,
 }
@@ -52,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
     if std::env::var_os("RUST_LOG").is_none() {
         std::env::set_var("RUST_LOG", "warn");
     }
-    gpufleet_natsutil::telemetry::init();
+    gpufleet_natsutil::telemetry::init(cli.log_format);
     // Each scenario gets a fresh server, so that none sees another's data.
     let fresh = || {
         let server = NatsServer::start();

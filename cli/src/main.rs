@@ -23,6 +23,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
+use gpufleet_natsutil::telemetry::{self, LogFormat};
 use gpufleet_schema::{codec, subjects, JobId, JobSpec, JobState, JobStatus, Lease, LeaseState};
 use gpufleet_schema::{TaskId, TaskState};
 use serde::Serialize;
@@ -69,12 +70,15 @@ struct Cli {
     /// NATS credentials file (JWT + NKey seed) [env: GPUFLEET_NATS_CREDS]
     #[arg(long, global = true)]
     nats_creds: Option<PathBuf>,
-    /// TOML settings file (keys: nats_url, connect_timeout)
+    /// TOML settings file (keys: nats_url, nats_creds, nats_token, connect_timeout, log_format)
     #[arg(long, global = true, env = "GPUFLEET_CONFIG")]
     config: Option<PathBuf>,
     /// Print JSON for scripts instead of tables
     #[arg(long, global = true)]
     json: bool,
+    /// Warnings on stderr as `text` or `json` lines (`up` passes it on) [env: GPUFLEET_LOG_FORMAT]
+    #[arg(long, global = true, value_name = "text|json")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -131,11 +135,12 @@ struct RunArgs {
     #[arg(long = "worker", value_name = "NAME")]
     workers: Vec<String>,
     /// Submit, print the job id and return at once
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["wait", "follow"])]
     no_wait: bool,
-    /// On Ctrl-C leave the job running instead of asking whether to cancel it
-    #[arg(long)]
-    detach: bool,
+    // `--wait` and `--follow` are what `run` does anyway; taken so that a
+    // hand used to `submit` is not refused.
+    #[command(flatten)]
+    wait: WaitFlags,
     /// The command and its arguments, after --
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -150,7 +155,8 @@ enum Cmd {
         #[command(flatten)]
         wait: WaitFlags,
     },
-    /// Run one command as a one-task job, streaming its output
+    /// Run one command as a one-task job, waiting for it and streaming its output
+    /// (`--wait` and `--follow` are the default; `--no-wait` only submits)
     Run(Box<RunArgs>),
     /// Show a job and its tasks
     Status {
@@ -265,11 +271,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         cli.config.as_deref(),
         cli.nats_url.clone(),
         cli.nats_creds.clone(),
+        cli.log_format,
     )?;
+    // What it says to people goes to stderr too: only warnings are logged.
+    telemetry::init_with_default(cfg.log_format, "warn");
     let auth = cfg.auth();
     let connect = || Api::connect(&cfg.nats_url, &auth, cfg.connect_timeout.0);
     match cli.command {
-        Cmd::Up(args) => up::run(args, json).await,
+        Cmd::Up(args) => up::run(args, json, cli.log_format).await,
         Cmd::Submit { file, wait } => {
             // Read and check the job before touching the network.
             let spec = jobfile::read(&file)?;
@@ -295,7 +304,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let wait = WaitFlags {
                 wait: !r.no_wait,
                 follow: !r.no_wait,
-                detach: r.detach,
+                detach: r.wait.detach,
             };
             submit(&connect().await?, spec, &wait, json).await
         }

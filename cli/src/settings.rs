@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use gpufleet_natsutil::telemetry::LogFormat;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -17,6 +18,8 @@ pub struct CliConfig {
     pub nats_token: Option<String>,
     /// How long to keep trying to reach NATS before giving up.
     pub connect_timeout: gpufleet_schema::Dur,
+    /// `text` or `json` for the warnings it logs on stderr.
+    pub log_format: LogFormat,
 }
 
 impl Default for CliConfig {
@@ -26,6 +29,7 @@ impl Default for CliConfig {
             nats_creds: None,
             nats_token: None,
             connect_timeout: gpufleet_schema::Dur::secs(5),
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -43,6 +47,7 @@ pub fn load(
     file: Option<&Path>,
     nats_url: Option<String>,
     nats_creds: Option<std::path::PathBuf>,
+    log_format: Option<LogFormat>,
 ) -> anyhow::Result<CliConfig> {
     Ok(gpufleet_natsutil::settings::load(
         &CliConfig::default(),
@@ -53,6 +58,7 @@ pub fn load(
                 "nats_creds",
                 nats_creds.map(|p| p.display().to_string().into()),
             ),
+            ("log_format", log_format.map(|f| f.to_string().into())),
         ],
     )?)
 }

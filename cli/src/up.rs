@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use gpufleet_natsutil::telemetry::LogFormat;
 use gpufleet_natsutil::Backoff;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -295,7 +296,7 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-async fn start(args: &UpArgs) -> anyhow::Result<LocalFleet> {
+async fn start(args: &UpArgs, log_format: Option<LogFormat>) -> anyhow::Result<LocalFleet> {
     let nats_server = find_nats_server(args.nats_server.as_deref())?;
     if !args.simulate_gpus.is_empty() && !args.simulate_gpus.contains('x') {
         bail!(
@@ -348,8 +349,12 @@ async fn start(args: &UpArgs) -> anyhow::Result<LocalFleet> {
     eprintln!("  nats-server  pid {:<7} {url}", m.pid());
     fleet.server = Some(m);
 
+    // `--log-format` given to `up` is the fleet's; else their settings'.
+    let log_args: Vec<String> = log_format
+        .map(|f| vec!["--log-format".to_string(), f.to_string()])
+        .unwrap_or_default();
     let mut cmd = Command::new(sibling("gpufleet-coordinator"));
-    cmd.args(["--nats-url", &url]);
+    cmd.args(["--nats-url", &url]).args(&log_args);
     if let Some(c) = &args.coordinator_config {
         cmd.arg("--config").arg(c);
     }
@@ -361,6 +366,7 @@ async fn start(args: &UpArgs) -> anyhow::Result<LocalFleet> {
         let name = format!("local-{i}");
         let mut cmd = Command::new(sibling("gpufleet-worker"));
         cmd.args(["--nats-url", &url, "--name", &name])
+            .args(&log_args)
             .arg("--work-dir")
             .arg(dir.join(format!("work-{name}")));
         if !args.simulate_gpus.is_empty() {
@@ -421,14 +427,14 @@ async fn start(args: &UpArgs) -> anyhow::Result<LocalFleet> {
 }
 
 /// Runs `gpufleet up` to its end; returns the exit code.
-pub async fn run(args: UpArgs, json: bool) -> anyhow::Result<i32> {
+pub async fn run(args: UpArgs, json: bool, log_format: Option<LogFormat>) -> anyhow::Result<i32> {
     // Installed first, so that a Ctrl-C during the start is ours to handle.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigchld = signal(SignalKind::child())?;
     let spec = args.run.as_deref().map(jobfile::read).transpose()?;
     let mut fleet = tokio::select! {
-        f = start(&args) => f?,
+        f = start(&args, log_format) => f?,
         _ = sigint.recv() => bail!("interrupted while the fleet started; stopped it"),
         _ = sigterm.recv() => bail!("terminated while the fleet started; stopped it"),
     };

@@ -91,10 +91,19 @@ impl Names {
 struct Bars {
     multi: MultiProgress,
     job: ProgressBar,
-    tasks: BTreeMap<String, ProgressBar>,
+    /// Each running task's spinner, and what it says before the progress.
+    tasks: BTreeMap<String, (ProgressBar, String)>,
     more: Option<ProgressBar>,
     /// The newest progress event of each task, shown beside its spinner.
     progress: BTreeMap<String, String>,
+}
+
+/// A spinner's text: the task, and its newest progress if it has any.
+fn spinner_text(base: &str, progress: Option<&String>) -> String {
+    match progress {
+        Some(p) => format!("{base} · {p}"),
+        None => base.to_string(),
+    }
 }
 
 impl Bars {
@@ -149,23 +158,21 @@ impl Bars {
                 if t.attempt > 1 {
                     m.push_str(&format!(" (attempt {})", t.attempt));
                 }
-                if let Some(p) = self.progress.get(t.task_id.as_str()) {
-                    m.push_str(&format!(" · {p}"));
-                }
                 (t.task_id.to_string(), m)
             })
             .collect();
-        self.tasks.retain(|id, bar| {
+        self.tasks.retain(|id, (bar, _)| {
             let keep = shown.contains_key(id);
             if !keep {
                 bar.finish_and_clear();
             }
             keep
         });
-        for (id, msg) in shown {
+        for (id, base) in shown {
             let multi = &self.multi;
             let more = &self.more;
-            let bar = self.tasks.entry(id).or_insert_with(|| {
+            let text = spinner_text(&base, self.progress.get(&id));
+            let (bar, shown_base) = self.tasks.entry(id).or_insert_with(|| {
                 let b = ProgressBar::new_spinner();
                 let b = match more {
                     Some(m) => multi.insert_before(m, b),
@@ -176,9 +183,10 @@ impl Bars {
                         .expect("valid template"),
                 );
                 b.enable_steady_tick(Duration::from_millis(120));
-                b
+                (b, String::new())
             });
-            bar.set_message(msg);
+            *shown_base = base;
+            bar.set_message(text);
         }
         let hidden = running.len().saturating_sub(MAX_SPINNERS);
         match (&self.more, hidden) {
@@ -197,6 +205,15 @@ impl Bars {
         }
     }
 
+    /// Records a task's newest progress and shows it on its spinner now:
+    /// progress comes between status reads, which may be seconds apart.
+    fn set_progress(&mut self, task: &TaskId, text: String) {
+        if let Some((bar, base)) = self.tasks.get(task.as_str()) {
+            bar.set_message(spinner_text(base, Some(&text)));
+        }
+        self.progress.insert(task.to_string(), text);
+    }
+
     fn hide(&self) {
         self.multi.set_draw_target(ProgressDrawTarget::hidden());
     }
@@ -206,7 +223,7 @@ impl Bars {
     }
 
     fn finish(&mut self) {
-        for b in self.tasks.values() {
+        for (b, _) in self.tasks.values() {
             b.finish_and_clear();
         }
         if let Some(m) = &self.more {
@@ -284,7 +301,9 @@ pub async fn wait(api: &Api, job: &JobId, opts: &WaitOptions) -> anyhow::Result<
                     }
                 }
             }
-            _ = tokio::time::sleep(SAFETY_REFRESH) => {
+            // From the last read, not the last event: a task whose output
+            // never pauses must not put the re-read off for ever.
+            _ = tokio::time::sleep_until((refreshed + SAFETY_REFRESH).into()) => {
                 dirty = !refresh(api, job, &mut status, &mut unreachable, &bars).await;
                 refreshed = Instant::now();
                 if let Some(b) = &mut bars {
@@ -441,8 +460,7 @@ fn show_event(ev: &Event, names: &Names, opts: &WaitOptions, bars: &mut Option<B
         EventBody::Progress { data } => {
             let compact = serde_json::to_string(data).unwrap_or_default();
             if let Some(b) = bars {
-                b.progress
-                    .insert(ev.task_id.to_string(), truncate(&compact, 60));
+                b.set_progress(&ev.task_id, truncate(&compact, 60));
             }
             if opts.follow && opts.progress {
                 let prefix = names.prefix(ev, true);

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use gpufleet_natsutil::telemetry::LogFormat;
 use gpufleet_natsutil::Setup;
 use gpufleet_schema::Dur;
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,8 @@ pub struct CoordinatorConfig {
     pub leader_ttl: Dur,
     /// How long to keep retrying the first connection to NATS.
     pub connect_patience: Dur,
+    /// `text` or `json` log lines on stderr.
+    pub log_format: LogFormat,
 }
 
 impl Default for CoordinatorConfig {
@@ -61,6 +64,7 @@ impl Default for CoordinatorConfig {
             events_max_age: Dur::secs(7 * 24 * 3600),
             leader_ttl: Dur::secs(10),
             connect_patience: Dur::secs(60),
+            log_format: LogFormat::Text,
         }
     }
 }

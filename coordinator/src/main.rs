@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use gpufleet_coordinator::CoordinatorConfig;
 use gpufleet_natsutil::settings;
+use gpufleet_natsutil::telemetry::LogFormat;
 
 /// gpufleet coordinator: accepts jobs and places their tasks on workers.
 ///
@@ -30,6 +31,9 @@ struct Args {
     /// JetStream replicas for the stores it creates (3 on a cluster)
     #[arg(long)]
     replicas: Option<u32>,
+    /// Log lines as `text` or `json` [env: GPUFLEET_LOG_FORMAT] [default: text]
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<LogFormat>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,9 +50,10 @@ fn main() -> anyhow::Result<()> {
             ("reservation_ttl", args.reservation_ttl.map(Into::into)),
             ("lease_ttl", args.lease_ttl.map(Into::into)),
             ("replicas", args.replicas.map(|r| (r as u64).into())),
+            ("log_format", args.log_format.map(|f| f.to_string().into())),
         ],
     )?;
-    gpufleet_natsutil::telemetry::init();
+    gpufleet_natsutil::telemetry::init(cfg.log_format);
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     runtime.block_on(async {
         gpufleet_coordinator::run(cfg, gpufleet_natsutil::telemetry::shutdown_signal())

@@ -45,6 +45,8 @@ pub struct WorkerSpec {
     pub cpus: Option<f64>,
     pub labels: Option<String>,
     pub extra: Vec<String>,
+    /// Environment variables beyond the test kit's own.
+    pub env: Vec<(String, String)>,
 }
 
 impl WorkerSpec {
@@ -55,6 +57,7 @@ impl WorkerSpec {
             cpus: None,
             labels: None,
             extra: vec![],
+            env: vec![],
         }
     }
 
@@ -70,6 +73,11 @@ impl WorkerSpec {
 
     pub fn labels(mut self, l: &str) -> Self {
         self.labels = Some(l.into());
+        self
+    }
+
+    pub fn env(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.env.extend(vars);
         self
     }
 }
@@ -174,14 +182,12 @@ impl Fleet {
     pub async fn add_worker(&mut self, spec: WorkerSpec) {
         let args = self.worker_args(&spec);
         // A short kill grace keeps stop tests quick.
-        let proc = Proc::spawn(
-            "gpufleet-worker",
-            &args,
-            &[
-                ("GPUFLEET_KILL_GRACE", "1s"),
-                ("GPUFLEET_DRAIN_TIMEOUT", "5s"),
-            ],
-        );
+        let mut env = vec![
+            ("GPUFLEET_KILL_GRACE", "1s"),
+            ("GPUFLEET_DRAIN_TIMEOUT", "5s"),
+        ];
+        env.extend(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let proc = Proc::spawn("gpufleet-worker", &args, &env);
         self.workers.push((spec.name.clone(), proc));
         self.wait_worker_listed(&spec.name, true).await;
     }
@@ -244,8 +250,35 @@ impl Fleet {
         .unwrap_or_else(|e| panic!("get {job_id} failed: {e}"))
     }
 
-    /// Waits until the job's status satisfies `pred`, watching its state
-    /// events and checking the job when one arrives.
+    /// Re-runs `check` whenever a message arrives on `subject`, and a
+    /// second after the last one (for changes that publish nothing there,
+    /// or that the coordinator had not read yet), until it yields `Some`.
+    async fn recheck_on<T, F, Fut>(
+        &self,
+        subject: String,
+        deadline: Duration,
+        what: &str,
+        mut check: F,
+    ) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let client = self.client().await;
+        let mut wakeups = client.subscribe(subject).await.expect("subscribe");
+        with_deadline(deadline, what, async {
+            loop {
+                if let Some(v) = check().await {
+                    return v;
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(1), wakeups.next()).await;
+            }
+        })
+        .await
+    }
+
+    /// Waits until the job's status satisfies `pred`, checking it on each
+    /// of the job's state events.
     pub async fn wait_job(
         &self,
         job_id: &str,
@@ -253,22 +286,37 @@ impl Fleet {
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
-        let client = self.client().await;
+        let pred = &pred;
         let job = JobId::new(job_id).expect("a job id");
-        let mut states = client
-            .subscribe(subjects::job_events_of_kind(&job, EventKind::State))
-            .await
-            .expect("subscribe");
-        with_deadline(deadline, what, async {
-            loop {
-                let status = self.get(job_id).await;
-                if pred(&status) {
-                    return status;
-                }
-                // The next state change, or a recheck after a second for
-                // changes that publish no state event (a record write).
-                let _ = tokio::time::timeout(Duration::from_secs(1), states.next()).await;
-            }
+        let states = subjects::job_events_of_kind(&job, EventKind::State);
+        self.recheck_on(states, deadline, what, || async move {
+            let status = self.get(job_id).await;
+            pred(&status).then_some(status)
+        })
+        .await
+    }
+
+    /// Waits until the coordinator's copy of worker `name`'s advert (as
+    /// `workers.list` shows it) satisfies `pred`, checking it on each of
+    /// the worker's heartbeats.
+    pub async fn wait_advert(
+        &self,
+        name: &str,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let pred = &pred;
+        let client = &self.client().await;
+        let beats = subjects::kv_subject(subjects::WORKERS_BUCKET, name);
+        self.recheck_on(beats, Duration::from_secs(60), what, || async move {
+            let ws = api(client, subjects::WORKERS_LIST, &serde_json::json!({}))
+                .await
+                .ok()?;
+            ws.as_array()?
+                .iter()
+                .find(|w| w["name"] == Value::String(name.to_string()))
+                .filter(|a| pred(a))
+                .cloned()
         })
         .await
     }

@@ -12,7 +12,7 @@ use tempfile::TempDir;
 use crate::server::workspace_root;
 
 /// The folder cargo put this test binary's siblings in (`target/debug`).
-fn profile_dir() -> PathBuf {
+pub(crate) fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let deps = exe.parent().expect("deps dir");
     deps.parent().expect("profile dir").to_path_buf()

@@ -120,6 +120,25 @@ async fn exit_code(child: &mut Child) -> Option<i32> {
         .code()
 }
 
+/// `gpufleet ARGS` (a shell line) on a terminal: a pty from util-linux
+/// `script`, whose stdin and stdout are the terminal's keyboard and screen.
+fn on_a_terminal(url: &str, args: &str) -> Child {
+    // `exec`: script(1) runs the line with $SHELL, and a dash that stays as
+    // the parent is killed by a Ctrl-C, so script would report its 130
+    // rather than the CLI's own exit code.
+    let line = format!("exec {} {args}", bin("gpufleet").display());
+    Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("GPUFLEET_NATS_URL", url)
+        .env_remove("GPUFLEET_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("util-linux `script` gives the test a terminal")
+}
+
 async fn wait_running(fleet: &Fleet, job: &str) -> Value {
     fleet
         .wait_job(job, T, "its task to run", |s| {
@@ -368,10 +387,26 @@ async fn run_with_flags_then_workers_shows_the_holder_and_cancel_stops_it() {
     assert_eq!(s["tasks"][0]["worker"], "w1");
     assert_eq!(s["tasks"][0]["gpus"].as_array().unwrap().len(), 1);
 
-    // --timeout stops it: exit 1, TIMED_OUT.
-    let out = gpufleet(&url, &["run", "--timeout", "1s", "--", "sleep", "30"]).await;
+    // --timeout stops it: exit 1, TIMED_OUT. `--wait --follow`, as
+    // `submit` takes them, are what `run` does anyway.
+    let out = gpufleet(
+        &url,
+        &[
+            "run",
+            "--wait",
+            "--follow",
+            "--timeout",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            "echo up; sleep 30",
+        ],
+    )
+    .await;
     assert_eq!(out.code, Some(1), "{out:#?}");
     assert!(out.stderr.contains("TIMED_OUT"), "{out:#?}");
+    assert_eq!(out.stdout, "up\n", "its output was followed: {out:#?}");
 
     // More GPUs than any worker has: queued with the reason, and a cancel
     // ends it at once.
@@ -537,6 +572,14 @@ async fn bad_input_is_refused_with_exit_2_naming_the_field_before_any_network() 
             None,
             "required arguments were not provided",
         ),
+        (
+            vec!["run", "--no-wait", "--follow", "--", "true"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            None,
+            "'--no-wait' cannot be used with '--follow'",
+        ),
     ];
     for (args, stdin, expected) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -603,23 +646,7 @@ async fn ctrl_c_asks_on_a_terminal_and_otherwise_leaves_the_job_running() {
 
     // On a terminal (a pty from `script`), with bars: Ctrl-C asks, and "y"
     // cancels the job: exit 3.
-    // `exec`: script(1) runs the line with $SHELL, and a dash that stays as
-    // the parent is killed by the Ctrl-C, so script would report its 130
-    // rather than the CLI's own exit code.
-    let line = format!(
-        "exec {} run --name asked -- sleep 60",
-        bin("gpufleet").display()
-    );
-    let mut child = Command::new("script")
-        .args(["-qec", &line, "/dev/null"])
-        .env("GPUFLEET_NATS_URL", &url)
-        .env_remove("GPUFLEET_CONFIG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("util-linux `script` gives the test a terminal");
+    let mut child = on_a_terminal(&url, "run --name asked -- sleep 60");
     let mut tty_in = child.stdin.take().unwrap();
     let mut tty_out = child.stdout.take().unwrap();
     let mut seen = String::new();
@@ -630,6 +657,44 @@ async fn ctrl_c_asks_on_a_terminal_and_otherwise_leaves_the_job_running() {
     tty_in.write_all(b"y\n").await.unwrap();
     read_until(&mut tty_out, &mut seen, "cancelling job").await;
     assert_eq!(exit_code(&mut child).await, Some(3), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_tasks_spinner_shows_its_newest_progress_while_output_streams() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_worker(WorkerSpec::new("w1")).await;
+    let url = fleet.url();
+    // Three steps; after each, the task prints a line every 0.1 s until the
+    // test has seen the step on the spinner. Output that never pauses is
+    // what once kept the spinner on its first step (or none): it was only
+    // redrawn when the job's status was read again, and every event put
+    // that read off.
+    let ctl = fleet.dir().to_path_buf();
+    let task = write(
+        &ctl,
+        "steps.sh",
+        r#"for k in 1 2 3; do
+  echo "{\"step\":$k}" >> "$GPUFLEET_EVENTS"
+  while [ ! -e "$CTL/go-$k" ]; do echo "working on $k"; sleep 0.1; done
+done
+"#,
+    );
+    let args = format!(
+        "run --name stepper -e CTL={} -- sh {}",
+        ctl.display(),
+        task.display()
+    );
+    let mut child = on_a_terminal(&url, &args);
+    let _tty_in = child.stdin.take().unwrap();
+    let mut tty_out = child.stdout.take().unwrap();
+    let mut seen = String::new();
+    for k in 1..=3 {
+        // The spinner's text is followed by its elapsed time; the
+        // `progress:` line the follower prints ends the line instead.
+        read_until(&mut tty_out, &mut seen, &format!("{{\"step\":{k}}} ")).await;
+        std::fs::write(ctl.join(format!("go-{k}")), b"").unwrap();
+    }
+    assert_eq!(exit_code(&mut child).await, Some(0), "{seen}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

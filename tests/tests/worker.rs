@@ -1279,3 +1279,33 @@ async fn a_task_longer_than_the_drain_timeout_is_interrupted_and_retried_elsewhe
         "{states:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_log_format_json_every_log_line_is_a_json_object_with_the_task_as_fields() {
+    let mut fleet = Fleet::start().await;
+    let mut spec = WorkerSpec::new("w1");
+    spec.extra = vec!["--log-format".into(), "json".into()];
+    fleet.add_worker(spec).await;
+    let id = fleet
+        .submit(&json!({"id": "jl", "tasks": [{"command": ["true"]}]}))
+        .await;
+    let status = fleet.wait_finished(&id, T).await;
+    assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
+
+    let log = fleet.worker("w1").output();
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    for l in &lines {
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(l.get(key).is_some(), "no {key} in {l}");
+        }
+    }
+    let claimed = lines
+        .iter()
+        .find(|l| l["task_id"] == "jl-0")
+        .unwrap_or_else(|| panic!("no line with the task as a field:\n{log}"));
+    assert_eq!(claimed["attempt"], 1, "{claimed}");
+}

@@ -78,6 +78,7 @@ pub async fn heartbeat(
     let mut interval = tokio::time::interval(cfg.heartbeat.0);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let addr = cfg.addr.clone().or_else(default_addr);
+    let mut late = HashSet::new();
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -88,8 +89,9 @@ pub async fn heartbeat(
             }
         }
         let now_inputs = inputs.borrow_and_update().clone();
-        let (p, snap) = probe_gpus(probe, now_inputs.reserved_gpu.clone()).await;
+        let (p, mut snap) = probe_gpus(probe, now_inputs.reserved_gpu.clone()).await;
         probe = p;
+        offered_only(&mut snap, &capacity, &mut late);
         let ours = if snap.gpus.iter().any(|g| !g.simulated) {
             tokio::task::spawn_blocking(crate::agent::descendants_of_self)
                 .await
@@ -133,6 +135,22 @@ pub async fn heartbeat(
         // Adverts at most every 50 ms however fast tasks come and go.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Leaves out of `snap` the GPUs that were not there at start: the worker
+/// would refuse their reservations (its capacity is fixed at start), so
+/// offering them would only draw refusals. Says so once per GPU (`late`).
+fn offered_only(snap: &mut GpuSnapshot, capacity: &Capacity, late: &mut HashSet<String>) {
+    snap.gpus.retain(|g| {
+        let offered = capacity.gpus.iter().any(|(u, _)| *u == g.uuid);
+        if !offered && late.insert(g.uuid.clone()) {
+            tracing::warn!(
+                gpu = %g.uuid,
+                "a GPU appeared after the worker started; restart the worker to offer it"
+            );
+        }
+        offered
+    });
 }
 
 /// The GPUs as advertised, and the memory on each (by uuid) that processes
@@ -269,6 +287,24 @@ mod tests {
         assert_eq!(snap.driver_version.as_deref(), Some("550.54"));
         // The probe is used again on the next heartbeat.
         assert_eq!(probe.probe(&[]).gpus.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_gpu_that_was_not_there_at_start_is_not_offered() {
+        let cfg = crate::config::WorkerConfig::for_test("nats://x:1", "w");
+        let mut first = probe();
+        let (cap, _) = initial_capacity(&cfg, {
+            let mut gpus = first.probe(&[]).gpus;
+            gpus.truncate(1);
+            Box::new(FakeNvml { gpus })
+        })
+        .await;
+        let mut snap = first.probe(&[]);
+        let mut late = HashSet::new();
+        offered_only(&mut snap, &cap, &mut late);
+        let uuids: Vec<&str> = snap.gpus.iter().map(|g| g.uuid.as_str()).collect();
+        assert_eq!(uuids, ["GPU-0"]);
+        assert!(late.contains("GPU-1"));
     }
 
     #[tokio::test]

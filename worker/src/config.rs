@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use gpufleet_natsutil::telemetry::LogFormat;
 use gpufleet_schema::{ByteSize, Dur, WorkerId};
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +55,8 @@ pub struct WorkerConfig {
     pub max_artifact_size: ByteSize,
     /// How long to keep retrying the first connection to NATS.
     pub connect_patience: Dur,
+    /// `text` or `json` log lines on stderr.
+    pub log_format: LogFormat,
 }
 
 impl Default for WorkerConfig {
@@ -81,6 +84,7 @@ impl Default for WorkerConfig {
             log_batch_interval: Dur(Duration::from_millis(100)),
             max_artifact_size: ByteSize::gib(4),
             connect_patience: Dur::secs(60),
+            log_format: LogFormat::Text,
         }
     }
 }

@@ -136,21 +136,27 @@ impl GpuProbe for Simulated {
 /// Real GPUs through NVML.
 pub struct NvmlProbe {
     nvml: nvml_wrapper::Nvml,
+    /// What the last probe could not read, so that a GPU that stays broken
+    /// is warned about once, not on every heartbeat.
+    problems: HashSet<String>,
 }
 
 impl NvmlProbe {
     /// Loads NVML; `Err` says why (no driver, no library) in words.
     pub fn open() -> Result<NvmlProbe, String> {
         nvml_wrapper::Nvml::init()
-            .map(|nvml| NvmlProbe { nvml })
+            .map(|nvml| NvmlProbe {
+                nvml,
+                problems: HashSet::new(),
+            })
             .map_err(|e| e.to_string())
     }
-}
 
-impl GpuProbe for NvmlProbe {
-    fn probe(&mut self, _: &[(String, u64)]) -> GpuSnapshot {
+    /// Reads every GPU; also returns what could not be read, in words.
+    fn read(&self) -> (GpuSnapshot, Vec<String>) {
         use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
         use nvml_wrapper::enums::device::UsedGpuMemory;
+        let mut problems = vec![];
         let mut snap = GpuSnapshot {
             driver_version: self.nvml.sys_driver_version().ok(),
             gpus: vec![],
@@ -158,35 +164,37 @@ impl GpuProbe for NvmlProbe {
         let count = match self.nvml.device_count() {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "NVML cannot count GPUs");
-                return snap;
+                problems.push(format!("NVML cannot count GPUs: {e}"));
+                return (snap, problems);
             }
         };
         for i in 0..count {
             let device = match self.nvml.device_by_index(i) {
                 Ok(d) => d,
                 Err(e) => {
-                    tracing::warn!(index = i, error = %e, "NVML cannot open a GPU; leaving it out");
+                    problems.push(format!("NVML cannot open GPU {i}, leaving it out: {e}"));
                     continue;
                 }
             };
-            let (Ok(uuid), Ok(mem)) = (device.uuid(), device.memory_info()) else {
-                tracing::warn!(
-                    index = i,
-                    "NVML gives no uuid or memory for a GPU; leaving it out"
-                );
-                continue;
+            let (uuid, mem) = match (device.uuid(), device.memory_info()) {
+                (Ok(u), Ok(m)) => (u, m),
+                (Err(e), _) | (_, Err(e)) => {
+                    problems.push(format!(
+                        "NVML gives no uuid or memory for GPU {i}, leaving it out: {e}"
+                    ));
+                    continue;
+                }
             };
-            let processes = device.running_compute_processes().ok().map(|ps| {
+            // Without every process's memory the list cannot say whose
+            // the used memory is (the driver answers "not available" in
+            // some virtualised set-ups): then it says nothing.
+            let processes = device.running_compute_processes().ok().and_then(|ps| {
                 ps.into_iter()
-                    .map(|p| {
-                        let used = match p.used_gpu_memory {
-                            UsedGpuMemory::Used(b) => b,
-                            UsedGpuMemory::Unavailable => 0,
-                        };
-                        (p.pid, used)
+                    .map(|p| match p.used_gpu_memory {
+                        UsedGpuMemory::Used(b) => Some((p.pid, b)),
+                        UsedGpuMemory::Unavailable => None,
                     })
-                    .collect()
+                    .collect::<Option<Vec<_>>>()
             });
             snap.gpus.push(GpuInfo {
                 index: device.index().unwrap_or(i),
@@ -201,6 +209,22 @@ impl GpuProbe for NvmlProbe {
                 simulated: false,
             });
         }
+        (snap, problems)
+    }
+}
+
+impl GpuProbe for NvmlProbe {
+    fn probe(&mut self, _: &[(String, u64)]) -> GpuSnapshot {
+        let (snap, problems) = self.read();
+        for p in &problems {
+            if !self.problems.contains(p) {
+                tracing::warn!(problem = %p, "NVML cannot read a GPU");
+            }
+        }
+        if !self.problems.is_empty() && problems.is_empty() {
+            tracing::info!("NVML reads every GPU again");
+        }
+        self.problems = problems.into_iter().collect();
         snap
     }
 }
@@ -225,21 +249,24 @@ pub fn open_probe(
 
 /// GPU memory used by processes that are not this worker's tasks.
 ///
-/// With a process list, it is the memory of processes outside `our_pids`.
-/// Without one, everything used beyond what our tasks reserved counts,
-/// which errs on the side of not overfilling the GPU.
+/// With a process list, it is everything used except what processes in
+/// `our_pids` use: memory the list gives to nobody (processes in another
+/// PID namespace, contexts the driver does not attribute) is not ours
+/// either. Without a list, everything used beyond what our tasks reserved
+/// counts. Both err on the side of not overfilling the GPU.
 pub fn unmanaged_memory(gpu: &GpuInfo, our_pids: &HashSet<u32>, reserved_here: u64) -> u64 {
     if gpu.simulated {
         return 0;
     }
-    match &gpu.processes {
+    let ours = match &gpu.processes {
         Some(ps) => ps
             .iter()
-            .filter(|(pid, _)| !our_pids.contains(pid))
+            .filter(|(pid, _)| our_pids.contains(pid))
             .map(|(_, m)| *m)
             .sum(),
-        None => gpu.memory_used.saturating_sub(reserved_here),
-    }
+        None => reserved_here,
+    };
+    gpu.memory_used.saturating_sub(ours)
 }
 
 #[cfg(test)]
@@ -298,7 +325,11 @@ mod tests {
         g.processes = Some(vec![(100, 8 << 30), (200, 4 << 30)]);
         let ours: HashSet<u32> = [100].into();
         assert_eq!(unmanaged_memory(&g, &ours, 8 << 30), 4 << 30);
+        // Memory the list gives to no process is someone else's too.
+        g.memory_used = 15 << 30;
+        assert_eq!(unmanaged_memory(&g, &ours, 8 << 30), 7 << 30);
         // No process list: everything beyond our reservations.
+        g.memory_used = 12 << 30;
         g.processes = None;
         assert_eq!(unmanaged_memory(&g, &ours, 10 << 30), 2 << 30);
     }

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use gpufleet_natsutil::settings;
+use gpufleet_natsutil::telemetry::LogFormat;
 use gpufleet_worker::config::parse_labels;
 use gpufleet_worker::WorkerConfig;
 
@@ -51,6 +52,9 @@ struct Args {
     /// Advert lifetime without heartbeats, e.g. 10s
     #[arg(long)]
     advert_ttl: Option<String>,
+    /// Log lines as `text` or `json` [env: GPUFLEET_LOG_FORMAT] [default: text]
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<LogFormat>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,12 +86,13 @@ fn main() -> anyhow::Result<()> {
             ("addr", args.addr.map(Into::into)),
             ("heartbeat", args.heartbeat.map(Into::into)),
             ("advert_ttl", args.advert_ttl.map(Into::into)),
+            ("log_format", args.log_format.map(|f| f.to_string().into())),
         ],
     )?;
     if let Some(labels) = labels {
         cfg.labels = labels;
     }
-    gpufleet_natsutil::telemetry::init();
+    gpufleet_natsutil::telemetry::init(cfg.log_format);
     let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
     runtime.block_on(async {
         gpufleet_worker::run(cfg, gpufleet_natsutil::telemetry::shutdown_signal())
