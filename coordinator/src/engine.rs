@@ -16,9 +16,12 @@ use gpufleet_schema::{
     subjects, Encoding, Event, EventBody, GpuRequest, JobId, JobSpec, JobState, JobStatus, Lease,
     LeaseState, Rendezvous, TaskId, TaskOutcome, TaskState, WorkerAdvert, WorkerId,
 };
-use time::OffsetDateTime;
+use std::time::Instant;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
+
+mod clock;
+
+pub use clock::{Now, Rng};
 
 use crate::config::CoordinatorConfig;
 use crate::metrics::{InputKind, Metrics};
@@ -208,14 +211,14 @@ pub struct Engine {
     /// Something changed that placement should look at.
     wants_schedule: bool,
     metrics: Metrics,
-}
-
-fn now() -> OffsetDateTime {
-    OffsetDateTime::now_utc()
+    /// The time of the input being handled (see [`Now`]).
+    now: Now,
+    rng: Rng,
 }
 
 impl Engine {
-    pub fn new(cfg: CoordinatorConfig) -> Engine {
+    /// An empty engine at `now`; `seed` makes all of its random choices.
+    pub fn new(cfg: CoordinatorConfig, now: Now, seed: u64) -> Engine {
         Engine {
             cfg,
             jobs: HashMap::new(),
@@ -233,6 +236,8 @@ impl Engine {
             ready: false,
             wants_schedule: true,
             metrics: Metrics::default(),
+            now,
+            rng: Rng::new(seed),
         }
     }
 
@@ -290,7 +295,9 @@ impl Engine {
         }
     }
 
-    pub fn handle(&mut self, input: Input) {
+    /// Handles one input that arrived at `now`.
+    pub fn handle(&mut self, input: Input, now: Now) {
+        self.now = now;
         self.metrics.input(match &input {
             Input::Advert(_) | Input::WorkerGone(_) => InputKind::Advert,
             Input::Lease(_) => InputKind::Lease,
@@ -353,7 +360,8 @@ impl Engine {
     }
 
     /// Runs placement if anything changed since the last time.
-    pub fn schedule_if_needed(&mut self) {
+    pub fn schedule_if_needed(&mut self, now: Now) {
+        self.now = now;
         if self.ready && self.wants_schedule {
             self.wants_schedule = false;
             self.schedule();
@@ -416,7 +424,10 @@ impl Engine {
                 .push((tx, Reply::error(code::BAD_REQUEST, e.to_string()), None));
             return;
         }
-        let id = spec.id.clone().unwrap_or_else(JobId::generate);
+        let id = match spec.id.clone() {
+            Some(id) => id,
+            None => self.new_job_id(),
+        };
         spec.id = Some(id.clone());
         if let Some(existing) = self.jobs.get(&id) {
             let reply = if existing.spec == spec {
@@ -438,8 +449,8 @@ impl Engine {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let job = JobRecord::new(id.clone(), seq, spec, now());
-        let since = Instant::now();
+        let job = JobRecord::new(id.clone(), seq, spec, self.now.wall);
+        let since = self.now.mono;
         for t in &job.tasks {
             self.queued_since.insert(t.id.clone(), since);
         }
@@ -459,6 +470,17 @@ impl Engine {
         self.wants_schedule = true;
     }
 
+    /// A fresh job id in the form `JobId::generate` makes (a UUIDv7 in
+    /// hex), from the input's time and the engine's randomness.
+    fn new_job_id(&mut self) -> JobId {
+        let millis = (self.now.wall.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+        let mut random = [0u8; 10];
+        random[..8].copy_from_slice(&self.rng.next_u64().to_le_bytes());
+        random[8..].copy_from_slice(&self.rng.next_u64().to_le_bytes()[..2]);
+        let uuid = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
+        JobId::new(uuid.simple().to_string()).expect("32 hex digits are a valid job id")
+    }
+
     fn cancel(&mut self, id: JobId, tx: ReplyTx) {
         let Some(job) = self.jobs.get_mut(&id) else {
             self.fx.replies.push((
@@ -470,7 +492,7 @@ impl Engine {
         };
         if !job.status.is_finished() && !job.cancel_requested {
             job.cancel_requested = true;
-            let t_now = now();
+            let t_now = self.now.wall;
             let mut to_cancel = Vec::new();
             for (i, t) in job.tasks.iter_mut().enumerate() {
                 match t.state {
@@ -522,7 +544,7 @@ impl Engine {
                 self.fx.purge_leases.push(key.to_string());
                 self.leases.remove(key);
                 task.state = TaskState::Cancelled;
-                task.finished_at = Some(now());
+                task.finished_at = Some(self.now.wall);
                 task.reason = Some("cancelled before it started".into());
                 self.emit_state(job, index, None);
             }
@@ -574,7 +596,7 @@ impl Engine {
                 // (a watch running behind). Placing the attempt again would
                 // run the task twice under one attempt number.
                 if matches!(state, TaskState::Running | TaskState::Reserved) {
-                    self.released.insert(l.task_id.clone(), Instant::now());
+                    self.released.insert(l.task_id.clone(), self.now.mono);
                 }
             }
             LeaseChange::Expired { key } => {
@@ -626,7 +648,7 @@ impl Engine {
         let t = &mut self.jobs.get_mut(&job).expect("job").tasks[i];
         if t.state == TaskState::Reserved {
             t.state = TaskState::Running;
-            t.started_at = Some(now());
+            t.started_at = Some(self.now.wall);
             t.launched = true;
             t.reason = None;
             self.queued_since.remove(&l.task_id);
@@ -634,7 +656,7 @@ impl Engine {
             // runs, and a restarted coordinator adopts running leases. One
             // write less per task; the next change writes it anyway.
             let j = self.jobs.get_mut(&job).expect("job");
-            j.derive_status(now());
+            j.derive_status(self.now.wall);
             self.update_job_reason(&job);
         }
     }
@@ -657,7 +679,7 @@ impl Engine {
     }
 
     fn avoid_worker(&mut self, task: &TaskId, worker: &WorkerId) {
-        let until = Instant::now() + Duration::from_secs(30);
+        let until = self.now.mono + Duration::from_secs(30);
         self.avoid
             .entry(task.clone())
             .or_default()
@@ -669,7 +691,7 @@ impl Engine {
         let t = &mut j.tasks[i];
         if j.cancel_requested {
             t.state = TaskState::Cancelled;
-            t.finished_at = Some(now());
+            t.finished_at = Some(self.now.wall);
         } else {
             t.state = TaskState::Queued;
             t.worker = None;
@@ -678,7 +700,7 @@ impl Engine {
             t.reason = Some(why.to_string());
             self.queued_since
                 .entry(t.id.clone())
-                .or_insert_with(Instant::now);
+                .or_insert(self.now.mono);
         }
         self.emit_state(job, i, Some(why.to_string()));
         if self.jobs[job].spec.gang {
@@ -746,7 +768,7 @@ impl Engine {
         let j = self.jobs.get_mut(job).expect("job");
         let attempt = j.tasks.iter().map(|t| t.attempt).max().unwrap_or(1);
         let ran = j.tasks.iter().any(|t| t.started_at.is_some());
-        let t_now = now();
+        let t_now = self.now.wall;
         j.gang_broken = None;
         if j.cancel_requested {
             for t in j.tasks.iter_mut().filter(|t| !t.is_final()) {
@@ -769,7 +791,7 @@ impl Engine {
                 t.dropped = false;
                 t.reason = Some(format!("gang run {attempt} failed: {why}"));
             }
-            let since = Instant::now();
+            let since = self.now.mono;
             let ids: Vec<TaskId> = j.tasks.iter().map(|t| t.id.clone()).collect();
             for id in ids {
                 self.queued_since.insert(id, since);
@@ -830,7 +852,7 @@ impl Engine {
         t.exit_code = exit_code;
         if cancelled && state != TaskState::Succeeded {
             t.state = TaskState::Cancelled;
-            t.finished_at = Some(now());
+            t.finished_at = Some(self.now.wall);
             t.reason = Some("cancelled".into());
         } else if state.is_retryable() && attempt <= max_retries {
             // Tell listeners how this attempt ended, then queue the next.
@@ -844,11 +866,11 @@ impl Engine {
             t.worker = None;
             t.grant = None;
             t.exit_code = None;
-            self.queued_since.insert(t.id.clone(), Instant::now());
+            self.queued_since.insert(t.id.clone(), self.now.mono);
             self.wants_schedule = true;
         } else {
             t.state = state;
-            t.finished_at = Some(now());
+            t.finished_at = Some(self.now.wall);
             t.reason = (state != TaskState::Succeeded).then_some(why.clone());
         }
         let reason = self.jobs[job].tasks[i].reason.clone();
@@ -872,7 +894,7 @@ impl Engine {
         let broken = j.gang_broken.is_some();
         let t = &mut j.tasks[i];
         t.exit_code = exit_code;
-        t.finished_at = Some(now());
+        t.finished_at = Some(self.now.wall);
         t.state = state;
         t.reason = (state != TaskState::Succeeded).then(|| why.clone());
         let reason = t.reason.clone();
@@ -962,7 +984,7 @@ impl Engine {
     // ----- time -----
 
     fn tick(&mut self) {
-        let now_i = Instant::now();
+        let now_i = self.now.mono;
         self.avoid.retain(|_, list| {
             list.retain(|(_, until)| *until > now_i);
             !list.is_empty()
@@ -1099,7 +1121,7 @@ impl Engine {
                 LeaseState::Running | LeaseState::Cancelling => {
                     if t.state != TaskState::Running {
                         t.state = TaskState::Running;
-                        t.started_at.get_or_insert_with(now);
+                        t.started_at.get_or_insert(self.now.wall);
                         t.launched = true;
                     }
                 }
@@ -1152,7 +1174,7 @@ impl Engine {
                 );
             }
         }
-        let since = Instant::now();
+        let since = self.now.mono;
         for j in self.jobs.values() {
             for t in &j.tasks {
                 if t.state == TaskState::Queued {
@@ -1272,7 +1294,7 @@ impl Engine {
     fn request(&self, job: &JobRecord, i: usize) -> TaskRequest {
         let spec = &job.spec.tasks[i];
         let task = &job.tasks[i];
-        let now_i = Instant::now();
+        let now_i = self.now.mono;
         TaskRequest {
             cpus_milli: spec.resources.cpus_milli(),
             memory: spec.resources.memory_bytes(),
@@ -1300,7 +1322,7 @@ impl Engine {
     /// `starvation_after`, the workers it needs are held: no new work is
     /// placed on them until it fits there.
     fn schedule(&mut self) {
-        let pass_started = std::time::Instant::now();
+        let pass_timer = self.metrics.pass_started();
         let mut views = self.snapshot();
         let order: Vec<JobId> = self.queue.iter().map(|(_, _, id)| id.clone()).collect();
         // Requests that already failed in this pass fail again (the snapshot
@@ -1309,7 +1331,7 @@ impl Engine {
         let mut placed: Vec<Placed> = Vec::new();
         let mut reasons: Vec<(JobId, usize, String)> = Vec::new();
         let mut dropped: Vec<(JobId, usize, String)> = Vec::new();
-        let now_i = Instant::now();
+        let now_i = self.now.mono;
         let starvation = self.cfg.starvation_after.0;
         let mut head_seen = false;
         // The hold is dropped unless its holder is still waiting this pass.
@@ -1368,9 +1390,9 @@ impl Engine {
                     .map_or(queued.len(), |m| m as usize)
                     .min(queued.len());
                 mask(&mut views, !is_holder);
-                let t0 = std::time::Instant::now();
-                let p = placement::place_gang(&reqs, min, &mut views);
-                self.metrics.placement(t0.elapsed());
+                let p = self
+                    .metrics
+                    .time_placement(|| placement::place_gang(&reqs, min, &mut views));
                 mask(&mut views, false);
                 if !p.assigned.is_empty() {
                     budget = budget.saturating_sub(p.assigned.len());
@@ -1453,9 +1475,9 @@ impl Engine {
                 }
                 let req = self.request(job, i);
                 mask(&mut views, !is_holder);
-                let t0 = std::time::Instant::now();
-                let p = placement::place(std::slice::from_ref(&req), &mut views);
-                self.metrics.placement(t0.elapsed());
+                let p = self
+                    .metrics
+                    .time_placement(|| placement::place(std::slice::from_ref(&req), &mut views));
                 mask(&mut views, false);
                 if let Some(a) = p.assigned.into_iter().next() {
                     budget -= 1;
@@ -1515,7 +1537,7 @@ impl Engine {
             let t = &mut self.jobs.get_mut(&job).expect("job").tasks[i];
             t.state = TaskState::Cancelled;
             t.dropped = true;
-            t.finished_at = Some(now());
+            t.finished_at = Some(self.now.wall);
             t.reason = Some(reason.clone());
             self.emit_state(&job, i, Some(reason));
             touched.insert(job);
@@ -1560,7 +1582,7 @@ impl Engine {
             self.update_job_reason(&job);
             self.touch(&job);
         }
-        self.metrics.pass(pass_started.elapsed(), placed_count);
+        self.metrics.pass(pass_timer, placed_count);
         if out_of_budget {
             self.wants_schedule = true;
         }
@@ -1568,7 +1590,7 @@ impl Engine {
 
     /// A port from the master worker's rendezvous range that no live gang
     /// with its rank 0 there uses.
-    fn free_rendezvous_port(&self, master: &WorkerId) -> u16 {
+    fn free_rendezvous_port(&mut self, master: &WorkerId) -> u16 {
         let (lo, hi) = self
             .workers
             .get(master)
@@ -1585,7 +1607,7 @@ impl Engine {
         // Start at a random place in the range: other fleets (or a port a
         // worker refused as busy) are then unlikely to be met again.
         let span = u32::from(hi - lo) + 1;
-        let start = (random_u64() % u64::from(span)) as u32;
+        let start = self.rng.below(u64::from(span)) as u32;
         (0..span)
             .map(|k| lo + ((start + k) % span) as u16)
             .find(|p| !used.contains(p))
@@ -1622,7 +1644,7 @@ impl Engine {
             rendezvous,
             lease_ttl,
             instance: None,
-            reserved_at: now(),
+            reserved_at: self.now.wall,
         };
         // Counted as live at once, so the next pass does not place on
         // capacity this reservation already holds; the watch confirms it.
@@ -1659,7 +1681,7 @@ impl Engine {
             return;
         };
         let key = queue_key(j);
-        j.derive_status(now());
+        j.derive_status(self.now.wall);
         if j.status.is_finished() {
             self.queue.remove(&key);
             for t in &j.tasks {
@@ -1680,7 +1702,7 @@ impl Engine {
             attempt: t.attempt,
             worker: None,
             lease_rev: None,
-            at: now(),
+            at: self.now.wall,
             body: EventBody::State {
                 state: t.state,
                 reason,
@@ -1696,19 +1718,6 @@ impl Engine {
         let ev = self.state_event(job, i, reason);
         self.fx.events.push(ev);
     }
-}
-
-/// A random number from the std hasher's per-process random keys: enough
-/// to spread port choices, without a RNG dependency.
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
 }
 
 /// Whether a new advert changes what placement sees of a worker. Small

@@ -2,7 +2,58 @@
 
 use super::*;
 use gpufleet_schema::{ByteSize, Dur, GpuAdvert, TaskOutcome};
+use std::ops::{Deref, DerefMut};
+use time::OffsetDateTime;
 use tokio::sync::oneshot;
+
+/// An engine with its own clock, which moves only when a test says so.
+struct Sim {
+    engine: Engine,
+    now: Now,
+}
+
+impl Sim {
+    fn new(cfg: CoordinatorConfig) -> Sim {
+        let now = Now {
+            mono: std::time::Instant::now(),
+            wall: now(),
+        };
+        Sim {
+            engine: Engine::new(cfg, now, 1),
+            now,
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        self.engine.handle(input, self.now);
+    }
+
+    fn schedule_if_needed(&mut self) {
+        self.engine.schedule_if_needed(self.now);
+    }
+
+    fn advance(&mut self, d: std::time::Duration) {
+        self.now = self.now.after(d);
+    }
+}
+
+impl Deref for Sim {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+impl DerefMut for Sim {
+    fn deref_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+}
+
+/// The wall time every test starts at.
+fn now() -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap()
+}
 
 fn advert(name: &str, cpus: u64, gpus: u32) -> WorkerAdvert {
     WorkerAdvert {
@@ -39,8 +90,8 @@ fn advert(name: &str, cpus: u64, gpus: u32) -> WorkerAdvert {
     }
 }
 
-fn ready_engine(workers: &[WorkerAdvert]) -> Engine {
-    let mut e = Engine::new(CoordinatorConfig::default());
+fn ready_engine(workers: &[WorkerAdvert]) -> Sim {
+    let mut e = Sim::new(CoordinatorConfig::default());
     for w in workers {
         e.handle(Input::Advert(Box::new(w.clone())));
     }
@@ -54,7 +105,7 @@ fn spec(json: &str) -> JobSpec {
     Encoding::Json.decode(json.as_bytes()).unwrap()
 }
 
-fn submit(e: &mut Engine, json: &str) -> (JobId, oneshot::Receiver<Reply>) {
+fn submit(e: &mut Sim, json: &str) -> (JobId, oneshot::Receiver<Reply>) {
     let (tx, rx) = oneshot::channel();
     e.handle(Input::Api(ApiCall::Submit(Box::new(spec(json))), tx));
     e.schedule_if_needed();
@@ -67,7 +118,7 @@ fn submit(e: &mut Engine, json: &str) -> (JobId, oneshot::Receiver<Reply>) {
     (id, rx)
 }
 
-fn claim(e: &mut Engine, key: &str, lease: &Lease, rev: u64) {
+fn claim(e: &mut Sim, key: &str, lease: &Lease, rev: u64) {
     let mut l = lease.clone();
     l.state = LeaseState::Running;
     l.instance = Some("inst".into());
@@ -198,7 +249,7 @@ fn a_release_whose_claim_was_never_seen_waits_for_the_result() {
 
 #[test]
 fn a_release_with_no_result_is_lost_after_the_grace_and_retried() {
-    let mut e = Engine::new(CoordinatorConfig {
+    let mut e = Sim::new(CoordinatorConfig {
         result_grace: Dur(std::time::Duration::ZERO),
         ..Default::default()
     });
@@ -212,6 +263,7 @@ fn a_release_with_no_result_is_lost_after_the_grace_and_retried() {
     );
     let (key, _) = e.take_effects().create_leases[0].clone();
     e.handle(Input::Lease(LeaseChange::Released { key }));
+    e.advance(std::time::Duration::from_millis(1));
     e.handle(Input::Tick);
     let t = &e.jobs[&id].tasks[0];
     assert_eq!(t.attempt, 2, "{t:?}");
@@ -244,7 +296,7 @@ fn retries_stop_at_max_retries() {
 
 #[test]
 fn start_up_adopts_unrecorded_leases_and_requeues_lapsed_reservations() {
-    let mut e = Engine::new(CoordinatorConfig::default());
+    let mut e = Sim::new(CoordinatorConfig::default());
     let s = spec(r#"{"id": "j", "tasks": [{"command": ["a"]}, {"command": ["b"]}]}"#);
     let mut job = JobRecord::new(JobId::new("j").unwrap(), 1, s, now());
     // Task 0 was reserved on w1 before the crash, but its lease is gone.

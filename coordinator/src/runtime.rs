@@ -21,13 +21,9 @@ use gpufleet_schema::{codec, subjects, Event, EventKind, JobId, Lease, WorkerAdv
 use tokio::sync::mpsc;
 
 use crate::config::CoordinatorConfig;
-use crate::engine::{Effects, Engine, Feed, Input, LeaseChange, Reply};
+use crate::engine::{Effects, Engine, Feed, Input, LeaseChange, Now, Reply};
 use crate::metrics::Writes;
 use crate::state::JobRecord;
-
-/// Key of the events checkpoint in `gpufleet-jobs`; job ids hold no dots,
-/// so it never collides with a job.
-pub const CHECKPOINT_KEY: &str = "meta.checkpoint";
 
 /// Inputs handled per batch at most, so that effects flow out steadily.
 const MAX_BATCH: usize = 4096;
@@ -87,7 +83,7 @@ pub async fn run(
         _ = &mut shutdown => return Ok(()),
     };
 
-    let mut engine = Engine::new(cfg.clone());
+    let mut engine = Engine::new(cfg.clone(), now(), random_seed());
     let restored = restore(&io.jobs, &mut engine).await?;
     tracing::info!(
         jobs = restored,
@@ -138,21 +134,23 @@ pub async fn run(
                 },
             }
         };
+        // One reading of the clock per batch: a batch takes microseconds.
+        let batch_now = now();
         if let Some(first) = first {
-            engine.handle(first);
+            engine.handle(first, batch_now);
         }
         let mut n = 1;
         while n < MAX_BATCH {
             match rx.try_recv() {
                 Ok(i) => {
-                    engine.handle(i);
+                    engine.handle(i, batch_now);
                     n += 1;
                 }
                 Err(_) => break,
             }
         }
         engine.metrics().batch(rx.len());
-        engine.schedule_if_needed();
+        engine.schedule_if_needed(batch_now);
         if engine.is_ready() && service.is_none() {
             service = Some(
                 crate::api::start(client.clone(), tx.clone(), engine.metrics())
@@ -164,8 +162,9 @@ pub async fn run(
         let fx = engine.take_effects();
         if !fx.is_empty() {
             let feedback = execute(fx, &engine, &io, &mut last_checkpoint).await;
+            let after = now();
             for input in feedback {
-                engine.handle(input);
+                engine.handle(input, after);
             }
         }
     }
@@ -189,6 +188,27 @@ pub async fn run(
     Ok(())
 }
 
+/// The engine's time: it reads no clock of its own.
+fn now() -> Now {
+    Now {
+        mono: std::time::Instant::now(),
+        wall: time::OffsetDateTime::now_utc(),
+    }
+}
+
+/// A seed for the engine's random choices, from the std hasher's
+/// per-process random keys.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 /// Loads every job record and the events checkpoint.
 async fn restore(jobs: &RawKv, engine: &mut Engine) -> Result<usize, CoordinatorError> {
     let mut watch = jobs.watch(">").await?;
@@ -197,7 +217,7 @@ async fn restore(jobs: &RawKv, engine: &mut Engine) -> Result<usize, Coordinator
         match watch.next().await {
             Some(Ok(KvEvent::Synced)) | None => break,
             Some(Ok(KvEvent::Change(c))) if c.op == KvOp::Put => {
-                if c.key == CHECKPOINT_KEY {
+                if c.key == subjects::CHECKPOINT_KEY {
                     let seq = std::str::from_utf8(&c.value)
                         .ok()
                         .and_then(|s| s.parse().ok())
@@ -330,7 +350,7 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, last_checkpoint: &mut u6
         if let Some(seq) = checkpoint.filter(|s| *s > *last_checkpoint) {
             match io
                 .jobs
-                .put(CHECKPOINT_KEY, Bytes::from(seq.to_string()), None)
+                .put(subjects::CHECKPOINT_KEY, Bytes::from(seq.to_string()), None)
                 .await
             {
                 Ok(_) => {

@@ -20,6 +20,11 @@ pub const ARTIFACTS_BUCKET: &str = "gpufleet-artifacts";
 pub const EVENTS_STREAM: &str = "GPUFLEET_EVENTS";
 pub const EVENTS_ALL: &str = "gpufleet.events.>";
 
+/// The key in `gpufleet-jobs` under which the coordinator keeps the last
+/// result sequence its job records reflect. Job ids hold no dots, so it
+/// never collides with a job's key.
+pub const CHECKPOINT_KEY: &str = "meta.checkpoint";
+
 /// The stream behind a KV bucket.
 pub fn kv_stream(bucket: &str) -> String {
     format!("KV_{bucket}")
@@ -112,5 +117,10 @@ mod tests {
             Some(key.as_str())
         );
         assert_eq!(kv_key(WORKERS_BUCKET, "$KV.gpufleet-workersx.a"), None);
+    }
+
+    #[test]
+    fn the_checkpoint_key_is_never_a_job_id() {
+        assert!(JobId::new(CHECKPOINT_KEY).is_err());
     }
 }
