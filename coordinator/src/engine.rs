@@ -26,7 +26,7 @@ pub use clock::{Now, Rng};
 use crate::config::CoordinatorConfig;
 use crate::metrics::{InputKind, Metrics};
 use crate::placement::{self, GpuView, TaskRequest, WorkerView};
-use crate::state::{JobRecord, INLINE_RESULT_BYTES};
+use crate::state::{GangSettled, JobRecord};
 
 /// A reply to an API call, before encoding.
 #[derive(Debug)]
@@ -490,16 +490,12 @@ impl Engine {
             ));
             return;
         };
-        if !job.status.is_finished() && !job.cancel_requested {
-            job.cancel_requested = true;
-            let t_now = self.now.wall;
+        if job.request_cancel() {
             let mut to_cancel = Vec::new();
             for (i, t) in job.tasks.iter_mut().enumerate() {
                 match t.state {
                     TaskState::Queued => {
-                        t.state = TaskState::Cancelled;
-                        t.finished_at = Some(t_now);
-                        t.reason = Some("cancelled before it ran".into());
+                        t.cancel("cancelled before it ran", self.now.wall);
                         to_cancel.push((i, None));
                     }
                     TaskState::Reserved | TaskState::Running => {
@@ -514,7 +510,7 @@ impl Engine {
             }
             for (i, key) in to_cancel {
                 match key {
-                    None => self.emit_state(&id, i, None),
+                    None => self.emit_state(&id, i),
                     Some(key) => self.stop_lease(&id, i, &key),
                 }
             }
@@ -543,10 +539,8 @@ impl Engine {
                 // Not claimed (or already gone): nothing runs; end it here.
                 self.fx.purge_leases.push(key.to_string());
                 self.leases.remove(key);
-                task.state = TaskState::Cancelled;
-                task.finished_at = Some(self.now.wall);
-                task.reason = Some("cancelled before it started".into());
-                self.emit_state(job, index, None);
+                task.cancel("cancelled before it started", self.now.wall);
+                self.emit_state(job, index);
             }
         }
     }
@@ -647,10 +641,7 @@ impl Engine {
         };
         let t = &mut self.jobs.get_mut(&job).expect("job").tasks[i];
         if t.state == TaskState::Reserved {
-            t.state = TaskState::Running;
-            t.started_at = Some(self.now.wall);
-            t.launched = true;
-            t.reason = None;
+            t.start(self.now.wall);
             self.queued_since.remove(&l.task_id);
             // Not written to the record: the lease itself says the task
             // runs, and a restarted coordinator adopts running leases. One
@@ -690,19 +681,15 @@ impl Engine {
         let j = self.jobs.get_mut(job).expect("job");
         let t = &mut j.tasks[i];
         if j.cancel_requested {
-            t.state = TaskState::Cancelled;
-            t.finished_at = Some(self.now.wall);
+            t.cancel("cancelled before it started", self.now.wall);
         } else {
-            t.state = TaskState::Queued;
-            t.worker = None;
-            t.grant = None;
-            t.started_at = None;
-            t.reason = Some(why.to_string());
+            t.requeue_same_attempt(why);
+            // It waited all along: its place in the starvation order stays.
             self.queued_since
                 .entry(t.id.clone())
                 .or_insert(self.now.mono);
         }
-        self.emit_state(job, i, Some(why.to_string()));
+        self.emit_state(job, i);
         if self.jobs[job].spec.gang {
             // One member could not start: the rest of the gang must not
             // run without it (FLARE's check, then cancel).
@@ -714,10 +701,7 @@ impl Engine {
 
     /// Marks a gang's current run as failed and tears it down.
     fn break_gang(&mut self, job: &JobId, why: &str) {
-        let j = self.jobs.get_mut(job).expect("job");
-        if j.gang_broken.is_none() {
-            j.gang_broken = Some(why.to_string());
-        }
+        self.jobs.get_mut(job).expect("job").break_gang(why);
         self.settle_gang(job);
     }
 
@@ -755,10 +739,8 @@ impl Engine {
                     self.fx.purge_leases.push(key.clone());
                     self.leases.remove(&key);
                     let t = &mut self.jobs.get_mut(job).expect("job").tasks[i];
-                    t.state = TaskState::Queued;
-                    t.worker = None;
-                    t.grant = None;
-                    self.emit_state(job, i, Some(format!("its gang could not start: {why}")));
+                    t.requeue_same_attempt(format!("its gang could not start: {why}"));
+                    self.emit_state(job, i);
                 }
             }
         }
@@ -766,57 +748,21 @@ impl Engine {
             return;
         }
         let j = self.jobs.get_mut(job).expect("job");
-        let attempt = j.tasks.iter().map(|t| t.attempt).max().unwrap_or(1);
-        let ran = j.tasks.iter().any(|t| t.started_at.is_some());
-        let t_now = self.now.wall;
-        j.gang_broken = None;
-        if j.cancel_requested {
-            for t in j.tasks.iter_mut().filter(|t| !t.is_final()) {
-                t.state = TaskState::Cancelled;
-                t.finished_at = Some(t_now);
+        let open: Vec<usize> = (0..j.tasks.len())
+            .filter(|&i| !j.tasks[i].is_final())
+            .collect();
+        let changed = match j.settle_gang(&why, self.now.wall) {
+            GangSettled::Requeued { .. } => {
+                let since = self.now.mono;
+                for t in &j.tasks {
+                    self.queued_since.insert(t.id.clone(), since);
+                }
+                (0..j.tasks.len()).collect()
             }
-        } else if !ran || attempt <= j.spec.max_retries {
-            // The whole gang again, as one unit.
-            let next = if ran { attempt + 1 } else { attempt };
-            for t in j.tasks.iter_mut() {
-                t.state = TaskState::Queued;
-                t.attempt = next;
-                t.worker = None;
-                t.grant = None;
-                t.exit_code = None;
-                t.result = None;
-                t.result_seq = None;
-                t.started_at = None;
-                t.finished_at = None;
-                t.dropped = false;
-                t.reason = Some(format!("gang run {attempt} failed: {why}"));
-            }
-            let since = self.now.mono;
-            let ids: Vec<TaskId> = j.tasks.iter().map(|t| t.id.clone()).collect();
-            for id in ids {
-                self.queued_since.insert(id, since);
-            }
-            for i in 0..self.jobs[job].tasks.len() {
-                self.emit_state(job, i, Some(format!("gang run {attempt} failed: {why}")));
-            }
-        } else {
-            let msg = format!("its gang failed: {why}");
-            let ends: Vec<usize> = j
-                .tasks
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| !t.is_final())
-                .map(|(i, _)| i)
-                .collect();
-            for &i in &ends {
-                let t = &mut j.tasks[i];
-                t.state = TaskState::Cancelled;
-                t.finished_at = Some(t_now);
-                t.reason = Some(msg.clone());
-            }
-            for i in ends {
-                self.emit_state(job, i, Some(msg.clone()));
-            }
+            GangSettled::Cancelled | GangSettled::Failed => open,
+        };
+        for i in changed {
+            self.emit_state(job, i);
         }
         self.touch(job);
         self.wants_schedule = true;
@@ -844,37 +790,31 @@ impl Engine {
         if self.jobs[job].spec.gang {
             return self.end_gang_member(job, i, state, exit_code, why);
         }
+        let at = self.now.wall;
         let j = self.jobs.get_mut(job).expect("job");
         let max_retries = j.spec.max_retries;
         let cancelled = j.cancel_requested;
         let t = &mut j.tasks[i];
         let attempt = t.attempt;
-        t.exit_code = exit_code;
         if cancelled && state != TaskState::Succeeded {
-            t.state = TaskState::Cancelled;
-            t.finished_at = Some(self.now.wall);
-            t.reason = Some("cancelled".into());
+            t.end(
+                TaskState::Cancelled,
+                exit_code,
+                Some("cancelled".into()),
+                at,
+            );
         } else if state.is_retryable() && attempt <= max_retries {
             // Tell listeners how this attempt ended, then queue the next.
-            t.state = state;
-            t.reason = Some(format!("attempt {attempt} {state}: {why}"));
-            let ev = self.state_event(job, i, Some(why.clone()));
-            self.fx.events.push(ev);
+            t.end(state, exit_code, Some(why.clone()), at);
+            self.emit_state(job, i);
             let t = &mut self.jobs.get_mut(job).expect("job").tasks[i];
-            t.state = TaskState::Queued;
-            t.attempt += 1;
-            t.worker = None;
-            t.grant = None;
-            t.exit_code = None;
+            t.retry(format!("attempt {attempt} {state}: {why}"));
             self.queued_since.insert(t.id.clone(), self.now.mono);
-            self.wants_schedule = true;
         } else {
-            t.state = state;
-            t.finished_at = Some(self.now.wall);
-            t.reason = (state != TaskState::Succeeded).then_some(why.clone());
+            let reason = (state != TaskState::Succeeded).then_some(why);
+            t.end(state, exit_code, reason, at);
         }
-        let reason = self.jobs[job].tasks[i].reason.clone();
-        self.emit_state(job, i, reason);
+        self.emit_state(job, i);
         self.touch(job);
         self.wants_schedule = true;
     }
@@ -893,13 +833,10 @@ impl Engine {
         let j = self.jobs.get_mut(job).expect("job");
         let broken = j.gang_broken.is_some();
         let t = &mut j.tasks[i];
-        t.exit_code = exit_code;
-        t.finished_at = Some(self.now.wall);
-        t.state = state;
-        t.reason = (state != TaskState::Succeeded).then(|| why.clone());
-        let reason = t.reason.clone();
+        let reason = (state != TaskState::Succeeded).then(|| why.clone());
+        t.end(state, exit_code, reason, self.now.wall);
         let name = t.name.clone();
-        self.emit_state(job, i, reason);
+        self.emit_state(job, i);
         if state != TaskState::Succeeded && !broken {
             self.break_gang(job, &format!("{name} ended {state}: {why}"));
         } else {
@@ -953,27 +890,7 @@ impl Engine {
             ..
         } = outcome;
         let job_id = event.job_id.clone();
-        {
-            let t = &mut self.jobs.get_mut(&job_id).expect("job").tasks[i];
-            if t.started_at.is_none() {
-                t.started_at = started_at;
-            }
-            t.launched |= started_at.is_some();
-            match result {
-                Some(r) if serde_json::to_vec(&r).map_or(0, |b| b.len()) <= INLINE_RESULT_BYTES => {
-                    t.result = Some(r);
-                    t.result_seq = None;
-                }
-                Some(_) => {
-                    t.result = None;
-                    t.result_seq = Some(seq);
-                }
-                None => {
-                    t.result = None;
-                    t.result_seq = None;
-                }
-            }
-        }
+        self.jobs.get_mut(&job_id).expect("job").tasks[i].record_report(result, seq, started_at);
         let why = error.unwrap_or_else(|| match (state, exit_code) {
             (TaskState::Failed, Some(c)) => format!("exited with code {c}"),
             (s, _) => s.to_string(),
@@ -1113,16 +1030,12 @@ impl Engine {
             let i = self.jobs[&job].task_index(&l.task_id).expect("checked");
             let t = &mut self.jobs.get_mut(&job).expect("job").tasks[i];
             if t.worker.as_ref() != Some(&l.worker) || t.state == TaskState::Queued {
-                t.worker = Some(l.worker.clone());
-                t.grant = Some(l.grant.clone());
-                t.state = TaskState::Reserved;
+                t.reserve(l.worker.clone(), l.grant.clone());
             }
             match l.state {
                 LeaseState::Running | LeaseState::Cancelling => {
                     if t.state != TaskState::Running {
-                        t.state = TaskState::Running;
-                        t.started_at.get_or_insert(self.now.wall);
-                        t.launched = true;
+                        t.start(self.now.wall);
                     }
                 }
                 LeaseState::Rejected => {
@@ -1527,19 +1440,14 @@ impl Engine {
 
         let mut touched: HashSet<JobId> = HashSet::new();
         for (job, i, reason) in reasons {
-            let j = self.jobs.get_mut(&job).expect("job");
-            if j.tasks[i].reason.as_deref() != Some(reason.as_str()) {
-                j.tasks[i].reason = Some(reason);
+            if self.jobs.get_mut(&job).expect("job").tasks[i].wait_because(&reason) {
                 touched.insert(job);
             }
         }
         for (job, i, reason) in dropped {
             let t = &mut self.jobs.get_mut(&job).expect("job").tasks[i];
-            t.state = TaskState::Cancelled;
-            t.dropped = true;
-            t.finished_at = Some(self.now.wall);
-            t.reason = Some(reason.clone());
-            self.emit_state(&job, i, Some(reason));
+            t.drop_from_run(reason, self.now.wall);
+            self.emit_state(&job, i);
             touched.insert(job);
         }
         let names: Vec<WorkerId> = views.iter().map(|v| v.name.clone()).collect();
@@ -1627,10 +1535,7 @@ impl Engine {
         let j = self.jobs.get_mut(job).expect("job");
         let spec = j.spec.tasks[i].clone();
         let t = &mut j.tasks[i];
-        t.state = TaskState::Reserved;
-        t.worker = Some(worker.clone());
-        t.grant = Some(grant.clone());
-        t.reason = None;
+        t.reserve(worker.clone(), grant.clone());
         let key = subjects::lease_key(&worker, &t.id, t.attempt);
         let lease = Lease {
             job_id: job.clone(),
@@ -1656,7 +1561,7 @@ impl Engine {
             },
         );
         self.fx.create_leases.push((key, lease));
-        self.emit_state(job, i, None);
+        self.emit_state(job, i);
     }
 
     fn update_job_reason(&mut self, job: &JobId) {
@@ -1694,7 +1599,9 @@ impl Engine {
         self.fx.put_jobs.insert(job.clone());
     }
 
-    fn state_event(&self, job: &JobId, i: usize, reason: Option<String>) -> (String, Event) {
+    /// Tells listeners the task's state as its record has it now, with
+    /// the record's reason.
+    fn emit_state(&mut self, job: &JobId, i: usize) {
         let t = &self.jobs[job].tasks[i];
         let event = Event {
             job_id: job.clone(),
@@ -1705,18 +1612,11 @@ impl Engine {
             at: self.now.wall,
             body: EventBody::State {
                 state: t.state,
-                reason,
+                reason: t.reason.clone(),
             },
         };
-        (
-            subjects::events(job, &t.id, gpufleet_schema::EventKind::State),
-            event,
-        )
-    }
-
-    fn emit_state(&mut self, job: &JobId, i: usize, reason: Option<String>) {
-        let ev = self.state_event(job, i, reason);
-        self.fx.events.push(ev);
+        let subject = subjects::events(job, &t.id, gpufleet_schema::EventKind::State);
+        self.fx.events.push((subject, event));
     }
 }
 

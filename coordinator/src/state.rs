@@ -69,10 +69,140 @@ pub struct TaskRecord {
     pub dropped: bool,
 }
 
+/// A task's transitions. Each is one method that decides every field it
+/// sets and resets, so that no two paths leave a task half-changed. The
+/// rule: a task's `worker`, `grant`, outcome and times describe its current
+/// attempt; whenever it queues again, nothing of the attempt before is left
+/// but its `reason` and `launched`.
 impl TaskRecord {
     pub fn is_final(&self) -> bool {
         self.state.is_end()
     }
+
+    /// Whether the current attempt holds (or is about to hold) a worker.
+    pub fn holds_worker(&self) -> bool {
+        matches!(self.state, TaskState::Reserved | TaskState::Running)
+    }
+
+    /// Why it waits, while queued; returns whether that changed.
+    pub fn wait_because(&mut self, reason: &str) -> bool {
+        if self.reason.as_deref() == Some(reason) {
+            return false;
+        }
+        self.reason = Some(reason.to_string());
+        true
+    }
+
+    /// Placement chose `worker`: the current attempt is reserved there.
+    pub fn reserve(&mut self, worker: WorkerId, grant: Grant) {
+        self.state = TaskState::Reserved;
+        self.worker = Some(worker);
+        self.grant = Some(grant);
+        self.reason = None;
+    }
+
+    /// Its worker claimed the reservation: the attempt runs from `at`.
+    pub fn start(&mut self, at: OffsetDateTime) {
+        self.state = TaskState::Running;
+        self.started_at = Some(at);
+        self.launched = true;
+        self.reason = None;
+    }
+
+    /// Keeps what the worker reported of the current attempt (its result,
+    /// and when its program started), before the attempt ends. `seq` is
+    /// where the result event is, for a result too large to keep inline.
+    pub fn record_report(
+        &mut self,
+        result: Option<serde_json::Value>,
+        seq: u64,
+        started_at: Option<OffsetDateTime>,
+    ) {
+        if self.started_at.is_none() {
+            self.started_at = started_at;
+        }
+        self.launched |= started_at.is_some();
+        let inline = |r: &serde_json::Value| {
+            serde_json::to_vec(r).map_or(0, |b| b.len()) <= INLINE_RESULT_BYTES
+        };
+        (self.result, self.result_seq) = match result {
+            Some(r) if inline(&r) => (Some(r), None),
+            Some(_) => (None, Some(seq)),
+            None => (None, None),
+        };
+    }
+
+    /// The current attempt ended in `state`. Final unless [`retry`] follows.
+    ///
+    /// [`retry`]: TaskRecord::retry
+    pub fn end(
+        &mut self,
+        state: TaskState,
+        exit_code: Option<i32>,
+        reason: Option<String>,
+        at: OffsetDateTime,
+    ) {
+        self.state = state;
+        self.exit_code = exit_code;
+        self.reason = reason;
+        self.finished_at = Some(at);
+    }
+
+    /// Ends the task without (another) run; what the attempt reported, if
+    /// anything, stays.
+    pub fn cancel(&mut self, reason: impl Into<String>, at: OffsetDateTime) {
+        let exit_code = self.exit_code;
+        self.end(TaskState::Cancelled, exit_code, Some(reason.into()), at);
+    }
+
+    /// A gang member left out of this run by `min_tasks`.
+    pub fn drop_from_run(&mut self, reason: impl Into<String>, at: OffsetDateTime) {
+        self.cancel(reason, at);
+        self.dropped = true;
+    }
+
+    /// The reservation was not taken up (refused, expired, not written, or
+    /// withdrawn with its gang): nothing ran, so the same attempt waits
+    /// again.
+    pub fn requeue_same_attempt(&mut self, why: impl Into<String>) {
+        self.queue_again(self.attempt, why.into());
+    }
+
+    /// The attempt ended and may be retried: the next one waits.
+    pub fn retry(&mut self, why: impl Into<String>) {
+        self.queue_again(self.attempt + 1, why.into());
+    }
+
+    /// Its gang runs again, as a whole, as `attempt`; a member dropped by
+    /// `min_tasks` last time takes part again.
+    pub fn requeue_with_gang(&mut self, attempt: u32, why: impl Into<String>) {
+        self.dropped = false;
+        self.queue_again(attempt, why.into());
+    }
+
+    fn queue_again(&mut self, attempt: u32, why: String) {
+        self.state = TaskState::Queued;
+        self.attempt = attempt;
+        self.worker = None;
+        self.grant = None;
+        self.exit_code = None;
+        self.result = None;
+        self.result_seq = None;
+        self.started_at = None;
+        self.finished_at = None;
+        self.reason = Some(why);
+    }
+}
+
+/// How a broken gang's run came out, once none of it held a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GangSettled {
+    /// The job was cancelled: every member still in play is cancelled.
+    Cancelled,
+    /// The whole gang waits again, as this attempt.
+    Requeued { attempt: u32 },
+    /// Its retries are spent: every member still in play is cancelled.
+    Failed,
 }
 
 impl JobRecord {
@@ -111,6 +241,46 @@ impl JobRecord {
             gang_broken: None,
             tasks,
         }
+    }
+
+    /// Asks the job to stop; false if it has ended or was asked already.
+    pub fn request_cancel(&mut self) -> bool {
+        if self.status.is_finished() || self.cancel_requested {
+            return false;
+        }
+        self.cancel_requested = true;
+        true
+    }
+
+    /// Marks the gang's current run as failing; the first reason stays.
+    pub fn break_gang(&mut self, why: &str) {
+        if self.gang_broken.is_none() {
+            self.gang_broken = Some(why.to_string());
+        }
+    }
+
+    /// Ends a broken gang's run, once none of its members holds a worker:
+    /// it runs again as a whole (as attempt + 1 if any member ran, within
+    /// `max_retries`), or, if cancelled or out of retries, ends.
+    pub fn settle_gang(&mut self, why: &str, at: OffsetDateTime) -> GangSettled {
+        self.gang_broken = None;
+        let attempt = self.tasks.iter().map(|t| t.attempt).max().unwrap_or(1);
+        let ran = self.tasks.iter().any(|t| t.started_at.is_some());
+        let (settled, reason) = if self.cancel_requested {
+            (GangSettled::Cancelled, "cancelled".to_string())
+        } else if !ran || attempt <= self.spec.max_retries {
+            let next = if ran { attempt + 1 } else { attempt };
+            for t in &mut self.tasks {
+                t.requeue_with_gang(next, format!("gang run {attempt} failed: {why}"));
+            }
+            return GangSettled::Requeued { attempt: next };
+        } else {
+            (GangSettled::Failed, format!("its gang failed: {why}"))
+        };
+        for t in self.tasks.iter_mut().filter(|t| !t.is_final()) {
+            t.cancel(reason.clone(), at);
+        }
+        settled
     }
 
     /// The index of a task of this job, from its id.
