@@ -301,8 +301,10 @@ impl JobRecord {
         c
     }
 
-    /// Recomputes the job's status from its tasks; returns whether it
-    /// changed. `now` stamps `finished_at` when the job ends.
+    /// Recomputes the job's status and reason from its tasks; returns
+    /// whether the status changed. `now` stamps `finished_at` when the job
+    /// ends. A waiting job says why its first waiting task waits; a
+    /// finished one why it ended.
     pub fn derive_status(&mut self, now: OffsetDateTime) -> bool {
         let before = self.status;
         let all_final = self.tasks.iter().all(TaskRecord::is_final);
@@ -339,6 +341,12 @@ impl JobRecord {
                 self.finished_at = Some(now);
             }
             self.reason = self.end_reason();
+        } else {
+            self.reason = self
+                .tasks
+                .iter()
+                .find(|t| t.state == TaskState::Queued)
+                .and_then(|t| t.reason.clone());
         }
         self.status != before
     }

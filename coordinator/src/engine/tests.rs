@@ -1,7 +1,7 @@
 //! The engine without NATS: inputs in, effects out.
 
 use super::*;
-use gpufleet_schema::{ByteSize, Dur, GpuAdvert, TaskOutcome};
+use gpufleet_schema::{ByteSize, Dur, GpuAdvert, LeaseState, TaskOutcome};
 use std::ops::{Deref, DerefMut};
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
@@ -109,12 +109,7 @@ fn submit(e: &mut Sim, json: &str) -> (JobId, oneshot::Receiver<Reply>) {
     let (tx, rx) = oneshot::channel();
     e.handle(Input::Api(ApiCall::Submit(Box::new(spec(json))), tx));
     e.schedule_if_needed();
-    let id = e
-        .jobs
-        .keys()
-        .max_by_key(|k| e.jobs[*k].seq)
-        .unwrap()
-        .clone();
+    let id = e.jobs.iter().max_by_key(|(_, j)| j.seq).unwrap().0.clone();
     (id, rx)
 }
 
