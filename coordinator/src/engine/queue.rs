@@ -173,6 +173,12 @@ impl QueuePolicy {
 
     // ----- holds and the pass budget -----
 
+    /// The workers held now, and for whom.
+    #[cfg(test)]
+    pub fn hold(&self) -> Option<&Hold> {
+        self.hold.as_ref()
+    }
+
     /// A held worker went away: the hold is void.
     pub fn worker_gone(&mut self, worker: &WorkerId) {
         if self

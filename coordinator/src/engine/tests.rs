@@ -1,10 +1,20 @@
-//! The engine without NATS: inputs in, effects out.
+//! The engine without NATS: inputs in, effects out. The clock is the
+//! test's own ([`Sim`]): hours of queue policy pass in microseconds.
+//!
+//! Shared helpers and the basic paths are here; each module below covers
+//! one concern of the policy.
 
 use super::*;
 use gpufleet_schema::{ByteSize, Dur, GpuAdvert, LeaseState, TaskOutcome};
 use std::ops::{Deref, DerefMut};
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
+
+mod budget;
+mod cancel;
+mod gangs;
+mod holds;
+mod refusals;
 
 /// An engine with its own clock, which moves only when a test says so.
 struct Sim {
@@ -91,7 +101,12 @@ fn advert(name: &str, cpus: u64, gpus: u32) -> WorkerAdvert {
 }
 
 fn ready_engine(workers: &[WorkerAdvert]) -> Sim {
-    let mut e = Sim::new(CoordinatorConfig::default());
+    ready_with(CoordinatorConfig::default(), workers)
+}
+
+/// An engine past start-up, with `workers` online.
+fn ready_with(cfg: CoordinatorConfig, workers: &[WorkerAdvert]) -> Sim {
+    let mut e = Sim::new(cfg);
     for w in workers {
         e.handle(Input::Advert(Box::new(w.clone())));
     }
@@ -122,6 +137,42 @@ fn claim(e: &mut Sim, key: &str, lease: &Lease, rev: u64) {
         rev,
         lease: Box::new(l),
     }));
+}
+
+/// Runs a pass (if one is due) and returns the reservations it made.
+fn pass(e: &mut Sim) -> Vec<(String, Lease)> {
+    e.schedule_if_needed();
+    e.take_effects().create_leases
+}
+
+/// The worker answers a reservation with REJECTED.
+fn refuse(e: &mut Sim, key: &str, lease: &Lease, rev: u64, why: &str) {
+    let mut l = lease.clone();
+    l.state = LeaseState::Rejected;
+    l.reason = Some(why.into());
+    e.handle(Input::Lease(LeaseChange::Put {
+        key: key.into(),
+        rev,
+        lease: Box::new(l),
+    }));
+}
+
+/// A claimed attempt ends as a worker ends it: the result, then the
+/// release of its lease.
+fn finish(e: &mut Sim, key: &str, lease: &Lease, state: TaskState, seq: u64) {
+    e.handle(result(lease, state, seq));
+    e.handle(Input::Lease(LeaseChange::Released { key: key.into() }));
+}
+
+/// Moves the clock on by `secs` and lets a tick happen.
+fn tick_after(e: &mut Sim, secs: u64) {
+    e.advance(std::time::Duration::from_secs(secs));
+    e.handle(Input::Tick);
+}
+
+fn task_state(e: &Sim, job: &JobId, i: usize) -> (TaskState, u32) {
+    let t = &e.jobs[job].tasks[i];
+    (t.state, t.attempt)
 }
 
 fn result(lease: &Lease, state: TaskState, seq: u64) -> Input {
