@@ -19,6 +19,7 @@ use gpufleet_natsutil::{ensure_stores, KvEvent, KvOp, RawKv};
 use gpufleet_schema::api::code;
 use gpufleet_schema::{codec, subjects, Event, EventKind, JobId, Lease, WorkerAdvert, WorkerId};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::config::CoordinatorConfig;
 use crate::engine::{Effects, Engine, Feed, Input, LeaseChange, Now, Reply};
@@ -42,6 +43,8 @@ pub enum CoordinatorError {
     Nats(String),
     #[error("another coordinator has taken over the fleet (this one was cut off or frozen past leader_ttl)")]
     Replaced,
+    #[error("the {feeder} stopped ({why}); the coordinator cannot go on without its input")]
+    FeederStopped { feeder: &'static str, why: String },
 }
 
 struct Io {
@@ -92,29 +95,30 @@ pub async fn run(
     );
 
     let (tx, mut rx) = mpsc::channel::<Input>(16_384);
-    tokio::spawn(forward_kv(
-        workers_kv,
-        Feed::Workers,
-        tx.clone(),
-        advert_input,
-    ));
-    tokio::spawn(forward_kv(
-        io.leases.clone(),
-        Feed::Leases,
-        tx.clone(),
-        lease_input,
-    ));
-    tokio::spawn(follow_results(
-        js.clone(),
-        stores.events.clone(),
-        engine.applied_seq(),
-        tx.clone(),
-    ));
-    tokio::spawn(ticker(cfg.tick.0, tx.clone()));
+    let mut feeders = Feeders::default();
+    feeders.spawn(
+        "worker adverts watch",
+        forward_kv(workers_kv, Feed::Workers, tx.clone(), advert_input),
+    );
+    feeders.spawn(
+        "leases watch",
+        forward_kv(io.leases.clone(), Feed::Leases, tx.clone(), lease_input),
+    );
+    feeders.spawn(
+        "results follower",
+        follow_results(
+            js.clone(),
+            stores.events.clone(),
+            engine.applied_seq(),
+            tx.clone(),
+        ),
+    );
+    feeders.spawn("ticker", ticker(cfg.tick.0, tx.clone()));
 
     let mut service = None;
     let mut last_checkpoint = engine.applied_seq();
     let mut replaced = false;
+    let mut failed = None;
     loop {
         // A pass cut short by its budget goes on at once; otherwise wait
         // for something to happen.
@@ -126,6 +130,11 @@ pub async fn run(
                 _ = &mut shutdown => break,
                 _ = leadership.lost() => {
                     replaced = true;
+                    break;
+                }
+                stopped = feeders.stopped() => {
+                    tracing::error!(error = %stopped, "stopping the coordinator");
+                    failed = Some(stopped);
                     break;
                 }
                 input = rx.recv() => match input {
@@ -181,11 +190,60 @@ pub async fn run(
     if !fx.is_empty() {
         execute(fx, &engine, &io, &mut last_checkpoint).await;
     }
+    // Handing the fleet over at once lets a standby take it over without
+    // waiting for leader_ttl, also when a feeder failed.
     leadership.release().await;
     // Without NATS there is nothing to flush to; do not wait for it.
     let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
+    if let Some(e) = failed {
+        return Err(e);
+    }
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// The tasks that feed the engine its inputs. None of them may end while
+/// the coordinator runs: one that stops (or panics) would silently starve
+/// the engine of results, leases or ticks while it keeps leading, so its
+/// end stops the coordinator with an error naming it. Dropping the set
+/// stops them all.
+#[derive(Default)]
+struct Feeders {
+    set: JoinSet<()>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Feeders {
+    fn spawn(&mut self, name: &'static str, feeder: impl Future<Output = ()> + Send + 'static) {
+        let id = self.set.spawn(feeder).id();
+        self.names.insert(id, name);
+    }
+
+    /// Waits until a feeder ends; returns why, naming it. Never resolves
+    /// while all of them run (or if there are none).
+    async fn stopped(&mut self) -> CoordinatorError {
+        let Some(ended) = self.set.join_next_with_id().await else {
+            return std::future::pending().await;
+        };
+        let (id, why) = match ended {
+            Ok((id, ())) => (id, "it returned".to_string()),
+            Err(e) if e.is_panic() => {
+                let id = e.id();
+                let payload = e.into_panic();
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".into());
+                (id, format!("it panicked: {msg}"))
+            }
+            Err(e) => (e.id(), "it was cancelled".to_string()),
+        };
+        CoordinatorError::FeederStopped {
+            feeder: self.names.get(&id).copied().unwrap_or("unnamed"),
+            why,
+        }
+    }
 }
 
 /// The engine's time: it reads no clock of its own.
@@ -551,5 +609,55 @@ async fn ticker(every: Duration, tx: mpsc::Sender<Input>) {
         if tx.send(Input::Tick).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn a_feeder_that_panics_stops_the_coordinator_naming_it() {
+        let mut feeders = Feeders::default();
+        feeders.spawn("ticker", std::future::pending());
+        feeders.spawn("results follower", async { panic!("decoder blew up") });
+        let stopped = tokio::time::timeout(DEADLINE, feeders.stopped())
+            .await
+            .expect("a feeder's panic went unnoticed");
+        let CoordinatorError::FeederStopped { feeder, why } = &stopped else {
+            panic!("{stopped}");
+        };
+        assert_eq!(*feeder, "results follower");
+        assert_eq!(why, "it panicked: decoder blew up");
+        assert!(stopped
+            .to_string()
+            .starts_with("the results follower stopped"));
+    }
+
+    #[tokio::test]
+    async fn a_feeder_that_returns_stops_the_coordinator_too() {
+        let mut feeders = Feeders::default();
+        feeders.spawn("leases watch", async {});
+        let stopped = tokio::time::timeout(DEADLINE, feeders.stopped())
+            .await
+            .expect("a feeder's end went unnoticed");
+        assert!(
+            matches!(&stopped, CoordinatorError::FeederStopped { feeder: "leases watch", why } if why == "it returned"),
+            "{stopped}"
+        );
+    }
+
+    #[tokio::test]
+    async fn running_feeders_are_not_reported() {
+        let mut feeders = Feeders::default();
+        feeders.spawn("ticker", std::future::pending());
+        tokio::task::yield_now().await;
+        let stopped = futures::FutureExt::now_or_never(feeders.stopped());
+        assert!(
+            stopped.is_none(),
+            "a running feeder was reported as stopped"
+        );
     }
 }
