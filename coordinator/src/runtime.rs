@@ -1,5 +1,6 @@
 //! Connects the engine to NATS: restores state, runs the watchers that feed
-//! it, and carries out its effects in batches.
+//! it (owned: if one stops, the coordinator stops), gives it the time, and
+//! carries out its effects in batches.
 //!
 //! One loop owns the engine. It takes every input that is waiting (up to a
 //! bound), lets the engine decide, then writes everything the batch decided
