@@ -485,6 +485,59 @@ mod tests {
         assert_eq!(j.status, JobState::Aborted);
     }
 
+    /// A task that was reserved, ran, reported and failed.
+    fn ran_and_failed() -> TaskRecord {
+        let mut j = JobRecord::new(JobId::new("j").unwrap(), 1, spec(1), now());
+        let mut t = j.tasks.remove(0);
+        t.reserve(WorkerId::new("w").unwrap(), Grant::default());
+        t.start(now());
+        t.record_report(Some(serde_json::json!({"loss": 1})), 7, Some(now()));
+        t.end(
+            TaskState::Failed,
+            Some(1),
+            Some("exited with code 1".into()),
+            now(),
+        );
+        t
+    }
+
+    #[test]
+    fn every_requeue_leaves_nothing_of_the_attempt_before() {
+        type Requeue = fn(&mut TaskRecord);
+        let requeues: [(&str, Requeue, u32); 3] = [
+            ("retry", |t| t.retry("again"), 2),
+            ("same attempt", |t| t.requeue_same_attempt("again"), 1),
+            ("gang", |t| t.requeue_with_gang(5, "again"), 5),
+        ];
+        for (name, requeue, attempt) in requeues {
+            let mut t = ran_and_failed();
+            t.dropped = true;
+            requeue(&mut t);
+            let fresh = TaskRecord {
+                state: TaskState::Queued,
+                attempt,
+                reason: Some("again".into()),
+                // Whether any attempt ever ran stays: it tells a job that
+                // failed to run from one that failed running.
+                launched: true,
+                // Only a gang's rerun brings back members left out.
+                dropped: name != "gang",
+                ..JobRecord::new(JobId::new("j").unwrap(), 1, spec(1), now()).tasks[0].clone()
+            };
+            assert_eq!(t, fresh, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_large_result_is_kept_by_its_sequence_and_a_start_is_not_moved() {
+        let mut t = ran_and_failed();
+        let started = t.started_at;
+        let big = serde_json::json!({"blob": "x".repeat(INLINE_RESULT_BYTES)});
+        t.record_report(Some(big), 42, Some(now() + time::Duration::seconds(5)));
+        assert_eq!((t.result.as_ref(), t.result_seq), (None, Some(42)));
+        assert_eq!(t.started_at, started);
+    }
+
     #[test]
     fn task_index_from_id() {
         let j = JobRecord::new(JobId::new("a-1").unwrap(), 1, spec(3), now());
