@@ -13,14 +13,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, object_store::ObjectStore};
+use async_nats::jetstream;
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use gpufleet_natsutil::{ensure_stores, KvError, KvEvent, KvOp, RawKv, Setup};
+use gpufleet_natsutil::{KvError, KvEvent, KvOp, KvWatcher, RawKv};
 use gpufleet_schema::{
-    codec, subjects, Event, EventBody, EventKind, JobId, Lease, LeaseState, TaskId, TaskOutcome,
-    TaskState, WorkerAdvert, WorkerId,
+    codec, subjects, Event, EventBody, EventKind, JobId, Lease, LeaseState, Sender, TaskId,
+    TaskOutcome, TaskState, UserId, WorkerAdvert, WorkerId,
 };
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -62,7 +62,9 @@ pub(crate) struct Ctx {
     pub launcher: Arc<dyn Launcher>,
     pub js: jetstream::Context,
     pub leases: RawKv,
-    pub objects: ObjectStore,
+    /// Public keys whose signature a reservation must carry (none: any
+    /// reservation is run, as when roles are off).
+    pub trusted: Vec<nkeys::KeyPair>,
     pub worker: WorkerId,
     pub instance: String,
     pub cfg: WorkerConfig,
@@ -120,13 +122,12 @@ pub async fn run_with(
     )
     .await?;
     let js = jetstream::new(client.clone());
-    ensure_stores(&js, &Setup::default()).await?;
-    let leases = RawKv::open(&js, subjects::LEASES_BUCKET).await?;
-    let adverts = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
-    let objects = js
-        .get_object_store(subjects::ARTIFACTS_BUCKET)
-        .await
-        .map_err(|e| WorkerError::Nats(e.to_string()))?;
+    let trusted = cfg.trusted_keys().map_err(WorkerError::Config)?;
+    // Only the coordinator creates the stores; a worker reads and writes
+    // its own keys through them (its least privilege allows no more).
+    let leases = RawKv::open_scoped(&js, subjects::LEASES_BUCKET).await?;
+    let adverts = RawKv::open_scoped(&js, subjects::WORKERS_BUCKET).await?;
+    let mut watch = watch_leases(&leases, &worker, cfg.connect_patience.0).await?;
     let instance = uuid::Uuid::now_v7().simple().to_string();
     wait_for_name(&adverts, &worker, &instance).await?;
 
@@ -156,7 +157,7 @@ pub async fn run_with(
     let ctx = Arc::new(Ctx {
         js: js.clone(),
         leases: leases.clone(),
-        objects,
+        trusted,
         worker: worker.clone(),
         instance: instance.clone(),
         cfg: cfg.clone(),
@@ -178,7 +179,6 @@ pub async fn run_with(
         unmanaged.clone(),
     ));
 
-    let mut watch = leases.watch(&subjects::worker_leases(&worker)).await?;
     let (done_tx, mut done_rx) = mpsc::channel::<AttemptMsg>(1024);
     let mut ledger = Ledger::default();
     let mut held: HashMap<String, Held> = HashMap::new();
@@ -299,6 +299,30 @@ pub async fn run_with(
     Ok(())
 }
 
+/// Starts the watch on this worker's lease keys, waiting up to `patience`
+/// for the coordinator to have made the bucket.
+async fn watch_leases(
+    leases: &RawKv,
+    worker: &WorkerId,
+    patience: Duration,
+) -> Result<KvWatcher, WorkerError> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut backoff =
+        gpufleet_natsutil::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        match leases.watch(&subjects::worker_leases(worker)).await {
+            Ok(w) => return Ok(w),
+            Err(e) => match backoff.next_before(deadline) {
+                Some(delay) => {
+                    tracing::info!(error = %e, "waiting for the coordinator's stores");
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(e.into()),
+            },
+        }
+    }
+}
+
 /// Waits until no other live worker advertises under our name.
 async fn wait_for_name(
     adverts: &RawKv,
@@ -363,7 +387,16 @@ async fn on_lease(
     }
     match lease.state {
         LeaseState::Reserved => {
-            let refusal = if draining {
+            let unsigned = if ctx.trusted.is_empty() {
+                None
+            } else {
+                lease.verify(&ctx.trusted).err()
+            };
+            let refusal = if let Some(e) = unsigned {
+                // Checked before anything else: nothing of a reservation
+                // we cannot trust is looked at, let alone run.
+                Some(e.to_string())
+            } else if draining {
                 Some("the worker is draining".to_string())
             } else if let Some(port) = lease
                 .rendezvous
@@ -496,8 +529,18 @@ impl Attempt {
             EventBody::Progress { .. } => EventKind::Progress,
             EventBody::Result(_) => EventKind::Result,
         };
+        // Only a result carries the token: the owner reads output while
+        // the attempt runs, and must not learn what would let it forge
+        // the result.
+        let token = (kind == EventKind::Result).then(|| l.token.clone());
         (
-            subjects::events(&l.job_id, &l.task_id, kind),
+            subjects::events(
+                &l.owner,
+                &l.job_id,
+                &l.task_id,
+                kind,
+                &Sender::Worker(self.ctx.worker.clone()),
+            ),
             Event {
                 job_id: l.job_id.clone(),
                 task_id: l.task_id.clone(),
@@ -506,6 +549,7 @@ impl Attempt {
                 lease_rev: Some(lease_rev),
                 at: OffsetDateTime::now_utc(),
                 body,
+                token,
             },
         )
     }
@@ -533,6 +577,9 @@ impl Attempt {
             }
         };
         self.rev.fetch_max(claim_rev, Ordering::SeqCst);
+        // Renewals say which revision claimed it, for a coordinator that
+        // reads the lease later (results must name that revision).
+        claimed.claim_rev = Some(claim_rev);
         let confirmed = Arc::new(Confirmed::default());
         confirmed.mark();
         tracing::info!(task_id = %self.lease.task_id, attempt = self.lease.attempt, "task claimed");
@@ -551,6 +598,7 @@ impl Attempt {
             EventBody::State {
                 state: TaskState::Running,
                 reason: None,
+                holder: None,
             },
             claim_rev,
         );
@@ -563,6 +611,7 @@ impl Attempt {
         let shipper = tokio::spawn(ship_output(
             ctx.js.clone(),
             out_rx,
+            self.lease.owner.clone(),
             self.lease.job_id.clone(),
             self.lease.task_id.clone(),
             self.lease.attempt,
@@ -662,15 +711,20 @@ impl Attempt {
         let mut error = f.error;
         let mut artifacts = Vec::new();
         if f.launched && !self.lease.task.artifacts.is_empty() {
-            let prefix = format!(
-                "{}/{}/{}",
-                self.lease.job_id, self.lease.task_id, self.lease.attempt
-            );
+            let l = &self.lease;
+            let at = gpufleet_natsutil::artifacts::Attempt {
+                owner: l.owner.clone(),
+                job: l.job_id.clone(),
+                task: l.task_id.clone(),
+                attempt: l.attempt,
+                worker: self.ctx.worker.clone(),
+                token: l.token.clone(),
+            };
             let up = artifacts::upload(
-                &self.ctx.objects,
+                &self.ctx.js,
+                &at,
                 &f.output_dir,
-                &self.lease.task.artifacts,
-                &prefix,
+                &l.task.artifacts,
                 self.ctx.cfg.max_artifact_size.0,
             )
             .await;
@@ -711,7 +765,8 @@ impl Attempt {
         });
         let (subject, ev) = self.event(EventBody::Result(outcome), claim_rev);
         // The same id on every try: the stream keeps one copy.
-        let msg_id = subjects::result_msg_id(&self.lease.task_id, self.lease.attempt);
+        let msg_id =
+            subjects::result_msg_id(&self.lease.task_id, self.lease.attempt, &self.lease.token);
         let mut delay = Duration::from_millis(100);
         loop {
             if publish(&self.ctx.js, subject.clone(), &ev, Some(&msg_id)).await {
@@ -873,9 +928,11 @@ async fn renew(
 
 /// Ships a task's output as events; waits for every ack before returning,
 /// so that the result published after it follows the last line.
+#[allow(clippy::too_many_arguments)]
 async fn ship_output(
     js: jetstream::Context,
     mut rx: mpsc::Receiver<Output>,
+    owner: UserId,
     job: JobId,
     task: TaskId,
     attempt: u32,
@@ -907,8 +964,9 @@ async fn ship_output(
             lease_rev: Some(lease_rev),
             at: OffsetDateTime::now_utc(),
             body,
+            token: None,
         };
-        let subject = subjects::events(&job, &task, kind);
+        let subject = subjects::events(&owner, &job, &task, kind, &Sender::Worker(worker.clone()));
         let Ok(bytes) = codec::encode(&ev) else {
             continue;
         };

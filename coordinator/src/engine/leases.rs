@@ -78,6 +78,20 @@ impl LeaseBook {
         }
     }
 
+    /// The tasks whose live lease on `worker` holds the GPU `uuid`.
+    pub fn holders_of(&self, worker: &WorkerId, uuid: &str) -> Vec<TaskId> {
+        let mut held: Vec<TaskId> = self
+            .live
+            .values()
+            .filter(|l| &l.lease.worker == worker)
+            .filter(|l| !matches!(l.lease.state, LeaseState::Rejected | LeaseState::Abandoned))
+            .filter(|l| l.lease.grant.gpus.iter().any(|g| g.uuid == uuid))
+            .map(|l| l.lease.task_id.clone())
+            .collect();
+        held.sort();
+        held
+    }
+
     // ----- leases -----
 
     pub fn get(&self, key: &str) -> Option<&LiveLease> {
