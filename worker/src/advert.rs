@@ -91,7 +91,7 @@ pub async fn heartbeat(
         let (p, snap) = probe_gpus(probe, now_inputs.reserved_gpu.clone()).await;
         probe = p;
         let ours = if snap.gpus.iter().any(|g| !g.simulated) {
-            tokio::task::spawn_blocking(crate::agent::descendants_of_self)
+            tokio::task::spawn_blocking(crate::procs::descendants_of_self)
                 .await
                 .unwrap_or_default()
         } else {
