@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use gpufleet_schema::api::{code, SubmitReply};
+use gpufleet_schema::capacity::WorkerCapacity;
 use gpufleet_schema::{
     subjects, Encoding, Event, EventBody, GpuRequest, JobId, JobSpec, JobState, JobStatus, Lease,
     LeaseState, Rendezvous, TaskId, TaskOutcome, TaskState, WorkerAdvert, WorkerId,
@@ -22,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::config::CoordinatorConfig;
 use crate::metrics::{InputKind, Metrics};
-use crate::placement::{self, GpuView, TaskRequest, WorkerView};
+use crate::placement::{self, TaskRequest, WorkerView};
 use crate::state::{JobRecord, INLINE_RESULT_BYTES};
 
 /// A reply to an API call, before encoding.
@@ -1189,22 +1190,7 @@ impl Engine {
                 name: a.name.clone(),
                 labels: a.labels.clone(),
                 draining: a.draining,
-                cpus_total_milli: a.cpus_milli,
-                cpus_free_milli: a.cpus_milli,
-                memory_total: a.memory_total.0,
-                memory_free: a.memory_total.0,
-                gpus: a
-                    .gpus
-                    .iter()
-                    .map(|g| GpuView {
-                        index: g.index,
-                        uuid: g.uuid.clone(),
-                        memory_total: g.memory_total.0,
-                        memory_free: g.memory_total.0.saturating_sub(g.memory_unmanaged.0),
-                        exclusive: false,
-                        shares: 0,
-                    })
-                    .collect(),
+                capacity: WorkerCapacity::from_advert(a),
             })
             .collect();
         let index: HashMap<WorkerId, usize> = views
@@ -1220,20 +1206,7 @@ impl Engine {
             let Some(&w) = index.get(&l.worker) else {
                 continue;
             };
-            let v = &mut views[w];
-            v.cpus_free_milli = v.cpus_free_milli.saturating_sub(l.grant.cpus_milli);
-            v.memory_free = v.memory_free.saturating_sub(l.grant.memory.0);
-            for g in &l.grant.gpus {
-                if let Some(gv) = v.gpus.iter_mut().find(|gv| gv.uuid == g.uuid) {
-                    if l.grant.exclusive {
-                        gv.exclusive = true;
-                        gv.memory_free = 0;
-                    } else {
-                        gv.shares += 1;
-                        gv.memory_free = gv.memory_free.saturating_sub(g.memory.0);
-                    }
-                }
-            }
+            views[w].capacity.hold(&l.grant);
         }
         views
     }

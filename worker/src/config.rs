@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use gpufleet_schema::{ByteSize, Dur, WorkerId};
+use gpufleet_schema::{capacity, ByteSize, Dur, WorkerId};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,7 +72,7 @@ impl Default for WorkerConfig {
             cpus: None,
             memory: None,
             addr: None,
-            rendezvous_ports: (29500, 29999),
+            rendezvous_ports: capacity::DEFAULT_RENDEZVOUS_PORTS,
             kill_grace: Dur::secs(10),
             drain_timeout: Dur::secs(300),
             max_result_size: ByteSize::mib(1),
