@@ -43,6 +43,16 @@ pub fn parse_stat(stat: &str) -> Option<Stat> {
     Some(Stat { state, ppid, pgrp })
 }
 
+/// CPU time a process has used, user and system, in clock ticks (fields
+/// 14 and 15 of `/proc/<pid>/stat`); `None` once it is gone.
+pub fn cpu_ticks(dir: &Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    let mut after = stat[stat.rfind(')')? + 1..].split_whitespace().skip(11);
+    let user: u64 = after.next()?.parse().ok()?;
+    let system: u64 = after.next()?.parse().ok()?;
+    Some(user + system)
+}
+
 /// Resident pages, the second field of `/proc/<pid>/statm`.
 pub fn parse_statm_resident(statm: &str) -> Option<u64> {
     statm.split_whitespace().nth(1)?.parse().ok()
@@ -226,6 +236,10 @@ mod tests {
         // The peak, read second, is at least what was resident before.
         let rss = status_bytes(&own, "VmRSS:").unwrap();
         assert!(status_bytes(&own, "VmHWM:").unwrap() >= rss);
+        // Some CPU time went into this test already.
+        let spun = (0..10_000_000u64).fold(0u64, |a, x| a ^ x.wrapping_mul(31));
+        std::hint::black_box(spun);
+        assert!(cpu_ticks(&own).unwrap() > 0);
         let child = std::process::Command::new("sleep")
             .arg("5")
             .spawn()
