@@ -216,6 +216,16 @@ async fn users_are_kept_apart_and_an_admin_sees_everything() {
         Ok(mut r) => matches!(r.next().await, Some(Ok(_))),
     };
     assert!(!leaked, "bob read alice's events");
+    // Her artifacts' consumer is refused outright (she has none to leak).
+    let artifacts = events::Replay::start(
+        &js,
+        subjects::ARTIFACTS_STREAM,
+        vec![subjects::user_artifacts(&user("alice"))],
+        1,
+        events::Until::CaughtUp,
+    )
+    .await;
+    assert!(artifacts.is_err(), "bob may replay alice's artifacts");
     let job_id = JobId::new(job.clone()).unwrap();
     let task = TaskId::for_index(&job_id, 0);
     let writes = [
@@ -414,14 +424,40 @@ async fn a_reservation_without_a_trusted_signature_is_refused_and_placed_again()
             "resources": {"cpus": 1}}]}),
     )
     .await;
-    // Refused by w1, with the reason recorded, and waiting again.
-    let s = eventually(T, "w1 to refuse the reservation", || async {
-        let s = status(&fleet, "alice", &job).await;
-        let reason = s["tasks"][0]["reason"].as_str().unwrap_or("").to_string();
-        reason.contains("does not trust").then_some(s)
+    // Refused by w1, with the reason recorded (in the state event that
+    // queues it again, as alice reads her job's events).
+    let alice = async_nats::jetstream::new(fleet.client_as(&Role::User(user("alice"))).await);
+    let job_id = JobId::new(job.clone()).unwrap();
+    let mut replay = events::Replay::start(
+        &alice,
+        subjects::EVENTS_STREAM,
+        vec![subjects::job_events(&user("alice"), &job_id)],
+        1,
+        events::Until::Live,
+    )
+    .await
+    .unwrap();
+    gpufleet_testkit::with_deadline(T, "w1 to refuse the reservation", async {
+        loop {
+            let Some(Ok(r)) = replay.next().await else {
+                continue;
+            };
+            let Ok(ev) = codec::decode::<Event>(&r.message.payload) else {
+                continue;
+            };
+            if let EventBody::State {
+                state: TaskState::Queued,
+                reason: Some(reason),
+                ..
+            } = &ev.body
+            {
+                if reason.contains("worker w1 refused it") && reason.contains("does not trust") {
+                    return;
+                }
+            }
+        }
     })
     .await;
-    assert_eq!(s["tasks"][0]["state"], "QUEUED", "{s:#}");
     assert!(!ran.exists(), "w1 ran what it could not trust");
     // Placed again on a worker that trusts the coordinator, where it runs.
     fleet.add_worker(WorkerSpec::new("w2").cpus(1.0));
