@@ -392,10 +392,15 @@ impl Engine {
                         .find_task(t)
                         .is_some_and(|(job, _)| caller.sees(&self.jobs[&job].owner))
                 };
+                let mut held = self
+                    .book
+                    .gpu_holders(&list.iter().map(|w| &w.name).collect());
                 for w in &mut list {
                     w.running.retain(|t| visible(t));
                     for g in &mut w.gpus {
-                        g.held_by = self.book.holders_of(&w.name, &g.uuid);
+                        g.held_by = held
+                            .remove(&(w.name.clone(), g.uuid.clone()))
+                            .unwrap_or_default();
                         g.held_by.retain(|t| visible(t));
                     }
                 }

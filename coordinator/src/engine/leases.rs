@@ -76,17 +76,28 @@ impl LeaseBook {
         }
     }
 
-    /// The tasks whose live lease on `worker` holds the GPU `uuid`.
-    pub fn holders_of(&self, worker: &WorkerId, uuid: &str) -> Vec<TaskId> {
-        let mut held: Vec<TaskId> = self
-            .live
-            .values()
-            .filter(|l| &l.lease.worker == worker)
-            .filter(|l| !matches!(l.lease.state, LeaseState::Rejected | LeaseState::Abandoned))
-            .filter(|l| l.lease.grant.gpus.iter().any(|g| g.uuid == uuid))
-            .map(|l| l.lease.task_id.clone())
-            .collect();
-        held.sort();
+    /// The tasks whose live lease holds each GPU of `workers`, keyed by
+    /// (worker, GPU uuid): one pass over the leases.
+    pub fn gpu_holders(
+        &self,
+        workers: &HashSet<&WorkerId>,
+    ) -> HashMap<(WorkerId, String), Vec<TaskId>> {
+        let mut held: HashMap<(WorkerId, String), Vec<TaskId>> = HashMap::new();
+        for l in self.live.values().map(|l| &l.lease) {
+            if !workers.contains(&l.worker)
+                || matches!(l.state, LeaseState::Rejected | LeaseState::Abandoned)
+            {
+                continue;
+            }
+            for g in &l.grant.gpus {
+                held.entry((l.worker.clone(), g.uuid.clone()))
+                    .or_default()
+                    .push(l.task_id.clone());
+            }
+        }
+        for tasks in held.values_mut() {
+            tasks.sort();
+        }
         held
     }
 

@@ -79,22 +79,35 @@ fn a_user_sees_and_cancels_its_own_jobs_and_an_admin_all() {
 }
 
 #[test]
-fn a_workers_running_tasks_show_only_to_their_owners() {
-    let mut e = ready_engine(&[advert("w1", 4, 0)]);
+fn a_workers_running_tasks_and_gpu_holders_show_only_to_their_owners() {
+    let mut e = ready_engine(&[advert("w1", 4, 2)]);
     let (alice, bob) = (user("alice"), user("bob"));
-    let a = submit_as(&mut e, &alice, r#"{"tasks": [{"command": ["a"]}]}"#);
-    let b = submit_as(&mut e, &bob, r#"{"tasks": [{"command": ["b"]}]}"#);
-    let mut w = advert("w1", 4, 0);
+    let one_gpu = r#"{"tasks": [{"command": ["a"], "resources": {"gpus": 1}}]}"#;
+    let a = submit_as(&mut e, &alice, one_gpu);
+    let b = submit_as(&mut e, &bob, one_gpu);
+    assert_eq!(pass(&mut e).len(), 2, "both placed on w1's two GPUs");
+    let mut w = advert("w1", 4, 2);
     w.running = vec![TaskId::for_index(&a, 0), TaskId::for_index(&b, 0)];
     e.handle(Input::Advert(Box::new(w)));
-    let workers = ApiCall::Workers {
+    let workers = || ApiCall::Workers {
         after: None,
         limit: 10,
     };
-    match call(&mut e, workers, &alice) {
-        Reply::Workers(ws) => assert_eq!(ws[0].running, vec![TaskId::for_index(&a, 0)]),
-        other => panic!("{other:?}"),
-    }
+    let Reply::Workers(ws) = call(&mut e, workers(), &alice) else {
+        panic!("workers")
+    };
+    assert_eq!(ws[0].running, vec![TaskId::for_index(&a, 0)]);
+    let held: Vec<TaskId> = ws[0].gpus.iter().flat_map(|g| g.held_by.clone()).collect();
+    assert_eq!(held, vec![TaskId::for_index(&a, 0)]);
+    let root = Caller {
+        admin: true,
+        ..user("root")
+    };
+    let Reply::Workers(ws) = call(&mut e, workers(), &root) else {
+        panic!("workers")
+    };
+    let held = ws[0].gpus.iter().filter(|g| !g.held_by.is_empty()).count();
+    assert_eq!((ws[0].running.len(), held), (2, 2));
 }
 
 #[test]
