@@ -371,7 +371,7 @@ fn grant(cpus_milli: u64, memory: u64, gpus: &[(&str, u64)], exclusive: bool) ->
             .enumerate()
             .map(|(i, (uuid, m))| GpuGrant {
                 index: i as u32,
-                uuid: uuid.to_string(),
+                uuid: uuid.to_string().into(),
                 memory: ByteSize(*m),
             })
             .collect(),

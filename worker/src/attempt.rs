@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gpufleet_natsutil::KvError;
-use gpufleet_schema::{codec, EventBody, Lease, TaskOutcome, TaskState};
+use gpufleet_schema::{codec, EventBody, Lease, LeaseKey, TaskOutcome, TaskState};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::agent::{AttemptMsg, Ctx};
@@ -52,7 +52,7 @@ impl Confirmed {
 /// One claimed (or about to be claimed) attempt.
 pub(crate) struct Attempt {
     pub ctx: Arc<Ctx>,
-    pub key: String,
+    pub key: LeaseKey,
     pub lease: Lease,
     pub source: Source,
     pub stop: Arc<watch::Sender<Option<StopReason>>>,
@@ -341,7 +341,7 @@ fn fit_outcome(
 /// obeyed; anything else means the lease is no longer ours.
 async fn renew(
     ctx: Arc<Ctx>,
-    key: String,
+    key: LeaseKey,
     lease: Lease,
     ttl: Duration,
     rev: Arc<AtomicU64>,
@@ -373,14 +373,14 @@ async fn renew(
             }
             Err(KvError::Conflict { .. }) => {}
             Err(e) => {
-                tracing::warn!(key, error = %e, "lease renewal failed; retrying");
+                tracing::warn!(%key, error = %e, "lease renewal failed; retrying");
                 continue;
             }
         }
         let latest = match ctx.leases.last(&key).await {
             Ok(latest) => latest,
             Err(e) => {
-                tracing::warn!(key, error = %e, "lease check failed; retrying");
+                tracing::warn!(%key, error = %e, "lease check failed; retrying");
                 continue;
             }
         };

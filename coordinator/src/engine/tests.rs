@@ -80,7 +80,7 @@ fn advert(name: &str, cpus: u64, gpus: u32) -> WorkerAdvert {
         gpus: (0..gpus)
             .map(|i| GpuAdvert {
                 index: i,
-                uuid: format!("GPU-{name}-{i}"),
+                uuid: format!("GPU-{name}-{i}").into(),
                 model: "T".into(),
                 memory_total: ByteSize::gib(24),
                 memory_used: ByteSize(0),
