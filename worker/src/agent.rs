@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, object_store::ObjectStore};
 use bytes::Bytes;
-use gpufleet_natsutil::{ensure_stores, KvError, KvEvent, KvOp, RawKv, Setup};
+use gpufleet_natsutil::{ensure_stores, Backoff, KvError, KvEvent, KvOp, RawKv, Setup};
 use gpufleet_schema::{
     codec, subjects, GpuUuid, Lease, LeaseKey, LeaseState, WorkerAdvert, WorkerId,
 };
@@ -318,14 +318,13 @@ async fn wait_for_name(
 
 /// Starts the lease watch again, until it starts.
 async fn rewatch(leases: &RawKv, worker: &WorkerId) -> gpufleet_natsutil::KvWatcher {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match leases.watch(&subjects::worker_leases(worker)).await {
             Ok(w) => return w,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch leases; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                backoff.wait().await;
             }
         }
     }

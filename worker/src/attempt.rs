@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use gpufleet_natsutil::KvError;
+use gpufleet_natsutil::{Backoff, KvError};
 use gpufleet_schema::{codec, EventBody, Lease, LeaseKey, TaskOutcome, TaskState};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -262,7 +262,7 @@ impl Attempt {
         // The same id on every try: the stream keeps one copy.
         let msg_id =
             gpufleet_schema::subjects::result_msg_id(&self.lease.task_id, self.lease.attempt);
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             if publish::publish(&self.ctx.js, subject.clone(), &ev, Some(&msg_id)).await {
                 return;
@@ -270,8 +270,7 @@ impl Attempt {
             if *self.stop_rx.borrow() == Some(StopReason::Fenced) {
                 return;
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
+            backoff.wait().await;
         }
     }
 }
