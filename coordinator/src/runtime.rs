@@ -546,7 +546,11 @@ fn lease_input(c: gpufleet_natsutil::KvChange) -> Option<Input> {
         KvOp::Put => match codec::decode::<Lease>(&c.value) {
             Ok(lease)
                 if subjects::parse_lease_key(&c.key)
-                    != Some((lease.worker.clone(), lease.task_id.clone(), lease.attempt))
+                    != Some(subjects::lease_key(
+                        &lease.worker,
+                        &lease.task_id,
+                        lease.attempt,
+                    ))
                     || lease.task_id.job_and_index().map(|(j, _)| j)
                         != Some(lease.job_id.clone()) =>
             {

@@ -16,7 +16,7 @@ use data_encoding::BASE64URL_NOPAD;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::ids::{JobId, TaskId, UserId, WorkerId};
+use crate::ids::{GpuUuid, JobId, TaskId, UserId, WorkerId};
 use crate::spec::TaskSpec;
 use crate::units::{ByteSize, Dur};
 
@@ -174,7 +174,7 @@ pub struct Grant {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuGrant {
     pub index: u32,
-    pub uuid: String,
+    pub uuid: GpuUuid,
     /// GPU memory set aside for the task.
     pub memory: ByteSize,
 }

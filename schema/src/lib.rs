@@ -35,11 +35,11 @@ pub mod worker;
 
 pub use codec::{CodecError, Encoding};
 pub use event::{Artifact, Event, EventBody, EventKind, LogStream, TaskOutcome};
-pub use ids::{JobId, TaskId, UserId, WorkerId};
+pub use ids::{GpuUuid, JobId, TaskId, UserId, WorkerId};
 pub use lease::{GpuGrant, Grant, Lease, LeaseState, Rendezvous, SealError};
 pub use spec::{Constraints, GpuRequest, JobSpec, Resources, SpecError, TaskSpec};
 pub use status::{JobState, JobStatus, TaskCounts, TaskState, TaskStatus};
-pub use subjects::Sender;
+pub use subjects::{LeaseKey, Sender};
 pub use units::{ByteSize, Dur};
 pub use worker::{GpuAdvert, WorkerAdvert};
 

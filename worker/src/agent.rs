@@ -17,8 +17,10 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use gpufleet_natsutil::{KvError, KvEvent, KvOp, KvWatcher, RawKv};
-use gpufleet_schema::{codec, subjects, Lease, LeaseState, WorkerAdvert, WorkerId};
+use gpufleet_natsutil::{Backoff, KvError, KvEvent, KvOp, KvWatcher, RawKv};
+use gpufleet_schema::{
+    codec, subjects, GpuUuid, Lease, LeaseKey, LeaseState, WorkerAdvert, WorkerId,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::advert::{self, AdvertInputs};
@@ -75,11 +77,11 @@ pub(crate) enum AttemptMsg {
     /// gone the coordinator may place new work here at once, and that
     /// reservation must not find the old grant still held.
     Releasing {
-        key: String,
+        key: LeaseKey,
         freed: oneshot::Sender<()>,
     },
     /// The attempt's task is over (reported, released, cleaned up).
-    Done { key: String },
+    Done { key: LeaseKey },
 }
 
 /// Runs the worker until `shutdown` resolves, then drains: no new work,
@@ -113,7 +115,8 @@ pub async fn run_with(
     // its own keys through them (its least privilege allows no more).
     let leases = RawKv::open_scoped(&js, subjects::LEASES_BUCKET).await?;
     let adverts = RawKv::open_scoped(&js, subjects::WORKERS_BUCKET).await?;
-    let mut watch = watch_leases(&leases, &worker, cfg.connect_patience.0).await?;
+    let patience = tokio::time::Instant::now() + cfg.connect_patience.0;
+    let mut watch = watch_leases(&leases, &worker, Some(patience)).await?;
     let instance = uuid::Uuid::now_v7().simple().to_string();
     wait_for_name(&adverts, &worker, &instance).await?;
 
@@ -151,7 +154,7 @@ pub async fn run_with(
         launcher,
     });
 
-    let unmanaged: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let unmanaged: Arc<Mutex<HashMap<GpuUuid, u64>>> = Arc::default();
     let (advert_tx, advert_rx) = watch::channel(AdvertInputs::default());
     let advert_task = tokio::spawn(advert::heartbeat(
         adverts.clone(),
@@ -211,7 +214,7 @@ pub async fn run_with(
                 let Some(item) = item else {
                     // The watch cannot continue; start it again from the
                     // current state (idempotent for keys we already hold).
-                    watch = rewatch(&leases, &worker).await;
+                    watch = watch_leases(&leases, &worker, None).await?;
                     continue;
                 };
                 let change = match item {
@@ -222,11 +225,17 @@ pub async fn run_with(
                         continue;
                     }
                 };
+                // Only the coordinator writes lease keys; one that does not
+                // parse names no attempt.
+                let Some(key) = subjects::parse_lease_key(&change.key) else {
+                    tracing::warn!(key = %change.key, "ignoring a lease under a malformed key");
+                    continue;
+                };
                 if change.op != KvOp::Put {
                     // Purged by the coordinator or expired: whatever runs
                     // under it is no longer ours to report.
-                    if let Some(h) = state.attempt(&change.key).filter(|h| !h.released.load(Ordering::SeqCst)) {
-                        tracing::warn!(key = %change.key, "lease gone: stopping the task without reporting");
+                    if let Some(h) = state.attempt(&key).filter(|h| !h.released.load(Ordering::SeqCst)) {
+                        tracing::warn!(%key, "lease gone: stopping the task without reporting");
                         h.stop.send_replace(Some(StopReason::Fenced));
                     }
                     continue;
@@ -234,15 +243,15 @@ pub async fn run_with(
                 let lease: Lease = match codec::decode(&change.value) {
                     Ok(l) => l,
                     Err(e) => {
-                        tracing::warn!(key = %change.key, error = %e, "ignoring an unreadable lease");
+                        tracing::warn!(%key, error = %e, "ignoring an unreadable lease");
                         continue;
                     }
                 };
                 let decision = {
                     let unmanaged = unmanaged.lock().unwrap_or_else(|e| e.into_inner());
-                    state.on_lease(&change.key, &lease, &unmanaged, port_is_free)
+                    state.on_lease(&key, &lease, &unmanaged, port_is_free)
                 };
-                if act(&ctx, &mut state, &done_tx, change.key, change.revision, lease, decision).await {
+                if act(&ctx, &mut state, &done_tx, key, change.revision, lease, decision).await {
                     publish_inputs(&state);
                 }
             }
@@ -263,26 +272,28 @@ pub async fn run_with(
     Ok(())
 }
 
-/// Starts the watch on this worker's lease keys, waiting up to `patience`
-/// for the coordinator to have made the bucket.
+/// Starts the watch on this worker's lease keys, retrying (the
+/// coordinator may not have made the bucket yet, or NATS is away) until
+/// `deadline`, or for ever without one.
 async fn watch_leases(
     leases: &RawKv,
     worker: &WorkerId,
-    patience: Duration,
+    deadline: Option<tokio::time::Instant>,
 ) -> Result<KvWatcher, WorkerError> {
-    let deadline = tokio::time::Instant::now() + patience;
-    let mut backoff =
-        gpufleet_natsutil::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match leases.watch(&subjects::worker_leases(worker)).await {
             Ok(w) => return Ok(w),
-            Err(e) => match backoff.next_before(deadline) {
-                Some(delay) => {
-                    tracing::info!(error = %e, "waiting for the coordinator's stores");
-                    tokio::time::sleep(delay).await;
+            Err(e) => {
+                tracing::info!(error = %e, "cannot watch this worker's leases yet; retrying");
+                match deadline {
+                    Some(d) => match backoff.next_before(d) {
+                        Some(delay) => tokio::time::sleep(delay).await,
+                        None => return Err(e.into()),
+                    },
+                    None => backoff.wait().await,
                 }
-                None => return Err(e.into()),
-            },
+            }
         }
     }
 }
@@ -329,21 +340,6 @@ async fn wait_for_name(
     }
 }
 
-/// Starts the lease watch again, until it starts.
-async fn rewatch(leases: &RawKv, worker: &WorkerId) -> gpufleet_natsutil::KvWatcher {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match leases.watch(&subjects::worker_leases(worker)).await {
-            Ok(w) => return w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch leases; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
 /// Whether this machine can listen on `port` now.
 fn port_is_free(port: u16) -> bool {
     std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
@@ -355,7 +351,7 @@ async fn act(
     ctx: &Arc<Ctx>,
     state: &mut WorkerState<Held>,
     done_tx: &mpsc::Sender<AttemptMsg>,
-    key: String,
+    key: LeaseKey,
     rev: u64,
     lease: Lease,
     decision: OnLease,
@@ -376,7 +372,7 @@ async fn act(
             reason,
         } => {
             if answer == LeaseState::Rejected {
-                tracing::info!(key, reason, "refusing a reservation");
+                tracing::info!(%key, reason, "refusing a reservation");
             }
             refuse(ctx, &key, rev, core::refusal(lease, answer, reason)).await;
             false
@@ -411,16 +407,21 @@ async fn act(
 }
 
 /// Writes a refusal the coordinator reads and records.
-async fn refuse(ctx: &Ctx, key: &str, rev: u64, answer: Lease) {
+async fn refuse(ctx: &Ctx, key: &LeaseKey, rev: u64, answer: Lease) {
     let Ok(bytes) = codec::encode(&answer) else {
         return;
     };
     match ctx
         .leases
-        .update(key, Bytes::from(bytes), Some(core::REFUSAL_TTL), rev)
+        .update(
+            key.as_str(),
+            Bytes::from(bytes),
+            Some(core::REFUSAL_TTL),
+            rev,
+        )
         .await
     {
         Ok(_) | Err(KvError::Conflict { .. }) => {}
-        Err(e) => tracing::warn!(key, error = %e, "could not refuse a lease"),
+        Err(e) => tracing::warn!(%key, error = %e, "could not refuse a lease"),
     }
 }

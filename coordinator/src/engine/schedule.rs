@@ -353,7 +353,7 @@ impl Engine {
             claim_rev: None,
         };
         self.book.reserve(key.clone(), lease.clone());
-        self.fx.create_leases.push((key, lease));
+        self.fx.create_leases.push((key.into(), lease));
         self.emit_state(job, i);
     }
 
