@@ -54,6 +54,7 @@ fn advert(i: usize, started: time::OffsetDateTime) -> WorkerAdvert {
                 utilization: Some(0),
                 temperature: None,
                 simulated: true,
+                held_by: vec![],
             })
             .collect(),
         running: vec![],
@@ -119,7 +120,7 @@ pub async fn coordinator_stats(client: &async_nats::Client) -> anyhow::Result<Va
 }
 
 /// Workers the coordinator lists, page by page.
-pub async fn count_workers(client: &async_nats::Client) -> anyhow::Result<usize> {
+pub async fn count_workers(client: &async_nats::Client, subject: &str) -> anyhow::Result<usize> {
     let mut after: Option<String> = None;
     let mut n = 0;
     loop {
@@ -128,10 +129,7 @@ pub async fn count_workers(client: &async_nats::Client) -> anyhow::Result<usize>
             None => json!({}),
         };
         let r = client
-            .request(
-                subjects::WORKERS_LIST,
-                Bytes::from(serde_json::to_vec(&body)?),
-            )
+            .request(subject.to_string(), Bytes::from(serde_json::to_vec(&body)?))
             .await?;
         let page: Vec<Value> = serde_json::from_slice(&r.payload)?;
         if page.is_empty() {
@@ -184,7 +182,11 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut pace = Backoff::fixed(Duration::from_millis(200));
     loop {
-        if count_workers(&client).await.unwrap_or(0) >= workers {
+        if count_workers(&client, subjects::WORKERS_LIST)
+            .await
+            .unwrap_or(0)
+            >= workers
+        {
             break;
         }
         anyhow::ensure!(

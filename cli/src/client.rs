@@ -10,7 +10,10 @@ use gpufleet_schema::api::{
     ErrorBody, GetRequest, JobRef, ListRequest, SubmitReply, WorkersRequest,
 };
 use gpufleet_schema::codec::{self, CONTENT_TYPE, MSGPACK};
-use gpufleet_schema::{subjects, Event, JobId, JobSpec, JobState, JobStatus, WorkerAdvert};
+use gpufleet_schema::subjects::{self, endpoint, Sender};
+use gpufleet_schema::{
+    Event, EventBody, JobId, JobSpec, JobState, JobStatus, TaskId, UserId, WorkerAdvert, WorkerId,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -28,12 +31,16 @@ pub enum ApiError {
 #[derive(Clone)]
 pub struct Api {
     pub client: Client,
+    /// Who it calls as (`gpufleet.api.<user>.…`); `None` on a fleet
+    /// without roles.
+    pub user: Option<UserId>,
 }
 
 impl Api {
     pub async fn connect(
         url: &str,
         auth: &gpufleet_natsutil::Auth,
+        user: Option<UserId>,
         patience: Duration,
     ) -> anyhow::Result<Api> {
         use async_nats::ConnectErrorKind as Kind;
@@ -45,8 +52,9 @@ impl Api {
                         match source.kind() {
                             Kind::Authentication | Kind::AuthorizationViolation => {
                                 "the server wants credentials: give them in the URL \
-                                 (nats://user:password@host), with --nats-creds FILE, or \
-                                 with GPUFLEET_NATS_TOKEN"
+                                 (nats://user:password@host), with --nats-creds FILE, \
+                                 GPUFLEET_NATS_TOKEN or GPUFLEET_NATS_NKEY (the files \
+                                 `gpufleet auth` writes)"
                             }
                             Kind::Tls => {
                                 "a TLS problem: for a private CA set SSL_CERT_FILE to its \
@@ -62,14 +70,19 @@ impl Api {
                 };
                 anyhow::anyhow!("{e}\n  ({hint})")
             })?;
-        Ok(Api { client })
+        Ok(Api { client, user })
+    }
+
+    fn subject(&self, endpoint: &str) -> String {
+        subjects::api_for(self.user.as_ref(), endpoint)
     }
 
     async fn call<Req: Serialize, Rep: DeserializeOwned>(
         &self,
-        subject: &str,
+        endpoint: &str,
         body: &Req,
     ) -> Result<Rep, ApiError> {
+        let subject = &self.subject(endpoint);
         let payload = codec::encode(body).map_err(|e| ApiError::Other(e.to_string()))?;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(CONTENT_TYPE, MSGPACK);
@@ -107,7 +120,7 @@ impl Api {
     }
 
     pub async fn submit(&self, spec: &JobSpec) -> Result<SubmitReply, ApiError> {
-        self.call(subjects::JOBS_SUBMIT, spec).await
+        self.call(endpoint::JOBS_SUBMIT, spec).await
     }
 
     /// A job with every task, page by page.
@@ -129,7 +142,7 @@ impl Api {
             task_offset: (offset > 0).then_some(offset),
             task_limit: None,
         };
-        self.call(subjects::JOBS_GET, &req).await
+        self.call(endpoint::JOBS_GET, &req).await
     }
 
     pub async fn list(
@@ -137,13 +150,13 @@ impl Api {
         status: Option<JobState>,
         limit: Option<u32>,
     ) -> Result<Vec<JobStatus>, ApiError> {
-        self.call(subjects::JOBS_LIST, &ListRequest { status, limit })
+        self.call(endpoint::JOBS_LIST, &ListRequest { status, limit })
             .await
     }
 
     pub async fn cancel(&self, job: &JobId) -> Result<JobStatus, ApiError> {
         self.call(
-            subjects::JOBS_CANCEL,
+            endpoint::JOBS_CANCEL,
             &JobRef {
                 job_id: job.clone(),
             },
@@ -159,7 +172,7 @@ impl Api {
                 after: all.last().map(|w| w.name.clone()),
                 limit: None,
             };
-            let page: Vec<WorkerAdvert> = self.call(subjects::WORKERS_LIST, &req).await?;
+            let page: Vec<WorkerAdvert> = self.call(endpoint::WORKERS_LIST, &req).await?;
             if page.is_empty() {
                 return Ok(all);
             }
@@ -167,21 +180,59 @@ impl Api {
         }
     }
 
-    /// Every event on `filters` (subjects in the events stream) from the
-    /// start of the stream: until what was stored when this is called, or
-    /// then new ones as they come.
-    pub async fn events(&self, filters: Vec<String>, until: Until) -> anyhow::Result<EventStream> {
+    /// Every event on `filter` (one subject pattern in the events stream:
+    /// a least-privilege user may create consumers with one filter only)
+    /// from the start of the stream: until what was stored when this is
+    /// called, or then new ones as they come.
+    pub async fn events(&self, filter: String, until: Until) -> anyhow::Result<EventStream> {
         let js = jetstream::new(self.client.clone());
-        let replay = Replay::start(&js, subjects::EVENTS_STREAM, filters, 1, until)
+        let replay = Replay::start(&js, subjects::EVENTS_STREAM, vec![filter], 1, until)
             .await
             .context("opening the events stream (has a coordinator ever run on this NATS?)")?;
-        Ok(EventStream { replay })
+        Ok(EventStream {
+            replay,
+            holders: HoldersOf::default(),
+        })
     }
 }
 
-/// An ordered replay of stored events, then (live) new ones.
+/// Who holds each attempt, from the coordinator's state events: the one
+/// sender whose output, progress and results count for it.
+#[derive(Default)]
+pub struct HoldersOf(std::collections::HashMap<(TaskId, u32), WorkerId>);
+
+impl HoldersOf {
+    /// Whether `event`, which came from `sender`, counts; learns the
+    /// holder from the coordinator's events on the way. Events of an
+    /// attempt come after the state event that reserved it, so its holder
+    /// is known by then.
+    pub fn admit(&mut self, event: &Event, sender: &Sender) -> bool {
+        let key = (event.task_id.clone(), event.attempt);
+        match sender {
+            Sender::Coordinator => {
+                if let EventBody::State {
+                    holder: Some(w), ..
+                } = &event.body
+                {
+                    self.0.insert(key, w.clone());
+                }
+                true
+            }
+            Sender::Worker(w) => self.0.get(&key) == Some(w),
+        }
+    }
+
+    pub fn holder(&self, task: &TaskId, attempt: u32) -> Option<&WorkerId> {
+        self.0.get(&(task.clone(), attempt))
+    }
+}
+
+/// An ordered replay of stored events, then (live) new ones; only events
+/// whose body agrees with their subject and that their attempt's holder
+/// (or the coordinator) sent.
 pub struct EventStream {
     replay: Replay,
+    holders: HoldersOf,
 }
 
 /// One event with where it sits in the stream.
@@ -203,12 +254,21 @@ impl EventStream {
                     continue;
                 }
             };
+            let Some(subject) = subjects::parse_event_subject(r.message.subject.as_str()) else {
+                continue;
+            };
             match codec::decode::<Event>(&r.message.payload) {
-                Ok(event) => {
+                Ok(event)
+                    if event.matches_subject(&subject)
+                        && self.holders.admit(&event, &subject.sender) =>
+                {
                     return Some(Delivered {
                         event,
                         pending: r.pending,
                     })
+                }
+                Ok(_) => {
+                    tracing::warn!(subject = %r.message.subject, "skipping an event its attempt's holder did not send")
                 }
                 Err(e) => {
                     tracing::warn!(subject = %r.message.subject, error = %e, "skipping an unreadable event")
@@ -230,5 +290,10 @@ impl EventStream {
             .stored_tail()
             .await
             .context("reading the events stream")
+    }
+
+    /// Who held each attempt, as far as the events seen so far say.
+    pub fn holders(&self) -> &HoldersOf {
+        &self.holders
     }
 }

@@ -9,6 +9,7 @@
 //! job (bars, logs, Ctrl-C), `show` draws tables, `up` runs a local fleet,
 //! `settings` loads the command line's own configuration.
 
+mod auth;
 mod client;
 mod jobfile;
 mod settings;
@@ -22,10 +23,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use futures::StreamExt;
+use gpufleet_natsutil::artifacts::Stored;
+use gpufleet_natsutil::events::Until;
 use gpufleet_natsutil::telemetry::{self, LogFormat};
-use gpufleet_schema::{codec, subjects, JobId, JobSpec, JobState, JobStatus, Lease, LeaseState};
-use gpufleet_schema::{TaskId, TaskState};
+use gpufleet_schema::TaskState;
+use gpufleet_schema::{
+    subjects, EventKind, JobId, JobSpec, JobState, JobStatus, TaskId, WorkerAdvert,
+};
 use serde::Serialize;
 
 use client::Api;
@@ -191,13 +195,15 @@ enum Cmd {
     },
     /// List workers, their GPUs and which task holds each
     Workers,
-    /// Task artifacts in the object store
+    /// Task artifacts: list a job's, download one
     Artifacts {
         #[command(subcommand)]
         command: ArtifactsCmd,
     },
     /// Start a local fleet: nats-server, a coordinator and workers; Ctrl-C stops it all
     Up(up::UpArgs),
+    /// Write keys, settings and a nats-server configuration for a fleet with roles
+    Auth(auth::AuthArgs),
 }
 
 #[derive(Subcommand)]
@@ -276,9 +282,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     // What it says to people goes to stderr too: only warnings are logged.
     telemetry::init_with_default(cfg.log_format, "warn");
     let auth = cfg.auth();
-    let connect = || Api::connect(&cfg.nats_url, &auth, cfg.connect_timeout.0);
+    let connect = || {
+        Api::connect(
+            &cfg.nats_url,
+            &auth,
+            cfg.user.clone(),
+            cfg.connect_timeout.0,
+        )
+    };
     match cli.command {
         Cmd::Up(args) => up::run(args, json, cli.log_format).await,
+        Cmd::Auth(args) => auth::run(&args, cfg.nats_url.clone()),
         Cmd::Submit { file, wait } => {
             // Read and check the job before touching the network.
             let spec = jobfile::read(&file)?;
@@ -372,10 +386,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Workers => {
             let api = connect().await?;
             let list = api.workers().await?;
-            let holders = gpu_holders(&api).await.unwrap_or_else(|e| {
-                tracing::debug!(error = %e, "could not read the leases");
-                Default::default()
-            });
+            let holders = gpu_holders(&list);
             if json {
                 print_json(&show::workers_json(&list, &holders));
             } else {
@@ -473,34 +484,18 @@ fn summary(s: &JobStatus) -> String {
     line
 }
 
-/// Which tasks hold each GPU, from the live leases.
-async fn gpu_holders(api: &Api) -> anyhow::Result<show::Holders> {
-    let js = async_nats::jetstream::new(api.client.clone());
-    let kv = gpufleet_natsutil::RawKv::open(&js, subjects::LEASES_BUCKET).await?;
-    let mut watch = kv.watch(">").await?;
+/// Which tasks hold each GPU, as the coordinator reports them (with roles
+/// on, only the caller's own tasks).
+fn gpu_holders(list: &[WorkerAdvert]) -> show::Holders {
     let mut out = show::Holders::new();
-    while let Some(Ok(ev)) = watch.next().await {
-        match ev {
-            gpufleet_natsutil::KvEvent::Synced => break,
-            gpufleet_natsutil::KvEvent::Change(c) if c.op == gpufleet_natsutil::KvOp::Put => {
-                let Ok(l) = codec::decode::<Lease>(&c.value) else {
-                    continue;
-                };
-                if matches!(
-                    l.state,
-                    LeaseState::Reserved | LeaseState::Running | LeaseState::Cancelling
-                ) {
-                    for g in &l.grant.gpus {
-                        out.entry(g.uuid.clone())
-                            .or_default()
-                            .push(l.task_id.to_string());
-                    }
-                }
-            }
-            _ => {}
+    for g in list.iter().flat_map(|w| &w.gpus) {
+        if !g.held_by.is_empty() {
+            out.entry(g.uuid.clone())
+                .or_default()
+                .extend(g.held_by.iter().map(|t| t.to_string()));
         }
     }
-    Ok(out)
+    out
 }
 
 /// A task of `status` by id or name.
@@ -554,62 +549,60 @@ async fn logs(
 
 async fn artifacts(api: &Api, command: ArtifactsCmd, json: bool) -> anyhow::Result<i32> {
     let js = async_nats::jetstream::new(api.client.clone());
-    let store = js
-        .get_object_store(subjects::ARTIFACTS_BUCKET)
-        .await
-        .context("opening the artifacts store")?;
     let job = match &command {
         ArtifactsCmd::List { job } | ArtifactsCmd::Get { job, .. } => job_id(job)?,
     };
     let status = api.get(&job).await?;
-    let prefix = subjects::job_artifacts(&job);
-    let mut infos = Vec::new();
-    let mut list = store.list().await?;
-    while let Some(i) = list.next().await {
-        let i = i?;
-        if i.name.starts_with(&prefix) && !i.deleted {
-            infos.push(i);
-        }
-    }
-    infos.sort_by(|a, b| a.name.cmp(&b.name));
+    // Only what the worker holding each attempt uploaded counts: the
+    // coordinator's state events say who that was.
+    let mut states = api
+        .events(
+            subjects::job_events_of_kind(&status.owner, &job, EventKind::State),
+            Until::CaughtUp,
+        )
+        .await?;
+    while states.next().await.is_some() {}
+    let holders = states.holders();
+    let stored: Vec<Stored> = gpufleet_natsutil::artifacts::list(&js, &status.owner, &job)
+        .await
+        .context("reading the artifacts stream")?
+        .into_iter()
+        .filter(|a| holders.holder(&a.at.task, a.at.attempt) == Some(&a.at.worker))
+        .collect();
+    let task_name = |task: &TaskId| {
+        status
+            .tasks
+            .iter()
+            .find(|t| &t.task_id == task)
+            .map(|t| t.name.clone())
+            .unwrap_or_else(|| task.to_string())
+    };
     match command {
         ArtifactsCmd::List { .. } => {
-            let rows: Vec<(String, u32, String, String, u64)> = infos
-                .iter()
-                .filter_map(|i| {
-                    let (_, task, attempt, path) = subjects::parse_artifact_object(&i.name)?;
-                    let name = status
-                        .tasks
-                        .iter()
-                        .find(|t| t.task_id == task)
-                        .map(|t| t.name.clone())
-                        .unwrap_or_else(|| task.to_string());
-                    Some((
-                        name,
-                        attempt,
-                        path.to_string(),
-                        i.name.clone(),
-                        i.size as u64,
-                    ))
-                })
-                .collect();
             if json {
                 print_json(
-                    &rows
+                    &stored
                         .iter()
-                        .map(|(task, attempt, path, object, size)| {
-                            serde_json::json!({"task": task, "attempt": attempt,
-                                "name": path, "object": object, "size": size})
+                        .map(|a| {
+                            serde_json::json!({"task": task_name(&a.at.task), "attempt": a.at.attempt,
+                                "name": a.meta.name, "worker": a.at.worker,
+                                "object": subjects::artifact_object(&job, &a.at.task, a.at.attempt, &a.meta.name),
+                                "size": a.meta.size.0, "sha256": a.meta.sha256})
                         })
                         .collect::<Vec<_>>(),
                 );
-            } else if rows.is_empty() {
+            } else if stored.is_empty() {
                 println!("job {job} has no artifacts");
             } else {
-                let table: Vec<Vec<String>> = rows
-                    .into_iter()
-                    .map(|(task, attempt, path, _, size)| {
-                        vec![task, attempt.to_string(), path, show::size(size)]
+                let table: Vec<Vec<String>> = stored
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            task_name(&a.at.task),
+                            a.at.attempt.to_string(),
+                            a.meta.name.clone(),
+                            show::size(a.meta.size.0),
+                        ]
                     })
                     .collect();
                 println!("{}", show::table(&["TASK", "TRY", "NAME", "SIZE"], &table));
@@ -620,23 +613,19 @@ async fn artifacts(api: &Api, command: ArtifactsCmd, json: bool) -> anyhow::Resu
             task, name, output, ..
         } => {
             let task_id = find_task(&status, &task)?;
-            let attempts = status
-                .tasks
+            // The newest attempt that uploaded it.
+            let artifact = stored
                 .iter()
-                .find(|t| t.task_id == task_id)
-                .map_or(1, |t| t.attempt);
-            let object = (1..=attempts)
-                .rev()
-                .map(|a| subjects::artifact_object(&job, &task_id, a, &name))
-                .find(|o| infos.iter().any(|i| &i.name == o))
+                .filter(|a| a.at.task == task_id && a.meta.name == name)
+                .max_by_key(|a| a.at.attempt)
                 .with_context(|| {
                     format!("task {task} of job {job} uploaded no {name:?} (see `gpufleet artifacts list {job}`)")
                 })?;
-            let mut obj = store.get(&object).await?;
+            let object =
+                subjects::artifact_object(&job, &task_id, artifact.at.attempt, &artifact.meta.name);
             let (n, path) = if output.as_deref() == Some(std::path::Path::new("-")) {
                 let mut out = tokio::io::stdout();
-                let n = tokio::io::copy(&mut obj, &mut out).await?;
-                tokio::io::AsyncWriteExt::flush(&mut out).await?;
+                let n = gpufleet_natsutil::artifacts::download(&js, artifact, &mut out).await?;
                 (n, "-".to_string())
             } else {
                 let path = output.unwrap_or_else(|| {
@@ -645,7 +634,7 @@ async fn artifacts(api: &Api, command: ArtifactsCmd, json: bool) -> anyhow::Resu
                 let mut file = tokio::fs::File::create(&path)
                     .await
                     .with_context(|| format!("creating {}", path.display()))?;
-                let n = tokio::io::copy(&mut obj, &mut file).await?;
+                let n = gpufleet_natsutil::artifacts::download(&js, artifact, &mut file).await?;
                 (n, path.display().to_string())
             };
             if path == "-" {

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use gpufleet_natsutil::telemetry::LogFormat;
 use gpufleet_natsutil::Setup;
-use gpufleet_schema::Dur;
+use std::path::PathBuf;
+
+use gpufleet_schema::{Dur, UserId};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -17,6 +19,23 @@ pub struct CoordinatorConfig {
     /// A NATS token, for servers that use one (prefer the environment
     /// variable `GPUFLEET_NATS_TOKEN` to a file).
     pub nats_token: Option<String>,
+    /// A file holding a bare NKey seed, for servers that list users by
+    /// public NKey (as `gpufleet auth` writes them).
+    pub nats_nkey: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for mutual TLS.
+    pub nats_tls_cert: Option<PathBuf>,
+    pub nats_tls_key: Option<PathBuf>,
+    /// The CA (PEM) the server's certificate must chain to.
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Users act under their own names and see only their own jobs (see
+    /// the README's security model); off, everyone is one user who sees
+    /// everything, and the API's subjects without a user are served too.
+    pub roles: bool,
+    /// Users who see and act on every job when roles are on.
+    pub admins: Vec<UserId>,
+    /// A file holding the NKey seed reservations are signed with; workers
+    /// trust its public key (their `trusted_keys`).
+    pub signing_key: Option<PathBuf>,
     /// How long a reservation waits for its worker's claim.
     pub reservation_ttl: Dur,
     /// How long a claimed lease lives between renewals; the worker renews
@@ -54,6 +73,13 @@ impl Default for CoordinatorConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_creds: None,
             nats_token: None,
+            nats_nkey: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
+            nats_tls_ca: None,
+            roles: false,
+            admins: Vec::new(),
+            signing_key: None,
             reservation_ttl: Dur::secs(30),
             lease_ttl: Dur::secs(30),
             tick: Dur::secs(1),
@@ -109,7 +135,24 @@ impl CoordinatorConfig {
         gpufleet_natsutil::Auth {
             creds: self.nats_creds.clone(),
             token: self.nats_token.clone(),
+            nkey: self.nats_nkey.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            inbox_prefix: Some(gpufleet_schema::roles::Role::Coordinator.inbox_prefix()),
         }
+    }
+
+    /// The key reservations are signed with, if one is set.
+    pub fn signing_key(&self) -> Result<Option<nkeys::KeyPair>, String> {
+        let Some(path) = &self.signing_key else {
+            return Ok(None);
+        };
+        let seed = gpufleet_natsutil::connect::read_nkey_seed(path)
+            .map_err(|e| format!("signing_key {}: {e}", path.display()))?;
+        nkeys::KeyPair::from_seed(&seed)
+            .map(Some)
+            .map_err(|e| format!("signing_key {}: {e}", path.display()))
     }
 
     pub fn setup(&self) -> Setup {

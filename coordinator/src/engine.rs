@@ -27,7 +27,7 @@
 use gpufleet_schema::api::{code, SubmitReply};
 use gpufleet_schema::{
     subjects, Encoding, Event, EventBody, JobId, JobSpec, JobState, JobStatus, Lease, LeaseKey,
-    TaskState, WorkerAdvert, WorkerId,
+    Sender, TaskState, UserId, WorkerAdvert, WorkerId,
 };
 use std::collections::BTreeSet;
 use tokio::sync::oneshot;
@@ -70,6 +70,30 @@ impl Reply {
 
 pub type ReplyTx = oneshot::Sender<Reply>;
 
+/// Who makes an API call: the user the request's subject names (the NATS
+/// permissions make sure it is the caller's own), and whether it sees and
+/// acts on every job (an admin, or anyone while roles are off).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub user: UserId,
+    pub admin: bool,
+}
+
+impl Caller {
+    /// The one user everybody is while roles are off: sees everything.
+    pub fn everyone() -> Caller {
+        Caller {
+            user: UserId::default_user(),
+            admin: true,
+        }
+    }
+
+    /// Whether this caller may see and act on a job of `owner`'s.
+    pub fn sees(&self, owner: &UserId) -> bool {
+        self.admin || &self.user == owner
+    }
+}
+
 #[derive(Debug)]
 pub enum ApiCall {
     Submit(Box<JobSpec>),
@@ -106,14 +130,17 @@ pub enum LeaseChange {
 
 #[derive(Debug)]
 pub enum Input {
-    Api(ApiCall, ReplyTx),
+    Api(ApiCall, Caller, ReplyTx),
     Advert(Box<WorkerAdvert>),
     WorkerGone(WorkerId),
     Lease(LeaseChange),
-    /// A result event, with its stream sequence.
+    /// A result event, with its stream sequence and who sent it (from
+    /// its subject, which the server vouches for; its body was checked
+    /// against the subject).
     Result {
         seq: u64,
         event: Box<Event>,
+        sender: Sender,
     },
     /// A reservation we tried to create could not be.
     LeaseCreateFailed {
@@ -287,7 +314,7 @@ impl Engine {
             _ => InputKind::Other,
         });
         match input {
-            Input::Api(call, tx) => self.api(call, tx),
+            Input::Api(call, caller, tx) => self.api(call, caller, tx),
             Input::Advert(advert) => {
                 let lifted = self.queue.lift_avoid(&advert.name);
                 // Most heartbeats change nothing placement looks at; only
@@ -302,8 +329,8 @@ impl Engine {
                 self.wants_schedule = true;
             }
             Input::Lease(change) => self.lease_change(change),
-            Input::Result { seq, event } => {
-                self.result(*event, seq);
+            Input::Result { seq, event, sender } => {
+                self.result(*event, &sender, seq);
                 self.applied_seq = self.applied_seq.max(seq);
             }
             Input::LeaseCreateFailed { key, error } => self.lease_create_failed(&key, &error),
@@ -330,11 +357,11 @@ impl Engine {
 
     // ----- API -----
 
-    fn api(&mut self, call: ApiCall, tx: ReplyTx) {
+    fn api(&mut self, call: ApiCall, caller: Caller, tx: ReplyTx) {
         match call {
-            ApiCall::Submit(spec) => self.submit(*spec, tx),
+            ApiCall::Submit(spec) => self.submit(*spec, caller, tx),
             ApiCall::Get { job, offset, limit } => {
-                let reply = match self.jobs.get(&job) {
+                let reply = match self.jobs.get(&job).filter(|j| caller.sees(&j.owner)) {
                     Some(j) => {
                         let mut status = j.status(false);
                         status.tasks = j
@@ -346,23 +373,44 @@ impl Engine {
                             .collect();
                         Reply::Job(Box::new(status))
                     }
-                    None => Reply::error(code::NOT_FOUND, format!("job {job} not found")),
+                    // Another user's job is not found either: its id tells
+                    // nobody else anything.
+                    None => not_found(&job),
                 };
                 self.fx.replies.push((tx, reply, None));
             }
             ApiCall::List { status, limit } => {
-                let list = self.jobs.newest(status, limit);
+                let list = self.jobs.newest(status, limit, &caller);
                 self.fx.replies.push((tx, Reply::Jobs(list), None));
             }
-            ApiCall::Cancel(id) => self.cancel(id, tx),
+            ApiCall::Cancel(id) => self.cancel(id, &caller, tx),
             ApiCall::Workers { after, limit } => {
-                let list = self.book.workers_page(after, limit);
+                let mut list = self.book.workers_page(after, limit);
+                // What runs where is only the caller's business for its
+                // own jobs.
+                let visible = |t: &gpufleet_schema::TaskId| {
+                    self.jobs
+                        .find_task(t)
+                        .is_some_and(|(job, _)| caller.sees(&self.jobs[&job].owner))
+                };
+                let mut held = self
+                    .book
+                    .gpu_holders(&list.iter().map(|w| &w.name).collect());
+                for w in &mut list {
+                    w.running.retain(|t| visible(t));
+                    for g in &mut w.gpus {
+                        g.held_by = held
+                            .remove(&(w.name.clone(), g.uuid.clone()))
+                            .unwrap_or_default();
+                        g.held_by.retain(|t| visible(t));
+                    }
+                }
                 self.fx.replies.push((tx, Reply::Workers(list), None));
             }
         }
     }
 
-    fn submit(&mut self, mut spec: JobSpec, tx: ReplyTx) {
+    fn submit(&mut self, mut spec: JobSpec, caller: Caller, tx: ReplyTx) {
         if let Err(e) = spec.validate() {
             self.fx
                 .replies
@@ -375,7 +423,13 @@ impl Engine {
         };
         spec.id = Some(id.clone());
         if let Some(existing) = self.jobs.get(&id) {
-            let reply = if existing.spec == spec {
+            let reply = if existing.owner != caller.user {
+                // Ids are one namespace: someone else's is taken.
+                Reply::error(
+                    code::CONFLICT,
+                    format!("job id {id} is taken; choose another id"),
+                )
+            } else if existing.spec == spec {
                 Reply::Submit(SubmitReply {
                     job_id: id.clone(),
                     status: existing.status,
@@ -392,7 +446,7 @@ impl Engine {
             self.fx.replies.push((tx, reply, wait));
             return;
         }
-        let job = self.jobs.add(id.clone(), spec, self.now.wall);
+        let job = self.jobs.add(id.clone(), caller.user, spec, self.now.wall);
         for t in &job.tasks {
             self.queue.queued(&t.id, self.now.mono);
         }
@@ -422,13 +476,9 @@ impl Engine {
         JobId::new(uuid.simple().to_string()).expect("32 hex digits are a valid job id")
     }
 
-    fn cancel(&mut self, id: JobId, tx: ReplyTx) {
-        let Some(job) = self.jobs.get_mut(&id) else {
-            self.fx.replies.push((
-                tx,
-                Reply::error(code::NOT_FOUND, format!("job {id} not found")),
-                None,
-            ));
+    fn cancel(&mut self, id: JobId, caller: &Caller, tx: ReplyTx) {
+        let Some(job) = self.jobs.get_mut(&id).filter(|j| caller.sees(&j.owner)) else {
+            self.fx.replies.push((tx, not_found(&id), None));
             return;
         };
         if job.request_cancel() {
@@ -478,7 +528,8 @@ impl Engine {
     /// Tells listeners the task's state as its record has it now, with
     /// the record's reason.
     fn emit_state(&mut self, job: &JobId, i: usize) {
-        let t = &self.jobs[job].tasks[i];
+        let j = &self.jobs[job];
+        let t = &j.tasks[i];
         let event = Event {
             job_id: job.clone(),
             task_id: t.id.clone(),
@@ -489,11 +540,24 @@ impl Engine {
             body: EventBody::State {
                 state: t.state,
                 reason: t.reason.clone(),
+                // Readers take the attempt's output only from this worker.
+                holder: t.worker.clone().filter(|_| t.holds_worker()),
             },
+            token: None,
         };
-        let subject = subjects::events(job, &t.id, gpufleet_schema::EventKind::State);
+        let subject = subjects::events(
+            &j.owner,
+            job,
+            &t.id,
+            gpufleet_schema::EventKind::State,
+            &Sender::Coordinator,
+        );
         self.fx.events.push((subject, event));
     }
+}
+
+fn not_found(job: &JobId) -> Reply {
+    Reply::error(code::NOT_FOUND, format!("job {job} not found"))
 }
 
 /// Encodes a reply in the request's encoding: `(error code, body)`.

@@ -1,8 +1,8 @@
 //! One coordinator leads; any other waits.
 //!
-//! The leader holds the key `coordinator.leader` in `gpufleet-workers`
-//! (worker names hold no dots, so it never meets a worker's key), written
-//! with a TTL and renewed by compare-and-set. A second coordinator waits on
+//! The leader holds the key `meta.leader` in `gpufleet-jobs`, which only
+//! coordinators may write (with roles on; job ids hold no dots, so it never
+//! meets a job), written with a TTL and renewed by compare-and-set. A second coordinator waits on
 //! the key and takes over when it is released (a clean stop) or expires (a
 //! leader that died). A leader that finds the key taken when it renews has
 //! been replaced (it was frozen or cut off past the TTL) and must stop at
@@ -15,11 +15,6 @@ use gpufleet_natsutil::{KvError, KvEvent, KvOp, RawKv};
 use tokio::sync::watch;
 
 pub const LEADER_KEY: &str = gpufleet_schema::subjects::LEADER_KEY;
-
-/// Whether a KV key belongs to the leadership, not to a worker.
-pub fn is_leader_key(key: &str) -> bool {
-    key == LEADER_KEY
-}
 
 pub struct Leadership {
     kv: RawKv,

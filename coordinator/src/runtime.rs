@@ -19,6 +19,7 @@ use futures::StreamExt;
 use gpufleet_natsutil::{ensure_stores, KvEvent, KvOp, RawKv};
 use gpufleet_schema::api::code;
 use gpufleet_schema::{codec, subjects, Event, EventKind, JobId, Lease, WorkerAdvert, WorkerId};
+use nkeys::KeyPair;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -52,6 +53,8 @@ struct Io {
     js: jetstream::Context,
     jobs: RawKv,
     leases: RawKv,
+    /// Signs every reservation, when set (`signing_key`).
+    signer: Option<KeyPair>,
     /// Purge markers of released leases live this long.
     marker_ttl: Duration,
 }
@@ -63,6 +66,7 @@ pub async fn run(
 ) -> Result<(), CoordinatorError> {
     tokio::pin!(shutdown);
     cfg.validate().map_err(CoordinatorError::Config)?;
+    let signer = cfg.signing_key().map_err(CoordinatorError::Config)?;
     let client = gpufleet_natsutil::connect(
         &cfg.nats_url,
         &cfg.auth(),
@@ -76,13 +80,14 @@ pub async fn run(
         js: js.clone(),
         jobs: RawKv::open(&js, subjects::JOBS_BUCKET).await?,
         leases: RawKv::open(&js, subjects::LEASES_BUCKET).await?,
+        signer,
         marker_ttl: Duration::from_secs(60),
     };
 
     let workers_kv = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
     let instance = JobId::generate().to_string();
     let mut leadership = tokio::select! {
-        l = crate::leader::acquire(workers_kv.clone(), &instance, cfg.leader_ttl.0) => l?,
+        l = crate::leader::acquire(io.jobs.clone(), &instance, cfg.leader_ttl.0) => l?,
         // A standby asked to stop stops.
         _ = &mut shutdown => return Ok(()),
     };
@@ -163,7 +168,7 @@ pub async fn run(
         engine.schedule_if_needed(batch_now);
         if engine.is_ready() && service.is_none() {
             service = Some(
-                crate::api::start(client.clone(), tx.clone(), engine.metrics())
+                crate::api::start(client.clone(), tx.clone(), engine.metrics(), access(&cfg))
                     .await
                     .map_err(|e| CoordinatorError::Nats(e.to_string()))?,
             );
@@ -179,7 +184,7 @@ pub async fn run(
         }
     }
     if let Some(s) = service {
-        let _ = s.stop().await;
+        s.stop().await;
     }
     if replaced {
         // Another coordinator leads now: writing anything more could undo
@@ -247,6 +252,13 @@ impl Feeders {
     }
 }
 
+fn access(cfg: &CoordinatorConfig) -> crate::api::Access {
+    crate::api::Access {
+        roles: cfg.roles,
+        admins: cfg.admins.iter().cloned().collect(),
+    }
+}
+
 /// The engine's time: it reads no clock of its own.
 fn now() -> Now {
     Now {
@@ -276,6 +288,9 @@ async fn restore(jobs: &RawKv, engine: &mut Engine) -> Result<usize, Coordinator
         match watch.next().await {
             Some(Ok(KvEvent::Synced)) | None => break,
             Some(Ok(KvEvent::Change(c))) if c.op == KvOp::Put => {
+                if c.key == crate::leader::LEADER_KEY {
+                    continue;
+                }
                 if c.key == subjects::CHECKPOINT_KEY {
                     let seq = std::str::from_utf8(&c.value)
                         .ok()
@@ -285,6 +300,9 @@ async fn restore(jobs: &RawKv, engine: &mut Engine) -> Result<usize, Coordinator
                     continue;
                 }
                 match codec::decode::<JobRecord>(&c.value) {
+                    Ok(job) if job.id.as_str() != c.key => {
+                        tracing::error!(key = %c.key, job_id = %job.id, "skipping a job record stored under another job's key")
+                    }
                     Ok(job) => {
                         engine.restore_job(job);
                         n += 1;
@@ -340,22 +358,31 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, last_checkpoint: &mut u6
         };
         (id, r)
     }));
-    let lease_creates = join_all(create_leases.into_iter().map(|(key, lease)| async move {
-        let r = match codec::encode(&lease) {
-            Ok(b) => io
-                .leases
-                .create(
-                    &key,
-                    Bytes::from(b),
-                    Some(lease_ttl_for_reservation(engine)),
-                )
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        (key, r)
-    }));
+    let lease_creates = join_all(
+        create_leases
+            .into_iter()
+            .map(|(key, mut lease)| async move {
+                if let Some(signer) = &io.signer {
+                    if let Err(e) = lease.sign(signer) {
+                        return (key, Err(e.to_string()));
+                    }
+                }
+                let r = match codec::encode(&lease) {
+                    Ok(b) => io
+                        .leases
+                        .create(
+                            &key,
+                            Bytes::from(b),
+                            Some(lease_ttl_for_reservation(engine)),
+                        )
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                (key, r)
+            }),
+    );
     let lease_cancels = join_all(
         cancel_leases
             .into_iter()
@@ -492,12 +519,15 @@ async fn forward_kv(
     }
 }
 
+/// An advert counts only under its own worker's key: with roles on, a
+/// worker may write its own key alone, so the key says who sent it.
 fn advert_input(c: gpufleet_natsutil::KvChange) -> Option<Input> {
-    if crate::leader::is_leader_key(&c.key) {
-        return None;
-    }
     match c.op {
         KvOp::Put => match codec::decode::<WorkerAdvert>(&c.value) {
+            Ok(a) if a.name.as_str() != c.key => {
+                tracing::warn!(key = %c.key, name = %a.name, "ignoring an advert under another worker's key");
+                None
+            }
             Ok(a) => Some(Input::Advert(Box::new(a))),
             Err(e) => {
                 tracing::warn!(key = %c.key, error = %e, "ignoring an unreadable worker advert");
@@ -508,9 +538,25 @@ fn advert_input(c: gpufleet_natsutil::KvChange) -> Option<Input> {
     }
 }
 
+/// A lease counts only under its own key: the worker, task and attempt it
+/// names must be those of the key, which (with roles on) only that worker
+/// and the coordinator may write.
 fn lease_input(c: gpufleet_natsutil::KvChange) -> Option<Input> {
     let change = match c.op {
         KvOp::Put => match codec::decode::<Lease>(&c.value) {
+            Ok(lease)
+                if subjects::parse_lease_key(&c.key)
+                    != Some(subjects::lease_key(
+                        &lease.worker,
+                        &lease.task_id,
+                        lease.attempt,
+                    ))
+                    || lease.task_id.job_and_index().map(|(j, _)| j)
+                        != Some(lease.job_id.clone()) =>
+            {
+                tracing::warn!(key = %c.key, "ignoring a lease that names another key's attempt");
+                return None;
+            }
             Ok(lease) => LeaseChange::Put {
                 key: c.key,
                 rev: c.revision,
@@ -581,16 +627,9 @@ async fn follow_results(
             let Ok(info) = m.info() else { continue };
             let (seq, pending) = (info.stream_sequence, info.pending);
             next = seq + 1;
-            match codec::decode::<Event>(&m.payload) {
-                Ok(event) => {
-                    if tx
-                        .send(Input::Result {
-                            seq,
-                            event: Box::new(event),
-                        })
-                        .await
-                        .is_err()
-                    {
+            match result_input(&m, seq) {
+                Ok(input) => {
+                    if tx.send(input).await.is_err() {
                         return;
                     }
                 }
@@ -604,6 +643,22 @@ async fn follow_results(
             }
         }
     }
+}
+
+/// A result event as the engine takes it: its sender from the subject
+/// (which the server vouches for), and only if its body agrees with it.
+fn result_input(m: &async_nats::jetstream::Message, seq: u64) -> Result<Input, String> {
+    let subject = subjects::parse_event_subject(m.subject.as_str())
+        .ok_or_else(|| "not an event subject".to_string())?;
+    let event = codec::decode::<Event>(&m.payload).map_err(|e| e.to_string())?;
+    if !event.matches_subject(&subject) {
+        return Err("its body names another job, task, kind or sender than its subject".into());
+    }
+    Ok(Input::Result {
+        seq,
+        event: Box::new(event),
+        sender: subject.sender,
+    })
 }
 
 async fn ticker(every: Duration, tx: mpsc::Sender<Input>) {

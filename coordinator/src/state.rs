@@ -5,7 +5,8 @@
 //! contract): clients read jobs through the API, never from the bucket.
 
 use gpufleet_schema::{
-    Grant, JobId, JobSpec, JobState, JobStatus, TaskCounts, TaskId, TaskState, TaskStatus, WorkerId,
+    Grant, JobId, JobSpec, JobState, JobStatus, TaskCounts, TaskId, TaskState, TaskStatus, UserId,
+    WorkerId,
 };
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -17,6 +18,9 @@ pub const INLINE_RESULT_BYTES: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     pub id: JobId,
+    /// The user that submitted it (from the API subject).
+    #[serde(default = "UserId::default_user")]
+    pub owner: UserId,
     /// Submission order across the fleet; the queue's tie-breaker.
     pub seq: u64,
     pub spec: JobSpec,
@@ -67,6 +71,15 @@ pub struct TaskRecord {
     /// A gang member left out of this run by `min_tasks`.
     #[serde(default)]
     pub dropped: bool,
+    /// The current attempt's random token, from its reservation: a result
+    /// must carry it. Kept here so that a restarted coordinator still
+    /// knows it after the lease is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// The revision of the current attempt's claim, once seen: a result
+    /// must name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_rev: Option<u64>,
 }
 
 /// A task's transitions. Each is one method that decides every field it
@@ -93,20 +106,25 @@ impl TaskRecord {
         true
     }
 
-    /// Placement chose `worker`: the current attempt is reserved there.
-    pub fn reserve(&mut self, worker: WorkerId, grant: Grant) {
+    /// Placement chose `worker`: the current attempt is reserved there,
+    /// under `token`.
+    pub fn reserve(&mut self, worker: WorkerId, grant: Grant, token: String) {
         self.state = TaskState::Reserved;
         self.worker = Some(worker);
         self.grant = Some(grant);
         self.reason = None;
+        self.token = Some(token);
+        self.claim_rev = None;
     }
 
-    /// Its worker claimed the reservation: the attempt runs from `at`.
-    pub fn start(&mut self, at: OffsetDateTime) {
+    /// Its worker claimed the reservation at revision `claim_rev`: the
+    /// attempt runs from `at`.
+    pub fn start(&mut self, at: OffsetDateTime, claim_rev: u64) {
         self.state = TaskState::Running;
         self.started_at = Some(at);
         self.launched = true;
         self.reason = None;
+        self.claim_rev = Some(claim_rev);
     }
 
     /// Keeps what the worker reported of the current attempt (its result,
@@ -191,6 +209,8 @@ impl TaskRecord {
         self.started_at = None;
         self.finished_at = None;
         self.reason = Some(why);
+        self.token = None;
+        self.claim_rev = None;
     }
 }
 
@@ -226,10 +246,13 @@ impl JobRecord {
                 finished_at: None,
                 launched: false,
                 dropped: false,
+                token: None,
+                claim_rev: None,
             })
             .collect();
         JobRecord {
             id,
+            owner: UserId::default_user(),
             seq,
             spec,
             status: JobState::Queued,
@@ -383,6 +406,7 @@ impl JobRecord {
     pub fn status(&self, with_tasks: bool) -> JobStatus {
         JobStatus {
             job_id: self.id.clone(),
+            owner: self.owner.clone(),
             name: self.spec.name.clone(),
             status: self.status,
             reason: self.reason.clone(),
@@ -489,8 +513,8 @@ mod tests {
     fn ran_and_failed() -> TaskRecord {
         let mut j = JobRecord::new(JobId::new("j").unwrap(), 1, spec(1), now());
         let mut t = j.tasks.remove(0);
-        t.reserve(WorkerId::new("w").unwrap(), Grant::default());
-        t.start(now());
+        t.reserve(WorkerId::new("w").unwrap(), Grant::default(), "tok".into());
+        t.start(now(), 5);
         t.record_report(Some(serde_json::json!({"loss": 1})), 7, Some(now()));
         t.end(
             TaskState::Failed,

@@ -115,7 +115,8 @@ const RESUME_BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration
 /// The messages of a stream on some subjects, in order, from a sequence.
 pub struct Replay {
     client: async_nats::Client,
-    stream: stream::Stream,
+    stream: stream::Stream<()>,
+    stream_name: String,
     filters: Vec<String>,
     until: Until,
     /// The sequence to hand out next: every earlier one on our subjects
@@ -142,20 +143,23 @@ impl Replay {
         from: u64,
         until: Until,
     ) -> Result<Replay, EventsError> {
+        // No stream info: a user may not read it (it would list every
+        // subject, other users' jobs included). Where the replay ends is
+        // the newest message on its own subjects, read directly.
         let stream_name = stream;
         let stream = js
-            .get_stream(stream_name)
+            .get_stream_no_info(stream_name)
             .await
             .map_err(|e| EventsError::Stream {
                 stream: stream_name.to_string(),
                 message: e.to_string(),
             })?;
-        // Fetched just now by get_stream: the end of what is stored.
-        let end = stream.cached_info().state.last_sequence;
+        let end = last_on(&stream, &js.client(), stream_name, &filters).await?;
         let from = from.max(1);
         let mut replay = Replay {
             client: js.client(),
             stream,
+            stream_name: stream_name.to_string(),
             filters,
             until,
             next: from,
@@ -272,20 +276,34 @@ impl Replay {
     /// none): a replay whose [`Replay::last_sequence`] has reached it has
     /// handed out everything stored so far.
     pub async fn stored_tail(&self) -> Result<u64, EventsError> {
-        use async_nats::jetstream::stream::LastRawMessageErrorKind;
-        let mut tail = 0;
-        for f in &self.filters {
-            match self.stream.get_last_raw_message_by_subject(f).await {
-                Ok(m) => tail = tail.max(m.sequence),
-                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
-                Err(e) => {
-                    return Err(EventsError::Stream {
-                        stream: self.stream.cached_info().config.name.clone(),
-                        message: e.to_string(),
-                    })
-                }
-            }
-        }
-        Ok(tail)
+        last_on(&self.stream, &self.client, &self.stream_name, &self.filters).await
     }
+}
+
+/// The sequence of the newest message stored on any of `filters` (0 if
+/// none), read through consumers, which a user's permissions allow on its
+/// own subjects (direct gets they do not: see `schema::roles`).
+pub async fn last_on(
+    stream: &stream::Stream<()>,
+    client: &async_nats::Client,
+    name: &str,
+    filters: &[String],
+) -> Result<u64, EventsError> {
+    let mut tail = 0;
+    for f in filters {
+        let last = crate::ordered::last_message(stream, client, f)
+            .await
+            .map_err(|message| EventsError::Stream {
+                stream: name.to_string(),
+                message,
+            })?;
+        if let Some(m) = last {
+            let seq = m.info().map_err(|e| EventsError::Stream {
+                stream: name.to_string(),
+                message: e.to_string(),
+            })?;
+            tail = tail.max(seq.stream_sequence);
+        }
+    }
+    Ok(tail)
 }

@@ -41,8 +41,11 @@ pub enum KvError {
 #[derive(Clone)]
 pub struct RawKv {
     js: jetstream::Context,
-    stream: stream::Stream,
+    stream: stream::Stream<()>,
     bucket: String,
+    /// Reads with direct gets (the coordinator), or through consumers (a
+    /// worker, whose permissions allow no direct get: see `schema::roles`).
+    direct: bool,
 }
 
 /// TTLs are whole seconds on the wire and the server refuses 0; round up so
@@ -53,9 +56,25 @@ fn ttl_secs(ttl: Duration) -> u64 {
 }
 
 impl RawKv {
+    /// A handle on `bucket`. It reads no stream info (a worker may not), so
+    /// a missing bucket shows at the first read or write.
     pub async fn open(js: &jetstream::Context, bucket: &str) -> Result<RawKv, KvError> {
+        Self::open_with(js, bucket, true).await
+    }
+
+    /// [`RawKv::open`] for a program with a role's least privilege, which
+    /// reads the last entry of a key through a consumer on that key.
+    pub async fn open_scoped(js: &jetstream::Context, bucket: &str) -> Result<RawKv, KvError> {
+        Self::open_with(js, bucket, false).await
+    }
+
+    async fn open_with(
+        js: &jetstream::Context,
+        bucket: &str,
+        direct: bool,
+    ) -> Result<RawKv, KvError> {
         let stream = js
-            .get_stream(subjects::kv_stream(bucket))
+            .get_stream_no_info(subjects::kv_stream(bucket))
             .await
             .map_err(|e| KvError::Other {
                 bucket: bucket.into(),
@@ -66,6 +85,7 @@ impl RawKv {
             js: js.clone(),
             stream,
             bucket: bucket.into(),
+            direct,
         })
     }
 
@@ -180,6 +200,19 @@ impl RawKv {
     /// The key's last entry, markers included.
     pub async fn last(&self, key: &str) -> Result<Option<Entry>, KvError> {
         let subject = subjects::kv_subject(&self.bucket, key);
+        if !self.direct {
+            let last = crate::ordered::last_message(&self.stream, &self.js.client(), &subject)
+                .await
+                .map_err(|e| self.other(key, e))?;
+            let Some(m) = last else { return Ok(None) };
+            let info = m.info().map_err(|e| self.other(key, e))?;
+            return Ok(Some(Entry {
+                key: key.into(),
+                revision: info.stream_sequence,
+                op: op_from_headers(m.headers.as_ref()),
+                value: m.payload.clone(),
+            }));
+        }
         match self.stream.direct_get_last_for_subject(&subject).await {
             Ok(m) => Ok(Some(Entry {
                 key: key.into(),

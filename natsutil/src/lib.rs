@@ -12,15 +12,21 @@
 //!   subject of the events stream from a sequence, resuming after a failed
 //!   consumer (both the replay and the KV watcher read through the one
 //!   ordered-consumer wrapper in `ordered`).
+//! - [`artifacts`]: uploading a task's files as chunks and a description,
+//!   listing a job's and downloading one, checked by size and sha256.
 //! - [`retry`]: the delays between tries of anything that failed.
 //! - [`settings`]: defaults < file < environment < flags, for every binary.
+//! - [`server_conf`]: the nats-server `authorization` block that gives each
+//!   member of a fleet its role's permissions.
 
+pub mod artifacts;
 pub mod connect;
 pub mod events;
 pub mod histogram;
 pub mod kv;
 mod ordered;
 pub mod retry;
+pub mod server_conf;
 pub mod settings;
 pub mod stores;
 pub mod telemetry;

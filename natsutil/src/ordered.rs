@@ -21,8 +21,8 @@ pub(crate) struct OrderedMessages {
 impl OrderedMessages {
     /// Creates the consumer on `filters` from `deliver_policy`; returns it
     /// with the number of messages it has to deliver as it starts.
-    pub(crate) async fn open(
-        stream: &stream::Stream,
+    pub(crate) async fn open<I>(
+        stream: &stream::Stream<I>,
         client: &async_nats::Client,
         filters: &[String],
         deliver_policy: DeliverPolicy,
@@ -33,6 +33,10 @@ impl OrderedMessages {
         };
         let consumer = stream
             .create_consumer(push::OrderedConfig {
+                // A name makes the client ask on the create subject that
+                // carries the filter, the only one a least-privilege role
+                // may use (see `schema::roles`).
+                name: Some(consumer_name()),
                 deliver_subject: client.new_inbox(),
                 filter_subject,
                 filter_subjects,
@@ -69,4 +73,35 @@ impl OrderedMessages {
         self.inner = None;
         Some(Err(failure))
     }
+}
+
+/// The newest message on `filter`, through a short-lived consumer rather
+/// than a direct get, which least-privilege roles may not use (see
+/// `schema::roles`). `None` when nothing is stored there.
+pub(crate) async fn last_message<I>(
+    stream: &stream::Stream<I>,
+    client: &async_nats::Client,
+    filter: &str,
+) -> Result<Option<jetstream::Message>, String> {
+    let (mut messages, pending) =
+        OrderedMessages::open(stream, client, &[filter.to_string()], DeliverPolicy::Last).await?;
+    if pending == 0 {
+        return Ok(None);
+    }
+    match tokio::time::timeout(LAST_MESSAGE_WAIT, messages.next()).await {
+        Ok(Some(Ok(m))) => Ok(Some(m)),
+        Ok(Some(Err(e))) => Err(e),
+        Ok(None) => Err("the consumer ended before its first message".into()),
+        Err(_) => Err(format!(
+            "no message within {LAST_MESSAGE_WAIT:?} though one is stored"
+        )),
+    }
+}
+
+/// How long the one message of [`last_message`] may take to arrive.
+const LAST_MESSAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A fresh consumer name; random, so that nobody can guess and delete it.
+fn consumer_name() -> String {
+    format!("gpufleet-{}", uuid::Uuid::new_v4().simple())
 }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, object_store, stream};
+use async_nats::jetstream::{self, kv, stream};
 use gpufleet_schema::subjects;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,7 @@ pub struct Stores {
     pub leases: kv::Store,
     pub jobs: kv::Store,
     pub events: stream::Stream,
+    pub artifacts: stream::Stream,
 }
 
 /// Expiry markers stay this long so that every watcher sees them.
@@ -71,6 +72,38 @@ async fn ensure_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::St
             message: first.to_string(),
         }),
     }
+}
+
+/// Turns on per-message TTLs in a bucket made before it needed them (the
+/// jobs bucket holds the leader key since roles came): a setting added,
+/// nothing of the operator's changed.
+async fn allow_ttls(js: &jetstream::Context, bucket: &str) -> Result<(), StoreError> {
+    let name = subjects::kv_stream(bucket);
+    let fail = |message: String| StoreError {
+        what: "bucket",
+        name: bucket.into(),
+        message,
+    };
+    let mut stream = js
+        .get_stream(&name)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let mut config = stream
+        .info()
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .config
+        .clone();
+    if config.allow_message_ttl {
+        return Ok(());
+    }
+    tracing::info!(bucket, "allowing per-message TTLs in an existing bucket");
+    config.allow_message_ttl = true;
+    config.subject_delete_marker_ttl = Some(MARKER_TTL);
+    js.update_stream(config)
+        .await
+        .map(|_| ())
+        .map_err(|e| fail(e.to_string()))
 }
 
 pub async fn ensure_stores(js: &jetstream::Context, setup: &Setup) -> Result<Stores, StoreError> {
@@ -107,10 +140,14 @@ pub async fn ensure_stores(js: &jetstream::Context, setup: &Setup) -> Result<Sto
             num_replicas: setup.replicas,
             max_age: setup.jobs_max_age,
             max_value_size: 8 << 20,
+            // The leader key lives here, with a TTL (only coordinators may
+            // write this bucket).
+            limit_markers: Some(MARKER_TTL),
             ..Default::default()
         },
     )
     .await?;
+    allow_ttls(js, subjects::JOBS_BUCKET).await?;
     let events = match js.get_stream(subjects::EVENTS_STREAM).await {
         Ok(s) => s,
         Err(_) => js
@@ -133,35 +170,32 @@ pub async fn ensure_stores(js: &jetstream::Context, setup: &Setup) -> Result<Sto
                 message: e.to_string(),
             })?,
     };
-    if js
-        .get_object_store(subjects::ARTIFACTS_BUCKET)
-        .await
-        .is_err()
-    {
-        let created = js
-            .create_object_store(object_store::Config {
-                bucket: subjects::ARTIFACTS_BUCKET.into(),
-                description: Some("gpufleet task artifacts".into()),
+    let artifacts = match js.get_stream(subjects::ARTIFACTS_STREAM).await {
+        Ok(s) => s,
+        Err(_) => js
+            .get_or_create_stream(stream::Config {
+                name: subjects::ARTIFACTS_STREAM.into(),
+                description: Some("gpufleet task artifacts: chunks, then a description".into()),
+                subjects: vec![subjects::ARTIFACTS_ALL.into()],
                 max_age: setup.artifacts_max_age,
                 num_replicas: setup.replicas,
+                allow_direct: true,
+                duplicate_window: Duration::from_secs(120),
                 ..Default::default()
             })
-            .await;
-        if let Err(e) = created {
-            js.get_object_store(subjects::ARTIFACTS_BUCKET)
-                .await
-                .map_err(|_| StoreError {
-                    what: "object store",
-                    name: subjects::ARTIFACTS_BUCKET.into(),
-                    message: e.to_string(),
-                })?;
-        }
-    }
+            .await
+            .map_err(|e| StoreError {
+                what: "stream",
+                name: subjects::ARTIFACTS_STREAM.into(),
+                message: e.to_string(),
+            })?,
+    };
     Ok(Stores {
         js: js.clone(),
         workers,
         leases,
         jobs,
         events,
+        artifacts,
     })
 }

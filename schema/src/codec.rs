@@ -232,6 +232,7 @@ mod tests {
             EventBody::State {
                 state: TaskState::Running,
                 reason: None,
+                holder: Some(crate::WorkerId::new("w1").unwrap()),
             },
             EventBody::Log {
                 stream: LogStream::Stderr,
@@ -260,6 +261,7 @@ mod tests {
                 lease_rev: Some(7),
                 at,
                 body,
+                token: Some("t".into()),
             };
             for enc in [Encoding::Json, Encoding::MsgPack] {
                 let back: Event = enc.decode(&enc.encode(&e).unwrap()).unwrap();

@@ -11,10 +11,12 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub const MAX_ID_LEN: usize = 128;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {kind} {value:?}: use 1 to {MAX_ID_LEN} characters from A-Z a-z 0-9 _ -")]
+#[error("invalid {kind} {value:?}: use 1 to {MAX_ID_LEN} characters from A-Z a-z 0-9 _ -{rule}")]
 pub struct IdError {
     pub kind: &'static str,
     pub value: String,
+    /// What else the kind asks for, e.g. ", not starting with _".
+    pub rule: &'static str,
 }
 
 /// Whether `s` is usable as one subject token and one KV key segment.
@@ -25,8 +27,18 @@ pub fn is_valid_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// Whether `s` is a valid token that does not start with `_`: names of
+/// workers and users, where `_` starts names gpufleet keeps for itself
+/// (the coordinator's sender token `_c`, say).
+pub fn is_valid_name(s: &str) -> bool {
+    is_valid_token(s) && !s.starts_with('_')
+}
+
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        id_type!($(#[$doc])* $name, $kind, is_valid_token, "");
+    };
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $valid:ident, $rule:literal) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
         #[serde(transparent)]
@@ -35,10 +47,10 @@ macro_rules! id_type {
         impl $name {
             pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
                 let s = s.into();
-                if is_valid_token(&s) {
+                if $valid(&s) {
                     Ok(Self(s))
                 } else {
-                    Err(IdError { kind: $kind, value: s })
+                    Err(IdError { kind: $kind, value: s, rule: $rule })
                 }
             }
             pub fn as_str(&self) -> &str {
@@ -85,10 +97,33 @@ id_type!(
     "task id"
 );
 id_type!(
-    /// A worker's name, unique in the fleet; it is also its advert's key.
+    /// A worker's name, unique in the fleet; it is also its advert's key,
+    /// the first token of its lease keys and the sender token of its events.
     WorkerId,
-    "worker name"
+    "worker name",
+    is_valid_name,
+    ", not starting with _"
 );
+id_type!(
+    /// A user of the API as NATS knows it: the token in
+    /// `gpufleet.api.<user>.…` that its permissions allow, and the owner of
+    /// the jobs it submits.
+    UserId,
+    "user name",
+    is_valid_name,
+    ", not starting with _"
+);
+
+impl UserId {
+    /// The one user everybody is when roles are off, and the owner of jobs
+    /// submitted on the old subjects without a user token.
+    pub fn default_user() -> UserId {
+        UserId(DEFAULT_USER.to_string())
+    }
+}
+
+/// See [`UserId::default_user`].
+pub const DEFAULT_USER: &str = "default";
 
 impl JobId {
     /// A fresh, time-ordered id (UUIDv7 without dashes), so that listings
@@ -190,6 +225,15 @@ mod tests {
         assert!(JobId::new("sweep-lr_01").is_ok());
         let err = serde_json::from_str::<WorkerId>("\"gpu.node\"").unwrap_err();
         assert!(err.to_string().contains("invalid worker name \"gpu.node\""));
+    }
+
+    #[test]
+    fn names_starting_with_an_underscore_are_gpufleets_own() {
+        assert!(WorkerId::new("_c").is_err());
+        assert!(UserId::new("_admin").is_err());
+        assert!(JobId::new("_j").is_ok());
+        assert!(WorkerId::new("gpu_07").is_ok());
+        assert_eq!(UserId::default_user().as_str(), DEFAULT_USER);
     }
 
     #[test]

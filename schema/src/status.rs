@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::ids::{GpuUuid, JobId, TaskId, WorkerId};
+use crate::ids::{GpuUuid, JobId, TaskId, UserId, WorkerId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum JobState {
@@ -186,6 +186,9 @@ impl TaskCounts {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
     pub job_id: JobId,
+    /// Who submitted it; its events are under `gpufleet.events.<owner>.…`.
+    #[serde(default = "UserId::default_user")]
+    pub owner: UserId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub status: JobState,

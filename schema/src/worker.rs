@@ -70,4 +70,8 @@ pub struct GpuAdvert {
     pub temperature: Option<u32>,
     #[serde(default)]
     pub simulated: bool,
+    /// Tasks holding this GPU, as `workers.list` reports it (the caller's
+    /// own only, with roles on); workers leave it empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_by: Vec<TaskId>,
 }

@@ -8,7 +8,7 @@ use async_nats::Client;
 use bytes::Bytes;
 use futures::StreamExt;
 use gpufleet_natsutil::events::{Replay, Until};
-use gpufleet_schema::{codec, subjects, Event, EventBody, EventKind, JobId, TaskState};
+use gpufleet_schema::{codec, subjects, Event, EventBody, EventKind, JobId, TaskState, UserId};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -148,46 +148,15 @@ impl Fleet {
             self.url(),
             "--name".into(),
             spec.name.clone(),
-            "--heartbeat".into(),
-            "500ms".into(),
-            "--advert-ttl".into(),
-            "2s".into(),
-            "--work-dir".into(),
-            self.dir
-                .path()
-                .join(format!("work-{}", spec.name))
-                .display()
-                .to_string(),
-            // Gang rendezvous stays on loopback in tests.
-            "--addr".into(),
-            "127.0.0.1".into(),
         ];
-        if let Some(g) = &spec.gpus {
-            args.push("--simulate-gpus".into());
-            args.push(g.clone());
-        }
-        if let Some(c) = spec.cpus {
-            args.push("--cpus".into());
-            args.push(c.to_string());
-        }
-        if let Some(l) = &spec.labels {
-            args.push("--labels".into());
-            args.push(l.clone());
-        }
-        args.extend(spec.extra.iter().cloned());
+        args.extend(worker_test_args(self.dir.path(), spec));
         args
     }
 
     /// Starts a worker and waits until the coordinator lists it.
     pub async fn add_worker(&mut self, spec: WorkerSpec) {
         let args = self.worker_args(&spec);
-        // A short kill grace keeps stop tests quick.
-        let mut env = vec![
-            ("GPUFLEET_KILL_GRACE", "1s"),
-            ("GPUFLEET_DRAIN_TIMEOUT", "5s"),
-        ];
-        env.extend(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let proc = Proc::spawn("gpufleet-worker", &args, &env);
+        let proc = spawn_worker(&args, &spec);
         self.workers.push((spec.name.clone(), proc));
         self.wait_worker_listed(&spec.name, true).await;
     }
@@ -288,7 +257,7 @@ impl Fleet {
     ) -> Value {
         let pred = &pred;
         let job = JobId::new(job_id).expect("a job id");
-        let states = subjects::job_events_of_kind(&job, EventKind::State);
+        let states = subjects::job_events_of_kind(&UserId::default_user(), &job, EventKind::State);
         self.recheck_on(states, deadline, what, || async move {
             let status = self.get(job_id).await;
             pred(&status).then_some(status)
@@ -325,7 +294,7 @@ impl Fleet {
     async fn job_events(&self, job: &str, until: Until) -> Replay {
         let js = jetstream::new(self.client().await);
         let job = JobId::new(job).expect("a job id");
-        let filters = vec![subjects::job_events(&job)];
+        let filters = vec![subjects::job_events(&UserId::default_user(), &job)];
         Replay::start(&js, subjects::EVENTS_STREAM, filters, 1, until)
             .await
             .expect("the events stream")
@@ -384,6 +353,49 @@ impl Fleet {
     }
 }
 
+/// A test worker's flags beside how it reaches NATS: quick heartbeats, its
+/// own work directory under `dir`, rendezvous on loopback, and `spec`'s.
+pub fn worker_test_args(dir: &std::path::Path, spec: &WorkerSpec) -> Vec<String> {
+    let mut args = vec![
+        "--heartbeat".to_string(),
+        "500ms".into(),
+        "--advert-ttl".into(),
+        "2s".into(),
+        "--work-dir".into(),
+        dir.join(format!("work-{}", spec.name))
+            .display()
+            .to_string(),
+        // Gang rendezvous stays on loopback in tests.
+        "--addr".into(),
+        "127.0.0.1".into(),
+    ];
+    if let Some(g) = &spec.gpus {
+        args.push("--simulate-gpus".into());
+        args.push(g.clone());
+    }
+    if let Some(c) = spec.cpus {
+        args.push("--cpus".into());
+        args.push(c.to_string());
+    }
+    if let Some(l) = &spec.labels {
+        args.push("--labels".into());
+        args.push(l.clone());
+    }
+    args.extend(spec.extra.iter().cloned());
+    args
+}
+
+/// Starts `gpufleet-worker ARGS` with `spec`'s environment.
+pub fn spawn_worker(args: &[String], spec: &WorkerSpec) -> Proc {
+    // A short kill grace keeps stop tests quick.
+    let mut env = vec![
+        ("GPUFLEET_KILL_GRACE", "1s"),
+        ("GPUFLEET_DRAIN_TIMEOUT", "5s"),
+    ];
+    env.extend(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    Proc::spawn("gpufleet-worker", args, &env)
+}
+
 /// The state of each task of a job status, in order.
 pub fn task_states(status: &Value) -> Vec<String> {
     status["tasks"]
@@ -398,7 +410,7 @@ pub fn task_states(status: &Value) -> Vec<String> {
 pub fn state_events(evs: &[Event]) -> Vec<(u32, TaskState, Option<String>)> {
     evs.iter()
         .filter_map(|e| match &e.body {
-            EventBody::State { state, reason } => Some((e.attempt, *state, reason.clone())),
+            EventBody::State { state, reason, .. } => Some((e.attempt, *state, reason.clone())),
             _ => None,
         })
         .collect()

@@ -1,15 +1,18 @@
 //! gpufleet's test kit: real `nats-server` processes ([`server`]), the real
 //! binaries ([`procs`]) and what `/proc` says of a pid ([`pids`]), a whole
 //! fleet with the reads the suites share (a job's events and its tasks'
-//! states, [`fleet`]), a stand-in NVML library ([`nvml`]) and waiting with
-//! deadlines ([`wait`]). The end-to-end suite
+//! states, [`fleet`]), a stand-in NVML library ([`nvml`]), a fleet with
+//! roles made by `gpufleet auth` ([`secure`]), a private CA for mutual TLS
+//! ([`tls`]) and waiting with deadlines ([`wait`]). The end-to-end suite
 //! lives in `tests/tests/`.
 
 pub mod fleet;
 pub mod nvml;
 pub mod pids;
 pub mod procs;
+pub mod secure;
 pub mod server;
+pub mod tls;
 pub mod wait;
 
 pub use fleet::{api, state_events, task_states, Fleet, WorkerSpec};

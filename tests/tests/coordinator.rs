@@ -505,9 +505,10 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
         })
         .await;
     fleet.coordinator.as_mut().unwrap().kill9();
-    gpufleet_testkit::eventually(T, "the standby to lead", || {
+    // It leads before it serves (it restores first): wait for the API.
+    gpufleet_testkit::eventually(T, "the standby to lead and serve", || {
         let out = standby.output();
-        async move { out.contains("leading the fleet").then_some(()) }
+        async move { out.contains("serving the gpufleet API").then_some(()) }
     })
     .await;
     let status = fleet.wait_finished(&id, T).await;

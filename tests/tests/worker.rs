@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use gpufleet_natsutil::{KvChange, KvEvent, KvOp, KvWatcher, RawKv};
+use gpufleet_natsutil::{artifacts, KvChange, KvEvent, KvOp, KvWatcher, RawKv};
 use gpufleet_schema::{
-    codec, subjects, ByteSize, Dur, Event, EventBody, GpuGrant, Grant, Lease, LeaseState,
-    LogStream, TaskId, TaskOutcome, TaskState, WorkerAdvert, WorkerId,
+    codec, subjects, ByteSize, Dur, Event, EventBody, GpuGrant, Grant, JobId, Lease, LeaseState,
+    LogStream, TaskId, TaskOutcome, TaskState, UserId, WorkerAdvert, WorkerId,
 };
 use gpufleet_testkit::{
     eventually, pids, state_events, task_states, with_deadline, Fleet, WorkerSpec,
@@ -333,6 +333,11 @@ fn rogue_lease(worker_field: &str, task: &str, grant: Grant, spec: Value) -> Lea
         lease_ttl: Dur::secs(3),
         instance: None,
         reserved_at: time::OffsetDateTime::now_utc(),
+        owner: UserId::default_user(),
+        token: "rogue".into(),
+        signer: None,
+        signature: None,
+        claim_rev: None,
     }
 }
 
@@ -443,7 +448,7 @@ async fn a_reservation_that_would_overcommit_the_worker_is_refused_with_a_reason
         .submit(&json!({"tasks": [{"command": ["true"], "resources": {"cpus": 1}}]}))
         .await;
     let refused = fleet.wait_event(&id, T, "the coordinator to record the refusal", |e| {
-        matches!(&e.body, EventBody::State { state: TaskState::Queued, reason: Some(r) } if r.contains("refused"))
+        matches!(&e.body, EventBody::State { state: TaskState::Queued, reason: Some(r), .. } if r.contains("refused"))
     })
     .await;
     let EventBody::State { reason, .. } = &refused.body else {
@@ -1087,28 +1092,26 @@ async fn artifacts_are_stored_under_job_task_attempt_with_matching_sizes_and_dig
     assert_eq!(names, vec!["out/model.bin", "out/sub/notes.txt"]);
 
     let js = jetstream::new(fleet.client().await);
-    let store = js
-        .get_object_store(subjects::ARTIFACTS_BUCKET)
+    let stored = artifacts::list(&js, &UserId::default_user(), &JobId::new("art").unwrap())
         .await
         .unwrap();
-    for a in &listed {
+    let stored_names: Vec<&str> = stored.iter().map(|a| a.meta.name.as_str()).collect();
+    assert_eq!(
+        stored_names, names,
+        "a file no glob matches is not uploaded"
+    );
+    for (a, s) in listed.iter().zip(&stored) {
         assert_eq!(a.object, format!("art/art-0/1/{}", a.name));
-        let mut object = store.get(a.object.as_str()).await.expect("stored");
-        let mut stored = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut stored)
-            .await
-            .unwrap();
+        assert_eq!(s.at.worker.as_str(), "w1", "stored under its uploader");
+        let mut bytes = Vec::new();
+        artifacts::download(&js, s, &mut bytes).await.unwrap();
         let file = Path::new(&a.name).file_name().unwrap();
         let original = std::fs::read(ctl.join(file)).unwrap();
-        assert_eq!(stored, original, "{} holds the task's bytes", a.object);
+        assert_eq!(bytes, original, "{} holds the task's bytes", a.object);
         assert_eq!(a.size.0, original.len() as u64);
         assert_eq!(a.sha256, hex(&Sha256::digest(&original)));
     }
     assert_eq!(listed[0].size.0, 300_000);
-    assert!(
-        store.get("art/art-0/1/out/ignored.log").await.is_err(),
-        "a file no glob matches is not uploaded"
-    );
 }
 
 fn hex(bytes: &[u8]) -> String {

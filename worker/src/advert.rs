@@ -184,6 +184,7 @@ pub fn gpu_adverts(
                 utilization: g.utilization,
                 temperature: g.temperature,
                 simulated: g.simulated,
+                held_by: vec![],
             }
         })
         .collect();

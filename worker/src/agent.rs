@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, object_store::ObjectStore};
+use async_nats::jetstream;
 use bytes::Bytes;
-use gpufleet_natsutil::{ensure_stores, Backoff, KvError, KvEvent, KvOp, RawKv, Setup};
+use gpufleet_natsutil::{Backoff, KvError, KvEvent, KvOp, KvWatcher, RawKv};
 use gpufleet_schema::{
     codec, subjects, GpuUuid, Lease, LeaseKey, LeaseState, WorkerAdvert, WorkerId,
 };
@@ -53,7 +53,6 @@ pub(crate) struct Ctx {
     pub launcher: Arc<dyn Launcher>,
     pub js: jetstream::Context,
     pub leases: RawKv,
-    pub objects: ObjectStore,
     pub worker: WorkerId,
     pub instance: String,
     pub cfg: WorkerConfig,
@@ -111,13 +110,13 @@ pub async fn run_with(
     )
     .await?;
     let js = jetstream::new(client.clone());
-    ensure_stores(&js, &Setup::default()).await?;
-    let leases = RawKv::open(&js, subjects::LEASES_BUCKET).await?;
-    let adverts = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
-    let objects = js
-        .get_object_store(subjects::ARTIFACTS_BUCKET)
-        .await
-        .map_err(|e| WorkerError::Nats(e.to_string()))?;
+    let trusted = cfg.trusted_keys().map_err(WorkerError::Config)?;
+    // Only the coordinator creates the stores; a worker reads and writes
+    // its own keys through them (its least privilege allows no more).
+    let leases = RawKv::open_scoped(&js, subjects::LEASES_BUCKET).await?;
+    let adverts = RawKv::open_scoped(&js, subjects::WORKERS_BUCKET).await?;
+    let patience = tokio::time::Instant::now() + cfg.connect_patience.0;
+    let mut watch = watch_leases(&leases, &worker, Some(patience)).await?;
     let instance = uuid::Uuid::now_v7().simple().to_string();
     wait_for_name(&adverts, &worker, &instance).await?;
 
@@ -147,7 +146,6 @@ pub async fn run_with(
     let ctx = Arc::new(Ctx {
         js: js.clone(),
         leases: leases.clone(),
-        objects,
         worker: worker.clone(),
         instance: instance.clone(),
         cfg: cfg.clone(),
@@ -169,9 +167,9 @@ pub async fn run_with(
         unmanaged.clone(),
     ));
 
-    let mut watch = leases.watch(&subjects::worker_leases(&worker)).await?;
     let (done_tx, mut done_rx) = mpsc::channel::<AttemptMsg>(1024);
-    let mut state: WorkerState<Held> = WorkerState::new(instance.clone(), capacity);
+    let mut state: WorkerState<Held> =
+        WorkerState::new(instance.clone(), capacity).trusting(trusted);
     let drain_deadline = tokio::time::sleep(Duration::MAX);
     tokio::pin!(drain_deadline);
     tokio::pin!(shutdown);
@@ -216,7 +214,7 @@ pub async fn run_with(
                 let Some(item) = item else {
                     // The watch cannot continue; start it again from the
                     // current state (idempotent for keys we already hold).
-                    watch = rewatch(&leases, &worker).await;
+                    watch = watch_leases(&leases, &worker, None).await?;
                     continue;
                 };
                 let change = match item {
@@ -274,6 +272,32 @@ pub async fn run_with(
     Ok(())
 }
 
+/// Starts the watch on this worker's lease keys, retrying (the
+/// coordinator may not have made the bucket yet, or NATS is away) until
+/// `deadline`, or for ever without one.
+async fn watch_leases(
+    leases: &RawKv,
+    worker: &WorkerId,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<KvWatcher, WorkerError> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        match leases.watch(&subjects::worker_leases(worker)).await {
+            Ok(w) => return Ok(w),
+            Err(e) => {
+                tracing::info!(error = %e, "cannot watch this worker's leases yet; retrying");
+                match deadline {
+                    Some(d) => match backoff.next_before(d) {
+                        Some(delay) => tokio::time::sleep(delay).await,
+                        None => return Err(e.into()),
+                    },
+                    None => backoff.wait().await,
+                }
+            }
+        }
+    }
+}
+
 /// Waits until no other live worker advertises under our name.
 async fn wait_for_name(
     adverts: &RawKv,
@@ -313,20 +337,6 @@ async fn wait_for_name(
             "worker name {worker} is in use by a live worker (instance {}); choose another --name",
             old.instance
         ))),
-    }
-}
-
-/// Starts the lease watch again, until it starts.
-async fn rewatch(leases: &RawKv, worker: &WorkerId) -> gpufleet_natsutil::KvWatcher {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        match leases.watch(&subjects::worker_leases(worker)).await {
-            Ok(w) => return w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch leases; retrying");
-                backoff.wait().await;
-            }
-        }
     }
 }
 

@@ -1,14 +1,12 @@
 //! Uploads a task's output files that match its `artifacts` globs to the
-//! `gpufleet-artifacts` object store, as `<job>/<task>/<attempt>/<path>`.
+//! artifacts stream (`natsutil::artifacts`), under the attempt and this
+//! worker's name.
 
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use async_nats::jetstream::object_store::ObjectStore;
-use gpufleet_schema::{Artifact, ByteSize};
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, ReadBuf};
+use async_nats::jetstream;
+use gpufleet_natsutil::artifacts::{self, Attempt};
+use gpufleet_schema::{subjects, Artifact, ByteSize};
 
 /// What an upload pass did: the files stored, and what went wrong.
 #[derive(Debug, Default)]
@@ -69,37 +67,12 @@ pub fn matching_files(root: &Path, patterns: &[String]) -> (Vec<PathBuf>, Vec<St
     (files, errors)
 }
 
-/// Hashes what passes through it.
-struct Hashing<R> {
-    inner: R,
-    hasher: Sha256,
-    bytes: u64,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Hashing<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            let new = &buf.filled()[before..];
-            self.bytes += new.len() as u64;
-            let data = new.to_vec();
-            self.hasher.update(&data);
-        }
-        r
-    }
-}
-
-/// Uploads the matching files of `root` under `prefix`.
+/// Uploads the matching files of `root` as artifacts of `at`.
 pub async fn upload(
-    store: &ObjectStore,
+    js: &jetstream::Context,
+    at: &Attempt,
     root: &Path,
     patterns: &[String],
-    prefix: &str,
     max_size: u64,
 ) -> Uploaded {
     let mut out = Uploaded::default();
@@ -136,29 +109,17 @@ pub async fn upload(
                 continue;
             }
         };
-        let object = format!("{prefix}/{name}");
-        let mut reader = Hashing {
-            inner: file,
-            hasher: Sha256::new(),
-            bytes: 0,
-        };
-        match store.put(object.as_str(), &mut reader).await {
-            Ok(_) => out.artifacts.push(Artifact {
+        match artifacts::upload(js, at, &name, file).await {
+            Ok(meta) => out.artifacts.push(Artifact {
+                object: subjects::artifact_object(&at.job, &at.task, at.attempt, &name),
                 name,
-                object,
-                size: ByteSize(reader.bytes),
-                sha256: hex(&reader.hasher.finalize()),
+                size: meta.size,
+                sha256: meta.sha256,
             }),
-            Err(e) => out
-                .errors
-                .push(format!("artifact {name}: upload failed: {e}")),
+            Err(e) => out.errors.push(format!("upload failed: {e}")),
         }
     }
     out
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -187,14 +148,6 @@ mod tests {
         assert_eq!(
             errors,
             vec!["artifact pattern \"nothing/*\" matched no file"]
-        );
-    }
-
-    #[test]
-    fn hex_digest() {
-        assert_eq!(
-            hex(&Sha256::digest(b"")),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
     }
 }

@@ -85,6 +85,9 @@ impl Attempt {
             }
         };
         self.rev.fetch_max(claim_rev, Ordering::SeqCst);
+        // Renewals say which revision claimed it, for a coordinator that
+        // reads the lease later (results must name that revision).
+        let claimed = core::with_claim_rev(claimed, claim_rev);
         let confirmed = Arc::new(Confirmed::default());
         confirmed.mark();
         tracing::info!(task_id = %self.lease.task_id, attempt = self.lease.attempt, "task claimed");
@@ -103,6 +106,7 @@ impl Attempt {
             EventBody::State {
                 state: TaskState::Running,
                 reason: None,
+                holder: None,
             },
             claim_rev,
         );
@@ -211,15 +215,20 @@ impl Attempt {
         let mut error = f.error;
         let mut artifacts = Vec::new();
         if f.launched && !self.lease.task.artifacts.is_empty() {
-            let prefix = format!(
-                "{}/{}/{}",
-                self.lease.job_id, self.lease.task_id, self.lease.attempt
-            );
+            let l = &self.lease;
+            let at = gpufleet_natsutil::artifacts::Attempt {
+                owner: l.owner.clone(),
+                job: l.job_id.clone(),
+                task: l.task_id.clone(),
+                attempt: l.attempt,
+                worker: self.ctx.worker.clone(),
+                token: l.token.clone(),
+            };
             let up = artifacts::upload(
-                &self.ctx.objects,
+                &self.ctx.js,
+                &at,
                 &f.output_dir,
-                &self.lease.task.artifacts,
-                &prefix,
+                &l.task.artifacts,
                 self.ctx.cfg.max_artifact_size.0,
             )
             .await;
@@ -260,8 +269,11 @@ impl Attempt {
         });
         let (subject, ev) = self.source.event(EventBody::Result(outcome), claim_rev);
         // The same id on every try: the stream keeps one copy.
-        let msg_id =
-            gpufleet_schema::subjects::result_msg_id(&self.lease.task_id, self.lease.attempt);
+        let msg_id = gpufleet_schema::subjects::result_msg_id(
+            &self.lease.task_id,
+            self.lease.attempt,
+            &self.lease.token,
+        );
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             if publish::publish(&self.ctx.js, subject.clone(), &ev, Some(&msg_id)).await {

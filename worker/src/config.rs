@@ -18,6 +18,18 @@ pub struct WorkerConfig {
     /// A NATS token, for servers that use one (prefer the environment
     /// variable `GPUFLEET_NATS_TOKEN` to a file).
     pub nats_token: Option<String>,
+    /// A file holding a bare NKey seed, for servers that list users by
+    /// public NKey (as `gpufleet auth` writes them).
+    pub nats_nkey: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for mutual TLS.
+    pub nats_tls_cert: Option<PathBuf>,
+    pub nats_tls_key: Option<PathBuf>,
+    /// The CA (PEM) the server's certificate must chain to.
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Public NKeys (`U...`, `A...`) of the coordinators whose signature
+    /// a reservation must carry before anything of it runs. Empty: every
+    /// reservation is run (a fleet without roles).
+    pub trusted_keys: Vec<String>,
     /// Unique in the fleet; defaults to the host name.
     pub name: Option<String>,
     pub labels: BTreeMap<String, String>,
@@ -65,6 +77,11 @@ impl Default for WorkerConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_creds: None,
             nats_token: None,
+            nats_nkey: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
+            nats_tls_ca: None,
+            trusted_keys: Vec::new(),
             name: None,
             labels: BTreeMap::new(),
             simulate_gpus: None,
@@ -108,7 +125,27 @@ impl WorkerConfig {
         gpufleet_natsutil::Auth {
             creds: self.nats_creds.clone(),
             token: self.nats_token.clone(),
+            nkey: self.nats_nkey.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            // Its replies come to its own inbox, which its role may read.
+            inbox_prefix: self
+                .worker_id()
+                .ok()
+                .map(|w| gpufleet_schema::roles::Role::Worker(w).inbox_prefix()),
         }
+    }
+
+    /// The keys in `trusted_keys`, checked.
+    pub fn trusted_keys(&self) -> Result<Vec<nkeys::KeyPair>, String> {
+        self.trusted_keys
+            .iter()
+            .map(|k| {
+                nkeys::KeyPair::from_public_key(k)
+                    .map_err(|e| format!("trusted_keys: {k:?} is not a public NKey ({e})"))
+            })
+            .collect()
     }
 
     /// The worker's name: the configured one, else the host's.
@@ -122,6 +159,7 @@ impl WorkerConfig {
 
     pub fn validate(&self) -> Result<(), String> {
         self.worker_id()?;
+        self.trusted_keys()?;
         if self.heartbeat.0 < Duration::from_millis(100) {
             return Err("heartbeat: at least 100ms".into());
         }

@@ -39,6 +39,9 @@ pub enum OnLease {
 /// one).
 pub struct WorkerState<H> {
     instance: String,
+    /// Public keys a reservation's signature must check against; none: any
+    /// reservation is run (a fleet without roles).
+    trusted: Vec<nkeys::KeyPair>,
     capacity: Capacity,
     ledger: Ledger,
     draining: bool,
@@ -49,11 +52,18 @@ impl<H> WorkerState<H> {
     pub fn new(instance: String, capacity: Capacity) -> Self {
         WorkerState {
             instance,
+            trusted: Vec::new(),
             capacity,
             ledger: Ledger::default(),
             draining: false,
             attempts: HashMap::new(),
         }
+    }
+
+    /// Runs only reservations signed by one of `keys`.
+    pub fn trusting(mut self, keys: Vec<nkeys::KeyPair>) -> Self {
+        self.trusted = keys;
+        self
     }
 
     /// Decides about `lease`, just written under `key`. `unmanaged` is GPU
@@ -101,6 +111,11 @@ impl<H> WorkerState<H> {
         unmanaged: &HashMap<GpuUuid, u64>,
         port_free: impl FnOnce(u16) -> bool,
     ) -> Result<(), String> {
+        // Before anything else: nothing of a reservation this worker cannot
+        // trust is looked at, let alone held or run.
+        if !self.trusted.is_empty() {
+            lease.verify(&self.trusted).map_err(|e| e.to_string())?;
+        }
         if self.draining {
             return Err("the worker is draining".into());
         }
@@ -193,6 +208,12 @@ pub fn claimed(lease: &Lease, instance: &str) -> Lease {
     let mut claimed = lease.clone();
     claimed.state = LeaseState::Running;
     claimed.instance = Some(instance.to_string());
+    claimed
+}
+
+/// The claimed lease as its renewals write it: naming the claim's revision.
+pub fn with_claim_rev(mut claimed: Lease, claim_rev: u64) -> Lease {
+    claimed.claim_rev = Some(claim_rev);
     claimed
 }
 
@@ -329,6 +350,11 @@ mod tests {
             lease_ttl: Dur::secs(30),
             instance: None,
             reserved_at: OffsetDateTime::now_utc(),
+            owner: gpufleet_schema::UserId::default_user(),
+            token: "tok".into(),
+            signer: None,
+            signature: None,
+            claim_rev: None,
         };
         (key, lease)
     }
@@ -343,6 +369,45 @@ mod tests {
             s.admit(key.clone(), ());
         }
         d
+    }
+
+    #[test]
+    fn with_trusted_keys_only_a_reservation_they_signed_is_claimed() {
+        let coordinator = nkeys::KeyPair::new_account();
+        let trusted = nkeys::KeyPair::from_public_key(&coordinator.public_key()).unwrap();
+        let mut s = state().trusting(vec![trusted]);
+        let (a, mut la) = lease(0, 1000, None);
+        // Unsigned, signed by a stranger, changed after signing: refused,
+        // before anything else is looked at (the worker is draining here
+        // too, yet the signature is what the refusal names).
+        s.drain();
+        let mut refusals = vec![];
+        let OnLease::Refuse { reason, .. } = claim(&mut s, &a, &la) else {
+            panic!("an unsigned reservation was not refused");
+        };
+        refusals.push(reason);
+        la.sign(&nkeys::KeyPair::new_account()).unwrap();
+        let OnLease::Refuse { reason, .. } = claim(&mut s, &a, &la) else {
+            panic!("a stranger's reservation was not refused");
+        };
+        refusals.push(reason);
+        la.sign(&coordinator).unwrap();
+        la.task.command = vec!["rm".into(), "-rf".into(), "/".into()];
+        let OnLease::Refuse { reason, .. } = claim(&mut s, &a, &la) else {
+            panic!("a changed reservation was not refused");
+        };
+        refusals.push(reason);
+        assert!(refusals[0].contains("not signed"), "{refusals:?}");
+        assert!(refusals[1].contains("does not trust"), "{refusals:?}");
+        assert!(refusals[2].contains("does not match"), "{refusals:?}");
+        // Signed as placed: claimed.
+        let mut s = state().trusting(vec![nkeys::KeyPair::from_public_key(
+            &coordinator.public_key(),
+        )
+        .unwrap()]);
+        let (b, mut lb) = lease(1, 1000, None);
+        lb.sign(&coordinator).unwrap();
+        assert_eq!(claim(&mut s, &b, &lb), OnLease::Claim);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use gpufleet_natsutil::events;
 use gpufleet_schema::{
-    codec, subjects, Event, EventBody, EventKind, JobId, Lease, TaskId, WorkerId,
+    codec, subjects, Event, EventBody, EventKind, JobId, Lease, Sender, TaskId, UserId, WorkerId,
 };
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -22,19 +22,26 @@ const OUTPUT_IN_FLIGHT: usize = 64;
 /// Whose events an attempt sends.
 #[derive(Debug, Clone)]
 pub(crate) struct Source {
+    owner: UserId,
     job_id: JobId,
     task_id: TaskId,
     attempt: u32,
     worker: WorkerId,
+    /// The reservation's token, which only the result carries: the owner
+    /// reads the output while the attempt runs and must not learn what
+    /// would let it forge the result.
+    token: String,
 }
 
 impl Source {
     pub fn new(lease: &Lease, worker: &WorkerId) -> Source {
         Source {
+            owner: lease.owner.clone(),
             job_id: lease.job_id.clone(),
             task_id: lease.task_id.clone(),
             attempt: lease.attempt,
             worker: worker.clone(),
+            token: lease.token.clone(),
         }
     }
 
@@ -48,7 +55,13 @@ impl Source {
             EventBody::Result(_) => EventKind::Result,
         };
         (
-            subjects::events(&self.job_id, &self.task_id, kind),
+            subjects::events(
+                &self.owner,
+                &self.job_id,
+                &self.task_id,
+                kind,
+                &Sender::Worker(self.worker.clone()),
+            ),
             Event {
                 job_id: self.job_id.clone(),
                 task_id: self.task_id.clone(),
@@ -57,6 +70,7 @@ impl Source {
                 lease_rev: Some(lease_rev),
                 at: OffsetDateTime::now_utc(),
                 body,
+                token: (kind == EventKind::Result).then(|| self.token.clone()),
             },
         )
     }

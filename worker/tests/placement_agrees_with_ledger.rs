@@ -46,6 +46,7 @@ fn advert(i: usize, cpus_milli: u64, memory: u64, gpus: Vec<(u64, u64)>) -> Work
                 utilization: None,
                 temperature: None,
                 simulated: false,
+                held_by: vec![],
             })
             .collect(),
         running: vec![],

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::ops::Index;
 
-use gpufleet_schema::{JobId, JobSpec, JobState, JobStatus, Lease, TaskId};
+use gpufleet_schema::{JobId, JobSpec, JobState, JobStatus, Lease, TaskId, UserId};
 use time::OffsetDateTime;
 
 use crate::state::{JobRecord, TaskRecord};
@@ -33,10 +33,17 @@ impl JobTable {
     }
 
     /// Adds a newly submitted job, behind every earlier submission.
-    pub fn add(&mut self, id: JobId, spec: JobSpec, at: OffsetDateTime) -> &JobRecord {
+    pub fn add(
+        &mut self,
+        id: JobId,
+        owner: UserId,
+        spec: JobSpec,
+        at: OffsetDateTime,
+    ) -> &JobRecord {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let job = JobRecord::new(id.clone(), seq, spec, at);
+        let mut job = JobRecord::new(id.clone(), seq, spec, at);
+        job.owner = owner;
         self.jobs.entry(id).insert_entry(job).into_mut()
     }
 
@@ -62,11 +69,17 @@ impl JobTable {
     }
 
     /// Up to `limit` jobs, newest first, optionally of one status.
-    pub fn newest(&self, status: Option<JobState>, limit: usize) -> Vec<JobStatus> {
+    /// The newest jobs `caller` may see, with `status` if given.
+    pub fn newest(
+        &self,
+        status: Option<JobState>,
+        limit: usize,
+        caller: &super::Caller,
+    ) -> Vec<JobStatus> {
         let mut jobs: Vec<&JobRecord> = self
             .jobs
             .values()
-            .filter(|j| status.is_none_or(|s| j.status == s))
+            .filter(|j| status.is_none_or(|s| j.status == s) && caller.sees(&j.owner))
             .collect();
         jobs.sort_by_key(|j| std::cmp::Reverse(j.seq));
         jobs.iter().take(limit).map(|j| j.status(false)).collect()

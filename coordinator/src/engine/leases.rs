@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use gpufleet_schema::capacity::{WorkerCapacity, DEFAULT_RENDEZVOUS_PORTS};
-use gpufleet_schema::{Lease, LeaseKey, LeaseState, TaskId, WorkerAdvert, WorkerId};
+use gpufleet_schema::{GpuUuid, Lease, LeaseKey, LeaseState, TaskId, WorkerAdvert, WorkerId};
 
 use crate::placement::WorkerView;
 
@@ -74,6 +74,31 @@ impl LeaseBook {
                 .collect(),
             None => self.workers.values().take(limit).cloned().collect(),
         }
+    }
+
+    /// The tasks whose live lease holds each GPU of `workers`, keyed by
+    /// (worker, GPU uuid): one pass over the leases.
+    pub fn gpu_holders(
+        &self,
+        workers: &HashSet<&WorkerId>,
+    ) -> HashMap<(WorkerId, GpuUuid), Vec<TaskId>> {
+        let mut held: HashMap<(WorkerId, GpuUuid), Vec<TaskId>> = HashMap::new();
+        for l in self.live.values().map(|l| &l.lease) {
+            if !workers.contains(&l.worker)
+                || matches!(l.state, LeaseState::Rejected | LeaseState::Abandoned)
+            {
+                continue;
+            }
+            for g in &l.grant.gpus {
+                held.entry((l.worker.clone(), g.uuid.clone()))
+                    .or_default()
+                    .push(l.task_id.clone());
+            }
+        }
+        for tasks in held.values_mut() {
+            tasks.sort();
+        }
+        held
     }
 
     // ----- leases -----

@@ -5,7 +5,7 @@
 //! nothing the second time.
 
 use gpufleet_schema::{
-    subjects, Event, EventBody, JobId, Lease, LeaseKey, LeaseState, TaskOutcome, TaskState,
+    subjects, Event, EventBody, JobId, Lease, LeaseKey, LeaseState, Sender, TaskOutcome, TaskState,
 };
 
 use super::leases::LiveLease;
@@ -45,7 +45,12 @@ impl Engine {
             return;
         };
         match change {
-            LeaseChange::Put { rev, lease, .. } => {
+            LeaseChange::Put { rev, mut lease, .. } => {
+                if lease.state == LeaseState::Running && lease.claim_rev.is_none() {
+                    // The claim itself: its revision is what the attempt's
+                    // results name, and what our CANCELLING write carries.
+                    lease.claim_rev = Some(rev);
+                }
                 if !self.book.put(&key, rev, (*lease).clone()) {
                     // An older entry redelivered; the newer one stays.
                     return;
@@ -121,7 +126,7 @@ impl Engine {
         };
         let j = self.jobs.job_mut(&job);
         if j.tasks[i].state == TaskState::Reserved {
-            j.tasks[i].start(self.now.wall);
+            j.tasks[i].start(self.now.wall, l.claim_rev.unwrap_or_default());
             self.queue.started(&l.task_id);
             // Not written to the record: the lease itself says the task
             // runs, and a restarted coordinator adopts running leases. One
@@ -344,7 +349,7 @@ impl Engine {
 
     // ----- results -----
 
-    pub(super) fn result(&mut self, event: Event, seq: u64) {
+    pub(super) fn result(&mut self, event: Event, sender: &Sender, seq: u64) {
         let EventBody::Result(outcome) = event.body else {
             return;
         };
@@ -355,14 +360,39 @@ impl Engine {
             return;
         };
         let t = &job.tasks[i];
-        // Fencing: only the current attempt, from the worker that holds it,
-        // may end a task; anything else is a superseded attempt's report.
-        if t.attempt != event.attempt || t.is_final() || t.worker != event.worker {
+        // Fencing: only the current attempt may end a task; anything else
+        // is a superseded attempt's report.
+        if t.attempt != event.attempt || t.is_final() {
             tracing::info!(
                 task_id = %event.task_id,
                 attempt = event.attempt,
                 current = t.attempt,
                 "refused a result from a superseded attempt"
+            );
+            return;
+        }
+        // And only from the worker holding its live claim: sent by it (the
+        // subject says so, and the server checks who may publish there),
+        // naming the claim's revision, carrying the reservation's token
+        // (which nobody but that worker could read).
+        let refusal = if t.worker.as_ref() != sender.worker() {
+            Some(format!("sent by {}, not by its worker", sender.token()))
+        } else if t.claim_rev.is_some_and(|c| event.lease_rev != Some(c)) {
+            Some(format!(
+                "names lease revision {:?}, not the claim's {:?}",
+                event.lease_rev, t.claim_rev
+            ))
+        } else if t.token.is_some() && event.token != t.token {
+            Some("does not carry its reservation's token".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            tracing::warn!(
+                task_id = %event.task_id,
+                attempt = event.attempt,
+                why,
+                "refused a result"
             );
             return;
         }
@@ -474,12 +504,12 @@ impl Engine {
             };
             let t = self.jobs.task_mut(&job, i);
             if t.worker.as_ref() != Some(&l.worker) || t.state == TaskState::Queued {
-                t.reserve(l.worker.clone(), l.grant.clone());
+                t.reserve(l.worker.clone(), l.grant.clone(), l.token.clone());
             }
             match l.state {
                 LeaseState::Running | LeaseState::Cancelling => {
                     if t.state != TaskState::Running {
-                        t.start(self.now.wall);
+                        t.start(self.now.wall, l.claim_rev.unwrap_or(live.rev));
                     }
                 }
                 LeaseState::Rejected => self.rejected(&key, l),

@@ -325,10 +325,15 @@ impl Engine {
     ) {
         let j = self.jobs.job_mut(job);
         let task = j.spec.tasks[i].clone();
+        let owner = j.owner.clone();
+        // A secret, so not from the engine's seeded generator, whose
+        // numbers show in job ids.
+        let token = gpufleet_schema::lease::new_token();
         let t = &mut j.tasks[i];
-        t.reserve(worker.clone(), grant.clone());
+        t.reserve(worker.clone(), grant.clone(), token.clone());
         let key = subjects::lease_key(&worker, &t.id, t.attempt);
         let lease = Lease {
+            owner,
             job_id: job.clone(),
             task_id: t.id.clone(),
             attempt: t.attempt,
@@ -341,6 +346,11 @@ impl Engine {
             lease_ttl: self.cfg.lease_ttl,
             instance: None,
             reserved_at: self.now.wall,
+            token,
+            // Signed by the runtime as it writes the reservation.
+            signer: None,
+            signature: None,
+            claim_rev: None,
         };
         self.book.reserve(key.clone(), lease.clone());
         self.fx.create_leases.push((key.into(), lease));

@@ -14,6 +14,7 @@ mod budget;
 mod cancel;
 mod gangs;
 mod holds;
+mod owners;
 mod refusals;
 
 /// An engine with its own clock, which moves only when a test says so.
@@ -89,6 +90,7 @@ fn advert(name: &str, cpus: u64, gpus: u32) -> WorkerAdvert {
                 utilization: None,
                 temperature: None,
                 simulated: true,
+                held_by: vec![],
             })
             .collect(),
         running: vec![],
@@ -122,7 +124,11 @@ fn spec(json: &str) -> JobSpec {
 
 fn submit(e: &mut Sim, json: &str) -> (JobId, oneshot::Receiver<Reply>) {
     let (tx, rx) = oneshot::channel();
-    e.handle(Input::Api(ApiCall::Submit(Box::new(spec(json))), tx));
+    e.handle(Input::Api(
+        ApiCall::Submit(Box::new(spec(json))),
+        Caller::everyone(),
+        tx,
+    ));
     e.schedule_if_needed();
     let id = e.jobs.iter().max_by_key(|(_, j)| j.seq).unwrap().0.clone();
     (id, rx)
@@ -160,7 +166,7 @@ fn refuse(e: &mut Sim, key: &str, lease: &Lease, rev: u64, why: &str) {
 /// A claimed attempt ends as a worker ends it: the result, then the
 /// release of its lease.
 fn finish(e: &mut Sim, key: &str, lease: &Lease, state: TaskState, seq: u64) {
-    e.handle(result(lease, state, seq));
+    e.handle(result(e, lease, state, seq));
     e.handle(Input::Lease(LeaseChange::Released { key: key.into() }));
 }
 
@@ -175,15 +181,23 @@ fn task_state(e: &Sim, job: &JobId, i: usize) -> (TaskState, u32) {
     (t.state, t.attempt)
 }
 
-fn result(lease: &Lease, state: TaskState, seq: u64) -> Input {
+/// The result a worker sends for `lease`: from that worker, naming the
+/// claim the engine saw, carrying the reservation's token.
+fn result(e: &Sim, lease: &Lease, state: TaskState, seq: u64) -> Input {
+    let claim_rev = e
+        .jobs
+        .find_task(&lease.task_id)
+        .and_then(|(job, i)| e.jobs[&job].tasks[i].claim_rev);
     Input::Result {
         seq,
+        sender: Sender::Worker(lease.worker.clone()),
         event: Box::new(Event {
             job_id: lease.job_id.clone(),
             task_id: lease.task_id.clone(),
             attempt: lease.attempt,
             worker: Some(lease.worker.clone()),
-            lease_rev: Some(1),
+            lease_rev: claim_rev,
+            token: Some(lease.token.clone()),
             at: now(),
             body: EventBody::Result(TaskOutcome {
                 state,
@@ -224,7 +238,7 @@ fn a_task_goes_from_submit_to_completed() {
     // A claim costs no record write.
     assert!(!e.take_effects().put_jobs.contains(&id));
 
-    e.handle(result(&lease, TaskState::Succeeded, 42));
+    e.handle(result(&e, &lease, TaskState::Succeeded, 42));
     assert_eq!(e.jobs[&id].status, JobState::Completed);
     assert_eq!(
         e.jobs[&id].tasks[0].result,
@@ -235,7 +249,7 @@ fn a_task_goes_from_submit_to_completed() {
     assert_eq!(fx.events.len(), 1, "one SUCCEEDED state event");
 
     // The same result again (a replay after restart) changes nothing.
-    e.handle(result(&lease, TaskState::Succeeded, 42));
+    e.handle(result(&e, &lease, TaskState::Succeeded, 42));
     let fx = e.take_effects();
     assert!(fx.put_jobs.is_empty() && fx.events.is_empty());
 }
@@ -261,10 +275,10 @@ fn a_superseded_attempt_is_fenced_off() {
     assert_eq!(lease2.attempt, 2);
     claim(&mut e, &key2, &lease2, 9);
     // The frozen worker comes back and reports attempt 1: refused.
-    e.handle(result(&lease1, TaskState::Succeeded, 50));
+    e.handle(result(&e, &lease1, TaskState::Succeeded, 50));
     assert_eq!(e.jobs[&id].tasks[0].state, TaskState::Running);
     assert_eq!(e.jobs[&id].tasks[0].result, None);
-    e.handle(result(&lease2, TaskState::Succeeded, 51));
+    e.handle(result(&e, &lease2, TaskState::Succeeded, 51));
     assert_eq!(e.jobs[&id].status, JobState::Completed);
     assert_eq!(
         e.jobs[&id].tasks[0].result,
@@ -289,7 +303,7 @@ fn a_release_whose_claim_was_never_seen_waits_for_the_result() {
         fx.create_leases
     );
     assert_eq!(e.jobs[&id].tasks[0].state, TaskState::Reserved);
-    e.handle(result(&lease, TaskState::Succeeded, 7));
+    e.handle(result(&e, &lease, TaskState::Succeeded, 7));
     assert_eq!(e.jobs[&id].status, JobState::Completed);
 }
 
@@ -333,7 +347,7 @@ fn retries_stop_at_max_retries() {
         let (key, lease) = e.take_effects().create_leases[0].clone();
         assert_eq!(lease.attempt, attempt);
         claim(&mut e, &key, &lease, attempt as u64 * 10);
-        e.handle(result(&lease, TaskState::Interrupted, attempt as u64));
+        e.handle(result(&e, &lease, TaskState::Interrupted, attempt as u64));
         e.handle(Input::Lease(LeaseChange::Released { key }));
     }
     assert_eq!(e.jobs[&id].tasks[0].state, TaskState::Interrupted);
@@ -366,6 +380,11 @@ fn start_up_adopts_unrecorded_leases_and_requeues_lapsed_reservations() {
         lease_ttl: Dur::secs(30),
         instance: Some("x".into()),
         reserved_at: now(),
+        owner: job.owner.clone(),
+        token: "t".into(),
+        signer: None,
+        signature: None,
+        claim_rev: None,
     };
     e.handle(Input::Lease(LeaseChange::Put {
         key: "w1.j-1.1".into(),
@@ -416,6 +435,7 @@ fn submit_validates_and_is_idempotent() {
     let (tx, mut rx) = oneshot::channel();
     e.handle(Input::Api(
         ApiCall::Submit(Box::new(spec(r#"{"tasks": []}"#))),
+        Caller::everyone(),
         tx,
     ));
     for (tx, r, _) in e.take_effects().replies {
@@ -429,14 +449,22 @@ fn submit_validates_and_is_idempotent() {
     submit(&mut e, job);
     e.take_effects();
     let (tx, mut rx) = oneshot::channel();
-    e.handle(Input::Api(ApiCall::Submit(Box::new(spec(job))), tx));
+    e.handle(Input::Api(
+        ApiCall::Submit(Box::new(spec(job))),
+        Caller::everyone(),
+        tx,
+    ));
     for (tx, r, _) in e.take_effects().replies {
         tx.send(r).unwrap();
     }
     assert!(matches!(rx.try_recv(), Ok(Reply::Submit(r)) if !r.created));
     let (tx, mut rx) = oneshot::channel();
     let other = r#"{"id": "same", "tasks": [{"command": ["false"]}]}"#;
-    e.handle(Input::Api(ApiCall::Submit(Box::new(spec(other))), tx));
+    e.handle(Input::Api(
+        ApiCall::Submit(Box::new(spec(other))),
+        Caller::everyone(),
+        tx,
+    ));
     for (tx, r, _) in e.take_effects().replies {
         tx.send(r).unwrap();
     }
@@ -452,7 +480,11 @@ fn cancelling_a_waiting_job_aborts_it_at_once() {
     );
     assert_eq!(e.jobs[&id].reason.as_deref(), Some("no workers are online"));
     let (tx, _rx2) = oneshot::channel();
-    e.handle(Input::Api(ApiCall::Cancel(id.clone()), tx));
+    e.handle(Input::Api(
+        ApiCall::Cancel(id.clone()),
+        Caller::everyone(),
+        tx,
+    ));
     assert_eq!(e.jobs[&id].status, JobState::Aborted);
     let fx = e.take_effects();
     let cancelled = fx

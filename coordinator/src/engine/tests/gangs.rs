@@ -98,7 +98,7 @@ fn a_member_still_reserved_is_withdrawn_when_its_gang_breaks() {
     );
     assert!(fx.events.iter().any(|(_, ev)| matches!(
         &ev.body,
-        EventBody::State { state: TaskState::Queued, reason: Some(r) } if r.contains("its gang could not start")
+        EventBody::State { state: TaskState::Queued, reason: Some(r), .. } if r.contains("its gang could not start")
     )));
     // Nothing of the gang runs any more: it queues again at once.
     assert_eq!(states(&e, &id), vec![(TaskState::Queued, 2); 2]);
