@@ -90,6 +90,10 @@ impl Fleet {
             .prefix("gpufleet-fleet-")
             .tempdir()
             .expect("tempdir");
+        // Workers started as root run their tasks as `nobody`: tasks must
+        // reach their work directories here, and write the files tests
+        // steer them by.
+        open_to_tasks(dir.path());
         std::fs::write(dir.path().join("coordinator.toml"), COORDINATOR_TEST_CONFIG)
             .expect("write config");
         let mut fleet = Fleet {
@@ -382,6 +386,55 @@ impl Fleet {
         })
         .await
     }
+}
+
+impl Drop for Fleet {
+    /// Killed with SIGKILL, workers leave their tasks' cgroups behind (and
+    /// anything still running in them): those go too.
+    fn drop(&mut self) {
+        let names: Vec<String> = self.workers.drain(..).map(|(n, _)| n).collect();
+        for name in names {
+            let note = self.dir.path().join(format!("work-{name}/cgroup"));
+            if let Ok(base) = std::fs::read_to_string(&note) {
+                remove_cgroup_tree(std::path::Path::new(base.trim()));
+            }
+        }
+    }
+}
+
+/// Kills whatever runs in the cgroups under `base` and removes them.
+fn remove_cgroup_tree(base: &std::path::Path) {
+    let Ok(children) = std::fs::read_dir(base) else {
+        return;
+    };
+    for child in children.flatten().filter(|c| c.path().is_dir()) {
+        let dir = child.path();
+        for _ in 0..200 {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() {
+                break;
+            }
+            for pid in procs
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: a plain kill of a process in a test's own cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            // Dying takes the kernel a moment; there is no event for it.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    let _ = std::fs::remove_dir(base);
+}
+
+/// Lets tasks, which may run as another user than the test, enter and
+/// write `dir`.
+pub fn open_to_tasks(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+        .unwrap_or_else(|e| panic!("open {} to tasks: {e}", dir.display()));
 }
 
 /// The state of each task of a job status, in order.
