@@ -35,6 +35,7 @@ const GIB: u64 = 1 << 30;
 fn ctl(fleet: &Fleet, name: &str) -> PathBuf {
     let dir = fleet.dir().join(format!("ctl-{name}"));
     std::fs::create_dir_all(&dir).expect("create the control directory");
+    gpufleet_testkit::open_to_tasks(&dir);
     dir
 }
 
@@ -757,7 +758,7 @@ async fn going_over_the_memory_limit_or_out_of_memory_is_interrupted_and_retried
         "{status:#}"
     );
     let t = &status["tasks"][0];
-    assert_eq!(t["state"], "INTERRUPTED");
+    assert_eq!(t["state"], "INTERRUPTED", "{t:#}");
     assert_eq!(t["attempt"], 2, "retried once, as max_retries allows");
     assert!(
         t["reason"]
@@ -780,10 +781,11 @@ async fn going_over_the_memory_limit_or_out_of_memory_is_interrupted_and_retried
     );
     assert_eq!(status["tasks"][0]["state"], "INTERRUPTED");
     assert_eq!(status["tasks"][0]["exit_code"], 1);
-    assert!(status["tasks"][0]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("ran out of memory"));
+    let reason = status["tasks"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("out of memory: PyTorch reported"),
+        "{reason}"
+    );
 }
 
 // ----- 5. leases -----

@@ -17,7 +17,8 @@ use crate::agent::{AttemptMsg, Ctx};
 use crate::artifacts;
 use crate::core::{self, AfterConflict, Finish};
 use crate::publish::{self, Source};
-use crate::supervisor::{Finished, Limits, Output, StopReason, TaskRun};
+use crate::supervisor::{Finished, Limits, Output, StopReason, TaskPaths, TaskRun};
+use tokio_util::task::AbortOnDropHandle;
 
 /// Output batches waiting between a task's supervisor and its shipper.
 /// With the shipper's bound on events in flight and the supervisor's own
@@ -25,9 +26,10 @@ use crate::supervisor::{Finished, Limits, Output, StopReason, TaskRun};
 /// the worker hold: 4 MiB plus about 80 batches (5 MiB at 64 KiB a batch).
 const OUTPUT_CHANNEL: usize = 16;
 
-/// When a lease was last known to be this attempt's (claim or renewal), as
-/// nanoseconds on a process-wide monotonic clock, which keeps counting
-/// while the process is frozen.
+/// When the last write of a lease that the server stored (claim or
+/// renewal) was sent, as nanoseconds on a process-wide monotonic clock,
+/// which keeps counting while the process is frozen. The lease cannot
+/// lapse before that plus its TTL.
 #[derive(Default)]
 struct Confirmed(AtomicU64);
 
@@ -40,8 +42,10 @@ fn clock_ns() -> u64 {
 }
 
 impl Confirmed {
-    fn mark(&self) {
-        self.0.fetch_max(clock_ns(), Ordering::SeqCst);
+    /// A write sent at `sent` (from [`clock_ns`]) was stored: the server's
+    /// clock for the lease started after that.
+    fn mark(&self, sent: u64) {
+        self.0.fetch_max(sent, Ordering::SeqCst);
     }
 
     fn age(&self) -> Duration {
@@ -73,6 +77,7 @@ impl Attempt {
             return;
         };
         let expected = self.rev.load(Ordering::SeqCst);
+        let sent = clock_ns();
         let claim_rev = match ctx
             .leases
             .update(&self.key, Bytes::from(bytes), Some(ttl), expected)
@@ -86,10 +91,11 @@ impl Attempt {
         };
         self.rev.fetch_max(claim_rev, Ordering::SeqCst);
         let confirmed = Arc::new(Confirmed::default());
-        confirmed.mark();
+        confirmed.mark(sent);
         tracing::info!(task_id = %self.lease.task_id, attempt = self.lease.attempt, "task claimed");
 
-        let renewal = tokio::spawn(renew(
+        // Both end with the attempt, however it ends.
+        let _renewal = AbortOnDropHandle::new(tokio::spawn(renew(
             ctx.clone(),
             self.key.clone(),
             claimed,
@@ -97,7 +103,13 @@ impl Attempt {
             self.rev.clone(),
             self.stop.clone(),
             confirmed.clone(),
-        ));
+        )));
+        let _watchdog = AbortOnDropHandle::new(tokio::spawn(watchdog(
+            self.key.clone(),
+            core::fence_after(ttl, ctx.cfg.kill_grace.0),
+            self.stop.clone(),
+            confirmed.clone(),
+        )));
 
         let (subject, ev) = self.source.event(
             EventBody::State {
@@ -127,6 +139,8 @@ impl Attempt {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot make a task directory");
             }
         }
+        let mut limits = Limits::from_config(&ctx.cfg);
+        limits.fence_grace = core::fence_grace(ttl, ctx.cfg.kill_grace.0);
         let run = TaskRun {
             job_id: self.lease.job_id.clone(),
             task_id: self.lease.task_id.clone(),
@@ -135,9 +149,21 @@ impl Attempt {
             gpus: self.lease.grant.gpus.clone(),
             rendezvous: self.lease.rendezvous.clone(),
             dir: dir.clone(),
-            limits: Limits::from_config(&ctx.cfg),
+            limits,
+            isolation: ctx.isolation.clone(),
         };
-        let finished = ctx.launcher.launch(run, out_tx, self.stop_rx.clone()).await;
+        let output_dir = TaskPaths::new(&dir).work;
+        // Its own task: should the supervisor panic, the attempt still
+        // ends, FAILED with the reason, and its resources are freed.
+        let launch = ctx.launcher.launch(run, out_tx, self.stop_rx.clone());
+        let finished = match tokio::spawn(launch).await {
+            Ok(finished) => finished,
+            Err(e) => {
+                let why = panic_message(e);
+                tracing::error!(task_id = %self.lease.task_id, attempt = self.lease.attempt, %why, "the supervisor of a task failed");
+                supervisor_failed(why, output_dir)
+            }
+        };
         // Every log line is in the stream before the result.
         let _ = shipper.await;
 
@@ -150,22 +176,28 @@ impl Attempt {
         let fenced = match core::finish(stop, confirmed.age(), ttl) {
             Finish::Report => false,
             Finish::Fenced => true,
-            Finish::CheckLease if self.still_ours().await => false,
             Finish::CheckLease => {
-                // The lease lapsed while nothing here could notice (a
-                // frozen worker, a stalled runtime): a newer attempt may
-                // run elsewhere.
-                self.stop.send_replace(Some(StopReason::Fenced));
-                true
+                // Its process is gone: whatever the lease says, what it
+                // held is free, also while the check waits for NATS.
+                self.free_resources().await;
+                if self.still_ours(ttl, &confirmed).await {
+                    false
+                } else {
+                    // The lease lapsed while nothing here could renew it
+                    // (cut off, frozen): a newer attempt may run elsewhere.
+                    self.stop.send_replace(Some(StopReason::Fenced));
+                    true
+                }
             }
         };
         if fenced {
-            tracing::warn!(task_id = %self.lease.task_id, "attempt fenced: its result is not reported");
+            tracing::warn!(task_id = %self.lease.task_id, attempt = self.lease.attempt, "attempt fenced: its result is not reported");
         } else {
             let outcome = self.outcome(finished).await;
-            self.report(outcome, claim_rev).await;
+            self.report(outcome, claim_rev, ttl, &confirmed).await;
         }
-        renewal.abort();
+        drop(_watchdog);
+        drop(_renewal);
         self.released.store(true, Ordering::SeqCst);
         if !fenced {
             self.free_resources().await;
@@ -181,17 +213,31 @@ impl Attempt {
     }
 
     /// Whether the lease is still this attempt's ([`core::still_ours`]).
-    async fn still_ours(&self) -> bool {
-        match self.ctx.leases.last(&self.key).await {
-            Ok(latest) => {
-                core::still_ours(latest.as_ref(), self.lease.attempt, &self.ctx.instance).is_some()
+    /// Without an answer from NATS it asks again, for as long as
+    /// [`core::reconcile_for`] allows since the last renewal; then it is
+    /// taken as lost.
+    async fn still_ours(&self, ttl: Duration, confirmed: &Confirmed) -> bool {
+        let mut delay = core::renewal_retry(ttl);
+        loop {
+            match self.ctx.leases.last(&self.key).await {
+                Ok(latest) => {
+                    return core::still_ours(
+                        latest.as_ref(),
+                        self.lease.attempt,
+                        &self.ctx.instance,
+                    )
+                    .is_some()
+                }
+                Err(e) if confirmed.age() < core::reconcile_for(ttl) => {
+                    tracing::info!(key = %self.key, error = %e, "cannot check the lease yet; retrying");
+                }
+                Err(e) => {
+                    tracing::warn!(key = %self.key, error = %e, "cannot check the lease; taking it as lost");
+                    return false;
+                }
             }
-            Err(e) => {
-                // Cannot tell; the coordinator refuses a superseded
-                // attempt's result anyway.
-                tracing::warn!(key = %self.key, error = %e, "cannot check the lease before reporting");
-                true
-            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 
@@ -244,8 +290,15 @@ impl Attempt {
         }
     }
 
-    /// Publishes the result until the stream has it, or the lease is lost.
-    async fn report(&self, outcome: TaskOutcome, claim_rev: u64) {
+    /// Publishes the result until the stream has it, or the lease is lost
+    /// (or, cut off from NATS, may be: see [`core::reconcile_for`]).
+    async fn report(
+        &self,
+        outcome: TaskOutcome,
+        claim_rev: u64,
+        ttl: Duration,
+        confirmed: &Confirmed,
+    ) {
         // A result event that cannot be one NATS message would be refused
         // on every try: make it fit first.
         let max = self
@@ -270,9 +323,46 @@ impl Attempt {
             if *self.stop_rx.borrow() == Some(StopReason::Fenced) {
                 return;
             }
+            if confirmed.age() >= core::reconcile_for(ttl) {
+                tracing::warn!(task_id = %self.lease.task_id, attempt = self.lease.attempt, "cannot report the result and the lease has lapsed; giving up");
+                return;
+            }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+/// What a panic said, for the task's reason.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// The end of an attempt whose supervisor failed: its processes were
+/// killed as the supervisor unwound.
+fn supervisor_failed(why: String, output_dir: std::path::PathBuf) -> Finished {
+    Finished {
+        state: TaskState::Failed,
+        exit_code: None,
+        signal: None,
+        result: None,
+        error: Some(format!(
+            "the worker failed while supervising the task ({why}); the task was stopped"
+        )),
+        started_at: None,
+        finished_at: time::OffsetDateTime::now_utc(),
+        output_dir,
+        // Its artifacts are not looked for: what it left is unknown.
+        launched: false,
+        log_dropped_bytes: 0,
     }
 }
 
@@ -336,9 +426,11 @@ fn fit_outcome(
 }
 
 /// Renews the lease every third of its TTL, compare-and-set on the last
-/// revision ([`core::renewal`] says what it writes). A lost race is looked
-/// into ([`core::after_conflict`]): the coordinator asking to cancel is
-/// obeyed; anything else means the lease is no longer ours.
+/// revision ([`core::renewal`] says what it writes); after a failed
+/// renewal it tries again soon ([`core::renewal_retry`]) rather than a
+/// period later. A lost race is looked into ([`core::after_conflict`]): the
+/// coordinator asking to cancel is obeyed; anything else means the lease is
+/// no longer ours.
 async fn renew(
     ctx: Arc<Ctx>,
     key: String,
@@ -350,17 +442,19 @@ async fn renew(
 ) {
     let attempt = lease.attempt;
     let mut current = lease;
-    let mut interval = tokio::time::interval(ttl / 3);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    interval.tick().await;
+    let period = ttl / 3;
+    let retry = core::renewal_retry(ttl);
+    let mut next = tokio::time::Instant::now() + period;
     loop {
-        interval.tick().await;
+        tokio::time::sleep_until(next).await;
+        next = tokio::time::Instant::now() + retry;
         // A cancel the lease watch saw (its revision is already ours).
         core::renewal(&mut current, *stop.borrow());
         let Ok(bytes) = codec::encode(&current) else {
             return;
         };
         let expected = rev.load(Ordering::SeqCst);
+        let sent = clock_ns();
         match ctx
             .leases
             .update(&key, Bytes::from(bytes), Some(ttl), expected)
@@ -368,7 +462,8 @@ async fn renew(
         {
             Ok(r) => {
                 rev.fetch_max(r, Ordering::SeqCst);
-                confirmed.mark();
+                confirmed.mark(sent);
+                next = tokio::time::Instant::now() + period;
                 continue;
             }
             Err(KvError::Conflict { .. }) => {}
@@ -402,16 +497,51 @@ async fn renew(
                 // while the task is stopped.
                 current = *lease;
                 if let Ok(b) = codec::encode(&current) {
+                    let sent = clock_ns();
                     if let Ok(r) = ctx
                         .leases
                         .update(&key, Bytes::from(b), Some(ttl), revision)
                         .await
                     {
                         rev.fetch_max(r, Ordering::SeqCst);
+                        confirmed.mark(sent);
+                        next = tokio::time::Instant::now() + period;
                     }
                 }
             }
         }
+    }
+}
+
+/// Self-fencing: if no renewal has been confirmed for `fence_after`
+/// ([`core::fence_after`]), the worker has lost contact with NATS (or was
+/// frozen) and the lease may lapse soon, after which the coordinator runs
+/// the task elsewhere. So the task is stopped now, on this process's own
+/// clock, to be gone before then.
+async fn watchdog(
+    key: String,
+    fence_after: Duration,
+    stop: Arc<watch::Sender<Option<StopReason>>>,
+    confirmed: Arc<Confirmed>,
+) {
+    loop {
+        let age = confirmed.age();
+        if age < fence_after {
+            tokio::time::sleep(fence_after - age).await;
+            continue;
+        }
+        let stopped = stop.send_if_modified(|s| match s {
+            // Already being killed, or already stopping for this.
+            Some(StopReason::Fenced | StopReason::LostContact) => false,
+            _ => {
+                *s = Some(StopReason::LostContact);
+                true
+            }
+        });
+        if stopped {
+            tracing::warn!(key, since = ?age, "no lease renewal confirmed in time: stopping the task before the lease can lapse");
+        }
+        return;
     }
 }
 

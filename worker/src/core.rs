@@ -245,6 +245,43 @@ pub fn after_conflict(latest: Option<&Entry>, attempt: u32, instance: &str) -> A
     }
 }
 
+/// How far ahead of the lease's lapse a task stopped for lost contact is
+/// gone: room for the lease's clock (the server's) starting a little
+/// after ours, and for the kill itself.
+pub fn fence_margin(ttl: Duration) -> Duration {
+    (ttl / 10).max(Duration::from_millis(250)).min(ttl / 4)
+}
+
+/// The SIGTERM-to-SIGKILL grace of a task stopped for lost contact: the
+/// worker's `kill_grace`, but at most a sixth of the lease TTL, so that
+/// renewals keep several chances before the stop must begin.
+pub fn fence_grace(ttl: Duration, kill_grace: Duration) -> Duration {
+    kill_grace.min(ttl / 6)
+}
+
+/// How long after the last renewal the server confirmed a worker that
+/// cannot renew begins to stop the task: then, with [`fence_grace`], it is
+/// gone [`fence_margin`] before the lease can lapse, and no newer attempt
+/// can run while it still does.
+pub fn fence_after(ttl: Duration, kill_grace: Duration) -> Duration {
+    ttl.saturating_sub(fence_margin(ttl))
+        .saturating_sub(fence_grace(ttl, kill_grace))
+}
+
+/// How long after a failed renewal the next try goes out (rather than a
+/// whole renewal period later).
+pub fn renewal_retry(ttl: Duration) -> Duration {
+    (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+/// How long an attempt that lost contact keeps trying to learn whether its
+/// lease is still its own (to report what it could not) before it gives
+/// up: by then the lease has lapsed unless the server itself was gone
+/// that long, and the coordinator runs the task again either way.
+pub fn reconcile_for(ttl: Duration) -> Duration {
+    ttl.saturating_mul(3)
+}
+
 /// Whether a finished attempt reports its result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finish {
@@ -263,7 +300,7 @@ pub enum Finish {
 pub fn finish(stop: Option<StopReason>, confirmed_ago: Duration, ttl: Duration) -> Finish {
     if stop == Some(StopReason::Fenced) {
         Finish::Fenced
-    } else if confirmed_ago >= ttl / 2 {
+    } else if stop == Some(StopReason::LostContact) || confirmed_ago >= ttl / 2 {
         // The worker may have been frozen past the lease's TTL.
         Finish::CheckLease
     } else {
@@ -578,5 +615,35 @@ mod tests {
         assert_eq!(finish(None, old, ttl), Finish::CheckLease);
         assert_eq!(finish(Some(StopReason::Fenced), fresh, ttl), Finish::Fenced);
         assert_eq!(finish(Some(StopReason::Fenced), old, ttl), Finish::Fenced);
+        // Stopped for lost contact: report only once the lease is known
+        // to be still ours.
+        assert_eq!(
+            finish(Some(StopReason::LostContact), fresh, ttl),
+            Finish::CheckLease
+        );
+    }
+
+    #[test]
+    fn a_task_cut_off_from_nats_is_gone_before_its_lease_can_lapse() {
+        let ms = Duration::from_millis;
+        for (ttl, grace) in [
+            (Duration::from_secs(30), Duration::from_secs(10)),
+            (Duration::from_secs(3), Duration::from_secs(1)),
+            (Duration::from_secs(1), Duration::ZERO),
+            (Duration::from_secs(600), Duration::from_secs(3600)),
+        ] {
+            let start = fence_after(ttl, grace);
+            let gone = start + fence_grace(ttl, grace);
+            assert!(gone + fence_margin(ttl) <= ttl, "{ttl:?} {grace:?}");
+            assert!(fence_margin(ttl) >= ttl / 10 || ttl < ms(1000));
+            // At least two renewal periods (a third of the TTL each) pass
+            // before the stop begins: one lost renewal is not enough.
+            assert!(start >= ttl / 2, "{ttl:?} {grace:?}: {start:?}");
+            assert!(renewal_retry(ttl) < start / 4);
+        }
+        assert_eq!(
+            fence_after(Duration::from_secs(30), Duration::from_secs(10)),
+            Duration::from_secs(22)
+        );
     }
 }

@@ -25,6 +25,9 @@
 //! - [`supervisor`]: one attempt's process from spawn to classified end:
 //!   process group, environment, timeouts, memory limit, output and
 //!   progress. It knows nothing of NATS.
+//! - [`isolation`]: what keeps a task from the worker and the host, decided
+//!   at start: the environment allowlist, the task user, per-task cgroups
+//!   and the process limit.
 //! - [`launcher`]: real processes, or none (benchmarks of the control plane).
 //! - [`gpu`], [`host`]: what the machine has (NVML or simulated GPUs).
 //! - [`procs`]: everything read from `/proc`.
@@ -39,6 +42,7 @@ pub mod config;
 pub mod core;
 pub mod gpu;
 pub mod host;
+pub mod isolation;
 pub mod launcher;
 pub mod ledger;
 pub mod procs;
