@@ -47,6 +47,11 @@ pub struct WorkerSpec {
     pub extra: Vec<String>,
     /// Environment variables beyond the test kit's own.
     pub env: Vec<(String, String)>,
+    /// Run the worker as this user rather than the test's.
+    pub user: Option<String>,
+    /// Connect the worker here rather than to the fleet's server (a
+    /// [`crate::proxy::Proxy`] in front of it, say).
+    pub nats_url: Option<String>,
 }
 
 impl WorkerSpec {
@@ -58,6 +63,8 @@ impl WorkerSpec {
             labels: None,
             extra: vec![],
             env: vec![],
+            user: None,
+            nats_url: None,
         }
     }
 
@@ -78,6 +85,16 @@ impl WorkerSpec {
 
     pub fn env(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Self {
         self.env.extend(vars);
+        self
+    }
+
+    pub fn via(mut self, nats_url: &str) -> Self {
+        self.nats_url = Some(nats_url.into());
+        self
+    }
+
+    pub fn as_user(mut self, user: &str) -> Self {
+        self.user = Some(user.into());
         self
     }
 }
@@ -149,7 +166,7 @@ impl Fleet {
     pub fn worker_args(&self, spec: &WorkerSpec) -> Vec<String> {
         let mut args = vec![
             "--nats-url".to_string(),
-            self.url(),
+            spec.nats_url.clone().unwrap_or_else(|| self.url()),
             "--name".into(),
             spec.name.clone(),
             "--heartbeat".into(),
@@ -191,7 +208,7 @@ impl Fleet {
             ("GPUFLEET_DRAIN_TIMEOUT", "5s"),
         ];
         env.extend(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let proc = Proc::spawn("gpufleet-worker", &args, &env);
+        let proc = Proc::spawn_as(spec.user.as_deref(), "gpufleet-worker", &args, &env);
         self.workers.push((spec.name.clone(), proc));
         self.wait_worker_listed(&spec.name, true).await;
     }

@@ -25,6 +25,7 @@ use crate::advert::{self, AdvertInputs};
 use crate::attempt::Attempt;
 use crate::config::WorkerConfig;
 use crate::core::{self, OnLease, WorkerState};
+use crate::fence::Confirmed;
 use crate::gpu;
 use crate::isolation::{self, Isolation};
 use crate::launcher::{Launcher, Processes};
@@ -59,6 +60,8 @@ pub(crate) struct Ctx {
     pub work_dir: PathBuf,
     pub dirs: supervisor::DirPool,
     pub isolation: Arc<Isolation>,
+    /// When the advert was last stored (see [`crate::fence`]).
+    pub advert_confirmed: Arc<Confirmed>,
 }
 
 /// How the main loop reaches an attempt it runs.
@@ -163,6 +166,7 @@ pub async fn run_with(
         isolation = %isolation.describe(),
         "worker starting"
     );
+    let advert_confirmed = Arc::new(Confirmed::now());
     let ctx = Arc::new(Ctx {
         js: js.clone(),
         leases: leases.clone(),
@@ -174,6 +178,7 @@ pub async fn run_with(
         work_dir,
         launcher,
         isolation,
+        advert_confirmed: advert_confirmed.clone(),
     });
 
     let unmanaged: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
@@ -187,6 +192,7 @@ pub async fn run_with(
         probe,
         advert_rx,
         unmanaged.clone(),
+        advert_confirmed,
     ));
 
     let mut watch = leases.watch(&subjects::worker_leases(&worker)).await?;
@@ -416,7 +422,7 @@ async fn act(
 }
 
 /// Writes a refusal the coordinator reads and records.
-async fn refuse(ctx: &Ctx, key: &str, rev: u64, answer: Lease) {
+pub(crate) async fn refuse(ctx: &Ctx, key: &str, rev: u64, answer: Lease) {
     let Ok(bytes) = codec::encode(&answer) else {
         return;
     };

@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gpufleet_natsutil::KvError;
-use gpufleet_schema::{codec, EventBody, Lease, TaskOutcome, TaskState};
+use gpufleet_schema::{codec, EventBody, Lease, LeaseState, TaskOutcome, TaskState};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::agent::{AttemptMsg, Ctx};
 use crate::artifacts;
 use crate::core::{self, AfterConflict, Finish};
+use crate::fence::{self, Confirmed, Deadline};
 use crate::publish::{self, Source};
 use crate::supervisor::{Finished, Limits, Output, StopReason, TaskPaths, TaskRun};
 use tokio_util::task::AbortOnDropHandle;
@@ -25,33 +26,6 @@ use tokio_util::task::AbortOnDropHandle;
 /// queue (`max_pending_log_bytes`) this bounds the output a task can make
 /// the worker hold: 4 MiB plus about 80 batches (5 MiB at 64 KiB a batch).
 const OUTPUT_CHANNEL: usize = 16;
-
-/// When the last write of a lease that the server stored (claim or
-/// renewal) was sent, as nanoseconds on a process-wide monotonic clock,
-/// which keeps counting while the process is frozen. The lease cannot
-/// lapse before that plus its TTL.
-#[derive(Default)]
-struct Confirmed(AtomicU64);
-
-fn clock_ns() -> u64 {
-    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    EPOCH
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_nanos() as u64
-}
-
-impl Confirmed {
-    /// A write sent at `sent` (from [`clock_ns`]) was stored: the server's
-    /// clock for the lease started after that.
-    fn mark(&self, sent: u64) {
-        self.0.fetch_max(sent, Ordering::SeqCst);
-    }
-
-    fn age(&self) -> Duration {
-        Duration::from_nanos(clock_ns().saturating_sub(self.0.load(Ordering::SeqCst)))
-    }
-}
 
 /// One claimed (or about to be claimed) attempt.
 pub(crate) struct Attempt {
@@ -71,13 +45,31 @@ impl Attempt {
     pub async fn run(self) {
         let ctx = self.ctx.clone();
         let ttl = core::lease_ttl(&self.lease);
+        // The task must be gone before the lease or the advert can lapse.
+        let advert_ttl = ctx.cfg.advert_ttl.0;
+        let grace = core::fence_grace(ttl.min(advert_ttl), ctx.cfg.kill_grace.0);
+        let advert_after = core::fence_after(advert_ttl, grace);
+        // Just back in touch with NATS, the advert may be older than the
+        // watchdog allows: the next one is on its way; without it, the
+        // task would be stopped as soon as started.
+        if !ctx
+            .advert_confirmed
+            .fresh_within(advert_after, advert_ttl)
+            .await
+        {
+            let reason = "the worker cannot renew its advert (no contact with NATS)".to_string();
+            tracing::warn!(key = %self.key, "refusing a reservation: {reason}");
+            let answer = core::refusal(self.lease.clone(), LeaseState::Rejected, reason);
+            crate::agent::refuse(&ctx, &self.key, self.rev.load(Ordering::SeqCst), answer).await;
+            return;
+        }
         // Claim: compare-and-set on the reservation's revision.
         let claimed = core::claimed(&self.lease, &ctx.instance);
         let Ok(bytes) = codec::encode(&claimed) else {
             return;
         };
         let expected = self.rev.load(Ordering::SeqCst);
-        let sent = clock_ns();
+        let sent = tokio::time::Instant::now();
         let claim_rev = match ctx
             .leases
             .update(&self.key, Bytes::from(bytes), Some(ttl), expected)
@@ -90,7 +82,7 @@ impl Attempt {
             }
         };
         self.rev.fetch_max(claim_rev, Ordering::SeqCst);
-        let confirmed = Arc::new(Confirmed::default());
+        let confirmed = Arc::new(Confirmed::now());
         confirmed.mark(sent);
         tracing::info!(task_id = %self.lease.task_id, attempt = self.lease.attempt, "task claimed");
 
@@ -104,11 +96,22 @@ impl Attempt {
             self.stop.clone(),
             confirmed.clone(),
         )));
-        let _watchdog = AbortOnDropHandle::new(tokio::spawn(watchdog(
+        let deadlines = vec![
+            Deadline {
+                what: "lease renewal",
+                confirmed: confirmed.clone(),
+                after: core::fence_after(ttl, grace),
+            },
+            Deadline {
+                what: "advert",
+                confirmed: ctx.advert_confirmed.clone(),
+                after: advert_after,
+            },
+        ];
+        let _watchdog = AbortOnDropHandle::new(tokio::spawn(fence::watchdog(
             self.key.clone(),
-            core::fence_after(ttl, ctx.cfg.kill_grace.0),
+            deadlines,
             self.stop.clone(),
-            confirmed.clone(),
         )));
 
         let (subject, ev) = self.source.event(
@@ -140,7 +143,7 @@ impl Attempt {
             }
         }
         let mut limits = Limits::from_config(&ctx.cfg);
-        limits.fence_grace = core::fence_grace(ttl, ctx.cfg.kill_grace.0);
+        limits.fence_grace = grace;
         let run = TaskRun {
             job_id: self.lease.job_id.clone(),
             task_id: self.lease.task_id.clone(),
@@ -454,7 +457,7 @@ async fn renew(
             return;
         };
         let expected = rev.load(Ordering::SeqCst);
-        let sent = clock_ns();
+        let sent = tokio::time::Instant::now();
         match ctx
             .leases
             .update(&key, Bytes::from(bytes), Some(ttl), expected)
@@ -497,7 +500,7 @@ async fn renew(
                 // while the task is stopped.
                 current = *lease;
                 if let Ok(b) = codec::encode(&current) {
-                    let sent = clock_ns();
+                    let sent = tokio::time::Instant::now();
                     if let Ok(r) = ctx
                         .leases
                         .update(&key, Bytes::from(b), Some(ttl), revision)
@@ -510,38 +513,6 @@ async fn renew(
                 }
             }
         }
-    }
-}
-
-/// Self-fencing: if no renewal has been confirmed for `fence_after`
-/// ([`core::fence_after`]), the worker has lost contact with NATS (or was
-/// frozen) and the lease may lapse soon, after which the coordinator runs
-/// the task elsewhere. So the task is stopped now, on this process's own
-/// clock, to be gone before then.
-async fn watchdog(
-    key: String,
-    fence_after: Duration,
-    stop: Arc<watch::Sender<Option<StopReason>>>,
-    confirmed: Arc<Confirmed>,
-) {
-    loop {
-        let age = confirmed.age();
-        if age < fence_after {
-            tokio::time::sleep(fence_after - age).await;
-            continue;
-        }
-        let stopped = stop.send_if_modified(|s| match s {
-            // Already being killed, or already stopping for this.
-            Some(StopReason::Fenced | StopReason::LostContact) => false,
-            _ => {
-                *s = Some(StopReason::LostContact);
-                true
-            }
-        });
-        if stopped {
-            tracing::warn!(key, since = ?age, "no lease renewal confirmed in time: stopping the task before the lease can lapse");
-        }
-        return;
     }
 }
 

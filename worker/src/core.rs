@@ -253,19 +253,18 @@ pub fn fence_margin(ttl: Duration) -> Duration {
 }
 
 /// The SIGTERM-to-SIGKILL grace of a task stopped for lost contact: the
-/// worker's `kill_grace`, but at most a sixth of the lease TTL, so that
-/// renewals keep several chances before the stop must begin.
+/// worker's `kill_grace`, but at most a sixth of the shortest TTL it must
+/// beat, so that writes keep several chances before the stop must begin.
 pub fn fence_grace(ttl: Duration, kill_grace: Duration) -> Duration {
     kill_grace.min(ttl / 6)
 }
 
-/// How long after the last renewal the server confirmed a worker that
-/// cannot renew begins to stop the task: then, with [`fence_grace`], it is
-/// gone [`fence_margin`] before the lease can lapse, and no newer attempt
-/// can run while it still does.
-pub fn fence_after(ttl: Duration, kill_grace: Duration) -> Duration {
-    ttl.saturating_sub(fence_margin(ttl))
-        .saturating_sub(fence_grace(ttl, kill_grace))
+/// How long after the last write of an entry with `ttl` (a lease, the
+/// advert) that the server confirmed a worker that cannot write begins to
+/// stop the task: then, with `grace`, it is gone [`fence_margin`] before
+/// the entry can lapse, and no newer attempt can run while it still does.
+pub fn fence_after(ttl: Duration, grace: Duration) -> Duration {
+    ttl.saturating_sub(fence_margin(ttl)).saturating_sub(grace)
 }
 
 /// How long after a failed renewal the next try goes out (rather than a
@@ -625,24 +624,29 @@ mod tests {
 
     #[test]
     fn a_task_cut_off_from_nats_is_gone_before_its_lease_can_lapse() {
-        let ms = Duration::from_millis;
-        for (ttl, grace) in [
+        for (ttl, kill_grace) in [
             (Duration::from_secs(30), Duration::from_secs(10)),
+            (Duration::from_secs(10), Duration::from_secs(10)),
             (Duration::from_secs(3), Duration::from_secs(1)),
+            (Duration::from_secs(2), Duration::from_secs(1)),
             (Duration::from_secs(1), Duration::ZERO),
             (Duration::from_secs(600), Duration::from_secs(3600)),
         ] {
+            let grace = fence_grace(ttl, kill_grace);
             let start = fence_after(ttl, grace);
-            let gone = start + fence_grace(ttl, grace);
-            assert!(gone + fence_margin(ttl) <= ttl, "{ttl:?} {grace:?}");
-            assert!(fence_margin(ttl) >= ttl / 10 || ttl < ms(1000));
-            // At least two renewal periods (a third of the TTL each) pass
-            // before the stop begins: one lost renewal is not enough.
-            assert!(start >= ttl / 2, "{ttl:?} {grace:?}: {start:?}");
+            assert!(
+                start + grace + fence_margin(ttl) <= ttl,
+                "{ttl:?} {kill_grace:?}"
+            );
+            // Well over a renewal period (a third of the TTL) passes before
+            // the stop begins: one lost renewal is not enough.
+            assert!(start >= ttl / 2, "{ttl:?} {kill_grace:?}: {start:?}");
             assert!(renewal_retry(ttl) < start / 4);
         }
+        // The defaults: a 30 s lease, 10 s of kill grace.
+        let grace = fence_grace(Duration::from_secs(30), Duration::from_secs(10));
         assert_eq!(
-            fence_after(Duration::from_secs(30), Duration::from_secs(10)),
+            fence_after(Duration::from_secs(30), grace),
             Duration::from_secs(22)
         );
     }

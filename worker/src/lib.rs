@@ -16,6 +16,8 @@
 //! - `attempt`: one claimed attempt as its own tokio task (claim, renewal
 //!   timer, launch, report, release); it tells the main loop when its
 //!   resources are free and when it is done.
+//! - [`fence`]: self-fencing: each attempt's watchdog stops its task when
+//!   the worker cannot write its lease or advert for nearly their TTL.
 //! - `publish`: the one place events are put on the stream (RUNNING,
 //!   output, result).
 //! - [`ledger`]: the worker's own check against overcommit, by the shared
@@ -40,6 +42,7 @@ pub mod artifacts;
 mod attempt;
 pub mod config;
 pub mod core;
+pub mod fence;
 pub mod gpu;
 pub mod host;
 pub mod isolation;
