@@ -1,12 +1,14 @@
 //! gpufleet's test kit: real `nats-server` processes ([`server`]), the real
-//! binaries ([`procs`]), a whole fleet with the reads the suites share (a
-//! job's events and its tasks' states, [`fleet`]), a stand-in NVML library
-//! ([`nvml`]), a TCP proxy that cuts a program off from its server
-//! ([`proxy`]) and waiting with deadlines ([`wait`]). The end-to-end suite
+//! binaries ([`procs`]) and what `/proc` says of a pid ([`pids`]), a whole
+//! fleet with the reads the suites share (a job's events and its tasks'
+//! states, [`fleet`]), a stand-in NVML library ([`nvml`]), a TCP proxy that
+//! cuts a program off from its server ([`proxy`]) and waiting with
+//! deadlines ([`wait`]). The end-to-end suite
 //! lives in `tests/tests/`.
 
 pub mod fleet;
 pub mod nvml;
+pub mod pids;
 pub mod procs;
 pub mod proxy;
 pub mod server;

@@ -15,6 +15,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use gpufleet_schema::LeaseKey;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
@@ -81,7 +82,7 @@ pub struct Deadline {
 /// Stops the task (`StopReason::LostContact`) as soon as one of
 /// `deadlines` has passed, then returns.
 pub async fn watchdog(
-    key: String,
+    key: LeaseKey,
     deadlines: Vec<Deadline>,
     stop: Arc<watch::Sender<Option<StopReason>>>,
 ) {
@@ -106,7 +107,7 @@ pub async fn watchdog(
         });
         if stopped {
             tracing::warn!(
-                key,
+                %key,
                 unconfirmed = late.what,
                 since = ?late.confirmed.age(),
                 "no write to NATS confirmed in time: stopping the task before the coordinator may run it elsewhere"
@@ -138,7 +139,8 @@ mod tests {
                 after: Duration::from_secs(7),
             },
         ];
-        let dog = tokio::spawn(watchdog("k".into(), deadlines, stop.clone()));
+        let key = gpufleet_schema::subjects::parse_lease_key("w.j-0.1").unwrap();
+        let dog = tokio::spawn(watchdog(key, deadlines, stop.clone()));
         // Adverts go out every 5 s, leases every 10 s: nothing happens.
         for i in 1..=6 {
             tokio::time::sleep(Duration::from_secs(5)).await;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpufleet_schema::Dur;
-use gpufleet_testkit::{eventually, Fleet};
+use gpufleet_testkit::{eventually, pids, Fleet};
 use gpufleet_worker::launcher::{Launch, Launcher};
 use gpufleet_worker::supervisor::{self, Output, StopReason, TaskRun};
 use gpufleet_worker::WorkerConfig;
@@ -97,7 +97,7 @@ async fn a_supervisor_panic_fails_the_attempt_kills_the_task_and_frees_its_resou
         .parse()
         .unwrap();
     eventually(T, "the task's process to be killed", || async move {
-        gone(pid).then_some(())
+        pids::gone(pid).then_some(())
     })
     .await;
 
