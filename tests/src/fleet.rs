@@ -47,6 +47,11 @@ pub struct WorkerSpec {
     pub extra: Vec<String>,
     /// Environment variables beyond the test kit's own.
     pub env: Vec<(String, String)>,
+    /// Run the worker as this user rather than the test's.
+    pub user: Option<String>,
+    /// Connect the worker here rather than to the fleet's server (a
+    /// [`crate::proxy::Proxy`] in front of it, say).
+    pub nats_url: Option<String>,
 }
 
 impl WorkerSpec {
@@ -58,6 +63,8 @@ impl WorkerSpec {
             labels: None,
             extra: vec![],
             env: vec![],
+            user: None,
+            nats_url: None,
         }
     }
 
@@ -80,6 +87,16 @@ impl WorkerSpec {
         self.env.extend(vars);
         self
     }
+
+    pub fn via(mut self, nats_url: &str) -> Self {
+        self.nats_url = Some(nats_url.into());
+        self
+    }
+
+    pub fn as_user(mut self, user: &str) -> Self {
+        self.user = Some(user.into());
+        self
+    }
 }
 
 impl Fleet {
@@ -90,6 +107,10 @@ impl Fleet {
             .prefix("gpufleet-fleet-")
             .tempdir()
             .expect("tempdir");
+        // Workers started as root run their tasks as `nobody`: tasks must
+        // reach their work directories here, and write the files tests
+        // steer them by.
+        open_to_tasks(dir.path());
         std::fs::write(dir.path().join("coordinator.toml"), COORDINATOR_TEST_CONFIG)
             .expect("write config");
         let mut fleet = Fleet {
@@ -145,7 +166,7 @@ impl Fleet {
     pub fn worker_args(&self, spec: &WorkerSpec) -> Vec<String> {
         let mut args = vec![
             "--nats-url".to_string(),
-            self.url(),
+            spec.nats_url.clone().unwrap_or_else(|| self.url()),
             "--name".into(),
             spec.name.clone(),
         ];
@@ -393,7 +414,56 @@ pub fn spawn_worker(args: &[String], spec: &WorkerSpec) -> Proc {
         ("GPUFLEET_DRAIN_TIMEOUT", "5s"),
     ];
     env.extend(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    Proc::spawn("gpufleet-worker", args, &env)
+    Proc::spawn_as(spec.user.as_deref(), "gpufleet-worker", args, &env)
+}
+
+impl Drop for Fleet {
+    /// Killed with SIGKILL, workers leave their tasks' cgroups behind (and
+    /// anything still running in them): those go too.
+    fn drop(&mut self) {
+        let names: Vec<String> = self.workers.drain(..).map(|(n, _)| n).collect();
+        for name in names {
+            let note = self.dir.path().join(format!("work-{name}/cgroup"));
+            if let Ok(base) = std::fs::read_to_string(&note) {
+                remove_cgroup_tree(std::path::Path::new(base.trim()));
+            }
+        }
+    }
+}
+
+/// Kills whatever runs in the cgroups under `base` and removes them.
+fn remove_cgroup_tree(base: &std::path::Path) {
+    let Ok(children) = std::fs::read_dir(base) else {
+        return;
+    };
+    for child in children.flatten().filter(|c| c.path().is_dir()) {
+        let dir = child.path();
+        for _ in 0..200 {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() {
+                break;
+            }
+            for pid in procs
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: a plain kill of a process in a test's own cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            // Dying takes the kernel a moment; there is no event for it.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    let _ = std::fs::remove_dir(base);
+}
+
+/// Lets tasks, which may run as another user than the test, enter and
+/// write `dir`.
+pub fn open_to_tasks(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+        .unwrap_or_else(|e| panic!("open {} to tasks: {e}", dir.display()));
 }
 
 /// The state of each task of a job status, in order.

@@ -3,19 +3,21 @@
 //! fleet with the reads the suites share (a job's events and its tasks'
 //! states, [`fleet`]), a stand-in NVML library ([`nvml`]), a fleet with
 //! roles made by `gpufleet auth` ([`secure`]), a private CA for mutual TLS
-//! ([`tls`]) and waiting with deadlines ([`wait`]). The end-to-end suite
+//! ([`tls`]), a TCP proxy that cuts a program off from its server
+//! ([`proxy`]) and waiting with deadlines ([`wait`]). The end-to-end suite
 //! lives in `tests/tests/`.
 
 pub mod fleet;
 pub mod nvml;
 pub mod pids;
 pub mod procs;
+pub mod proxy;
 pub mod secure;
 pub mod server;
 pub mod tls;
 pub mod wait;
 
-pub use fleet::{api, state_events, task_states, Fleet, WorkerSpec};
+pub use fleet::{api, open_to_tasks, state_events, task_states, Fleet, WorkerSpec};
 pub use procs::{bin, Proc};
 pub use server::{nats_server_bin, NatsCluster, NatsServer};
 pub use wait::{eventually, with_deadline};

@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::config::WorkerConfig;
+use crate::fence::Confirmed;
 use crate::gpu::{self, GpuProbe, GpuSnapshot};
 use crate::host::HostProbe;
 use crate::ledger::Capacity;
@@ -72,6 +73,7 @@ pub async fn heartbeat(
     mut probe: Box<dyn GpuProbe>,
     mut inputs: watch::Receiver<AdvertInputs>,
     unmanaged_out: Arc<Mutex<HashMap<GpuUuid, u64>>>,
+    confirmed: Arc<Confirmed>,
 ) {
     let started_at = OffsetDateTime::now_utc();
     let mut host = HostProbe::default();
@@ -126,11 +128,14 @@ pub async fn heartbeat(
         let Ok(bytes) = codec::encode(&advert) else {
             continue;
         };
-        if let Err(e) = kv
+        let sent = tokio::time::Instant::now();
+        match kv
             .put(worker.as_str(), Bytes::from(bytes), Some(cfg.advert_ttl.0))
             .await
         {
-            tracing::warn!(error = %e, "could not publish the advert");
+            // Tasks are stopped if this stops (see `crate::fence`).
+            Ok(_) => confirmed.mark(sent),
+            Err(e) => tracing::warn!(error = %e, "could not publish the advert"),
         }
         // Adverts at most every 50 ms however fast tasks come and go.
         tokio::time::sleep(Duration::from_millis(50)).await;

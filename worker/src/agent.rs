@@ -27,7 +27,9 @@ use crate::advert::{self, AdvertInputs};
 use crate::attempt::Attempt;
 use crate::config::WorkerConfig;
 use crate::core::{self, OnLease, WorkerState};
+use crate::fence::Confirmed;
 use crate::gpu;
+use crate::isolation::{self, Isolation};
 use crate::launcher::{Launcher, Processes};
 use crate::publish::Source;
 use crate::supervisor::{self, StopReason};
@@ -58,6 +60,9 @@ pub(crate) struct Ctx {
     pub cfg: WorkerConfig,
     pub work_dir: PathBuf,
     pub dirs: supervisor::DirPool,
+    pub isolation: Arc<Isolation>,
+    /// When the advert was last stored (see [`crate::fence`]).
+    pub advert_confirmed: Arc<Confirmed>,
 }
 
 /// How the main loop reaches an attempt it runs.
@@ -100,6 +105,12 @@ pub async fn run_with(
 ) -> Result<(), WorkerError> {
     cfg.validate().map_err(WorkerError::Config)?;
     let worker = cfg.worker_id().map_err(WorkerError::Config)?;
+    // Before anything secret is in memory: a task running as this user
+    // must not read it from /proc.
+    if let Err(e) = isolation::make_non_dumpable() {
+        tracing::warn!(error = %e, "cannot make the worker non-dumpable");
+    }
+    let isolation = Arc::new(Isolation::from_config(&cfg, &worker).map_err(WorkerError::Config)?);
     let probe = gpu::open_probe(cfg.simulate_gpus.as_deref(), &worker)
         .map_err(|e| WorkerError::Config(e.to_string()))?;
     let client = gpufleet_natsutil::connect(
@@ -124,6 +135,18 @@ pub async fn run_with(
     tokio::fs::create_dir_all(&work_dir)
         .await
         .map_err(|e| WorkerError::Config(format!("work_dir {}: {e}", work_dir.display())))?;
+    if let Some(user) = &isolation.user {
+        // Made just now with whatever mode: the task user must get in.
+        isolation::check_reachable(&work_dir, user).map_err(WorkerError::Config)?;
+    }
+    if let Some(c) = &isolation.cgroups {
+        // For whoever removes this work directory after a kill -9 of the
+        // worker (a test kit, an operator): where its tasks' cgroups are.
+        let note = work_dir.join(isolation::CGROUP_NOTE);
+        if let Err(e) = tokio::fs::write(&note, c.base().as_os_str().as_encoded_bytes()).await {
+            tracing::warn!(file = %note.display(), error = %e, "cannot note where the task cgroups are");
+        }
+    }
     let cleaned =
         supervisor::clean_up_earlier_run(&work_dir, worker.as_str(), !cfg.keep_task_dirs).await;
     if cleaned != supervisor::CleanedUp::default() {
@@ -141,8 +164,10 @@ pub async fn run_with(
         cpus = capacity.cpus_milli as f64 / 1000.0,
         memory = %gpufleet_schema::ByteSize(capacity.memory),
         gpus = capacity.gpus.len(),
+        isolation = %isolation.describe(),
         "worker starting"
     );
+    let advert_confirmed = Arc::new(Confirmed::now());
     let ctx = Arc::new(Ctx {
         js: js.clone(),
         leases: leases.clone(),
@@ -152,6 +177,8 @@ pub async fn run_with(
         dirs: supervisor::DirPool::new(&work_dir, worker.as_str()),
         work_dir,
         launcher,
+        isolation,
+        advert_confirmed: advert_confirmed.clone(),
     });
 
     let unmanaged: Arc<Mutex<HashMap<GpuUuid, u64>>> = Arc::default();
@@ -165,6 +192,7 @@ pub async fn run_with(
         probe,
         advert_rx,
         unmanaged.clone(),
+        advert_confirmed,
     ));
 
     let (done_tx, mut done_rx) = mpsc::channel::<AttemptMsg>(1024);
@@ -398,7 +426,11 @@ async fn act(
             state.admit(key.clone(), h);
             let done_tx = done_tx.clone();
             tokio::spawn(async move {
-                attempt.run().await;
+                // The main loop hears of the end however the attempt ends,
+                // a panic included, so that its resources are freed.
+                if let Err(e) = tokio::spawn(attempt.run()).await {
+                    tracing::error!(%key, error = %e, "an attempt failed; its lease will lapse");
+                }
                 let _ = done_tx.send(AttemptMsg::Done { key }).await;
             });
             true
@@ -407,7 +439,7 @@ async fn act(
 }
 
 /// Writes a refusal the coordinator reads and records.
-async fn refuse(ctx: &Ctx, key: &LeaseKey, rev: u64, answer: Lease) {
+pub(crate) async fn refuse(ctx: &Ctx, key: &LeaseKey, rev: u64, answer: Lease) {
     let Ok(bytes) = codec::encode(&answer) else {
         return;
     };

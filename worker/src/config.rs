@@ -69,6 +69,20 @@ pub struct WorkerConfig {
     pub connect_patience: Dur,
     /// `text` or `json` log lines on stderr.
     pub log_format: LogFormat,
+    /// Who tasks run as: a user name, or `uid[:gid]`. Unset: `nobody` when
+    /// the worker runs as root, else the worker's own user (only root can
+    /// start processes as another). `root` keeps tasks as root, with
+    /// access to everything the worker has.
+    pub run_as: Option<String>,
+    /// Variables of the worker's environment that tasks get, beyond
+    /// `PATH`, `HOME`, `LANG`, `LC_*` and `TZ`; `NAME*` for a prefix.
+    pub pass_env: Vec<String>,
+    /// Processes (threads count) one task may have: its RLIMIT_NPROC
+    /// (counted per user, not for root) and its cgroup's `pids.max`.
+    pub max_task_processes: u64,
+    /// Give each task a cgroup of its own where the worker may make one
+    /// (cgroup v1 `pids`, or a delegated v2 subtree).
+    pub task_cgroups: bool,
 }
 
 impl Default for WorkerConfig {
@@ -102,6 +116,10 @@ impl Default for WorkerConfig {
             max_artifact_size: ByteSize::gib(4),
             connect_patience: Dur::secs(60),
             log_format: LogFormat::Text,
+            run_as: None,
+            pass_env: Vec::new(),
+            max_task_processes: 4096,
+            task_cgroups: true,
         }
     }
 }
@@ -177,6 +195,15 @@ impl WorkerConfig {
         if self.rendezvous_ports.0 == 0 || self.rendezvous_ports.0 > self.rendezvous_ports.1 {
             return Err("rendezvous_ports: a range [low, high] with 0 < low <= high".into());
         }
+        for p in &self.pass_env {
+            crate::isolation::check_pass_env(p)?;
+        }
+        if self.max_task_processes < 8 {
+            return Err(
+                "max_task_processes: at least 8 (a shell and the program it runs need a few)"
+                    .into(),
+            );
+        }
         if self.log_batch_size.0 == 0 || self.log_batch_size.0 > 512 << 10 {
             return Err(
                 "log_batch_size: from 1 byte to 512KiB (it must fit one NATS message)".into(),
@@ -247,6 +274,12 @@ mod tests {
         let mut c = WorkerConfig::for_test("nats://x:1", "w");
         c.advert_ttl = Dur::secs(1);
         assert!(c.validate().unwrap_err().starts_with("advert_ttl"));
+        let mut c = WorkerConfig::for_test("nats://x:1", "w");
+        c.pass_env = vec!["GPUFLEET_*".into()];
+        assert!(c.validate().unwrap_err().starts_with("pass_env"));
+        let mut c = WorkerConfig::for_test("nats://x:1", "w");
+        c.max_task_processes = 1;
+        assert!(c.validate().unwrap_err().starts_with("max_task_processes"));
     }
 
     #[test]

@@ -262,6 +262,42 @@ pub fn after_conflict(latest: Option<&Entry>, attempt: u32, instance: &str) -> A
     }
 }
 
+/// How far ahead of the lease's lapse a task stopped for lost contact is
+/// gone: room for the lease's clock (the server's) starting a little
+/// after ours, and for the kill itself.
+pub fn fence_margin(ttl: Duration) -> Duration {
+    (ttl / 10).max(Duration::from_millis(250)).min(ttl / 4)
+}
+
+/// The SIGTERM-to-SIGKILL grace of a task stopped for lost contact: the
+/// worker's `kill_grace`, but at most a sixth of the shortest TTL it must
+/// beat, so that writes keep several chances before the stop must begin.
+pub fn fence_grace(ttl: Duration, kill_grace: Duration) -> Duration {
+    kill_grace.min(ttl / 6)
+}
+
+/// How long after the last write of an entry with `ttl` (a lease, the
+/// advert) that the server confirmed a worker that cannot write begins to
+/// stop the task: then, with `grace`, it is gone [`fence_margin`] before
+/// the entry can lapse, and no newer attempt can run while it still does.
+pub fn fence_after(ttl: Duration, grace: Duration) -> Duration {
+    ttl.saturating_sub(fence_margin(ttl)).saturating_sub(grace)
+}
+
+/// How long after a failed renewal the next try goes out (rather than a
+/// whole renewal period later).
+pub fn renewal_retry(ttl: Duration) -> Duration {
+    (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+/// How long an attempt that lost contact keeps trying to learn whether its
+/// lease is still its own (to report what it could not) before it gives
+/// up: by then the lease has lapsed unless the server itself was gone
+/// that long, and the coordinator runs the task again either way.
+pub fn reconcile_for(ttl: Duration) -> Duration {
+    ttl.saturating_mul(3)
+}
+
 /// Whether a finished attempt reports its result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finish {
@@ -280,7 +316,7 @@ pub enum Finish {
 pub fn finish(stop: Option<StopReason>, confirmed_ago: Duration, ttl: Duration) -> Finish {
     if stop == Some(StopReason::Fenced) {
         Finish::Fenced
-    } else if confirmed_ago >= ttl / 2 {
+    } else if stop == Some(StopReason::LostContact) || confirmed_ago >= ttl / 2 {
         // The worker may have been frozen past the lease's TTL.
         Finish::CheckLease
     } else {
@@ -639,5 +675,40 @@ mod tests {
         assert_eq!(finish(None, old, ttl), Finish::CheckLease);
         assert_eq!(finish(Some(StopReason::Fenced), fresh, ttl), Finish::Fenced);
         assert_eq!(finish(Some(StopReason::Fenced), old, ttl), Finish::Fenced);
+        // Stopped for lost contact: report only once the lease is known
+        // to be still ours.
+        assert_eq!(
+            finish(Some(StopReason::LostContact), fresh, ttl),
+            Finish::CheckLease
+        );
+    }
+
+    #[test]
+    fn a_task_cut_off_from_nats_is_gone_before_its_lease_can_lapse() {
+        for (ttl, kill_grace) in [
+            (Duration::from_secs(30), Duration::from_secs(10)),
+            (Duration::from_secs(10), Duration::from_secs(10)),
+            (Duration::from_secs(3), Duration::from_secs(1)),
+            (Duration::from_secs(2), Duration::from_secs(1)),
+            (Duration::from_secs(1), Duration::ZERO),
+            (Duration::from_secs(600), Duration::from_secs(3600)),
+        ] {
+            let grace = fence_grace(ttl, kill_grace);
+            let start = fence_after(ttl, grace);
+            assert!(
+                start + grace + fence_margin(ttl) <= ttl,
+                "{ttl:?} {kill_grace:?}"
+            );
+            // Well over a renewal period (a third of the TTL) passes before
+            // the stop begins: one lost renewal is not enough.
+            assert!(start >= ttl / 2, "{ttl:?} {kill_grace:?}: {start:?}");
+            assert!(renewal_retry(ttl) < start / 4);
+        }
+        // The defaults: a 30 s lease, 10 s of kill grace.
+        let grace = fence_grace(Duration::from_secs(30), Duration::from_secs(10));
+        assert_eq!(
+            fence_after(Duration::from_secs(30), grace),
+            Duration::from_secs(22)
+        );
     }
 }

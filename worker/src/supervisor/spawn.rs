@@ -14,7 +14,15 @@
 //! no allocation, no lock, no handler of the worker's may run (signals are
 //! blocked across `clone` and their handlers reset to the default in the
 //! child before they are unblocked), and failures are passed back through
-//! an atomic in [`ChildArgs`], not a pipe.
+//! an atomic in [`ChildArgs`], not a pipe. The user is changed by raw
+//! system calls: glibc's `setuid` and friends signal every thread of the
+//! process to change along, and the process whose thread list the child
+//! would walk is the worker.
+//!
+//! Before the exec the child joins the task's cgroup, takes its process
+//! limit, drops to the task's user and only then enters the working
+//! directory (as that user) and asks for `PR_SET_PDEATHSIG` (a change of
+//! user clears it).
 
 use std::ffi::{c_char, c_int, c_void, CString, OsStr, OsString};
 use std::io;
@@ -40,6 +48,15 @@ pub(super) struct Spec {
     /// The whole environment.
     pub env: Vec<(OsString, OsString)>,
     pub cwd: PathBuf,
+    /// `(uid, gid)` to run as, without supplementary groups; `None`: the
+    /// worker's own.
+    pub user: Option<(u32, u32)>,
+    /// Its `RLIMIT_NPROC` (soft and hard), at most the worker's own hard
+    /// limit.
+    pub max_processes: Option<u64>,
+    /// A cgroup's `cgroup.procs`, open for writing: the process joins that
+    /// cgroup. It must stay open until [`spawn`] returns.
+    pub cgroup_procs: Option<c_int>,
 }
 
 /// A started process: the leader of a new process group whose id is its
@@ -55,7 +72,8 @@ pub(super) struct Started {
 /// allocate). Lives on the parent's stack until `clone` returns, which is
 /// after the child has exec'd or exited.
 struct ChildArgs {
-    path: *const c_char,
+    /// Where the program may be, in order, NULL-terminated.
+    paths: *const *const c_char,
     argv: *const *const c_char,
     envp: *const *const c_char,
     cwd: *const c_char,
@@ -65,6 +83,15 @@ struct ChildArgs {
     parent: libc::pid_t,
     /// The signal mask to exec with: the caller's own.
     mask: libc::sigset_t,
+    /// -1, or the cgroup to join.
+    cgroup_procs: c_int,
+    /// `RLIMIT_NPROC`, when `set_nproc`.
+    nproc: libc::rlimit,
+    set_nproc: bool,
+    /// The user to become, when `set_user`.
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    set_user: bool,
     /// errno of the step that failed, or 0 once exec succeeded.
     error: AtomicI32,
 }
@@ -94,17 +121,17 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// `PR_SET_PDEATHSIG` fires when the *thread* that started the child exits,
 /// so call this from a thread that lives as long as the process.
 pub(super) fn spawn(spec: &Spec) -> io::Result<Started> {
-    // Resolved here, so that a missing program is an error to start with
-    // the OS's own words, and the lookup's file system calls stay off the
-    // runtime.
-    let program =
-        find_executable(&spec.program, spec.search_path.as_deref(), &spec.cwd).map_err(|kind| {
-            io::Error::from_raw_os_error(match kind {
-                io::ErrorKind::PermissionDenied => libc::EACCES,
-                _ => libc::ENOENT,
-            })
-        })?;
-    let path = c_string(program.as_os_str(), "the program")?;
+    // Looked up by the child, as the task's user: a directory on the
+    // worker's PATH that user may not enter is skipped, as `execvp` would.
+    let candidates = candidates(&spec.program, spec.search_path.as_deref(), &spec.cwd)
+        .iter()
+        .map(|p| c_string(p.as_os_str(), "the program"))
+        .collect::<io::Result<Vec<_>>>()?;
+    let paths: Vec<*const c_char> = candidates
+        .iter()
+        .map(|p| p.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
     let args = spec
         .args
         .iter()
@@ -151,8 +178,22 @@ pub(super) fn spawn(spec: &Spec) -> io::Result<Started> {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut mask);
     }
+    let nproc = spec.max_processes.map(|n| {
+        let mut own = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: `own` is valid for writes.
+        unsafe { libc::getrlimit(libc::RLIMIT_NPROC, &mut own) };
+        // Raising the hard limit would fail for a worker that is not root.
+        let n = (n as libc::rlim_t).min(own.rlim_max);
+        libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        }
+    });
     let child_args = ChildArgs {
-        path: path.as_ptr(),
+        paths: paths.as_ptr(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         cwd: cwd.as_ptr(),
@@ -162,6 +203,15 @@ pub(super) fn spawn(spec: &Spec) -> io::Result<Started> {
         // SAFETY: getpid cannot fail.
         parent: unsafe { libc::getpid() },
         mask,
+        cgroup_procs: spec.cgroup_procs.unwrap_or(-1),
+        set_nproc: nproc.is_some(),
+        nproc: nproc.unwrap_or(libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        }),
+        set_user: spec.user.is_some(),
+        uid: spec.user.map_or(0, |u| u.0),
+        gid: spec.user.map_or(0, |u| u.1),
         error: AtomicI32::new(0),
     };
     // SAFETY: `top` ends a live allocation of STACK_SIZE bytes, and
@@ -198,38 +248,15 @@ pub(super) fn spawn(spec: &Spec) -> io::Result<Started> {
     })
 }
 
-/// Where `program` would be found, as `execvp` looks: as given when it
-/// holds a '/' (relative to `cwd`), else on `path`. The error is the one
-/// exec would give: not found, or found but not executable.
-fn find_executable(
-    program: &Path,
-    path: Option<&OsStr>,
-    cwd: &Path,
-) -> Result<PathBuf, io::ErrorKind> {
-    use std::os::unix::fs::PermissionsExt;
-    let check = |p: &Path| match std::fs::metadata(p) {
-        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
-        Ok(_) => Err(io::ErrorKind::PermissionDenied),
-        Err(_) => Err(io::ErrorKind::NotFound),
-    };
+/// Where `program` may be, in the order `execvp` looks: as given when it
+/// holds a '/' (relative to `cwd`), else in each directory of `path`.
+fn candidates(program: &Path, path: Option<&OsStr>, cwd: &Path) -> Vec<PathBuf> {
     if program.components().count() > 1 || program.is_absolute() {
-        let p = cwd.join(program);
-        return check(&p).map(|()| p);
+        return vec![cwd.join(program)];
     }
-    let mut denied = false;
-    for dir in std::env::split_paths(path.unwrap_or_default()) {
-        let p = cwd.join(dir).join(program);
-        match check(&p) {
-            Ok(()) => return Ok(p),
-            Err(io::ErrorKind::PermissionDenied) => denied = true,
-            Err(_) => {}
-        }
-    }
-    Err(if denied {
-        io::ErrorKind::PermissionDenied
-    } else {
-        io::ErrorKind::NotFound
-    })
+    std::env::split_paths(path.unwrap_or_default())
+        .map(|dir| cwd.join(dir).join(program))
+        .collect()
 }
 
 /// Runs in the child, on its own stack, in the worker's memory.
@@ -270,6 +297,12 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         if libc::setpgid(0, 0) != 0 {
             return fail(errno());
         }
+        // "0" is the writer itself; everything it starts stays in there.
+        if a.cgroup_procs >= 0
+            && libc::write(a.cgroup_procs, b"0".as_ptr() as *const c_void, 1) != 1
+        {
+            return fail(errno());
+        }
         for (from, to) in [(a.stdin, 0), (a.stdout, 1), (a.stderr, 2)] {
             // dup2 onto itself would keep close-on-exec (a worker started
             // with its own 0, 1 or 2 closed).
@@ -281,6 +314,16 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
             if done < 0 {
                 return fail(errno());
             }
+        }
+        if a.set_nproc && libc::setrlimit(libc::RLIMIT_NPROC, &a.nproc) != 0 {
+            return fail(errno());
+        }
+        if a.set_user
+            && (libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setresgid, a.gid, a.gid, a.gid) != 0
+                || libc::syscall(libc::SYS_setresuid, a.uid, a.uid, a.uid) != 0)
+        {
+            return fail(errno());
         }
         if libc::chdir(a.cwd) != 0 {
             return fail(errno());
@@ -300,8 +343,20 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
             return fail(libc::ESRCH);
         }
         libc::sigprocmask(libc::SIG_SETMASK, &a.mask, std::ptr::null_mut());
-        libc::execve(a.path, a.argv, a.envp);
-        fail(errno())
+        // As `execvp`: not there, go on; there but not ours to run,
+        // remember and go on; anything else is the answer.
+        let mut denied = false;
+        let mut p = a.paths;
+        while !(*p).is_null() {
+            libc::execve(*p, a.argv, a.envp);
+            match errno() {
+                libc::EACCES => denied = true,
+                libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
+                e => return fail(e),
+            }
+            p = p.add(1);
+        }
+        fail(if denied { libc::EACCES } else { libc::ENOENT })
     }
 }
 
@@ -494,6 +549,9 @@ mod tests {
             args: vec!["sh".into(), "-c".into(), script.into()],
             env: env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
             cwd: cwd.to_path_buf(),
+            user: None,
+            max_processes: None,
+            cgroup_procs: None,
         }
     }
 
@@ -532,6 +590,9 @@ mod tests {
             args: args.iter().map(Into::into).collect(),
             env: vec![],
             cwd: cwd.to_path_buf(),
+            user: None,
+            max_processes: None,
+            cgroup_procs: None,
         }
     }
 
