@@ -10,23 +10,63 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// The longest id we accept; keeps subjects and keys well under NATS limits.
 pub const MAX_ID_LEN: usize = 128;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {kind} {value:?}: use 1 to {MAX_ID_LEN} characters from A-Z a-z 0-9 _ -")]
+/// The longest job id: a task id is `<job id>-<index>`, and must itself fit
+/// [`MAX_ID_LEN`] for the largest index a job may have.
+pub const MAX_JOB_ID_LEN: usize = MAX_ID_LEN - 1 - digits(crate::spec::MAX_TASKS_PER_JOB - 1);
+
+const fn digits(mut n: usize) -> usize {
+    let mut d = 1;
+    while n >= 10 {
+        n /= 10;
+        d += 1;
+    }
+    d
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdError {
     pub kind: &'static str,
     pub value: String,
+    /// The longest this kind of id may be.
+    pub max: usize,
+}
+
+impl std::error::Error for IdError {}
+
+impl fmt::Display for IdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The value may be anything a client sent: show a bounded part.
+        write!(
+            f,
+            "invalid {} {:?}: use 1 to {} characters from A-Z a-z 0-9 _ -",
+            self.kind,
+            crate::text::cut(&self.value, 72),
+            self.max
+        )?;
+        if self.max == MAX_JOB_ID_LEN {
+            write!(
+                f,
+                " (its task ids, <job id>-<index>, must fit {MAX_ID_LEN})"
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// Whether `s` is usable as one subject token and one KV key segment.
 pub fn is_valid_token(s: &str) -> bool {
+    is_valid_token_of(s, MAX_ID_LEN)
+}
+
+fn is_valid_token_of(s: &str, max: usize) -> bool {
     !s.is_empty()
-        && s.len() <= MAX_ID_LEN
+        && s.len() <= max
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 macro_rules! id_type {
-    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $max:expr) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
         #[serde(transparent)]
@@ -35,10 +75,10 @@ macro_rules! id_type {
         impl $name {
             pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
                 let s = s.into();
-                if is_valid_token(&s) {
+                if is_valid_token_of(&s, $max) {
                     Ok(Self(s))
                 } else {
-                    Err(IdError { kind: $kind, value: s })
+                    Err(IdError { kind: $kind, value: s, max: $max })
                 }
             }
             pub fn as_str(&self) -> &str {
@@ -77,17 +117,20 @@ macro_rules! id_type {
 id_type!(
     /// A job's id: chosen by the client (idempotent resubmit) or generated.
     JobId,
-    "job id"
+    "job id",
+    MAX_JOB_ID_LEN
 );
 id_type!(
     /// A task's id, unique across the fleet: `<job id>-<index>`.
     TaskId,
-    "task id"
+    "task id",
+    MAX_ID_LEN
 );
 id_type!(
     /// A worker's name, unique in the fleet; it is also its advert's key.
     WorkerId,
-    "worker name"
+    "worker name",
+    MAX_ID_LEN
 );
 
 impl JobId {
@@ -99,9 +142,10 @@ impl JobId {
 }
 
 impl TaskId {
+    /// Task `index` of `job`. Job ids are short enough that this fits
+    /// [`MAX_ID_LEN`] for every index a job may have
+    /// (`MAX_TASKS_PER_JOB`).
     pub fn for_index(job: &JobId, index: usize) -> Self {
-        // Job ids are at most MAX_ID_LEN; the suffix may push past it, which
-        // is harmless for subjects, so the length check is not applied here.
         TaskId(format!("{job}-{index}"))
     }
 
@@ -126,6 +170,21 @@ mod tests {
         assert!(JobId::new("sweep-lr_01").is_ok());
         let err = serde_json::from_str::<WorkerId>("\"gpu.node\"").unwrap_err();
         assert!(err.to_string().contains("invalid worker name \"gpu.node\""));
+    }
+
+    #[test]
+    fn the_longest_job_id_makes_task_ids_that_fit() {
+        let job = JobId::new("j".repeat(MAX_JOB_ID_LEN)).unwrap();
+        let last = TaskId::for_index(&job, crate::spec::MAX_TASKS_PER_JOB - 1);
+        assert!(TaskId::new(last.as_str()).is_ok(), "{last}");
+        let err = JobId::new("j".repeat(MAX_ID_LEN)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("1 to {MAX_JOB_ID_LEN} characters")),
+            "{msg}"
+        );
+        assert!(msg.contains("task ids"), "{msg}");
+        assert!(msg.len() < 300, "a long id is not echoed whole: {msg}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod lease;
 pub mod spec;
 pub mod status;
 pub mod subjects;
+pub mod text;
 pub mod units;
 pub mod worker;
 
