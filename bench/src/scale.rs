@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use gpufleet_natsutil::{ensure_stores, Backoff, RawKv, Setup};
+use gpufleet_natsutil::{create_stores, Backoff, RawKv, Setup};
 use gpufleet_schema::{codec, subjects, ByteSize, Dur, GpuAdvert, WorkerAdvert, WorkerId};
 use serde_json::{json, Value};
 
@@ -166,7 +166,7 @@ pub async fn run(
 ) -> anyhow::Result<ScaleResult> {
     let client = async_nats::connect(url).await?;
     let js = jetstream::new(client.clone());
-    ensure_stores(&js, &Setup::default()).await?;
+    create_stores(&js, &Setup::default(), Duration::from_secs(60)).await?;
     let kv = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

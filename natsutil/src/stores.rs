@@ -1,13 +1,25 @@
 //! The buckets and the stream of the contract.
 //!
-//! Each program calls [`ensure_stores`] at start: whichever comes first
-//! creates what is missing; an existing store is used as it is (its settings
-//! are an operator's to change, never a racing program's).
+//! Only the coordinator creates them ([`create_stores`]), with its settings;
+//! every other program waits for them ([`wait_for_stores`]). A worker that
+//! came first used to create them with default settings (one replica, no
+//! limits), and a coordinator set to three replicas then ran on them
+//! unaware; started together, the two raced and one failed. An existing
+//! store is never changed (that is an operator's decision), but the
+//! coordinator says at start where one differs from its settings.
+//!
+//! On a cluster that is still starting, JetStream may have no leader yet,
+//! and a store just created may not have one either: both functions keep
+//! trying instead of failing (the coordinator up to a deadline), and
+//! neither returns before every store answers through its leader.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, object_store, stream};
 use gpufleet_schema::subjects;
+use tokio::time::Instant;
+
+use crate::retry::Backoff;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot set up JetStream {what} {name:?}: {message}")]
@@ -17,29 +29,38 @@ pub struct StoreError {
     pub message: String,
 }
 
-/// How the stores are created when missing.
+/// How the coordinator creates the stores. The size limits are reserved
+/// by the server when a store is made (it refuses one that does not fit its
+/// `max_file_store`), so the defaults are modest: 6 GiB in all.
 #[derive(Debug, Clone)]
 pub struct Setup {
     /// JetStream replicas; 3 on a production cluster.
     pub replicas: usize,
     /// How long events (logs, results) are kept.
     pub events_max_age: Duration,
-    /// Upper bound of the events stream; the oldest go first.
+    /// Upper bound of the events stream in bytes; the oldest go first.
     pub events_max_bytes: i64,
-    /// How long finished jobs' records are kept (0 = forever).
-    pub jobs_max_age: Duration,
+    /// Upper bound of the job records in bytes; when it is reached, new
+    /// jobs are refused (records are never dropped to make room).
+    pub jobs_max_bytes: i64,
     /// How long artifacts are kept (0 = forever).
     pub artifacts_max_age: Duration,
+    /// Upper bound of the artifacts in bytes; when it is reached, uploads
+    /// fail (and say so in the task's result).
+    pub artifacts_max_bytes: i64,
 }
+
+pub const GIB: i64 = 1 << 30;
 
 impl Default for Setup {
     fn default() -> Self {
         Setup {
             replicas: 1,
             events_max_age: Duration::from_secs(7 * 24 * 3600),
-            events_max_bytes: -1,
-            jobs_max_age: Duration::ZERO,
+            events_max_bytes: GIB,
+            jobs_max_bytes: GIB,
             artifacts_max_age: Duration::from_secs(30 * 24 * 3600),
+            artifacts_max_bytes: 4 * GIB,
         }
     }
 }
@@ -57,111 +78,321 @@ pub struct Stores {
 /// Expiry markers stay this long so that every watcher sees them.
 const MARKER_TTL: Duration = Duration::from_secs(60);
 
-async fn ensure_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, StoreError> {
-    let name = config.bucket.clone();
-    if let Ok(store) = js.get_key_value(&name).await {
-        return Ok(store);
-    }
-    match js.create_key_value(config).await {
-        Ok(store) => Ok(store),
-        // Someone else created it between our look and our create.
-        Err(first) => js.get_key_value(&name).await.map_err(|_| StoreError {
-            what: "bucket",
-            name,
-            message: first.to_string(),
-        }),
+/// Tries are this far apart at most while JetStream is not ready.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+
+/// One store as the stream behind it, and the settings that matter.
+struct Spec {
+    what: &'static str,
+    name: &'static str,
+    stream: String,
+    replicas: usize,
+    max_age: Duration,
+    max_bytes: i64,
+    /// Revisions kept per key (KV only).
+    history: Option<i64>,
+    /// Per-message TTLs allowed (the leases, the adverts, the job records).
+    msg_ttl: bool,
+}
+
+fn specs(setup: &Setup) -> Vec<Spec> {
+    let kv = |name: &'static str, max_bytes: i64| Spec {
+        what: "bucket",
+        name,
+        stream: subjects::kv_stream(name),
+        replicas: setup.replicas,
+        max_age: Duration::ZERO,
+        max_bytes,
+        history: Some(1),
+        msg_ttl: true,
+    };
+    vec![
+        kv(subjects::WORKERS_BUCKET, -1),
+        kv(subjects::LEASES_BUCKET, -1),
+        kv(subjects::JOBS_BUCKET, setup.jobs_max_bytes),
+        Spec {
+            what: "stream",
+            name: subjects::EVENTS_STREAM,
+            stream: subjects::EVENTS_STREAM.into(),
+            replicas: setup.replicas,
+            max_age: setup.events_max_age,
+            max_bytes: setup.events_max_bytes,
+            history: None,
+            msg_ttl: false,
+        },
+        Spec {
+            what: "object store",
+            name: subjects::ARTIFACTS_BUCKET,
+            stream: subjects::object_stream(subjects::ARTIFACTS_BUCKET),
+            replicas: setup.replicas,
+            max_age: setup.artifacts_max_age,
+            max_bytes: setup.artifacts_max_bytes,
+            history: None,
+            msg_ttl: false,
+        },
+    ]
+}
+
+fn bytes(n: i64) -> String {
+    if n < 0 {
+        "unlimited".into()
+    } else {
+        gpufleet_schema::ByteSize(n as u64).to_string()
     }
 }
 
-pub async fn ensure_stores(js: &jetstream::Context, setup: &Setup) -> Result<Stores, StoreError> {
-    let workers = ensure_kv(
-        js,
-        kv::Config {
-            bucket: subjects::WORKERS_BUCKET.into(),
-            description: "gpufleet worker adverts; each expires when its heartbeats stop".into(),
-            history: 1,
-            num_replicas: setup.replicas,
-            limit_markers: Some(MARKER_TTL),
-            ..Default::default()
-        },
-    )
-    .await?;
-    let leases = ensure_kv(
-        js,
-        kv::Config {
-            bucket: subjects::LEASES_BUCKET.into(),
-            description: "gpufleet reservations and running leases (per-key TTLs)".into(),
-            history: 1,
-            num_replicas: setup.replicas,
-            limit_markers: Some(MARKER_TTL),
-            ..Default::default()
-        },
-    )
-    .await?;
-    let jobs = ensure_kv(
-        js,
-        kv::Config {
-            bucket: subjects::JOBS_BUCKET.into(),
-            description: "gpufleet job and task records".into(),
-            history: 1,
-            num_replicas: setup.replicas,
-            max_age: setup.jobs_max_age,
-            max_value_size: 8 << 20,
-            ..Default::default()
-        },
-    )
-    .await?;
-    let events = match js.get_stream(subjects::EVENTS_STREAM).await {
+impl Spec {
+    /// Where an existing store differs from this spec, one line each.
+    fn differences(&self, have: &stream::Config) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut differ = |setting: &str, have: String, want: String| {
+            if have != want {
+                out.push(format!(
+                    "{} {}: {setting} is {have}, the settings say {want}",
+                    self.what, self.name
+                ));
+            }
+        };
+        differ(
+            "replicas",
+            have.num_replicas.max(1).to_string(),
+            self.replicas.to_string(),
+        );
+        differ(
+            "max_age",
+            gpufleet_schema::Dur(have.max_age).to_string(),
+            gpufleet_schema::Dur(self.max_age).to_string(),
+        );
+        differ("max_bytes", bytes(have.max_bytes), bytes(self.max_bytes));
+        if let Some(h) = self.history {
+            differ(
+                "history",
+                have.max_messages_per_subject.to_string(),
+                h.to_string(),
+            );
+        }
+        if self.msg_ttl && !have.allow_message_ttl {
+            differ(
+                "per-message TTLs",
+                "off".into(),
+                "on (gpufleet needs them)".into(),
+            );
+        }
+        out
+    }
+
+    fn error(&self, message: impl ToString) -> StoreError {
+        StoreError {
+            what: self.what,
+            name: self.name.into(),
+            message: message.to_string(),
+        }
+    }
+
+    async fn create(&self, js: &jetstream::Context) -> Result<(), String> {
+        let description = match self.name {
+            subjects::WORKERS_BUCKET => {
+                "gpufleet worker adverts; each expires when its heartbeats stop"
+            }
+            subjects::LEASES_BUCKET => "gpufleet reservations and running leases (per-key TTLs)",
+            subjects::JOBS_BUCKET => "gpufleet job and task records",
+            subjects::EVENTS_STREAM => "gpufleet task state changes, logs, progress and results",
+            _ => "gpufleet task artifacts",
+        };
+        match self.what {
+            "bucket" => js
+                .create_key_value(kv::Config {
+                    bucket: self.name.into(),
+                    description: description.into(),
+                    history: self.history.unwrap_or(1),
+                    num_replicas: self.replicas,
+                    max_bytes: self.max_bytes,
+                    // Job records are written in parts well below this;
+                    // the server's max_payload is the real bound.
+                    max_value_size: if self.name == subjects::JOBS_BUCKET {
+                        8 << 20
+                    } else {
+                        -1
+                    },
+                    limit_markers: Some(MARKER_TTL),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            "stream" => js
+                .create_stream(stream::Config {
+                    name: self.name.into(),
+                    description: Some(description.into()),
+                    subjects: vec![subjects::EVENTS_ALL.into()],
+                    max_age: self.max_age,
+                    max_bytes: self.max_bytes,
+                    discard: stream::DiscardPolicy::Old,
+                    num_replicas: self.replicas,
+                    allow_direct: true,
+                    duplicate_window: Duration::from_secs(120),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            _ => js
+                .create_object_store(object_store::Config {
+                    bucket: self.name.into(),
+                    description: Some(description.into()),
+                    max_age: self.max_age,
+                    max_bytes: self.max_bytes,
+                    num_replicas: self.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// What a look at one store found.
+enum Found {
+    /// It exists and answers through its leader.
+    Ready(Box<stream::Config>),
+    Missing,
+    /// JetStream (or the store's leader) did not answer as it should.
+    NotReady(String),
+}
+
+async fn look(js: &jetstream::Context, spec: &Spec) -> Found {
+    use jetstream::context::GetStreamErrorKind;
+    use jetstream::ErrorCode;
+    let mut stream = match js.get_stream(&spec.stream).await {
         Ok(s) => s,
-        Err(_) => js
-            .get_or_create_stream(stream::Config {
-                name: subjects::EVENTS_STREAM.into(),
-                description: Some("gpufleet task state changes, logs, progress and results".into()),
-                subjects: vec![subjects::EVENTS_ALL.into()],
-                max_age: setup.events_max_age,
-                max_bytes: setup.events_max_bytes,
-                discard: stream::DiscardPolicy::Old,
-                num_replicas: setup.replicas,
-                allow_direct: true,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
+        Err(e) => {
+            return match e.kind() {
+                GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    Found::Missing
+                }
+                _ => Found::NotReady(e.to_string()),
+            }
+        }
+    };
+    // The info comes from the leader; a replicated store just created may
+    // not have elected one yet.
+    match stream.info().await {
+        Ok(info) => {
+            let leaderless = info
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.name.is_some() && c.leader.is_none());
+            if leaderless {
+                Found::NotReady("it has no leader yet".into())
+            } else {
+                Found::Ready(Box::new(info.config.clone()))
+            }
+        }
+        Err(e) => Found::NotReady(e.to_string()),
+    }
+}
+
+/// Opens every store, creating what is missing with `setup`; waits (up to
+/// `patience`) while JetStream or a store has no leader. Returns the
+/// stores and, one line each, where existing ones differ from `setup`.
+pub async fn create_stores(
+    js: &jetstream::Context,
+    setup: &Setup,
+    patience: Duration,
+) -> Result<(Stores, Vec<String>), StoreError> {
+    let deadline = Instant::now() + patience;
+    let mut differences = Vec::new();
+    for spec in specs(setup) {
+        let mut backoff = RETRY;
+        let mut created = false;
+        loop {
+            let last = match look(js, &spec).await {
+                Found::Ready(config) => {
+                    if !created {
+                        differences.extend(spec.differences(&config));
+                    }
+                    break;
+                }
+                Found::Missing if !created => match spec.create(js).await {
+                    Ok(()) => {
+                        tracing::info!(store = spec.name, replicas = spec.replicas, "created");
+                        created = true;
+                        continue;
+                    }
+                    // Not ready, or created meanwhile by another coordinator:
+                    // the next look tells.
+                    Err(e) => e,
+                },
+                Found::Missing => "created, but not found since".into(),
+                Found::NotReady(why) => why,
+            };
+            if last.contains("insufficient") {
+                return Err(spec.error(format!(
+                    "{last} (lower the store's size limit in the settings, or give JetStream more storage)"
+                )));
+            }
+            tracing::info!(store = spec.name, why = %last, "waiting for JetStream to be ready");
+            if !backoff.wait_before(deadline).await {
+                return Err(spec.error(format!(
+                    "JetStream was not ready within {patience:?}: {last}"
+                )));
+            }
+        }
+    }
+    Ok((open(js).await?, differences))
+}
+
+/// Waits until the coordinator has created every store and each answers
+/// through its leader, saying once what it waits for; then opens them.
+pub async fn wait_for_stores(js: &jetstream::Context) -> Result<Stores, StoreError> {
+    let mut said = false;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    for spec in specs(&Setup::default()) {
+        loop {
+            match look(js, &spec).await {
+                Found::Ready(_) => break,
+                Found::Missing => {
+                    if !said {
+                        said = true;
+                        tracing::info!(
+                            missing = spec.name,
+                            "waiting for the coordinator to create the stores"
+                        );
+                    }
+                }
+                Found::NotReady(why) => {
+                    tracing::debug!(store = spec.name, %why, "waiting for JetStream to be ready");
+                }
+            }
+            backoff.wait().await;
+        }
+    }
+    open(js).await
+}
+
+async fn open(js: &jetstream::Context) -> Result<Stores, StoreError> {
+    let kv = |name: &'static str| async move {
+        js.get_key_value(name).await.map_err(|e| StoreError {
+            what: "bucket",
+            name: name.into(),
+            message: e.to_string(),
+        })
+    };
+    Ok(Stores {
+        js: js.clone(),
+        workers: kv(subjects::WORKERS_BUCKET).await?,
+        leases: kv(subjects::LEASES_BUCKET).await?,
+        jobs: kv(subjects::JOBS_BUCKET).await?,
+        events: js
+            .get_stream(subjects::EVENTS_STREAM)
             .await
             .map_err(|e| StoreError {
                 what: "stream",
                 name: subjects::EVENTS_STREAM.into(),
                 message: e.to_string(),
             })?,
-    };
-    if js
-        .get_object_store(subjects::ARTIFACTS_BUCKET)
-        .await
-        .is_err()
-    {
-        let created = js
-            .create_object_store(object_store::Config {
-                bucket: subjects::ARTIFACTS_BUCKET.into(),
-                description: Some("gpufleet task artifacts".into()),
-                max_age: setup.artifacts_max_age,
-                num_replicas: setup.replicas,
-                ..Default::default()
-            })
-            .await;
-        if let Err(e) = created {
-            js.get_object_store(subjects::ARTIFACTS_BUCKET)
-                .await
-                .map_err(|_| StoreError {
-                    what: "object store",
-                    name: subjects::ARTIFACTS_BUCKET.into(),
-                    message: e.to_string(),
-                })?;
-        }
-    }
-    Ok(Stores {
-        js: js.clone(),
-        workers,
-        leases,
-        jobs,
-        events,
     })
 }

@@ -28,6 +28,12 @@ starvation_after = "5s"
 result_grace = "5s"
 leader_ttl = "3s"
 connect_patience = "10s"
+retry_backoff = "200ms"
+retry_backoff_max = "2s"
+# Many test servers share one disk, and each reserves these.
+events_max_bytes = "256MiB"
+jobs_max_bytes = "256MiB"
+artifacts_max_bytes = "512MiB"
 "#;
 
 pub struct Fleet {
@@ -418,9 +424,11 @@ pub async fn api(client: &Client, subject: &str, body: &Value) -> Result<Value, 
         .map_err(|e| format!("request {subject}: {e}"))?;
     if let Some(h) = &reply.headers {
         if let Some(code) = h.get("Nats-Service-Error-Code") {
-            let msg = h
-                .get("Nats-Service-Error")
-                .map(|v| v.to_string())
+            // The message is in the body; the header has a short phrase.
+            let msg = serde_json::from_slice::<Value>(&reply.payload)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .or_else(|| h.get("Nats-Service-Error").map(|v| v.to_string()))
                 .unwrap_or_default();
             return Err(format!("{code}: {msg}"));
         }

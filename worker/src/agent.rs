@@ -17,7 +17,7 @@ use async_nats::jetstream::{self, object_store::ObjectStore};
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use gpufleet_natsutil::{ensure_stores, KvError, KvEvent, KvOp, RawKv, Setup};
+use gpufleet_natsutil::{wait_for_stores, KvError, KvEvent, KvOp, RawKv};
 use gpufleet_schema::{
     codec, subjects, Event, EventBody, EventKind, JobId, Lease, LeaseState, TaskId, TaskOutcome,
     TaskState, WorkerAdvert, WorkerId,
@@ -120,7 +120,8 @@ pub async fn run_with(
     )
     .await?;
     let js = jetstream::new(client.clone());
-    ensure_stores(&js, &Setup::default()).await?;
+    // Only the coordinator creates the stores, with its settings.
+    wait_for_stores(&js).await?;
     let leases = RawKv::open(&js, subjects::LEASES_BUCKET).await?;
     let adverts = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
     let objects = js
