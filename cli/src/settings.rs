@@ -18,6 +18,12 @@ pub struct CliConfig {
     pub nats_token: Option<String>,
     /// How long to keep trying to reach NATS before giving up.
     pub connect_timeout: gpufleet_schema::Dur,
+    /// How long one API request may wait for its answer.
+    pub request_timeout: gpufleet_schema::Dur,
+    /// How long a submit keeps trying while no coordinator answers (one
+    /// taking over, say); it retries under the same job id, so a retry of
+    /// a submit that was accepted returns the same job.
+    pub submit_patience: gpufleet_schema::Dur,
     /// `text` or `json` for the warnings it logs on stderr.
     pub log_format: LogFormat,
 }
@@ -29,6 +35,8 @@ impl Default for CliConfig {
             nats_creds: None,
             nats_token: None,
             connect_timeout: gpufleet_schema::Dur::secs(5),
+            request_timeout: gpufleet_schema::Dur::secs(10),
+            submit_patience: gpufleet_schema::Dur::secs(60),
             log_format: LogFormat::Text,
         }
     }
