@@ -166,7 +166,7 @@ pub async fn run(
 ) -> anyhow::Result<ScaleResult> {
     let client = async_nats::connect(url).await?;
     let js = jetstream::new(client.clone());
-    create_stores(&js, &Setup::default(), Duration::from_secs(60)).await?;
+    create_stores(&js, &Setup::default()).await?;
     let kv = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

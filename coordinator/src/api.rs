@@ -147,11 +147,13 @@ async fn serve(
     while waiting.next().await.is_some() {}
 }
 
-/// A message cut to [`MAX_ERROR_BYTES`].
+/// A message cut to [`MAX_ERROR_BYTES`], each long word in it (a huge
+/// field name quoted) cut first.
 fn bounded(message: String) -> String {
     if message.len() <= MAX_ERROR_BYTES {
         return message;
     }
+    let message = gpufleet_schema::text::cut_long_words(&message, 128);
     gpufleet_schema::text::cut(&message, MAX_ERROR_BYTES)
 }
 

@@ -112,7 +112,7 @@ pub async fn run(
     )
     .await?;
     let js = jetstream::new(client.clone());
-    let (stores, differences) = create_stores(&js, &cfg.setup(), cfg.connect_patience.0).await?;
+    let (stores, differences) = create_stores(&js, &cfg.setup()).await?;
     for d in &differences {
         tracing::warn!("a store differs from the settings (stores are never changed; change it with `nats stream edit`, or the setting): {d}");
     }

@@ -80,6 +80,22 @@ const MARKER_TTL: Duration = Duration::from_secs(60);
 
 /// Tries are this far apart at most while JetStream is not ready.
 const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+/// How long one JetStream request may take here. While a cluster has no
+/// JetStream leader yet, requests go unanswered until the client gives up
+/// (30 s): asking again sooner gets the answer soon after a leader is there.
+const REQUEST: Duration = Duration::from_secs(2);
+/// How often a wait for JetStream says it still waits.
+const SAY_EVERY: Duration = Duration::from_secs(10);
+
+/// `fut` within [`REQUEST`].
+async fn bounded<T, E: ToString>(
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    tokio::time::timeout(REQUEST, fut)
+        .await
+        .map_err(|_| format!("no answer within {REQUEST:?}"))?
+        .map_err(|e| e.to_string())
+}
 
 /// One store as the stream behind it, and the settings that matter.
 struct Spec {
@@ -200,54 +216,48 @@ impl Spec {
             _ => "gpufleet task artifacts",
         };
         match self.what {
-            "bucket" => js
-                .create_key_value(kv::Config {
-                    bucket: self.name.into(),
-                    description: description.into(),
-                    history: self.history.unwrap_or(1),
-                    num_replicas: self.replicas,
-                    max_bytes: self.max_bytes,
-                    // Job records are written in parts well below this;
-                    // the server's max_payload is the real bound.
-                    max_value_size: if self.name == subjects::JOBS_BUCKET {
-                        8 << 20
-                    } else {
-                        -1
-                    },
-                    limit_markers: Some(MARKER_TTL),
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            "stream" => js
-                .create_stream(stream::Config {
-                    name: self.name.into(),
-                    description: Some(description.into()),
-                    subjects: vec![subjects::EVENTS_ALL.into()],
-                    max_age: self.max_age,
-                    max_bytes: self.max_bytes,
-                    discard: stream::DiscardPolicy::Old,
-                    num_replicas: self.replicas,
-                    allow_direct: true,
-                    duplicate_window: Duration::from_secs(120),
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            _ => js
-                .create_object_store(object_store::Config {
-                    bucket: self.name.into(),
-                    description: Some(description.into()),
-                    max_age: self.max_age,
-                    max_bytes: self.max_bytes,
-                    num_replicas: self.replicas,
-                    ..Default::default()
-                })
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+            "bucket" => bounded(js.create_key_value(kv::Config {
+                bucket: self.name.into(),
+                description: description.into(),
+                history: self.history.unwrap_or(1),
+                num_replicas: self.replicas,
+                max_bytes: self.max_bytes,
+                // Job records are written in parts well below this;
+                // the server's max_payload is the real bound.
+                max_value_size: if self.name == subjects::JOBS_BUCKET {
+                    8 << 20
+                } else {
+                    -1
+                },
+                limit_markers: Some(MARKER_TTL),
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ()),
+            "stream" => bounded(js.create_stream(stream::Config {
+                name: self.name.into(),
+                description: Some(description.into()),
+                subjects: vec![subjects::EVENTS_ALL.into()],
+                max_age: self.max_age,
+                max_bytes: self.max_bytes,
+                discard: stream::DiscardPolicy::Old,
+                num_replicas: self.replicas,
+                allow_direct: true,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ()),
+            _ => bounded(js.create_object_store(object_store::Config {
+                bucket: self.name.into(),
+                description: Some(description.into()),
+                max_age: self.max_age,
+                max_bytes: self.max_bytes,
+                num_replicas: self.replicas,
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ()),
         }
     }
 }
@@ -264,7 +274,11 @@ enum Found {
 async fn look(js: &jetstream::Context, spec: &Spec) -> Found {
     use jetstream::context::GetStreamErrorKind;
     use jetstream::ErrorCode;
-    let mut stream = match js.get_stream(&spec.stream).await {
+    let got = tokio::time::timeout(REQUEST, js.get_stream(&spec.stream)).await;
+    let Ok(got) = got else {
+        return Found::NotReady(format!("no answer within {REQUEST:?}"));
+    };
+    let mut stream = match got {
         Ok(s) => s,
         Err(e) => {
             return match e.kind() {
@@ -279,7 +293,7 @@ async fn look(js: &jetstream::Context, spec: &Spec) -> Found {
     };
     // The info comes from the leader; a replicated store just created may
     // not have elected one yet.
-    match stream.info().await {
+    match bounded(stream.info()).await {
         Ok(info) => {
             let leaderless = info
                 .cluster
@@ -295,15 +309,17 @@ async fn look(js: &jetstream::Context, spec: &Spec) -> Found {
     }
 }
 
-/// Opens every store, creating what is missing with `setup`; waits (up to
-/// `patience`) while JetStream or a store has no leader. Returns the
-/// stores and, one line each, where existing ones differ from `setup`.
+/// Opens every store, creating what is missing with `setup`; waits as long
+/// as JetStream or a store has no leader (saying so every 10 s). Returns
+/// the stores and, one line each, where existing ones differ from `setup`.
+/// Fails only on what waiting cannot mend (a store JetStream has no room
+/// for).
 pub async fn create_stores(
     js: &jetstream::Context,
     setup: &Setup,
-    patience: Duration,
 ) -> Result<(Stores, Vec<String>), StoreError> {
-    let deadline = Instant::now() + patience;
+    let started = Instant::now();
+    let mut said = started;
     let mut differences = Vec::new();
     for spec in specs(setup) {
         let mut backoff = RETRY;
@@ -334,12 +350,13 @@ pub async fn create_stores(
                     "{last} (lower the store's size limit in the settings, or give JetStream more storage)"
                 )));
             }
-            tracing::info!(store = spec.name, why = %last, "waiting for JetStream to be ready");
-            if !backoff.wait_before(deadline).await {
-                return Err(spec.error(format!(
-                    "JetStream was not ready within {patience:?}: {last}"
-                )));
+            if said.elapsed() >= SAY_EVERY {
+                said = Instant::now();
+                tracing::warn!(store = spec.name, waited = ?started.elapsed(), why = %last, "waiting for JetStream to be ready");
+            } else {
+                tracing::debug!(store = spec.name, why = %last, "waiting for JetStream to be ready");
             }
+            backoff.wait().await;
         }
     }
     Ok((open(js).await?, differences))

@@ -18,7 +18,9 @@ const T: Duration = Duration::from_secs(30);
 async fn setup(server: &NatsServer) -> jetstream::Context {
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client);
-    create_stores(&js, &Setup::default(), T).await.unwrap();
+    with_deadline(T, "the stores", create_stores(&js, &Setup::default()))
+        .await
+        .unwrap();
     js
 }
 

@@ -15,7 +15,9 @@ async fn setup() -> (NatsServer, RawKv) {
     let server = NatsServer::start();
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client);
-    create_stores(&js, &Setup::default(), T).await.unwrap();
+    with_deadline(T, "the stores", create_stores(&js, &Setup::default()))
+        .await
+        .unwrap();
     let kv = RawKv::open(&js, LEASES_BUCKET).await.unwrap();
     (server, kv)
 }

@@ -88,16 +88,41 @@ impl WorkerSpec {
     }
 }
 
+/// [`COORDINATOR_TEST_CONFIG`] with some settings changed (`key`, TOML
+/// value).
+pub fn coordinator_config(overrides: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for line in COORDINATOR_TEST_CONFIG.lines() {
+        let key = line.split('=').next().unwrap_or("").trim();
+        if !overrides.iter().any(|(k, _)| *k == key) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    for (k, v) in overrides {
+        out.push_str(&format!("{k} = {v}\n"));
+    }
+    out
+}
+
 impl Fleet {
     /// A server and a coordinator; add workers with [`Fleet::add_worker`].
     pub async fn start() -> Fleet {
+        Self::start_with(&[]).await
+    }
+
+    /// [`Fleet::start`] with some coordinator settings changed.
+    pub async fn start_with(overrides: &[(&str, &str)]) -> Fleet {
         let server = NatsServer::start();
         let dir = tempfile::Builder::new()
             .prefix("gpufleet-fleet-")
             .tempdir()
             .expect("tempdir");
-        std::fs::write(dir.path().join("coordinator.toml"), COORDINATOR_TEST_CONFIG)
-            .expect("write config");
+        std::fs::write(
+            dir.path().join("coordinator.toml"),
+            coordinator_config(overrides),
+        )
+        .expect("write config");
         let mut fleet = Fleet {
             server,
             coordinator: None,
@@ -435,4 +460,47 @@ pub async fn api(client: &Client, subject: &str, body: &Value) -> Result<Value, 
     }
     serde_json::from_slice(&reply.payload)
         .map_err(|e| format!("reply of {subject} is not JSON: {e}"))
+}
+
+/// A coordinator on `url` (one URL or several) with the settings `config`
+/// (TOML), written to a file in `dir`.
+pub fn spawn_coordinator(url: &str, dir: &std::path::Path, config: &str) -> Proc {
+    let path = dir.join("coordinator.toml");
+    std::fs::write(&path, config).expect("write the coordinator's settings");
+    let args = [
+        "--nats-url".to_string(),
+        url.to_string(),
+        "--config".into(),
+        path.display().to_string(),
+    ];
+    Proc::spawn("gpufleet-coordinator", &args, &[])
+}
+
+/// A worker `name` on `url`, working in a directory of its own under
+/// `dir`, with `extra` flags.
+pub fn spawn_worker(url: &str, name: &str, dir: &std::path::Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "--nats-url".to_string(),
+        url.to_string(),
+        "--name".into(),
+        name.into(),
+        "--work-dir".into(),
+        dir.join(format!("work-{name}")).display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Proc::spawn("gpufleet-worker", &args, &[])
+}
+
+/// Waits until `workers.list` shows `n` workers.
+pub async fn wait_workers_listed(client: &Client, n: usize, what: &str) {
+    eventually(Duration::from_secs(120), what, || {
+        let client = client.clone();
+        async move {
+            let ws = api(&client, subjects::WORKERS_LIST, &serde_json::json!({}))
+                .await
+                .ok()?;
+            (ws.as_array()?.len() == n).then_some(())
+        }
+    })
+    .await;
 }

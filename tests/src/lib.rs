@@ -10,7 +10,10 @@ pub mod procs;
 pub mod server;
 pub mod wait;
 
-pub use fleet::{api, state_events, task_states, Fleet, WorkerSpec};
+pub use fleet::{
+    api, coordinator_config, spawn_coordinator, spawn_worker, state_events, task_states,
+    wait_workers_listed, Fleet, WorkerSpec,
+};
 pub use procs::{bin, Proc};
 pub use server::{nats_server_bin, NatsCluster, NatsServer};
 pub use wait::{eventually, with_deadline};
