@@ -602,12 +602,16 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
             .find_map(|r| r.err())
             .map_or(Ok(()), |e| Err(e.to_string()))
     }));
-    let (record_results, mut create_failures, ..) = tokio::join!(
+    // `join!` polls in order, and the first poll of each write sends it:
+    // state events go on the wire before the reservations they announce, so
+    // a worker's RUNNING (sent only after it sees the reservation) is not
+    // stored ahead of the coordinator's RESERVED.
+    let (_, record_results, mut create_failures, ..) = tokio::join!(
+        publish_events(io, now_events),
         record_writes,
         create_leases_now(io, engine, now_leases),
         cancel_leases_now(io, cancel_leases),
         purge_leases_now(io, purge_leases),
-        publish_events(io, now_events),
     );
 
     // What stage 1 stored decides stage 2.
@@ -658,10 +662,11 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
         let ok = done.iter().all(Result::is_ok);
         (job, keys, ok)
     }));
-    let (purged, more_failures, _) = tokio::join!(
+    // Events first, as in stage 1.
+    let (_, purged, more_failures) = tokio::join!(
+        publish_events(io, later_events),
         purge_moves,
         create_leases_now(io, engine, later_leases),
-        publish_events(io, later_events),
     );
     create_failures.extend(more_failures);
     for (job, keys, ok) in purged {
