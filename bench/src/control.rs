@@ -26,6 +26,15 @@ pub struct Fleet {
     workers: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// A coordinator process on `url`.
+fn spawn_coordinator(url: &str) -> std::io::Result<std::process::Child> {
+    std::process::Command::new(sibling("gpufleet-coordinator"))
+        .args(["--nats-url", url])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+}
+
 impl Fleet {
     pub async fn start(
         url: &str,
@@ -33,11 +42,7 @@ impl Fleet {
         cpus: f64,
         launcher: Arc<dyn Launcher>,
     ) -> anyhow::Result<Fleet> {
-        let coordinator = std::process::Command::new(sibling("gpufleet-coordinator"))
-            .args(["--nats-url", url])
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .spawn()?;
+        let coordinator = spawn_coordinator(url)?;
         let (stop, stop_rx) = watch::channel(false);
         let mut handles = Vec::new();
         for i in 0..workers {
@@ -81,6 +86,21 @@ impl Fleet {
             );
         }
         Ok(fleet)
+    }
+
+    pub fn coordinator_pid(&self) -> u32 {
+        self.coordinator.id()
+    }
+
+    /// Stops the coordinator (SIGTERM: it hands the leadership over at
+    /// once) and starts another.
+    pub fn restart_coordinator(&mut self, url: &str) -> anyhow::Result<()> {
+        use nix::sys::signal::{kill, Signal};
+        let pid = nix::unistd::Pid::from_raw(self.coordinator.id() as i32);
+        kill(pid, Signal::SIGTERM)?;
+        self.coordinator.wait()?;
+        self.coordinator = spawn_coordinator(url)?;
+        Ok(())
     }
 
     pub async fn stop(self) {
@@ -196,8 +216,30 @@ pub async fn throughput(
     let tasks: Vec<Value> = (0..per_job)
         .map(|_| json!({"command": ["true"], "resources": {"cpus": cpus}}))
         .collect();
-    let body = Bytes::from(serde_json::to_vec(&json!({"tasks": tasks}))?);
     let started = Instant::now();
+    submit_many(&client, jobs, &json!({"tasks": tasks})).await?;
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while watcher.done.load(Ordering::Relaxed) - base < total {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {total} tasks finished",
+            watcher.done.load(Ordering::Relaxed) - base
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Throughput {
+        tasks: total,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Submits `jobs` copies of `job`, 64 in flight.
+pub async fn submit_many(
+    client: &async_nats::Client,
+    jobs: usize,
+    job: &Value,
+) -> anyhow::Result<()> {
+    let body = Bytes::from(serde_json::to_vec(job)?);
     let next = Arc::new(AtomicU64::new(0));
     let mut submitters = Vec::new();
     for _ in 0..64 {
@@ -220,19 +262,7 @@ pub async fn throughput(
     for s in submitters {
         s.await??;
     }
-    let deadline = Instant::now() + Duration::from_secs(1800);
-    while watcher.done.load(Ordering::Relaxed) - base < total {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "only {} of {total} tasks finished",
-            watcher.done.load(Ordering::Relaxed) - base
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(Throughput {
-        tasks: total,
-        elapsed: started.elapsed(),
-    })
+    Ok(())
 }
 
 pub struct Latency {

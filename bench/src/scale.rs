@@ -100,7 +100,7 @@ async fn heartbeats(
 }
 
 /// CPU ticks used, resident and peak memory in MiB.
-fn proc_stat(pid: u32) -> Option<(u64, f64, f64)> {
+pub fn proc_stat(pid: u32) -> Option<(u64, f64, f64)> {
     let dir = Path::new(procs::ROOT).join(pid.to_string());
     let ticks = procs::cpu_ticks(&dir)?;
     let mib = |field: &str| Some(procs::status_bytes(&dir, field)? as f64 / (1 << 20) as f64);

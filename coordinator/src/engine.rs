@@ -55,7 +55,6 @@ use health::Health;
 use jobs::JobTable;
 use leases::{LeaseBook, LiveLease};
 use queue::QueuePolicy;
-use std::collections::HashMap;
 
 /// A reply to an API call, before encoding.
 #[derive(Debug)]
@@ -112,15 +111,6 @@ pub enum Fetch {
     Cancel(ReplyTx),
     /// Delete it and its events (404 if there is none).
     Delete(ReplyTx),
-    /// Say whether a job of this id exists, with [`Input::Looked`].
-    Lookup,
-}
-
-/// A stored job, as a lookup found it: enough to answer a resubmit.
-#[derive(Debug)]
-pub struct Found {
-    pub spec: JobSpec,
-    pub status: JobState,
 }
 
 /// A change in `gpufleet-leases`, as the watcher saw it.
@@ -170,11 +160,10 @@ pub enum Input {
     Moved(JobId),
     /// A finished job's record was deleted.
     Deleted(JobId),
-    /// What a [`Fetch::Lookup`] found.
-    Looked {
-        job: JobId,
-        found: Result<Option<Found>, String>,
-    },
+    /// A new job's client-chosen id turned out to be a finished job's
+    /// (see `JobRecord::verify`): the new one is forgotten, nothing of it
+    /// having run, and its submit was answered from the finished one.
+    Duplicate(JobId),
     /// A feed's consumer failed (its stream lost its leader, its server
     /// node died) or is back.
     FeedDown(Feed),
@@ -264,8 +253,6 @@ pub struct Engine {
     /// The time of the input being handled.
     now: Now,
     rng: Rng,
-    /// Submits waiting for a lookup of their client-chosen id, by id.
-    lookups: HashMap<JobId, Vec<(JobSpec, ReplyTx)>>,
     /// The most bytes one part of a stored record may take.
     part_budget: usize,
     health: Health,
@@ -292,7 +279,6 @@ impl Engine {
             metrics: Metrics::default(),
             now,
             rng: Rng::new(seed),
-            lookups: HashMap::new(),
             part_budget: PART_BUDGET,
             health: Health::new(cfg_lease_ttl),
         }
@@ -432,7 +418,7 @@ impl Engine {
                 }
             }
             Input::Deleted(job) => self.jobs.forget(&job),
-            Input::Looked { job, found } => self.looked(job, found),
+            Input::Duplicate(job) => self.not_stored(&job),
             Input::FeedDown(feed) => self.health.down(feed, self.now.mono),
             Input::FeedUp(feed) => {
                 self.health.up(feed, self.now.mono);
@@ -497,21 +483,18 @@ impl Engine {
             return;
         }
         let Some(id) = spec.id.clone() else {
-            // A fresh id is nobody's yet: no need to look it up.
+            // A fresh id is nobody's yet.
             let id = self.new_job_id();
             spec.id = Some(id);
-            return self.create(spec, tx);
+            return self.create(spec, tx, false);
         };
         if self.jobs.get(&id).is_some() {
             return self.resubmit(spec, tx);
         }
-        // The id may belong to a finished job no longer held: ask the
-        // bucket, and hold every submit of this id until it answers.
-        let waiting = self.lookups.entry(id.clone()).or_default();
-        if waiting.is_empty() {
-            self.fx.fetches.push((id, Fetch::Lookup));
-        }
-        waiting.push((spec, tx));
+        // The id may belong to a finished job no longer held: the runtime
+        // looks it up beside the new record's first write, and nothing of
+        // the job runs unless it is new.
+        self.create(spec, tx, true)
     }
 
     /// A submit whose id the table holds: the same spec is the same job.
@@ -535,41 +518,10 @@ impl Engine {
         self.fx.replies.push((tx, reply, wait));
     }
 
-    /// What the bucket said of a submitted id: taken (by this spec or
-    /// another), or free.
-    fn looked(&mut self, id: JobId, found: Result<Option<Found>, String>) {
-        let waiting = self.lookups.remove(&id).unwrap_or_default();
-        for (spec, tx) in waiting {
-            let reply = match &found {
-                Err(e) => Reply::error(
-                    code::UNAVAILABLE,
-                    format!("cannot tell whether job {id} exists, try again: {e}"),
-                ),
-                Ok(Some(f)) if f.spec == spec => Reply::Submit(SubmitReply {
-                    job_id: id.clone(),
-                    status: f.status,
-                    created: false,
-                }),
-                Ok(Some(_)) => Reply::error(
-                    code::CONFLICT,
-                    format!("job {id} already exists with a different spec"),
-                ),
-                Ok(None) if self.jobs.get(&id).is_some() => {
-                    self.resubmit(spec, tx);
-                    continue;
-                }
-                Ok(None) => {
-                    self.create(spec, tx);
-                    continue;
-                }
-            };
-            self.fx.replies.push((tx, reply, None));
-        }
-    }
-
     /// Takes a new job in; its tasks may be placed at once, but nothing of
-    /// it runs before its record is stored.
-    fn create(&mut self, spec: JobSpec, tx: ReplyTx) {
+    /// it runs before its record is stored (and, for a client-chosen id,
+    /// before the id is known to be nobody's: `verify`).
+    fn create(&mut self, spec: JobSpec, tx: ReplyTx, verify: bool) {
         let id = spec.id.clone().expect("an id was chosen");
         let parts = match crate::store::plan_parts(&spec, self.part_budget) {
             Ok(p) => p,
@@ -581,6 +533,7 @@ impl Engine {
         };
         let job = self.jobs.add(id.clone(), spec, self.now.wall);
         job.parts = parts;
+        job.verify = verify;
         let job = &self.jobs[&id];
         for t in &job.tasks {
             self.queue.queued(&t.id, self.now.mono);
@@ -600,9 +553,9 @@ impl Engine {
         self.wants_schedule = true;
     }
 
-    /// A new job's first write failed: it is forgotten, with whatever was
-    /// reserved for it in the same batch (those reservations were never
-    /// created: see the runtime).
+    /// A new job's first write failed (or its id was taken): it is
+    /// forgotten, with whatever was reserved for it in the same batch
+    /// (those reservations were never created: see the runtime).
     fn not_stored(&mut self, id: &JobId) {
         let Some(job) = self.jobs.drop_unstored(id) else {
             return;

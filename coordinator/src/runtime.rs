@@ -33,14 +33,14 @@ use gpufleet_natsutil::{create_stores, Backoff, KvEvent, KvOp, RawKv};
 use gpufleet_schema::api::code;
 use gpufleet_schema::api::MAX_TASKS_PER_PAGE;
 use gpufleet_schema::subjects::JobRecordSet;
-use gpufleet_schema::{codec, subjects, Event, EventKind, JobId, Lease, WorkerAdvert, WorkerId};
+use gpufleet_schema::{
+    codec, subjects, Event, EventKind, JobId, JobSpec, JobState, Lease, WorkerAdvert, WorkerId,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::config::CoordinatorConfig;
-use crate::engine::{
-    Effects, Engine, Feed, Fetch, Found, Input, LeaseChange, Now, Reply, PART_BUDGET,
-};
+use crate::engine::{Effects, Engine, Feed, Fetch, Input, LeaseChange, Now, Reply, PART_BUDGET};
 use crate::metrics::Writes;
 use crate::state::JobRecord;
 use crate::store;
@@ -507,11 +507,17 @@ fn part_hash(bytes: &[u8]) -> u64 {
 struct RecordWrite {
     job: JobId,
     new: bool,
+    /// A new job under a client's id: the id may be a finished job's.
+    verify: Option<JobSpec>,
     parts: Vec<(String, Bytes, u64)>,
     /// For an unfinished job: the hash of every part, to remember.
     hashes: Vec<u64>,
     moves: Option<Vec<String>>,
 }
+
+/// What the first write of a job whose id was the client's found of a
+/// finished job with that id: its spec and status.
+type Taken = Option<(JobSpec, JobState)>;
 
 fn plan_write(job: &JobRecord, records: &Records) -> Result<RecordWrite, String> {
     let encoded = store::encode(job)?;
@@ -536,6 +542,7 @@ fn plan_write(job: &JobRecord, records: &Records) -> Result<RecordWrite, String>
     Ok(RecordWrite {
         job: job.id.clone(),
         new: !job.stored,
+        verify: (!job.stored && job.verify).then(|| job.spec.clone()),
         parts,
         hashes,
         moves: finished.then(|| store::keys(&job.id, job.parts.len(), JobRecordSet::Active)),
@@ -592,15 +599,26 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
     let retention = io.retention;
     let record_writes = join_all(plans.iter().map(|p| async move {
         let ttl = p.moves.as_ref().and(retention);
-        let sent = join_all(
+        let puts = join_all(
             p.parts
                 .iter()
                 .map(|(key, bytes, _)| io.jobs.put(key, bytes.clone(), ttl)),
-        )
-        .await;
-        sent.into_iter()
-            .find_map(|r| r.err())
-            .map_or(Ok(()), |e| Err(e.to_string()))
+        );
+        // A client's id is looked up beside the write, not before it: a
+        // submit costs one round trip either way.
+        let lookup = async {
+            match p.verify {
+                Some(_) => store::read(&io.jobs, JobRecordSet::Done, &p.job)
+                    .await
+                    .map(|found| found.map(|j| (j.spec, j.status))),
+                None => Ok(None),
+            }
+        };
+        let (sent, taken) = tokio::join!(puts, lookup);
+        match sent.into_iter().find_map(|r| r.err()) {
+            Some(e) => Err(e.to_string()),
+            None => taken.map_err(|e| format!("cannot tell whether the id is taken: {e}")),
+        }
     }));
     // `join!` polls in order, and the first poll of each write sends it:
     // state events go on the wire before the reservations they announce, so
@@ -616,9 +634,19 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
 
     // What stage 1 stored decides stage 2.
     let mut moves = Vec::new();
+    let mut taken: HashMap<JobId, (bool, JobState)> = HashMap::new();
     for (plan, result) in plans.into_iter().zip(record_results) {
+        let result: Result<Taken, String> = result;
         match result {
-            Ok(()) => {
+            Ok(Some((spec, status))) => {
+                // The id is a finished job's: the new record goes, nothing
+                // of it runs, and its submit is answered from the old job.
+                let same = plan.verify.as_ref() == Some(&spec);
+                taken.insert(plan.job.clone(), (same, status));
+                moves.push((None, plan.parts.into_iter().map(|(k, ..)| k).collect()));
+                feedback.push(Input::Duplicate(plan.job));
+            }
+            Ok(None) => {
                 if plan.new {
                     feedback.push(Input::Stored(plan.job.clone()));
                 }
@@ -645,13 +673,14 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
             }
         }
     }
+    let runs = |job: &JobId| !failed_jobs.contains_key(job) && !taken.contains_key(job);
     let later_leases: Vec<_> = later_leases
         .into_iter()
-        .filter(|(_, l)| !failed_jobs.contains_key(&l.job_id))
+        .filter(|(_, l)| runs(&l.job_id))
         .collect();
     let later_events: Vec<_> = later_events
         .into_iter()
-        .filter(|(_, e)| !failed_jobs.contains_key(&e.job_id))
+        .filter(|(_, e)| runs(&e.job_id))
         .collect();
     moves.append(&mut records.purges);
     writes.job += moves.iter().map(|(_, k)| k.len() as u64).sum::<u64>();
@@ -684,12 +713,16 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
     feedback.extend(create_failures);
 
     for (tx, reply, depends_on) in replies {
-        let reply = match depends_on.and_then(|id| failed_jobs.get(&id).cloned()) {
-            Some(e) => Reply::error(
+        let reply = match depends_on {
+            Some(id) if failed_jobs.contains_key(&id) => Reply::error(
                 code::UNAVAILABLE,
-                format!("the job could not be stored, try again: {e}"),
+                format!(
+                    "the job could not be stored, try again: {}",
+                    failed_jobs[&id]
+                ),
             ),
-            None => reply,
+            Some(id) if taken.contains_key(&id) => answer_taken(&id, taken[&id], reply),
+            _ => reply,
         };
         let _ = tx.send(reply);
     }
@@ -713,6 +746,23 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
     }
     engine.metrics().flush(started.elapsed(), writes);
     feedback
+}
+
+/// The answer to a submit whose id turned out to be a finished job's
+/// (`same`: with the same spec), in place of `reply`.
+fn answer_taken(id: &JobId, (same, status): (bool, JobState), reply: Reply) -> Reply {
+    match reply {
+        Reply::Submit(_) if same => Reply::Submit(gpufleet_schema::api::SubmitReply {
+            job_id: id.clone(),
+            status,
+            created: false,
+        }),
+        Reply::Submit(_) => Reply::error(
+            code::CONFLICT,
+            format!("job {id} already exists with a different spec"),
+        ),
+        other => other,
+    }
 }
 
 /// Creates reservations; returns an input for each that failed.
@@ -800,15 +850,6 @@ async fn fetch_stored(
     };
     let read = store::read(&jobs, JobRecordSet::Done, &id).await;
     match fetch {
-        Fetch::Lookup => {
-            let found = read.map(|job| {
-                job.map(|j| Found {
-                    spec: j.spec,
-                    status: j.status,
-                })
-            });
-            Some(Input::Looked { job: id, found })
-        }
         Fetch::Get { offset, limit, tx } => {
             let reply = match read {
                 Ok(Some(j)) => Reply::Job(Box::new(j.page(offset, limit))),
@@ -1078,6 +1119,23 @@ mod tests {
             matches!(&stopped, CoordinatorError::FeederStopped { feeder: "leases watch", why } if why == "it returned"),
             "{stopped}"
         );
+    }
+
+    #[test]
+    fn a_submit_under_a_finished_job_s_id_is_answered_from_it() {
+        use gpufleet_schema::api::SubmitReply;
+        let id = JobId::new("old").unwrap();
+        let created = || {
+            Reply::Submit(SubmitReply {
+                job_id: id.clone(),
+                status: JobState::Queued,
+                created: true,
+            })
+        };
+        let same = answer_taken(&id, (true, JobState::Completed), created());
+        assert!(matches!(same, Reply::Submit(r) if !r.created && r.status == JobState::Completed));
+        let other = answer_taken(&id, (false, JobState::Completed), created());
+        assert!(matches!(other, Reply::Error { code: 409, .. }));
     }
 
     #[tokio::test]

@@ -53,6 +53,10 @@ pub struct JobRecord {
     /// job may run.
     #[serde(skip)]
     pub stored: bool,
+    /// The id was the client's and the job is not stored yet: it may be a
+    /// finished job's (no longer held), which the first write looks up.
+    #[serde(skip)]
+    pub verify: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -272,6 +276,7 @@ impl JobRecord {
             tasks,
             parts: vec![0],
             stored: false,
+            verify: false,
         }
     }
 

@@ -343,6 +343,7 @@ fn assemble(head: HeadIn, mut parts: BTreeMap<usize, PartIn>) -> Result<JobRecor
         tasks,
         parts: starts,
         stored: true,
+        verify: false,
     })
 }
 

@@ -510,6 +510,17 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
         async move { out.contains("leading the fleet").then_some(()) }
     })
     .await;
+    // It serves once it has restored the fleet's state.
+    gpufleet_testkit::eventually(T, "the new leader to serve", || {
+        let client = client.clone();
+        let id = id.clone();
+        async move {
+            api(&client, "gpufleet.api.jobs.get", &json!({"job_id": id}))
+                .await
+                .ok()
+        }
+    })
+    .await;
     let status = fleet.wait_finished(&id, T).await;
     assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
     for (i, t) in status["tasks"].as_array().unwrap().iter().enumerate() {

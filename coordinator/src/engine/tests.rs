@@ -124,27 +124,11 @@ fn spec(json: &str) -> JobSpec {
 fn submit(e: &mut Sim, json: &str) -> (JobId, oneshot::Receiver<Reply>) {
     let (tx, rx) = oneshot::channel();
     e.handle(Input::Api(ApiCall::Submit(Box::new(spec(json))), tx));
-    answer_lookups(e, |_| None);
     e.schedule_if_needed();
     let id = e.jobs.iter().max_by_key(|(_, j)| j.seq).unwrap().0.clone();
     // The runtime says so once the record is written.
     e.handle(Input::Stored(id.clone()));
     (id, rx)
-}
-
-/// Answers every lookup of a submitted id as the jobs bucket would, with
-/// what `stored` says is stored under it.
-fn answer_lookups(e: &mut Sim, stored: impl Fn(&JobId) -> Option<Found>) {
-    let fetches = std::mem::take(&mut e.fx.fetches);
-    for (job, fetch) in fetches {
-        match fetch {
-            Fetch::Lookup => {
-                let found = Ok(stored(&job));
-                e.handle(Input::Looked { job, found });
-            }
-            other => e.fx.fetches.push((job, other)),
-        }
-    }
 }
 
 /// Lets the pause before a retry pass (at most `retry_backoff_max`).
@@ -465,34 +449,27 @@ fn submit_validates_and_is_idempotent() {
 }
 
 #[test]
-fn a_resubmit_of_a_job_no_longer_held_is_answered_from_the_bucket() {
-    let mut e = ready_engine(&[]);
-    let job = r#"{"id": "old", "tasks": [{"command": ["true"]}]}"#;
-    let mut stored = spec(job);
-    stored.id = Some(JobId::new("old").unwrap());
-    let found = |s: &JobSpec| Found {
-        spec: s.clone(),
-        status: JobState::Completed,
-    };
-    // Two submits of one id at once: one lookup, both answered by it.
-    let (tx1, mut rx1) = oneshot::channel();
-    let (tx2, mut rx2) = oneshot::channel();
-    e.handle(Input::Api(ApiCall::Submit(Box::new(spec(job))), tx1));
-    let other = r#"{"id": "old", "tasks": [{"command": ["false"]}]}"#;
-    e.handle(Input::Api(ApiCall::Submit(Box::new(spec(other))), tx2));
-    assert_eq!(e.fx.fetches.len(), 1, "one lookup per id");
-    answer_lookups(&mut e, |_| Some(found(&stored)));
-    for (tx, r, _) in e.take_effects().replies {
-        tx.send(r).unwrap();
-    }
-    assert!(
-        matches!(rx1.try_recv(), Ok(Reply::Submit(r)) if !r.created && r.status == JobState::Completed)
+fn a_client_id_is_verified_by_the_first_write_and_a_taken_one_never_runs() {
+    let mut e = ready_engine(&[advert("w1", 4, 0)]);
+    let (tx, _rx) = oneshot::channel();
+    let job = r#"{"id": "old", "tasks": [{"command": ["true"], "resources": {"cpus": 4}}]}"#;
+    e.handle(Input::Api(ApiCall::Submit(Box::new(spec(job))), tx));
+    e.schedule_if_needed();
+    let id = JobId::new("old").unwrap();
+    assert!(e.jobs[&id].verify && !e.jobs[&id].stored);
+    let fx = e.take_effects();
+    assert_eq!(
+        fx.create_leases.len(),
+        1,
+        "placed; created only once the id is known to be new"
     );
-    assert!(matches!(rx2.try_recv(), Ok(Reply::Error { code: 409, .. })));
-    assert!(
-        e.jobs.get(&JobId::new("old").unwrap()).is_none(),
-        "not run again"
-    );
+    // The first write found a finished job of that id.
+    e.handle(Input::Duplicate(id.clone()));
+    assert!(e.jobs.get(&id).is_none());
+    // Its capacity is free again, and an id the engine makes needs no check.
+    let (other, _) = submit(&mut e, job.replace(r#""id": "old", "#, "").as_str());
+    assert!(!e.jobs[&other].verify);
+    assert_eq!(e.take_effects().create_leases.len(), 1);
 }
 
 #[test]
