@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use gpufleet_schema::{JobStatus, WorkerAdvert};
+use gpufleet_schema::{GpuUuid, JobStatus, WorkerAdvert};
 use time::OffsetDateTime;
 
 /// Left-aligned columns sized to their widest cell.
@@ -185,7 +185,7 @@ pub fn jobs(list: &[JobStatus]) -> String {
 }
 
 /// Which tasks hold each GPU (by uuid), from the live leases.
-pub type Holders = HashMap<String, Vec<String>>;
+pub type Holders = HashMap<GpuUuid, Vec<String>>;
 
 /// Workers, one line per GPU.
 pub fn workers(list: &[WorkerAdvert], holders: &Holders) -> String {

@@ -963,7 +963,7 @@ fn advert_input(c: gpufleet_natsutil::KvChange) -> Option<Input> {
     }
     match c.op {
         KvOp::Put => match codec::decode::<WorkerAdvert>(&c.value) {
-            Ok(a) if a.gpus.iter().any(|g| g.uuid.len() > 128) => {
+            Ok(a) if a.gpus.iter().any(|g| g.uuid.as_str().len() > 128) => {
                 tracing::warn!(key = %c.key, "ignoring a worker advert with a GPU UUID over 128 bytes");
                 None
             }

@@ -421,7 +421,7 @@ mod tests {
                 Grant {
                     gpus: vec![GpuGrant {
                         index: 7,
-                        uuid: "GPU-".to_string() + &"f".repeat(120),
+                        uuid: ("GPU-".to_string() + &"f".repeat(120)).into(),
                         memory: gpufleet_schema::ByteSize(u64::MAX),
                     }],
                     ..Grant::default()

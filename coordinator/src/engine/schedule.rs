@@ -380,7 +380,7 @@ impl Engine {
             reserved_at: self.now.wall,
         };
         self.book.reserve(key.clone(), lease.clone());
-        self.fx.create_leases.push((key, lease));
+        self.fx.create_leases.push((key.into(), lease));
         self.emit_state(job, i);
     }
 
