@@ -137,7 +137,7 @@ impl Access {
         for k in kinds {
             // From now on: what earlier scenarios left is not counted.
             let filters = vec![subjects::events_of_kind(k)];
-            let end = last_on(&stream, &js.client(), subjects::EVENTS_STREAM, &filters).await?;
+            let end = last_on(&js, &stream, subjects::EVENTS_STREAM, &filters).await?;
             let replay =
                 Replay::start(&js, subjects::EVENTS_STREAM, filters, end + 1, Until::Live).await?;
             replays.push(
@@ -167,6 +167,21 @@ pub struct Fleet {
     workers: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// A coordinator process reaching NATS as `access` says.
+fn spawn_coordinator(access: &Access) -> std::io::Result<std::process::Child> {
+    let mut coordinator = std::process::Command::new(sibling("gpufleet-coordinator"));
+    match &access.auth {
+        Some(dir) => coordinator
+            .arg("--config")
+            .arg(dir.join("coordinator.toml")),
+        None => coordinator.args(["--nats-url", &access.url]),
+    };
+    coordinator
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+}
+
 impl Fleet {
     pub async fn start(
         access: &Access,
@@ -174,17 +189,7 @@ impl Fleet {
         cpus: f64,
         launcher: Arc<dyn Launcher>,
     ) -> anyhow::Result<Fleet> {
-        let mut coordinator = std::process::Command::new(sibling("gpufleet-coordinator"));
-        match &access.auth {
-            Some(dir) => coordinator
-                .arg("--config")
-                .arg(dir.join("coordinator.toml")),
-            None => coordinator.args(["--nats-url", &access.url]),
-        };
-        let coordinator = coordinator
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .spawn()?;
+        let coordinator = spawn_coordinator(access)?;
         let (stop, stop_rx) = watch::channel(false);
         let mut handles = Vec::new();
         for i in 0..workers {
@@ -228,6 +233,21 @@ impl Fleet {
             );
         }
         Ok(fleet)
+    }
+
+    pub fn coordinator_pid(&self) -> u32 {
+        self.coordinator.id()
+    }
+
+    /// Stops the coordinator (SIGTERM: it hands the leadership over at
+    /// once) and starts another.
+    pub fn restart_coordinator(&mut self, access: &Access) -> anyhow::Result<()> {
+        use nix::sys::signal::{kill, Signal};
+        let pid = nix::unistd::Pid::from_raw(self.coordinator.id() as i32);
+        kill(pid, Signal::SIGTERM)?;
+        self.coordinator.wait()?;
+        self.coordinator = spawn_coordinator(access)?;
+        Ok(())
     }
 
     pub async fn stop(self) {
@@ -338,13 +358,36 @@ pub async fn throughput(
     let tasks: Vec<Value> = (0..per_job)
         .map(|_| json!({"command": ["true"], "resources": {"cpus": cpus}}))
         .collect();
-    let body = Bytes::from(serde_json::to_vec(&json!({"tasks": tasks}))?);
     let started = Instant::now();
+    submit_many(&client, &submit, jobs, &json!({"tasks": tasks})).await?;
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while watcher.done.load(Ordering::Relaxed) - base < total {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {total} tasks finished",
+            watcher.done.load(Ordering::Relaxed) - base
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Throughput {
+        tasks: total,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Submits `jobs` copies of `job` on `submit`, 64 in flight.
+pub async fn submit_many(
+    client: &async_nats::Client,
+    submit: &str,
+    jobs: usize,
+    job: &Value,
+) -> anyhow::Result<()> {
+    let body = Bytes::from(serde_json::to_vec(job)?);
     let next = Arc::new(AtomicU64::new(0));
     let mut submitters = Vec::new();
     for _ in 0..64 {
         let (client, body, next) = (client.clone(), body.clone(), next.clone());
-        let submit = submit.clone();
+        let submit = submit.to_string();
         submitters.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < jobs as u64 {
                 let r = client.request(submit.clone(), body.clone()).await?;
@@ -363,19 +406,7 @@ pub async fn throughput(
     for s in submitters {
         s.await??;
     }
-    let deadline = Instant::now() + Duration::from_secs(1800);
-    while watcher.done.load(Ordering::Relaxed) - base < total {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "only {} of {total} tasks finished",
-            watcher.done.load(Ordering::Relaxed) - base
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(Throughput {
-        tasks: total,
-        elapsed: started.elapsed(),
-    })
+    Ok(())
 }
 
 pub struct Latency {

@@ -4,6 +4,7 @@
 
 mod control;
 mod floor;
+mod history;
 mod scale;
 
 use std::time::Duration;
@@ -45,6 +46,8 @@ enum What {
     Processes,
     /// 1,000 simulated workers and 100,000 queued tasks against one coordinator
     Scale,
+    /// A coordinator restarted over 100,000 finished and 10,000 waiting jobs
+    History,
 }
 
 fn ms(d: Duration) -> String {
@@ -237,6 +240,30 @@ async fn main() -> anyhow::Result<()> {
         row(
             "scale: input backlog at start / end",
             format!("{} / {}", r.backlog_start, r.backlog_end),
+        );
+    }
+    if matches!(cli.what, What::All | What::History) {
+        let (finished, waiting) = if cli.smoke {
+            (500, 100)
+        } else {
+            (100_000, 10_000)
+        };
+        let (_server, url) = fresh();
+        let r = history::run(&url, finished, waiting).await?;
+        row(
+            &format!(
+                "history: restart over {} finished, {} waiting jobs",
+                r.finished, r.waiting
+            ),
+            ms(r.takeover),
+        );
+        row(
+            "history: coordinator RSS before / after restart",
+            format!("{:.0} / {:.0} MiB", r.rss_before_mib, r.rss_after_mib),
+        );
+        row(
+            "history: jobs held in memory after restart",
+            format!("{}", r.held),
         );
     }
     if let (Some(par), Some(rate)) = (&floor_par, control_rate) {

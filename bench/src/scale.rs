@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use gpufleet_natsutil::{ensure_stores, Backoff, RawKv, Setup};
+use gpufleet_natsutil::{create_stores, Backoff, RawKv, Setup};
 use gpufleet_schema::{codec, subjects, ByteSize, Dur, GpuAdvert, WorkerAdvert, WorkerId};
 use gpufleet_worker::procs;
 use serde_json::{json, Value};
@@ -101,7 +101,7 @@ async fn heartbeats(
 }
 
 /// CPU ticks used, resident and peak memory in MiB.
-fn proc_stat(pid: u32) -> Option<(u64, f64, f64)> {
+pub fn proc_stat(pid: u32) -> Option<(u64, f64, f64)> {
     let dir = Path::new(procs::ROOT).join(pid.to_string());
     let ticks = procs::cpu_ticks(&dir)?;
     let mib = |field: &str| Some(procs::status_bytes(&dir, field)? as f64 / (1 << 20) as f64);
@@ -156,7 +156,7 @@ pub async fn run(
 ) -> anyhow::Result<ScaleResult> {
     let client = async_nats::connect(url).await?;
     let js = jetstream::new(client.clone());
-    ensure_stores(&js, &Setup::default()).await?;
+    create_stores(&js, &Setup::default()).await?;
     let kv = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

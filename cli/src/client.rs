@@ -6,6 +6,8 @@ use anyhow::Context;
 use async_nats::jetstream;
 use async_nats::Client;
 use gpufleet_natsutil::events::{Replay, Until};
+use gpufleet_natsutil::Backoff;
+use gpufleet_schema::api::code;
 use gpufleet_schema::api::{
     ErrorBody, GetRequest, JobRef, ListRequest, SubmitReply, WorkersRequest,
 };
@@ -24,8 +26,26 @@ pub enum ApiError {
     Service { code: u16, message: String },
     #[error("no coordinator answers on {subject}: is `gpufleet-coordinator` running and connected to the same NATS? (`gpufleet up` starts a local fleet)")]
     NoCoordinator { subject: String },
+    #[error("no answer on {subject} within {timeout:?}")]
+    TimedOut { subject: String, timeout: Duration },
     #[error("{0}")]
     Other(String),
+}
+
+impl ApiError {
+    /// Whether asking again may help: nobody answered (a coordinator
+    /// taking over), or the coordinator said it is not ready.
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ApiError::NoCoordinator { .. }
+                | ApiError::TimedOut { .. }
+                | ApiError::Service {
+                    code: code::UNAVAILABLE,
+                    ..
+                }
+        )
+    }
 }
 
 #[derive(Clone)]
@@ -34,6 +54,8 @@ pub struct Api {
     /// Who it calls as (`gpufleet.api.<user>.…`); `None` on a fleet
     /// without roles.
     pub user: Option<UserId>,
+    /// How long one request may wait for its answer.
+    pub request_timeout: Duration,
 }
 
 impl Api {
@@ -70,7 +92,11 @@ impl Api {
                 };
                 anyhow::anyhow!("{e}\n  ({hint})")
             })?;
-        Ok(Api { client, user })
+        Ok(Api {
+            client,
+            user,
+            request_timeout: Duration::from_secs(10),
+        })
     }
 
     fn subject(&self, endpoint: &str) -> String {
@@ -86,13 +112,23 @@ impl Api {
         let payload = codec::encode(body).map_err(|e| ApiError::Other(e.to_string()))?;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(CONTENT_TYPE, MSGPACK);
-        let reply = self
-            .client
-            .request_with_headers(subject.to_string(), headers, payload.into())
+        let timeout = self.request_timeout;
+        let request =
+            self.client
+                .request_with_headers(subject.to_string(), headers, payload.into());
+        let reply = tokio::time::timeout(timeout, request)
             .await
+            .map_err(|_| ApiError::TimedOut {
+                subject: subject.into(),
+                timeout,
+            })?
             .map_err(|e| match e.kind() {
                 async_nats::client::RequestErrorKind::NoResponders => ApiError::NoCoordinator {
                     subject: subject.into(),
+                },
+                async_nats::client::RequestErrorKind::TimedOut => ApiError::TimedOut {
+                    subject: subject.into(),
+                    timeout,
                 },
                 _ => ApiError::Other(format!("{subject}: {e}")),
             })?;
@@ -119,8 +155,31 @@ impl Api {
             .map_err(|e| ApiError::Other(format!("{subject}: bad reply: {e}")))
     }
 
-    pub async fn submit(&self, spec: &JobSpec) -> Result<SubmitReply, ApiError> {
-        self.call(endpoint::JOBS_SUBMIT, spec).await
+    /// Submits `spec`, choosing its id first if it has none, and tries
+    /// again (the same id, the same spec) while no coordinator answers or
+    /// one says it is not ready, for up to `patience`. A try that reached
+    /// a coordinator whose answer was lost, then a retry, make one job: the
+    /// retry is answered with the job the first made (`created: false`).
+    pub async fn submit(
+        &self,
+        spec: &JobSpec,
+        patience: Duration,
+    ) -> Result<SubmitReply, ApiError> {
+        let mut spec = spec.clone();
+        let id = spec.id.get_or_insert_with(JobId::generate).clone();
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        loop {
+            match self.call(endpoint::JOBS_SUBMIT, &spec).await {
+                Err(e) if e.is_transient() => {
+                    if !backoff.wait_before(deadline).await {
+                        return Err(e);
+                    }
+                    eprintln!("submitting job {id}: {e}; trying again");
+                }
+                done => return done,
+            }
+        }
     }
 
     /// A job with every task, page by page.
@@ -152,6 +211,17 @@ impl Api {
     ) -> Result<Vec<JobStatus>, ApiError> {
         self.call(endpoint::JOBS_LIST, &ListRequest { status, limit })
             .await
+    }
+
+    /// Deletes a finished job's record and events.
+    pub async fn delete(&self, job: &JobId) -> Result<JobStatus, ApiError> {
+        self.call(
+            endpoint::JOBS_DELETE,
+            &JobRef {
+                job_id: job.clone(),
+            },
+        )
+        .await
     }
 
     pub async fn cancel(&self, job: &JobId) -> Result<JobStatus, ApiError> {
@@ -186,9 +256,28 @@ impl Api {
     /// called, or then new ones as they come.
     pub async fn events(&self, filter: String, until: Until) -> anyhow::Result<EventStream> {
         let js = jetstream::new(self.client.clone());
-        let replay = Replay::start(&js, subjects::EVENTS_STREAM, vec![filter], 1, until)
-            .await
-            .context("opening the events stream (has a coordinator ever run on this NATS?)")?;
+        // Only a coordinator creates the stores: wait a while for one, as
+        // workers do (by trying again: a user may not read stream info).
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
+        let mut said = false;
+        let replay = loop {
+            match Replay::start(&js, subjects::EVENTS_STREAM, vec![filter.clone()], 1, until).await
+            {
+                Ok(r) => break r,
+                Err(e) => {
+                    if !said {
+                        said = true;
+                        eprintln!("waiting for the coordinator to create the stores");
+                    }
+                    if !backoff.wait_before(deadline).await {
+                        return Err(anyhow::Error::from(e).context(
+                            "opening the events stream (has a coordinator ever run on this NATS?)",
+                        ));
+                    }
+                }
+            }
+        };
         Ok(EventStream {
             replay,
             holders: HoldersOf::default(),

@@ -184,6 +184,9 @@ enum Cmd {
         #[arg(long, short)]
         wait: bool,
     },
+    /// Delete a finished job: its record and its events (an unfinished one
+    /// must be cancelled first)
+    Delete { job: String },
     /// Print a job's output so far (one task's with TASK)
     Logs {
         job: String,
@@ -282,21 +285,25 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     // What it says to people goes to stderr too: only warnings are logged.
     telemetry::init_with_default(cfg.log_format, "warn");
     let auth = cfg.auth();
-    let connect = || {
-        Api::connect(
+    let connect = || async {
+        let mut api = Api::connect(
             &cfg.nats_url,
             &auth,
             cfg.user.clone(),
             cfg.connect_timeout.0,
         )
+        .await?;
+        api.request_timeout = cfg.request_timeout.0;
+        anyhow::Ok(api)
     };
+    let patience = cfg.submit_patience.0;
     match cli.command {
         Cmd::Up(args) => up::run(args, json, cli.log_format).await,
         Cmd::Auth(args) => auth::run(&args, cfg.nats_url.clone()),
         Cmd::Submit { file, wait } => {
             // Read and check the job before touching the network.
             let spec = jobfile::read(&file)?;
-            submit(&connect().await?, spec, &wait, json).await
+            submit(&connect().await?, spec, patience, &wait, json).await
         }
         Cmd::Run(r) => {
             let r = *r;
@@ -320,7 +327,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 follow: !r.no_wait,
                 detach: r.wait.detach,
             };
-            submit(&connect().await?, spec, &wait, json).await
+            submit(&connect().await?, spec, patience, &wait, json).await
         }
         Cmd::Status { job, wait } => {
             let id = job_id(&job)?;
@@ -379,6 +386,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(exit::OK)
         }
+        Cmd::Delete { job } => {
+            let id = job_id(&job)?;
+            let s = connect().await?.delete(&id).await?;
+            if json {
+                print_json(&s);
+            } else {
+                println!("deleted job {id} ({})", s.status);
+            }
+            Ok(exit::OK)
+        }
         Cmd::Logs { job, task, follow } => {
             let id = job_id(&job)?;
             logs(&connect().await?, &id, task.as_deref(), follow, json).await
@@ -416,8 +433,14 @@ fn view(flags: &WaitFlags, json: bool) -> WaitOptions {
     }
 }
 
-async fn submit(api: &Api, spec: JobSpec, flags: &WaitFlags, json: bool) -> anyhow::Result<i32> {
-    let reply = api.submit(&spec).await?;
+async fn submit(
+    api: &Api,
+    spec: JobSpec,
+    patience: std::time::Duration,
+    flags: &WaitFlags,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let reply = api.submit(&spec, patience).await?;
     if !flags.wait && !flags.follow {
         if json {
             print_json(&reply);

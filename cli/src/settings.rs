@@ -30,6 +30,12 @@ pub struct CliConfig {
     pub user: Option<gpufleet_schema::UserId>,
     /// How long to keep trying to reach NATS before giving up.
     pub connect_timeout: gpufleet_schema::Dur,
+    /// How long one API request may wait for its answer.
+    pub request_timeout: gpufleet_schema::Dur,
+    /// How long a submit keeps trying while no coordinator answers (one
+    /// taking over, say); it retries under the same job id, so a retry of
+    /// a submit that was accepted returns the same job.
+    pub submit_patience: gpufleet_schema::Dur,
     /// `text` or `json` for the warnings it logs on stderr.
     pub log_format: LogFormat,
 }
@@ -46,6 +52,8 @@ impl Default for CliConfig {
             nats_tls_ca: None,
             user: None,
             connect_timeout: gpufleet_schema::Dur::secs(5),
+            request_timeout: gpufleet_schema::Dur::secs(10),
+            submit_patience: gpufleet_schema::Dur::secs(60),
             log_format: LogFormat::Text,
         }
     }

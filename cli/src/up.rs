@@ -519,7 +519,7 @@ pub async fn run(args: UpArgs, json: bool, log_format: Option<LogFormat>) -> any
             follow: true,
             detach: false,
         };
-        let reply = api.submit(&spec).await?;
+        let reply = api.submit(&spec, Duration::from_secs(60)).await?;
         eprintln!("submitted job {}", reply.job_id);
         code = crate::wait_job(&api, &reply.job_id, &flags, json).await?;
         if args.once {

@@ -6,7 +6,7 @@ use gpufleet_natsutil::telemetry::LogFormat;
 use gpufleet_natsutil::Setup;
 use std::path::PathBuf;
 
-use gpufleet_schema::{Dur, UserId};
+use gpufleet_schema::{ByteSize, Dur, UserId};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +58,21 @@ pub struct CoordinatorConfig {
     pub replicas: usize,
     /// How long events (logs, results) are kept.
     pub events_max_age: Dur,
+    /// The most bytes the events stream holds; the oldest events go first.
+    pub events_max_bytes: ByteSize,
+    /// The most bytes of job records; once full, new jobs are refused.
+    pub jobs_max_bytes: ByteSize,
+    /// How long artifacts are kept.
+    pub artifacts_max_age: Dur,
+    /// The most bytes of artifacts; once full, uploads fail.
+    pub artifacts_max_bytes: ByteSize,
+    /// How long a finished job's record is kept (then it is gone, as if
+    /// `gpufleet delete` had removed it).
+    pub job_retention: Dur,
+    /// The pause before a task's first retry; each further retry waits
+    /// twice as long (with jitter), up to `retry_backoff_max`.
+    pub retry_backoff: Dur,
+    pub retry_backoff_max: Dur,
     /// How long the leadership lives without renewal: a coordinator
     /// standing by takes over this long after the leader dies.
     pub leader_ttl: Dur,
@@ -88,6 +103,13 @@ impl Default for CoordinatorConfig {
             max_reservations_per_pass: 512,
             replicas: 1,
             events_max_age: Dur::secs(7 * 24 * 3600),
+            events_max_bytes: ByteSize(1 << 30),
+            jobs_max_bytes: ByteSize(1 << 30),
+            artifacts_max_age: Dur::secs(30 * 24 * 3600),
+            artifacts_max_bytes: ByteSize(4 << 30),
+            job_retention: Dur::secs(7 * 24 * 3600),
+            retry_backoff: Dur(Duration::from_millis(500)),
+            retry_backoff_max: Dur::secs(60),
             leader_ttl: Dur::secs(10),
             connect_patience: Dur::secs(60),
             log_format: LogFormat::Text,
@@ -107,6 +129,12 @@ impl CoordinatorConfig {
             result_grace: Dur::secs(5),
             leader_ttl: Dur::secs(3),
             connect_patience: Dur::secs(10),
+            retry_backoff: Dur(Duration::from_millis(200)),
+            retry_backoff_max: Dur::secs(2),
+            // Many test servers share one disk; each reserves these.
+            events_max_bytes: ByteSize(256 << 20),
+            jobs_max_bytes: ByteSize(256 << 20),
+            artifacts_max_bytes: ByteSize(512 << 20),
             ..Default::default()
         }
     }
@@ -127,6 +155,41 @@ impl CoordinatorConfig {
         }
         if !(1..=5).contains(&self.replicas) {
             return Err("replicas: from 1 to 5".into());
+        }
+        // Every duration is added to a clock somewhere; none may overflow it.
+        let year = Duration::from_secs(366 * 24 * 3600);
+        for (name, d) in [
+            ("reservation_ttl", self.reservation_ttl),
+            ("lease_ttl", self.lease_ttl),
+            ("tick", self.tick),
+            ("starvation_after", self.starvation_after),
+            ("result_grace", self.result_grace),
+            ("events_max_age", self.events_max_age),
+            ("artifacts_max_age", self.artifacts_max_age),
+            ("job_retention", self.job_retention),
+            ("retry_backoff", self.retry_backoff),
+            ("retry_backoff_max", self.retry_backoff_max),
+            ("leader_ttl", self.leader_ttl),
+            ("connect_patience", self.connect_patience),
+        ] {
+            if d.0 > year {
+                return Err(format!("{name}: at most 366 days"));
+            }
+        }
+        if self.job_retention.0 < Duration::from_secs(1) {
+            return Err("job_retention: at least 1s (NATS TTLs are whole seconds)".into());
+        }
+        if self.retry_backoff_max.0 < self.retry_backoff.0 {
+            return Err("retry_backoff_max: at least retry_backoff".into());
+        }
+        for (name, b) in [
+            ("events_max_bytes", self.events_max_bytes),
+            ("jobs_max_bytes", self.jobs_max_bytes),
+            ("artifacts_max_bytes", self.artifacts_max_bytes),
+        ] {
+            if b.0 < 1 << 20 || b.0 > 1 << 50 {
+                return Err(format!("{name}: from 1MiB to 1PiB"));
+            }
         }
         Ok(())
     }
@@ -159,7 +222,10 @@ impl CoordinatorConfig {
         Setup {
             replicas: self.replicas,
             events_max_age: self.events_max_age.0,
-            ..Setup::default()
+            events_max_bytes: self.events_max_bytes.0 as i64,
+            jobs_max_bytes: self.jobs_max_bytes.0 as i64,
+            artifacts_max_age: self.artifacts_max_age.0,
+            artifacts_max_bytes: self.artifacts_max_bytes.0 as i64,
         }
     }
 }

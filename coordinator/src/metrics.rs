@@ -28,6 +28,8 @@ struct Inner {
     writes_lease: u64,
     writes_event: u64,
     writes_checkpoint: u64,
+    /// Jobs held in memory now.
+    held_jobs: u64,
 }
 
 /// Shared between the engine, the runtime and the stats handler.
@@ -118,6 +120,11 @@ impl Metrics {
         });
     }
 
+    /// How many jobs the engine holds now.
+    pub fn held(&self, jobs: usize) {
+        self.with(|m| m.held_jobs = jobs as u64);
+    }
+
     pub fn snapshot(&self) -> serde_json::Value {
         let Ok(m) = self.0.lock() else {
             return serde_json::Value::Null;
@@ -137,6 +144,7 @@ impl Metrics {
             "placement_us": {"count": m.placement.count(), "p50": us(m.placement.quantile(0.5)), "p99": us(m.placement.quantile(0.99)), "max": us(m.placement.max())},
             "pass_us": {"count": m.pass.count(), "p50": us(m.pass.quantile(0.5)), "p99": us(m.pass.quantile(0.99)), "max": us(m.pass.max())},
             "flush_us": {"count": m.flush.count(), "p50": us(m.flush.quantile(0.5)), "p99": us(m.flush.quantile(0.99))},
+            "held_jobs": m.held_jobs,
             "writes": {"job": m.writes_job, "lease": m.writes_lease, "event": m.writes_event, "checkpoint": m.writes_checkpoint},
         })
     }

@@ -14,6 +14,17 @@ use time::OffsetDateTime;
 /// Results at most this large are kept in the job record; larger ones stay
 /// in the events stream and are fetched when a client asks.
 pub const INLINE_RESULT_BYTES: usize = 4096;
+/// The longest reason a record keeps (reasons quote workers and tasks);
+/// what is longer is cut, so that a record's size stays bounded.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// `why`, cut to [`MAX_REASON_BYTES`].
+pub fn bounded_reason(why: String) -> String {
+    if why.len() <= MAX_REASON_BYTES {
+        return why;
+    }
+    gpufleet_schema::text::cut(&why, MAX_REASON_BYTES)
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -39,6 +50,17 @@ pub struct JobRecord {
     #[serde(default)]
     pub gang_broken: Option<String>,
     pub tasks: Vec<TaskRecord>,
+    /// Where each part of the stored record starts (see `store.rs`).
+    #[serde(skip)]
+    pub parts: Vec<u32>,
+    /// Whether the record has been stored once: until then nothing of the
+    /// job may run.
+    #[serde(skip)]
+    pub stored: bool,
+    /// The id was the client's and the job is not stored yet: it may be a
+    /// finished job's (no longer held), which the first write looks up.
+    #[serde(skip)]
+    pub verify: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,28 +70,36 @@ pub struct TaskRecord {
     pub state: TaskState,
     /// The attempt that runs or will run next; 1 for the first.
     pub attempt: u32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<WorkerId>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<Grant>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
     /// Where a result too large to keep inline is, in `GPUFLEET_EVENTS`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_seq: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub started_at: Option<OffsetDateTime>,
-    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub finished_at: Option<OffsetDateTime>,
     /// Whether any attempt got as far as starting its program.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub launched: bool,
     /// A gang member left out of this run by `min_tasks`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub dropped: bool,
     /// The current attempt's random token, from its reservation: a result
     /// must carry it. Kept here so that a restarted coordinator still
@@ -80,6 +110,10 @@ pub struct TaskRecord {
     /// must name it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_rev: Option<u64>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A task's transitions. Each is one method that decides every field it
@@ -102,7 +136,7 @@ impl TaskRecord {
         if self.reason.as_deref() == Some(reason) {
             return false;
         }
-        self.reason = Some(reason.to_string());
+        self.reason = Some(bounded_reason(reason.to_string()));
         true
     }
 
@@ -162,7 +196,7 @@ impl TaskRecord {
     ) {
         self.state = state;
         self.exit_code = exit_code;
-        self.reason = reason;
+        self.reason = reason.map(bounded_reason);
         self.finished_at = Some(at);
     }
 
@@ -208,7 +242,7 @@ impl TaskRecord {
         self.result_seq = None;
         self.started_at = None;
         self.finished_at = None;
-        self.reason = Some(why);
+        self.reason = Some(bounded_reason(why));
         self.token = None;
         self.claim_rev = None;
     }
@@ -263,6 +297,9 @@ impl JobRecord {
             cancel_requested: false,
             gang_broken: None,
             tasks,
+            parts: vec![0],
+            stored: false,
+            verify: false,
         }
     }
 
@@ -363,7 +400,7 @@ impl JobRecord {
             if self.finished_at.is_none() {
                 self.finished_at = Some(now);
             }
-            self.reason = self.end_reason();
+            self.reason = self.end_reason().map(bounded_reason);
         } else {
             self.reason = self
                 .tasks
@@ -403,6 +440,22 @@ impl JobRecord {
         }
     }
 
+    /// The job with tasks `offset..offset + limit`, fewer if their status
+    /// would not fit one reply (see [`PAGE_BYTES`]).
+    pub fn page(&self, offset: usize, limit: usize) -> JobStatus {
+        let mut status = self.status(false);
+        let mut used = 0;
+        for t in self.tasks.iter().skip(offset).take(limit) {
+            let size = t.status_size();
+            if used + size > PAGE_BYTES && !status.tasks.is_empty() {
+                break;
+            }
+            used += size;
+            status.tasks.push(t.status());
+        }
+        status
+    }
+
     pub fn status(&self, with_tasks: bool) -> JobStatus {
         JobStatus {
             job_id: self.id.clone(),
@@ -424,7 +477,22 @@ impl JobRecord {
     }
 }
 
+/// The most bytes of task status one `jobs.get` reply carries: half the
+/// default `max_payload`, room to spare for the job's own fields.
+pub const PAGE_BYTES: usize = 512 * 1024;
+
 impl TaskRecord {
+    /// At most what this task's status takes in a reply, in either
+    /// encoding.
+    fn status_size(&self) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        let gpus = self.grant.as_ref().map_or(0, |g| g.gpus.len());
+        512 + self.name.len()
+            + text(&self.reason)
+            + gpus * 160
+            + self.result.as_ref().map_or(0, |_| INLINE_RESULT_BYTES * 2)
+    }
+
     pub fn status(&self) -> TaskStatus {
         TaskStatus {
             task_id: self.id.clone(),

@@ -5,7 +5,7 @@
 
 use async_nats::jetstream;
 use gpufleet_natsutil::artifacts::{self, Attempt};
-use gpufleet_natsutil::{ensure_stores, Setup};
+use gpufleet_natsutil::{create_stores, Setup};
 use gpufleet_schema::artifact::CHUNK_SIZE;
 use gpufleet_schema::{subjects, JobId, TaskId, UserId, WorkerId};
 use gpufleet_testkit::NatsServer;
@@ -26,7 +26,7 @@ fn attempt(job: &JobId) -> Attempt {
 async fn files_come_back_whole_and_short_ones_are_refused() {
     let server = NatsServer::start();
     let js = jetstream::new(async_nats::connect(server.url()).await.unwrap());
-    ensure_stores(&js, &Setup::default()).await.unwrap();
+    create_stores(&js, &Setup::default()).await.unwrap();
     let job = JobId::new("j1").unwrap();
     let at = attempt(&job);
     let big: Vec<u8> = (0..(CHUNK_SIZE * 2 + 17))

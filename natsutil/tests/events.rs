@@ -9,7 +9,7 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt;
 use gpufleet_natsutil::events::{self, Replay, Until};
-use gpufleet_natsutil::{ensure_stores, Backoff, Setup};
+use gpufleet_natsutil::{create_stores, Backoff, Setup};
 use gpufleet_schema::{codec, subjects, EventKind, JobId, Sender, TaskId, UserId};
 use gpufleet_testkit::{with_deadline, NatsServer};
 
@@ -18,7 +18,9 @@ const T: Duration = Duration::from_secs(30);
 async fn setup(server: &NatsServer) -> jetstream::Context {
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client);
-    ensure_stores(&js, &Setup::default()).await.unwrap();
+    with_deadline(T, "the stores", create_stores(&js, &Setup::default()))
+        .await
+        .unwrap();
     js
 }
 

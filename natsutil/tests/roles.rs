@@ -12,7 +12,7 @@ use async_nats::jetstream::{self, consumer::push, consumer::DeliverPolicy};
 use bytes::Bytes;
 use futures::StreamExt;
 use gpufleet_natsutil::server_conf::{authorization_block, Credential, Member};
-use gpufleet_natsutil::{connect, ensure_stores, events, Auth, RawKv, Setup};
+use gpufleet_natsutil::{connect, create_stores, events, Auth, RawKv, Setup};
 use gpufleet_schema::roles::Role;
 use gpufleet_schema::{subjects, EventKind, JobId, Sender, TaskId, UserId, WorkerId};
 use gpufleet_testkit::NatsServer;
@@ -139,7 +139,7 @@ async fn each_role_does_its_part_and_nothing_else() {
         Role::Admin(root.clone()),
     ]);
     let coordinator = jetstream::new(fleet.connect(&Role::Coordinator).await);
-    ensure_stores(&coordinator, &Setup::default())
+    create_stores(&coordinator, &Setup::default())
         .await
         .unwrap();
     let leases_stream = subjects::kv_stream(subjects::LEASES_BUCKET);
@@ -270,11 +270,11 @@ async fn each_role_does_its_part_and_nothing_else() {
         .unwrap();
     assert_eq!(first.subject.as_str(), alice_state);
     let last = gpufleet_natsutil::events::last_on(
+        &alice_js,
         &alice_js
             .get_stream_no_info(subjects::EVENTS_STREAM)
             .await
             .unwrap(),
-        &alice_client,
         subjects::EVENTS_STREAM,
         &[subjects::user_events(&alice)],
     )
@@ -440,7 +440,7 @@ async fn a_direct_gets_reply_can_purge_a_stream() {
     let server = NatsServer::start();
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client.clone());
-    ensure_stores(&js, &Setup::default()).await.unwrap();
+    create_stores(&js, &Setup::default()).await.unwrap();
     let jobs = RawKv::open(&js, subjects::JOBS_BUCKET).await.unwrap();
     jobs.put("j1", Bytes::from_static(b"record"), None)
         .await
@@ -479,7 +479,7 @@ async fn a_deliver_subject_is_not_held_to_its_creators_permissions() {
     let (alice, bob) = (user("alice"), user("bob"));
     let fleet = Secured::start(vec![Role::Coordinator, Role::User(alice.clone())]);
     let coordinator = jetstream::new(fleet.connect(&Role::Coordinator).await);
-    ensure_stores(&coordinator, &Setup::default())
+    create_stores(&coordinator, &Setup::default())
         .await
         .unwrap();
     let own = event_subject(&alice, "ja", EventKind::State, Sender::Coordinator);

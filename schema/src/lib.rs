@@ -30,6 +30,7 @@ pub mod roles;
 pub mod spec;
 pub mod status;
 pub mod subjects;
+pub mod text;
 pub mod units;
 pub mod worker;
 

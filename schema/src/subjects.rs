@@ -22,6 +22,7 @@ pub mod endpoint {
     pub const JOBS_GET: &str = "jobs.get";
     pub const JOBS_LIST: &str = "jobs.list";
     pub const JOBS_CANCEL: &str = "jobs.cancel";
+    pub const JOBS_DELETE: &str = "jobs.delete";
     pub const WORKERS_LIST: &str = "workers.list";
 }
 
@@ -31,6 +32,7 @@ pub const JOBS_SUBMIT: &str = "gpufleet.api.jobs.submit";
 pub const JOBS_GET: &str = "gpufleet.api.jobs.get";
 pub const JOBS_LIST: &str = "gpufleet.api.jobs.list";
 pub const JOBS_CANCEL: &str = "gpufleet.api.jobs.cancel";
+pub const JOBS_DELETE: &str = "gpufleet.api.jobs.delete";
 pub const WORKERS_LIST: &str = "gpufleet.api.workers.list";
 
 /// An endpoint as `user` calls it: `gpufleet.api.<user>.<endpoint>`. A
@@ -77,6 +79,68 @@ pub const LEADER_KEY: &str = "meta.leader";
 /// The key in [`JOBS_BUCKET`] holding the events stream sequence up to
 /// which the coordinator has stored every result.
 pub const CHECKPOINT_KEY: &str = "meta.checkpoint";
+
+/// Where a job's record is in [`JOBS_BUCKET`]: unfinished jobs under
+/// `active.`, finished ones under `done.`, so that a coordinator starting up
+/// reads only the unfinished. A record is in parts: part 0 is
+/// `<prefix>.<job>`, part n is `<prefix>.<job>.<n>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobRecordSet {
+    Active,
+    Done,
+}
+
+impl JobRecordSet {
+    fn prefix(self) -> &'static str {
+        match self {
+            JobRecordSet::Active => "active",
+            JobRecordSet::Done => "done",
+        }
+    }
+
+    /// The KV key filter of every part of every record in the set.
+    pub fn all(self) -> String {
+        format!("{}.>", self.prefix())
+    }
+
+    /// The KV key filter of part 0 of every record in the set.
+    pub fn heads(self) -> String {
+        format!("{}.*", self.prefix())
+    }
+}
+
+/// The key of part `part` of `job`'s record in `set`.
+pub fn job_record_key(set: JobRecordSet, job: &JobId, part: usize) -> String {
+    if part == 0 {
+        format!("{}.{job}", set.prefix())
+    } else {
+        format!("{}.{job}.{part}", set.prefix())
+    }
+}
+
+/// Splits a key of [`JOBS_BUCKET`] into set, job and part; `None` for any
+/// other key.
+pub fn parse_job_record_key(key: &str) -> Option<(JobRecordSet, JobId, usize)> {
+    let mut parts = key.split('.');
+    let set = match parts.next()? {
+        "active" => JobRecordSet::Active,
+        "done" => JobRecordSet::Done,
+        _ => return None,
+    };
+    let job = JobId::new(parts.next()?).ok()?;
+    let part = match parts.next() {
+        None => 0,
+        Some(n) => n.parse().ok().filter(|n| *n > 0)?,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((set, job, part))
+}
+
+/// The key filter of job records as versions before the active/done split
+/// wrote them: the job id alone.
+pub const LEGACY_JOB_RECORDS: &str = "*";
 
 /// The stream behind a KV bucket.
 pub fn kv_stream(bucket: &str) -> String {
@@ -404,6 +468,11 @@ pub fn job_artifact_metas(owner: &UserId, job: &JobId) -> String {
     format!("gpufleet.artifacts.{owner}.{job}.*.*.*.*.meta")
 }
 
+/// Every artifact message of one job.
+pub fn job_artifacts(owner: &UserId, job: &JobId) -> String {
+    format!("gpufleet.artifacts.{owner}.{job}.>")
+}
+
 /// Every artifact message of every job of one user.
 pub fn user_artifacts(user: &UserId) -> String {
     format!("gpufleet.artifacts.{user}.>")
@@ -627,5 +696,30 @@ mod tests {
         assert!(JobId::new(LEADER_KEY).is_err());
         assert!(JobId::new(CHECKPOINT_KEY).is_err());
         assert!(WorkerId::new(COORDINATOR_SENDER).is_err());
+        assert_eq!(parse_job_record_key(CHECKPOINT_KEY), None);
+        assert_eq!(parse_job_record_key(LEADER_KEY), None);
+    }
+
+    #[test]
+    fn job_record_keys_round_trip() {
+        let job = JobId::new("j-1").unwrap();
+        for set in [JobRecordSet::Active, JobRecordSet::Done] {
+            for part in [0, 1, 17] {
+                let key = job_record_key(set, &job, part);
+                assert_eq!(parse_job_record_key(&key), Some((set, job.clone(), part)));
+            }
+        }
+        assert_eq!(job_record_key(JobRecordSet::Active, &job, 0), "active.j-1");
+        assert_eq!(job_record_key(JobRecordSet::Done, &job, 2), "done.j-1.2");
+        for bad in [
+            "active",
+            "active.j.0",
+            "active.j.x",
+            "other.j",
+            "done.j.1.2",
+            "j-1",
+        ] {
+            assert_eq!(parse_job_record_key(bad), None, "{bad}");
+        }
     }
 }

@@ -28,6 +28,12 @@ starvation_after = "5s"
 result_grace = "5s"
 leader_ttl = "3s"
 connect_patience = "10s"
+retry_backoff = "200ms"
+retry_backoff_max = "2s"
+# Many test servers share one disk, and each reserves these.
+events_max_bytes = "256MiB"
+jobs_max_bytes = "256MiB"
+artifacts_max_bytes = "512MiB"
 "#;
 
 pub struct Fleet {
@@ -99,9 +105,31 @@ impl WorkerSpec {
     }
 }
 
+/// [`COORDINATOR_TEST_CONFIG`] with some settings changed (`key`, TOML
+/// value).
+pub fn coordinator_config(overrides: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for line in COORDINATOR_TEST_CONFIG.lines() {
+        let key = line.split('=').next().unwrap_or("").trim();
+        if !overrides.iter().any(|(k, _)| *k == key) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    for (k, v) in overrides {
+        out.push_str(&format!("{k} = {v}\n"));
+    }
+    out
+}
+
 impl Fleet {
     /// A server and a coordinator; add workers with [`Fleet::add_worker`].
     pub async fn start() -> Fleet {
+        Self::start_with(&[]).await
+    }
+
+    /// [`Fleet::start`] with some coordinator settings changed.
+    pub async fn start_with(overrides: &[(&str, &str)]) -> Fleet {
         let server = NatsServer::start();
         let dir = tempfile::Builder::new()
             .prefix("gpufleet-fleet-")
@@ -111,8 +139,11 @@ impl Fleet {
         // reach their work directories here, and write the files tests
         // steer them by.
         open_to_tasks(dir.path());
-        std::fs::write(dir.path().join("coordinator.toml"), COORDINATOR_TEST_CONFIG)
-            .expect("write config");
+        std::fs::write(
+            dir.path().join("coordinator.toml"),
+            coordinator_config(overrides),
+        )
+        .expect("write config");
         let mut fleet = Fleet {
             server,
             coordinator: None,
@@ -500,13 +531,59 @@ pub async fn api(client: &Client, subject: &str, body: &Value) -> Result<Value, 
         .map_err(|e| format!("request {subject}: {e}"))?;
     if let Some(h) = &reply.headers {
         if let Some(code) = h.get("Nats-Service-Error-Code") {
-            let msg = h
-                .get("Nats-Service-Error")
-                .map(|v| v.to_string())
+            // The message is in the body; the header has a short phrase.
+            let msg = serde_json::from_slice::<Value>(&reply.payload)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .or_else(|| h.get("Nats-Service-Error").map(|v| v.to_string()))
                 .unwrap_or_default();
             return Err(format!("{code}: {msg}"));
         }
     }
     serde_json::from_slice(&reply.payload)
         .map_err(|e| format!("reply of {subject} is not JSON: {e}"))
+}
+
+/// A coordinator on `url` (one URL or several) with the settings `config`
+/// (TOML), written to a file in `dir`.
+pub fn spawn_coordinator(url: &str, dir: &std::path::Path, config: &str) -> Proc {
+    let path = dir.join("coordinator.toml");
+    std::fs::write(&path, config).expect("write the coordinator's settings");
+    let args = [
+        "--nats-url".to_string(),
+        url.to_string(),
+        "--config".into(),
+        path.display().to_string(),
+    ];
+    Proc::spawn("gpufleet-coordinator", &args, &[])
+}
+
+/// A worker `name` on `url` with the program's own defaults (not the test
+/// fleet's), working in a directory of its own under `dir`, with `extra`
+/// flags.
+pub fn spawn_plain_worker(url: &str, name: &str, dir: &std::path::Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "--nats-url".to_string(),
+        url.to_string(),
+        "--name".into(),
+        name.into(),
+        "--work-dir".into(),
+        dir.join(format!("work-{name}")).display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Proc::spawn("gpufleet-worker", &args, &[])
+}
+
+/// Waits until `workers.list` shows `n` workers.
+pub async fn wait_workers_listed(client: &Client, n: usize, what: &str) {
+    eventually(Duration::from_secs(120), what, || {
+        let client = client.clone();
+        async move {
+            let ws = api(&client, subjects::WORKERS_LIST, &serde_json::json!({}))
+                .await
+                .ok()?;
+            (ws.as_array()?.len() == n).then_some(())
+        }
+    })
+    .await;
 }

@@ -17,7 +17,10 @@ pub mod server;
 pub mod tls;
 pub mod wait;
 
-pub use fleet::{api, open_to_tasks, state_events, task_states, Fleet, WorkerSpec};
+pub use fleet::{
+    api, coordinator_config, open_to_tasks, spawn_coordinator, spawn_plain_worker, spawn_worker,
+    state_events, task_states, wait_workers_listed, Fleet, WorkerSpec,
+};
 pub use procs::{bin, Proc};
 pub use server::{nats_server_bin, NatsCluster, NatsServer};
 pub use wait::{eventually, with_deadline};

@@ -4,8 +4,11 @@
 //! leases. Every handler is idempotent: an input seen twice changes
 //! nothing the second time.
 
+use std::time::Duration;
+
 use gpufleet_schema::{
     subjects, Event, EventBody, JobId, Lease, LeaseKey, LeaseState, Sender, TaskOutcome, TaskState,
+    WorkerId,
 };
 
 use super::leases::LiveLease;
@@ -240,12 +243,20 @@ impl Engine {
                 at,
             );
         } else if state.is_retryable() && attempt <= max_retries {
-            // Tell listeners how this attempt ended, then queue the next.
+            // Tell listeners how this attempt ended, then queue the next,
+            // after a pause, preferring another worker.
+            let ran_on = t.worker.clone();
             t.end(state, exit_code, Some(why.clone()), at);
             self.emit_state(job, i);
+            let delay = self.retry_delay(attempt);
             let t = self.jobs.task_mut(job, i);
-            t.retry(format!("attempt {attempt} {state}: {why}"));
+            t.retry(format!(
+                "attempt {attempt} {state}: {why}; next try in {:.1}s",
+                delay.as_secs_f64()
+            ));
             self.queue.queued(&t.id, self.now.mono);
+            let until = self.now.mono + delay;
+            self.queue.retry_later(&t.id, until, ran_on.as_ref());
         } else {
             let reason = (state != TaskState::Succeeded).then_some(why);
             t.end(state, exit_code, reason, at);
@@ -331,10 +342,24 @@ impl Engine {
         let open: Vec<usize> = (0..j.tasks.len())
             .filter(|&i| !j.tasks[i].is_final())
             .collect();
+        let ran_on: Vec<Option<WorkerId>> = j.tasks.iter().map(|t| t.worker.clone()).collect();
+        let before = j.tasks.iter().map(|t| t.attempt).max().unwrap_or(1);
         let changed = match j.settle_gang(&why, self.now.wall) {
-            GangSettled::Requeued { .. } => {
-                for t in &j.tasks {
+            GangSettled::Requeued { attempt } => {
+                // A run that failed pauses the whole gang; one that never
+                // started (a member refused) goes again at once.
+                let delay = if attempt > before {
+                    self.retry_delay(before)
+                } else {
+                    Duration::ZERO
+                };
+                let until = self.now.mono + delay;
+                let j = &self.jobs[job];
+                for (t, w) in j.tasks.iter().zip(&ran_on) {
                     self.queue.queued(&t.id, self.now.mono);
+                    if !delay.is_zero() {
+                        self.queue.retry_later(&t.id, until, w.as_ref());
+                    }
                 }
                 (0..j.tasks.len()).collect()
             }
@@ -420,13 +445,82 @@ impl Engine {
         self.end_attempt(&job, i, ended);
     }
 
+    /// How long a task waits before attempt `failed + 1`: `retry_backoff`
+    /// doubled per earlier failure, capped at `retry_backoff_max`, of which
+    /// a random half to all ("equal jitter"), so that tasks that failed
+    /// together do not all come back at once.
+    pub(super) fn retry_delay(&mut self, failed: u32) -> Duration {
+        let doublings = failed.saturating_sub(1).min(30);
+        let full = self
+            .cfg
+            .retry_backoff
+            .0
+            .saturating_mul(1 << doublings)
+            .min(self.cfg.retry_backoff_max.0);
+        let half = full / 2;
+        half + half.mul_f64(self.rng.unit())
+    }
+
+    // ----- workers that go -----
+
+    /// A worker's advert is gone. One that expired on time, while
+    /// JetStream was calm and the worker was not draining, died: its
+    /// leases are lost at once rather than when they expire, and are
+    /// removed, so that the worker finds them gone should it come back.
+    /// Any other (a clean exit, or an expiry an outage may have caused)
+    /// only stops new work going there; the leases' own TTLs decide.
+    pub(super) fn worker_gone(&mut self, name: &WorkerId, expired: bool) {
+        let died = expired
+            && self.ready
+            && self.health.calm(self.now.mono)
+            && self.book.expired_on_time(name, self.now.mono)
+            && self.book.worker(name).is_some_and(|a| !a.draining);
+        if expired && !died {
+            tracing::info!(worker = %name, "a worker's advert expired; its leases expire on their own");
+        }
+        self.book.worker_gone(name);
+        self.queue.worker_gone(name);
+        self.wants_schedule = true;
+        if !died {
+            return;
+        }
+        let why = format!("worker {name} stopped heartbeating (its advert expired)");
+        tracing::warn!(worker = %name, "worker died: its tasks are lost and tried again");
+        for (key, live) in self.book.leases_of(name) {
+            self.purge_lease(&key);
+            let l = &live.lease;
+            let Some((job, i)) = self.jobs.current_task(l) else {
+                continue;
+            };
+            match self.jobs[&job].tasks[i].state {
+                TaskState::Reserved => {
+                    self.queue.avoid(&l.task_id, &l.worker, self.now.mono);
+                    self.requeue_same_attempt(&job, i, &why);
+                }
+                TaskState::Running => self.end_attempt(&job, i, Ended::lost(&why)),
+                _ => {}
+            }
+        }
+    }
+
     // ----- time -----
 
     pub(super) fn tick(&mut self) {
         self.queue.expire_avoid(self.now.mono);
+        self.queue.expire_pauses(self.now.mono);
+        let retention =
+            time::Duration::try_from(self.cfg.job_retention.0).unwrap_or(time::Duration::MAX);
+        self.jobs.expire_recent(self.now.wall - retention);
         // A released lease whose result never came: the worker lost it.
+        // Not while results cannot arrive (the clocks start again when
+        // they can).
         let grace = self.cfg.result_grace.0;
-        for task in self.book.take_overdue(self.now.mono, grace) {
+        let overdue = if self.health.results_down() {
+            Vec::new()
+        } else {
+            self.book.take_overdue(self.now.mono, grace)
+        };
+        for task in overdue {
             let Some((job, i)) = self.jobs.find_task(&task) else {
                 continue;
             };
