@@ -6,11 +6,13 @@ use anyhow::Context;
 use async_nats::jetstream;
 use async_nats::Client;
 use gpufleet_natsutil::events::{Replay, Until};
+use gpufleet_natsutil::{KvEvent, KvOp};
 use gpufleet_schema::api::{
     ErrorBody, GetRequest, JobRef, ListRequest, SubmitReply, WorkersRequest,
 };
 use gpufleet_schema::codec::{self, CONTENT_TYPE, MSGPACK};
 use gpufleet_schema::{subjects, Event, JobId, JobSpec, JobState, JobStatus, WorkerAdvert};
+use gpufleet_schema::{Lease, LeaseState};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -171,11 +173,73 @@ impl Api {
     /// start of the stream: until what was stored when this is called, or
     /// then new ones as they come.
     pub async fn events(&self, filters: Vec<String>, until: Until) -> anyhow::Result<EventStream> {
+        self.events_from(filters, 1, until).await
+    }
+
+    /// [`Api::events`] from stream sequence `from` on.
+    pub async fn events_from(
+        &self,
+        filters: Vec<String>,
+        from: u64,
+        until: Until,
+    ) -> anyhow::Result<EventStream> {
         let js = jetstream::new(self.client.clone());
-        let replay = Replay::start(&js, subjects::EVENTS_STREAM, filters, 1, until)
+        let replay = Replay::start(&js, subjects::EVENTS_STREAM, filters, from, until)
             .await
             .context("opening the events stream (has a coordinator ever run on this NATS?)")?;
         Ok(EventStream { replay })
+    }
+}
+
+/// Which tasks hold each GPU (by uuid), from the live leases.
+pub type Holders = std::collections::HashMap<String, Vec<String>>;
+
+impl Api {
+    /// Which tasks hold each GPU, from the live leases.
+    pub async fn gpu_holders(&self) -> anyhow::Result<Holders> {
+        let js = jetstream::new(self.client.clone());
+        let kv = gpufleet_natsutil::RawKv::open(&js, subjects::LEASES_BUCKET).await?;
+        let mut watch = kv.watch(">").await?;
+        let mut out = Holders::new();
+        while let Some(Ok(ev)) = watch.next().await {
+            match ev {
+                KvEvent::Synced => break,
+                KvEvent::Change(c) if c.op == KvOp::Put => {
+                    let Ok(l) = codec::decode::<Lease>(&c.value) else {
+                        continue;
+                    };
+                    if matches!(
+                        l.state,
+                        LeaseState::Reserved | LeaseState::Running | LeaseState::Cancelling
+                    ) {
+                        for g in &l.grant.gpus {
+                            out.entry(g.uuid.clone())
+                                .or_default()
+                                .push(l.task_id.to_string());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Api {
+    /// The stream sequence of the newest event stored on `filter`, if any.
+    pub async fn newest_event(&self, filter: &str) -> anyhow::Result<Option<u64>> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let js = jetstream::new(self.client.clone());
+        let stream = js
+            .get_stream(subjects::EVENTS_STREAM)
+            .await
+            .context("opening the events stream")?;
+        match stream.get_last_raw_message_by_subject(filter).await {
+            Ok(m) => Ok(Some(m.sequence)),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(anyhow::anyhow!("reading the events stream: {e}")),
+        }
     }
 }
 

@@ -7,9 +7,11 @@
 //! Modules: `client` speaks the API and reads the events stream,
 //! `jobfile` reads job files and builds one-off jobs, `watch` waits on a
 //! job (bars, logs, Ctrl-C), `show` draws tables, `up` runs a local fleet,
-//! `settings` loads the command line's own configuration.
+//! `dashboard` serves the web page, `settings` loads the command line's
+//! own configuration.
 
 mod client;
+mod dashboard;
 mod jobfile;
 mod settings;
 mod show;
@@ -24,7 +26,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use gpufleet_natsutil::telemetry::{self, LogFormat};
-use gpufleet_schema::{codec, subjects, JobId, JobSpec, JobState, JobStatus, Lease, LeaseState};
+use gpufleet_schema::{subjects, JobId, JobSpec, JobState, JobStatus};
 use gpufleet_schema::{TaskId, TaskState};
 use serde::Serialize;
 
@@ -198,6 +200,12 @@ enum Cmd {
     },
     /// Start a local fleet: nats-server, a coordinator and workers; Ctrl-C stops it all
     Up(up::UpArgs),
+    /// Serve a live web page of the fleet and your jobs (logs, cancel), as your NATS user
+    Dashboard {
+        /// Where to serve it. It acts with your NATS credentials: keep it on loopback
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -372,7 +380,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Workers => {
             let api = connect().await?;
             let list = api.workers().await?;
-            let holders = gpu_holders(&api).await.unwrap_or_else(|e| {
+            let holders = api.gpu_holders().await.unwrap_or_else(|e| {
                 tracing::debug!(error = %e, "could not read the leases");
                 Default::default()
             });
@@ -384,6 +392,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(exit::OK)
         }
         Cmd::Artifacts { command } => artifacts(&connect().await?, command, json).await,
+        Cmd::Dashboard { listen } => {
+            let api = connect().await?;
+            dashboard::run(api, &cfg.nats_url, listen, telemetry::shutdown_signal()).await?;
+            Ok(exit::OK)
+        }
     }
 }
 
@@ -471,36 +484,6 @@ fn summary(s: &JobStatus) -> String {
         }
     }
     line
-}
-
-/// Which tasks hold each GPU, from the live leases.
-async fn gpu_holders(api: &Api) -> anyhow::Result<show::Holders> {
-    let js = async_nats::jetstream::new(api.client.clone());
-    let kv = gpufleet_natsutil::RawKv::open(&js, subjects::LEASES_BUCKET).await?;
-    let mut watch = kv.watch(">").await?;
-    let mut out = show::Holders::new();
-    while let Some(Ok(ev)) = watch.next().await {
-        match ev {
-            gpufleet_natsutil::KvEvent::Synced => break,
-            gpufleet_natsutil::KvEvent::Change(c) if c.op == gpufleet_natsutil::KvOp::Put => {
-                let Ok(l) = codec::decode::<Lease>(&c.value) else {
-                    continue;
-                };
-                if matches!(
-                    l.state,
-                    LeaseState::Reserved | LeaseState::Running | LeaseState::Cancelling
-                ) {
-                    for g in &l.grant.gpus {
-                        out.entry(g.uuid.clone())
-                            .or_default()
-                            .push(l.task_id.to_string());
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(out)
 }
 
 /// A task of `status` by id or name.

@@ -1,7 +1,5 @@
 //! Tables for people; `--json` prints the API's own JSON instead.
 
-use std::collections::HashMap;
-
 use gpufleet_schema::{JobStatus, WorkerAdvert};
 use time::OffsetDateTime;
 
@@ -184,8 +182,7 @@ pub fn jobs(list: &[JobStatus]) -> String {
     )
 }
 
-/// Which tasks hold each GPU (by uuid), from the live leases.
-pub type Holders = HashMap<String, Vec<String>>;
+pub use crate::client::Holders;
 
 /// Workers, one line per GPU.
 pub fn workers(list: &[WorkerAdvert], holders: &Holders) -> String {

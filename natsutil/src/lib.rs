@@ -14,11 +14,13 @@
 //!   ordered-consumer wrapper in `ordered`).
 //! - [`retry`]: the delays between tries of anything that failed.
 //! - [`settings`]: defaults < file < environment < flags, for every binary.
+//! - [`metrics`]: a program's Prometheus registry served on `/metrics`.
 
 pub mod connect;
 pub mod events;
 pub mod histogram;
 pub mod kv;
+pub mod metrics;
 mod ordered;
 pub mod retry;
 pub mod settings;
