@@ -1,12 +1,19 @@
 //! The gpufleet coordinator: accepts jobs, places their tasks on workers
 //! through TTL reservations, and follows them to the end.
 //!
-//! - [`engine`]: the one owner of state; every input goes through it and
-//!   comes out as effects. No NATS inside, so it is tested directly.
+//! Who owns what:
+//! - [`engine`]: the one owner of state, pure (no NATS, no clock, no
+//!   randomness of its own: time and a seed come in). Every input goes
+//!   through it and comes out as effects. Inside, the state is split by
+//!   owner: the job table, the lease book (adverts, live leases, released
+//!   attempts; it builds the placement snapshot) and the queue policy
+//!   (order, starvation holds, the avoid window, the pass budget).
+//! - [`state`]: job and task records, their transitions (one method each,
+//!   deciding what it resets) and how a job's status follows from its tasks.
 //! - [`placement`]: the pure placement function (see its README).
-//! - [`state`]: job and task records and how a job's status follows.
-//! - [`runtime`]: restores state from JetStream, feeds the engine from
-//!   watchers and carries out its effects in batches.
+//! - [`runtime`]: restores state from JetStream, owns the feeder tasks that
+//!   feed the engine (a feeder that stops stops the coordinator), supplies
+//!   the clock, and carries out the engine's effects in batches.
 //! - [`api`]: the `gpufleet` micro service.
 //! - [`leader`]: one coordinator leads, others stand by.
 //! - [`metrics`]: counters and timings served in `$SRV.STATS`.

@@ -4,7 +4,7 @@
 //! running process.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gpufleet_natsutil::histogram::Histogram;
 use serde_json::json;
@@ -44,6 +44,9 @@ pub enum InputKind {
     Other,
 }
 
+/// When a scheduling pass started, for its timing.
+pub struct PassTimer(Instant);
+
 /// JetStream writes of one flush, by kind.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Writes {
@@ -81,12 +84,23 @@ impl Metrics {
         });
     }
 
-    /// Time spent placing one task (or one gang).
-    pub fn placement(&self, d: Duration) {
+    /// Runs one placement (of a task or a gang) and records how long it took.
+    pub fn time_placement<R>(&self, place: impl FnOnce() -> R) -> R {
+        let started = Instant::now();
+        let r = place();
+        let d = started.elapsed();
         self.with(|m| m.placement.record(d));
+        r
     }
 
-    pub fn pass(&self, d: Duration, placed: usize) {
+    /// Starts timing a scheduling pass; [`Metrics::pass`] records it. The
+    /// engine decides nothing from these readings: they are only counted.
+    pub fn pass_started(&self) -> PassTimer {
+        PassTimer(Instant::now())
+    }
+
+    pub fn pass(&self, timer: PassTimer, placed: usize) {
+        let d = timer.0.elapsed();
         self.with(|m| {
             m.schedule_passes += 1;
             m.placed += placed as u64;

@@ -1,5 +1,6 @@
 //! Connects the engine to NATS: restores state, runs the watchers that feed
-//! it, and carries out its effects in batches.
+//! it (owned: if one stops, the coordinator stops), gives it the time, and
+//! carries out its effects in batches.
 //!
 //! One loop owns the engine. It takes every input that is waiting (up to a
 //! bound), lets the engine decide, then writes everything the batch decided
@@ -19,15 +20,12 @@ use gpufleet_natsutil::{ensure_stores, KvEvent, KvOp, RawKv};
 use gpufleet_schema::api::code;
 use gpufleet_schema::{codec, subjects, Event, EventKind, JobId, Lease, WorkerAdvert, WorkerId};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::config::CoordinatorConfig;
-use crate::engine::{Effects, Engine, Feed, Input, LeaseChange, Reply};
+use crate::engine::{Effects, Engine, Feed, Input, LeaseChange, Now, Reply};
 use crate::metrics::Writes;
 use crate::state::JobRecord;
-
-/// Key of the events checkpoint in `gpufleet-jobs`; job ids hold no dots,
-/// so it never collides with a job.
-pub const CHECKPOINT_KEY: &str = subjects::CHECKPOINT_KEY;
 
 /// Inputs handled per batch at most, so that effects flow out steadily.
 const MAX_BATCH: usize = 4096;
@@ -46,6 +44,8 @@ pub enum CoordinatorError {
     Nats(String),
     #[error("another coordinator has taken over the fleet (this one was cut off or frozen past leader_ttl)")]
     Replaced,
+    #[error("the {feeder} stopped ({why}); the coordinator cannot go on without its input")]
+    FeederStopped { feeder: &'static str, why: String },
 }
 
 struct Io {
@@ -87,7 +87,7 @@ pub async fn run(
         _ = &mut shutdown => return Ok(()),
     };
 
-    let mut engine = Engine::new(cfg.clone());
+    let mut engine = Engine::new(cfg.clone(), now(), random_seed());
     let restored = restore(&io.jobs, &mut engine).await?;
     tracing::info!(
         jobs = restored,
@@ -96,29 +96,30 @@ pub async fn run(
     );
 
     let (tx, mut rx) = mpsc::channel::<Input>(16_384);
-    tokio::spawn(forward_kv(
-        workers_kv,
-        Feed::Workers,
-        tx.clone(),
-        advert_input,
-    ));
-    tokio::spawn(forward_kv(
-        io.leases.clone(),
-        Feed::Leases,
-        tx.clone(),
-        lease_input,
-    ));
-    tokio::spawn(follow_results(
-        js.clone(),
-        stores.events.clone(),
-        engine.applied_seq(),
-        tx.clone(),
-    ));
-    tokio::spawn(ticker(cfg.tick.0, tx.clone()));
+    let mut feeders = Feeders::default();
+    feeders.spawn(
+        "worker adverts watch",
+        forward_kv(workers_kv, Feed::Workers, tx.clone(), advert_input),
+    );
+    feeders.spawn(
+        "leases watch",
+        forward_kv(io.leases.clone(), Feed::Leases, tx.clone(), lease_input),
+    );
+    feeders.spawn(
+        "results follower",
+        follow_results(
+            js.clone(),
+            stores.events.clone(),
+            engine.applied_seq(),
+            tx.clone(),
+        ),
+    );
+    feeders.spawn("ticker", ticker(cfg.tick.0, tx.clone()));
 
     let mut service = None;
     let mut last_checkpoint = engine.applied_seq();
     let mut replaced = false;
+    let mut failed = None;
     loop {
         // A pass cut short by its budget goes on at once; otherwise wait
         // for something to happen.
@@ -132,27 +133,34 @@ pub async fn run(
                     replaced = true;
                     break;
                 }
+                stopped = feeders.stopped() => {
+                    tracing::error!(error = %stopped, "stopping the coordinator");
+                    failed = Some(stopped);
+                    break;
+                }
                 input = rx.recv() => match input {
                     Some(i) => Some(i),
                     None => break,
                 },
             }
         };
+        // One reading of the clock per batch: a batch takes microseconds.
+        let batch_now = now();
         if let Some(first) = first {
-            engine.handle(first);
+            engine.handle(first, batch_now);
         }
         let mut n = 1;
         while n < MAX_BATCH {
             match rx.try_recv() {
                 Ok(i) => {
-                    engine.handle(i);
+                    engine.handle(i, batch_now);
                     n += 1;
                 }
                 Err(_) => break,
             }
         }
         engine.metrics().batch(rx.len());
-        engine.schedule_if_needed();
+        engine.schedule_if_needed(batch_now);
         if engine.is_ready() && service.is_none() {
             service = Some(
                 crate::api::start(client.clone(), tx.clone(), engine.metrics())
@@ -164,8 +172,9 @@ pub async fn run(
         let fx = engine.take_effects();
         if !fx.is_empty() {
             let feedback = execute(fx, &engine, &io, &mut last_checkpoint).await;
+            let after = now();
             for input in feedback {
-                engine.handle(input);
+                engine.handle(input, after);
             }
         }
     }
@@ -182,11 +191,81 @@ pub async fn run(
     if !fx.is_empty() {
         execute(fx, &engine, &io, &mut last_checkpoint).await;
     }
+    // Handing the fleet over at once lets a standby take it over without
+    // waiting for leader_ttl, also when a feeder failed.
     leadership.release().await;
     // Without NATS there is nothing to flush to; do not wait for it.
     let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
+    if let Some(e) = failed {
+        return Err(e);
+    }
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// The tasks that feed the engine its inputs. None of them may end while
+/// the coordinator runs: one that stops (or panics) would silently starve
+/// the engine of results, leases or ticks while it keeps leading, so its
+/// end stops the coordinator with an error naming it. Dropping the set
+/// stops them all.
+#[derive(Default)]
+struct Feeders {
+    set: JoinSet<()>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Feeders {
+    fn spawn(&mut self, name: &'static str, feeder: impl Future<Output = ()> + Send + 'static) {
+        let id = self.set.spawn(feeder).id();
+        self.names.insert(id, name);
+    }
+
+    /// Waits until a feeder ends; returns why, naming it. Never resolves
+    /// while all of them run (or if there are none).
+    async fn stopped(&mut self) -> CoordinatorError {
+        let Some(ended) = self.set.join_next_with_id().await else {
+            return std::future::pending().await;
+        };
+        let (id, why) = match ended {
+            Ok((id, ())) => (id, "it returned".to_string()),
+            Err(e) if e.is_panic() => {
+                let id = e.id();
+                let payload = e.into_panic();
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".into());
+                (id, format!("it panicked: {msg}"))
+            }
+            Err(e) => (e.id(), "it was cancelled".to_string()),
+        };
+        CoordinatorError::FeederStopped {
+            feeder: self.names.get(&id).copied().unwrap_or("unnamed"),
+            why,
+        }
+    }
+}
+
+/// The engine's time: it reads no clock of its own.
+fn now() -> Now {
+    Now {
+        mono: std::time::Instant::now(),
+        wall: time::OffsetDateTime::now_utc(),
+    }
+}
+
+/// A seed for the engine's random choices, from the std hasher's
+/// per-process random keys.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
 }
 
 /// Loads every job record and the events checkpoint.
@@ -197,7 +276,7 @@ async fn restore(jobs: &RawKv, engine: &mut Engine) -> Result<usize, Coordinator
         match watch.next().await {
             Some(Ok(KvEvent::Synced)) | None => break,
             Some(Ok(KvEvent::Change(c))) if c.op == KvOp::Put => {
-                if c.key == CHECKPOINT_KEY {
+                if c.key == subjects::CHECKPOINT_KEY {
                     let seq = std::str::from_utf8(&c.value)
                         .ok()
                         .and_then(|s| s.parse().ok())
@@ -330,7 +409,7 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, last_checkpoint: &mut u6
         if let Some(seq) = checkpoint.filter(|s| *s > *last_checkpoint) {
             match io
                 .jobs
-                .put(CHECKPOINT_KEY, Bytes::from(seq.to_string()), None)
+                .put(subjects::CHECKPOINT_KEY, Bytes::from(seq.to_string()), None)
                 .await
             {
                 Ok(_) => {
@@ -531,5 +610,55 @@ async fn ticker(every: Duration, tx: mpsc::Sender<Input>) {
         if tx.send(Input::Tick).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn a_feeder_that_panics_stops_the_coordinator_naming_it() {
+        let mut feeders = Feeders::default();
+        feeders.spawn("ticker", std::future::pending());
+        feeders.spawn("results follower", async { panic!("decoder blew up") });
+        let stopped = tokio::time::timeout(DEADLINE, feeders.stopped())
+            .await
+            .expect("a feeder's panic went unnoticed");
+        let CoordinatorError::FeederStopped { feeder, why } = &stopped else {
+            panic!("{stopped}");
+        };
+        assert_eq!(*feeder, "results follower");
+        assert_eq!(why, "it panicked: decoder blew up");
+        assert!(stopped
+            .to_string()
+            .starts_with("the results follower stopped"));
+    }
+
+    #[tokio::test]
+    async fn a_feeder_that_returns_stops_the_coordinator_too() {
+        let mut feeders = Feeders::default();
+        feeders.spawn("leases watch", async {});
+        let stopped = tokio::time::timeout(DEADLINE, feeders.stopped())
+            .await
+            .expect("a feeder's end went unnoticed");
+        assert!(
+            matches!(&stopped, CoordinatorError::FeederStopped { feeder: "leases watch", why } if why == "it returned"),
+            "{stopped}"
+        );
+    }
+
+    #[tokio::test]
+    async fn running_feeders_are_not_reported() {
+        let mut feeders = Feeders::default();
+        feeders.spawn("ticker", std::future::pending());
+        tokio::task::yield_now().await;
+        let stopped = futures::FutureExt::now_or_never(feeders.stopped());
+        assert!(
+            stopped.is_none(),
+            "a running feeder was reported as stopped"
+        );
     }
 }

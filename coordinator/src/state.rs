@@ -69,10 +69,140 @@ pub struct TaskRecord {
     pub dropped: bool,
 }
 
+/// A task's transitions. Each is one method that decides every field it
+/// sets and resets, so that no two paths leave a task half-changed. The
+/// rule: a task's `worker`, `grant`, outcome and times describe its current
+/// attempt; whenever it queues again, nothing of the attempt before is left
+/// but its `reason` and `launched`.
 impl TaskRecord {
     pub fn is_final(&self) -> bool {
         self.state.is_end()
     }
+
+    /// Whether the current attempt holds (or is about to hold) a worker.
+    pub fn holds_worker(&self) -> bool {
+        matches!(self.state, TaskState::Reserved | TaskState::Running)
+    }
+
+    /// Why it waits, while queued; returns whether that changed.
+    pub fn wait_because(&mut self, reason: &str) -> bool {
+        if self.reason.as_deref() == Some(reason) {
+            return false;
+        }
+        self.reason = Some(reason.to_string());
+        true
+    }
+
+    /// Placement chose `worker`: the current attempt is reserved there.
+    pub fn reserve(&mut self, worker: WorkerId, grant: Grant) {
+        self.state = TaskState::Reserved;
+        self.worker = Some(worker);
+        self.grant = Some(grant);
+        self.reason = None;
+    }
+
+    /// Its worker claimed the reservation: the attempt runs from `at`.
+    pub fn start(&mut self, at: OffsetDateTime) {
+        self.state = TaskState::Running;
+        self.started_at = Some(at);
+        self.launched = true;
+        self.reason = None;
+    }
+
+    /// Keeps what the worker reported of the current attempt (its result,
+    /// and when its program started), before the attempt ends. `seq` is
+    /// where the result event is, for a result too large to keep inline.
+    pub fn record_report(
+        &mut self,
+        result: Option<serde_json::Value>,
+        seq: u64,
+        started_at: Option<OffsetDateTime>,
+    ) {
+        if self.started_at.is_none() {
+            self.started_at = started_at;
+        }
+        self.launched |= started_at.is_some();
+        let inline = |r: &serde_json::Value| {
+            serde_json::to_vec(r).map_or(0, |b| b.len()) <= INLINE_RESULT_BYTES
+        };
+        (self.result, self.result_seq) = match result {
+            Some(r) if inline(&r) => (Some(r), None),
+            Some(_) => (None, Some(seq)),
+            None => (None, None),
+        };
+    }
+
+    /// The current attempt ended in `state`. Final unless [`retry`] follows.
+    ///
+    /// [`retry`]: TaskRecord::retry
+    pub fn end(
+        &mut self,
+        state: TaskState,
+        exit_code: Option<i32>,
+        reason: Option<String>,
+        at: OffsetDateTime,
+    ) {
+        self.state = state;
+        self.exit_code = exit_code;
+        self.reason = reason;
+        self.finished_at = Some(at);
+    }
+
+    /// Ends the task without (another) run; what the attempt reported, if
+    /// anything, stays.
+    pub fn cancel(&mut self, reason: impl Into<String>, at: OffsetDateTime) {
+        let exit_code = self.exit_code;
+        self.end(TaskState::Cancelled, exit_code, Some(reason.into()), at);
+    }
+
+    /// A gang member left out of this run by `min_tasks`.
+    pub fn drop_from_run(&mut self, reason: impl Into<String>, at: OffsetDateTime) {
+        self.cancel(reason, at);
+        self.dropped = true;
+    }
+
+    /// The reservation was not taken up (refused, expired, not written, or
+    /// withdrawn with its gang): nothing ran, so the same attempt waits
+    /// again.
+    pub fn requeue_same_attempt(&mut self, why: impl Into<String>) {
+        self.queue_again(self.attempt, why.into());
+    }
+
+    /// The attempt ended and may be retried: the next one waits.
+    pub fn retry(&mut self, why: impl Into<String>) {
+        self.queue_again(self.attempt + 1, why.into());
+    }
+
+    /// Its gang runs again, as a whole, as `attempt`; a member dropped by
+    /// `min_tasks` last time takes part again.
+    pub fn requeue_with_gang(&mut self, attempt: u32, why: impl Into<String>) {
+        self.dropped = false;
+        self.queue_again(attempt, why.into());
+    }
+
+    fn queue_again(&mut self, attempt: u32, why: String) {
+        self.state = TaskState::Queued;
+        self.attempt = attempt;
+        self.worker = None;
+        self.grant = None;
+        self.exit_code = None;
+        self.result = None;
+        self.result_seq = None;
+        self.started_at = None;
+        self.finished_at = None;
+        self.reason = Some(why);
+    }
+}
+
+/// How a broken gang's run came out, once none of it held a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GangSettled {
+    /// The job was cancelled: every member still in play is cancelled.
+    Cancelled,
+    /// The whole gang waits again, as this attempt.
+    Requeued { attempt: u32 },
+    /// Its retries are spent: every member still in play is cancelled.
+    Failed,
 }
 
 impl JobRecord {
@@ -113,6 +243,46 @@ impl JobRecord {
         }
     }
 
+    /// Asks the job to stop; false if it has ended or was asked already.
+    pub fn request_cancel(&mut self) -> bool {
+        if self.status.is_finished() || self.cancel_requested {
+            return false;
+        }
+        self.cancel_requested = true;
+        true
+    }
+
+    /// Marks the gang's current run as failing; the first reason stays.
+    pub fn break_gang(&mut self, why: &str) {
+        if self.gang_broken.is_none() {
+            self.gang_broken = Some(why.to_string());
+        }
+    }
+
+    /// Ends a broken gang's run, once none of its members holds a worker:
+    /// it runs again as a whole (as attempt + 1 if any member ran, within
+    /// `max_retries`), or, if cancelled or out of retries, ends.
+    pub fn settle_gang(&mut self, why: &str, at: OffsetDateTime) -> GangSettled {
+        self.gang_broken = None;
+        let attempt = self.tasks.iter().map(|t| t.attempt).max().unwrap_or(1);
+        let ran = self.tasks.iter().any(|t| t.started_at.is_some());
+        let (settled, reason) = if self.cancel_requested {
+            (GangSettled::Cancelled, "cancelled".to_string())
+        } else if !ran || attempt <= self.spec.max_retries {
+            let next = if ran { attempt + 1 } else { attempt };
+            for t in &mut self.tasks {
+                t.requeue_with_gang(next, format!("gang run {attempt} failed: {why}"));
+            }
+            return GangSettled::Requeued { attempt: next };
+        } else {
+            (GangSettled::Failed, format!("its gang failed: {why}"))
+        };
+        for t in self.tasks.iter_mut().filter(|t| !t.is_final()) {
+            t.cancel(reason.clone(), at);
+        }
+        settled
+    }
+
     /// The index of a task of this job, from its id.
     pub fn task_index(&self, task: &TaskId) -> Option<usize> {
         let suffix = task
@@ -131,8 +301,10 @@ impl JobRecord {
         c
     }
 
-    /// Recomputes the job's status from its tasks; returns whether it
-    /// changed. `now` stamps `finished_at` when the job ends.
+    /// Recomputes the job's status and reason from its tasks; returns
+    /// whether the status changed. `now` stamps `finished_at` when the job
+    /// ends. A waiting job says why its first waiting task waits; a
+    /// finished one why it ended.
     pub fn derive_status(&mut self, now: OffsetDateTime) -> bool {
         let before = self.status;
         let all_final = self.tasks.iter().all(TaskRecord::is_final);
@@ -169,6 +341,12 @@ impl JobRecord {
                 self.finished_at = Some(now);
             }
             self.reason = self.end_reason();
+        } else {
+            self.reason = self
+                .tasks
+                .iter()
+                .find(|t| t.state == TaskState::Queued)
+                .and_then(|t| t.reason.clone());
         }
         self.status != before
     }
@@ -305,6 +483,59 @@ mod tests {
         j.tasks[0].state = TaskState::Cancelled;
         j.derive_status(now());
         assert_eq!(j.status, JobState::Aborted);
+    }
+
+    /// A task that was reserved, ran, reported and failed.
+    fn ran_and_failed() -> TaskRecord {
+        let mut j = JobRecord::new(JobId::new("j").unwrap(), 1, spec(1), now());
+        let mut t = j.tasks.remove(0);
+        t.reserve(WorkerId::new("w").unwrap(), Grant::default());
+        t.start(now());
+        t.record_report(Some(serde_json::json!({"loss": 1})), 7, Some(now()));
+        t.end(
+            TaskState::Failed,
+            Some(1),
+            Some("exited with code 1".into()),
+            now(),
+        );
+        t
+    }
+
+    #[test]
+    fn every_requeue_leaves_nothing_of_the_attempt_before() {
+        type Requeue = fn(&mut TaskRecord);
+        let requeues: [(&str, Requeue, u32); 3] = [
+            ("retry", |t| t.retry("again"), 2),
+            ("same attempt", |t| t.requeue_same_attempt("again"), 1),
+            ("gang", |t| t.requeue_with_gang(5, "again"), 5),
+        ];
+        for (name, requeue, attempt) in requeues {
+            let mut t = ran_and_failed();
+            t.dropped = true;
+            requeue(&mut t);
+            let fresh = TaskRecord {
+                state: TaskState::Queued,
+                attempt,
+                reason: Some("again".into()),
+                // Whether any attempt ever ran stays: it tells a job that
+                // failed to run from one that failed running.
+                launched: true,
+                // Only a gang's rerun brings back members left out.
+                dropped: name != "gang",
+                ..JobRecord::new(JobId::new("j").unwrap(), 1, spec(1), now()).tasks[0].clone()
+            };
+            assert_eq!(t, fresh, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_large_result_is_kept_by_its_sequence_and_a_start_is_not_moved() {
+        let mut t = ran_and_failed();
+        let started = t.started_at;
+        let big = serde_json::json!({"blob": "x".repeat(INLINE_RESULT_BYTES)});
+        t.record_report(Some(big), 42, Some(now() + time::Duration::seconds(5)));
+        assert_eq!((t.result.as_ref(), t.result_seq), (None, Some(42)));
+        assert_eq!(t.started_at, started);
     }
 
     #[test]

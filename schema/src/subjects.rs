@@ -183,4 +183,9 @@ mod tests {
             assert_eq!(parse_artifact_object(bad), None, "{bad}");
         }
     }
+
+    #[test]
+    fn the_checkpoint_key_is_never_a_job_id() {
+        assert!(JobId::new(CHECKPOINT_KEY).is_err());
+    }
 }

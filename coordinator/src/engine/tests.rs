@@ -1,8 +1,69 @@
-//! The engine without NATS: inputs in, effects out.
+//! The engine without NATS: inputs in, effects out. The clock is the
+//! test's own ([`Sim`]): hours of queue policy pass in microseconds.
+//!
+//! Shared helpers and the basic paths are here; each module below covers
+//! one concern of the policy.
 
 use super::*;
-use gpufleet_schema::{ByteSize, Dur, GpuAdvert, TaskOutcome};
+use gpufleet_schema::{ByteSize, Dur, GpuAdvert, LeaseState, TaskOutcome};
+use std::ops::{Deref, DerefMut};
+use time::OffsetDateTime;
 use tokio::sync::oneshot;
+
+mod budget;
+mod cancel;
+mod gangs;
+mod holds;
+mod refusals;
+
+/// An engine with its own clock, which moves only when a test says so.
+struct Sim {
+    engine: Engine,
+    now: Now,
+}
+
+impl Sim {
+    fn new(cfg: CoordinatorConfig) -> Sim {
+        let now = Now {
+            mono: std::time::Instant::now(),
+            wall: now(),
+        };
+        Sim {
+            engine: Engine::new(cfg, now, 1),
+            now,
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        self.engine.handle(input, self.now);
+    }
+
+    fn schedule_if_needed(&mut self) {
+        self.engine.schedule_if_needed(self.now);
+    }
+
+    fn advance(&mut self, d: std::time::Duration) {
+        self.now = self.now.after(d);
+    }
+}
+
+impl Deref for Sim {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+impl DerefMut for Sim {
+    fn deref_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+}
+
+/// The wall time every test starts at.
+fn now() -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap()
+}
 
 fn advert(name: &str, cpus: u64, gpus: u32) -> WorkerAdvert {
     WorkerAdvert {
@@ -39,8 +100,13 @@ fn advert(name: &str, cpus: u64, gpus: u32) -> WorkerAdvert {
     }
 }
 
-fn ready_engine(workers: &[WorkerAdvert]) -> Engine {
-    let mut e = Engine::new(CoordinatorConfig::default());
+fn ready_engine(workers: &[WorkerAdvert]) -> Sim {
+    ready_with(CoordinatorConfig::default(), workers)
+}
+
+/// An engine past start-up, with `workers` online.
+fn ready_with(cfg: CoordinatorConfig, workers: &[WorkerAdvert]) -> Sim {
+    let mut e = Sim::new(cfg);
     for w in workers {
         e.handle(Input::Advert(Box::new(w.clone())));
     }
@@ -54,20 +120,15 @@ fn spec(json: &str) -> JobSpec {
     Encoding::Json.decode(json.as_bytes()).unwrap()
 }
 
-fn submit(e: &mut Engine, json: &str) -> (JobId, oneshot::Receiver<Reply>) {
+fn submit(e: &mut Sim, json: &str) -> (JobId, oneshot::Receiver<Reply>) {
     let (tx, rx) = oneshot::channel();
     e.handle(Input::Api(ApiCall::Submit(Box::new(spec(json))), tx));
     e.schedule_if_needed();
-    let id = e
-        .jobs
-        .keys()
-        .max_by_key(|k| e.jobs[*k].seq)
-        .unwrap()
-        .clone();
+    let id = e.jobs.iter().max_by_key(|(_, j)| j.seq).unwrap().0.clone();
     (id, rx)
 }
 
-fn claim(e: &mut Engine, key: &str, lease: &Lease, rev: u64) {
+fn claim(e: &mut Sim, key: &str, lease: &Lease, rev: u64) {
     let mut l = lease.clone();
     l.state = LeaseState::Running;
     l.instance = Some("inst".into());
@@ -76,6 +137,42 @@ fn claim(e: &mut Engine, key: &str, lease: &Lease, rev: u64) {
         rev,
         lease: Box::new(l),
     }));
+}
+
+/// Runs a pass (if one is due) and returns the reservations it made.
+fn pass(e: &mut Sim) -> Vec<(String, Lease)> {
+    e.schedule_if_needed();
+    e.take_effects().create_leases
+}
+
+/// The worker answers a reservation with REJECTED.
+fn refuse(e: &mut Sim, key: &str, lease: &Lease, rev: u64, why: &str) {
+    let mut l = lease.clone();
+    l.state = LeaseState::Rejected;
+    l.reason = Some(why.into());
+    e.handle(Input::Lease(LeaseChange::Put {
+        key: key.into(),
+        rev,
+        lease: Box::new(l),
+    }));
+}
+
+/// A claimed attempt ends as a worker ends it: the result, then the
+/// release of its lease.
+fn finish(e: &mut Sim, key: &str, lease: &Lease, state: TaskState, seq: u64) {
+    e.handle(result(lease, state, seq));
+    e.handle(Input::Lease(LeaseChange::Released { key: key.into() }));
+}
+
+/// Moves the clock on by `secs` and lets a tick happen.
+fn tick_after(e: &mut Sim, secs: u64) {
+    e.advance(std::time::Duration::from_secs(secs));
+    e.handle(Input::Tick);
+}
+
+fn task_state(e: &Sim, job: &JobId, i: usize) -> (TaskState, u32) {
+    let t = &e.jobs[job].tasks[i];
+    (t.state, t.attempt)
 }
 
 fn result(lease: &Lease, state: TaskState, seq: u64) -> Input {
@@ -198,7 +295,7 @@ fn a_release_whose_claim_was_never_seen_waits_for_the_result() {
 
 #[test]
 fn a_release_with_no_result_is_lost_after_the_grace_and_retried() {
-    let mut e = Engine::new(CoordinatorConfig {
+    let mut e = Sim::new(CoordinatorConfig {
         result_grace: Dur(std::time::Duration::ZERO),
         ..Default::default()
     });
@@ -212,6 +309,7 @@ fn a_release_with_no_result_is_lost_after_the_grace_and_retried() {
     );
     let (key, _) = e.take_effects().create_leases[0].clone();
     e.handle(Input::Lease(LeaseChange::Released { key }));
+    e.advance(std::time::Duration::from_millis(1));
     e.handle(Input::Tick);
     let t = &e.jobs[&id].tasks[0];
     assert_eq!(t.attempt, 2, "{t:?}");
@@ -244,7 +342,7 @@ fn retries_stop_at_max_retries() {
 
 #[test]
 fn start_up_adopts_unrecorded_leases_and_requeues_lapsed_reservations() {
-    let mut e = Engine::new(CoordinatorConfig::default());
+    let mut e = Sim::new(CoordinatorConfig::default());
     let s = spec(r#"{"id": "j", "tasks": [{"command": ["a"]}, {"command": ["b"]}]}"#);
     let mut job = JobRecord::new(JobId::new("j").unwrap(), 1, s, now());
     // Task 0 was reserved on w1 before the crash, but its lease is gone.

@@ -1,0 +1,247 @@
+//! The lease book: what each worker offers (its advert), what the live
+//! leases hold of it, and the attempts whose lease was released before
+//! their result came. From these it builds the snapshot placement works on.
+//!
+//! A reservation counts as live from the moment the engine decides it,
+//! before its write is acknowledged ("in flight", revision 0), so that the
+//! next pass never places on capacity it already holds; the lease watch
+//! then confirms it with its real revision.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use gpufleet_schema::{Lease, LeaseState, TaskId, WorkerAdvert, WorkerId};
+
+use crate::placement::{GpuView, WorkerView};
+
+/// Rendezvous ports a worker uses when its advert names none.
+const DEFAULT_RENDEZVOUS_PORTS: (u16, u16) = (29500, 29999);
+
+/// A live key in `gpufleet-leases`, as we last saw or wrote it.
+#[derive(Debug, Clone)]
+pub struct LiveLease {
+    /// 0 while our own reservation is in flight.
+    pub rev: u64,
+    pub lease: Lease,
+}
+
+impl LiveLease {
+    /// The CANCELLING value to compare-and-set over this revision.
+    pub fn cancelling(&self, reason: String) -> (Lease, u64) {
+        let mut lease = self.lease.clone();
+        lease.state = LeaseState::Cancelling;
+        lease.reason = Some(reason);
+        (lease, self.rev)
+    }
+}
+
+#[derive(Default)]
+pub struct LeaseBook {
+    workers: BTreeMap<WorkerId, WorkerAdvert>,
+    live: HashMap<String, LiveLease>,
+    /// Tasks whose lease was released before their result came, and when.
+    released: HashMap<TaskId, Instant>,
+}
+
+impl LeaseBook {
+    // ----- workers -----
+
+    /// Takes a worker's advert; returns whether placement sees it change
+    /// (a new worker, or one whose capacity moved).
+    pub fn advert(&mut self, advert: WorkerAdvert) -> bool {
+        let changed = self
+            .workers
+            .get(&advert.name)
+            .is_none_or(|old| capacity_changed(old, &advert));
+        self.workers.insert(advert.name.clone(), advert);
+        changed
+    }
+
+    pub fn worker_gone(&mut self, name: &WorkerId) {
+        self.workers.remove(name);
+    }
+
+    pub fn worker(&self, name: &WorkerId) -> Option<&WorkerAdvert> {
+        self.workers.get(name)
+    }
+
+    /// Up to `limit` adverts in name order, after `after` if given.
+    pub fn workers_page(&self, after: Option<WorkerId>, limit: usize) -> Vec<WorkerAdvert> {
+        match after {
+            Some(a) => self
+                .workers
+                .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+                .take(limit)
+                .map(|(_, w)| w.clone())
+                .collect(),
+            None => self.workers.values().take(limit).cloned().collect(),
+        }
+    }
+
+    // ----- leases -----
+
+    pub fn get(&self, key: &str) -> Option<&LiveLease> {
+        self.live.get(key)
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.live.contains_key(key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &LiveLease)> {
+        self.live.iter()
+    }
+
+    /// Takes a lease as the watch saw it; returns false (and keeps what it
+    /// had) for an older revision redelivered.
+    pub fn put(&mut self, key: &str, rev: u64, lease: Lease) -> bool {
+        match self.live.get_mut(key) {
+            Some(known) if known.rev > rev => false,
+            Some(known) => {
+                *known = LiveLease { rev, lease };
+                true
+            }
+            None => {
+                self.live.insert(key.to_string(), LiveLease { rev, lease });
+                true
+            }
+        }
+    }
+
+    /// A reservation we are about to write: live at once (in flight).
+    pub fn reserve(&mut self, key: String, lease: Lease) {
+        self.live.insert(key, LiveLease { rev: 0, lease });
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<LiveLease> {
+        self.live.remove(key)
+    }
+
+    // ----- released, awaiting the result -----
+
+    pub fn released(&mut self, task: TaskId, at: Instant) {
+        self.released.insert(task, at);
+    }
+
+    /// The attempt ended (its result came, or it was given up on).
+    pub fn settled(&mut self, task: &TaskId) {
+        self.released.remove(task);
+    }
+
+    /// Forgets and returns the released tasks whose result is overdue.
+    pub fn take_overdue(&mut self, now: Instant, grace: Duration) -> Vec<TaskId> {
+        let overdue: Vec<TaskId> = self
+            .released
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) > grace)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in &overdue {
+            self.released.remove(t);
+        }
+        overdue
+    }
+
+    // ----- what placement sees -----
+
+    /// The snapshot placement works on: adverts, less what every live
+    /// lease holds.
+    pub fn snapshot(&self) -> Vec<WorkerView> {
+        let mut views: Vec<WorkerView> = self
+            .workers
+            .values()
+            .map(|a| WorkerView {
+                name: a.name.clone(),
+                labels: a.labels.clone(),
+                draining: a.draining,
+                cpus_total_milli: a.cpus_milli,
+                cpus_free_milli: a.cpus_milli,
+                memory_total: a.memory_total.0,
+                memory_free: a.memory_total.0,
+                gpus: a
+                    .gpus
+                    .iter()
+                    .map(|g| GpuView {
+                        index: g.index,
+                        uuid: g.uuid.clone(),
+                        memory_total: g.memory_total.0,
+                        memory_free: g.memory_total.0.saturating_sub(g.memory_unmanaged.0),
+                        exclusive: false,
+                        shares: 0,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let index: HashMap<WorkerId, usize> = views
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.name.clone(), i))
+            .collect();
+        for live in self.live.values() {
+            let l = &live.lease;
+            if matches!(l.state, LeaseState::Rejected | LeaseState::Abandoned) {
+                continue;
+            }
+            let Some(&w) = index.get(&l.worker) else {
+                continue;
+            };
+            let v = &mut views[w];
+            v.cpus_free_milli = v.cpus_free_milli.saturating_sub(l.grant.cpus_milli);
+            v.memory_free = v.memory_free.saturating_sub(l.grant.memory.0);
+            for g in &l.grant.gpus {
+                if let Some(gv) = v.gpus.iter_mut().find(|gv| gv.uuid == g.uuid) {
+                    if l.grant.exclusive {
+                        gv.exclusive = true;
+                        gv.memory_free = 0;
+                    } else {
+                        gv.shares += 1;
+                        gv.memory_free = gv.memory_free.saturating_sub(g.memory.0);
+                    }
+                }
+            }
+        }
+        views
+    }
+
+    /// A port from the master worker's rendezvous range that no live gang
+    /// with its rank 0 there uses, searching from `start` (any number: it
+    /// is taken modulo the range).
+    pub fn free_rendezvous_port(&self, master: &WorkerId, start: u64) -> u16 {
+        let (lo, hi) = self
+            .workers
+            .get(master)
+            .and_then(|a| a.rendezvous_ports)
+            .unwrap_or(DEFAULT_RENDEZVOUS_PORTS);
+        let used: HashSet<u16> = self
+            .live
+            .values()
+            .filter(|l| &l.lease.worker == master)
+            .filter_map(|l| l.lease.rendezvous.as_ref())
+            .filter(|r| r.rank == 0)
+            .map(|r| r.master_port)
+            .collect();
+        let span = u32::from(hi - lo) + 1;
+        let start = (start % u64::from(span)) as u32;
+        (0..span)
+            .map(|k| lo + ((start + k) % span) as u16)
+            .find(|p| !used.contains(p))
+            .unwrap_or(lo)
+    }
+}
+
+/// Whether a new advert changes what placement sees of a worker. Small
+/// swings in other processes' GPU memory (under 256 MiB) are ignored.
+fn capacity_changed(old: &WorkerAdvert, new: &WorkerAdvert) -> bool {
+    const NOISE: u64 = 256 << 20;
+    old.instance != new.instance
+        || old.draining != new.draining
+        || old.cpus_milli != new.cpus_milli
+        || old.memory_total != new.memory_total
+        || old.labels != new.labels
+        || old.gpus.len() != new.gpus.len()
+        || old.gpus.iter().zip(&new.gpus).any(|(a, b)| {
+            a.uuid != b.uuid
+                || a.memory_total != b.memory_total
+                || a.memory_unmanaged.0.abs_diff(b.memory_unmanaged.0) > NOISE
+        })
+}

@@ -1,0 +1,532 @@
+//! How attempts move. Lease changes, results and ticks become task
+//! transitions (methods of the records in `state.rs`) and effects; a gang
+//! breaks and settles here; start-up reconciles the records with the
+//! leases. Every handler is idempotent: an input seen twice changes
+//! nothing the second time.
+
+use gpufleet_schema::{
+    subjects, Event, EventBody, JobId, Lease, LeaseState, TaskOutcome, TaskState,
+};
+
+use super::leases::LiveLease;
+use super::{Engine, LeaseChange};
+use crate::state::GangSettled;
+
+/// How an attempt ended, as the engine learned it.
+struct Ended {
+    state: TaskState,
+    exit_code: Option<i32>,
+    why: String,
+}
+
+impl Ended {
+    /// The attempt vanished without a result.
+    fn lost(why: &str) -> Ended {
+        Ended {
+            state: TaskState::Lost,
+            exit_code: None,
+            why: why.to_string(),
+        }
+    }
+}
+
+impl Engine {
+    // ----- leases -----
+
+    pub(super) fn lease_change(&mut self, change: LeaseChange) {
+        match change {
+            LeaseChange::Put { key, rev, lease } => {
+                if !self.book.put(&key, rev, (*lease).clone()) {
+                    // An older entry redelivered; the newer one stays.
+                    return;
+                }
+                if !self.ready {
+                    return;
+                }
+                match lease.state {
+                    LeaseState::Reserved | LeaseState::Cancelling => {}
+                    LeaseState::Running => self.claimed(&lease),
+                    LeaseState::Rejected => self.rejected(&key, &lease),
+                    LeaseState::Abandoned => {
+                        self.purge_lease(&key);
+                        self.attempt_lost(&lease, "its worker restarted and gave it up");
+                    }
+                }
+            }
+            LeaseChange::Released { key } => {
+                let Some((l, job, i)) = self.lease_gone(&key) else {
+                    return;
+                };
+                // A worker releases only what it claimed, after publishing
+                // the result, which will arrive on the events stream. Still
+                // `Reserved` here means the claim was never seen: the
+                // release's rollup removed it before the watch got to it
+                // (a watch running behind). Placing the attempt again would
+                // run the task twice under one attempt number.
+                if self.jobs[&job].tasks[i].holds_worker() {
+                    self.book.released(l.task_id, self.now.mono);
+                }
+            }
+            LeaseChange::Expired { key } => {
+                let Some((l, job, i)) = self.lease_gone(&key) else {
+                    return;
+                };
+                match self.jobs[&job].tasks[i].state {
+                    TaskState::Reserved => {
+                        let why = format!("worker {} did not claim its reservation", l.worker);
+                        self.queue.avoid(&l.task_id, &l.worker, self.now.mono);
+                        self.requeue_same_attempt(&job, i, &why);
+                    }
+                    TaskState::Running => self.attempt_lost(
+                        &l,
+                        &format!("worker {} stopped renewing its lease", l.worker),
+                    ),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Forgets a lease key that is gone; returns it with its task when the
+    /// task still waits on this attempt (and start-up is over).
+    fn lease_gone(&mut self, key: &str) -> Option<(Lease, JobId, usize)> {
+        let live = self.book.remove(key)?;
+        self.wants_schedule = true;
+        if !self.ready {
+            return None;
+        }
+        let (job, i) = self.jobs.current_task(&live.lease)?;
+        Some((live.lease, job, i))
+    }
+
+    /// Purges a lease nothing should hold any more.
+    fn purge_lease(&mut self, key: &str) {
+        self.fx.purge_leases.push(key.to_string());
+        self.book.remove(key);
+    }
+
+    fn claimed(&mut self, l: &Lease) {
+        let Some((job, i)) = self.jobs.current_task(l) else {
+            return;
+        };
+        let j = self.jobs.job_mut(&job);
+        if j.tasks[i].state == TaskState::Reserved {
+            j.tasks[i].start(self.now.wall);
+            self.queue.started(&l.task_id);
+            // Not written to the record: the lease itself says the task
+            // runs, and a restarted coordinator adopts running leases. One
+            // write less per task; the next change writes it anyway.
+            j.derive_status(self.now.wall);
+        }
+    }
+
+    fn rejected(&mut self, key: &str, l: &Lease) {
+        self.purge_lease(key);
+        let Some((job, i)) = self.jobs.current_task(l) else {
+            return;
+        };
+        if self.jobs[&job].tasks[i].state == TaskState::Reserved {
+            self.queue.avoid(&l.task_id, &l.worker, self.now.mono);
+            let why = format!(
+                "worker {} refused it: {}",
+                l.worker,
+                l.reason.as_deref().unwrap_or("no reason given")
+            );
+            self.requeue_same_attempt(&job, i, &why);
+        }
+    }
+
+    pub(super) fn lease_create_failed(&mut self, key: &str, error: &str) {
+        let Some(live) = self.book.remove(key) else {
+            return;
+        };
+        if let Some((job, i)) = self.jobs.current_task(&live.lease) {
+            if self.jobs[&job].tasks[i].state == TaskState::Reserved {
+                self.requeue_same_attempt(&job, i, &format!("reservation failed: {error}"));
+            }
+        }
+    }
+
+    /// Stops the attempt behind `key`: an unclaimed reservation is purged
+    /// and the task ends at once; a running one is asked to stop, and ends
+    /// when its worker reports (or its lease expires).
+    pub(super) fn stop_lease(&mut self, job: &JobId, index: usize, key: &str) {
+        match self.book.get(key) {
+            Some(live) if live.lease.state == LeaseState::Running => {
+                self.fx.cancel_lease(key, live, "job cancelled".into());
+            }
+            Some(live) if live.lease.state == LeaseState::Cancelling => {}
+            _ => {
+                // Not claimed (or already gone): nothing runs; end it here.
+                self.purge_lease(key);
+                self.jobs
+                    .task_mut(job, index)
+                    .cancel("cancelled before it started", self.now.wall);
+                self.emit_state(job, index);
+            }
+        }
+    }
+
+    // ----- attempts that end -----
+
+    /// A reservation was not taken up: the same attempt waits again (or,
+    /// in a cancelled job, the task ends), and a gang breaks.
+    fn requeue_same_attempt(&mut self, job: &JobId, i: usize, why: &str) {
+        let j = self.jobs.job_mut(job);
+        let cancelled = j.cancel_requested;
+        let t = &mut j.tasks[i];
+        if cancelled {
+            t.cancel("cancelled before it started", self.now.wall);
+        } else {
+            t.requeue_same_attempt(why);
+            self.queue.queued_again(&t.id, self.now.mono);
+        }
+        self.emit_state(job, i);
+        if self.jobs[job].spec.gang {
+            // One member could not start: the rest of the gang must not
+            // run without it (FLARE's check, then cancel).
+            self.break_gang(job, why);
+        }
+        self.touch(job);
+        self.wants_schedule = true;
+    }
+
+    /// A running attempt vanished: LOST, retried if the job allows.
+    fn attempt_lost(&mut self, l: &Lease, why: &str) {
+        let Some((job, i)) = self.jobs.current_task(l) else {
+            return;
+        };
+        self.end_attempt(&job, i, Ended::lost(why));
+    }
+
+    /// Ends the current attempt of a task; a retryable end with retries
+    /// left queues the next attempt instead.
+    fn end_attempt(&mut self, job: &JobId, i: usize, ended: Ended) {
+        self.book.settled(&self.jobs[job].tasks[i].id);
+        if self.jobs[job].spec.gang {
+            return self.end_gang_member(job, i, ended);
+        }
+        let Ended {
+            state,
+            exit_code,
+            why,
+        } = ended;
+        let at = self.now.wall;
+        let j = self.jobs.job_mut(job);
+        let max_retries = j.spec.max_retries;
+        let cancelled = j.cancel_requested;
+        let t = &mut j.tasks[i];
+        let attempt = t.attempt;
+        if cancelled && state != TaskState::Succeeded {
+            t.end(
+                TaskState::Cancelled,
+                exit_code,
+                Some("cancelled".into()),
+                at,
+            );
+        } else if state.is_retryable() && attempt <= max_retries {
+            // Tell listeners how this attempt ended, then queue the next.
+            t.end(state, exit_code, Some(why.clone()), at);
+            self.emit_state(job, i);
+            let t = self.jobs.task_mut(job, i);
+            t.retry(format!("attempt {attempt} {state}: {why}"));
+            self.queue.queued(&t.id, self.now.mono);
+        } else {
+            let reason = (state != TaskState::Succeeded).then_some(why);
+            t.end(state, exit_code, reason, at);
+        }
+        self.emit_state(job, i);
+        self.touch(job);
+        self.wants_schedule = true;
+    }
+
+    /// A gang member's attempt ended: a success waits for the others; any
+    /// other end breaks the gang (every member stops, then it runs again
+    /// as a unit).
+    fn end_gang_member(&mut self, job: &JobId, i: usize, ended: Ended) {
+        let Ended {
+            state,
+            exit_code,
+            why,
+        } = ended;
+        let j = self.jobs.job_mut(job);
+        let broken = j.gang_broken.is_some();
+        let t = &mut j.tasks[i];
+        let reason = (state != TaskState::Succeeded).then(|| why.clone());
+        t.end(state, exit_code, reason, self.now.wall);
+        let name = t.name.clone();
+        self.emit_state(job, i);
+        if state != TaskState::Succeeded && !broken {
+            self.break_gang(job, &format!("{name} ended {state}: {why}"));
+        } else {
+            self.settle_gang(job);
+        }
+        self.touch(job);
+        self.wants_schedule = true;
+    }
+
+    // ----- gangs -----
+
+    /// Marks a gang's current run as failed and tears it down.
+    fn break_gang(&mut self, job: &JobId, why: &str) {
+        self.jobs.job_mut(job).break_gang(why);
+        self.settle_gang(job);
+    }
+
+    /// Moves a broken gang along: stops every member that still holds a
+    /// worker; once none does, the record decides how the run ends
+    /// ([`crate::state::JobRecord::settle_gang`]).
+    fn settle_gang(&mut self, job: &JobId) {
+        let Some(why) = self.jobs[job].gang_broken.clone() else {
+            return;
+        };
+        let active: Vec<(usize, TaskState, String)> = self.jobs[job]
+            .tasks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.holds_worker())
+            .filter_map(|(i, t)| {
+                let w = t.worker.as_ref()?;
+                Some((i, t.state, subjects::lease_key(w, &t.id, t.attempt)))
+            })
+            .collect();
+        let mut still_running = false;
+        for (i, state, key) in active {
+            match (state, self.book.get(&key)) {
+                (TaskState::Running, Some(live)) if live.lease.state == LeaseState::Running => {
+                    let reason = format!("another member of its gang failed: {why}");
+                    self.fx.cancel_lease(&key, live, reason);
+                    still_running = true;
+                }
+                (TaskState::Running, _) => still_running = true,
+                _ => {
+                    // Reserved, not yet claimed: withdraw it.
+                    self.purge_lease(&key);
+                    self.jobs
+                        .task_mut(job, i)
+                        .requeue_same_attempt(format!("its gang could not start: {why}"));
+                    self.emit_state(job, i);
+                }
+            }
+        }
+        if still_running {
+            return;
+        }
+        let j = self.jobs.job_mut(job);
+        let open: Vec<usize> = (0..j.tasks.len())
+            .filter(|&i| !j.tasks[i].is_final())
+            .collect();
+        let changed = match j.settle_gang(&why, self.now.wall) {
+            GangSettled::Requeued { .. } => {
+                for t in &j.tasks {
+                    self.queue.queued(&t.id, self.now.mono);
+                }
+                (0..j.tasks.len()).collect()
+            }
+            GangSettled::Cancelled | GangSettled::Failed => open,
+        };
+        for i in changed {
+            self.emit_state(job, i);
+        }
+        self.touch(job);
+        self.wants_schedule = true;
+    }
+
+    // ----- results -----
+
+    pub(super) fn result(&mut self, event: Event, seq: u64) {
+        let EventBody::Result(outcome) = event.body else {
+            return;
+        };
+        let Some(job) = self.jobs.get(&event.job_id) else {
+            return;
+        };
+        let Some(i) = job.task_index(&event.task_id) else {
+            return;
+        };
+        let t = &job.tasks[i];
+        // Fencing: only the current attempt, from the worker that holds it,
+        // may end a task; anything else is a superseded attempt's report.
+        if t.attempt != event.attempt || t.is_final() || t.worker != event.worker {
+            tracing::info!(
+                task_id = %event.task_id,
+                attempt = event.attempt,
+                current = t.attempt,
+                "refused a result from a superseded attempt"
+            );
+            return;
+        }
+        let TaskOutcome {
+            state,
+            exit_code,
+            result,
+            error,
+            started_at,
+            ..
+        } = outcome;
+        let job = event.job_id;
+        self.jobs
+            .task_mut(&job, i)
+            .record_report(result, seq, started_at);
+        let why = error.unwrap_or_else(|| match (state, exit_code) {
+            (TaskState::Failed, Some(c)) => format!("exited with code {c}"),
+            (s, _) => s.to_string(),
+        });
+        let ended = Ended {
+            state,
+            exit_code,
+            why,
+        };
+        self.end_attempt(&job, i, ended);
+    }
+
+    // ----- time -----
+
+    pub(super) fn tick(&mut self) {
+        self.queue.expire_avoid(self.now.mono);
+        // A released lease whose result never came: the worker lost it.
+        let grace = self.cfg.result_grace.0;
+        for task in self.book.take_overdue(self.now.mono, grace) {
+            let Some((job, i)) = self.jobs.find_task(&task) else {
+                continue;
+            };
+            if self.jobs[&job].tasks[i].holds_worker() {
+                let why = "its lease was released but no result arrived";
+                self.end_attempt(&job, i, Ended::lost(why));
+            }
+        }
+        if self.ready {
+            self.wants_schedule = true;
+            self.fx.checkpoint = Some(self.applied_seq);
+            self.repeat_cancels();
+        }
+    }
+
+    /// A cancel written to a lease can lose its compare-and-set to the
+    /// worker's renewal; ask again until the lease shows it. A broken gang
+    /// is moved along the same way.
+    fn repeat_cancels(&mut self) {
+        let broken: Vec<JobId> = self
+            .queue
+            .jobs()
+            .filter(|id| self.jobs[*id].gang_broken.is_some())
+            .cloned()
+            .collect();
+        for job in broken {
+            self.settle_gang(&job);
+        }
+        let cancelled: Vec<JobId> = self
+            .queue
+            .jobs()
+            .filter(|id| self.jobs[*id].cancel_requested)
+            .cloned()
+            .collect();
+        for job in cancelled {
+            let keys: Vec<(usize, String)> = self.jobs[&job]
+                .tasks
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.state == TaskState::Running)
+                .filter_map(|(i, t)| {
+                    let w = t.worker.as_ref()?;
+                    Some((i, subjects::lease_key(w, &t.id, t.attempt)))
+                })
+                .collect();
+            for (i, key) in keys {
+                if self
+                    .book
+                    .get(&key)
+                    .is_some_and(|l| l.lease.state == LeaseState::Running)
+                {
+                    self.stop_lease(&job, i, &key);
+                }
+            }
+        }
+    }
+
+    // ----- start-up -----
+
+    /// Compares the records with the live leases once both are loaded:
+    /// adopts leases whose decision was not yet recorded, ends attempts
+    /// whose lease vanished while nobody watched, and stops leases that
+    /// belong to nothing.
+    pub(super) fn reconcile_at_start(&mut self) {
+        let leases: Vec<(String, LiveLease)> = self
+            .book
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (key, live) in leases {
+            let l = &live.lease;
+            let Some((job, i)) = self.jobs.attempt_of(l) else {
+                self.orphan_lease(&key, &live);
+                continue;
+            };
+            let t = self.jobs.task_mut(&job, i);
+            if t.worker.as_ref() != Some(&l.worker) || t.state == TaskState::Queued {
+                t.reserve(l.worker.clone(), l.grant.clone());
+            }
+            match l.state {
+                LeaseState::Running | LeaseState::Cancelling => {
+                    if t.state != TaskState::Running {
+                        t.start(self.now.wall);
+                    }
+                }
+                LeaseState::Rejected => self.rejected(&key, l),
+                LeaseState::Abandoned => {
+                    self.purge_lease(&key);
+                    self.attempt_lost(l, "its worker restarted and gave it up");
+                }
+                LeaseState::Reserved => {}
+            }
+            self.touch(&job);
+        }
+        // Attempts in flight without a lease: it ended while we were away,
+        // and its result (if any) was already replayed from the stream.
+        let mut lost = Vec::new();
+        for (id, j) in self.jobs.iter() {
+            if j.status.is_finished() {
+                continue;
+            }
+            for (i, t) in j.tasks.iter().enumerate() {
+                let Some(w) = &t.worker else { continue };
+                if t.holds_worker()
+                    && !self
+                        .book
+                        .contains(&subjects::lease_key(w, &t.id, t.attempt))
+                {
+                    lost.push((id.clone(), i, t.state));
+                }
+            }
+        }
+        for (job, i, state) in lost {
+            if state == TaskState::Reserved {
+                self.requeue_same_attempt(
+                    &job,
+                    i,
+                    "its reservation lapsed while no coordinator ran",
+                );
+            } else {
+                let why = "its lease ended while no coordinator ran, without a result";
+                self.end_attempt(&job, i, Ended::lost(why));
+            }
+        }
+        for (_, j) in self.jobs.iter() {
+            for t in j.tasks.iter().filter(|t| t.state == TaskState::Queued) {
+                self.queue.queued_again(&t.id, self.now.mono);
+            }
+        }
+    }
+
+    fn orphan_lease(&mut self, key: &str, live: &LiveLease) {
+        match live.lease.state {
+            // Something runs that no record wants: ask its worker to stop.
+            LeaseState::Running => {
+                let reason = "no job wants this attempt any more".to_string();
+                self.fx.cancel_lease(key, live, reason);
+            }
+            LeaseState::Cancelling => {}
+            _ => self.purge_lease(key),
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! The queue policy: which waiting work goes first, and what keeps that
+//! fair.
+//!
+//! - **Order**: priority (high first), then submission order.
+//! - **Backfill with a starvation hold**: work that does not fit does not
+//!   block what is behind it, except that once the first waiting task or
+//!   gang that could fit somewhere has waited `starvation_after`, the
+//!   workers it needs are held: no other work is placed on them until it
+//!   fits there (or a held worker goes away).
+//! - **Avoid window**: a worker that refused a task, or did not claim it,
+//!   is not offered that task again for [`AVOID_FOR`], unless a fresh
+//!   advert from it comes first.
+//! - **Pass budget**: one pass makes at most `max_reservations_per_pass`
+//!   reservations, so that one flush stays a size the server acknowledges
+//!   well within its timeout; the next pass follows at once.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use gpufleet_schema::{GpuRequest, JobId, TaskId, WorkerId};
+
+use crate::config::CoordinatorConfig;
+use crate::placement::{self, TaskRequest, WorkerView};
+use crate::state::JobRecord;
+
+/// How long a task keeps away from a worker that refused it.
+pub const AVOID_FOR: Duration = Duration::from_secs(30);
+
+/// Queue order: priority (high first), then submission.
+type QueueKey = (Reverse<i32>, u64, JobId);
+
+fn queue_key(j: &JobRecord) -> QueueKey {
+    (Reverse(j.spec.priority), j.seq, j.id.clone())
+}
+
+/// Workers held back for the task or gang at the head of the queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hold {
+    pub job: JobId,
+    /// The task, for a plain job; `None` for a gang.
+    pub task: Option<usize>,
+    pub workers: Vec<WorkerId>,
+}
+
+pub struct QueuePolicy {
+    /// Unfinished jobs, in queue order.
+    order: BTreeSet<QueueKey>,
+    /// When each waiting task joined the queue (for the starvation hold).
+    queued_since: HashMap<TaskId, Instant>,
+    /// Workers a task keeps away from, each until when.
+    avoid: HashMap<TaskId, Vec<(WorkerId, Instant)>>,
+    hold: Option<Hold>,
+    starvation_after: Duration,
+    max_per_pass: usize,
+}
+
+impl QueuePolicy {
+    pub fn new(cfg: &CoordinatorConfig) -> QueuePolicy {
+        QueuePolicy {
+            order: BTreeSet::new(),
+            queued_since: HashMap::new(),
+            avoid: HashMap::new(),
+            hold: None,
+            starvation_after: cfg.starvation_after.0,
+            max_per_pass: cfg.max_reservations_per_pass.max(1),
+        }
+    }
+
+    // ----- order -----
+
+    pub fn enqueue(&mut self, job: &JobRecord) {
+        self.order.insert(queue_key(job));
+    }
+
+    /// A job ended: off the queue, and its tasks' clocks and windows go.
+    pub fn dequeue(&mut self, job: &JobRecord) {
+        self.order.remove(&queue_key(job));
+        for t in &job.tasks {
+            self.queued_since.remove(&t.id);
+            self.avoid.remove(&t.id);
+        }
+    }
+
+    /// Unfinished jobs, first in line first.
+    pub fn jobs(&self) -> impl Iterator<Item = &JobId> {
+        self.order.iter().map(|(_, _, id)| id)
+    }
+
+    // ----- the starvation clock -----
+
+    /// The task (re)joins the queue now: its wait starts.
+    pub fn queued(&mut self, task: &TaskId, at: Instant) {
+        self.queued_since.insert(task.clone(), at);
+    }
+
+    /// The task waits again for the same attempt: it has waited all along,
+    /// so an earlier start stays.
+    pub fn queued_again(&mut self, task: &TaskId, at: Instant) {
+        self.queued_since.entry(task.clone()).or_insert(at);
+    }
+
+    /// The task runs: it waits no more.
+    pub fn started(&mut self, task: &TaskId) {
+        self.queued_since.remove(task);
+    }
+
+    /// When the longest-waiting of `tasks` started waiting.
+    pub fn waiting_since<'a>(
+        &self,
+        tasks: impl IntoIterator<Item = &'a TaskId>,
+    ) -> Option<Instant> {
+        tasks
+            .into_iter()
+            .filter_map(|t| self.queued_since.get(t))
+            .min()
+            .copied()
+    }
+
+    // ----- the avoid window -----
+
+    pub fn avoid(&mut self, task: &TaskId, worker: &WorkerId, now: Instant) {
+        self.avoid
+            .entry(task.clone())
+            .or_default()
+            .push((worker.clone(), now + AVOID_FOR));
+    }
+
+    /// A fresh advert ends a refusal: what made the worker say no (a race
+    /// with a task that just ended) is behind it. Returns whether any task
+    /// kept away from it.
+    pub fn lift_avoid(&mut self, worker: &WorkerId) -> bool {
+        let mut lifted = false;
+        self.avoid.retain(|_, list| {
+            let before = list.len();
+            list.retain(|(w, _)| w != worker);
+            lifted |= list.len() != before;
+            !list.is_empty()
+        });
+        lifted
+    }
+
+    pub fn expire_avoid(&mut self, now: Instant) {
+        self.avoid.retain(|_, list| {
+            list.retain(|(_, until)| *until > now);
+            !list.is_empty()
+        });
+    }
+
+    /// The workers `task` keeps away from at `now`.
+    pub fn avoided(&self, task: &TaskId, now: Instant) -> Vec<WorkerId> {
+        self.avoid
+            .get(task)
+            .map(|l| {
+                l.iter()
+                    .filter(|(_, until)| *until > now)
+                    .map(|(w, _)| w.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Hashes what the avoid window says of `task`, for a signature of
+    /// what placement looks at.
+    pub fn hash_avoided(&self, task: &TaskId, h: &mut impl Hasher) {
+        if let Some(list) = self.avoid.get(task) {
+            for (w, _) in list {
+                w.hash(h);
+            }
+        }
+    }
+
+    // ----- holds and the pass budget -----
+
+    /// The workers held now, and for whom.
+    #[cfg(test)]
+    pub fn hold(&self) -> Option<&Hold> {
+        self.hold.as_ref()
+    }
+
+    /// A held worker went away: the hold is void.
+    pub fn worker_gone(&mut self, worker: &WorkerId) {
+        if self
+            .hold
+            .as_ref()
+            .is_some_and(|h| h.workers.contains(worker))
+        {
+            self.hold = None;
+        }
+    }
+
+    /// Starts a scheduling pass over `views`. The hold is dropped unless
+    /// its holder is still waiting in this pass.
+    pub fn begin_pass(&mut self, views: &[WorkerView], now: Instant) -> PassPolicy {
+        let carried = self.hold.take();
+        let held = carried
+            .as_ref()
+            .map(|h| {
+                h.workers
+                    .iter()
+                    .filter_map(|w| views.iter().position(|v| &v.name == w))
+                    .map(|i| (i, views[i].draining))
+                    .collect()
+            })
+            .unwrap_or_default();
+        PassPolicy {
+            carried,
+            held,
+            next: None,
+            head_seen: false,
+            budget: self.max_per_pass,
+            out_of_budget: false,
+            starvation_after: self.starvation_after,
+            now,
+        }
+    }
+
+    /// Ends a pass; returns whether it stopped for its budget with work
+    /// left to place.
+    pub fn end_pass(&mut self, pass: PassPolicy) -> bool {
+        self.hold = pass.next;
+        pass.out_of_budget
+    }
+}
+
+/// The queue policy's part of one scheduling pass: the hold it carries,
+/// the one it leaves, and the budget left.
+pub struct PassPolicy {
+    /// The hold from the pass before.
+    carried: Option<Hold>,
+    /// The held workers' places in the snapshot, with their own draining.
+    held: Vec<(usize, bool)>,
+    /// The hold the next pass starts with.
+    next: Option<Hold>,
+    /// Whether the first waiting work that could fit somewhere was seen.
+    head_seen: bool,
+    budget: usize,
+    out_of_budget: bool,
+    starvation_after: Duration,
+    now: Instant,
+}
+
+impl PassPolicy {
+    /// Whether the carried hold is for this task (`Some(index)`) or gang
+    /// (`None`) of `job`.
+    pub fn is_holder(&self, job: &JobId, task: Option<usize>) -> bool {
+        self.carried
+            .as_ref()
+            .is_some_and(|h| &h.job == job && h.task == task)
+    }
+
+    /// Runs `place` with the held workers closed to everyone but their
+    /// holder, then opens them again.
+    pub fn with_held_closed<R>(
+        &self,
+        views: &mut [WorkerView],
+        holder: bool,
+        place: impl FnOnce(&mut [WorkerView]) -> R,
+    ) -> R {
+        let mask = |views: &mut [WorkerView], closed: bool| {
+            for &(i, draining) in &self.held {
+                views[i].draining = draining || closed;
+            }
+        };
+        mask(views, !holder);
+        let r = place(views);
+        mask(views, false);
+        r
+    }
+
+    /// The holder did not fit yet: its hold carries on.
+    pub fn keep_hold(&mut self) {
+        self.next = self.carried.clone();
+    }
+
+    /// Whether work that did not fit should now get workers held for it:
+    /// it is the first waiting work that could fit somewhere (only the
+    /// first is asked), it has waited `starvation_after` since `since()`,
+    /// and no hold is in force.
+    pub fn starving(&mut self, never_fits: bool, since: impl FnOnce() -> Option<Instant>) -> bool {
+        if self.head_seen || never_fits {
+            return false;
+        }
+        self.head_seen = true;
+        let waited = since().map_or(Duration::ZERO, |s| self.now.duration_since(s));
+        self.carried.is_none() && self.next.is_none() && waited >= self.starvation_after
+    }
+
+    pub fn hold(&mut self, hold: Hold) {
+        self.next = Some(hold);
+    }
+
+    /// Whether another reservation may be made in this pass; once not,
+    /// the pass ends with work left for the next.
+    pub fn may_reserve(&mut self) -> bool {
+        if self.budget == 0 {
+            self.out_of_budget = true;
+        }
+        !self.out_of_budget
+    }
+
+    pub fn spend(&mut self, reservations: usize) {
+        self.budget = self.budget.saturating_sub(reservations);
+    }
+
+    pub fn out_of_budget(&self) -> bool {
+        self.out_of_budget
+    }
+}
+
+/// The worker to hold for a starving task: one that could hold it were it
+/// empty, with the least of the task's kind of resource in use now.
+pub fn hold_candidate(req: &TaskRequest, views: &[WorkerView]) -> Option<WorkerId> {
+    views
+        .iter()
+        .filter(|v| !v.draining)
+        .filter(|v| {
+            !placement::place(std::slice::from_ref(req), &mut [emptied(v)])
+                .assigned
+                .is_empty()
+        })
+        .min_by_key(|v| match req.gpu {
+            GpuRequest::None => v.cpus_total_milli - v.cpus_free_milli,
+            _ => v
+                .gpus
+                .iter()
+                .filter(|g| g.exclusive || g.shares > 0)
+                .count() as u64,
+        })
+        .map(|v| v.name.clone())
+}
+
+/// The workers to hold for a starving gang: those it would use were they
+/// empty, preferring the least busy.
+pub fn gang_hold_candidates(
+    reqs: &[TaskRequest],
+    min: usize,
+    views: &[WorkerView],
+) -> Vec<WorkerId> {
+    let mut empty: Vec<WorkerView> = views.iter().filter(|v| !v.draining).map(emptied).collect();
+    let p = placement::place_gang(reqs, min, &mut empty);
+    let mut out: Vec<WorkerId> = p
+        .assigned
+        .iter()
+        .map(|a| empty[a.worker].name.clone())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// A worker as it would be with nothing running.
+fn emptied(v: &WorkerView) -> WorkerView {
+    let mut e = v.clone();
+    e.cpus_free_milli = e.cpus_total_milli;
+    e.memory_free = e.memory_total;
+    for g in &mut e.gpus {
+        g.exclusive = false;
+        g.shares = 0;
+        g.memory_free = g.memory_total;
+    }
+    e
+}

@@ -1,0 +1,388 @@
+//! A scheduling pass, in named phases:
+//!
+//! 1. **collect**: the snapshot of the fleet (from the lease book) and the
+//!    queue policy's part of the pass (the hold it carries, its budget);
+//! 2. **place**: each job in queue order; a gang as one unit, a plain job
+//!    task by task (see the queue policy for holds and the budget);
+//! 3. **explain**: what still waits says why; gang members left out by
+//!    `min_tasks` are dropped from the run;
+//! 4. **reserve**: a reservation for each placement, with a rendezvous
+//!    for a gang's members.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+
+use gpufleet_schema::{
+    subjects, GpuRequest, Grant, JobId, Lease, LeaseState, Rendezvous, TaskState, WorkerId,
+};
+
+use super::queue::{gang_hold_candidates, hold_candidate, Hold, PassPolicy};
+use super::Engine;
+use crate::placement::{self, TaskRequest, WorkerView};
+use crate::state::JobRecord;
+
+/// What one pass decided to reserve.
+enum Placed {
+    Task {
+        job: JobId,
+        index: usize,
+        worker: usize,
+        grant: Grant,
+    },
+    /// A gang's members: (task index, worker index, grant).
+    Gang {
+        job: JobId,
+        members: Vec<(usize, usize, Grant)>,
+    },
+}
+
+/// One scheduling pass in progress.
+struct Pass {
+    /// What placement sees; it shrinks as the pass places.
+    views: Vec<WorkerView>,
+    policy: PassPolicy,
+    /// Reasons of requests that failed in this pass, by signature. They
+    /// fail again (the snapshot only shrinks), so their reason is reused:
+    /// cheap with many alike tasks.
+    failed: HashMap<u64, String>,
+    placed: Vec<Placed>,
+    /// Tasks that still wait, and why.
+    waiting: Vec<(JobId, usize, String)>,
+    /// Gang members left out of this run by `min_tasks`, and why.
+    dropped: Vec<(JobId, usize, String)>,
+}
+
+impl Engine {
+    /// Places queued work in queue order (see the queue policy).
+    pub(super) fn schedule(&mut self) {
+        let timer = self.metrics.pass_started();
+        let mut pass = self.collect();
+        for id in self.queue.jobs() {
+            let job = &self.jobs[id];
+            let queued: Vec<usize> = (0..job.tasks.len())
+                .filter(|&i| job.tasks[i].state == TaskState::Queued)
+                .collect();
+            if queued.is_empty() {
+                continue;
+            }
+            if job.spec.gang {
+                self.place_gang(job, &queued, &mut pass);
+            } else {
+                self.place_tasks(job, &queued, &mut pass);
+            }
+            if pass.policy.out_of_budget() {
+                break;
+            }
+        }
+        let Pass {
+            views,
+            policy,
+            placed,
+            waiting,
+            dropped,
+            ..
+        } = pass;
+        let count = placed.len();
+        let mut touched = self.explain(waiting, dropped);
+        touched.extend(self.reserve_placed(placed, &views));
+        for job in touched {
+            self.touch(&job);
+        }
+        if self.queue.end_pass(policy) {
+            self.wants_schedule = true;
+        }
+        self.metrics.pass(timer, count);
+    }
+
+    /// Phase 1: what the pass starts from.
+    fn collect(&mut self) -> Pass {
+        let views = self.book.snapshot();
+        let policy = self.queue.begin_pass(&views, self.now.mono);
+        Pass {
+            views,
+            policy,
+            failed: HashMap::new(),
+            placed: Vec::new(),
+            waiting: Vec::new(),
+            dropped: Vec::new(),
+        }
+    }
+
+    /// Phase 2, for a gang: all of its queued members together (at least
+    /// `min_tasks`), or none.
+    fn place_gang(&self, job: &JobRecord, queued: &[usize], pass: &mut Pass) {
+        // A gang goes only when none of it still holds resources.
+        if job.tasks.iter().any(|t| t.holds_worker()) || !pass.policy.may_reserve() {
+            return;
+        }
+        let is_holder = pass.policy.is_holder(&job.id, None);
+        let reqs: Vec<TaskRequest> = queued.iter().map(|&i| self.request(job, i)).collect();
+        let min = job
+            .spec
+            .min_tasks
+            .map_or(queued.len(), |m| m as usize)
+            .min(queued.len());
+        let p = pass
+            .policy
+            .with_held_closed(&mut pass.views, is_holder, |views| {
+                self.metrics
+                    .time_placement(|| placement::place_gang(&reqs, min, views))
+            });
+        if !p.assigned.is_empty() {
+            pass.policy.spend(p.assigned.len());
+            if is_holder {
+                tracing::info!(job_id = %job.id, "the held gang fits now");
+            }
+            let world = p.assigned.len();
+            for u in &p.unplaced {
+                pass.dropped.push((
+                    job.id.clone(),
+                    queued[u.task],
+                    format!(
+                        "dropped from this run: the gang started with {world} of {} tasks (min_tasks {min})",
+                        queued.len()
+                    ),
+                ));
+            }
+            pass.placed.push(Placed::Gang {
+                job: job.id.clone(),
+                members: p
+                    .assigned
+                    .into_iter()
+                    .map(|a| (queued[a.task], a.worker, a.grant))
+                    .collect(),
+            });
+            return;
+        }
+        let never_fits = p.unplaced.iter().any(|u| u.never_fits);
+        let mut reason = p
+            .unplaced
+            .first()
+            .map(|u| u.reason.clone())
+            .unwrap_or_default();
+        if is_holder {
+            reason.push_str("; workers are held for it");
+            pass.policy.keep_hold();
+        } else if pass.policy.starving(never_fits, || {
+            self.queue
+                .waiting_since(queued.iter().map(|&i| &job.tasks[i].id))
+        }) {
+            let workers = gang_hold_candidates(&reqs, min, &pass.views);
+            if !workers.is_empty() {
+                tracing::info!(job_id = %job.id, ?workers, "holding workers for a starving gang");
+                pass.policy.hold(Hold {
+                    job: job.id.clone(),
+                    task: None,
+                    workers,
+                });
+            }
+        }
+        for &i in queued {
+            pass.waiting.push((job.id.clone(), i, reason.clone()));
+        }
+    }
+
+    /// Phase 2, for a plain job: each queued task on its own, while the
+    /// pass has budget.
+    fn place_tasks(&self, job: &JobRecord, queued: &[usize], pass: &mut Pass) {
+        let job_part = job_signature(job);
+        for &i in queued {
+            if !pass.policy.may_reserve() {
+                return;
+            }
+            let is_holder = pass.policy.is_holder(&job.id, Some(i));
+            let sig = self.task_signature(job, i, job_part);
+            if !is_holder {
+                if let Some(reason) = pass.failed.get(&sig) {
+                    if job.tasks[i].reason.as_deref() != Some(reason.as_str()) {
+                        pass.waiting.push((job.id.clone(), i, reason.clone()));
+                    }
+                    continue;
+                }
+            }
+            let req = self.request(job, i);
+            let p = pass
+                .policy
+                .with_held_closed(&mut pass.views, is_holder, |views| {
+                    self.metrics
+                        .time_placement(|| placement::place(std::slice::from_ref(&req), views))
+                });
+            if let Some(a) = p.assigned.into_iter().next() {
+                pass.policy.spend(1);
+                pass.placed.push(Placed::Task {
+                    job: job.id.clone(),
+                    index: i,
+                    worker: a.worker,
+                    grant: a.grant,
+                });
+                continue;
+            }
+            let u = p
+                .unplaced
+                .into_iter()
+                .next()
+                .expect("one task, one outcome");
+            let mut reason = u.reason.clone();
+            if is_holder {
+                reason.push_str("; a worker is held for it");
+                pass.policy.keep_hold();
+            } else {
+                let task = &job.tasks[i];
+                if pass
+                    .policy
+                    .starving(u.never_fits, || self.queue.waiting_since([&task.id]))
+                {
+                    if let Some(w) = hold_candidate(&req, &pass.views) {
+                        tracing::info!(task_id = %task.id, worker = %w, "holding a worker for a starving task");
+                        pass.policy.hold(Hold {
+                            job: job.id.clone(),
+                            task: Some(i),
+                            workers: vec![w],
+                        });
+                    }
+                }
+                pass.failed.insert(sig, u.reason);
+            }
+            pass.waiting.push((job.id.clone(), i, reason));
+        }
+    }
+
+    /// Phase 3: records why waiting tasks wait and drops the gang members
+    /// `min_tasks` left out; returns the jobs that changed.
+    fn explain(
+        &mut self,
+        waiting: Vec<(JobId, usize, String)>,
+        dropped: Vec<(JobId, usize, String)>,
+    ) -> HashSet<JobId> {
+        let mut touched = HashSet::new();
+        for (job, i, reason) in waiting {
+            if self.jobs.task_mut(&job, i).wait_because(&reason) {
+                touched.insert(job);
+            }
+        }
+        for (job, i, reason) in dropped {
+            self.jobs
+                .task_mut(&job, i)
+                .drop_from_run(reason, self.now.wall);
+            self.emit_state(&job, i);
+            touched.insert(job);
+        }
+        touched
+    }
+
+    /// Phase 4: a reservation for each placement; returns the jobs that
+    /// changed.
+    fn reserve_placed(&mut self, placed: Vec<Placed>, views: &[WorkerView]) -> HashSet<JobId> {
+        let mut touched = HashSet::new();
+        for p in placed {
+            match p {
+                Placed::Task {
+                    job,
+                    index,
+                    worker,
+                    grant,
+                } => {
+                    self.reserve(&job, index, views[worker].name.clone(), grant, None);
+                    touched.insert(job);
+                }
+                Placed::Gang { job, mut members } => {
+                    members.sort_by_key(|(i, _, _)| *i);
+                    let master = views[members[0].1].name.clone();
+                    let addr = self
+                        .book
+                        .worker(&master)
+                        .and_then(|a| a.addr.clone())
+                        .unwrap_or_else(|| "127.0.0.1".into());
+                    // Start at a random place in the range: other fleets (or
+                    // a port a worker refused as busy) are then unlikely to
+                    // be met again.
+                    let port = self.book.free_rendezvous_port(&master, self.rng.next_u64());
+                    let world = members.len() as u32;
+                    for (rank, (i, w, grant)) in members.into_iter().enumerate() {
+                        let rv = Rendezvous {
+                            rank: rank as u32,
+                            world_size: world,
+                            master_addr: addr.clone(),
+                            master_port: port,
+                        };
+                        self.reserve(&job, i, views[w].name.clone(), grant, Some(rv));
+                    }
+                    touched.insert(job);
+                }
+            }
+        }
+        touched
+    }
+
+    /// Creates the reservation for one task on one worker.
+    fn reserve(
+        &mut self,
+        job: &JobId,
+        i: usize,
+        worker: WorkerId,
+        grant: Grant,
+        rendezvous: Option<Rendezvous>,
+    ) {
+        let j = self.jobs.job_mut(job);
+        let task = j.spec.tasks[i].clone();
+        let t = &mut j.tasks[i];
+        t.reserve(worker.clone(), grant.clone());
+        let key = subjects::lease_key(&worker, &t.id, t.attempt);
+        let lease = Lease {
+            job_id: job.clone(),
+            task_id: t.id.clone(),
+            attempt: t.attempt,
+            worker,
+            state: LeaseState::Reserved,
+            reason: None,
+            task,
+            grant,
+            rendezvous,
+            lease_ttl: self.cfg.lease_ttl,
+            instance: None,
+            reserved_at: self.now.wall,
+        };
+        self.book.reserve(key.clone(), lease.clone());
+        self.fx.create_leases.push((key, lease));
+        self.emit_state(job, i);
+    }
+
+    /// What placement is asked for one task.
+    fn request(&self, job: &JobRecord, i: usize) -> TaskRequest {
+        let spec = &job.spec.tasks[i];
+        TaskRequest {
+            cpus_milli: spec.resources.cpus_milli(),
+            memory: spec.resources.memory_bytes(),
+            gpu: spec.resources.gpu_request(),
+            labels: job.spec.constraints.labels.clone(),
+            workers: job.spec.constraints.workers.clone(),
+            avoid: self.queue.avoided(&job.tasks[i].id, self.now.mono),
+        }
+    }
+
+    /// A hash of everything placement looks at for one task: two tasks with
+    /// the same signature fit (or not) in the same places. `job_part` is
+    /// [`job_signature`] of its job.
+    fn task_signature(&self, job: &JobRecord, i: usize, job_part: u64) -> u64 {
+        let r = &job.spec.tasks[i].resources;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        job_part.hash(&mut h);
+        r.cpus_milli().hash(&mut h);
+        r.memory_bytes().hash(&mut h);
+        match r.gpu_request() {
+            GpuRequest::None => 0u8.hash(&mut h),
+            GpuRequest::Whole { count, memory } => (1u8, count, memory).hash(&mut h),
+            GpuRequest::Share { memory } => (2u8, memory).hash(&mut h),
+        }
+        self.queue.hash_avoided(&job.tasks[i].id, &mut h);
+        h.finish()
+    }
+}
+
+/// The part of a task's signature its job decides.
+fn job_signature(job: &JobRecord) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    job.spec.constraints.labels.hash(&mut h);
+    job.spec.constraints.workers.hash(&mut h);
+    h.finish()
+}
