@@ -38,18 +38,27 @@ const ENDPOINTS: [(&str, &str, Kind); 5] = [
 ];
 
 /// Starts the service; its endpoints feed `engine`.
+/// Starts the service; its endpoints feed `engine`. `metrics_addr`, where
+/// the coordinator serves Prometheus metrics, is in the service's metadata
+/// (`nats micro info gpufleet`), for whoever wants to scrape it.
 pub async fn start(
     client: async_nats::Client,
     engine: mpsc::Sender<Input>,
     metrics: crate::metrics::Metrics,
+    metrics_addr: Option<std::net::SocketAddr>,
 ) -> Result<Service, async_nats::Error> {
+    let stats = metrics.clone();
+    let metadata = metrics_addr
+        .map(|a| std::collections::HashMap::from([("metrics_addr".to_string(), a.to_string())]))
+        .unwrap_or_default();
     let service = client
         .service_builder()
         .description("gpufleet job API: submit, get, list and cancel jobs; list workers")
+        .metadata(metadata)
         .stats_handler(move |endpoint, _| {
             // The coordinator's own figures ride on one endpoint's stats.
             if endpoint == "jobs-submit" {
-                metrics.snapshot()
+                stats.snapshot()
             } else {
                 serde_json::Value::Null
             }
@@ -60,11 +69,14 @@ pub async fn start(
     for (name, subject, kind) in ENDPOINTS {
         let mut endpoint = service.endpoint_builder().name(name).add(subject).await?;
         let engine = engine.clone();
+        let metrics = metrics.clone();
+        let requests = metrics.api_requests(name);
         tokio::spawn(async move {
             while let Some(request) = endpoint.next().await {
                 if request.message.reply.is_none() {
                     continue;
                 }
+                requests.inc();
                 let content_type = request
                     .message
                     .headers
@@ -86,11 +98,14 @@ pub async fn start(
                 }
                 // Each reply waits on its own, so a slow submit (waiting for
                 // its record to be written) never holds up the next request.
+                let metrics = metrics.clone();
                 tokio::spawn(async move {
                     let reply = rx.await.unwrap_or_else(|_| {
                         Reply::error(code::UNAVAILABLE, "the coordinator is shutting down")
                     });
-                    respond(request, enc, &reply, max_payload).await;
+                    if let Some(code) = respond(request, enc, &reply, max_payload).await {
+                        metrics.api_error(name, code);
+                    }
                 });
             }
         });
@@ -134,12 +149,13 @@ fn decode(kind: Kind, enc: Encoding, body: &[u8]) -> Result<ApiCall, String> {
     })
 }
 
+/// Sends the reply; returns its error code, if it is an error.
 async fn respond(
     request: async_nats::service::Request,
     enc: Encoding,
     reply: &Reply,
     max_payload: usize,
-) {
+) -> Option<u16> {
     let (mut error, mut body) = encode_reply(reply, enc);
     // A reply that cannot be sent must still answer: say why, and how to
     // ask for less.
@@ -175,4 +191,5 @@ async fn respond(
     if let Err(e) = request.respond_with_headers(Ok(body.into()), headers).await {
         tracing::warn!(error = %e, "could not send an API reply");
     }
+    error
 }

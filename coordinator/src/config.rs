@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use gpufleet_natsutil::metrics::MetricsAddr;
 use gpufleet_natsutil::telemetry::LogFormat;
 use gpufleet_natsutil::Setup;
 use gpufleet_schema::Dur;
@@ -46,6 +47,8 @@ pub struct CoordinatorConfig {
     pub connect_patience: Dur,
     /// `text` or `json` log lines on stderr.
     pub log_format: LogFormat,
+    /// Where Prometheus metrics are served (`/metrics`), or `off`.
+    pub metrics_addr: MetricsAddr,
 }
 
 impl Default for CoordinatorConfig {
@@ -65,9 +68,17 @@ impl Default for CoordinatorConfig {
             leader_ttl: Dur::secs(10),
             connect_patience: Dur::secs(60),
             log_format: LogFormat::Text,
+            metrics_addr: MetricsAddr::Listen(DEFAULT_METRICS_ADDR.into()),
         }
     }
 }
+
+/// The coordinator's metrics, on loopback: nothing is exposed to the
+/// network unless the operator chooses to (`0.0.0.0:9464` for a Prometheus
+/// elsewhere). The port is the one OpenTelemetry's Prometheus exporters
+/// use, and the worker takes the next one, so that one of each fits on a
+/// machine with their defaults.
+pub const DEFAULT_METRICS_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 9464);
 
 impl CoordinatorConfig {
     /// Settings for tests: short timers so faults show quickly.
@@ -81,6 +92,8 @@ impl CoordinatorConfig {
             result_grace: Dur::secs(5),
             leader_ttl: Dur::secs(3),
             connect_patience: Dur::secs(10),
+            // Any free port: tests run side by side.
+            metrics_addr: MetricsAddr::Listen(([127, 0, 0, 1], 0).into()),
             ..Default::default()
         }
     }

@@ -43,7 +43,7 @@ pub use clock::{Now, Rng};
 pub use queue::AVOID_FOR;
 
 use crate::config::CoordinatorConfig;
-use crate::metrics::{InputKind, Metrics};
+use crate::metrics::{job_state_index, task_state_index, InputKind, Metrics, Observed};
 use crate::state::JobRecord;
 use jobs::JobTable;
 use leases::{LeaseBook, LiveLease};
@@ -125,6 +125,8 @@ pub enum Input {
     /// the same channel as the feed's changes, so it comes after them.
     Synced(Feed),
     Tick,
+    /// Prometheus scrapes: set the state-derived gauges, then say so.
+    Observe(oneshot::Sender<()>),
 }
 
 /// The start-up feeds the engine waits for before it places anything.
@@ -256,6 +258,12 @@ impl Engine {
         self.metrics.clone()
     }
 
+    /// The engine, counting into `metrics` (shared with what serves them).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Engine {
+        self.metrics = metrics;
+        self
+    }
+
     pub fn job(&self, id: &JobId) -> Option<&JobRecord> {
         self.jobs.get(id)
     }
@@ -315,7 +323,49 @@ impl Engine {
                 Feed::Events => r.events_caught_up = true,
             }),
             Input::Tick => self.tick(),
+            Input::Observe(done) => {
+                self.metrics.observed(&self.observe());
+                let _ = done.send(());
+            }
         }
+    }
+
+    /// The figures Prometheus asks for that are views of the state: jobs
+    /// by status, tasks by state, the queue, workers by state. Computed
+    /// only when asked (a scrape), so the hot path keeps no counts for it.
+    pub fn observe(&self) -> Observed {
+        let mut o = Observed::default();
+        let mut waiting = Vec::new();
+        for (_, j) in self.jobs.iter() {
+            o.jobs[job_state_index(j.status)] += 1;
+            for t in &j.tasks {
+                o.tasks[task_state_index(t.state)] += 1;
+                if t.state == TaskState::Queued {
+                    waiting.push(&t.id);
+                }
+            }
+        }
+        o.queue_length = waiting.len() as i64;
+        o.oldest_wait = self
+            .queue
+            .waiting_since(waiting)
+            .map(|since| self.now.mono.saturating_duration_since(since))
+            .unwrap_or_default();
+        let held = self
+            .queue
+            .hold()
+            .map(|h| h.workers.as_slice())
+            .unwrap_or(&[]);
+        for w in self.book.workers() {
+            if w.draining {
+                o.workers_draining += 1;
+            } else if held.contains(&w.name) {
+                o.workers_held += 1;
+            } else {
+                o.workers_ready += 1;
+            }
+        }
+        o
     }
 
     /// Runs placement at `now` if anything changed since the last time.
@@ -341,7 +391,20 @@ impl Engine {
                             .iter()
                             .skip(offset)
                             .take(limit)
-                            .map(|t| t.status())
+                            .map(|t| {
+                                let mut s = t.status();
+                                // A running task's usage so far is in its
+                                // worker's latest advert.
+                                if t.state == TaskState::Running {
+                                    s.usage = t
+                                        .worker
+                                        .as_ref()
+                                        .and_then(|w| self.book.worker(w))
+                                        .and_then(|a| a.usage.get(&t.id))
+                                        .cloned();
+                                }
+                                s
+                            })
                             .collect();
                         Reply::Job(Box::new(status))
                     }
@@ -355,7 +418,15 @@ impl Engine {
             }
             ApiCall::Cancel(id) => self.cancel(id, tx),
             ApiCall::Workers { after, limit } => {
-                let list = self.book.workers_page(after, limit);
+                let mut list = self.book.workers_page(after, limit);
+                let held = self
+                    .queue
+                    .hold()
+                    .map(|h| h.workers.as_slice())
+                    .unwrap_or(&[]);
+                for w in &mut list {
+                    w.held = held.contains(&w.name);
+                }
                 self.fx.replies.push((tx, Reply::Workers(list), None));
             }
         }
@@ -490,6 +561,7 @@ impl Engine {
                 reason: t.reason.clone(),
             },
         };
+        self.metrics.task_ended(t.state);
         let subject = subjects::events(job, &t.id, gpufleet_schema::EventKind::State);
         self.fx.events.push((subject, event));
     }

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::push, consumer::DeliverPolicy};
@@ -19,12 +20,12 @@ use futures::StreamExt;
 use gpufleet_natsutil::{ensure_stores, KvEvent, KvOp, RawKv};
 use gpufleet_schema::api::code;
 use gpufleet_schema::{codec, subjects, Event, EventKind, JobId, Lease, WorkerAdvert, WorkerId};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::config::CoordinatorConfig;
 use crate::engine::{Effects, Engine, Feed, Input, LeaseChange, Now, Reply};
-use crate::metrics::Writes;
+use crate::metrics::{Metrics, WriteKind, Writes};
 use crate::state::JobRecord;
 
 /// Inputs handled per batch at most, so that effects flow out steadily.
@@ -79,6 +80,18 @@ pub async fn run(
         marker_ttl: Duration::from_secs(60),
     };
 
+    // The engine's inputs. Made before leadership, so that a scrape of a
+    // standby has somewhere to ask; its engine answers once it leads.
+    let (tx, mut rx) = mpsc::channel::<Input>(16_384);
+    let metrics = Metrics::default();
+    // Served by standbys too: `gpufleet_coordinator_leader` tells them apart.
+    let metrics_server = gpufleet_natsutil::metrics::serve_or_warn(
+        cfg.metrics_addr,
+        metrics.registry(),
+        Some(observe(tx.clone())),
+    )
+    .await;
+
     let workers_kv = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
     let instance = JobId::generate().to_string();
     let mut leadership = tokio::select! {
@@ -86,8 +99,9 @@ pub async fn run(
         // A standby asked to stop stops.
         _ = &mut shutdown => return Ok(()),
     };
+    metrics.leading(true);
 
-    let mut engine = Engine::new(cfg.clone(), now(), random_seed());
+    let mut engine = Engine::new(cfg.clone(), now(), random_seed()).with_metrics(metrics.clone());
     let restored = restore(&io.jobs, &mut engine).await?;
     tracing::info!(
         jobs = restored,
@@ -95,7 +109,6 @@ pub async fn run(
         "restored job records"
     );
 
-    let (tx, mut rx) = mpsc::channel::<Input>(16_384);
     let mut feeders = Feeders::default();
     feeders.spawn(
         "worker adverts watch",
@@ -163,9 +176,14 @@ pub async fn run(
         engine.schedule_if_needed(batch_now);
         if engine.is_ready() && service.is_none() {
             service = Some(
-                crate::api::start(client.clone(), tx.clone(), engine.metrics())
-                    .await
-                    .map_err(|e| CoordinatorError::Nats(e.to_string()))?,
+                crate::api::start(
+                    client.clone(),
+                    tx.clone(),
+                    engine.metrics(),
+                    metrics_server.as_ref().map(|s| s.addr()),
+                )
+                .await
+                .map_err(|e| CoordinatorError::Nats(e.to_string()))?,
             );
             tracing::info!("coordinator ready: serving the gpufleet API");
         }
@@ -247,6 +265,23 @@ impl Feeders {
     }
 }
 
+/// Before each scrape: the engine sets its state-derived gauges. A scrape
+/// of a standby, or of a leader too busy to answer in time, is served the
+/// figures as they were (`natsutil::metrics::REFRESH_WAIT`).
+fn observe(tx: mpsc::Sender<Input>) -> gpufleet_natsutil::metrics::Refresh {
+    Arc::new(move || {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let (done, answered) = oneshot::channel();
+            // Never queue behind a full channel: the scrape can wait, the
+            // engine's inputs cannot.
+            if tx.try_send(Input::Observe(done)).is_ok() {
+                let _ = answered.await;
+            }
+        })
+    })
+}
+
 /// The engine's time: it reads no clock of its own.
 fn now() -> Now {
     Now {
@@ -314,6 +349,7 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, last_checkpoint: &mut u6
         checkpoint,
     } = fx;
     let started = std::time::Instant::now();
+    let metrics = &engine.metrics();
     let mut writes = Writes {
         job: put_jobs.len() as u64,
         lease: (create_leases.len() + cancel_leases.len() + purge_leases.len()) as u64,
@@ -330,28 +366,32 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, last_checkpoint: &mut u6
 
     let job_writes = join_all(records.into_iter().map(|(id, bytes)| async move {
         let r = match bytes {
-            Ok(b) => io
-                .jobs
-                .put(id.as_str(), Bytes::from(b), None)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+            Ok(b) => timed(
+                metrics,
+                WriteKind::Job,
+                io.jobs.put(id.as_str(), Bytes::from(b), None),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
         (id, r)
     }));
     let lease_creates = join_all(create_leases.into_iter().map(|(key, lease)| async move {
         let r = match codec::encode(&lease) {
-            Ok(b) => io
-                .leases
-                .create(
+            Ok(b) => timed(
+                metrics,
+                WriteKind::Lease,
+                io.leases.create(
                     &key,
                     Bytes::from(b),
                     Some(lease_ttl_for_reservation(engine)),
-                )
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+                ),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         (key, r)
@@ -364,19 +404,31 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, last_checkpoint: &mut u6
                 if let Ok(b) = codec::encode(&lease) {
                     // Losing the race to a renewal is fine: the next tick sees the
                     // new revision and the cancel is asked again by the engine.
-                    if let Err(e) = io.leases.update(&key, Bytes::from(b), Some(ttl), rev).await {
+                    let update = io.leases.update(&key, Bytes::from(b), Some(ttl), rev);
+                    if let Err(e) = timed(metrics, WriteKind::Lease, update).await {
                         tracing::info!(key, error = %e, "cancel of a lease did not apply");
                     }
                 }
             }),
     );
     let purges = join_all(purge_leases.into_iter().map(|key| async move {
-        if let Err(e) = io.leases.purge(&key, io.marker_ttl).await {
+        if let Err(e) = timed(
+            metrics,
+            WriteKind::Lease,
+            io.leases.purge(&key, io.marker_ttl),
+        )
+        .await
+        {
             tracing::warn!(key, error = %e, "could not purge a lease");
         }
     }));
     let publishes = join_all(events.into_iter().map(|(subject, event)| async move {
-        publish_event(&io.js, subject, &event).await;
+        timed(
+            metrics,
+            WriteKind::Event,
+            publish_event(&io.js, subject, &event),
+        )
+        .await;
     }));
     let (job_results, create_results, _, _, _) =
         tokio::join!(job_writes, lease_creates, lease_cancels, purges, publishes);
@@ -407,11 +459,10 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, last_checkpoint: &mut u6
     }
     if failed_jobs.is_empty() {
         if let Some(seq) = checkpoint.filter(|s| *s > *last_checkpoint) {
-            match io
+            let put = io
                 .jobs
-                .put(subjects::CHECKPOINT_KEY, Bytes::from(seq.to_string()), None)
-                .await
-            {
+                .put(subjects::CHECKPOINT_KEY, Bytes::from(seq.to_string()), None);
+            match timed(metrics, WriteKind::Checkpoint, put).await {
                 Ok(_) => {
                     *last_checkpoint = seq;
                     writes.checkpoint = 1;
@@ -425,6 +476,14 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, last_checkpoint: &mut u6
     }
     engine.metrics().flush(started.elapsed(), writes);
     feedback
+}
+
+/// Awaits one JetStream write (to its ack), counting how long it took.
+async fn timed<T>(metrics: &Metrics, kind: WriteKind, write: impl Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let r = write.await;
+    metrics.write(kind, started.elapsed());
+    r
 }
 
 fn lease_ttl_for_reservation(engine: &Engine) -> Duration {

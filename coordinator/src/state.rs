@@ -5,7 +5,8 @@
 //! contract): clients read jobs through the API, never from the bucket.
 
 use gpufleet_schema::{
-    Grant, JobId, JobSpec, JobState, JobStatus, TaskCounts, TaskId, TaskState, TaskStatus, WorkerId,
+    Grant, JobId, JobSpec, JobState, JobStatus, TaskCounts, TaskId, TaskState, TaskStatus,
+    TaskUsage, WorkerId,
 };
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -67,6 +68,9 @@ pub struct TaskRecord {
     /// A gang member left out of this run by `min_tasks`.
     #[serde(default)]
     pub dropped: bool,
+    /// What the current attempt used, as its worker reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TaskUsage>,
 }
 
 /// A task's transitions. Each is one method that decides every field it
@@ -117,7 +121,9 @@ impl TaskRecord {
         result: Option<serde_json::Value>,
         seq: u64,
         started_at: Option<OffsetDateTime>,
+        usage: Option<TaskUsage>,
     ) {
+        self.usage = usage;
         if self.started_at.is_none() {
             self.started_at = started_at;
         }
@@ -190,6 +196,7 @@ impl TaskRecord {
         self.result_seq = None;
         self.started_at = None;
         self.finished_at = None;
+        self.usage = None;
         self.reason = Some(why);
     }
 }
@@ -226,6 +233,7 @@ impl JobRecord {
                 finished_at: None,
                 launched: false,
                 dropped: false,
+                usage: None,
             })
             .collect();
         JobRecord {
@@ -418,6 +426,7 @@ impl TaskRecord {
             reason: self.reason.clone(),
             started_at: self.started_at,
             finished_at: self.finished_at,
+            usage: self.usage.clone(),
         }
     }
 }
@@ -491,7 +500,19 @@ mod tests {
         let mut t = j.tasks.remove(0);
         t.reserve(WorkerId::new("w").unwrap(), Grant::default());
         t.start(now());
-        t.record_report(Some(serde_json::json!({"loss": 1})), 7, Some(now()));
+        let usage = TaskUsage {
+            peak_rss: gpufleet_schema::ByteSize::mib(300),
+            cpu_seconds: 2.5,
+            samples: 3,
+            ..Default::default()
+        };
+        t.record_report(
+            Some(serde_json::json!({"loss": 1})),
+            7,
+            Some(now()),
+            Some(usage),
+        );
+        assert!(t.status().usage.is_some());
         t.end(
             TaskState::Failed,
             Some(1),
@@ -533,7 +554,12 @@ mod tests {
         let mut t = ran_and_failed();
         let started = t.started_at;
         let big = serde_json::json!({"blob": "x".repeat(INLINE_RESULT_BYTES)});
-        t.record_report(Some(big), 42, Some(now() + time::Duration::seconds(5)));
+        t.record_report(
+            Some(big),
+            42,
+            Some(now() + time::Duration::seconds(5)),
+            None,
+        );
         assert_eq!((t.result.as_ref(), t.result_seq), (None, Some(42)));
         assert_eq!(t.started_at, started);
     }

@@ -9,6 +9,7 @@
 //! - [`api`]: request and reply bodies of the `gpufleet` micro service.
 //! - [`subjects`]: every subject, bucket and key name.
 //! - [`codec`]: MessagePack (native) and JSON, chosen per message.
+//! - [`usage`]: what a task attempt used (memory, CPU, GPU).
 //! - [`units`], [`ids`]: sizes, durations and identifier newtypes.
 //!
 //! This crate holds the wire and nothing else: no NATS client, no runtime.
@@ -22,6 +23,7 @@ pub mod spec;
 pub mod status;
 pub mod subjects;
 pub mod units;
+pub mod usage;
 pub mod worker;
 
 pub use codec::{CodecError, Encoding};
@@ -31,6 +33,7 @@ pub use lease::{GpuGrant, Grant, Lease, LeaseState, Rendezvous};
 pub use spec::{Constraints, GpuRequest, JobSpec, Resources, SpecError, TaskSpec};
 pub use status::{JobState, JobStatus, TaskCounts, TaskState, TaskStatus};
 pub use units::{ByteSize, Dur};
+pub use usage::TaskUsage;
 pub use worker::{GpuAdvert, WorkerAdvert};
 
 /// The version every program reports and advertises.

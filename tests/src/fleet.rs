@@ -28,6 +28,8 @@ starvation_after = "5s"
 result_grace = "5s"
 leader_ttl = "3s"
 connect_patience = "10s"
+# Any free port: test fleets run side by side.
+metrics_addr = "127.0.0.1:0"
 "#;
 
 pub struct Fleet {

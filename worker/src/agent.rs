@@ -692,6 +692,7 @@ impl Attempt {
             artifacts,
             started_at: f.started_at,
             finished_at: f.finished_at,
+            usage: None,
         }
     }
 
@@ -1051,6 +1052,7 @@ mod tests {
                 .collect(),
             started_at: None,
             finished_at: OffsetDateTime::now_utc(),
+            usage: None,
         }
     }
 

@@ -14,6 +14,7 @@ mod budget;
 mod cancel;
 mod gangs;
 mod holds;
+mod observe;
 mod refusals;
 
 /// An engine with its own clock, which moves only when a test says so.
@@ -94,6 +95,9 @@ fn advert(name: &str, cpus: u64, gpus: u32) -> WorkerAdvert {
         running: vec![],
         rendezvous_ports: Some((29500, 29510)),
         draining: false,
+        held: false,
+        usage: Default::default(),
+        metrics_addr: None,
         ttl: Dur::secs(10),
         started_at: now(),
         sent_at: now(),
@@ -194,6 +198,7 @@ fn result(lease: &Lease, state: TaskState, seq: u64) -> Input {
                 artifacts: vec![],
                 started_at: Some(now()),
                 finished_at: now(),
+                usage: None,
             }),
         }),
     }
