@@ -33,3 +33,6 @@ cargo build --bins --quiet
 GPUFLEET_SKIP_BUILD=1 cargo test --workspace "$@"
 # Every benchmark scenario at a tiny size, so that they keep working.
 target/debug/gpufleet-bench --smoke all
+# The Docker deployment: images built, the compose stack run (needs root;
+# installs and starts Docker if needed, fails where it cannot run).
+scripts/docker-test.sh

@@ -430,8 +430,12 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, last_checkpoint: &mut u6
         )
         .await;
     }));
-    let (job_results, create_results, _, _, _) =
-        tokio::join!(job_writes, lease_creates, lease_cancels, purges, publishes);
+    // `join!` polls in order, and the first poll of each write sends it:
+    // state events go on the wire before the reservations they announce, so
+    // a worker's RUNNING (sent only after it sees the reservation) is not
+    // stored ahead of the coordinator's RESERVED.
+    let (_, job_results, create_results, _, _) =
+        tokio::join!(publishes, job_writes, lease_creates, lease_cancels, purges);
 
     let mut failed_jobs: HashMap<JobId, String> = HashMap::new();
     for (id, r) in job_results {

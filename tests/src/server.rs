@@ -1,6 +1,7 @@
 //! Real `nats-server` processes for tests: one server or a 3-node cluster,
 //! each on free 127.0.0.1 ports with a temporary store, killed and removed
-//! on drop (also when the test panics).
+//! on drop (also when the test panics). With `GPUFLEET_TEST_NATS_URL` set,
+//! [`NatsServer::start`] uses that server instead (a NATS container, say).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
+
+/// Names a running server for [`NatsServer::start`] to hand out instead of
+/// starting one. Only for one test at a time that never stops its server:
+/// the tests on it share its streams and buckets.
+pub const EXTERNAL_URL_VAR: &str = "GPUFLEET_TEST_NATS_URL";
 
 /// How long a server may take to accept connections.
 const START_DEADLINE: Duration = Duration::from_secs(20);
@@ -78,6 +84,8 @@ pub struct NatsServer {
     port: u16,
     dir: TempDir,
     config: PathBuf,
+    /// The URL of a server we did not start and must not stop.
+    external: Option<String>,
 }
 
 impl NatsServer {
@@ -87,7 +95,29 @@ impl NatsServer {
     }
 
     pub fn try_start() -> Result<NatsServer> {
-        Self::try_start_with("")
+        match std::env::var(EXTERNAL_URL_VAR) {
+            Ok(url) => Self::external(url),
+            Err(_) => Self::try_start_with(""),
+        }
+    }
+
+    /// A handle on a server someone else runs at `url`: its URL and port
+    /// for the tests, never stopped by them.
+    pub fn external(url: String) -> Result<NatsServer> {
+        let port = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("{EXTERNAL_URL_VAR}={url}: no port at its end"))?;
+        Ok(NatsServer {
+            child: None,
+            port,
+            dir: tempfile::Builder::new()
+                .prefix("gpufleet-nats-")
+                .tempdir()?,
+            config: PathBuf::new(),
+            external: Some(url),
+        })
     }
 
     /// Starts a server with `extra` appended to its configuration (an
@@ -113,6 +143,7 @@ impl NatsServer {
                 port,
                 dir,
                 config,
+                external: None,
             };
             // A failure is most likely the port taken between probe and bind.
             match server.spawn() {
@@ -147,7 +178,10 @@ impl NatsServer {
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        match &self.external {
+            Some(url) => url.clone(),
+            None => format!("nats://127.0.0.1:{}", self.port),
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -160,6 +194,14 @@ impl NatsServer {
 
     /// `kill -9`: nothing is flushed.
     pub fn kill(&mut self) {
+        assert!(
+            self.external.is_none(),
+            "this test stops its nats-server: run it without {EXTERNAL_URL_VAR}"
+        );
+        self.stop();
+    }
+
+    fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -184,7 +226,7 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        self.kill();
+        self.stop();
     }
 }
 
@@ -244,6 +286,7 @@ impl NatsCluster {
                 port: client_ports[i],
                 dir,
                 config,
+                external: None,
             };
             node.spawn()?;
             nodes.push(node);

@@ -1,5 +1,5 @@
 //! The harness itself must work: a server that starts, restarts on the same
-//! store, and a cluster that replicates.
+//! store, a cluster that replicates, and a server run by someone else.
 
 use std::time::Duration;
 
@@ -62,6 +62,33 @@ async fn two_servers_run_side_by_side() {
     assert_ne!(a.port(), b.port());
     async_nats::connect(a.url()).await.unwrap();
     async_nats::connect(b.url()).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_external_server_is_used_as_it_is_and_outlives_its_handle() {
+    let server = NatsServer::start();
+    let external = NatsServer::external(server.url()).unwrap();
+    assert_eq!(external.url(), server.url());
+    assert_eq!(external.port(), server.port());
+    assert_eq!(external.pid(), None);
+    drop(external);
+    async_nats::connect(server.url()).await.unwrap();
+
+    let err = NatsServer::external("nats://127.0.0.1".into())
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("GPUFLEET_TEST_NATS_URL=nats://127.0.0.1: no port"),
+        "{err:#}"
+    );
+}
+
+#[test]
+#[should_panic(expected = "run it without GPUFLEET_TEST_NATS_URL")]
+fn a_test_cannot_kill_an_external_server() {
+    NatsServer::external("nats://127.0.0.1:4222".into())
+        .unwrap()
+        .kill();
 }
 
 #[tokio::test]
