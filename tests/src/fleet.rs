@@ -163,6 +163,9 @@ impl Fleet {
             // Gang rendezvous stays on loopback in tests.
             "--addr".into(),
             "127.0.0.1".into(),
+            // Any free port: test workers run side by side.
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
         ];
         if let Some(g) = &spec.gpus {
             args.push("--simulate-gpus".into());

@@ -31,7 +31,9 @@ use crate::config::WorkerConfig;
 use crate::gpu;
 use crate::launcher::{Launcher, Processes};
 use crate::ledger::{Capacity, Ledger};
+use crate::metrics::WorkerMetrics;
 use crate::supervisor::{self, Finished, Limits, Output, StopReason, TaskRun};
+use crate::usage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -68,6 +70,9 @@ pub(crate) struct Ctx {
     pub cfg: WorkerConfig,
     pub work_dir: PathBuf,
     pub dirs: supervisor::DirPool,
+    pub metrics: WorkerMetrics,
+    /// What each running attempt uses, for the advert.
+    pub usage: usage::Board,
 }
 
 /// An attempt this worker holds a lease for.
@@ -153,6 +158,14 @@ pub async fn run_with(
         gpus = capacity.gpus.len(),
         "worker starting"
     );
+    let metrics = WorkerMetrics::default();
+    metrics.offers(capacity.cpus_milli, capacity.memory);
+    let metrics_server = gpufleet_natsutil::metrics::serve_or_warn(
+        cfg.metrics_addr,
+        metrics.registry(&worker),
+        None,
+    )
+    .await;
     let ctx = Arc::new(Ctx {
         js: js.clone(),
         leases: leases.clone(),
@@ -163,6 +176,8 @@ pub async fn run_with(
         dirs: supervisor::DirPool::new(&work_dir, worker.as_str()),
         work_dir,
         launcher,
+        metrics: metrics.clone(),
+        usage: usage::Board::default(),
     });
 
     let unmanaged: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
@@ -176,6 +191,11 @@ pub async fn run_with(
         probe,
         advert_rx,
         unmanaged.clone(),
+        advert::Observed {
+            metrics,
+            usage: ctx.usage.clone(),
+            metrics_addr: metrics_server.as_ref().map(|s| s.addr().to_string()),
+        },
     ));
 
     let mut watch = leases.watch(&subjects::worker_leases(&worker)).await?;
@@ -192,10 +212,13 @@ pub async fn run_with(
             .keys()
             .filter_map(|k| subjects::parse_lease_key(k).map(|(_, t, _)| t))
             .collect();
+        let (held_cpus_milli, held_memory) = ledger.held();
         advert_tx.send_replace(AdvertInputs {
             running,
             draining,
             reserved_gpu: ledger.reserved_gpu_memory(&capacity),
+            held_cpus_milli,
+            held_memory,
         });
     };
 
@@ -561,12 +584,11 @@ impl Attempt {
 
         let (out_tx, out_rx) = mpsc::channel::<Output>(OUTPUT_CHANNEL);
         let shipper = tokio::spawn(ship_output(
-            ctx.js.clone(),
+            ctx.clone(),
             out_rx,
             self.lease.job_id.clone(),
             self.lease.task_id.clone(),
             self.lease.attempt,
-            ctx.worker.clone(),
             claim_rev,
         ));
         let dir = ctx
@@ -578,6 +600,9 @@ impl Attempt {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot make a task directory");
             }
         }
+        let meter = usage::Meter::new(self.lease.grant.gpus.clone());
+        let attempt = (self.lease.task_id.clone(), self.lease.attempt);
+        ctx.usage.add(attempt.clone(), meter.clone());
         let run = TaskRun {
             job_id: self.lease.job_id.clone(),
             task_id: self.lease.task_id.clone(),
@@ -587,8 +612,11 @@ impl Attempt {
             rendezvous: self.lease.rendezvous.clone(),
             dir: dir.clone(),
             limits: limits(&ctx.cfg),
+            usage: Some(meter),
         };
         let finished = ctx.launcher.launch(run, out_tx, self.stop_rx.clone()).await;
+        ctx.usage.remove(&attempt);
+        ctx.metrics.log(0, finished.log_dropped_bytes);
         // Every log line is in the stream before the result.
         let _ = shipper.await;
 
@@ -692,7 +720,7 @@ impl Attempt {
             artifacts,
             started_at: f.started_at,
             finished_at: f.finished_at,
-            usage: None,
+            usage: f.usage,
         }
     }
 
@@ -826,11 +854,13 @@ async fn renew(
             return;
         };
         let expected = rev.load(Ordering::SeqCst);
-        match ctx
+        let sent = std::time::Instant::now();
+        let renewed = ctx
             .leases
             .update(&key, Bytes::from(bytes), Some(ttl), expected)
-            .await
-        {
+            .await;
+        ctx.metrics.renewal(sent.elapsed());
+        match renewed {
             Ok(r) => {
                 rev.fetch_max(r, Ordering::SeqCst);
                 confirmed.mark();
@@ -875,16 +905,20 @@ async fn renew(
 /// Ships a task's output as events; waits for every ack before returning,
 /// so that the result published after it follows the last line.
 async fn ship_output(
-    js: jetstream::Context,
+    ctx: Arc<Ctx>,
     mut rx: mpsc::Receiver<Output>,
     job: JobId,
     task: TaskId,
     attempt: u32,
-    worker: WorkerId,
     lease_rev: u64,
 ) {
+    let (js, metrics, worker) = (&ctx.js, &ctx.metrics, &ctx.worker);
     let mut acks = FuturesUnordered::new();
     while let Some(out) = rx.recv().await {
+        // Drops are counted once, from the attempt's total at its end.
+        if let Output::Log { text, .. } = &out {
+            metrics.log(text.len() as u64, 0);
+        }
         let (kind, body) = match out {
             Output::Log {
                 stream,

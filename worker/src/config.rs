@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use gpufleet_natsutil::metrics::MetricsAddr;
 use gpufleet_natsutil::telemetry::LogFormat;
 use gpufleet_schema::{ByteSize, Dur, WorkerId};
 use serde::{Deserialize, Serialize};
@@ -57,6 +58,8 @@ pub struct WorkerConfig {
     pub connect_patience: Dur,
     /// `text` or `json` log lines on stderr.
     pub log_format: LogFormat,
+    /// Where Prometheus metrics are served (`/metrics`), or `off`.
+    pub metrics_addr: MetricsAddr,
 }
 
 impl Default for WorkerConfig {
@@ -85,9 +88,17 @@ impl Default for WorkerConfig {
             max_artifact_size: ByteSize::gib(4),
             connect_patience: Dur::secs(60),
             log_format: LogFormat::Text,
+            metrics_addr: MetricsAddr::Listen(DEFAULT_METRICS_ADDR.into()),
         }
     }
 }
+
+/// The worker's metrics, on loopback: nothing is exposed to the network
+/// unless the operator chooses to. The coordinator's default port plus
+/// one, so that a coordinator and a worker fit on one machine as they
+/// are; a second worker there needs a port of its own (or gets a warning
+/// and no metrics).
+pub const DEFAULT_METRICS_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 9465);
 
 impl WorkerConfig {
     /// Settings for tests: quick heartbeats and short grace periods.
@@ -100,6 +111,8 @@ impl WorkerConfig {
             kill_grace: Dur(Duration::from_millis(500)),
             drain_timeout: Dur::secs(5),
             connect_patience: Dur::secs(10),
+            // Any free port: tests run side by side.
+            metrics_addr: MetricsAddr::Listen(([127, 0, 0, 1], 0).into()),
             ..Default::default()
         }
     }

@@ -8,6 +8,9 @@
 //!   group, environment, timeouts, memory limit, output and progress.
 //! - [`advert`]: the heartbeat that keeps the advert alive.
 //! - [`ledger`]: the worker's own check against overcommit.
+//! - [`usage`]: what each attempt uses (memory, CPU, GPU), sampled while it
+//!   runs, for its result and the advert.
+//! - [`metrics`]: the worker's Prometheus metrics.
 //! - [`gpu`], [`host`]: what the machine has (NVML or simulated GPUs).
 //! - [`artifacts`]: uploads of a task's output files.
 //! - [`launcher`]: real processes, or none (benchmarks of the control plane).
@@ -21,7 +24,9 @@ pub mod gpu;
 pub mod host;
 pub mod launcher;
 pub mod ledger;
+pub mod metrics;
 pub mod supervisor;
+pub mod usage;
 
 pub use agent::{run, run_with, WorkerError};
 pub use config::WorkerConfig;
