@@ -3,13 +3,14 @@
 //! 100,000 tasks queued. The workers never claim, so reservations expire
 //! and are placed again: the coordinator keeps placing the whole time.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
 use gpufleet_natsutil::{ensure_stores, Backoff, RawKv, Setup};
 use gpufleet_schema::{codec, subjects, ByteSize, Dur, GpuAdvert, WorkerAdvert, WorkerId};
+use gpufleet_worker::procs;
 use serde_json::{json, Value};
 
 pub struct ScaleResult {
@@ -101,21 +102,12 @@ async fn heartbeats(
     }
 }
 
+/// CPU ticks used, resident and peak memory in MiB.
 fn proc_stat(pid: u32) -> Option<(u64, f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb = |k: &str| -> f64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    Some((ticks, kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0))
+    let dir = Path::new(procs::ROOT).join(pid.to_string());
+    let ticks = procs::cpu_ticks(&dir)?;
+    let mib = |field: &str| Some(procs::status_bytes(&dir, field)? as f64 / (1 << 20) as f64);
+    Some((ticks, mib("VmRSS:")?, mib("VmHWM:")?))
 }
 
 /// Coordinator figures, from its `$SRV.STATS`.

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use gpufleet_coordinator::placement::{place, GpuView, TaskRequest, WorkerView};
+use gpufleet_coordinator::placement::{place, TaskRequest, WorkerView};
+use gpufleet_schema::capacity::{GpuCapacity, WorkerCapacity};
 use gpufleet_schema::{GpuRequest, WorkerId};
 
 const GIB: u64 = 1 << 30;
@@ -19,20 +20,16 @@ fn fleet(n: usize) -> Vec<WorkerView> {
             name: WorkerId::new(format!("w{i:04}")).unwrap(),
             labels: BTreeMap::from([("zone".to_string(), format!("z{}", i % 4))]),
             draining: false,
-            cpus_total_milli: 64_000,
-            cpus_free_milli: 64_000,
-            memory_total: 512 * GIB,
-            memory_free: 512 * GIB,
-            gpus: (0..8)
-                .map(|g| GpuView {
-                    index: g,
-                    uuid: format!("GPU-{i}-{g}"),
-                    memory_total: if i % 3 == 0 { 80 * GIB } else { 24 * GIB },
-                    memory_free: if i % 3 == 0 { 80 * GIB } else { 24 * GIB },
-                    exclusive: false,
-                    shares: 0,
-                })
-                .collect(),
+            capacity: WorkerCapacity::new(
+                64_000,
+                512 * GIB,
+                (0..8)
+                    .map(|g| {
+                        let size = if i % 3 == 0 { 80 * GIB } else { 24 * GIB };
+                        GpuCapacity::new(g, format!("GPU-{i}-{g}"), size, 0)
+                    })
+                    .collect(),
+            ),
         })
         .collect()
 }

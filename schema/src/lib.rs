@@ -7,14 +7,18 @@
 //! - [`worker`], [`lease`], [`event`]: what workers advertise, the
 //!   reservations they claim, and the events they stream.
 //! - [`api`]: request and reply bodies of the `gpufleet` micro service.
+//! - [`capacity`]: what a worker has free and whether a grant fits: the one
+//!   model the coordinator places by and the worker checks by.
 //! - [`subjects`]: every subject, bucket and key name.
 //! - [`codec`]: MessagePack (native) and JSON, chosen per message.
 //! - [`usage`]: what a task attempt used (memory, CPU, GPU).
 //! - [`units`], [`ids`]: sizes, durations and identifier newtypes.
 //!
-//! This crate holds the wire and nothing else: no NATS client, no runtime.
+//! This crate holds the wire, and the arithmetic both ends of it must agree
+//! on; no NATS client, no runtime.
 
 pub mod api;
+pub mod capacity;
 pub mod codec;
 pub mod event;
 pub mod ids;

@@ -107,7 +107,7 @@ pub async fn heartbeat(
         probe = p;
         offered_only(&mut snap, &capacity, &mut late);
         let ours = if snap.gpus.iter().any(|g| !g.simulated) {
-            tokio::task::spawn_blocking(crate::agent::descendants_of_self)
+            tokio::task::spawn_blocking(crate::procs::descendants_of_self)
                 .await
                 .unwrap_or_default()
         } else {

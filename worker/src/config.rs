@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use gpufleet_natsutil::metrics::MetricsAddr;
 use gpufleet_natsutil::telemetry::LogFormat;
-use gpufleet_schema::{ByteSize, Dur, WorkerId};
+use gpufleet_schema::{capacity, ByteSize, Dur, WorkerId};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,7 +78,7 @@ impl Default for WorkerConfig {
             cpus: None,
             memory: None,
             addr: None,
-            rendezvous_ports: (29500, 29999),
+            rendezvous_ports: capacity::DEFAULT_RENDEZVOUS_PORTS,
             kill_grace: Dur::secs(10),
             drain_timeout: Dur::secs(300),
             max_result_size: ByteSize::mib(1),
@@ -183,9 +183,9 @@ pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
 }
 
 fn hostname() -> String {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .unwrap_or_else(|_| "worker".into());
+    let raw = crate::procs::hostname()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_else(|| "worker".into());
     // Host names may hold dots; a worker name is one subject token.
     raw.trim()
         .chars()

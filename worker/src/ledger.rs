@@ -3,11 +3,13 @@
 //! The coordinator places by its snapshot, but a stale or second
 //! coordinator could over-place; the worker refuses any reservation that
 //! would overcommit its CPUs, memory, GPUs or GPU memory, with a reason the
-//! coordinator records.
+//! coordinator records. Both sides count by the same model,
+//! [`gpufleet_schema::capacity`], so that what placement grants fits here.
 
 use std::collections::HashMap;
 
-use gpufleet_schema::{ByteSize, Grant};
+use gpufleet_schema::capacity::{self, GpuCapacity, WorkerCapacity};
+use gpufleet_schema::Grant;
 
 /// What this worker offers in total.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,6 +18,29 @@ pub struct Capacity {
     pub memory: u64,
     /// uuid and total memory of each GPU.
     pub gpus: Vec<(String, u64)>,
+}
+
+impl Capacity {
+    /// The offer with nothing of ours held, and `unmanaged` (GPU memory
+    /// used by processes that are not ours, by uuid) taken.
+    fn model(&self, unmanaged: &HashMap<String, u64>) -> WorkerCapacity {
+        WorkerCapacity::new(
+            self.cpus_milli,
+            self.memory,
+            self.gpus
+                .iter()
+                .enumerate()
+                .map(|(i, (uuid, total))| {
+                    let other = unmanaged.get(uuid).copied().unwrap_or(0);
+                    GpuCapacity::new(i as u32, uuid.clone(), *total, other)
+                })
+                .collect(),
+        )
+    }
+
+    fn gpu_total(&self, uuid: &str) -> Option<u64> {
+        self.gpus.iter().find(|(u, _)| u == uuid).map(|(_, t)| *t)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -36,60 +61,11 @@ impl Ledger {
         if self.held.contains_key(key) {
             return Ok(());
         }
-        let cpus: u64 = self.held.values().map(|g| g.cpus_milli).sum::<u64>() + grant.cpus_milli;
-        if cpus > cap.cpus_milli {
-            return Err(format!(
-                "not enough CPUs: {:.2} held of {:.2}, {:.2} asked",
-                (cpus - grant.cpus_milli) as f64 / 1000.0,
-                cap.cpus_milli as f64 / 1000.0,
-                grant.cpus_milli as f64 / 1000.0
-            ));
+        let mut free = cap.model(unmanaged);
+        for h in self.held.values() {
+            free.hold(h);
         }
-        let memory: u64 = self.held.values().map(|g| g.memory.0).sum::<u64>() + grant.memory.0;
-        if memory > cap.memory {
-            return Err(format!(
-                "not enough memory: {} held of {}, {} asked",
-                ByteSize(memory - grant.memory.0),
-                ByteSize(cap.memory),
-                grant.memory
-            ));
-        }
-        for g in &grant.gpus {
-            let Some((_, total)) = cap.gpus.iter().find(|(u, _)| *u == g.uuid) else {
-                return Err(format!("no GPU {} on this worker", g.uuid));
-            };
-            let holders: Vec<&Grant> = self
-                .held
-                .values()
-                .filter(|h| h.gpus.iter().any(|x| x.uuid == g.uuid))
-                .collect();
-            if grant.exclusive && !holders.is_empty() {
-                return Err(format!(
-                    "GPU {} is in use and cannot be given whole",
-                    g.uuid
-                ));
-            }
-            if holders.iter().any(|h| h.exclusive) {
-                return Err(format!("GPU {} is held whole by another task", g.uuid));
-            }
-            let shared: u64 = holders
-                .iter()
-                .flat_map(|h| h.gpus.iter().filter(|x| x.uuid == g.uuid))
-                .map(|x| x.memory.0)
-                .sum();
-            let other = unmanaged.get(&g.uuid).copied().unwrap_or(0);
-            let need = if grant.exclusive { 0 } else { g.memory.0 };
-            if shared + other + need > *total {
-                return Err(format!(
-                    "GPU {} has {} free ({} held by tasks, {} by other processes), {} asked",
-                    g.uuid,
-                    ByteSize(total.saturating_sub(shared + other)),
-                    ByteSize(shared),
-                    ByteSize(other),
-                    ByteSize(need)
-                ));
-            }
-        }
+        free.check(grant).map_err(|e| e.to_string())?;
         self.held.insert(key.to_string(), grant.clone());
         Ok(())
     }
@@ -111,28 +87,18 @@ impl Ledger {
 
     /// GPU memory set aside per GPU uuid (a whole GPU counts in full).
     pub fn reserved_gpu_memory(&self, cap: &Capacity) -> Vec<(String, u64)> {
-        let mut out = Vec::new();
-        for g in self.held.values() {
-            for x in &g.gpus {
-                let m = if g.exclusive {
-                    cap.gpus
-                        .iter()
-                        .find(|(u, _)| *u == x.uuid)
-                        .map_or(x.memory.0, |(_, t)| *t)
-                } else {
-                    x.memory.0
-                };
-                out.push((x.uuid.clone(), m));
-            }
-        }
-        out
+        self.held
+            .values()
+            .flat_map(|g| capacity::gpu_memory_set_aside(g, |u| cap.gpu_total(u)))
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpufleet_schema::GpuGrant;
+    use gpufleet_schema::{ByteSize, GpuGrant};
+    use proptest::prelude::*;
 
     fn cap() -> Capacity {
         Capacity {
@@ -199,5 +165,73 @@ mod tests {
             .try_hold("b", &grant(0, &[("gX", 0)], true), &cap(), &busy)
             .unwrap_err();
         assert!(err.contains("no GPU gX"), "{err}");
+    }
+
+    fn arb_grant() -> impl Strategy<Value = Grant> {
+        (
+            0u64..3000,
+            0u64..8,
+            any::<bool>(),
+            // Indexes into cap()'s GPUs; 2 is a GPU the worker lacks.
+            prop::collection::vec((0usize..3, 0u64..30), 0..3),
+        )
+            .prop_map(|(cpus, mem, exclusive, gpus)| Grant {
+                gpus: gpus
+                    .into_iter()
+                    .map(|(g, gib)| GpuGrant {
+                        index: g as u32,
+                        uuid: format!("g{g}"),
+                        memory: ByteSize(gib << 30),
+                    })
+                    .collect(),
+                exclusive,
+                cpus_milli: cpus,
+                memory: ByteSize(mem << 30),
+            })
+    }
+
+    proptest! {
+        /// Whatever it is offered, in whatever order, with tasks ending
+        /// between, what the ledger holds fits the worker: counted here
+        /// without the capacity model.
+        #[test]
+        fn never_accepts_an_overcommit(
+            offers in prop::collection::vec((arb_grant(), any::<bool>()), 0..40),
+            other in prop::collection::vec(0u64..30, 2),
+        ) {
+            let cap = cap();
+            let unmanaged: HashMap<String, u64> =
+                [("g0".to_string(), other[0] << 30), ("g1".to_string(), other[1] << 30)].into();
+            let mut l = Ledger::default();
+            for (k, (grant, end_one)) in offers.iter().enumerate() {
+                let _ = l.try_hold(&format!("k{k}"), grant, &cap, &unmanaged);
+                if *end_one {
+                    if let Some(key) = l.held.keys().next().cloned() {
+                        l.release(&key);
+                    }
+                }
+                let held: Vec<&Grant> = l.held.values().collect();
+                prop_assert!(held.iter().map(|g| g.cpus_milli).sum::<u64>() <= cap.cpus_milli);
+                prop_assert!(held.iter().map(|g| g.memory.0).sum::<u64>() <= cap.memory);
+                for (uuid, total) in &cap.gpus {
+                    let on_it: Vec<&&Grant> =
+                        held.iter().filter(|g| g.gpus.iter().any(|x| &x.uuid == uuid)).collect();
+                    if on_it.iter().any(|g| g.exclusive) {
+                        prop_assert_eq!(on_it.len(), 1, "a whole GPU has one user");
+                    } else if !on_it.is_empty() {
+                        let shared: u64 = on_it
+                            .iter()
+                            .flat_map(|g| g.gpus.iter().filter(|x| &x.uuid == uuid))
+                            .map(|x| x.memory.0)
+                            .sum();
+                        // What shares set aside fits in what others leave.
+                        prop_assert!(shared <= total.saturating_sub(unmanaged[uuid]));
+                    }
+                }
+                prop_assert!(held
+                    .iter()
+                    .all(|g| g.gpus.iter().all(|x| cap.gpus.iter().any(|(u, _)| *u == x.uuid))));
+            }
+        }
     }
 }

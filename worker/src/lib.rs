@@ -2,29 +2,51 @@
 //! reservations addressed to it, runs each task as a supervised child
 //! process, and streams its output and result back.
 //!
-//! - [`agent`]: the main loop (lease watch, accept/refuse, claim, renew,
-//!   report) and the drain on shutdown.
-//! - [`supervisor`]: one attempt from spawn to classified end: process
-//!   group, environment, timeouts, memory limit, output and progress.
-//! - [`advert`]: the heartbeat that keeps the advert alive.
-//! - [`ledger`]: the worker's own check against overcommit.
+//! Decisions and IO are kept apart. Who owns what:
+//!
+//! - [`core`]: every decision about a lease, as pure functions over the
+//!   worker's state ([`core::WorkerState`]: the ledger and the table of
+//!   running attempts): accept or refuse a reservation, what a claim and a
+//!   renewal write, what a lost renewal race means, whether a finished
+//!   attempt reports. Unit-tested without NATS.
+//! - [`agent`]: the main loop, the only owner of that state. It watches the
+//!   worker's lease keys, asks [`core`], and carries out the answer (writes
+//!   a refusal, starts an attempt, passes a cancel on); it drains on
+//!   shutdown.
+//! - `attempt`: one claimed attempt as its own tokio task (claim, renewal
+//!   timer, launch, report, release); it tells the main loop when its
+//!   resources are free and when it is done.
+//! - `publish`: the one place events are put on the stream (RUNNING,
+//!   output, result).
+//! - [`ledger`]: the worker's own check against overcommit, by the shared
+//!   capacity model in `gpufleet_schema::capacity`.
+//! - [`advert`]: the heartbeat that keeps the advert alive; it reads the
+//!   GPUs and tells the main loop what memory other processes use.
+//! - [`supervisor`]: one attempt's process from spawn to classified end:
+//!   process group, environment, timeouts, memory limit, output and
+//!   progress. It knows nothing of NATS.
+//! - [`launcher`]: real processes, or none (benchmarks of the control plane).
 //! - [`usage`]: what each attempt uses (memory, CPU, GPU), sampled while it
 //!   runs, for its result and the advert.
 //! - [`metrics`]: the worker's Prometheus metrics.
 //! - [`gpu`], [`host`]: what the machine has (NVML or simulated GPUs).
+//! - [`procs`]: everything read from `/proc`.
 //! - [`artifacts`]: uploads of a task's output files.
-//! - [`launcher`]: real processes, or none (benchmarks of the control plane).
 //! - [`config`]: settings and their defaults.
 
 pub mod advert;
 pub mod agent;
 pub mod artifacts;
+mod attempt;
 pub mod config;
+pub mod core;
 pub mod gpu;
 pub mod host;
 pub mod launcher;
 pub mod ledger;
 pub mod metrics;
+pub mod procs;
+mod publish;
 pub mod supervisor;
 pub mod usage;
 

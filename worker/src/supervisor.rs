@@ -34,7 +34,7 @@
 //! that cannot be kept is dropped and counted.
 
 mod dirs;
-pub(crate) mod memory;
+mod memory;
 mod output;
 mod progress;
 mod spawn;
@@ -64,6 +64,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use self::output::{Hub, STDERR_TAIL};
+use crate::config::WorkerConfig;
+use crate::procs;
 pub use dirs::DirPool;
 
 /// How long the pipes may stay open after the main process exited, before
@@ -100,13 +102,21 @@ pub struct Limits {
 }
 
 impl Default for Limits {
+    /// The worker's default settings.
     fn default() -> Self {
+        Limits::from_config(&WorkerConfig::default())
+    }
+}
+
+impl Limits {
+    /// The knobs the worker's settings give; the rest are fixed.
+    pub fn from_config(cfg: &WorkerConfig) -> Limits {
         Limits {
-            kill_grace: Duration::from_secs(10),
-            max_result_bytes: 1 << 20,
-            log_batch_bytes: 64 << 10,
-            log_batch_interval: Duration::from_millis(100),
-            max_log_bytes: 256 << 20,
+            kill_grace: cfg.kill_grace.0,
+            max_result_bytes: cfg.max_result_size.0,
+            log_batch_bytes: cfg.log_batch_size.0 as usize,
+            log_batch_interval: cfg.log_batch_interval.0,
+            max_log_bytes: cfg.max_log_size.0,
             max_pending_log_bytes: 4 << 20,
             memory_poll: Duration::from_millis(250),
             usage_poll: Duration::from_millis(500),
@@ -114,9 +124,7 @@ impl Default for Limits {
             final_flush: Duration::from_secs(5),
         }
     }
-}
 
-impl Limits {
     /// Zero periods would make tokio's intervals panic.
     fn sanitized(mut self) -> Limits {
         let floor = Duration::from_millis(1);
@@ -458,7 +466,7 @@ pub async fn clean_up_earlier_run(work_dir: &Path, owner: &str, remove_dirs: boo
             .iter()
             .map(|p| p.work.as_os_str().as_encoded_bytes().to_vec())
             .collect();
-        done.killed = kill_leftovers(Path::new("/proc"), &works);
+        done.killed = kill_leftovers(Path::new(procs::ROOT), &works);
         if remove_dirs {
             for p in &attempts {
                 match remove_tree(&p.root) {
@@ -483,22 +491,15 @@ fn kill_leftovers(proc_root: &Path, works: &HashSet<Vec<u8>>) -> usize {
     let me = std::process::id() as i32;
     let mut killed = HashSet::new();
     for _ in 0..5 {
-        let Ok(entries) = std::fs::read_dir(proc_root) else {
+        let Ok(processes) = procs::processes(proc_root) else {
             break;
         };
         let mut found = 0;
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<i32>().ok())
-            else {
-                continue;
-            };
+        for (pid, dir) in processes {
             if pid == me {
                 continue;
             }
-            let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            let Some(environ) = procs::environ(&dir) else {
                 continue;
             };
             let ours = environ
@@ -508,10 +509,7 @@ fn kill_leftovers(proc_root: &Path, works: &HashSet<Vec<u8>>) -> usize {
             if !ours {
                 continue;
             }
-            let dead = std::fs::read_to_string(entry.path().join("stat"))
-                .ok()
-                .and_then(|stat| memory::parse_stat(&stat))
-                .is_some_and(|(state, _)| matches!(state, 'Z' | 'X'));
+            let dead = procs::stat(&dir).is_some_and(|s| s.is_dead());
             if !dead && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
                 found += 1;
                 killed.insert(pid);
@@ -893,9 +891,10 @@ async fn wait_group_gone(pgid: Pid) {
     }
     let deadline = Instant::now() + GROUP_EXIT_WAIT;
     loop {
-        let scan =
-            tokio::task::spawn_blocking(move || memory::group_members(Path::new("/proc"), pgid))
-                .await;
+        let scan = tokio::task::spawn_blocking(move || {
+            procs::group_members(Path::new(procs::ROOT), pgid.as_raw())
+        })
+        .await;
         let alive = match scan {
             Ok(Ok(members)) => members.iter().any(|m| m.state != 'Z' && m.state != 'X'),
             _ => return,

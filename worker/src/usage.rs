@@ -1,6 +1,7 @@
 //! What each task attempt uses, measured while it runs.
 //!
-//! - Host memory and CPU: its process group is sampled from `/proc` every
+//! - Host memory and CPU: its process group is sampled from `/proc`
+//!   ([`crate::procs::group_usage`]) every
 //!   `usage_poll` (the resident memory of its processes together, and
 //!   their CPU time, children they reaped included). The first sample
 //!   comes one period after the start, so that a task shorter than that
@@ -18,7 +19,6 @@
 //! the advert; the supervisor feeds a meter, the agent reads it at the end.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,84 +26,7 @@ use std::time::Duration;
 use gpufleet_schema::{ByteSize, GpuGrant, TaskId, TaskUsage};
 
 use crate::gpu::GpuSnapshot;
-use crate::supervisor::memory::page_size;
-
-/// One reading of a task's process group.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct GroupSample {
-    /// Resident memory of its processes together.
-    pub rss: u64,
-    /// CPU time of its processes, and of the children they reaped.
-    pub cpu: Duration,
-    pub pids: Vec<u32>,
-}
-
-/// The group's processes under `proc_root` (a directory laid out like
-/// `/proc`), summed. Blocking.
-pub fn sample_group(proc_root: &Path, pgid: i32) -> io::Result<GroupSample> {
-    let tick = clock_ticks_per_second();
-    let page = page_size();
-    let mut out = GroupSample::default();
-    let mut ticks = 0u64;
-    for entry in std::fs::read_dir(proc_root)? {
-        let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // A process may end between the listing and this read: it then
-        // holds nothing, and its CPU time moved to whoever reaped it.
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some(s) = parse_stat(&stat) else { continue };
-        if s.pgrp != pgid {
-            continue;
-        }
-        out.rss = out.rss.saturating_add(s.rss_pages.saturating_mul(page));
-        ticks = ticks.saturating_add(s.cpu_ticks);
-        out.pids.push(pid);
-    }
-    out.cpu = Duration::from_secs_f64(ticks as f64 / tick as f64);
-    Ok(out)
-}
-
-/// The fields of `/proc/<pid>/stat` usage needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct StatUsage {
-    pgrp: i32,
-    /// utime + stime + cutime + cstime.
-    cpu_ticks: u64,
-    rss_pages: u64,
-}
-
-/// Fields are counted from the last `)`: the command name may hold
-/// anything. After it: state (3), ppid, pgrp (5), ..., utime (14), stime,
-/// cutime, cstime (17), ..., rss (24).
-fn parse_stat(stat: &str) -> Option<StatUsage> {
-    let after = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let field = |n: usize| fields.get(n - 3).copied();
-    let num = |n: usize| field(n)?.parse::<u64>().ok();
-    Some(StatUsage {
-        pgrp: field(5)?.parse().ok()?,
-        cpu_ticks: num(14)? + num(15)? + num(16)? + num(17)?,
-        rss_pages: num(24)?,
-    })
-}
-
-fn clock_ticks_per_second() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if n > 0 {
-        n as u64
-    } else {
-        100
-    }
-}
+use crate::procs::GroupUsage;
 
 /// What a task's processes use on its GPUs in one reading: (memory,
 /// mean utilisation, simulated). `None` when the reading does not cover
@@ -182,7 +105,7 @@ impl Meter {
     }
 
     /// A reading of the task's process group.
-    pub fn host(&self, s: GroupSample) {
+    pub fn host(&self, s: GroupUsage) {
         self.with(|f| {
             f.peak_rss = f.peak_rss.max(s.rss);
             // A process reaped by one outside the group takes its time
@@ -245,8 +168,10 @@ pub async fn follow(meter: Meter, pgid: i32, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let sampled =
-            tokio::task::spawn_blocking(move || sample_group(Path::new("/proc"), pgid)).await;
+        let sampled = tokio::task::spawn_blocking(move || {
+            crate::procs::group_usage(Path::new(crate::procs::ROOT), pgid)
+        })
+        .await;
         match sampled {
             Ok(Ok(s)) if !s.pids.is_empty() => meter.host(s),
             Ok(Ok(_)) => {}
@@ -297,50 +222,6 @@ impl Board {
 mod tests {
     use super::*;
     use crate::gpu::GpuInfo;
-
-    #[test]
-    fn stat_fields_are_counted_from_the_last_paren() {
-        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt
-        // majflt cmajflt utime stime cutime cstime prio nice threads
-        // itrealvalue starttime vsize rss ...
-        let line = "42 (a (b) c) S 1 40 40 0 -1 0 0 0 0 0 7 3 20 10 20 0 1 0 100 4096 50 0";
-        assert_eq!(
-            parse_stat(line),
-            Some(StatUsage {
-                pgrp: 40,
-                cpu_ticks: 40,
-                rss_pages: 50
-            })
-        );
-        assert_eq!(parse_stat("42 (x) S 1 40"), None);
-        assert_eq!(parse_stat("garbage"), None);
-    }
-
-    #[test]
-    fn a_fake_proc_is_summed_over_the_group() {
-        let root = tempfile::tempdir().unwrap();
-        let proc = |pid: u32, pgrp: i32, ticks: u64, pages: u64| {
-            let dir = root.path().join(pid.to_string());
-            std::fs::create_dir(&dir).unwrap();
-            let stat = format!(
-                "{pid} (t) S 1 {pgrp} {pgrp} 0 -1 0 0 0 0 0 {ticks} 0 0 0 20 0 1 0 100 4096 {pages} 0"
-            );
-            std::fs::write(dir.join("stat"), stat).unwrap();
-        };
-        proc(10, 10, 100, 1000);
-        proc(11, 10, 50, 500);
-        proc(12, 99, 7, 7);
-        std::fs::create_dir(root.path().join("self-ish")).unwrap();
-        let s = sample_group(root.path(), 10).unwrap();
-        let mut pids = s.pids.clone();
-        pids.sort();
-        assert_eq!(pids, vec![10, 11]);
-        assert_eq!(s.rss, 1500 * page_size());
-        assert_eq!(
-            s.cpu,
-            Duration::from_secs_f64(150.0 / clock_ticks_per_second() as f64)
-        );
-    }
 
     fn gpu(uuid: &str, simulated: bool, processes: Option<Vec<(u32, u64)>>) -> GpuInfo {
         GpuInfo {
@@ -401,7 +282,7 @@ mod tests {
     #[test]
     fn a_meter_keeps_peaks_and_means() {
         let m = Meter::new(vec![grant("real", 8)]);
-        let sample = |rss: u64, secs: u64| GroupSample {
+        let sample = |rss: u64, secs: u64| GroupUsage {
             rss,
             cpu: Duration::from_secs(secs),
             pids: vec![10],

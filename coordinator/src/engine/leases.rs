@@ -10,12 +10,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use gpufleet_schema::capacity::{WorkerCapacity, DEFAULT_RENDEZVOUS_PORTS};
 use gpufleet_schema::{Lease, LeaseState, TaskId, WorkerAdvert, WorkerId};
 
-use crate::placement::{GpuView, WorkerView};
-
-/// Rendezvous ports a worker uses when its advert names none.
-const DEFAULT_RENDEZVOUS_PORTS: (u16, u16) = (29500, 29999);
+use crate::placement::WorkerView;
 
 /// A live key in `gpufleet-leases`, as we last saw or wrote it.
 #[derive(Debug, Clone)]
@@ -158,22 +156,7 @@ impl LeaseBook {
                 name: a.name.clone(),
                 labels: a.labels.clone(),
                 draining: a.draining,
-                cpus_total_milli: a.cpus_milli,
-                cpus_free_milli: a.cpus_milli,
-                memory_total: a.memory_total.0,
-                memory_free: a.memory_total.0,
-                gpus: a
-                    .gpus
-                    .iter()
-                    .map(|g| GpuView {
-                        index: g.index,
-                        uuid: g.uuid.clone(),
-                        memory_total: g.memory_total.0,
-                        memory_free: g.memory_total.0.saturating_sub(g.memory_unmanaged.0),
-                        exclusive: false,
-                        shares: 0,
-                    })
-                    .collect(),
+                capacity: WorkerCapacity::from_advert(a),
             })
             .collect();
         let index: HashMap<WorkerId, usize> = views
@@ -189,20 +172,7 @@ impl LeaseBook {
             let Some(&w) = index.get(&l.worker) else {
                 continue;
             };
-            let v = &mut views[w];
-            v.cpus_free_milli = v.cpus_free_milli.saturating_sub(l.grant.cpus_milli);
-            v.memory_free = v.memory_free.saturating_sub(l.grant.memory.0);
-            for g in &l.grant.gpus {
-                if let Some(gv) = v.gpus.iter_mut().find(|gv| gv.uuid == g.uuid) {
-                    if l.grant.exclusive {
-                        gv.exclusive = true;
-                        gv.memory_free = 0;
-                    } else {
-                        gv.shares += 1;
-                        gv.memory_free = gv.memory_free.saturating_sub(g.memory.0);
-                    }
-                }
-            }
+            views[w].capacity.hold(&l.grant);
         }
         views
     }

@@ -8,41 +8,36 @@
 //! this file for the algorithm and its reasons.
 
 use std::collections::BTreeMap;
+use std::ops::{Deref, DerefMut};
 
-use gpufleet_schema::{GpuGrant, GpuRequest, Grant, WorkerId};
+use gpufleet_schema::capacity::WorkerCapacity;
+use gpufleet_schema::{GpuRequest, Grant, WorkerId};
 
-/// One GPU as placement sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GpuView {
-    pub index: u32,
-    pub uuid: String,
-    pub memory_total: u64,
-    /// Memory still free for us: total, less what processes that are not
-    /// ours use (live, from NVML), less what our reservations set aside.
-    pub memory_free: u64,
-    /// Held whole by one task.
-    pub exclusive: bool,
-    /// Tasks sharing it by memory.
-    pub shares: u32,
-}
-
-impl GpuView {
-    fn is_idle(&self) -> bool {
-        !self.exclusive && self.shares == 0
-    }
-}
-
-/// One worker as placement sees it.
+/// One worker as placement sees it: who it is, and its capacity by the
+/// model the worker itself checks grants with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerView {
     pub name: WorkerId,
     pub labels: BTreeMap<String, String>,
     pub draining: bool,
-    pub cpus_total_milli: u64,
-    pub cpus_free_milli: u64,
-    pub memory_total: u64,
-    pub memory_free: u64,
-    pub gpus: Vec<GpuView>,
+    pub capacity: WorkerCapacity,
+}
+
+/// A view reads as its capacity (`view.cpus_free_milli`, `view.gpus`):
+/// the filters and scores below, and the engine's hold logic, look at
+/// little else.
+impl Deref for WorkerView {
+    type Target = WorkerCapacity;
+
+    fn deref(&self) -> &WorkerCapacity {
+        &self.capacity
+    }
+}
+
+impl DerefMut for WorkerView {
+    fn deref_mut(&mut self) -> &mut WorkerCapacity {
+        &mut self.capacity
+    }
 }
 
 /// What one task needs, and where it may go.
@@ -178,10 +173,10 @@ fn fit(task: &TaskRequest, w: &WorkerView) -> Result<Fit, Reject> {
             has: w.memory_total,
         });
     }
-    if w.cpus_free_milli < task.cpus_milli {
+    if !w.fits_cpus(task.cpus_milli) {
         return Err(Reject::CpusBusy);
     }
-    if w.memory_free < task.memory {
+    if !w.fits_memory(task.memory) {
         return Err(Reject::MemoryBusy);
     }
     let cpu_pack = |after_free: u64| -> u32 {
@@ -202,7 +197,7 @@ fn fit(task: &TaskRequest, w: &WorkerView) -> Result<Fit, Reject> {
         }
         GpuRequest::Whole { count, memory } => {
             let mut idle: Vec<usize> = (0..w.gpus.len())
-                .filter(|&i| w.gpus[i].is_idle() && w.gpus[i].memory_free >= memory)
+                .filter(|&i| w.gpus[i].fits_whole(memory))
                 .collect();
             if idle.len() < count as usize {
                 let free = w.gpus.iter().filter(|g| g.is_idle()).count();
@@ -235,7 +230,7 @@ fn fit(task: &TaskRequest, w: &WorkerView) -> Result<Fit, Reject> {
         }
         GpuRequest::Share { memory } => {
             let candidates: Vec<usize> = (0..w.gpus.len())
-                .filter(|&i| !w.gpus[i].exclusive && w.gpus[i].memory_free >= memory)
+                .filter(|&i| w.gpus[i].fits_share(memory))
                 .collect();
             // A GPU that is already shared first (keep idle GPUs whole for
             // whole-GPU tasks); then the most free memory, as fedflow's
@@ -269,45 +264,6 @@ fn fit(task: &TaskRequest, w: &WorkerView) -> Result<Fit, Reject> {
     }
 }
 
-/// Deducts a grant from a worker's view.
-fn take(w: &mut WorkerView, task: &TaskRequest, gpus: &[usize]) -> Grant {
-    w.cpus_free_milli -= task.cpus_milli;
-    w.memory_free -= task.memory;
-    let (exclusive, per_gpu) = match task.gpu {
-        GpuRequest::None => (false, 0),
-        GpuRequest::Whole { memory, .. } => (true, memory),
-        GpuRequest::Share { memory } => (false, memory),
-    };
-    let mut grants = Vec::with_capacity(gpus.len());
-    for &i in gpus {
-        let g = &mut w.gpus[i];
-        if exclusive {
-            g.exclusive = true;
-            // A whole GPU is the task's: nothing is left for shares.
-            grants.push(GpuGrant {
-                index: g.index,
-                uuid: g.uuid.clone(),
-                memory: gpufleet_schema::ByteSize(g.memory_free.max(per_gpu)),
-            });
-            g.memory_free = 0;
-        } else {
-            g.shares += 1;
-            g.memory_free -= per_gpu;
-            grants.push(GpuGrant {
-                index: g.index,
-                uuid: g.uuid.clone(),
-                memory: gpufleet_schema::ByteSize(per_gpu),
-            });
-        }
-    }
-    Grant {
-        gpus: grants,
-        exclusive,
-        cpus_milli: task.cpus_milli,
-        memory: gpufleet_schema::ByteSize(task.memory),
-    }
-}
-
 /// Best worker for one task, or the reasons none fits.
 fn choose(task: &TaskRequest, workers: &[WorkerView]) -> Result<(usize, Fit), Vec<Reject>> {
     let mut best: Option<(usize, Fit)> = None;
@@ -333,7 +289,7 @@ pub fn place(tasks: &[TaskRequest], workers: &mut [WorkerView]) -> Placement {
     for (t, task) in tasks.iter().enumerate() {
         match choose(task, workers) {
             Ok((w, f)) => {
-                let grant = take(&mut workers[w], task, &f.gpus);
+                let grant = workers[w].take(task.cpus_milli, task.memory, task.gpu, &f.gpus);
                 out.assigned.push(Assignment {
                     task: t,
                     worker: w,

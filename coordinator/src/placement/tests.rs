@@ -1,4 +1,5 @@
 use super::*;
+use gpufleet_schema::capacity::GpuCapacity;
 use proptest::prelude::*;
 
 const GIB: u64 = 1 << 30;
@@ -8,22 +9,14 @@ fn worker(name: &str, cpus: u64, gpus: &[u64]) -> WorkerView {
         name: WorkerId::new(name).unwrap(),
         labels: BTreeMap::new(),
         draining: false,
-        cpus_total_milli: cpus * 1000,
-        cpus_free_milli: cpus * 1000,
-        memory_total: 64 * GIB,
-        memory_free: 64 * GIB,
-        gpus: gpus
-            .iter()
-            .enumerate()
-            .map(|(i, &m)| GpuView {
-                index: i as u32,
-                uuid: format!("GPU-{name}-{i}"),
-                memory_total: m * GIB,
-                memory_free: m * GIB,
-                exclusive: false,
-                shares: 0,
-            })
-            .collect(),
+        capacity: WorkerCapacity::new(
+            cpus * 1000,
+            64 * GIB,
+            gpus.iter()
+                .enumerate()
+                .map(|(i, &m)| GpuCapacity::new(i as u32, format!("GPU-{name}-{i}"), m * GIB, 0))
+                .collect(),
+        ),
     }
 }
 

@@ -150,11 +150,8 @@ fn field(text: &str, name: &str) -> String {
 /// Whether a process that is neither gone nor a zombie has `pid` and
 /// belongs to group `pgid` (the group check guards against pid reuse).
 fn alive_in_group(pid: i32, pgid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    match memory::parse_stat(&stat) {
-        Some((state, pgrp)) => pgrp == pgid && state != 'Z' && state != 'X',
+    match crate::procs::stat(&Path::new(crate::procs::ROOT).join(pid.to_string())) {
+        Some(s) => s.pgrp == pgid && !s.is_dead(),
         None => false,
     }
 }
@@ -576,13 +573,8 @@ async fn a_program_that_cannot_start_fails_unlaunched() {
 
 /// Peak and current resident memory of this test process, in bytes.
 fn own_memory(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
-    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kb * 1024
+    crate::procs::status_bytes(&Path::new(crate::procs::ROOT).join("self"), field)
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
 }
 
 const FLOOD_BYTES: u64 = 200_000_000;

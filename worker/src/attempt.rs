@@ -1,0 +1,485 @@
+//! One attempt, from claim to release, as its own tokio task: claims the
+//! reservation, renews the lease on a timer of its own, runs the task,
+//! ships its output, reports its result and lets the lease go. What each
+//! step writes and what a lost race means are decided in [`crate::core`];
+//! this is the IO around those decisions.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use gpufleet_natsutil::KvError;
+use gpufleet_schema::{codec, EventBody, Lease, TaskOutcome, TaskState};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::agent::{AttemptMsg, Ctx};
+use crate::artifacts;
+use crate::core::{self, AfterConflict, Finish};
+use crate::publish::{self, Source};
+use crate::supervisor::{Finished, Limits, Output, StopReason, TaskRun};
+use crate::usage;
+
+/// Output batches waiting between a task's supervisor and its shipper.
+/// With the shipper's bound on events in flight and the supervisor's own
+/// queue (`max_pending_log_bytes`) this bounds the output a task can make
+/// the worker hold: 4 MiB plus about 80 batches (5 MiB at 64 KiB a batch).
+const OUTPUT_CHANNEL: usize = 16;
+
+/// When a lease was last known to be this attempt's (claim or renewal), as
+/// nanoseconds on a process-wide monotonic clock, which keeps counting
+/// while the process is frozen.
+#[derive(Default)]
+struct Confirmed(AtomicU64);
+
+fn clock_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
+
+impl Confirmed {
+    fn mark(&self) {
+        self.0.fetch_max(clock_ns(), Ordering::SeqCst);
+    }
+
+    fn age(&self) -> Duration {
+        Duration::from_nanos(clock_ns().saturating_sub(self.0.load(Ordering::SeqCst)))
+    }
+}
+
+/// One claimed (or about to be claimed) attempt.
+pub(crate) struct Attempt {
+    pub ctx: Arc<Ctx>,
+    pub key: String,
+    pub lease: Lease,
+    pub source: Source,
+    pub stop: Arc<watch::Sender<Option<StopReason>>>,
+    pub released: Arc<AtomicBool>,
+    pub stop_rx: watch::Receiver<Option<StopReason>>,
+    pub rev: Arc<AtomicU64>,
+    /// The main loop, which owns the ledger.
+    pub main: mpsc::Sender<AttemptMsg>,
+}
+
+impl Attempt {
+    pub async fn run(self) {
+        let ctx = self.ctx.clone();
+        let ttl = core::lease_ttl(&self.lease);
+        // Claim: compare-and-set on the reservation's revision.
+        let claimed = core::claimed(&self.lease, &ctx.instance);
+        let Ok(bytes) = codec::encode(&claimed) else {
+            return;
+        };
+        let expected = self.rev.load(Ordering::SeqCst);
+        let claim_rev = match ctx
+            .leases
+            .update(&self.key, Bytes::from(bytes), Some(ttl), expected)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(key = %self.key, error = %e, "could not claim a reservation");
+                return;
+            }
+        };
+        self.rev.fetch_max(claim_rev, Ordering::SeqCst);
+        let confirmed = Arc::new(Confirmed::default());
+        confirmed.mark();
+        tracing::info!(task_id = %self.lease.task_id, attempt = self.lease.attempt, "task claimed");
+
+        let renewal = tokio::spawn(renew(
+            ctx.clone(),
+            self.key.clone(),
+            claimed,
+            ttl,
+            self.rev.clone(),
+            self.stop.clone(),
+            confirmed.clone(),
+        ));
+
+        let (subject, ev) = self.source.event(
+            EventBody::State {
+                state: TaskState::Running,
+                reason: None,
+            },
+            claim_rev,
+        );
+        // Sent now (so it is stored before any output, which follows on the
+        // same connection), its ack awaited before the result: the task
+        // does not wait a round trip to start.
+        let running_ack = publish::send_event(&ctx.js, subject, &ev).await;
+
+        let (out_tx, out_rx) = mpsc::channel::<Output>(OUTPUT_CHANNEL);
+        let shipper = tokio::spawn(publish::ship_output(
+            ctx.js.clone(),
+            ctx.metrics.clone(),
+            out_rx,
+            self.source.clone(),
+            claim_rev,
+        ));
+        let dir = ctx
+            .work_dir
+            .join(format!("{}-{}", self.lease.task_id, self.lease.attempt));
+        if ctx.launcher.uses_dir() {
+            if let Err(e) = ctx.dirs.take(&dir).await {
+                // The task's start reports it, if it cannot make it either.
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot make a task directory");
+            }
+        }
+        let meter = usage::Meter::new(self.lease.grant.gpus.clone());
+        let attempt = (self.lease.task_id.clone(), self.lease.attempt);
+        ctx.usage.add(attempt.clone(), meter.clone());
+        let run = TaskRun {
+            job_id: self.lease.job_id.clone(),
+            task_id: self.lease.task_id.clone(),
+            attempt: self.lease.attempt,
+            spec: self.lease.task.clone(),
+            gpus: self.lease.grant.gpus.clone(),
+            rendezvous: self.lease.rendezvous.clone(),
+            dir: dir.clone(),
+            limits: Limits::from_config(&ctx.cfg),
+            usage: Some(meter),
+        };
+        let finished = ctx.launcher.launch(run, out_tx, self.stop_rx.clone()).await;
+        ctx.usage.remove(&attempt);
+        ctx.metrics.log(0, finished.log_dropped_bytes);
+        // Every log line is in the stream before the result.
+        let _ = shipper.await;
+
+        if let Some(ack) = running_ack {
+            if let Err(e) = ack.await {
+                tracing::warn!(error = %e, "the RUNNING event was not stored");
+            }
+        }
+        let stop = *self.stop_rx.borrow();
+        let fenced = match core::finish(stop, confirmed.age(), ttl) {
+            Finish::Report => false,
+            Finish::Fenced => true,
+            Finish::CheckLease if self.still_ours().await => false,
+            Finish::CheckLease => {
+                // The lease lapsed while nothing here could notice (a
+                // frozen worker, a stalled runtime): a newer attempt may
+                // run elsewhere.
+                self.stop.send_replace(Some(StopReason::Fenced));
+                true
+            }
+        };
+        if fenced {
+            tracing::warn!(task_id = %self.lease.task_id, "attempt fenced: its result is not reported");
+        } else {
+            let outcome = self.outcome(finished).await;
+            self.report(outcome, claim_rev).await;
+        }
+        renewal.abort();
+        self.released.store(true, Ordering::SeqCst);
+        if !fenced {
+            self.free_resources().await;
+            if let Err(e) = ctx.leases.purge(&self.key, Duration::from_secs(60)).await {
+                tracing::warn!(key = %self.key, error = %e, "could not release a lease; it will expire");
+            }
+        }
+        if !ctx.cfg.keep_task_dirs && ctx.launcher.uses_dir() {
+            if let Err(e) = ctx.dirs.give_back(&dir).await {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove a task directory");
+            }
+        }
+    }
+
+    /// Whether the lease is still this attempt's ([`core::still_ours`]).
+    async fn still_ours(&self) -> bool {
+        match self.ctx.leases.last(&self.key).await {
+            Ok(latest) => {
+                core::still_ours(latest.as_ref(), self.lease.attempt, &self.ctx.instance).is_some()
+            }
+            Err(e) => {
+                // Cannot tell; the coordinator refuses a superseded
+                // attempt's result anyway.
+                tracing::warn!(key = %self.key, error = %e, "cannot check the lease before reporting");
+                true
+            }
+        }
+    }
+
+    /// Frees this attempt's resources in the ledger before its lease goes.
+    async fn free_resources(&self) {
+        let (freed, answer) = oneshot::channel();
+        let msg = AttemptMsg::Releasing {
+            key: self.key.clone(),
+            freed,
+        };
+        if self.main.send(msg).await.is_ok() {
+            let _ = answer.await;
+        }
+    }
+
+    async fn outcome(&self, f: Finished) -> TaskOutcome {
+        let mut error = f.error;
+        let mut artifacts = Vec::new();
+        if f.launched && !self.lease.task.artifacts.is_empty() {
+            let prefix = format!(
+                "{}/{}/{}",
+                self.lease.job_id, self.lease.task_id, self.lease.attempt
+            );
+            let up = artifacts::upload(
+                &self.ctx.objects,
+                &f.output_dir,
+                &self.lease.task.artifacts,
+                &prefix,
+                self.ctx.cfg.max_artifact_size.0,
+            )
+            .await;
+            artifacts = up.artifacts;
+            if !up.errors.is_empty() {
+                let joined = up.errors.join("; ");
+                error = Some(match error {
+                    Some(e) => format!("{e}; {joined}"),
+                    None => joined,
+                });
+            }
+        }
+        TaskOutcome {
+            state: f.state,
+            exit_code: f.exit_code,
+            signal: f.signal,
+            result: f.result,
+            error,
+            artifacts,
+            started_at: f.started_at,
+            finished_at: f.finished_at,
+            usage: f.usage,
+        }
+    }
+
+    /// Publishes the result until the stream has it, or the lease is lost.
+    async fn report(&self, outcome: TaskOutcome, claim_rev: u64) {
+        // A result event that cannot be one NATS message would be refused
+        // on every try: make it fit first.
+        let max = self
+            .ctx
+            .js
+            .client()
+            .max_payload()
+            .saturating_sub(HEADER_ROOM);
+        let outcome = fit_outcome(outcome, max, |o| {
+            let (_, ev) = self.source.event(EventBody::Result(o.clone()), claim_rev);
+            codec::encode(&ev).map_or(0, |b| b.len())
+        });
+        let (subject, ev) = self.source.event(EventBody::Result(outcome), claim_rev);
+        // The same id on every try: the stream keeps one copy.
+        let msg_id =
+            gpufleet_schema::subjects::result_msg_id(&self.lease.task_id, self.lease.attempt);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if publish::publish(&self.ctx.js, subject.clone(), &ev, Some(&msg_id)).await {
+                return;
+            }
+            if *self.stop_rx.borrow() == Some(StopReason::Fenced) {
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Room kept for a result event's headers (content type, message id).
+const HEADER_ROOM: usize = 1024;
+/// The longest error text a result carries.
+const MAX_ERROR_CHARS: usize = 16 * 1024;
+
+/// Makes an outcome fit in `max` bytes as measured by `size`: a result too
+/// large to send is left out and a success becomes FAILED (the task would
+/// fail the same way if retried), then, if need be, the artifact list is
+/// left out (the files stay in the store) and the error text is shortened.
+fn fit_outcome(
+    mut o: TaskOutcome,
+    max: usize,
+    size: impl Fn(&TaskOutcome) -> usize,
+) -> TaskOutcome {
+    let add_error = |o: &mut TaskOutcome, problem: String| {
+        o.error = Some(match o.error.take() {
+            Some(e) => format!("{e}; {problem}"),
+            None => problem,
+        });
+    };
+    let n = size(&o);
+    if n <= max {
+        return o;
+    }
+    if o.result.take().is_some() {
+        if o.state == TaskState::Succeeded {
+            o.state = TaskState::Failed;
+        }
+        let problem = format!(
+            "the result is {} as an event, more than the {} one NATS message may hold (the server's max_payload); write less to GPUFLEET_RESULT",
+            gpufleet_schema::ByteSize(n as u64),
+            gpufleet_schema::ByteSize(max as u64)
+        );
+        add_error(&mut o, problem);
+        if size(&o) <= max {
+            return o;
+        }
+    }
+    if !o.artifacts.is_empty() {
+        let count = o.artifacts.len();
+        o.artifacts.clear();
+        add_error(
+            &mut o,
+            format!("{count} artifacts were uploaded: too many to list in the result"),
+        );
+    }
+    if let Some(e) = &mut o.error {
+        if e.len() > MAX_ERROR_CHARS {
+            let cut = (0..=MAX_ERROR_CHARS)
+                .rev()
+                .find(|&i| e.is_char_boundary(i))
+                .unwrap_or(0);
+            e.truncate(cut);
+            e.push_str("...");
+        }
+    }
+    o
+}
+
+/// Renews the lease every third of its TTL, compare-and-set on the last
+/// revision ([`core::renewal`] says what it writes). A lost race is looked
+/// into ([`core::after_conflict`]): the coordinator asking to cancel is
+/// obeyed; anything else means the lease is no longer ours.
+async fn renew(
+    ctx: Arc<Ctx>,
+    key: String,
+    lease: Lease,
+    ttl: Duration,
+    rev: Arc<AtomicU64>,
+    stop: Arc<watch::Sender<Option<StopReason>>>,
+    confirmed: Arc<Confirmed>,
+) {
+    let attempt = lease.attempt;
+    let mut current = lease;
+    let mut interval = tokio::time::interval(ttl / 3);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        // A cancel the lease watch saw (its revision is already ours).
+        core::renewal(&mut current, *stop.borrow());
+        let Ok(bytes) = codec::encode(&current) else {
+            return;
+        };
+        let expected = rev.load(Ordering::SeqCst);
+        let sent = std::time::Instant::now();
+        let renewed = ctx
+            .leases
+            .update(&key, Bytes::from(bytes), Some(ttl), expected)
+            .await;
+        ctx.metrics.renewal(sent.elapsed());
+        match renewed {
+            Ok(r) => {
+                rev.fetch_max(r, Ordering::SeqCst);
+                confirmed.mark();
+                continue;
+            }
+            Err(KvError::Conflict { .. }) => {}
+            Err(e) => {
+                tracing::warn!(key, error = %e, "lease renewal failed; retrying");
+                continue;
+            }
+        }
+        let latest = match ctx.leases.last(&key).await {
+            Ok(latest) => latest,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "lease check failed; retrying");
+                continue;
+            }
+        };
+        match core::after_conflict(latest.as_ref(), attempt, &ctx.instance) {
+            AfterConflict::Fenced => {
+                stop.send_replace(Some(StopReason::Fenced));
+                return;
+            }
+            AfterConflict::Adopt {
+                lease,
+                revision,
+                cancel,
+            } => {
+                rev.fetch_max(revision, Ordering::SeqCst);
+                if cancel {
+                    stop.send_replace(Some(StopReason::Cancel));
+                }
+                // Renew at once what we found, so that it does not lapse
+                // while the task is stopped.
+                current = *lease;
+                if let Ok(b) = codec::encode(&current) {
+                    if let Ok(r) = ctx
+                        .leases
+                        .update(&key, Bytes::from(b), Some(ttl), revision)
+                        .await
+                    {
+                        rev.fetch_max(r, Ordering::SeqCst);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_schema::{Artifact, ByteSize};
+    use time::OffsetDateTime;
+
+    fn outcome(result: usize, artifacts: usize) -> TaskOutcome {
+        TaskOutcome {
+            state: TaskState::Succeeded,
+            exit_code: Some(0),
+            signal: None,
+            result: Some(serde_json::Value::String("x".repeat(result))),
+            error: None,
+            artifacts: (0..artifacts)
+                .map(|i| Artifact {
+                    name: format!("out/{i}"),
+                    object: format!("j/t/1/out/{i}"),
+                    size: ByteSize(1),
+                    sha256: "0".repeat(64),
+                })
+                .collect(),
+            started_at: None,
+            finished_at: OffsetDateTime::now_utc(),
+            usage: None,
+        }
+    }
+
+    fn size(o: &TaskOutcome) -> usize {
+        codec::encode(o).unwrap().len()
+    }
+
+    #[test]
+    fn an_outcome_that_fits_is_left_alone() {
+        let o = outcome(100, 3);
+        assert_eq!(fit_outcome(o.clone(), 1 << 20, size), o);
+    }
+
+    #[test]
+    fn a_result_too_large_to_send_fails_the_task_with_the_reason() {
+        let o = fit_outcome(outcome(1 << 20, 3), 1 << 20, size);
+        assert_eq!(o.state, TaskState::Failed);
+        assert_eq!(o.result, None);
+        assert_eq!(o.artifacts.len(), 3, "the artifacts still fit");
+        assert!(o.error.unwrap().contains("max_payload"));
+    }
+
+    #[test]
+    fn too_many_artifacts_are_left_out_of_the_list_but_not_failed() {
+        let o = outcome(0, 20_000);
+        let max = 64 << 10;
+        let mut o = fit_outcome(TaskOutcome { result: None, ..o }, max, size);
+        assert_eq!(o.state, TaskState::Succeeded);
+        assert!(o.artifacts.is_empty());
+        assert!(o.error.take().unwrap().contains("20000 artifacts"));
+        assert!(size(&o) <= max);
+    }
+}
