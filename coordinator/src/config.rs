@@ -75,10 +75,9 @@ impl Default for CoordinatorConfig {
 
 /// The coordinator's metrics, on loopback: nothing is exposed to the
 /// network unless the operator chooses to (`0.0.0.0:9464` for a Prometheus
-/// elsewhere). The port is the one OpenTelemetry's Prometheus exporters
-/// use, and the worker takes the next one, so that one of each fits on a
-/// machine with their defaults.
-pub const DEFAULT_METRICS_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 9464);
+/// elsewhere).
+pub const DEFAULT_METRICS_ADDR: ([u8; 4], u16) =
+    ([127, 0, 0, 1], gpufleet_natsutil::metrics::COORDINATOR_PORT);
 
 impl CoordinatorConfig {
     /// Settings for tests: short timers so faults show quickly.

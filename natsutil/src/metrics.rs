@@ -24,6 +24,13 @@ use serde::{Deserialize, Serialize};
 /// The content type of the OpenMetrics text format.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// The coordinator's default metrics port: the one OpenTelemetry's
+/// Prometheus exporters use. The worker's is the next, so that one of each
+/// fits on a machine as they are (`gpufleet up` gives its N-th worker the
+/// coordinator's port plus N).
+pub const COORDINATOR_PORT: u16 = 9464;
+pub const WORKER_PORT: u16 = 9465;
+
 /// How long a scrape waits for its [`Refresh`]; past it, the figures from
 /// the previous refresh are served, so that a busy program still answers.
 pub const REFRESH_WAIT: Duration = Duration::from_secs(2);

@@ -228,6 +228,9 @@ async fn the_dashboard_follows_a_job_streams_its_logs_and_cancels_from_the_page(
         t.contains("first-line")
     })
     .await;
+    // What it uses so far: its simulated GPU share, from the advert.
+    let usage = format!("tr[data-task='{job}-0'] .usage");
+    text_when(c, &usage, "the task's usage", |t| t.contains("GPU 2 GiB")).await;
     // While it runs, its GPU share shows who holds it.
     text_when(
         c,

@@ -94,11 +94,10 @@ impl Default for WorkerConfig {
 }
 
 /// The worker's metrics, on loopback: nothing is exposed to the network
-/// unless the operator chooses to. The coordinator's default port plus
-/// one, so that a coordinator and a worker fit on one machine as they
-/// are; a second worker there needs a port of its own (or gets a warning
-/// and no metrics).
-pub const DEFAULT_METRICS_ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 9465);
+/// unless the operator chooses to. A second worker on one machine needs a
+/// port of its own (or gets a warning and no metrics).
+pub const DEFAULT_METRICS_ADDR: ([u8; 4], u16) =
+    ([127, 0, 0, 1], gpufleet_natsutil::metrics::WORKER_PORT);
 
 impl WorkerConfig {
     /// Settings for tests: quick heartbeats and short grace periods.
