@@ -133,3 +133,36 @@ fn gauges_are_taken_from_the_state_when_asked() {
         assert!(has(&text, line), "{line} missing from\n{text}");
     }
 }
+
+#[test]
+fn a_held_worker_is_marked_in_workers_list_and_counted() {
+    let mut e = ready_engine(&[advert("w1", 16, 2)]);
+    let small = r#"{"tasks": [{"command": ["small"], "resources": {"gpus": 1}}]}"#;
+    let (_s, _rx) = submit(&mut e, small);
+    let (key, lease) = e.take_effects().create_leases.remove(0);
+    claim(&mut e, &key, &lease, 1);
+    let (_big, _rx) = submit(
+        &mut e,
+        r#"{"tasks": [{"command": ["big"], "resources": {"gpus": 2}}]}"#,
+    );
+    let secs = CoordinatorConfig::default().starvation_after.0.as_secs();
+    tick_after(&mut e, secs + 1);
+    e.schedule_if_needed();
+    assert!(e.queue.hold().is_some(), "the big task starves");
+    let (tx, mut rx) = oneshot::channel();
+    e.handle(Input::Api(
+        ApiCall::Workers {
+            after: None,
+            limit: 10,
+        },
+        tx,
+    ));
+    for (tx, reply, _) in e.take_effects().replies {
+        tx.send(reply).unwrap();
+    }
+    let Ok(Reply::Workers(list)) = rx.try_recv() else {
+        panic!("no workers reply");
+    };
+    assert!(list[0].held, "{:?}", list[0]);
+    assert_eq!(e.observe().workers_held, 1);
+}
