@@ -45,7 +45,7 @@ fn advert(i: usize, started: time::OffsetDateTime) -> WorkerAdvert {
         gpus: (0..8)
             .map(|g| GpuAdvert {
                 index: g,
-                uuid: format!("GPU-{name}-{g}"),
+                uuid: format!("GPU-{name}-{g}").into(),
                 model: "A100".into(),
                 memory_total: ByteSize::gib(80),
                 memory_used: ByteSize(0),

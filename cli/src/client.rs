@@ -192,7 +192,7 @@ impl Api {
 }
 
 /// Which tasks hold each GPU (by uuid), from the live leases.
-pub type Holders = std::collections::HashMap<String, Vec<String>>;
+pub type Holders = std::collections::HashMap<gpufleet_schema::GpuUuid, Vec<String>>;
 
 impl Api {
     /// Which tasks hold each GPU, from the live leases.

@@ -26,7 +26,7 @@ fn fleet(n: usize) -> Vec<WorkerView> {
                 (0..8)
                     .map(|g| {
                         let size = if i % 3 == 0 { 80 * GIB } else { 24 * GIB };
-                        GpuCapacity::new(g, format!("GPU-{i}-{g}"), size, 0)
+                        GpuCapacity::new(g, format!("GPU-{i}-{g}").into(), size, 0)
                     })
                     .collect(),
             ),

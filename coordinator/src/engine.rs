@@ -26,8 +26,8 @@
 
 use gpufleet_schema::api::{code, SubmitReply};
 use gpufleet_schema::{
-    subjects, Encoding, Event, EventBody, JobId, JobSpec, JobState, JobStatus, Lease, TaskState,
-    WorkerAdvert, WorkerId,
+    subjects, Encoding, Event, EventBody, JobId, JobSpec, JobState, JobStatus, Lease, LeaseKey,
+    TaskState, WorkerAdvert, WorkerId,
 };
 use std::collections::BTreeSet;
 use tokio::sync::oneshot;
@@ -89,7 +89,8 @@ pub enum ApiCall {
     },
 }
 
-/// A change in `gpufleet-leases`, as the watcher saw it.
+/// A change in `gpufleet-leases`, as the watcher saw it. Keys come as the
+/// KV holds them; the engine parses each once, on the way in.
 #[derive(Debug, Clone)]
 pub enum LeaseChange {
     Put {
@@ -157,7 +158,7 @@ pub struct Effects {
 impl Effects {
     /// Asks the holder of a running lease to stop, by writing CANCELLING
     /// over the revision we know.
-    fn cancel_lease(&mut self, key: &str, live: &LiveLease, reason: String) {
+    fn cancel_lease(&mut self, key: &LeaseKey, live: &LiveLease, reason: String) {
         let (lease, rev) = live.cancelling(reason);
         self.cancel_leases.push((key.to_string(), lease, rev));
     }

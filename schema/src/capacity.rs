@@ -11,6 +11,7 @@
 //! saturates (a snapshot built from stale leases may be overcommitted and
 //! must not panic); checking never overflows.
 
+use crate::ids::GpuUuid;
 use crate::lease::{GpuGrant, Grant};
 use crate::spec::GpuRequest;
 use crate::units::ByteSize;
@@ -23,7 +24,7 @@ pub const DEFAULT_RENDEZVOUS_PORTS: (u16, u16) = (29500, 29999);
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuCapacity {
     pub index: u32,
-    pub uuid: String,
+    pub uuid: GpuUuid,
     pub memory_total: u64,
     /// Memory still free for us: total, less what processes that are not
     /// ours use, less what shares set aside; none once held whole.
@@ -40,7 +41,7 @@ pub struct GpuCapacity {
 
 impl GpuCapacity {
     /// A GPU with nothing of ours on it.
-    pub fn new(index: u32, uuid: String, memory_total: u64, memory_unmanaged: u64) -> Self {
+    pub fn new(index: u32, uuid: GpuUuid, memory_total: u64, memory_unmanaged: u64) -> Self {
         GpuCapacity {
             index,
             uuid,
@@ -110,13 +111,13 @@ pub enum Shortfall {
     )]
     Memory { held: u64, total: u64, asked: u64 },
     #[error("no GPU {uuid} on this worker")]
-    NoSuchGpu { uuid: String },
+    NoSuchGpu { uuid: GpuUuid },
     #[error("GPU {uuid} is given twice in one grant")]
-    GpuTwice { uuid: String },
+    GpuTwice { uuid: GpuUuid },
     #[error("GPU {uuid} is in use and cannot be given whole")]
-    GpuInUse { uuid: String },
+    GpuInUse { uuid: GpuUuid },
     #[error("GPU {uuid} is held whole by another task")]
-    GpuHeldWhole { uuid: String },
+    GpuHeldWhole { uuid: GpuUuid },
     #[error(
         "GPU {uuid} has {} free ({} held by tasks, {} by other processes), {} asked",
         ByteSize(*free),
@@ -125,7 +126,7 @@ pub enum Shortfall {
         ByteSize(*asked)
     )]
     GpuMemory {
-        uuid: String,
+        uuid: GpuUuid,
         free: u64,
         shared: u64,
         unmanaged: u64,
@@ -284,8 +285,8 @@ impl WorkerCapacity {
 /// a whole GPU counts in full (`total` gives a GPU's size by uuid).
 pub fn gpu_memory_set_aside<'a>(
     grant: &'a Grant,
-    total: impl Fn(&str) -> Option<u64> + 'a,
-) -> impl Iterator<Item = (String, u64)> + 'a {
+    total: impl Fn(&GpuUuid) -> Option<u64> + 'a,
+) -> impl Iterator<Item = (GpuUuid, u64)> + 'a {
     grant.gpus.iter().map(move |x| {
         let m = if grant.exclusive {
             total(&x.uuid).unwrap_or(x.memory.0)

@@ -113,6 +113,70 @@ impl TaskId {
     }
 }
 
+/// A GPU's UUID as NVML reports it (`GPU-8f2c...`), or a simulated GPU's
+/// made-up one. It names a GPU in adverts, grants and the capacity model;
+/// it never becomes a subject token, so any text is accepted as it comes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct GpuUuid(String);
+
+impl GpuUuid {
+    pub fn new(s: impl Into<String>) -> Self {
+        GpuUuid(s.into())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for GpuUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for GpuUuid {
+    fn from(s: String) -> Self {
+        GpuUuid(s)
+    }
+}
+
+impl From<&str> for GpuUuid {
+    fn from(s: &str) -> Self {
+        GpuUuid(s.to_string())
+    }
+}
+
+impl AsRef<str> for GpuUuid {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for GpuUuid {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for GpuUuid {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<String> for GpuUuid {
+    fn eq(&self, other: &String) -> bool {
+        &self.0 == other
+    }
+}
+
+impl PartialEq<&str> for GpuUuid {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +200,16 @@ mod tests {
         assert!(is_valid_token(a.as_str()));
         let t = TaskId::for_index(&a, 3);
         assert!(t.as_str().ends_with("-3"));
+    }
+
+    #[test]
+    fn a_gpu_uuid_is_a_plain_string_on_the_wire() {
+        let u = GpuUuid::new("GPU-8f2c.a b");
+        assert_eq!(serde_json::to_string(&u).unwrap(), "\"GPU-8f2c.a b\"");
+        assert_eq!(
+            serde_json::from_str::<GpuUuid>("\"GPU-1\"").unwrap(),
+            "GPU-1"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::ids::{JobId, TaskId, WorkerId};
+use crate::ids::{GpuUuid, JobId, TaskId, WorkerId};
 use crate::spec::TaskSpec;
 use crate::units::{ByteSize, Dur};
 
@@ -67,7 +67,7 @@ pub struct Grant {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuGrant {
     pub index: u32,
-    pub uuid: String,
+    pub uuid: GpuUuid,
     /// GPU memory set aside for the task.
     pub memory: ByteSize,
 }

@@ -32,10 +32,11 @@ pub mod worker;
 
 pub use codec::{CodecError, Encoding};
 pub use event::{Artifact, Event, EventBody, EventKind, LogStream, TaskOutcome};
-pub use ids::{JobId, TaskId, WorkerId};
+pub use ids::{GpuUuid, JobId, TaskId, WorkerId};
 pub use lease::{GpuGrant, Grant, Lease, LeaseState, Rendezvous};
 pub use spec::{Constraints, GpuRequest, JobSpec, Resources, SpecError, TaskSpec};
 pub use status::{JobState, JobStatus, TaskCounts, TaskState, TaskStatus};
+pub use subjects::LeaseKey;
 pub use units::{ByteSize, Dur};
 pub use usage::TaskUsage;
 pub use worker::{GpuAdvert, WorkerAdvert};

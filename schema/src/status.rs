@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::ids::{JobId, TaskId, WorkerId};
+use crate::ids::{GpuUuid, JobId, TaskId, WorkerId};
 use crate::usage::TaskUsage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -217,7 +217,7 @@ pub struct TaskStatus {
     pub worker: Option<WorkerId>,
     /// UUIDs of the GPUs it holds or held.
     #[serde(default)]
-    pub gpus: Vec<String>,
+    pub gpus: Vec<GpuUuid>,
     pub exit_code: Option<i32>,
     /// The JSON the task wrote to `GPUFLEET_RESULT`.
     pub result: Option<serde_json::Value>,

@@ -86,13 +86,113 @@ pub fn parse_event_subject(subject: &str) -> Option<(JobId, TaskId, EventKind)> 
     Some((job, task, kind))
 }
 
-/// `<worker>.<task>.<attempt>`: one key per attempt, so a key is never
-/// reused by a later attempt (see the KV notes in the README).
-pub fn lease_key(worker: &WorkerId, task: &TaskId, attempt: u32) -> String {
-    format!("{worker}.{task}.{attempt}")
+/// A key in [`LEASES_BUCKET`], `<worker>.<task>.<attempt>`: one key per
+/// attempt, so a key is never reused by a later attempt (see the KV notes
+/// in the README). Made only by [`lease_key`] and [`parse_lease_key`], so
+/// one in hand always names the worker, task and attempt it holds.
+#[derive(Debug, Clone)]
+pub struct LeaseKey {
+    key: String,
+    worker: WorkerId,
+    task: TaskId,
+    attempt: u32,
 }
 
-pub fn parse_lease_key(key: &str) -> Option<(WorkerId, TaskId, u32)> {
+impl LeaseKey {
+    pub fn as_str(&self) -> &str {
+        &self.key
+    }
+    pub fn worker(&self) -> &WorkerId {
+        &self.worker
+    }
+    pub fn task(&self) -> &TaskId {
+        &self.task
+    }
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
+// The parts follow from the key, so the key alone decides equality.
+impl PartialEq for LeaseKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for LeaseKey {}
+
+impl std::hash::Hash for LeaseKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key.hash(state)
+    }
+}
+
+impl PartialOrd for LeaseKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for LeaseKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key.cmp(&other.key)
+    }
+}
+
+impl std::fmt::Display for LeaseKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.key)
+    }
+}
+
+// A lease key goes to the KV store as the text it is.
+impl std::ops::Deref for LeaseKey {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.key
+    }
+}
+
+impl AsRef<str> for LeaseKey {
+    fn as_ref(&self) -> &str {
+        &self.key
+    }
+}
+
+impl From<LeaseKey> for String {
+    fn from(k: LeaseKey) -> String {
+        k.key
+    }
+}
+
+impl serde::Serialize for LeaseKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.key)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for LeaseKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        parse_lease_key(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid lease key {s:?}: expected <worker>.<task>.<attempt>"
+            ))
+        })
+    }
+}
+
+pub fn lease_key(worker: &WorkerId, task: &TaskId, attempt: u32) -> LeaseKey {
+    LeaseKey {
+        key: format!("{worker}.{task}.{attempt}"),
+        worker: worker.clone(),
+        task: task.clone(),
+        attempt,
+    }
+}
+
+pub fn parse_lease_key(key: &str) -> Option<LeaseKey> {
     let mut parts = key.split('.');
     let worker = WorkerId::new(parts.next()?).ok()?;
     let task = TaskId::new(parts.next()?).ok()?;
@@ -100,7 +200,12 @@ pub fn parse_lease_key(key: &str) -> Option<(WorkerId, TaskId, u32)> {
     if parts.next().is_some() {
         return None;
     }
-    Some((worker, task, attempt))
+    Some(LeaseKey {
+        key: key.to_string(),
+        worker,
+        task,
+        attempt,
+    })
 }
 
 /// The lease keys one worker watches.
@@ -147,11 +252,23 @@ mod tests {
         assert_eq!(parse_event_subject("gpufleet.events.a.b.nope"), None);
         let w = WorkerId::new("w-1").unwrap();
         let key = lease_key(&w, &task, 3);
-        assert_eq!(parse_lease_key(&key), Some((w, task, 3)));
+        let parsed = parse_lease_key(key.as_str()).unwrap();
         assert_eq!(
-            kv_key(LEASES_BUCKET, &kv_subject(LEASES_BUCKET, &key)),
+            (parsed.worker(), parsed.task(), parsed.attempt()),
+            (&w, &task, 3)
+        );
+        assert_eq!(parsed, key);
+        assert_eq!(
+            kv_key(LEASES_BUCKET, &kv_subject(LEASES_BUCKET, key.as_str())),
             Some(key.as_str())
         );
+        for bad in ["w-1.t", "w-1.t.x", "w-1.t.1.2", "w 1.t.1"] {
+            assert_eq!(parse_lease_key(bad), None, "{bad}");
+        }
+        let json = serde_json::to_string(&key).unwrap();
+        assert_eq!(json, format!("\"{key}\""));
+        assert_eq!(serde_json::from_str::<LeaseKey>(&json).unwrap(), key);
+        assert!(serde_json::from_str::<LeaseKey>("\"w-1.t\"").is_err());
         assert_eq!(kv_key(WORKERS_BUCKET, "$KV.gpufleet-workersx.a"), None);
     }
 

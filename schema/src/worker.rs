@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::ids::{TaskId, WorkerId};
+use crate::ids::{GpuUuid, TaskId, WorkerId};
 use crate::units::{ByteSize, Dur};
 use crate::usage::TaskUsage;
 
@@ -68,7 +68,7 @@ pub struct WorkerAdvert {
 pub struct GpuAdvert {
     /// NVML index; also the number in `CUDA_VISIBLE_DEVICES`.
     pub index: u32,
-    pub uuid: String,
+    pub uuid: GpuUuid,
     pub model: String,
     pub memory_total: ByteSize,
     pub memory_used: ByteSize,

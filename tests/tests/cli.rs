@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gpufleet_testkit::server::workspace_root;
-use gpufleet_testkit::{api, bin, eventually, with_deadline, Fleet, NatsServer, Proc, WorkerSpec};
+use gpufleet_testkit::{
+    api, bin, eventually, pids, with_deadline, Fleet, NatsServer, Proc, WorkerSpec,
+};
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
@@ -736,38 +738,6 @@ async fn a_follower_rides_out_a_coordinator_restart() {
     assert!(seen.contains("the coordinator answers again"), "{seen}");
 }
 
-/// The children of `pid` (all its threads').
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = vec![];
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-    {
-        let path = task.unwrap().path().join("children");
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        out.extend(text.split_whitespace().map(|p| p.parse::<u32>().unwrap()));
-    }
-    out.sort();
-    out
-}
-
-fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
-/// Whether `pid` still runs as the program `name` (a zombie is dead).
-fn alive(pid: u32, name: &str) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat
-        .rsplit(')')
-        .next()
-        .and_then(|r| r.split_whitespace().next());
-    !stat.is_empty() && state != Some("Z") && comm(pid) == name
-}
-
 /// Removes `up`'s data folder when a test ends early: a `kill -9`ed (or
 /// panicking) `up` cannot.
 struct RemoveOnDrop(PathBuf);
@@ -813,8 +783,8 @@ async fn up_starts_a_fleet_and_ctrl_c_stops_every_process_it_started() {
     ])
     .await;
     let pid = up.id().unwrap();
-    let kids = children(pid);
-    let names: BTreeMap<u32, String> = kids.iter().map(|&k| (k, comm(k))).collect();
+    let kids = pids::children(pid);
+    let names: BTreeMap<u32, String> = kids.iter().map(|&k| (k, pids::comm(k))).collect();
     let mut sorted: Vec<&str> = names.values().map(String::as_str).collect();
     sorted.sort();
     // /proc shows 15 characters of a name.
@@ -853,7 +823,7 @@ async fn up_starts_a_fleet_and_ctrl_c_stops_every_process_it_started() {
     sigint(&up);
     assert_eq!(exit_code(&mut up).await, Some(0));
     for (k, name) in &names {
-        assert!(!alive(*k, name), "{name} (pid {k}) survived `up`");
+        assert!(!pids::alive(*k, name), "{name} (pid {k}) survived `up`");
     }
     assert!(!dir.exists(), "the temporary data folder is removed");
 }
@@ -882,10 +852,10 @@ async fn up_killed_with_sigkill_takes_its_fleet_and_tasks_down_too() {
     let up_pid = up.id().unwrap();
     let procs: Vec<(u32, String)> = eventually(T, "the task's process", || async move {
         let mut procs: Vec<(u32, String)> = vec![];
-        for k in children(up_pid) {
-            procs.push((k, comm(k)));
-            if comm(k) == "gpufleet-worker" {
-                procs.extend(children(k).into_iter().map(|t| (t, comm(t))));
+        for k in pids::children(up_pid) {
+            procs.push((k, pids::comm(k)));
+            if pids::comm(k) == "gpufleet-worker" {
+                procs.extend(pids::children(k).into_iter().map(|t| (t, pids::comm(t))));
             }
         }
         procs.iter().any(|(_, n)| n == "sleep").then_some(procs)
@@ -904,7 +874,7 @@ async fn up_killed_with_sigkill_takes_its_fleet_and_tasks_down_too() {
         "every child to die with `up`",
         || {
             let procs = procs.clone();
-            async move { procs.iter().all(|(p, n)| !alive(*p, n)).then_some(()) }
+            async move { procs.iter().all(|(p, n)| !pids::alive(*p, n)).then_some(()) }
         },
     )
     .await;
@@ -933,7 +903,10 @@ async fn up_run_once_runs_the_sample_job_and_exits_with_its_outcome() {
     let mut stderr = up.stderr.take().unwrap();
     let mut said = String::new();
     read_until(&mut stderr, &mut said, "fleet ready").await;
-    let kids: Vec<(u32, String)> = children(pid).into_iter().map(|k| (k, comm(k))).collect();
+    let kids: Vec<(u32, String)> = pids::children(pid)
+        .into_iter()
+        .map(|k| (k, pids::comm(k)))
+        .collect();
     assert_eq!(kids.len(), 4, "{kids:?}");
     let dir = said
         .lines()
@@ -963,7 +936,10 @@ async fn up_run_once_runs_the_sample_job_and_exits_with_its_outcome() {
         "{rest}"
     );
     for (k, name) in &kids {
-        assert!(!alive(*k, name), "{name} (pid {k}) survived `up --once`");
+        assert!(
+            !pids::alive(*k, name),
+            "{name} (pid {k}) survived `up --once`"
+        );
     }
     assert!(!dir.exists());
 }

@@ -10,7 +10,7 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use gpufleet_natsutil::{KvEvent, KvOp, RawKv};
 use gpufleet_schema::{codec, Lease, LeaseState, WorkerAdvert};
-use gpufleet_testkit::{api, state_events, task_states, Fleet, WorkerSpec};
+use gpufleet_testkit::{api, pids, state_events, task_states, Fleet, WorkerSpec};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(120);
@@ -305,7 +305,7 @@ async fn cancel_mid_run_stops_the_task_and_aborts_the_job() {
     assert_eq!(status["status"], "FINISHED:ABORTED", "{status:#}");
     assert_eq!(task_states(&status), vec!["CANCELLED", "CANCELLED"]);
     assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        !pids::exists(pid),
         "the cancelled task's process {pid} still runs"
     );
     // Cancelling again is harmless.

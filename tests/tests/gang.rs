@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use gpufleet_testkit::{Fleet, WorkerSpec};
+use gpufleet_testkit::{pids, Fleet, WorkerSpec};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(120);
@@ -184,7 +184,7 @@ async fn killing_one_ranks_worker_stops_the_others_and_reruns_the_gang() {
     }
     // Rank 0's first attempt was stopped, not left running.
     assert!(
-        !std::path::Path::new(&format!("/proc/{pid0}")).exists(),
+        !pids::exists(pid0),
         "rank 0 of the broken run ({pid0}) still runs"
     );
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use gpufleet_testkit::{with_deadline, NatsCluster, NatsServer};
+use gpufleet_testkit::{pids, with_deadline, NatsCluster, NatsServer};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -41,13 +41,7 @@ async fn server_starts_and_restart_keeps_the_store() {
 
     let pid = server.pid().unwrap();
     drop(server);
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| s.contains(") Z "))
-                .unwrap_or(true),
-        "server process {pid} outlived its guard"
-    );
+    assert!(pids::gone(pid), "server process {pid} outlived its guard");
     assert!(
         !store.exists(),
         "store dir {} was not removed",

@@ -19,7 +19,9 @@ use gpufleet_schema::{
     codec, subjects, ByteSize, Dur, Event, EventBody, GpuGrant, Grant, Lease, LeaseState,
     LogStream, TaskId, TaskOutcome, TaskState, WorkerAdvert, WorkerId,
 };
-use gpufleet_testkit::{eventually, state_events, task_states, with_deadline, Fleet, WorkerSpec};
+use gpufleet_testkit::{
+    eventually, pids, state_events, task_states, with_deadline, Fleet, WorkerSpec,
+};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -70,38 +72,8 @@ async fn wait_pid(path: &Path) -> i32 {
         .expect("a pid in the file")
 }
 
-/// No such process, or only its zombie (which holds nothing).
-fn process_gone(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => matches!(
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next()),
-            Some('Z' | 'X')
-        ),
-    }
-}
-
 async fn wait_gone(pid: i32, what: &str) {
-    eventually(T, what, || async move { process_gone(pid).then_some(()) }).await
-}
-
-/// The process group of a live process.
-fn pgid_of(pid: i32) -> i32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("process is alive");
-    let rest = stat.rsplit_once(')').expect("stat has a command").1;
-    rest.split_whitespace().nth(2).unwrap().parse().unwrap()
-}
-
-/// Peak resident memory of a process, from `/proc/<pid>/status`.
-fn vm_hwm_bytes(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("VmHWM");
-    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kb * 1024
+    eventually(T, what, || async move { pids::gone(pid).then_some(()) }).await
 }
 
 async fn bucket(fleet: &Fleet, name: &str) -> RawKv {
@@ -215,7 +187,7 @@ async fn a_worker_killed_with_kill_9_leaves_the_fleet_within_its_advert_ttl() {
     let left = fleet.dir().join(format!("work-w1/{id}-0-1"));
     assert!(left.join("work").is_dir());
     assert!(
-        !process_gone(grandchild),
+        !pids::gone(grandchild),
         "PR_SET_PDEATHSIG reaches only the task's main process"
     );
     fleet.add_worker(WorkerSpec::new("w1")).await;
@@ -371,7 +343,7 @@ fn grant(cpus_milli: u64, memory: u64, gpus: &[(&str, u64)], exclusive: bool) ->
             .enumerate()
             .map(|(i, (uuid, m))| GpuGrant {
                 index: i as u32,
-                uuid: uuid.to_string(),
+                uuid: uuid.to_string().into(),
                 memory: ByteSize(*m),
             })
             .collect(),
@@ -605,13 +577,13 @@ async fn tasks_run_side_by_side_as_capacity_allows_each_in_its_own_group_and_dir
         "the waiting task says why: {status:#}"
     );
 
-    let worker_pgid = pgid_of(fleet.worker("w1").pid());
+    let worker_pgid = pids::pgid(fleet.worker("w1").pid());
     let mut dirs = HashSet::new();
     for i in (0..5).filter(|&i| i != waiting) {
         let task = format!("many-{i}");
         let pid = wait_pid(&ctl.join(format!("pid-{task}"))).await;
         // Its own process group, led by the task's main process.
-        assert_eq!(pgid_of(pid), pid, "{task} leads its own group");
+        assert_eq!(pids::pgid(pid), pid, "{task} leads its own group");
         assert_ne!(pid, worker_pgid);
         let seen = wait_file(&ctl.join(format!("pwd-{task}"))).await;
         let want = fleet.dir().join(format!("work-w1/{task}-1/work"));
@@ -877,7 +849,7 @@ async fn a_frozen_worker_is_fenced_off_and_never_reports_over_the_newer_attempt(
         .await;
     wait_pid(&ctl.join("x-2.pid")).await;
     assert!(
-        !process_gone(x1),
+        !pids::gone(x1),
         "x's first attempt runs on while w1 is frozen"
     );
 
@@ -968,14 +940,14 @@ async fn progress_logs_and_result_stream_in_order_and_200_mb_of_output_stays_bou
     // and the log events carry every byte, all before the result.
     const TOTAL: u64 = 200_000_000;
     let worker_pid = fleet.worker("w1").pid();
-    let before = vm_hwm_bytes(worker_pid);
+    let before = pids::peak_resident_bytes(worker_pid);
     let started = Instant::now();
     let id = fleet.submit(&print_a_lot(TOTAL)).await;
     let status = fleet.wait_finished(&id, Duration::from_secs(150)).await;
     let took = started.elapsed();
     assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
     assert_eq!(status["tasks"][0]["result"], json!({"ok": 1}));
-    let after = vm_hwm_bytes(worker_pid);
+    let after = pids::peak_resident_bytes(worker_pid);
     let out = OutputSeen::of(&fleet.events(&id).await);
     eprintln!(
         "{} MB of output: {took:?}; {} log events carrying {} bytes, {} reported dropped; worker VmHWM {} MiB before, {} MiB after",
@@ -1256,7 +1228,7 @@ async fn a_task_longer_than_the_drain_timeout_is_interrupted_and_retried_elsewhe
         took >= Duration::from_secs(5),
         "the task had its drain timeout (5s) first: {took:?}"
     );
-    assert!(process_gone(pid), "the task was stopped");
+    assert!(pids::gone(pid), "the task was stopped");
     let leases = bucket(&fleet, subjects::LEASES_BUCKET).await;
     assert!(
         leases.get("w1.dt-0.1").await.unwrap().is_none(),

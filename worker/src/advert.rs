@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gpufleet_natsutil::RawKv;
-use gpufleet_schema::{codec, ByteSize, GpuAdvert, TaskId, WorkerAdvert, WorkerId};
+use gpufleet_schema::{codec, ByteSize, GpuAdvert, GpuUuid, TaskId, WorkerAdvert, WorkerId};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -24,7 +24,7 @@ pub struct AdvertInputs {
     pub running: Vec<TaskId>,
     pub draining: bool,
     /// GPU memory our leases hold, by GPU uuid.
-    pub reserved_gpu: Vec<(String, u64)>,
+    pub reserved_gpu: Vec<(GpuUuid, u64)>,
     /// CPUs (thousandths) and memory our leases hold.
     pub held_cpus_milli: u64,
     pub held_memory: u64,
@@ -40,7 +40,7 @@ pub struct Observed {
 
 async fn probe_gpus(
     probe: Box<dyn GpuProbe>,
-    reserved: Vec<(String, u64)>,
+    reserved: Vec<(GpuUuid, u64)>,
 ) -> (Box<dyn GpuProbe>, GpuSnapshot) {
     // NVML calls block; keep them off the runtime's threads.
     tokio::task::spawn_blocking(move || {
@@ -84,7 +84,7 @@ pub async fn heartbeat(
     capacity: Capacity,
     mut probe: Box<dyn GpuProbe>,
     mut inputs: watch::Receiver<AdvertInputs>,
-    unmanaged_out: Arc<Mutex<HashMap<String, u64>>>,
+    unmanaged_out: Arc<Mutex<HashMap<GpuUuid, u64>>>,
     observed: Observed,
 ) {
     let started_at = OffsetDateTime::now_utc();
@@ -166,7 +166,7 @@ pub async fn heartbeat(
 /// Leaves out of `snap` the GPUs that were not there at start: the worker
 /// would refuse their reservations (its capacity is fixed at start), so
 /// offering them would only draw refusals. Says so once per GPU (`late`).
-fn offered_only(snap: &mut GpuSnapshot, capacity: &Capacity, late: &mut HashSet<String>) {
+fn offered_only(snap: &mut GpuSnapshot, capacity: &Capacity, late: &mut HashSet<GpuUuid>) {
     snap.gpus.retain(|g| {
         let offered = capacity.gpus.iter().any(|(u, _)| *u == g.uuid);
         if !offered && late.insert(g.uuid.clone()) {
@@ -184,9 +184,9 @@ fn offered_only(snap: &mut GpuSnapshot, capacity: &Capacity, late: &mut HashSet<
 /// ledger and placement must treat as taken.
 pub fn gpu_adverts(
     snap: &GpuSnapshot,
-    reserved: &[(String, u64)],
+    reserved: &[(GpuUuid, u64)],
     ours: &HashSet<u32>,
-) -> (Vec<GpuAdvert>, HashMap<String, u64>) {
+) -> (Vec<GpuAdvert>, HashMap<GpuUuid, u64>) {
     let mut unmanaged = HashMap::new();
     let gpus = snap
         .gpus
@@ -243,7 +243,7 @@ fn default_addr() -> Option<String> {
 mod tests {
     use super::*;
     use crate::gpu::GpuInfo;
-    use crate::ledger::Ledger;
+    use crate::ledger::{test_key, Ledger};
     use gpufleet_schema::{GpuGrant, Grant};
 
     const GIB: u64 = 1 << 30;
@@ -255,7 +255,7 @@ mod tests {
     }
 
     impl GpuProbe for FakeNvml {
-        fn probe(&mut self, _: &[(String, u64)]) -> GpuSnapshot {
+        fn probe(&mut self, _: &[(GpuUuid, u64)]) -> GpuSnapshot {
             GpuSnapshot {
                 driver_version: Some("550.54".into()),
                 gpus: self.gpus.clone(),
@@ -266,7 +266,7 @@ mod tests {
     fn nvml_gpu(index: u32, used: u64, processes: Option<Vec<(u32, u64)>>) -> GpuInfo {
         GpuInfo {
             index,
-            uuid: format!("GPU-{index}"),
+            uuid: format!("GPU-{index}").into(),
             model: "NVIDIA L4".into(),
             memory_total: 24 * GIB,
             memory_used: used,
@@ -294,10 +294,7 @@ mod tests {
     #[tokio::test]
     async fn real_gpus_advertise_what_the_driver_says_and_whose_memory_it_is() {
         let (mut probe, snap) = probe_gpus(probe(), vec![]).await;
-        let reserved = vec![
-            ("GPU-0".to_string(), 8 * GIB),
-            ("GPU-1".to_string(), 4 * GIB),
-        ];
+        let reserved = vec![("GPU-0".into(), 8 * GIB), ("GPU-1".into(), 4 * GIB)];
         let ours: HashSet<u32> = [100].into();
         let (gpus, unmanaged) = gpu_adverts(&snap, &reserved, &ours);
         assert_eq!(gpus.len(), 2);
@@ -339,10 +336,7 @@ mod tests {
         let (cap, probe) = initial_capacity(&cfg, probe()).await;
         assert_eq!(
             cap.gpus,
-            vec![
-                ("GPU-0".to_string(), 24 * GIB),
-                ("GPU-1".to_string(), 24 * GIB)
-            ]
+            vec![("GPU-0".into(), 24 * GIB), ("GPU-1".into(), 24 * GIB)]
         );
         let (_, snap) = probe_gpus(probe, vec![]).await;
         let (_, unmanaged) = gpu_adverts(&snap, &[], &[100].into());
@@ -359,9 +353,11 @@ mod tests {
         let mut ledger = Ledger::default();
         // 24 GiB less the stranger's 10: 14 GiB can be shared out.
         let err = ledger
-            .try_hold("a", &share(15), &cap, &unmanaged)
+            .try_hold(&test_key("a"), &share(15), &cap, &unmanaged)
             .unwrap_err();
         assert!(err.contains("10GiB by other processes"), "{err}");
-        ledger.try_hold("b", &share(14), &cap, &unmanaged).unwrap();
+        ledger
+            .try_hold(&test_key("b"), &share(14), &cap, &unmanaged)
+            .unwrap();
     }
 }

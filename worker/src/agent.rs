@@ -17,8 +17,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, object_store::ObjectStore};
 use bytes::Bytes;
-use gpufleet_natsutil::{ensure_stores, KvError, KvEvent, KvOp, RawKv, Setup};
-use gpufleet_schema::{codec, subjects, Lease, LeaseState, WorkerAdvert, WorkerId};
+use gpufleet_natsutil::{ensure_stores, Backoff, KvError, KvEvent, KvOp, RawKv, Setup};
+use gpufleet_schema::{
+    codec, subjects, GpuUuid, Lease, LeaseKey, LeaseState, WorkerAdvert, WorkerId,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::advert::{self, AdvertInputs};
@@ -81,11 +83,11 @@ pub(crate) enum AttemptMsg {
     /// gone the coordinator may place new work here at once, and that
     /// reservation must not find the old grant still held.
     Releasing {
-        key: String,
+        key: LeaseKey,
         freed: oneshot::Sender<()>,
     },
     /// The attempt's task is over (reported, released, cleaned up).
-    Done { key: String },
+    Done { key: LeaseKey },
 }
 
 /// Runs the worker until `shutdown` resolves, then drains: no new work,
@@ -169,7 +171,7 @@ pub async fn run_with(
         usage: usage::Board::default(),
     });
 
-    let unmanaged: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let unmanaged: Arc<Mutex<HashMap<GpuUuid, u64>>> = Arc::default();
     let (advert_tx, advert_rx) = watch::channel(AdvertInputs::default());
     let advert_task = tokio::spawn(advert::heartbeat(
         adverts.clone(),
@@ -245,11 +247,17 @@ pub async fn run_with(
                         continue;
                     }
                 };
+                // Only the coordinator writes lease keys; one that does not
+                // parse names no attempt.
+                let Some(key) = subjects::parse_lease_key(&change.key) else {
+                    tracing::warn!(key = %change.key, "ignoring a lease under a malformed key");
+                    continue;
+                };
                 if change.op != KvOp::Put {
                     // Purged by the coordinator or expired: whatever runs
                     // under it is no longer ours to report.
-                    if let Some(h) = state.attempt(&change.key).filter(|h| !h.released.load(Ordering::SeqCst)) {
-                        tracing::warn!(key = %change.key, "lease gone: stopping the task without reporting");
+                    if let Some(h) = state.attempt(&key).filter(|h| !h.released.load(Ordering::SeqCst)) {
+                        tracing::warn!(%key, "lease gone: stopping the task without reporting");
                         h.stop.send_replace(Some(StopReason::Fenced));
                     }
                     continue;
@@ -257,15 +265,15 @@ pub async fn run_with(
                 let lease: Lease = match codec::decode(&change.value) {
                     Ok(l) => l,
                     Err(e) => {
-                        tracing::warn!(key = %change.key, error = %e, "ignoring an unreadable lease");
+                        tracing::warn!(%key, error = %e, "ignoring an unreadable lease");
                         continue;
                     }
                 };
                 let decision = {
                     let unmanaged = unmanaged.lock().unwrap_or_else(|e| e.into_inner());
-                    state.on_lease(&change.key, &lease, &unmanaged, port_is_free)
+                    state.on_lease(&key, &lease, &unmanaged, port_is_free)
                 };
-                if act(&ctx, &mut state, &done_tx, change.key, change.revision, lease, decision).await {
+                if act(&ctx, &mut state, &done_tx, key, change.revision, lease, decision).await {
                     publish_inputs(&state);
                 }
             }
@@ -330,14 +338,13 @@ async fn wait_for_name(
 
 /// Starts the lease watch again, until it starts.
 async fn rewatch(leases: &RawKv, worker: &WorkerId) -> gpufleet_natsutil::KvWatcher {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match leases.watch(&subjects::worker_leases(worker)).await {
             Ok(w) => return w,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch leases; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                backoff.wait().await;
             }
         }
     }
@@ -354,7 +361,7 @@ async fn act(
     ctx: &Arc<Ctx>,
     state: &mut WorkerState<Held>,
     done_tx: &mpsc::Sender<AttemptMsg>,
-    key: String,
+    key: LeaseKey,
     rev: u64,
     lease: Lease,
     decision: OnLease,
@@ -375,7 +382,7 @@ async fn act(
             reason,
         } => {
             if answer == LeaseState::Rejected {
-                tracing::info!(key, reason, "refusing a reservation");
+                tracing::info!(%key, reason, "refusing a reservation");
             }
             refuse(ctx, &key, rev, core::refusal(lease, answer, reason)).await;
             false
@@ -410,16 +417,21 @@ async fn act(
 }
 
 /// Writes a refusal the coordinator reads and records.
-async fn refuse(ctx: &Ctx, key: &str, rev: u64, answer: Lease) {
+async fn refuse(ctx: &Ctx, key: &LeaseKey, rev: u64, answer: Lease) {
     let Ok(bytes) = codec::encode(&answer) else {
         return;
     };
     match ctx
         .leases
-        .update(key, Bytes::from(bytes), Some(core::REFUSAL_TTL), rev)
+        .update(
+            key.as_str(),
+            Bytes::from(bytes),
+            Some(core::REFUSAL_TTL),
+            rev,
+        )
         .await
     {
         Ok(_) | Err(KvError::Conflict { .. }) => {}
-        Err(e) => tracing::warn!(key, error = %e, "could not refuse a lease"),
+        Err(e) => tracing::warn!(%key, error = %e, "could not refuse a lease"),
     }
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use gpufleet_natsutil::KvError;
-use gpufleet_schema::{codec, EventBody, Lease, TaskOutcome, TaskState};
+use gpufleet_natsutil::{Backoff, KvError};
+use gpufleet_schema::{codec, EventBody, Lease, LeaseKey, TaskOutcome, TaskState};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::agent::{AttemptMsg, Ctx};
@@ -53,7 +53,7 @@ impl Confirmed {
 /// One claimed (or about to be claimed) attempt.
 pub(crate) struct Attempt {
     pub ctx: Arc<Ctx>,
-    pub key: String,
+    pub key: LeaseKey,
     pub lease: Lease,
     pub source: Source,
     pub stop: Arc<watch::Sender<Option<StopReason>>>,
@@ -271,7 +271,7 @@ impl Attempt {
         // The same id on every try: the stream keeps one copy.
         let msg_id =
             gpufleet_schema::subjects::result_msg_id(&self.lease.task_id, self.lease.attempt);
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             if publish::publish(&self.ctx.js, subject.clone(), &ev, Some(&msg_id)).await {
                 return;
@@ -279,8 +279,7 @@ impl Attempt {
             if *self.stop_rx.borrow() == Some(StopReason::Fenced) {
                 return;
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
+            backoff.wait().await;
         }
     }
 }
@@ -350,7 +349,7 @@ fn fit_outcome(
 /// obeyed; anything else means the lease is no longer ours.
 async fn renew(
     ctx: Arc<Ctx>,
-    key: String,
+    key: LeaseKey,
     lease: Lease,
     ttl: Duration,
     rev: Arc<AtomicU64>,
@@ -384,14 +383,14 @@ async fn renew(
             }
             Err(KvError::Conflict { .. }) => {}
             Err(e) => {
-                tracing::warn!(key, error = %e, "lease renewal failed; retrying");
+                tracing::warn!(%key, error = %e, "lease renewal failed; retrying");
                 continue;
             }
         }
         let latest = match ctx.leases.last(&key).await {
             Ok(latest) => latest,
             Err(e) => {
-                tracing::warn!(key, error = %e, "lease check failed; retrying");
+                tracing::warn!(%key, error = %e, "lease check failed; retrying");
                 continue;
             }
         };

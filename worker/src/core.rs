@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use gpufleet_natsutil::kv::Entry;
 use gpufleet_natsutil::KvOp;
-use gpufleet_schema::{codec, subjects, Lease, LeaseState};
+use gpufleet_schema::{codec, GpuUuid, Lease, LeaseKey, LeaseState};
 
 use crate::advert::AdvertInputs;
 use crate::ledger::{Capacity, Ledger};
@@ -42,7 +42,7 @@ pub struct WorkerState<H> {
     capacity: Capacity,
     ledger: Ledger,
     draining: bool,
-    attempts: HashMap<String, H>,
+    attempts: HashMap<LeaseKey, H>,
 }
 
 impl<H> WorkerState<H> {
@@ -61,9 +61,9 @@ impl<H> WorkerState<H> {
     /// this machine can listen on a port (asked only of a gang's rank 0).
     pub fn on_lease(
         &mut self,
-        key: &str,
+        key: &LeaseKey,
         lease: &Lease,
-        unmanaged: &HashMap<String, u64>,
+        unmanaged: &HashMap<GpuUuid, u64>,
         port_free: impl FnOnce(u16) -> bool,
     ) -> OnLease {
         if self.attempts.contains_key(key) {
@@ -96,9 +96,9 @@ impl<H> WorkerState<H> {
     /// Holds a reservation's grant, or says why not.
     fn accept(
         &mut self,
-        key: &str,
+        key: &LeaseKey,
         lease: &Lease,
-        unmanaged: &HashMap<String, u64>,
+        unmanaged: &HashMap<GpuUuid, u64>,
         port_free: impl FnOnce(u16) -> bool,
     ) -> Result<(), String> {
         if self.draining {
@@ -115,11 +115,11 @@ impl<H> WorkerState<H> {
     }
 
     /// Registers the attempt started for a lease [`OnLease::Claim`] took.
-    pub fn admit(&mut self, key: String, attempt: H) {
+    pub fn admit(&mut self, key: LeaseKey, attempt: H) {
         self.attempts.insert(key, attempt);
     }
 
-    pub fn attempt(&self, key: &str) -> Option<&H> {
+    pub fn attempt(&self, key: &LeaseKey) -> Option<&H> {
         self.attempts.get(key)
     }
 
@@ -133,13 +133,13 @@ impl<H> WorkerState<H> {
 
     /// An attempt is about to let its lease go: its resources are free
     /// from now on, so that work placed here at once finds them.
-    pub fn releasing(&mut self, key: &str) {
+    pub fn releasing(&mut self, key: &LeaseKey) {
         self.ledger.release(key);
     }
 
     /// An attempt is over. True when the worker, draining, has nothing
     /// left to run and may stop.
-    pub fn done(&mut self, key: &str) -> bool {
+    pub fn done(&mut self, key: &LeaseKey) -> bool {
         self.attempts.remove(key);
         self.ledger.release(key);
         self.draining && self.attempts.is_empty()
@@ -159,11 +159,7 @@ impl<H> WorkerState<H> {
     /// What the advert says about the work here.
     pub fn advert_inputs(&self) -> AdvertInputs {
         AdvertInputs {
-            running: self
-                .attempts
-                .keys()
-                .filter_map(|k| subjects::parse_lease_key(k).map(|(_, t, _)| t))
-                .collect(),
+            running: self.attempts.keys().map(|k| k.task().clone()).collect(),
             draining: self.draining,
             reserved_gpu: self.ledger.reserved_gpu_memory(&self.capacity),
             held_cpus_milli: self.ledger.held().0,
@@ -279,7 +275,7 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use gpufleet_schema::{
-        ByteSize, Dur, GpuGrant, Grant, JobId, Rendezvous, TaskId, TaskSpec, WorkerId,
+        subjects, ByteSize, Dur, GpuGrant, Grant, JobId, Rendezvous, TaskId, TaskSpec, WorkerId,
     };
     use time::OffsetDateTime;
 
@@ -298,7 +294,7 @@ mod tests {
         WorkerState::new(ME.into(), capacity())
     }
 
-    fn lease(task: usize, cpus_milli: u64, gpu_share: Option<u64>) -> (String, Lease) {
+    fn lease(task: usize, cpus_milli: u64, gpu_share: Option<u64>) -> (LeaseKey, Lease) {
         let job = JobId::new("job").unwrap();
         let task_id = TaskId::for_index(&job, task);
         let worker = WorkerId::new("w").unwrap();
@@ -343,10 +339,10 @@ mod tests {
         panic!("port {port} checked for a lease that is not a gang's rank 0")
     }
 
-    fn claim(s: &mut WorkerState<()>, key: &str, lease: &Lease) -> OnLease {
+    fn claim(s: &mut WorkerState<()>, key: &LeaseKey, lease: &Lease) -> OnLease {
         let d = s.on_lease(key, lease, &HashMap::new(), no_port_check);
         if d == OnLease::Claim {
-            s.admit(key.to_string(), ());
+            s.admit(key.clone(), ());
         }
         d
     }
@@ -371,7 +367,7 @@ mod tests {
         assert!(reason.contains("14GiB free"), "{reason}");
         // Memory other processes use counts as taken.
         let (d, ld) = lease(3, 0, Some(10 * GIB));
-        let busy: HashMap<String, u64> = [("GPU-0".to_string(), 5 * GIB)].into();
+        let busy: HashMap<GpuUuid, u64> = [("GPU-0".into(), 5 * GIB)].into();
         let OnLease::Refuse { reason, .. } = s.on_lease(&d, &ld, &busy, no_port_check) else {
             panic!("memory in use by others was given out");
         };
@@ -494,7 +490,7 @@ mod tests {
         assert_eq!(claim(&mut s, &a, &la), OnLease::Claim);
         let inputs = s.advert_inputs();
         assert_eq!(inputs.running, vec![la.task_id.clone()]);
-        assert_eq!(inputs.reserved_gpu, vec![("GPU-0".to_string(), 6 * GIB)]);
+        assert_eq!(inputs.reserved_gpu, vec![("GPU-0".into(), 6 * GIB)]);
         assert!(!inputs.draining);
     }
 

@@ -7,13 +7,13 @@
 
 use std::collections::HashSet;
 
-use gpufleet_schema::{ByteSize, WorkerId};
+use gpufleet_schema::{ByteSize, GpuUuid, WorkerId};
 
 /// One GPU as the probe saw it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuInfo {
     pub index: u32,
-    pub uuid: String,
+    pub uuid: GpuUuid,
     pub model: String,
     pub memory_total: u64,
     pub memory_used: u64,
@@ -36,14 +36,14 @@ pub struct GpuSnapshot {
 pub trait GpuProbe: Send + 'static {
     /// Refreshes the view. `reserved` is what this worker's tasks hold on
     /// each GPU (by uuid), which simulated GPUs report as used.
-    fn probe(&mut self, reserved: &[(String, u64)]) -> GpuSnapshot;
+    fn probe(&mut self, reserved: &[(GpuUuid, u64)]) -> GpuSnapshot;
 }
 
 /// No GPUs at all.
 pub struct NoGpus;
 
 impl GpuProbe for NoGpus {
-    fn probe(&mut self, _: &[(String, u64)]) -> GpuSnapshot {
+    fn probe(&mut self, _: &[(GpuUuid, u64)]) -> GpuSnapshot {
         GpuSnapshot::default()
     }
 }
@@ -94,7 +94,7 @@ impl Simulated {
                 let index = gpus.len() as u32;
                 gpus.push(GpuInfo {
                     index,
-                    uuid: format!("GPU-sim-{worker}-{index}"),
+                    uuid: format!("GPU-sim-{worker}-{index}").into(),
                     model: model.clone(),
                     memory_total: memory.0,
                     memory_used: 0,
@@ -114,7 +114,7 @@ impl Simulated {
 }
 
 impl GpuProbe for Simulated {
-    fn probe(&mut self, reserved: &[(String, u64)]) -> GpuSnapshot {
+    fn probe(&mut self, reserved: &[(GpuUuid, u64)]) -> GpuSnapshot {
         for g in &mut self.gpus {
             let used: u64 = reserved
                 .iter()
@@ -198,7 +198,7 @@ impl NvmlProbe {
             });
             snap.gpus.push(GpuInfo {
                 index: device.index().unwrap_or(i),
-                uuid,
+                uuid: uuid.into(),
                 model: device.name().unwrap_or_else(|_| "NVIDIA GPU".into()),
                 memory_total: mem.total,
                 memory_used: mem.used,
@@ -214,7 +214,7 @@ impl NvmlProbe {
 }
 
 impl GpuProbe for NvmlProbe {
-    fn probe(&mut self, _: &[(String, u64)]) -> GpuSnapshot {
+    fn probe(&mut self, _: &[(GpuUuid, u64)]) -> GpuSnapshot {
         let (snap, problems) = self.read();
         for p in &problems {
             if !self.problems.contains(p) {

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use gpufleet_schema::capacity::{self, GpuCapacity, WorkerCapacity};
-use gpufleet_schema::Grant;
+use gpufleet_schema::{GpuUuid, Grant, LeaseKey};
 
 /// What this worker offers in total.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,13 +17,13 @@ pub struct Capacity {
     pub cpus_milli: u64,
     pub memory: u64,
     /// uuid and total memory of each GPU.
-    pub gpus: Vec<(String, u64)>,
+    pub gpus: Vec<(GpuUuid, u64)>,
 }
 
 impl Capacity {
     /// The offer with nothing of ours held, and `unmanaged` (GPU memory
     /// used by processes that are not ours, by uuid) taken.
-    fn model(&self, unmanaged: &HashMap<String, u64>) -> WorkerCapacity {
+    fn model(&self, unmanaged: &HashMap<GpuUuid, u64>) -> WorkerCapacity {
         WorkerCapacity::new(
             self.cpus_milli,
             self.memory,
@@ -38,14 +38,14 @@ impl Capacity {
         )
     }
 
-    fn gpu_total(&self, uuid: &str) -> Option<u64> {
+    fn gpu_total(&self, uuid: &GpuUuid) -> Option<u64> {
         self.gpus.iter().find(|(u, _)| u == uuid).map(|(_, t)| *t)
     }
 }
 
 #[derive(Debug, Default)]
 pub struct Ledger {
-    held: HashMap<String, Grant>,
+    held: HashMap<LeaseKey, Grant>,
 }
 
 impl Ledger {
@@ -53,10 +53,10 @@ impl Ledger {
     /// `unmanaged` is GPU memory used by processes that are not ours.
     pub fn try_hold(
         &mut self,
-        key: &str,
+        key: &LeaseKey,
         grant: &Grant,
         cap: &Capacity,
-        unmanaged: &HashMap<String, u64>,
+        unmanaged: &HashMap<GpuUuid, u64>,
     ) -> Result<(), String> {
         if self.held.contains_key(key) {
             return Ok(());
@@ -66,11 +66,11 @@ impl Ledger {
             free.hold(h);
         }
         free.check(grant).map_err(|e| e.to_string())?;
-        self.held.insert(key.to_string(), grant.clone());
+        self.held.insert(key.clone(), grant.clone());
         Ok(())
     }
 
-    pub fn release(&mut self, key: &str) {
+    pub fn release(&mut self, key: &LeaseKey) {
         self.held.remove(key);
     }
 
@@ -86,12 +86,20 @@ impl Ledger {
     }
 
     /// GPU memory set aside per GPU uuid (a whole GPU counts in full).
-    pub fn reserved_gpu_memory(&self, cap: &Capacity) -> Vec<(String, u64)> {
+    pub fn reserved_gpu_memory(&self, cap: &Capacity) -> Vec<(GpuUuid, u64)> {
         self.held
             .values()
             .flat_map(|g| capacity::gpu_memory_set_aside(g, |u| cap.gpu_total(u)))
             .collect()
     }
+}
+
+/// A lease key for task `name` (a valid task id), for tests that only need
+/// distinct keys.
+#[cfg(test)]
+pub(crate) fn test_key(name: &str) -> LeaseKey {
+    use gpufleet_schema::{subjects, TaskId, WorkerId};
+    subjects::lease_key(&WorkerId::new("w").unwrap(), &TaskId::new(name).unwrap(), 1)
 }
 
 #[cfg(test)]
@@ -114,7 +122,7 @@ mod tests {
                 .iter()
                 .map(|(u, m)| GpuGrant {
                     index: 0,
-                    uuid: u.to_string(),
+                    uuid: (*u).into(),
                     memory: ByteSize(*m),
                 })
                 .collect(),
@@ -128,41 +136,76 @@ mod tests {
     fn refuses_overcommit_with_a_reason() {
         let mut l = Ledger::default();
         let none = HashMap::new();
-        l.try_hold("a", &grant(3000, &[("g0", 0)], true), &cap(), &none)
-            .unwrap();
+        l.try_hold(
+            &test_key("a"),
+            &grant(3000, &[("g0", 0)], true),
+            &cap(),
+            &none,
+        )
+        .unwrap();
         let err = l
-            .try_hold("b", &grant(2000, &[], false), &cap(), &none)
+            .try_hold(&test_key("b"), &grant(2000, &[], false), &cap(), &none)
             .unwrap_err();
         assert!(err.starts_with("not enough CPUs"), "{err}");
         let err = l
-            .try_hold("c", &grant(500, &[("g0", 1 << 30)], false), &cap(), &none)
+            .try_hold(
+                &test_key("c"),
+                &grant(500, &[("g0", 1 << 30)], false),
+                &cap(),
+                &none,
+            )
             .unwrap_err();
         assert!(err.contains("held whole"), "{err}");
-        l.try_hold("d", &grant(500, &[("g1", 20 << 30)], false), &cap(), &none)
-            .unwrap();
+        l.try_hold(
+            &test_key("d"),
+            &grant(500, &[("g1", 20 << 30)], false),
+            &cap(),
+            &none,
+        )
+        .unwrap();
         let err = l
-            .try_hold("e", &grant(500, &[("g1", 1 << 30)], true), &cap(), &none)
+            .try_hold(
+                &test_key("e"),
+                &grant(500, &[("g1", 1 << 30)], true),
+                &cap(),
+                &none,
+            )
             .unwrap_err();
         assert!(err.contains("cannot be given whole"), "{err}");
         let err = l
-            .try_hold("f", &grant(0, &[("g1", 5 << 30)], false), &cap(), &none)
+            .try_hold(
+                &test_key("f"),
+                &grant(0, &[("g1", 5 << 30)], false),
+                &cap(),
+                &none,
+            )
             .unwrap_err();
         assert!(err.contains("4GiB free"), "{err}");
-        l.release("d");
-        l.try_hold("f", &grant(0, &[("g1", 5 << 30)], false), &cap(), &none)
-            .unwrap();
+        l.release(&test_key("d"));
+        l.try_hold(
+            &test_key("f"),
+            &grant(0, &[("g1", 5 << 30)], false),
+            &cap(),
+            &none,
+        )
+        .unwrap();
     }
 
     #[test]
     fn other_processes_count_against_a_share() {
         let mut l = Ledger::default();
-        let busy: HashMap<String, u64> = [("g0".to_string(), 20u64 << 30)].into();
+        let busy: HashMap<GpuUuid, u64> = [("g0".into(), 20u64 << 30)].into();
         let err = l
-            .try_hold("a", &grant(0, &[("g0", 8 << 30)], false), &cap(), &busy)
+            .try_hold(
+                &test_key("a"),
+                &grant(0, &[("g0", 8 << 30)], false),
+                &cap(),
+                &busy,
+            )
             .unwrap_err();
         assert!(err.contains("by other processes"), "{err}");
         let err = l
-            .try_hold("b", &grant(0, &[("gX", 0)], true), &cap(), &busy)
+            .try_hold(&test_key("b"), &grant(0, &[("gX", 0)], true), &cap(), &busy)
             .unwrap_err();
         assert!(err.contains("no GPU gX"), "{err}");
     }
@@ -180,7 +223,7 @@ mod tests {
                     .into_iter()
                     .map(|(g, gib)| GpuGrant {
                         index: g as u32,
-                        uuid: format!("g{g}"),
+                        uuid: format!("g{g}").into(),
                         memory: ByteSize(gib << 30),
                     })
                     .collect(),
@@ -200,11 +243,11 @@ mod tests {
             other in prop::collection::vec(0u64..30, 2),
         ) {
             let cap = cap();
-            let unmanaged: HashMap<String, u64> =
-                [("g0".to_string(), other[0] << 30), ("g1".to_string(), other[1] << 30)].into();
+            let unmanaged: HashMap<GpuUuid, u64> =
+                [("g0".into(), other[0] << 30), ("g1".into(), other[1] << 30)].into();
             let mut l = Ledger::default();
             for (k, (grant, end_one)) in offers.iter().enumerate() {
-                let _ = l.try_hold(&format!("k{k}"), grant, &cap, &unmanaged);
+                let _ = l.try_hold(&test_key(&format!("k{k}")), grant, &cap, &unmanaged);
                 if *end_one {
                     if let Some(key) = l.held.keys().next().cloned() {
                         l.release(&key);
@@ -225,7 +268,7 @@ mod tests {
                             .map(|x| x.memory.0)
                             .sum();
                         // What shares set aside fits in what others leave.
-                        prop_assert!(shared <= total.saturating_sub(unmanaged[uuid]));
+                        prop_assert!(shared <= total.saturating_sub(unmanaged[uuid.as_str()]));
                     }
                 }
                 prop_assert!(held

@@ -95,7 +95,7 @@ impl WorkerMetrics {
         for g in gpus {
             let label = GpuLabel {
                 gpu: g.index.to_string(),
-                uuid: g.uuid.clone(),
+                uuid: g.uuid.to_string(),
             };
             let others = g.memory_unmanaged.0.min(g.memory_used.0);
             for (owner, bytes) in [("tasks", g.memory_used.0 - others), ("others", others)] {

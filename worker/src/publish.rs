@@ -1,11 +1,13 @@
 //! The one place the worker puts events on the stream: an attempt's
-//! RUNNING state, its output and its result. Every event carries the
-//! msgpack content type; a result also carries a message id, so that the
-//! stream keeps one copy however often it is sent.
+//! RUNNING state, its output and its result, through
+//! [`gpufleet_natsutil::events`] (msgpack content type on every event; a
+//! result also carries a message id, so that the stream keeps one copy
+//! however often it is sent).
 
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
+use gpufleet_natsutil::events;
 use gpufleet_schema::{
     codec, subjects, Event, EventBody, EventKind, JobId, Lease, TaskId, WorkerId,
 };
@@ -115,12 +117,7 @@ pub(crate) async fn send_event(
     ev: &Event,
 ) -> Option<PublishAckFuture> {
     let bytes = codec::encode(ev).ok()?;
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(codec::CONTENT_TYPE, codec::MSGPACK);
-    match js
-        .publish_with_headers(subject, headers, bytes.into())
-        .await
-    {
+    match events::send(js, subject, bytes.into(), None).await {
         Ok(ack) => Some(ack),
         Err(e) => {
             tracing::warn!(error = %e, "could not publish an event");
@@ -139,24 +136,10 @@ pub(crate) async fn publish(
     let Ok(bytes) = codec::encode(ev) else {
         return false;
     };
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(codec::CONTENT_TYPE, codec::MSGPACK);
-    if let Some(id) = msg_id {
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
-    }
-    match js
-        .publish_with_headers(subject, headers, bytes.into())
-        .await
-    {
-        Ok(ack) => match ack.await {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "event not stored");
-                false
-            }
-        },
+    match events::publish(js, subject, bytes.into(), msg_id).await {
+        Ok(_) => true,
         Err(e) => {
-            tracing::warn!(error = %e, "could not publish an event");
+            tracing::warn!(error = %e, "event not stored");
             false
         }
     }

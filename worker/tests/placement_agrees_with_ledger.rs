@@ -9,7 +9,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use gpufleet_coordinator::placement::{place, place_gang, TaskRequest, WorkerView};
 use gpufleet_schema::capacity::WorkerCapacity;
-use gpufleet_schema::{ByteSize, Dur, GpuAdvert, GpuRequest, Grant, WorkerAdvert, WorkerId};
+use gpufleet_schema::{
+    subjects, ByteSize, Dur, GpuAdvert, GpuRequest, GpuUuid, Grant, LeaseKey, TaskId, WorkerAdvert,
+    WorkerId,
+};
 use gpufleet_worker::ledger::{Capacity, Ledger};
 use proptest::prelude::*;
 use time::OffsetDateTime;
@@ -34,7 +37,7 @@ fn advert(i: usize, cpus_milli: u64, memory: u64, gpus: Vec<(u64, u64)>) -> Work
             .enumerate()
             .map(|(g, (total, unmanaged))| GpuAdvert {
                 index: g as u32,
-                uuid: format!("GPU-{name}-{g}"),
+                uuid: format!("GPU-{name}-{g}").into(),
                 model: "T".into(),
                 memory_total: ByteSize(total),
                 memory_used: ByteSize(unmanaged.min(total)),
@@ -60,7 +63,7 @@ fn advert(i: usize, cpus_milli: u64, memory: u64, gpus: Vec<(u64, u64)>) -> Work
 
 /// What the worker that sent `a` checks with: the capacity it advertises
 /// and the GPU memory it saw other processes use.
-fn ledger_inputs(a: &WorkerAdvert) -> (Capacity, HashMap<String, u64>) {
+fn ledger_inputs(a: &WorkerAdvert) -> (Capacity, HashMap<GpuUuid, u64>) {
     let cap = Capacity {
         cpus_milli: a.cpus_milli,
         memory: a.memory_total.0,
@@ -76,6 +79,12 @@ fn ledger_inputs(a: &WorkerAdvert) -> (Capacity, HashMap<String, u64>) {
         .map(|g| (g.uuid.clone(), g.memory_unmanaged.0))
         .collect();
     (cap, unmanaged)
+}
+
+/// The key of the `k`th lease the test holds.
+fn lease(k: usize) -> LeaseKey {
+    let task = TaskId::new(format!("lease-{k}")).unwrap();
+    subjects::lease_key(&WorkerId::new("w").unwrap(), &task, 1)
 }
 
 /// The coordinator's snapshot: each advert, less every live grant on it.
@@ -156,8 +165,7 @@ fn worker_accepts(
 ) -> Result<(), TestCaseError> {
     for (k, (w, grant)) in grants.iter().enumerate() {
         let (cap, unmanaged) = ledger_inputs(&adverts[*w]);
-        let key = format!("lease-{}", first_key + k);
-        if let Err(reason) = ledgers[*w].try_hold(&key, grant, &cap, &unmanaged) {
+        if let Err(reason) = ledgers[*w].try_hold(&lease(first_key + k), grant, &cap, &unmanaged) {
             return Err(TestCaseError::fail(format!(
                 "worker {w} refused {grant:?} that placement granted: {reason}"
             )));
@@ -200,7 +208,7 @@ proptest! {
         // Some tasks end; the next pass places on what they freed.
         let ended: Vec<usize> = (0..live.len()).step_by(2).collect();
         for &k in &ended {
-            ledgers[live[k].0].release(&format!("lease-{k}"));
+            ledgers[live[k].0].release(&lease(k));
         }
         let still: Vec<(usize, Grant)> = live
             .iter()

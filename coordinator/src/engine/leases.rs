@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use gpufleet_schema::capacity::{WorkerCapacity, DEFAULT_RENDEZVOUS_PORTS};
-use gpufleet_schema::{Lease, LeaseState, TaskId, WorkerAdvert, WorkerId};
+use gpufleet_schema::{Lease, LeaseKey, LeaseState, TaskId, WorkerAdvert, WorkerId};
 
 use crate::placement::WorkerView;
 
@@ -36,7 +36,7 @@ impl LiveLease {
 #[derive(Default)]
 pub struct LeaseBook {
     workers: BTreeMap<WorkerId, WorkerAdvert>,
-    live: HashMap<String, LiveLease>,
+    live: HashMap<LeaseKey, LiveLease>,
     /// Tasks whose lease was released before their result came, and when.
     released: HashMap<TaskId, Instant>,
 }
@@ -82,21 +82,21 @@ impl LeaseBook {
 
     // ----- leases -----
 
-    pub fn get(&self, key: &str) -> Option<&LiveLease> {
+    pub fn get(&self, key: &LeaseKey) -> Option<&LiveLease> {
         self.live.get(key)
     }
 
-    pub fn contains(&self, key: &str) -> bool {
+    pub fn contains(&self, key: &LeaseKey) -> bool {
         self.live.contains_key(key)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &LiveLease)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&LeaseKey, &LiveLease)> {
         self.live.iter()
     }
 
     /// Takes a lease as the watch saw it; returns false (and keeps what it
     /// had) for an older revision redelivered.
-    pub fn put(&mut self, key: &str, rev: u64, lease: Lease) -> bool {
+    pub fn put(&mut self, key: &LeaseKey, rev: u64, lease: Lease) -> bool {
         match self.live.get_mut(key) {
             Some(known) if known.rev > rev => false,
             Some(known) => {
@@ -104,18 +104,18 @@ impl LeaseBook {
                 true
             }
             None => {
-                self.live.insert(key.to_string(), LiveLease { rev, lease });
+                self.live.insert(key.clone(), LiveLease { rev, lease });
                 true
             }
         }
     }
 
     /// A reservation we are about to write: live at once (in flight).
-    pub fn reserve(&mut self, key: String, lease: Lease) {
+    pub fn reserve(&mut self, key: LeaseKey, lease: Lease) {
         self.live.insert(key, LiveLease { rev: 0, lease });
     }
 
-    pub fn remove(&mut self, key: &str) -> Option<LiveLease> {
+    pub fn remove(&mut self, key: &LeaseKey) -> Option<LiveLease> {
         self.live.remove(key)
     }
 

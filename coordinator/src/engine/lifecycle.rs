@@ -5,7 +5,7 @@
 //! nothing the second time.
 
 use gpufleet_schema::{
-    subjects, Event, EventBody, JobId, Lease, LeaseState, TaskOutcome, TaskState,
+    subjects, Event, EventBody, JobId, Lease, LeaseKey, LeaseState, TaskOutcome, TaskState,
 };
 
 use super::leases::LiveLease;
@@ -35,8 +35,18 @@ impl Engine {
     // ----- leases -----
 
     pub(super) fn lease_change(&mut self, change: LeaseChange) {
+        let raw = match &change {
+            LeaseChange::Put { key, .. }
+            | LeaseChange::Released { key }
+            | LeaseChange::Expired { key } => key,
+        };
+        // Only we write lease keys; one that does not parse names no
+        // attempt of ours and holds nothing placement counts.
+        let Some(key) = subjects::parse_lease_key(raw) else {
+            return;
+        };
         match change {
-            LeaseChange::Put { key, rev, lease } => {
+            LeaseChange::Put { rev, lease, .. } => {
                 if !self.book.put(&key, rev, (*lease).clone()) {
                     // An older entry redelivered; the newer one stays.
                     return;
@@ -54,7 +64,7 @@ impl Engine {
                     }
                 }
             }
-            LeaseChange::Released { key } => {
+            LeaseChange::Released { .. } => {
                 let Some((l, job, i)) = self.lease_gone(&key) else {
                     return;
                 };
@@ -68,7 +78,7 @@ impl Engine {
                     self.book.released(l.task_id, self.now.mono);
                 }
             }
-            LeaseChange::Expired { key } => {
+            LeaseChange::Expired { .. } => {
                 let Some((l, job, i)) = self.lease_gone(&key) else {
                     return;
                 };
@@ -91,7 +101,7 @@ impl Engine {
 
     /// Forgets a lease key that is gone; returns it with its task when the
     /// task still waits on this attempt (and start-up is over).
-    fn lease_gone(&mut self, key: &str) -> Option<(Lease, JobId, usize)> {
+    fn lease_gone(&mut self, key: &LeaseKey) -> Option<(Lease, JobId, usize)> {
         let live = self.book.remove(key)?;
         self.wants_schedule = true;
         if !self.ready {
@@ -102,7 +112,7 @@ impl Engine {
     }
 
     /// Purges a lease nothing should hold any more.
-    fn purge_lease(&mut self, key: &str) {
+    fn purge_lease(&mut self, key: &LeaseKey) {
         self.fx.purge_leases.push(key.to_string());
         self.book.remove(key);
     }
@@ -122,7 +132,7 @@ impl Engine {
         }
     }
 
-    fn rejected(&mut self, key: &str, l: &Lease) {
+    fn rejected(&mut self, key: &LeaseKey, l: &Lease) {
         self.purge_lease(key);
         let Some((job, i)) = self.jobs.current_task(l) else {
             return;
@@ -140,7 +150,7 @@ impl Engine {
     }
 
     pub(super) fn lease_create_failed(&mut self, key: &str, error: &str) {
-        let Some(live) = self.book.remove(key) else {
+        let Some(live) = subjects::parse_lease_key(key).and_then(|k| self.book.remove(&k)) else {
             return;
         };
         if let Some((job, i)) = self.jobs.current_task(&live.lease) {
@@ -154,7 +164,7 @@ impl Engine {
     /// Stops the attempt behind `key`: an unclaimed reservation is purged
     /// and the task ends at once; a running one is asked to stop, and ends
     /// when its worker reports (or its lease expires).
-    pub(super) fn stop_lease(&mut self, job: &JobId, index: usize, key: &str) {
+    pub(super) fn stop_lease(&mut self, job: &JobId, index: usize, key: &LeaseKey) {
         match self.book.get(key) {
             Some(live) if live.lease.state == LeaseState::Running => {
                 self.fx.cancel_lease(key, live, "job cancelled".into());
@@ -286,7 +296,7 @@ impl Engine {
         let Some(why) = self.jobs[job].gang_broken.clone() else {
             return;
         };
-        let active: Vec<(usize, TaskState, String)> = self.jobs[job]
+        let active: Vec<(usize, TaskState, LeaseKey)> = self.jobs[job]
             .tasks
             .iter()
             .enumerate()
@@ -430,7 +440,7 @@ impl Engine {
             .cloned()
             .collect();
         for job in cancelled {
-            let keys: Vec<(usize, String)> = self.jobs[&job]
+            let keys: Vec<(usize, LeaseKey)> = self.jobs[&job]
                 .tasks
                 .iter()
                 .enumerate()
@@ -459,7 +469,7 @@ impl Engine {
     /// whose lease vanished while nobody watched, and stops leases that
     /// belong to nothing.
     pub(super) fn reconcile_at_start(&mut self) {
-        let leases: Vec<(String, LiveLease)> = self
+        let leases: Vec<(LeaseKey, LiveLease)> = self
             .book
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -526,7 +536,7 @@ impl Engine {
         }
     }
 
-    fn orphan_lease(&mut self, key: &str, live: &LiveLease) {
+    fn orphan_lease(&mut self, key: &LeaseKey, live: &LiveLease) {
         match live.lease.state {
             // Something runs that no record wants: ask its worker to stop.
             LeaseState::Running => {

@@ -349,7 +349,7 @@ impl Engine {
                 .queue_wait(self.now.mono.saturating_duration_since(since));
         }
         self.book.reserve(key.clone(), lease.clone());
-        self.fx.create_leases.push((key, lease));
+        self.fx.create_leases.push((key.into(), lease));
         self.emit_state(job, i);
     }
 

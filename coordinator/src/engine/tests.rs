@@ -81,7 +81,7 @@ fn advert(name: &str, cpus: u64, gpus: u32) -> WorkerAdvert {
         gpus: (0..gpus)
             .map(|i| GpuAdvert {
                 index: i,
-                uuid: format!("GPU-{name}-{i}"),
+                uuid: format!("GPU-{name}-{i}").into(),
                 model: "T".into(),
                 memory_total: ByteSize::gib(24),
                 memory_used: ByteSize(0),
@@ -393,6 +393,26 @@ fn start_up_adopts_unrecorded_leases_and_requeues_lapsed_reservations() {
         "{:?}",
         j.tasks[0].reason
     );
+}
+
+/// Only the coordinator writes lease keys, so a key that does not parse
+/// names no attempt: its value holds nothing placement counts.
+#[test]
+fn a_lease_under_a_malformed_key_holds_nothing() {
+    let task = r#"{"tasks": [{"command": ["true"], "resources": {"cpus": 1}}]}"#;
+    let mut other = ready_engine(&[advert("w1", 1, 0)]);
+    submit(&mut other, task);
+    let (_, mut lease) = other.take_effects().create_leases.remove(0);
+    lease.state = LeaseState::Running;
+
+    let mut e = ready_engine(&[advert("w1", 1, 0)]);
+    e.handle(Input::Lease(LeaseChange::Put {
+        key: "w1.not a task.1".into(),
+        rev: 4,
+        lease: Box::new(lease),
+    }));
+    submit(&mut e, task);
+    assert_eq!(e.take_effects().create_leases.len(), 1, "the CPU is free");
 }
 
 #[test]

@@ -14,7 +14,9 @@ fn worker(name: &str, cpus: u64, gpus: &[u64]) -> WorkerView {
             64 * GIB,
             gpus.iter()
                 .enumerate()
-                .map(|(i, &m)| GpuCapacity::new(i as u32, format!("GPU-{name}-{i}"), m * GIB, 0))
+                .map(|(i, &m)| {
+                    GpuCapacity::new(i as u32, format!("GPU-{name}-{i}").into(), m * GIB, 0)
+                })
                 .collect(),
         ),
     }
