@@ -255,6 +255,16 @@ impl Api {
     /// from the start of the stream: until what was stored when this is
     /// called, or then new ones as they come.
     pub async fn events(&self, filter: String, until: Until) -> anyhow::Result<EventStream> {
+        self.events_from(filter, 1, until).await
+    }
+
+    /// [`Api::events`] from stream sequence `from` on.
+    pub async fn events_from(
+        &self,
+        filter: String,
+        from: u64,
+        until: Until,
+    ) -> anyhow::Result<EventStream> {
         let js = jetstream::new(self.client.clone());
         // Only a coordinator creates the stores: wait a while for one, as
         // workers do (by trying again: a user may not read stream info).
@@ -262,7 +272,8 @@ impl Api {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
         let mut said = false;
         let replay = loop {
-            match Replay::start(&js, subjects::EVENTS_STREAM, vec![filter.clone()], 1, until).await
+            match Replay::start(&js, subjects::EVENTS_STREAM, vec![filter.clone()], from, until)
+                .await
             {
                 Ok(r) => break r,
                 Err(e) => {
@@ -282,6 +293,28 @@ impl Api {
             replay,
             holders: HoldersOf::default(),
         })
+    }
+}
+
+impl Api {
+    /// The stream sequence of the newest event stored on `filter`, if any.
+    /// Read through a consumer on that filter, which a user may create for
+    /// its own jobs (a direct get it may not: see `schema::roles`).
+    pub async fn newest_event(&self, filter: &str) -> anyhow::Result<Option<u64>> {
+        let js = jetstream::new(self.client.clone());
+        let stream = js
+            .get_stream_no_info(subjects::EVENTS_STREAM)
+            .await
+            .context("opening the events stream")?;
+        let last = gpufleet_natsutil::events::last_on(
+            &js,
+            &stream,
+            subjects::EVENTS_STREAM,
+            &[filter.to_string()],
+        )
+        .await
+        .context("reading the events stream")?;
+        Ok((last > 0).then_some(last))
     }
 }
 

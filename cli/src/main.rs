@@ -7,10 +7,12 @@
 //! Modules: `client` speaks the API and reads the events stream,
 //! `jobfile` reads job files and builds one-off jobs, `watch` waits on a
 //! job (bars, logs, Ctrl-C), `show` draws tables, `up` runs a local fleet,
-//! `settings` loads the command line's own configuration.
+//! `dashboard` serves the web page, `settings` loads the command line's
+//! own configuration.
 
 mod auth;
 mod client;
+mod dashboard;
 mod jobfile;
 mod settings;
 mod show;
@@ -27,9 +29,7 @@ use gpufleet_natsutil::artifacts::Stored;
 use gpufleet_natsutil::events::Until;
 use gpufleet_natsutil::telemetry::{self, LogFormat};
 use gpufleet_schema::TaskState;
-use gpufleet_schema::{
-    subjects, EventKind, JobId, JobSpec, JobState, JobStatus, TaskId, WorkerAdvert,
-};
+use gpufleet_schema::{subjects, EventKind, JobId, JobSpec, JobState, JobStatus, TaskId};
 use serde::Serialize;
 
 use client::Api;
@@ -207,6 +207,12 @@ enum Cmd {
     Up(up::UpArgs),
     /// Write keys, settings and a nats-server configuration for a fleet with roles
     Auth(auth::AuthArgs),
+    /// Serve a live web page of the fleet and your jobs (logs, cancel), as your NATS user
+    Dashboard {
+        /// Where to serve it. It acts with your NATS credentials: keep it on loopback
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -403,7 +409,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Workers => {
             let api = connect().await?;
             let list = api.workers().await?;
-            let holders = gpu_holders(&list);
+            let holders = show::gpu_holders(&list);
             if json {
                 print_json(&show::workers_json(&list, &holders));
             } else {
@@ -412,6 +418,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(exit::OK)
         }
         Cmd::Artifacts { command } => artifacts(&connect().await?, command, json).await,
+        Cmd::Dashboard { listen } => {
+            let api = connect().await?;
+            dashboard::run(api, &cfg.nats_url, listen, telemetry::shutdown_signal()).await?;
+            Ok(exit::OK)
+        }
     }
 }
 
@@ -505,20 +516,6 @@ fn summary(s: &JobStatus) -> String {
         }
     }
     line
-}
-
-/// Which tasks hold each GPU, as the coordinator reports them (with roles
-/// on, only the caller's own tasks).
-fn gpu_holders(list: &[WorkerAdvert]) -> show::Holders {
-    let mut out = show::Holders::new();
-    for g in list.iter().flat_map(|w| &w.gpus) {
-        if !g.held_by.is_empty() {
-            out.entry(g.uuid.clone())
-                .or_default()
-                .extend(g.held_by.iter().map(|t| t.to_string()));
-        }
-    }
-    out
 }
 
 /// A task of `status` by id or name.

@@ -424,6 +424,13 @@ async fn start(args: &UpArgs, log_format: Option<LogFormat>) -> anyhow::Result<L
                 cmd.env(k, v);
             }
         }
+        // Workers on one machine cannot share the default metrics port:
+        // local-N serves on the coordinator's default plus N, unless told
+        // otherwise (the environment, or a settings file).
+        if std::env::var_os("GPUFLEET_METRICS_ADDR").is_none() && args.worker_config.is_none() {
+            let port = gpufleet_natsutil::metrics::COORDINATOR_PORT + i as u16;
+            cmd.env("GPUFLEET_METRICS_ADDR", format!("127.0.0.1:{port}"));
+        }
         let log = format!("{name}.log");
         let m = spawn(&name, cmd, &dir.join(&log))?;
         eprintln!("  {name:<11}  pid {:<7} log {log}", m.pid());

@@ -217,41 +217,55 @@ impl Incoming {
 pub type EndpointTask = (&'static str, Pin<Box<dyn Future<Output = ()> + Send>>);
 
 /// Starts the API of coordinator `instance`; returns it with the endpoint
-/// tasks (for the caller to own), which feed `engine`.
+/// tasks (for the caller to own), which feed `engine`. `metrics_addr`,
+/// where the coordinator serves Prometheus metrics, is in the service's
+/// metadata (`nats micro info gpufleet`), for whoever wants to scrape it.
 pub async fn start(
     client: async_nats::Client,
     engine: mpsc::Sender<Input>,
     metrics: crate::metrics::Metrics,
     access: Access,
     instance: &str,
+    metrics_addr: Option<std::net::SocketAddr>,
 ) -> Result<(Api, Vec<EndpointTask>), async_nats::Error> {
     let max_payload = client.server_info().max_payload;
     let mut tasks: Vec<EndpointTask> = Vec::new();
-    let mut task = |name: &'static str, source: Source, endpoint: &'static str, kind: Kind| {
+    let mut task = |name: &'static str,
+                    counted_as: &'static str,
+                    source: Source,
+                    endpoint: &'static str,
+                    kind: Kind| {
         let server = Server {
             client: client.clone(),
             engine: engine.clone(),
             access: access.clone(),
             max_payload,
+            metrics: metrics.clone(),
+            name: counted_as,
         };
         tasks.push((name, Box::pin(server.serve(source, endpoint, kind))));
     };
     if access.roles {
         for (name, _, endpoint, kind) in ENDPOINTS {
             let sub = client.subscribe(subjects::api_any_user(endpoint)).await?;
-            task(name, Source::Plain(sub), endpoint, kind);
+            task(name, name, Source::Plain(sub), endpoint, kind);
         }
         return Ok((Api::Plain, tasks));
     }
+    let stats = metrics.clone();
+    let metadata = metrics_addr
+        .map(|a| std::collections::HashMap::from([("metrics_addr".to_string(), a.to_string())]))
+        .unwrap_or_default();
     let service = client
         .service_builder()
         .description("gpufleet job API: submit, get, list, cancel and delete jobs; list workers")
+        .metadata(metadata)
         // A group of its own: see the module's header.
         .queue_group(format!("gpufleet-{instance}"))
         .stats_handler(move |endpoint, _| {
             // The coordinator's own figures ride on one endpoint's stats.
             if endpoint == "jobs-submit" {
-                metrics.snapshot()
+                stats.snapshot()
             } else {
                 serde_json::Value::Null
             }
@@ -259,12 +273,13 @@ pub async fn start(
         .start(subjects::SERVICE_NAME, gpufleet_schema::VERSION)
         .await?;
     for (name, any_name, endpoint, kind) in ENDPOINTS {
+        let counted_as = name;
         for (name, subject) in [
             (name, subjects::api_any_user(endpoint)),
             (any_name, subjects::api_for(None, endpoint)),
         ] {
             let ep = service.endpoint_builder().name(name).add(subject).await?;
-            task(name, Source::Service(Box::new(ep)), endpoint, kind);
+            task(name, counted_as, Source::Service(Box::new(ep)), endpoint, kind);
         }
     }
     Ok((Api::Service(Box::new(service)), tasks))
@@ -276,11 +291,15 @@ struct Server {
     engine: mpsc::Sender<Input>,
     access: Access,
     max_payload: usize,
+    metrics: crate::metrics::Metrics,
+    /// The endpoint's name in the metrics (the same for both subjects).
+    name: &'static str,
 }
 
 impl Server {
     /// Serves one endpoint until its subscription or the engine ends.
     async fn serve(self, mut source: Source, endpoint: &'static str, kind: Kind) {
+        let requests = self.metrics.api_requests(self.name);
         let mut waiting = FuturesUnordered::new();
         loop {
             tokio::select! {
@@ -292,12 +311,16 @@ impl Server {
                         }
                         continue;
                     };
+                    requests.inc();
                     let (client, max_payload) = (self.client.clone(), self.max_payload);
+                    let (metrics, name) = (self.metrics.clone(), self.name);
                     waiting.push(async move {
                         let reply = rx.await.unwrap_or_else(|_| {
                             Reply::error(code::UNAVAILABLE, "the coordinator is shutting down")
                         });
-                        respond(&client, request, enc, &reply, max_payload).await;
+                        if let Some(code) = respond(&client, request, enc, &reply, max_payload).await {
+                            metrics.api_error(name, code);
+                        }
                     });
                 }
                 Some(()) = waiting.next(), if !waiting.is_empty() => {}
@@ -455,19 +478,24 @@ pub(crate) fn reply_message(
     (headers(error), body)
 }
 
+/// Sends the reply; returns its error code, if it is an error.
 async fn respond(
     client: &async_nats::Client,
     request: Incoming,
     enc: Encoding,
     reply: &Reply,
     max_payload: usize,
-) {
+) -> Option<u16> {
     let (headers, body) = reply_message(reply, enc, max_payload);
+    let error = headers
+        .get(async_nats::service::NATS_SERVICE_ERROR_CODE)
+        .and_then(|v| v.as_str().parse().ok());
     // Errors go out as a normal reply carrying the error headers, so that
     // the body can hold `{"error": ...}` (the library's error reply is empty).
     if let Err(e) = request.respond(client, body, headers).await {
         tracing::warn!(error = %e, "could not send an API reply");
     }
+    error
 }
 
 #[cfg(test)]

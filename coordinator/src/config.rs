@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use gpufleet_natsutil::metrics::MetricsAddr;
 use gpufleet_natsutil::telemetry::LogFormat;
 use gpufleet_natsutil::Setup;
 use std::path::PathBuf;
@@ -80,6 +81,8 @@ pub struct CoordinatorConfig {
     pub connect_patience: Dur,
     /// `text` or `json` log lines on stderr.
     pub log_format: LogFormat,
+    /// Where Prometheus metrics are served (`/metrics`), or `off`.
+    pub metrics_addr: MetricsAddr,
 }
 
 impl Default for CoordinatorConfig {
@@ -113,9 +116,16 @@ impl Default for CoordinatorConfig {
             leader_ttl: Dur::secs(10),
             connect_patience: Dur::secs(60),
             log_format: LogFormat::Text,
+            metrics_addr: MetricsAddr::Listen(DEFAULT_METRICS_ADDR.into()),
         }
     }
 }
+
+/// The coordinator's metrics, on loopback: nothing is exposed to the
+/// network unless the operator chooses to (`0.0.0.0:9464` for a Prometheus
+/// elsewhere).
+pub const DEFAULT_METRICS_ADDR: ([u8; 4], u16) =
+    ([127, 0, 0, 1], gpufleet_natsutil::metrics::COORDINATOR_PORT);
 
 impl CoordinatorConfig {
     /// Settings for tests: short timers so faults show quickly.
@@ -135,6 +145,8 @@ impl CoordinatorConfig {
             events_max_bytes: ByteSize(256 << 20),
             jobs_max_bytes: ByteSize(256 << 20),
             artifacts_max_bytes: ByteSize(512 << 20),
+            // Any free port: tests run side by side.
+            metrics_addr: MetricsAddr::Listen(([127, 0, 0, 1], 0).into()),
             ..Default::default()
         }
     }

@@ -49,7 +49,7 @@ pub use clock::{Now, Rng};
 pub use queue::AVOID_FOR;
 
 use crate::config::CoordinatorConfig;
-use crate::metrics::{InputKind, Metrics};
+use crate::metrics::{job_state_index, task_state_index, InputKind, Metrics, Observed};
 use crate::state::JobRecord;
 use health::Health;
 use jobs::JobTable;
@@ -202,6 +202,8 @@ pub enum Input {
     Tick,
     /// A retry's pause has ended: time to place again.
     Wake,
+    /// Prometheus scrapes: set the state-derived gauges, then say so.
+    Observe(oneshot::Sender<()>),
 }
 
 /// The start-up feeds the engine waits for before it places anything.
@@ -383,6 +385,12 @@ impl Engine {
         self.metrics.clone()
     }
 
+    /// The engine, counting into `metrics` (shared with what serves them).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Engine {
+        self.metrics = metrics;
+        self
+    }
+
     pub fn job(&self, id: &JobId) -> Option<&JobRecord> {
         self.jobs.get(id)
     }
@@ -463,7 +471,49 @@ impl Engine {
             }),
             Input::Tick => self.tick(),
             Input::Wake => self.wants_schedule = true,
+            Input::Observe(done) => {
+                self.metrics.observed(&self.observe());
+                let _ = done.send(());
+            }
         }
+    }
+
+    /// The figures Prometheus asks for that are views of the state: jobs
+    /// by status, tasks by state, the queue, workers by state. Computed
+    /// only when asked (a scrape), so the hot path keeps no counts for it.
+    pub fn observe(&self) -> Observed {
+        let mut o = Observed::default();
+        let mut waiting = Vec::new();
+        for (_, j) in self.jobs.iter() {
+            o.jobs[job_state_index(j.status)] += 1;
+            for t in &j.tasks {
+                o.tasks[task_state_index(t.state)] += 1;
+                if t.state == TaskState::Queued {
+                    waiting.push(&t.id);
+                }
+            }
+        }
+        o.queue_length = waiting.len() as i64;
+        o.oldest_wait = self
+            .queue
+            .waiting_since(waiting)
+            .map(|since| self.now.mono.saturating_duration_since(since))
+            .unwrap_or_default();
+        let held = self
+            .queue
+            .hold()
+            .map(|h| h.workers.as_slice())
+            .unwrap_or(&[]);
+        for w in self.book.workers() {
+            if w.draining {
+                o.workers_draining += 1;
+            } else if held.contains(&w.name) {
+                o.workers_held += 1;
+            } else {
+                o.workers_ready += 1;
+            }
+        }
+        o
     }
 
     /// Runs placement at `now` if anything changed since the last time.
@@ -482,8 +532,20 @@ impl Engine {
             ApiCall::Submit(spec) => self.submit(*spec, caller, tx),
             ApiCall::Get { job, offset, limit } => match self.jobs.get(&job) {
                 Some(j) if j.stored && caller.sees(&j.owner) => {
-                    let reply = Reply::Job(Box::new(j.page(offset, limit)));
-                    self.fx.replies.push((tx, reply, None));
+                    let mut page = j.page(offset, limit);
+                    for (s, t) in page.tasks.iter_mut().zip(j.tasks.iter().skip(offset)) {
+                        // A running task's usage so far is in its worker's
+                        // latest advert.
+                        if t.state == TaskState::Running {
+                            s.usage = t
+                                .worker
+                                .as_ref()
+                                .and_then(|w| self.book.worker(w))
+                                .and_then(|a| a.usage.get(&t.id))
+                                .cloned();
+                        }
+                    }
+                    self.fx.replies.push((tx, Reply::Job(Box::new(page)), None));
                 }
                 // Another user's job is not found either (its id tells
                 // nobody else anything); a finished one no longer held is
@@ -512,8 +574,15 @@ impl Engine {
                 let mut held = self
                     .book
                     .gpu_holders(&list.iter().map(|w| &w.name).collect());
+                let starving = self
+                    .queue
+                    .hold()
+                    .map(|h| h.workers.as_slice())
+                    .unwrap_or(&[]);
                 for w in &mut list {
+                    w.held = starving.contains(&w.name);
                     w.running.retain(|t| visible(t));
+                    w.usage.retain(|t, _| visible(t));
                     for g in &mut w.gpus {
                         g.held_by = held
                             .remove(&(w.name.clone(), g.uuid.clone()))
@@ -740,6 +809,7 @@ impl Engine {
             },
             token: None,
         };
+        self.metrics.task_ended(t.state);
         let subject = subjects::events(
             &j.owner,
             job,

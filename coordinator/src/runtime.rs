@@ -23,6 +23,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -38,14 +39,14 @@ use gpufleet_schema::{
     WorkerId,
 };
 use nkeys::KeyPair;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::config::CoordinatorConfig;
 use crate::engine::{
     Caller, Effects, Engine, Feed, Fetch, Input, LeaseChange, Now, Reply, PART_BUDGET,
 };
-use crate::metrics::Writes;
+use crate::metrics::{Metrics, WriteKind, Writes};
 use crate::state::JobRecord;
 use crate::store;
 
@@ -144,6 +145,18 @@ pub async fn run(
         retention: msg_ttl.then_some(cfg.job_retention.0),
     };
 
+    // The engine's inputs. Made before leadership, so that a scrape of a
+    // standby has somewhere to ask; its engine answers once it leads.
+    let (tx, mut rx) = mpsc::channel::<Input>(16_384);
+    let metrics = Metrics::default();
+    // Served by standbys too: `gpufleet_coordinator_leader` tells them apart.
+    let metrics_server = gpufleet_natsutil::metrics::serve_or_warn(
+        cfg.metrics_addr,
+        metrics.registry(),
+        Some(observe(tx.clone())),
+    )
+    .await;
+
     let workers_kv = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
     let instance = JobId::generate().to_string();
     let mut leadership = tokio::select! {
@@ -151,8 +164,9 @@ pub async fn run(
         // A standby asked to stop stops.
         _ = &mut shutdown => return Ok(()),
     };
+    metrics.leading(true);
 
-    let mut engine = Engine::new(cfg.clone(), now(), random_seed());
+    let mut engine = Engine::new(cfg.clone(), now(), random_seed()).with_metrics(metrics.clone());
     let max_payload = client.server_info().max_payload;
     engine.set_part_budget(PART_BUDGET.min(max_payload / 2));
     let started = std::time::Instant::now();
@@ -166,7 +180,6 @@ pub async fn run(
         "restored the unfinished jobs"
     );
 
-    let (tx, mut rx) = mpsc::channel::<Input>(16_384);
     let mut feeders = Feeders::default();
     feeders.spawn(
         "worker adverts watch",
@@ -250,6 +263,7 @@ pub async fn run(
                 engine.metrics(),
                 access(&cfg),
                 &instance,
+                metrics_server.as_ref().map(|s| s.addr()),
             )
             .await
             .map_err(|e| CoordinatorError::Nats(e.to_string()))?;
@@ -359,6 +373,31 @@ fn access(cfg: &CoordinatorConfig) -> crate::api::Access {
         roles: cfg.roles,
         admins: cfg.admins.iter().cloned().collect(),
     }
+}
+
+/// Before each scrape: the engine sets its state-derived gauges. A scrape
+/// of a standby, or of a leader too busy to answer in time, is served the
+/// figures as they were (`natsutil::metrics::REFRESH_WAIT`).
+fn observe(tx: mpsc::Sender<Input>) -> gpufleet_natsutil::metrics::Refresh {
+    Arc::new(move || {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let (done, answered) = oneshot::channel();
+            // Never queue behind a full channel: the scrape can wait, the
+            // engine's inputs cannot.
+            if tx.try_send(Input::Observe(done)).is_ok() {
+                let _ = answered.await;
+            }
+        })
+    })
+}
+
+/// Awaits one JetStream write (to its ack), counting how long it took.
+async fn timed<T>(metrics: &Metrics, kind: WriteKind, write: impl Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let r = write.await;
+    metrics.write(kind, started.elapsed());
+    r
 }
 
 /// The engine's time: it reads no clock of its own.
@@ -592,6 +631,7 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
         checkpoint,
     } = fx;
     let started = std::time::Instant::now();
+    let metrics = &engine.metrics();
     let mut feedback = Vec::new();
     let mut failed_jobs: HashMap<JobId, String> = HashMap::new();
     let mut plans = Vec::new();
@@ -631,7 +671,7 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
         let puts = join_all(
             p.parts
                 .iter()
-                .map(|(key, bytes, _)| io.jobs.put(key, bytes.clone(), ttl)),
+                .map(|(key, bytes, _)| timed(metrics, WriteKind::Job, io.jobs.put(key, bytes.clone(), ttl))),
         );
         // A client's id is looked up beside the write, not before it: a
         // submit costs one round trip either way.
@@ -654,11 +694,11 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
     // a worker's RUNNING (sent only after it sees the reservation) is not
     // stored ahead of the coordinator's RESERVED.
     let (_, record_results, mut create_failures, ..) = tokio::join!(
-        publish_events(io, now_events),
+        publish_events(io, metrics, now_events),
         record_writes,
         create_leases_now(io, engine, now_leases),
-        cancel_leases_now(io, cancel_leases),
-        purge_leases_now(io, purge_leases),
+        cancel_leases_now(io, metrics, cancel_leases),
+        purge_leases_now(io, metrics, purge_leases),
     );
 
     // What stage 1 stored decides stage 2.
@@ -723,7 +763,7 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
     }));
     // Events first, as in stage 1.
     let (_, purged, more_failures) = tokio::join!(
-        publish_events(io, later_events),
+        publish_events(io, metrics, later_events),
         purge_moves,
         create_leases_now(io, engine, later_leases),
     );
@@ -760,11 +800,10 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
     // Stage 3.
     if failed_jobs.is_empty() && records.purges.is_empty() {
         if let Some(seq) = checkpoint.filter(|s| *s > records.last_checkpoint || records.moved) {
-            match io
+            let put = io
                 .jobs
-                .put(subjects::CHECKPOINT_KEY, Bytes::from(seq.to_string()), None)
-                .await
-            {
+                .put(subjects::CHECKPOINT_KEY, Bytes::from(seq.to_string()), None);
+            match timed(metrics, WriteKind::Checkpoint, put).await {
                 Ok(_) => {
                     records.last_checkpoint = seq;
                     records.moved = false;
@@ -798,6 +837,7 @@ fn answer_taken(id: &JobId, (same, status): (bool, JobState), reply: Reply) -> R
 /// Creates reservations; returns an input for each that failed.
 async fn create_leases_now(io: &Io, engine: &Engine, leases: Vec<(String, Lease)>) -> Vec<Input> {
     let ttl = engine.config().reservation_ttl.0;
+    let metrics = &engine.metrics();
     let created = join_all(leases.into_iter().map(|(key, mut lease)| async move {
         if let Some(signer) = &io.signer {
             if let Err(e) = lease.sign(signer) {
@@ -805,11 +845,13 @@ async fn create_leases_now(io: &Io, engine: &Engine, leases: Vec<(String, Lease)
             }
         }
         let r = match codec::encode(&lease) {
-            Ok(b) => io
-                .leases
-                .create(&key, Bytes::from(b), Some(ttl))
-                .await
-                .map(|_| ())
+            Ok(b) => timed(
+                metrics,
+                WriteKind::Lease,
+                io.leases.create(&key, Bytes::from(b), Some(ttl)),
+            )
+            .await
+            .map(|_| ())
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
@@ -826,13 +868,14 @@ async fn create_leases_now(io: &Io, engine: &Engine, leases: Vec<(String, Lease)
         .collect()
 }
 
-async fn cancel_leases_now(io: &Io, cancels: Vec<(String, Lease, u64)>) {
+async fn cancel_leases_now(io: &Io, metrics: &Metrics, cancels: Vec<(String, Lease, u64)>) {
     join_all(cancels.into_iter().map(|(key, lease, rev)| async move {
         let ttl = lease.lease_ttl.0;
         if let Ok(b) = codec::encode(&lease) {
             // Losing the race to a renewal is fine: the next tick sees the
             // new revision and the cancel is asked again by the engine.
-            if let Err(e) = io.leases.update(&key, Bytes::from(b), Some(ttl), rev).await {
+            let update = io.leases.update(&key, Bytes::from(b), Some(ttl), rev);
+            if let Err(e) = timed(metrics, WriteKind::Lease, update).await {
                 tracing::info!(key, error = %e, "cancel of a lease did not apply");
             }
         }
@@ -840,9 +883,10 @@ async fn cancel_leases_now(io: &Io, cancels: Vec<(String, Lease, u64)>) {
     .await;
 }
 
-async fn purge_leases_now(io: &Io, keys: Vec<String>) {
+async fn purge_leases_now(io: &Io, metrics: &Metrics, keys: Vec<String>) {
     join_all(keys.into_iter().map(|key| async move {
-        if let Err(e) = io.leases.purge(&key, io.marker_ttl).await {
+        let purge = io.leases.purge(&key, io.marker_ttl);
+        if let Err(e) = timed(metrics, WriteKind::Lease, purge).await {
             tracing::warn!(key, error = %e, "could not purge a lease");
         }
     }))
@@ -850,18 +894,23 @@ async fn purge_leases_now(io: &Io, keys: Vec<String>) {
 }
 
 /// Sends every state event, then awaits their acks.
-async fn publish_events(io: &Io, events: Vec<(String, Event)>) {
+async fn publish_events(io: &Io, metrics: &Metrics, events: Vec<(String, Event)>) {
     let mut acks = Vec::with_capacity(events.len());
     for (subject, event) in events {
         let Ok(body) = codec::encode(&event) else {
             continue;
         };
+        let sent = std::time::Instant::now();
         match events::send(&io.js, subject, Bytes::from(body), None).await {
-            Ok(ack) => acks.push(ack),
+            Ok(ack) => acks.push(async move {
+                let r = ack.await;
+                metrics.write(WriteKind::Event, sent.elapsed());
+                r
+            }),
             Err(e) => tracing::warn!(error = %e, "could not publish a state event"),
         }
     }
-    for r in join_all(acks.into_iter().map(std::future::IntoFuture::into_future)).await {
+    for r in join_all(acks).await {
         if let Err(e) = r {
             tracing::warn!(error = %e, "a state event was not stored");
         }

@@ -5,8 +5,8 @@
 //! contract): clients read jobs through the API, never from the bucket.
 
 use gpufleet_schema::{
-    Grant, JobId, JobSpec, JobState, JobStatus, TaskCounts, TaskId, TaskState, TaskStatus, UserId,
-    WorkerId,
+    Grant, JobId, JobSpec, JobState, JobStatus, TaskCounts, TaskId, TaskState, TaskStatus,
+    TaskUsage, UserId, WorkerId,
 };
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -110,6 +110,9 @@ pub struct TaskRecord {
     /// must name it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_rev: Option<u64>,
+    /// What the current attempt used, as its worker reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TaskUsage>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -169,7 +172,9 @@ impl TaskRecord {
         result: Option<serde_json::Value>,
         seq: u64,
         started_at: Option<OffsetDateTime>,
+        usage: Option<TaskUsage>,
     ) {
+        self.usage = usage;
         if self.started_at.is_none() {
             self.started_at = started_at;
         }
@@ -245,6 +250,7 @@ impl TaskRecord {
         self.reason = Some(bounded_reason(why));
         self.token = None;
         self.claim_rev = None;
+        self.usage = None;
     }
 }
 
@@ -282,6 +288,7 @@ impl JobRecord {
                 dropped: false,
                 token: None,
                 claim_rev: None,
+                usage: None,
             })
             .collect();
         JobRecord {
@@ -510,6 +517,7 @@ impl TaskRecord {
             reason: self.reason.clone(),
             started_at: self.started_at,
             finished_at: self.finished_at,
+            usage: self.usage.clone(),
         }
     }
 }
@@ -583,7 +591,19 @@ mod tests {
         let mut t = j.tasks.remove(0);
         t.reserve(WorkerId::new("w").unwrap(), Grant::default(), "tok".into());
         t.start(now(), 5);
-        t.record_report(Some(serde_json::json!({"loss": 1})), 7, Some(now()));
+        let usage = TaskUsage {
+            peak_rss: gpufleet_schema::ByteSize::mib(300),
+            cpu_seconds: 2.5,
+            samples: 3,
+            ..Default::default()
+        };
+        t.record_report(
+            Some(serde_json::json!({"loss": 1})),
+            7,
+            Some(now()),
+            Some(usage),
+        );
+        assert!(t.status().usage.is_some());
         t.end(
             TaskState::Failed,
             Some(1),
@@ -625,7 +645,12 @@ mod tests {
         let mut t = ran_and_failed();
         let started = t.started_at;
         let big = serde_json::json!({"blob": "x".repeat(INLINE_RESULT_BYTES)});
-        t.record_report(Some(big), 42, Some(now() + time::Duration::seconds(5)));
+        t.record_report(
+            Some(big),
+            42,
+            Some(now() + time::Duration::seconds(5)),
+            None,
+        );
         assert_eq!((t.result.as_ref(), t.result_seq), (None, Some(42)));
         assert_eq!(t.started_at, started);
     }

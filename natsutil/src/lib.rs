@@ -20,12 +20,14 @@
 //! - [`settings`]: defaults < file < environment < flags, for every binary.
 //! - [`server_conf`]: the nats-server `authorization` block that gives each
 //!   member of a fleet its role's permissions.
+//! - [`metrics`]: a program's Prometheus registry served on `/metrics`.
 
 pub mod artifacts;
 pub mod connect;
 pub mod events;
 pub mod histogram;
 pub mod kv;
+pub mod metrics;
 mod ordered;
 pub mod retry;
 pub mod server_conf;

@@ -259,6 +259,14 @@ mod tests {
                 artifacts: vec![],
                 started_at: Some(at),
                 finished_at: at,
+                usage: Some(crate::TaskUsage {
+                    peak_rss: crate::ByteSize::mib(212),
+                    cpu_seconds: 3.25,
+                    gpu_memory_peak: Some(crate::ByteSize::gib(4)),
+                    gpu_utilization_mean: Some(100.0),
+                    gpu_simulated: true,
+                    samples: 6,
+                }),
             }),
         ] {
             let e = Event {

@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 use crate::ids::{JobId, TaskId, WorkerId};
 use crate::status::TaskState;
 use crate::units::ByteSize;
+use crate::usage::TaskUsage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -137,6 +138,9 @@ pub struct TaskOutcome {
     pub started_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     pub finished_at: OffsetDateTime,
+    /// What the attempt used; absent when it never started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TaskUsage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,6 +14,7 @@
 //! - [`roles`]: the NATS permission set of each role, built from those
 //!   names.
 //! - [`codec`]: MessagePack (native) and JSON, chosen per message.
+//! - [`usage`]: what a task attempt used (memory, CPU, GPU).
 //! - [`units`], [`ids`]: sizes, durations and identifier newtypes.
 //!
 //! This crate holds the wire, and the arithmetic both ends of it must agree
@@ -32,6 +33,7 @@ pub mod status;
 pub mod subjects;
 pub mod text;
 pub mod units;
+pub mod usage;
 pub mod worker;
 
 pub use codec::{CodecError, Encoding};
@@ -42,6 +44,7 @@ pub use spec::{Constraints, GpuRequest, JobSpec, Resources, SpecError, TaskSpec}
 pub use status::{JobState, JobStatus, TaskCounts, TaskState, TaskStatus};
 pub use subjects::{LeaseKey, Sender};
 pub use units::{ByteSize, Dur};
+pub use usage::TaskUsage;
 pub use worker::{GpuAdvert, WorkerAdvert};
 
 /// The version every program reports and advertises.

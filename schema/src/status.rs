@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::ids::{GpuUuid, JobId, TaskId, UserId, WorkerId};
+use crate::usage::TaskUsage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum JobState {
@@ -229,4 +230,8 @@ pub struct TaskStatus {
     pub started_at: Option<OffsetDateTime>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub finished_at: Option<OffsetDateTime>,
+    /// What its attempt uses (while it runs, from its worker's latest
+    /// advert) or used (once it ended, from its result).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TaskUsage>,
 }

@@ -34,6 +34,8 @@ retry_backoff_max = "2s"
 events_max_bytes = "256MiB"
 jobs_max_bytes = "256MiB"
 artifacts_max_bytes = "512MiB"
+# Any free port: test fleets run side by side.
+metrics_addr = "127.0.0.1:0"
 "#;
 
 pub struct Fleet {
@@ -420,6 +422,9 @@ pub fn worker_test_args(dir: &std::path::Path, spec: &WorkerSpec) -> Vec<String>
         // Gang rendezvous stays on loopback in tests.
         "--addr".into(),
         "127.0.0.1".into(),
+        // Any free port: test workers run side by side.
+        "--metrics-addr".into(),
+        "127.0.0.1:0".into(),
     ];
     if let Some(g) = &spec.gpus {
         args.push("--simulate-gpus".into());

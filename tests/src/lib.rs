@@ -4,10 +4,12 @@
 //! states, [`fleet`]), a stand-in NVML library ([`nvml`]), a fleet with
 //! roles made by `gpufleet auth` ([`secure`]), a private CA for mutual TLS
 //! ([`tls`]), a TCP proxy that cuts a program off from its server
-//! ([`proxy`]) and waiting with deadlines ([`wait`]). The end-to-end suite
+//! ([`proxy`]), a plain HTTP client ([`http`]) and waiting with deadlines
+//! ([`wait`]). The end-to-end suite
 //! lives in `tests/tests/`.
 
 pub mod fleet;
+pub mod http;
 pub mod nvml;
 pub mod pids;
 pub mod procs;

@@ -524,6 +524,19 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
         }
     })
     .await;
+    // It serves the API only once it has restored the jobs and caught up
+    // with the leases and results: a moment after it says it leads.
+    gpufleet_testkit::eventually(T, "the new leader to serve", || {
+        let client = client.clone();
+        let id = id.clone();
+        async move {
+            let get = json!({"job_id": id});
+            gpufleet_testkit::api(&client, "gpufleet.api.jobs.get", &get)
+                .await
+                .ok()
+        }
+    })
+    .await;
     let status = fleet.wait_finished(&id, T).await;
     assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
     for (i, t) in status["tasks"].as_array().unwrap().iter().enumerate() {

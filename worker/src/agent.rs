@@ -31,8 +31,10 @@ use crate::fence::Confirmed;
 use crate::gpu;
 use crate::isolation::{self, Isolation};
 use crate::launcher::{Launcher, Processes};
+use crate::metrics::WorkerMetrics;
 use crate::publish::Source;
 use crate::supervisor::{self, StopReason};
+use crate::usage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -63,6 +65,9 @@ pub(crate) struct Ctx {
     pub isolation: Arc<Isolation>,
     /// When the advert was last stored (see [`crate::fence`]).
     pub advert_confirmed: Arc<Confirmed>,
+    pub metrics: WorkerMetrics,
+    /// What each running attempt uses, for the advert.
+    pub usage: usage::Board,
 }
 
 /// How the main loop reaches an attempt it runs.
@@ -168,6 +173,14 @@ pub async fn run_with(
         "worker starting"
     );
     let advert_confirmed = Arc::new(Confirmed::now());
+    let metrics = WorkerMetrics::default();
+    metrics.offers(capacity.cpus_milli, capacity.memory);
+    let metrics_server = gpufleet_natsutil::metrics::serve_or_warn(
+        cfg.metrics_addr,
+        metrics.registry(&worker),
+        None,
+    )
+    .await;
     let ctx = Arc::new(Ctx {
         js: js.clone(),
         leases: leases.clone(),
@@ -179,6 +192,8 @@ pub async fn run_with(
         launcher,
         isolation,
         advert_confirmed: advert_confirmed.clone(),
+        metrics: metrics.clone(),
+        usage: usage::Board::default(),
     });
 
     let unmanaged: Arc<Mutex<HashMap<GpuUuid, u64>>> = Arc::default();
@@ -193,6 +208,11 @@ pub async fn run_with(
         advert_rx,
         unmanaged.clone(),
         advert_confirmed,
+        advert::Observed {
+            metrics,
+            usage: ctx.usage.clone(),
+            metrics_addr: metrics_server.as_ref().map(|s| s.addr().to_string()),
+        },
     ));
 
     let (done_tx, mut done_rx) = mpsc::channel::<AttemptMsg>(1024);

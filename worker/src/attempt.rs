@@ -19,6 +19,7 @@ use crate::core::{self, AfterConflict, Finish};
 use crate::fence::{self, Confirmed, Deadline};
 use crate::publish::{self, Source};
 use crate::supervisor::{Finished, Limits, Output, StopReason, TaskPaths, TaskRun};
+use crate::usage;
 use tokio_util::task::AbortOnDropHandle;
 
 /// Output batches waiting between a task's supervisor and its shipper.
@@ -133,6 +134,7 @@ impl Attempt {
         let (out_tx, out_rx) = mpsc::channel::<Output>(OUTPUT_CHANNEL);
         let shipper = tokio::spawn(publish::ship_output(
             ctx.js.clone(),
+            ctx.metrics.clone(),
             out_rx,
             self.source.clone(),
             claim_rev,
@@ -148,6 +150,9 @@ impl Attempt {
         }
         let mut limits = Limits::from_config(&ctx.cfg);
         limits.fence_grace = grace;
+        let meter = usage::Meter::new(self.lease.grant.gpus.clone());
+        let attempt = (self.lease.task_id.clone(), self.lease.attempt);
+        ctx.usage.add(attempt.clone(), meter.clone());
         let run = TaskRun {
             job_id: self.lease.job_id.clone(),
             task_id: self.lease.task_id.clone(),
@@ -158,6 +163,7 @@ impl Attempt {
             dir: dir.clone(),
             limits,
             isolation: ctx.isolation.clone(),
+            usage: Some(meter),
         };
         let output_dir = TaskPaths::new(&dir).work;
         // Its own task: should the supervisor panic, the attempt still
@@ -171,6 +177,8 @@ impl Attempt {
                 supervisor_failed(why, output_dir)
             }
         };
+        ctx.usage.remove(&attempt);
+        ctx.metrics.log(0, finished.log_dropped_bytes);
         // Every log line is in the stream before the result.
         let _ = shipper.await;
 
@@ -299,6 +307,7 @@ impl Attempt {
             artifacts,
             started_at: f.started_at,
             finished_at: f.finished_at,
+            usage: f.usage,
         }
     }
 
@@ -469,11 +478,12 @@ async fn renew(
         };
         let expected = rev.load(Ordering::SeqCst);
         let sent = tokio::time::Instant::now();
-        match ctx
+        let renewed = ctx
             .leases
             .update(&key, Bytes::from(bytes), Some(ttl), expected)
-            .await
-        {
+            .await;
+        ctx.metrics.renewal(sent.elapsed());
+        match renewed {
             Ok(r) => {
                 rev.fetch_max(r, Ordering::SeqCst);
                 confirmed.mark(sent);
@@ -550,6 +560,7 @@ mod tests {
                 .collect(),
             started_at: None,
             finished_at: OffsetDateTime::now_utc(),
+            usage: None,
         }
     }
 

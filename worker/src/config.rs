@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use gpufleet_natsutil::metrics::MetricsAddr;
 use gpufleet_natsutil::telemetry::LogFormat;
 use gpufleet_schema::{capacity, ByteSize, Dur, WorkerId};
 use serde::{Deserialize, Serialize};
@@ -83,6 +84,8 @@ pub struct WorkerConfig {
     /// Give each task a cgroup of its own where the worker may make one
     /// (cgroup v1 `pids`, or a delegated v2 subtree).
     pub task_cgroups: bool,
+    /// Where Prometheus metrics are served (`/metrics`), or `off`.
+    pub metrics_addr: MetricsAddr,
 }
 
 impl Default for WorkerConfig {
@@ -120,9 +123,16 @@ impl Default for WorkerConfig {
             pass_env: Vec::new(),
             max_task_processes: 4096,
             task_cgroups: true,
+            metrics_addr: MetricsAddr::Listen(DEFAULT_METRICS_ADDR.into()),
         }
     }
 }
+
+/// The worker's metrics, on loopback: nothing is exposed to the network
+/// unless the operator chooses to. A second worker on one machine needs a
+/// port of its own (or gets a warning and no metrics).
+pub const DEFAULT_METRICS_ADDR: ([u8; 4], u16) =
+    ([127, 0, 0, 1], gpufleet_natsutil::metrics::WORKER_PORT);
 
 impl WorkerConfig {
     /// Settings for tests: quick heartbeats and short grace periods.
@@ -135,6 +145,8 @@ impl WorkerConfig {
             kill_grace: Dur(Duration::from_millis(500)),
             drain_timeout: Dur::secs(5),
             connect_patience: Dur::secs(10),
+            // Any free port: tests run side by side.
+            metrics_addr: MetricsAddr::Listen(([127, 0, 0, 1], 0).into()),
             ..Default::default()
         }
     }

@@ -177,6 +177,8 @@ impl<H> WorkerState<H> {
             running: self.attempts.keys().map(|k| k.task().clone()).collect(),
             draining: self.draining,
             reserved_gpu: self.ledger.reserved_gpu_memory(&self.capacity),
+            held_cpus_milli: self.ledger.held().0,
+            held_memory: self.ledger.held().1,
         }
     }
 }

@@ -31,6 +31,9 @@
 //!   at start: the environment allowlist, the task user, per-task cgroups
 //!   and the process limit.
 //! - [`launcher`]: real processes, or none (benchmarks of the control plane).
+//! - [`usage`]: what each attempt uses (memory, CPU, GPU), sampled while it
+//!   runs, for its result and the advert.
+//! - [`metrics`]: the worker's Prometheus metrics.
 //! - [`gpu`], [`host`]: what the machine has (NVML or simulated GPUs).
 //! - [`procs`]: everything read from `/proc`.
 //! - [`artifacts`]: uploads of a task's output files.
@@ -48,9 +51,11 @@ pub mod host;
 pub mod isolation;
 pub mod launcher;
 pub mod ledger;
+pub mod metrics;
 pub mod procs;
 mod publish;
 pub mod supervisor;
+pub mod usage;
 
 pub use agent::{run, run_with, WorkerError};
 pub use config::WorkerConfig;

@@ -54,6 +54,77 @@ pub fn cpu_ticks(dir: &Path) -> Option<u64> {
     Some(user + system)
 }
 
+/// What one read of `/proc/<pid>/stat` says a process uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatUsage {
+    pub pgrp: i32,
+    /// utime + stime + cutime + cstime: its own CPU time and that of the
+    /// children it reaped.
+    pub cpu_ticks: u64,
+    pub rss_pages: u64,
+}
+
+/// Parses the fields of a `stat` line that usage needs, counted from the
+/// last `)` as [`parse_stat`] does: pgrp (5), utime, stime, cutime and
+/// cstime (14 to 17), rss (24).
+pub fn parse_stat_usage(stat: &str) -> Option<StatUsage> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3).copied();
+    let num = |n: usize| field(n)?.parse::<u64>().ok();
+    Some(StatUsage {
+        pgrp: field(5)?.parse().ok()?,
+        cpu_ticks: num(14)? + num(15)? + num(16)? + num(17)?,
+        rss_pages: num(24)?,
+    })
+}
+
+/// One reading of a process group.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GroupUsage {
+    /// Resident memory of its processes together.
+    pub rss: u64,
+    /// CPU time of its processes, and of the children they reaped.
+    pub cpu: std::time::Duration,
+    pub pids: Vec<u32>,
+}
+
+/// The processes under `root` whose group is `pgid`, summed, from one read
+/// of each one's `stat`. Blocking.
+pub fn group_usage(root: &Path, pgid: i32) -> io::Result<GroupUsage> {
+    let (tick, page) = (clock_ticks_per_second(), page_size());
+    let mut out = GroupUsage::default();
+    let mut ticks = 0u64;
+    for (pid, dir) in processes(root)? {
+        // A process may end between the listing and this read: it then
+        // holds nothing, and its CPU time moved to whoever reaped it.
+        let Some(s) = std::fs::read_to_string(dir.join("stat"))
+            .ok()
+            .and_then(|s| parse_stat_usage(&s))
+        else {
+            continue;
+        };
+        if s.pgrp != pgid {
+            continue;
+        }
+        out.rss = out.rss.saturating_add(s.rss_pages.saturating_mul(page));
+        ticks = ticks.saturating_add(s.cpu_ticks);
+        out.pids.push(pid as u32);
+    }
+    out.cpu = std::time::Duration::from_secs_f64(ticks as f64 / tick as f64);
+    Ok(out)
+}
+
+fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions; it only reads a constant.
+    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if n > 0 {
+        n as u64
+    } else {
+        100
+    }
+}
+
 /// Resident pages, the second field of `/proc/<pid>/statm`.
 pub fn parse_statm_resident(statm: &str) -> Option<u64> {
     statm.split_whitespace().nth(1)?.parse().ok()
@@ -315,6 +386,50 @@ mod tests {
         );
         assert_eq!(parse_stat("garbage"), None);
         assert_eq!(parse_stat("1 (x) Z"), None);
+    }
+
+    #[test]
+    fn usage_fields_are_counted_from_the_last_paren() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt
+        // majflt cmajflt utime stime cutime cstime prio nice threads
+        // itrealvalue starttime vsize rss ...
+        let line = "42 (a (b) c) S 1 40 40 0 -1 0 0 0 0 0 7 3 20 10 20 0 1 0 100 4096 50 0";
+        assert_eq!(
+            parse_stat_usage(line),
+            Some(StatUsage {
+                pgrp: 40,
+                cpu_ticks: 40,
+                rss_pages: 50
+            })
+        );
+        assert_eq!(parse_stat_usage("42 (x) S 1 40"), None);
+        assert_eq!(parse_stat_usage("garbage"), None);
+    }
+
+    #[test]
+    fn a_fake_group_is_summed() {
+        let root = tempfile::tempdir().unwrap();
+        let proc = |pid: u32, pgrp: i32, ticks: u64, pages: u64| {
+            let dir = root.path().join(pid.to_string());
+            std::fs::create_dir(&dir).unwrap();
+            let stat = format!(
+                "{pid} (t) S 1 {pgrp} {pgrp} 0 -1 0 0 0 0 0 {ticks} 0 0 0 20 0 1 0 100 4096 {pages} 0"
+            );
+            std::fs::write(dir.join("stat"), stat).unwrap();
+        };
+        proc(10, 10, 100, 1000);
+        proc(11, 10, 50, 500);
+        proc(12, 99, 7, 7);
+        std::fs::create_dir(root.path().join("self-ish")).unwrap();
+        let s = group_usage(root.path(), 10).unwrap();
+        let mut pids = s.pids.clone();
+        pids.sort();
+        assert_eq!(pids, vec![10, 11]);
+        assert_eq!(s.rss, 1500 * page_size());
+        assert_eq!(
+            s.cpu,
+            std::time::Duration::from_secs_f64(150.0 / clock_ticks_per_second() as f64)
+        );
     }
 
     #[test]

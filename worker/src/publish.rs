@@ -14,6 +14,7 @@ use gpufleet_schema::{
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
+use crate::metrics::WorkerMetrics;
 use crate::supervisor::Output;
 
 /// Output events published and not yet acknowledged, per task.
@@ -80,12 +81,17 @@ impl Source {
 /// so that the result published after it follows the last line.
 pub(crate) async fn ship_output(
     js: jetstream::Context,
+    metrics: WorkerMetrics,
     mut rx: mpsc::Receiver<Output>,
     source: Source,
     lease_rev: u64,
 ) {
     let mut acks = FuturesUnordered::new();
     while let Some(out) = rx.recv().await {
+        // Drops are counted once, from the attempt's total at its end.
+        if let Output::Log { text, .. } = &out {
+            metrics.log(text.len() as u64, 0);
+        }
         let body = match out {
             Output::Log {
                 stream,

@@ -68,7 +68,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpufleet_schema::{Dur, GpuGrant, JobId, LogStream, Rendezvous, TaskId, TaskSpec, TaskState};
+use gpufleet_schema::{
+    Dur, GpuGrant, JobId, LogStream, Rendezvous, TaskId, TaskSpec, TaskState, TaskUsage,
+};
 use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
@@ -115,6 +117,8 @@ pub struct Limits {
     pub max_pending_log_bytes: usize,
     /// How often the task's memory is measured.
     pub memory_poll: Duration,
+    /// How often what the task uses is sampled (see `crate::usage`).
+    pub usage_poll: Duration,
     /// How often the `GPUFLEET_EVENTS` file is read.
     pub progress_poll: Duration,
     /// After the task ended, how long [`run`] waits for the caller to take
@@ -141,6 +145,7 @@ impl Limits {
             max_log_bytes: cfg.max_log_size.0,
             max_pending_log_bytes: 4 << 20,
             memory_poll: Duration::from_millis(250),
+            usage_poll: Duration::from_millis(500),
             progress_poll: Duration::from_millis(100),
             final_flush: Duration::from_secs(5),
         }
@@ -151,6 +156,7 @@ impl Limits {
         let floor = Duration::from_millis(1);
         self.log_batch_interval = self.log_batch_interval.max(floor);
         self.memory_poll = self.memory_poll.max(floor);
+        self.usage_poll = self.usage_poll.max(floor);
         self.progress_poll = self.progress_poll.max(floor);
         self.log_batch_bytes = self.log_batch_bytes.max(1);
         self
@@ -172,6 +178,8 @@ pub struct TaskRun {
     pub limits: Limits,
     /// Who it runs as, in what cgroup, with what environment.
     pub isolation: Arc<Isolation>,
+    /// Where what the task uses is counted, if anywhere.
+    pub usage: Option<crate::usage::Meter>,
 }
 
 /// Why the caller wants the task stopped.
@@ -217,6 +225,8 @@ pub struct Finished {
     /// reported in `Output::Log::dropped_bytes` and those that could not be
     /// reported because the caller stopped taking output.
     pub log_dropped_bytes: u64,
+    /// What it used, when the program ran and a meter was given.
+    pub usage: Option<TaskUsage>,
 }
 
 /// The paths a task's directory holds.
@@ -290,6 +300,7 @@ pub async fn run(
         output_dir: paths.work.clone(),
         launched: false,
         log_dropped_bytes: 0,
+        usage: None,
     };
 
     let cgroup = match prepare(&paths, &isolation).await {
@@ -376,6 +387,13 @@ pub async fn run(
     ));
     drop(hub_tx);
 
+    let sampler = task.usage.as_ref().map(|meter| {
+        AbortOnDropHandle::new(tokio::spawn(crate::usage::follow(
+            meter.clone(),
+            pid,
+            limits.usage_poll,
+        )))
+    });
     let memory_limit = task.spec.resources.memory.map(|m| m.0).filter(|&m| m > 0);
     let monitor = memory_limit.map(|limit| {
         AbortOnDropHandle::new(tokio::spawn(watch_memory(pgid, limit, limits.memory_poll)))
@@ -425,6 +443,10 @@ pub async fn run(
     group.armed = false;
     let oom_kills = oom.end(group.cgroup.as_deref());
     drop(group);
+    drop(sampler);
+    if let (Some(meter), Some(counted)) = (&task.usage, leader.counted()) {
+        meter.reaped(counted.cpu, counted.max_rss);
+    }
 
     progress_done.cancel();
     let _ = progress.await;
@@ -456,6 +478,7 @@ pub async fn run(
         output_dir: paths.work.clone(),
         launched: true,
         log_dropped_bytes,
+        usage: task.usage.as_ref().map(crate::usage::Meter::usage),
     }
 }
 

@@ -93,6 +93,10 @@ impl LeaseBook {
         self.workers.get(name)
     }
 
+    pub fn workers(&self) -> impl Iterator<Item = &WorkerAdvert> {
+        self.workers.values()
+    }
+
     /// Up to `limit` adverts in name order, after `after` if given.
     pub fn workers_page(&self, after: Option<WorkerId>, limit: usize) -> Vec<WorkerAdvert> {
         match after {

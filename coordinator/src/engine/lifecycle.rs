@@ -13,6 +13,7 @@ use gpufleet_schema::{
 
 use super::leases::LiveLease;
 use super::{Engine, LeaseChange};
+use crate::metrics::Reservation;
 use crate::state::GangSettled;
 
 /// How an attempt ended, as the engine learned it.
@@ -91,6 +92,7 @@ impl Engine {
                 };
                 match self.jobs[&job].tasks[i].state {
                     TaskState::Reserved => {
+                        self.metrics.reservation(Reservation::Expired);
                         let why = format!("worker {} did not claim its reservation", l.worker);
                         self.queue.avoid(&l.task_id, &l.worker, self.now.mono);
                         self.requeue_same_attempt(&job, i, &why);
@@ -144,6 +146,7 @@ impl Engine {
             return;
         };
         if self.jobs[&job].tasks[i].state == TaskState::Reserved {
+            self.metrics.reservation(Reservation::Refused);
             self.queue.avoid(&l.task_id, &l.worker, self.now.mono);
             let why = format!(
                 "worker {} refused it: {}",
@@ -160,6 +163,7 @@ impl Engine {
         };
         if let Some((job, i)) = self.jobs.current_task(&live.lease) {
             if self.jobs[&job].tasks[i].state == TaskState::Reserved {
+                self.metrics.reservation(Reservation::Failed);
                 self.requeue_same_attempt(&job, i, &format!("reservation failed: {error}"));
             }
         }
@@ -214,6 +218,7 @@ impl Engine {
         let Some((job, i)) = self.jobs.current_task(l) else {
             return;
         };
+        self.metrics.lease_lost();
         self.end_attempt(&job, i, Ended::lost(why));
     }
 
@@ -257,6 +262,7 @@ impl Engine {
             self.queue.queued(&t.id, self.now.mono);
             let until = self.now.mono + delay;
             self.queue.retry_later(&t.id, until, ran_on.as_ref());
+            self.metrics.retry();
         } else {
             let reason = (state != TaskState::Succeeded).then_some(why);
             t.end(state, exit_code, reason, at);
@@ -360,6 +366,7 @@ impl Engine {
                     if !delay.is_zero() {
                         self.queue.retry_later(&t.id, until, w.as_ref());
                     }
+                    self.metrics.retry();
                 }
                 (0..j.tasks.len()).collect()
             }
@@ -427,12 +434,13 @@ impl Engine {
             result,
             error,
             started_at,
+            usage,
             ..
         } = outcome;
         let job = event.job_id;
         self.jobs
             .task_mut(&job, i)
-            .record_report(result, seq, started_at);
+            .record_report(result, seq, started_at, usage);
         let why = error.unwrap_or_else(|| match (state, exit_code) {
             (TaskState::Failed, Some(c)) => format!("exited with code {c}"),
             (s, _) => s.to_string(),

@@ -221,7 +221,6 @@ impl QueuePolicy {
     // ----- holds and the pass budget -----
 
     /// The workers held now, and for whom.
-    #[cfg(test)]
     pub fn hold(&self) -> Option<&Hold> {
         self.hold.as_ref()
     }

@@ -18,6 +18,7 @@ use gpufleet_schema::{
 
 use super::queue::{gang_hold_candidates, hold_candidate, Hold, PassPolicy};
 use super::Engine;
+use crate::metrics::Reservation;
 use crate::placement::{self, TaskRequest, WorkerView};
 use crate::state::JobRecord;
 
@@ -389,6 +390,11 @@ impl Engine {
             signature: None,
             claim_rev: None,
         };
+        self.metrics.reservation(Reservation::Made);
+        if let Some(since) = self.queue.waiting_since([&lease.task_id]) {
+            self.metrics
+                .queue_wait(self.now.mono.saturating_duration_since(since));
+        }
         self.book.reserve(key.clone(), lease.clone());
         self.fx.create_leases.push((key.into(), lease));
         self.emit_state(job, i);

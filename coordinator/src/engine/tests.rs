@@ -15,6 +15,7 @@ mod cancel;
 mod failures;
 mod gangs;
 mod holds;
+mod observe;
 mod owners;
 mod refusals;
 
@@ -97,6 +98,9 @@ fn advert(name: &str, cpus: u64, gpus: u32) -> WorkerAdvert {
         running: vec![],
         rendezvous_ports: Some((29500, 29510)),
         draining: false,
+        held: false,
+        usage: Default::default(),
+        metrics_addr: None,
         ttl: Dur::secs(10),
         started_at: now(),
         sent_at: now(),
@@ -218,6 +222,7 @@ fn result(e: &Sim, lease: &Lease, state: TaskState, seq: u64) -> Input {
                 artifacts: vec![],
                 started_at: Some(now()),
                 finished_at: now(),
+                usage: None,
             }),
         }),
     }

@@ -32,6 +32,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
 
 /// The child's stack. It runs a handful of system call wrappers.
 const STACK_SIZE: usize = 64 * 1024;
@@ -360,14 +361,39 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
     }
 }
 
-/// Reaps `pid` if it has exited; `None` while it runs.
-pub(super) fn try_wait(pid: libc::pid_t) -> io::Result<Option<ExitStatus>> {
-    let mut status: c_int = 0;
+/// What the kernel counted for a reaped process and every child it reaped
+/// in turn (`wait4`'s rusage).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct Counted {
+    /// User and system CPU time.
+    pub cpu: Duration,
+    /// The largest resident size of it or of any one of those children.
+    pub max_rss: u64,
+}
+
+/// Reaps `pid`, waiting for it to exit if `block`; `None` while it runs
+/// (never when blocking).
+fn reap(pid: libc::pid_t, block: bool) -> io::Result<Option<(ExitStatus, Counted)>> {
+    let flags = if block { 0 } else { libc::WNOHANG };
     loop {
-        // SAFETY: `status` is valid for writes.
-        match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+        let mut status: c_int = 0;
+        // SAFETY: all-zero is a valid rusage.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `status` and `usage` are valid for writes.
+        match unsafe { libc::wait4(pid, &mut status, flags, &mut usage) } {
             0 => return Ok(None),
-            p if p == pid => return Ok(Some(ExitStatus::from_raw(status))),
+            p if p == pid => {
+                let time = |t: libc::timeval| {
+                    Duration::from_secs(t.tv_sec.max(0) as u64)
+                        + Duration::from_micros(t.tv_usec.max(0) as u64)
+                };
+                let counted = Counted {
+                    cpu: time(usage.ru_utime) + time(usage.ru_stime),
+                    // Linux gives it in KiB.
+                    max_rss: (usage.ru_maxrss.max(0) as u64) << 10,
+                };
+                return Ok(Some((ExitStatus::from_raw(status), counted)));
+            }
             _ => {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -378,19 +404,16 @@ pub(super) fn try_wait(pid: libc::pid_t) -> io::Result<Option<ExitStatus>> {
     }
 }
 
+/// Reaps `pid` if it has exited; `None` while it runs.
+pub(super) fn try_wait(pid: libc::pid_t) -> io::Result<Option<ExitStatus>> {
+    Ok(reap(pid, false)?.map(|(status, _)| status))
+}
+
 /// Reaps `pid`, waiting for it to exit.
 pub(super) fn wait_blocking(pid: libc::pid_t) -> io::Result<ExitStatus> {
-    let mut status: c_int = 0;
-    loop {
-        // SAFETY: `status` is valid for writes.
-        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
-            return Ok(ExitStatus::from_raw(status));
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    reap(pid, true)?
+        .map(|(status, _)| status)
+        .ok_or_else(|| io::Error::other("wait4 returned without a child"))
 }
 
 /// A started process until it is reaped. Dropped before that, it kills the
@@ -399,30 +422,44 @@ pub(super) fn wait_blocking(pid: libc::pid_t) -> io::Result<ExitStatus> {
 pub(super) struct Leader {
     pid: libc::pid_t,
     reaped: bool,
+    counted: Option<Counted>,
 }
 
 impl Leader {
     pub fn new(pid: libc::pid_t) -> Leader {
-        Leader { pid, reaped: false }
+        Leader {
+            pid,
+            reaped: false,
+            counted: None,
+        }
     }
 
     pub fn pid(&self) -> libc::pid_t {
         self.pid
     }
 
+    /// What the kernel counted for it, once [`Leader::wait`] reaped it.
+    pub fn counted(&self) -> Option<Counted> {
+        self.counted
+    }
+
     /// Reaps the process, waiting for it to exit.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
-        if let Some(status) = try_wait(self.pid)? {
+        if let Some((status, counted)) = reap(self.pid, false)? {
             self.reaped = true;
+            self.counted = Some(counted);
             return Ok(status);
         }
         let pid = self.pid;
         // The blocking wait reaps it even if this future is dropped: the
         // pid must not be signalled after that.
         self.reaped = true;
-        tokio::task::spawn_blocking(move || wait_blocking(pid))
+        let (status, counted) = tokio::task::spawn_blocking(move || reap(pid, true))
             .await
-            .map_err(io::Error::other)?
+            .map_err(io::Error::other)??
+            .ok_or_else(|| io::Error::other("wait4 returned without a child"))?;
+        self.counted = Some(counted);
+        Ok(status)
     }
 }
 

@@ -41,9 +41,11 @@ fn task(dir: &Path, cmd: &[&str]) -> TaskRun {
             log_batch_interval: Duration::from_millis(10),
             progress_poll: Duration::from_millis(10),
             memory_poll: Duration::from_millis(20),
+            usage_poll: Duration::from_millis(50),
             final_flush: Duration::from_secs(2),
             ..Limits::default()
         },
+        usage: Some(crate::usage::Meter::new(vec![])),
     }
 }
 
@@ -1144,5 +1146,52 @@ async fn the_program_is_looked_up_as_the_task_user_would() {
     assert!(
         fin.error.as_deref().unwrap().contains("Permission denied"),
         "{fin:?}"
+    );
+}
+
+/// A Python one-liner that makes `mib` MiB resident (written, not just
+/// mapped), then sleeps `secs`.
+fn allocate(mib: u64, secs: f64) -> String {
+    format!(
+        "import time; b = bytearray(b'x') * ({mib} << 20); time.sleep({secs}); print(len(b) >> 20)"
+    )
+}
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test]
+async fn usage_of_a_short_task_comes_from_the_kernel_at_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ends before the first sample: the kernel's count is all there is.
+    let (f, _) = run_to_end(task(dir.path(), &["python3", "-c", &allocate(200, 0.0)])).await;
+    assert_eq!(f.state, TaskState::Succeeded, "{f:?}");
+    let u = f.usage.expect("a meter was given");
+    // The 200 MiB and the interpreter's own few MiB.
+    let peak = u.peak_rss.0;
+    assert!(
+        (200 * MIB..240 * MIB).contains(&peak),
+        "peak {} MiB",
+        peak / MIB
+    );
+    assert!(u.cpu_seconds > 0.0, "{u:?}");
+    assert_eq!(u.gpu_memory_peak, None);
+}
+
+#[tokio::test]
+async fn usage_sums_the_groups_processes_while_they_run() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two processes of 120 MiB at once: no one process's own peak says
+    // 240, only samples of the whole group do.
+    let py = allocate(120, 1.0);
+    let script = format!("python3 -c \"{py}\" & python3 -c \"{py}\"; wait");
+    let (f, _) = run_to_end(sh(dir.path(), &script)).await;
+    assert_eq!(f.state, TaskState::Succeeded, "{f:?}");
+    let u = f.usage.expect("a meter was given");
+    assert!(u.samples > 2, "{u:?}");
+    let peak = u.peak_rss.0;
+    assert!(
+        (240 * MIB..300 * MIB).contains(&peak),
+        "peak {} MiB",
+        peak / MIB
     );
 }
