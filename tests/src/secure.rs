@@ -37,6 +37,9 @@ impl SecureFleet {
             .prefix("gpufleet-secure-")
             .tempdir()
             .expect("tempdir");
+        // Workers started as root run their tasks as `nobody`, who must
+        // reach their work directories here and the files tests use.
+        crate::fleet::open_to_tasks(dir.path());
         let port = free_port();
         let auth = dir.path().join("auth");
         let out = std::process::Command::new(bin("gpufleet"))

@@ -329,11 +329,20 @@ async fn watch_leases(
     deadline: Option<tokio::time::Instant>,
 ) -> Result<KvWatcher, WorkerError> {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut said = false;
     loop {
         match leases.watch(&subjects::worker_leases(worker)).await {
             Ok(w) => return Ok(w),
             Err(e) => {
-                tracing::info!(error = %e, "cannot watch this worker's leases yet; retrying");
+                // Only the coordinator creates the stores; until it has,
+                // the bucket is missing (and with roles, reading what is
+                // there is not ours to do).
+                if !said {
+                    said = true;
+                    tracing::info!(error = %e, "waiting for the coordinator to create the stores");
+                } else {
+                    tracing::debug!(error = %e, "cannot watch this worker's leases yet; retrying");
+                }
                 match deadline {
                     Some(d) => match backoff.next_before(d) {
                         Some(delay) => tokio::time::sleep(delay).await,

@@ -22,10 +22,13 @@ fn user(name: &str) -> Caller {
 }
 
 fn submit_as(e: &mut Sim, caller: &Caller, json: &str) -> JobId {
-    match call(e, ApiCall::Submit(Box::new(spec(json))), caller) {
+    let id = match call(e, ApiCall::Submit(Box::new(spec(json))), caller) {
         Reply::Submit(r) => r.job_id,
         other => panic!("{other:?}"),
-    }
+    };
+    // The runtime says so once the record is written.
+    e.handle(Input::Stored(id.clone()));
+    id
 }
 
 #[test]
