@@ -272,8 +272,14 @@ impl Api {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
         let mut said = false;
         let replay = loop {
-            match Replay::start(&js, subjects::EVENTS_STREAM, vec![filter.clone()], from, until)
-                .await
+            match Replay::start(
+                &js,
+                subjects::EVENTS_STREAM,
+                vec![filter.clone()],
+                from,
+                until,
+            )
+            .await
             {
                 Ok(r) => break r,
                 Err(e) => {

@@ -153,6 +153,7 @@ impl From<ApiError> for Failure {
             e @ ApiError::NoCoordinator { .. } => {
                 Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
+            e @ ApiError::TimedOut { .. } => Failure(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
             ApiError::Other(m) => Failure(StatusCode::BAD_GATEWAY, m),
         }
     }

@@ -279,7 +279,13 @@ pub async fn start(
             (any_name, subjects::api_for(None, endpoint)),
         ] {
             let ep = service.endpoint_builder().name(name).add(subject).await?;
-            task(name, counted_as, Source::Service(Box::new(ep)), endpoint, kind);
+            task(
+                name,
+                counted_as,
+                Source::Service(Box::new(ep)),
+                endpoint,
+                kind,
+            );
         }
     }
     Ok((Api::Service(Box::new(service)), tasks))

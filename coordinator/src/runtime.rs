@@ -668,11 +668,13 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
     let retention = io.retention;
     let record_writes = join_all(plans.iter().map(|p| async move {
         let ttl = p.moves.as_ref().and(retention);
-        let puts = join_all(
-            p.parts
-                .iter()
-                .map(|(key, bytes, _)| timed(metrics, WriteKind::Job, io.jobs.put(key, bytes.clone(), ttl))),
-        );
+        let puts = join_all(p.parts.iter().map(|(key, bytes, _)| {
+            timed(
+                metrics,
+                WriteKind::Job,
+                io.jobs.put(key, bytes.clone(), ttl),
+            )
+        }));
         // A client's id is looked up beside the write, not before it: a
         // submit costs one round trip either way.
         let lookup = async {
@@ -852,7 +854,7 @@ async fn create_leases_now(io: &Io, engine: &Engine, leases: Vec<(String, Lease)
             )
             .await
             .map(|_| ())
-                .map_err(|e| e.to_string()),
+            .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         (key, r)

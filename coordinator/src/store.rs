@@ -435,6 +435,14 @@ mod tests {
                 Some(serde_json::json!({"x": "y".repeat(INLINE_RESULT_BYTES - 20)})),
                 u64::MAX,
                 Some(at),
+                Some(gpufleet_schema::TaskUsage {
+                    peak_rss: gpufleet_schema::ByteSize(u64::MAX),
+                    cpu_seconds: f64::MAX,
+                    gpu_memory_peak: Some(gpufleet_schema::ByteSize(u64::MAX)),
+                    gpu_utilization_mean: Some(f64::MAX),
+                    gpu_simulated: true,
+                    samples: u32::MAX,
+                }),
             );
             t.end(TaskState::Failed, Some(-1), Some("r".repeat(100_000)), at);
         }

@@ -354,6 +354,7 @@ async fn a_worker_cannot_act_for_another_and_a_result_for_a_task_it_does_not_hol
             artifacts: vec![],
             started_at: None,
             finished_at: time::OffsetDateTime::now_utc(),
+            usage: None,
         }),
         token: Some("guessed".into()),
     };

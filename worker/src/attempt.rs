@@ -386,6 +386,7 @@ fn supervisor_failed(why: String, output_dir: std::path::PathBuf) -> Finished {
         // Its artifacts are not looked for: what it left is unknown.
         launched: false,
         log_dropped_bytes: 0,
+        usage: None,
     }
 }
 

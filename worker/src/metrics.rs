@@ -208,6 +208,7 @@ mod tests {
             memory_free: ByteSize::gib(14),
             memory_unmanaged: ByteSize::gib(4),
             utilization: Some(75),
+            held_by: Vec::new(),
             temperature: None,
             simulated: false,
         };

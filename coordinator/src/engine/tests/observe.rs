@@ -38,6 +38,7 @@ fn a_running_tasks_usage_comes_from_its_advert_and_an_ended_ones_from_its_result
                 offset: 0,
                 limit: 10,
             },
+            Caller::everyone(),
             tx,
         ));
         for (tx, reply, _) in e.take_effects().replies {
@@ -55,13 +56,18 @@ fn a_running_tasks_usage_comes_from_its_advert_and_an_ended_ones_from_its_result
     e.handle(Input::Advert(Box::new(a)));
     assert_eq!(get(&mut e), Some(usage(100)));
 
-    let Input::Result { seq, mut event } = result(&lease, TaskState::Succeeded, 9) else {
+    let Input::Result {
+        seq,
+        mut event,
+        sender,
+    } = result(&e, &lease, TaskState::Succeeded, 9)
+    else {
         unreachable!()
     };
     if let EventBody::Result(o) = &mut event.body {
         o.usage = Some(usage(250));
     }
-    e.handle(Input::Result { seq, event });
+    e.handle(Input::Result { seq, event, sender });
     assert_eq!(get(&mut e), Some(usage(250)), "the result's figures stay");
     assert_eq!(e.jobs[&id].tasks[0].usage, Some(usage(250)));
 }
@@ -155,6 +161,7 @@ fn a_held_worker_is_marked_in_workers_list_and_counted() {
             after: None,
             limit: 10,
         },
+        Caller::everyone(),
         tx,
     ));
     for (tx, reply, _) in e.take_effects().replies {
