@@ -60,6 +60,8 @@ pub struct WorkerSpec {
     /// Connect the worker here rather than to the fleet's server (a
     /// [`crate::proxy::Proxy`] in front of it, say).
     pub nats_url: Option<String>,
+    /// The advert's TTL; the test kit's 2 s unless set.
+    pub advert_ttl: Option<String>,
 }
 
 impl WorkerSpec {
@@ -73,6 +75,7 @@ impl WorkerSpec {
             env: vec![],
             user: None,
             nats_url: None,
+            advert_ttl: None,
         }
     }
 
@@ -98,6 +101,14 @@ impl WorkerSpec {
 
     pub fn via(mut self, nats_url: &str) -> Self {
         self.nats_url = Some(nats_url.into());
+        self
+    }
+
+    /// A longer advert TTL than the test kit's 2 s, for a worker that may
+    /// be too busy to confirm a heartbeat within its fence's margin
+    /// (about 1.5 s of a 2 s TTL) and would then stop its tasks.
+    pub fn advert_ttl(mut self, ttl: &str) -> Self {
+        self.advert_ttl = Some(ttl.into());
         self
     }
 
@@ -414,7 +425,7 @@ pub fn worker_test_args(dir: &std::path::Path, spec: &WorkerSpec) -> Vec<String>
         "--heartbeat".to_string(),
         "500ms".into(),
         "--advert-ttl".into(),
-        "2s".into(),
+        spec.advert_ttl.clone().unwrap_or_else(|| "2s".into()),
         "--work-dir".into(),
         dir.join(format!("work-{}", spec.name))
             .display()

@@ -521,9 +521,11 @@ impl Engine {
         self.jobs.expire_recent(self.now.wall - retention);
         // A released lease whose result never came: the worker lost it.
         // Not while results cannot arrive (the clocks start again when
-        // they can).
+        // they can), nor while the follower lags: the result may be in the
+        // stream, not yet read (a restarted coordinator replaying a
+        // backlog under load).
         let grace = self.cfg.result_grace.0;
-        let overdue = if self.health.results_down() {
+        let overdue = if self.health.results_unsettled() {
             Vec::new()
         } else {
             self.book.take_overdue(self.now.mono, grace)
