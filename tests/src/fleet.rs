@@ -232,22 +232,15 @@ impl Fleet {
 
     /// Submits a job as JSON and returns its id.
     pub async fn submit(&self, job: &Value) -> String {
-        let client = self.client().await;
-        let reply = api(&client, subjects::JOBS_SUBMIT, job)
+        submit_job(&self.client().await, job)
             .await
-            .unwrap_or_else(|e| panic!("submit failed: {e}"));
-        reply["job_id"].as_str().expect("job_id").to_string()
+            .unwrap_or_else(|e| panic!("submit failed: {e}"))
     }
 
     pub async fn get(&self, job_id: &str) -> Value {
-        let client = self.client().await;
-        api(
-            &client,
-            subjects::JOBS_GET,
-            &serde_json::json!({"job_id": job_id}),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("get {job_id} failed: {e}"))
+        get_job(&self.client().await, job_id)
+            .await
+            .unwrap_or_else(|e| panic!("get {job_id} failed: {e}"))
     }
 
     /// Re-runs `check` whenever a message arrives on `subject`, and a
@@ -402,6 +395,26 @@ pub fn state_events(evs: &[Event]) -> Vec<(u32, TaskState, Option<String>)> {
             _ => None,
         })
         .collect()
+}
+
+/// Submits a job (JSON) through `client` and returns its id; `Err` says
+/// why not, for tests whose fleet may not answer right now.
+pub async fn submit_job(client: &Client, job: &Value) -> Result<String, String> {
+    let reply = api(client, subjects::JOBS_SUBMIT, job).await?;
+    reply["job_id"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("a submit reply without a job_id: {reply}"))
+}
+
+/// A job's status (JSON) through `client`.
+pub async fn get_job(client: &Client, job_id: &str) -> Result<Value, String> {
+    api(
+        client,
+        subjects::JOBS_GET,
+        &serde_json::json!({"job_id": job_id}),
+    )
+    .await
 }
 
 /// A JSON API request; `Err` carries the error code and message.
