@@ -36,8 +36,10 @@ async def main():
     names = {t["task_id"]: t["name"] for t in status["tasks"]}
     print("submitted job", job_id, file=sys.stderr)
 
-    # Every event of the job from the start of the stream, then live ones.
-    subject = f"gpufleet.events.{job_id}.>"
+    # Every event of the job from the start of the stream, then live ones,
+    # on gpufleet.events.<owner>.<job>.<task>.<kind>.<sender>.
+    subject = f"gpufleet.events.{status['owner']}.{job_id}.>"
+    holders = {}  # (task, attempt) -> the worker whose output counts
     sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
     seen, last = 0, None
     while True:
@@ -54,6 +56,13 @@ async def main():
         seen = msg.metadata.sequence.stream
         event = msgpack.unpackb(msg.data)
         body, who = event["body"], f"[{names.get(event['task_id'], event['task_id'])}]"
+        # The coordinator (sender "_c") says who holds each attempt; count
+        # a worker's events only for attempts it holds.
+        sender, attempt = msg.subject.split(".")[-1], (event["task_id"], event["attempt"])
+        if sender == "_c" and body.get("holder"):
+            holders[attempt] = body["holder"]
+        elif sender != "_c" and holders.get(attempt) != sender:
+            continue
         if body["kind"] == "log":
             out = sys.stdout if body["stream"] == "stdout" else sys.stderr
             for line in body["text"].splitlines():

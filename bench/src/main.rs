@@ -4,6 +4,7 @@
 
 mod control;
 mod floor;
+mod history;
 mod scale;
 
 use std::time::Duration;
@@ -21,6 +22,11 @@ struct Cli {
     /// How many single-task jobs the control scenario runs (100,000)
     #[arg(long, global = true)]
     single_jobs: Option<usize>,
+    /// Run the control scenario with roles and signed reservations: every
+    /// member with its own key and least privilege, as `gpufleet auth`
+    /// writes them
+    #[arg(long, global = true)]
+    secure: bool,
     /// Log lines as `text` or `json`
     #[arg(long, global = true, env = "GPUFLEET_LOG_FORMAT", default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -40,6 +46,8 @@ enum What {
     Processes,
     /// 1,000 simulated workers and 100,000 queued tasks against one coordinator
     Scale,
+    /// A coordinator restarted over 100,000 finished and 10,000 waiting jobs
+    History,
 }
 
 fn ms(d: Duration) -> String {
@@ -96,24 +104,45 @@ async fn main() -> anyhow::Result<()> {
         if let Some(n) = cli.single_jobs {
             single = n;
         }
-        let (_server, url) = fresh();
+        let workers = 100;
+        let dir = tempfile::tempdir()?;
+        let (_server, access) = if cli.secure {
+            control::Access::secure(workers, dir.path())?
+        } else {
+            let (server, url) = fresh();
+            (server, control::Access::open(&url))
+        };
         let fleet = control::Fleet::start(
-            &url,
-            100,
+            &access,
+            workers,
             8.0,
             std::sync::Arc::new(gpufleet_worker::launcher::Instant),
         )
         .await?;
-        let stats_client = async_nats::connect(url.as_str()).await?;
-        let lat = control::latency(&url, seq).await?;
+        // With roles the coordinator serves no `$SRV` statistics.
+        let stats_client = if access.is_secure() {
+            None
+        } else {
+            Some(async_nats::connect(access.url.as_str()).await?)
+        };
+        let stats = |c: &Option<async_nats::Client>| {
+            let c = c.clone();
+            async move {
+                match c {
+                    Some(c) => scale::coordinator_stats(&c).await.map(Some),
+                    None => Ok(None),
+                }
+            }
+        };
+        let lat = control::latency(&access, seq).await?;
         for (to, h) in [("running", &lat.to_running), ("result", &lat.to_result)] {
             for (p, q) in [("p50", 0.5), ("p99", 0.99)] {
                 row(&format!("control: submit to {to} {p}"), ms(h.quantile(q)));
             }
         }
-        let s0 = scale::coordinator_stats(&stats_client).await?;
-        let one = control::throughput(&url, single, 1, 1.0).await?;
-        let s1 = scale::coordinator_stats(&stats_client).await?;
+        let s0 = stats(&stats_client).await?;
+        let one = control::throughput(&access, single, 1, 1.0).await?;
+        let s1 = stats(&stats_client).await?;
         row(
             &format!("control: {single} single-task jobs, tasks/s"),
             format!("{:.0}", one.rate()),
@@ -124,24 +153,27 @@ async fn main() -> anyhow::Result<()> {
                 .map(|k| s["writes"][k].as_f64().unwrap_or(0.0))
                 .sum::<f64>()
         };
-        row(
-            "control: coordinator JetStream writes per task",
-            format!("{:.2}", (writes(&s1) - writes(&s0)) / single as f64),
-        );
-        let many = control::throughput(&url, jobs, per_job, 1.0).await?;
+        if let (Some(s0), Some(s1)) = (&s0, &s1) {
+            row(
+                "control: coordinator JetStream writes per task",
+                format!("{:.2}", (writes(s1) - writes(s0)) / single as f64),
+            );
+        }
+        let many = control::throughput(&access, jobs, per_job, 1.0).await?;
         row(
             &format!("control: {jobs} jobs x {per_job} tasks, tasks/s"),
             format!("{:.0}", many.rate()),
         );
-        let s2 = scale::coordinator_stats(&stats_client).await?;
-        row(
-            "control: placement per task p50 / p99",
-            format!(
-                "{:.1} / {:.1} us",
-                s2["placement_us"]["p50"].as_f64().unwrap_or(0.0),
-                s2["placement_us"]["p99"].as_f64().unwrap_or(0.0)
-            ),
-        );
+        if let Some(s2) = stats(&stats_client).await? {
+            row(
+                "control: placement per task p50 / p99",
+                format!(
+                    "{:.1} / {:.1} us",
+                    s2["placement_us"]["p50"].as_f64().unwrap_or(0.0),
+                    s2["placement_us"]["p99"].as_f64().unwrap_or(0.0)
+                ),
+            );
+        }
         fleet.stop().await;
         control_rate = Some(one.rate());
         control_p50 = Some(lat.to_result.quantile(0.5));
@@ -150,14 +182,15 @@ async fn main() -> anyhow::Result<()> {
         let (jobs, per_job) = if cli.smoke { (1, 50) } else { (50, 100) };
         let n = jobs * per_job;
         let (_server, url) = fresh();
+        let access = control::Access::open(&url);
         let fleet = control::Fleet::start(
-            &url,
+            &access,
             2,
             2.0,
             std::sync::Arc::new(gpufleet_worker::launcher::Processes),
         )
         .await?;
-        let r = control::throughput(&url, jobs, per_job, 0.1).await?;
+        let r = control::throughput(&access, jobs, per_job, 0.1).await?;
         row(
             &format!("real processes: {n} /bin/true tasks on 2 workers, tasks/s"),
             format!("{:.0}", r.rate()),
@@ -207,6 +240,30 @@ async fn main() -> anyhow::Result<()> {
         row(
             "scale: input backlog at start / end",
             format!("{} / {}", r.backlog_start, r.backlog_end),
+        );
+    }
+    if matches!(cli.what, What::All | What::History) {
+        let (finished, waiting) = if cli.smoke {
+            (500, 100)
+        } else {
+            (100_000, 10_000)
+        };
+        let (_server, url) = fresh();
+        let r = history::run(&url, finished, waiting).await?;
+        row(
+            &format!(
+                "history: restart over {} finished, {} waiting jobs",
+                r.finished, r.waiting
+            ),
+            ms(r.takeover),
+        );
+        row(
+            "history: coordinator RSS before / after restart",
+            format!("{:.0} / {:.0} MiB", r.rss_before_mib, r.rss_after_mib),
+        );
+        row(
+            "history: jobs held in memory after restart",
+            format!("{}", r.held),
         );
     }
     if let (Some(par), Some(rate)) = (&floor_par, control_rate) {

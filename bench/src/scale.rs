@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use gpufleet_natsutil::{ensure_stores, Backoff, RawKv, Setup};
+use gpufleet_natsutil::{create_stores, Backoff, RawKv, Setup};
 use gpufleet_schema::{codec, subjects, ByteSize, Dur, GpuAdvert, WorkerAdvert, WorkerId};
 use gpufleet_worker::procs;
 use serde_json::{json, Value};
@@ -54,11 +54,15 @@ fn advert(i: usize, started: time::OffsetDateTime) -> WorkerAdvert {
                 utilization: Some(0),
                 temperature: None,
                 simulated: true,
+                held_by: vec![],
             })
             .collect(),
         running: vec![],
         rendezvous_ports: None,
         draining: false,
+        held: false,
+        usage: Default::default(),
+        metrics_addr: None,
         ttl: Dur::secs(10),
         started_at: started,
         sent_at: time::OffsetDateTime::now_utc(),
@@ -100,7 +104,7 @@ async fn heartbeats(
 }
 
 /// CPU ticks used, resident and peak memory in MiB.
-fn proc_stat(pid: u32) -> Option<(u64, f64, f64)> {
+pub fn proc_stat(pid: u32) -> Option<(u64, f64, f64)> {
     let dir = Path::new(procs::ROOT).join(pid.to_string());
     let ticks = procs::cpu_ticks(&dir)?;
     let mib = |field: &str| Some(procs::status_bytes(&dir, field)? as f64 / (1 << 20) as f64);
@@ -119,7 +123,7 @@ pub async fn coordinator_stats(client: &async_nats::Client) -> anyhow::Result<Va
 }
 
 /// Workers the coordinator lists, page by page.
-pub async fn count_workers(client: &async_nats::Client) -> anyhow::Result<usize> {
+pub async fn count_workers(client: &async_nats::Client, subject: &str) -> anyhow::Result<usize> {
     let mut after: Option<String> = None;
     let mut n = 0;
     loop {
@@ -128,10 +132,7 @@ pub async fn count_workers(client: &async_nats::Client) -> anyhow::Result<usize>
             None => json!({}),
         };
         let r = client
-            .request(
-                subjects::WORKERS_LIST,
-                Bytes::from(serde_json::to_vec(&body)?),
-            )
+            .request(subject.to_string(), Bytes::from(serde_json::to_vec(&body)?))
             .await?;
         let page: Vec<Value> = serde_json::from_slice(&r.payload)?;
         if page.is_empty() {
@@ -158,7 +159,7 @@ pub async fn run(
 ) -> anyhow::Result<ScaleResult> {
     let client = async_nats::connect(url).await?;
     let js = jetstream::new(client.clone());
-    ensure_stores(&js, &Setup::default()).await?;
+    create_stores(&js, &Setup::default()).await?;
     let kv = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -184,7 +185,11 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut pace = Backoff::fixed(Duration::from_millis(200));
     loop {
-        if count_workers(&client).await.unwrap_or(0) >= workers {
+        if count_workers(&client, subjects::WORKERS_LIST)
+            .await
+            .unwrap_or(0)
+            >= workers
+        {
             break;
         }
         anyhow::ensure!(

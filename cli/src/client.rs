@@ -6,11 +6,16 @@ use anyhow::Context;
 use async_nats::jetstream;
 use async_nats::Client;
 use gpufleet_natsutil::events::{Replay, Until};
+use gpufleet_natsutil::Backoff;
+use gpufleet_schema::api::code;
 use gpufleet_schema::api::{
     ErrorBody, GetRequest, JobRef, ListRequest, SubmitReply, WorkersRequest,
 };
 use gpufleet_schema::codec::{self, CONTENT_TYPE, MSGPACK};
-use gpufleet_schema::{subjects, Event, JobId, JobSpec, JobState, JobStatus, WorkerAdvert};
+use gpufleet_schema::subjects::{self, endpoint, Sender};
+use gpufleet_schema::{
+    Event, EventBody, JobId, JobSpec, JobState, JobStatus, TaskId, UserId, WorkerAdvert, WorkerId,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -21,19 +26,43 @@ pub enum ApiError {
     Service { code: u16, message: String },
     #[error("no coordinator answers on {subject}: is `gpufleet-coordinator` running and connected to the same NATS? (`gpufleet up` starts a local fleet)")]
     NoCoordinator { subject: String },
+    #[error("no answer on {subject} within {timeout:?}")]
+    TimedOut { subject: String, timeout: Duration },
     #[error("{0}")]
     Other(String),
+}
+
+impl ApiError {
+    /// Whether asking again may help: nobody answered (a coordinator
+    /// taking over), or the coordinator said it is not ready.
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ApiError::NoCoordinator { .. }
+                | ApiError::TimedOut { .. }
+                | ApiError::Service {
+                    code: code::UNAVAILABLE,
+                    ..
+                }
+        )
+    }
 }
 
 #[derive(Clone)]
 pub struct Api {
     pub client: Client,
+    /// Who it calls as (`gpufleet.api.<user>.…`); `None` on a fleet
+    /// without roles.
+    pub user: Option<UserId>,
+    /// How long one request may wait for its answer.
+    pub request_timeout: Duration,
 }
 
 impl Api {
     pub async fn connect(
         url: &str,
         auth: &gpufleet_natsutil::Auth,
+        user: Option<UserId>,
         patience: Duration,
     ) -> anyhow::Result<Api> {
         use async_nats::ConnectErrorKind as Kind;
@@ -45,8 +74,9 @@ impl Api {
                         match source.kind() {
                             Kind::Authentication | Kind::AuthorizationViolation => {
                                 "the server wants credentials: give them in the URL \
-                                 (nats://user:password@host), with --nats-creds FILE, or \
-                                 with GPUFLEET_NATS_TOKEN"
+                                 (nats://user:password@host), with --nats-creds FILE, \
+                                 GPUFLEET_NATS_TOKEN or GPUFLEET_NATS_NKEY (the files \
+                                 `gpufleet auth` writes)"
                             }
                             Kind::Tls => {
                                 "a TLS problem: for a private CA set SSL_CERT_FILE to its \
@@ -62,24 +92,43 @@ impl Api {
                 };
                 anyhow::anyhow!("{e}\n  ({hint})")
             })?;
-        Ok(Api { client })
+        Ok(Api {
+            client,
+            user,
+            request_timeout: Duration::from_secs(10),
+        })
+    }
+
+    fn subject(&self, endpoint: &str) -> String {
+        subjects::api_for(self.user.as_ref(), endpoint)
     }
 
     async fn call<Req: Serialize, Rep: DeserializeOwned>(
         &self,
-        subject: &str,
+        endpoint: &str,
         body: &Req,
     ) -> Result<Rep, ApiError> {
+        let subject = &self.subject(endpoint);
         let payload = codec::encode(body).map_err(|e| ApiError::Other(e.to_string()))?;
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(CONTENT_TYPE, MSGPACK);
-        let reply = self
-            .client
-            .request_with_headers(subject.to_string(), headers, payload.into())
+        let timeout = self.request_timeout;
+        let request =
+            self.client
+                .request_with_headers(subject.to_string(), headers, payload.into());
+        let reply = tokio::time::timeout(timeout, request)
             .await
+            .map_err(|_| ApiError::TimedOut {
+                subject: subject.into(),
+                timeout,
+            })?
             .map_err(|e| match e.kind() {
                 async_nats::client::RequestErrorKind::NoResponders => ApiError::NoCoordinator {
                     subject: subject.into(),
+                },
+                async_nats::client::RequestErrorKind::TimedOut => ApiError::TimedOut {
+                    subject: subject.into(),
+                    timeout,
                 },
                 _ => ApiError::Other(format!("{subject}: {e}")),
             })?;
@@ -106,8 +155,31 @@ impl Api {
             .map_err(|e| ApiError::Other(format!("{subject}: bad reply: {e}")))
     }
 
-    pub async fn submit(&self, spec: &JobSpec) -> Result<SubmitReply, ApiError> {
-        self.call(subjects::JOBS_SUBMIT, spec).await
+    /// Submits `spec`, choosing its id first if it has none, and tries
+    /// again (the same id, the same spec) while no coordinator answers or
+    /// one says it is not ready, for up to `patience`. A try that reached
+    /// a coordinator whose answer was lost, then a retry, make one job: the
+    /// retry is answered with the job the first made (`created: false`).
+    pub async fn submit(
+        &self,
+        spec: &JobSpec,
+        patience: Duration,
+    ) -> Result<SubmitReply, ApiError> {
+        let mut spec = spec.clone();
+        let id = spec.id.get_or_insert_with(JobId::generate).clone();
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        loop {
+            match self.call(endpoint::JOBS_SUBMIT, &spec).await {
+                Err(e) if e.is_transient() => {
+                    if !backoff.wait_before(deadline).await {
+                        return Err(e);
+                    }
+                    eprintln!("submitting job {id}: {e}; trying again");
+                }
+                done => return done,
+            }
+        }
     }
 
     /// A job with every task, page by page.
@@ -129,7 +201,7 @@ impl Api {
             task_offset: (offset > 0).then_some(offset),
             task_limit: None,
         };
-        self.call(subjects::JOBS_GET, &req).await
+        self.call(endpoint::JOBS_GET, &req).await
     }
 
     pub async fn list(
@@ -137,13 +209,24 @@ impl Api {
         status: Option<JobState>,
         limit: Option<u32>,
     ) -> Result<Vec<JobStatus>, ApiError> {
-        self.call(subjects::JOBS_LIST, &ListRequest { status, limit })
+        self.call(endpoint::JOBS_LIST, &ListRequest { status, limit })
             .await
+    }
+
+    /// Deletes a finished job's record and events.
+    pub async fn delete(&self, job: &JobId) -> Result<JobStatus, ApiError> {
+        self.call(
+            endpoint::JOBS_DELETE,
+            &JobRef {
+                job_id: job.clone(),
+            },
+        )
+        .await
     }
 
     pub async fn cancel(&self, job: &JobId) -> Result<JobStatus, ApiError> {
         self.call(
-            subjects::JOBS_CANCEL,
+            endpoint::JOBS_CANCEL,
             &JobRef {
                 job_id: job.clone(),
             },
@@ -159,7 +242,7 @@ impl Api {
                 after: all.last().map(|w| w.name.clone()),
                 limit: None,
             };
-            let page: Vec<WorkerAdvert> = self.call(subjects::WORKERS_LIST, &req).await?;
+            let page: Vec<WorkerAdvert> = self.call(endpoint::WORKERS_LIST, &req).await?;
             if page.is_empty() {
                 return Ok(all);
             }
@@ -167,21 +250,117 @@ impl Api {
         }
     }
 
-    /// Every event on `filters` (subjects in the events stream) from the
-    /// start of the stream: until what was stored when this is called, or
-    /// then new ones as they come.
-    pub async fn events(&self, filters: Vec<String>, until: Until) -> anyhow::Result<EventStream> {
+    /// Every event on `filter` (one subject pattern in the events stream:
+    /// a least-privilege user may create consumers with one filter only)
+    /// from the start of the stream: until what was stored when this is
+    /// called, or then new ones as they come.
+    pub async fn events(&self, filter: String, until: Until) -> anyhow::Result<EventStream> {
+        self.events_from(filter, 1, until).await
+    }
+
+    /// [`Api::events`] from stream sequence `from` on.
+    pub async fn events_from(
+        &self,
+        filter: String,
+        from: u64,
+        until: Until,
+    ) -> anyhow::Result<EventStream> {
         let js = jetstream::new(self.client.clone());
-        let replay = Replay::start(&js, subjects::EVENTS_STREAM, filters, 1, until)
+        // Only a coordinator creates the stores: wait a while for one, as
+        // workers do (by trying again: a user may not read stream info).
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
+        let mut said = false;
+        let replay = loop {
+            match Replay::start(
+                &js,
+                subjects::EVENTS_STREAM,
+                vec![filter.clone()],
+                from,
+                until,
+            )
             .await
-            .context("opening the events stream (has a coordinator ever run on this NATS?)")?;
-        Ok(EventStream { replay })
+            {
+                Ok(r) => break r,
+                Err(e) => {
+                    if !said {
+                        said = true;
+                        eprintln!("waiting for the coordinator to create the stores");
+                    }
+                    if !backoff.wait_before(deadline).await {
+                        return Err(anyhow::Error::from(e).context(
+                            "opening the events stream (has a coordinator ever run on this NATS?)",
+                        ));
+                    }
+                }
+            }
+        };
+        Ok(EventStream {
+            replay,
+            holders: HoldersOf::default(),
+        })
     }
 }
 
-/// An ordered replay of stored events, then (live) new ones.
+impl Api {
+    /// The stream sequence of the newest event stored on `filter`, if any.
+    /// Read through a consumer on that filter, which a user may create for
+    /// its own jobs (a direct get it may not: see `schema::roles`).
+    pub async fn newest_event(&self, filter: &str) -> anyhow::Result<Option<u64>> {
+        let js = jetstream::new(self.client.clone());
+        let stream = js
+            .get_stream_no_info(subjects::EVENTS_STREAM)
+            .await
+            .context("opening the events stream")?;
+        let last = gpufleet_natsutil::events::last_on(
+            &js,
+            &stream,
+            subjects::EVENTS_STREAM,
+            &[filter.to_string()],
+        )
+        .await
+        .context("reading the events stream")?;
+        Ok((last > 0).then_some(last))
+    }
+}
+
+/// Who holds each attempt, from the coordinator's state events: the one
+/// sender whose output, progress and results count for it.
+#[derive(Default)]
+pub struct HoldersOf(std::collections::HashMap<(TaskId, u32), WorkerId>);
+
+impl HoldersOf {
+    /// Whether `event`, which came from `sender`, counts; learns the
+    /// holder from the coordinator's events on the way. Events of an
+    /// attempt come after the state event that reserved it, so its holder
+    /// is known by then.
+    pub fn admit(&mut self, event: &Event, sender: &Sender) -> bool {
+        let key = (event.task_id.clone(), event.attempt);
+        match sender {
+            Sender::Coordinator => {
+                if let EventBody::State {
+                    holder: Some(w), ..
+                } = &event.body
+                {
+                    self.0.insert(key, w.clone());
+                }
+                true
+            }
+            Sender::Worker(w) => self.0.get(&key) == Some(w),
+        }
+    }
+
+    pub fn holder(&self, task: &TaskId, attempt: u32) -> Option<&WorkerId> {
+        self.0.get(&(task.clone(), attempt))
+    }
+}
+
+/// An ordered replay of stored events, then (live) new ones; only events
+/// whose body agrees with their subject and that their attempt's holder
+/// (or the coordinator) sent.
 pub struct EventStream {
     replay: Replay,
+    holders: HoldersOf,
 }
 
 /// One event with where it sits in the stream.
@@ -203,12 +382,21 @@ impl EventStream {
                     continue;
                 }
             };
+            let Some(subject) = subjects::parse_event_subject(r.message.subject.as_str()) else {
+                continue;
+            };
             match codec::decode::<Event>(&r.message.payload) {
-                Ok(event) => {
+                Ok(event)
+                    if event.matches_subject(&subject)
+                        && self.holders.admit(&event, &subject.sender) =>
+                {
                     return Some(Delivered {
                         event,
                         pending: r.pending,
                     })
+                }
+                Ok(_) => {
+                    tracing::warn!(subject = %r.message.subject, "skipping an event its attempt's holder did not send")
                 }
                 Err(e) => {
                     tracing::warn!(subject = %r.message.subject, error = %e, "skipping an unreadable event")
@@ -230,5 +418,10 @@ impl EventStream {
             .stored_tail()
             .await
             .context("reading the events stream")
+    }
+
+    /// Who held each attempt, as far as the events seen so far say.
+    pub fn holders(&self) -> &HoldersOf {
+        &self.holders
     }
 }

@@ -7,9 +7,12 @@
 //! Modules: `client` speaks the API and reads the events stream,
 //! `jobfile` reads job files and builds one-off jobs, `watch` waits on a
 //! job (bars, logs, Ctrl-C), `show` draws tables, `up` runs a local fleet,
-//! `settings` loads the command line's own configuration.
+//! `dashboard` serves the web page, `settings` loads the command line's
+//! own configuration.
 
+mod auth;
 mod client;
+mod dashboard;
 mod jobfile;
 mod settings;
 mod show;
@@ -22,10 +25,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use futures::StreamExt;
+use gpufleet_natsutil::artifacts::Stored;
+use gpufleet_natsutil::events::Until;
 use gpufleet_natsutil::telemetry::{self, LogFormat};
-use gpufleet_schema::{codec, subjects, JobId, JobSpec, JobState, JobStatus, Lease, LeaseState};
-use gpufleet_schema::{TaskId, TaskState};
+use gpufleet_schema::TaskState;
+use gpufleet_schema::{subjects, EventKind, JobId, JobSpec, JobState, JobStatus, TaskId};
 use serde::Serialize;
 
 use client::Api;
@@ -180,6 +184,9 @@ enum Cmd {
         #[arg(long, short)]
         wait: bool,
     },
+    /// Delete a finished job: its record and its events (an unfinished one
+    /// must be cancelled first)
+    Delete { job: String },
     /// Print a job's output so far (one task's with TASK)
     Logs {
         job: String,
@@ -191,13 +198,21 @@ enum Cmd {
     },
     /// List workers, their GPUs and which task holds each
     Workers,
-    /// Task artifacts in the object store
+    /// Task artifacts: list a job's, download one
     Artifacts {
         #[command(subcommand)]
         command: ArtifactsCmd,
     },
     /// Start a local fleet: nats-server, a coordinator and workers; Ctrl-C stops it all
     Up(up::UpArgs),
+    /// Write keys, settings and a nats-server configuration for a fleet with roles
+    Auth(auth::AuthArgs),
+    /// Serve a live web page of the fleet and your jobs (logs, cancel), as your NATS user
+    Dashboard {
+        /// Where to serve it. It acts with your NATS credentials: keep it on loopback
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -276,13 +291,25 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     // What it says to people goes to stderr too: only warnings are logged.
     telemetry::init_with_default(cfg.log_format, "warn");
     let auth = cfg.auth();
-    let connect = || Api::connect(&cfg.nats_url, &auth, cfg.connect_timeout.0);
+    let connect = || async {
+        let mut api = Api::connect(
+            &cfg.nats_url,
+            &auth,
+            cfg.user.clone(),
+            cfg.connect_timeout.0,
+        )
+        .await?;
+        api.request_timeout = cfg.request_timeout.0;
+        anyhow::Ok(api)
+    };
+    let patience = cfg.submit_patience.0;
     match cli.command {
         Cmd::Up(args) => up::run(args, json, cli.log_format).await,
+        Cmd::Auth(args) => auth::run(&args, cfg.nats_url.clone()),
         Cmd::Submit { file, wait } => {
             // Read and check the job before touching the network.
             let spec = jobfile::read(&file)?;
-            submit(&connect().await?, spec, &wait, json).await
+            submit(&connect().await?, spec, patience, &wait, json).await
         }
         Cmd::Run(r) => {
             let r = *r;
@@ -306,7 +333,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 follow: !r.no_wait,
                 detach: r.wait.detach,
             };
-            submit(&connect().await?, spec, &wait, json).await
+            submit(&connect().await?, spec, patience, &wait, json).await
         }
         Cmd::Status { job, wait } => {
             let id = job_id(&job)?;
@@ -365,6 +392,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(exit::OK)
         }
+        Cmd::Delete { job } => {
+            let id = job_id(&job)?;
+            let s = connect().await?.delete(&id).await?;
+            if json {
+                print_json(&s);
+            } else {
+                println!("deleted job {id} ({})", s.status);
+            }
+            Ok(exit::OK)
+        }
         Cmd::Logs { job, task, follow } => {
             let id = job_id(&job)?;
             logs(&connect().await?, &id, task.as_deref(), follow, json).await
@@ -372,10 +409,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Workers => {
             let api = connect().await?;
             let list = api.workers().await?;
-            let holders = gpu_holders(&api).await.unwrap_or_else(|e| {
-                tracing::debug!(error = %e, "could not read the leases");
-                Default::default()
-            });
+            let holders = show::gpu_holders(&list);
             if json {
                 print_json(&show::workers_json(&list, &holders));
             } else {
@@ -384,6 +418,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(exit::OK)
         }
         Cmd::Artifacts { command } => artifacts(&connect().await?, command, json).await,
+        Cmd::Dashboard { listen } => {
+            let api = connect().await?;
+            dashboard::run(api, &cfg.nats_url, listen, telemetry::shutdown_signal()).await?;
+            Ok(exit::OK)
+        }
     }
 }
 
@@ -405,8 +444,14 @@ fn view(flags: &WaitFlags, json: bool) -> WaitOptions {
     }
 }
 
-async fn submit(api: &Api, spec: JobSpec, flags: &WaitFlags, json: bool) -> anyhow::Result<i32> {
-    let reply = api.submit(&spec).await?;
+async fn submit(
+    api: &Api,
+    spec: JobSpec,
+    patience: std::time::Duration,
+    flags: &WaitFlags,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let reply = api.submit(&spec, patience).await?;
     if !flags.wait && !flags.follow {
         if json {
             print_json(&reply);
@@ -473,36 +518,6 @@ fn summary(s: &JobStatus) -> String {
     line
 }
 
-/// Which tasks hold each GPU, from the live leases.
-async fn gpu_holders(api: &Api) -> anyhow::Result<show::Holders> {
-    let js = async_nats::jetstream::new(api.client.clone());
-    let kv = gpufleet_natsutil::RawKv::open(&js, subjects::LEASES_BUCKET).await?;
-    let mut watch = kv.watch(">").await?;
-    let mut out = show::Holders::new();
-    while let Some(Ok(ev)) = watch.next().await {
-        match ev {
-            gpufleet_natsutil::KvEvent::Synced => break,
-            gpufleet_natsutil::KvEvent::Change(c) if c.op == gpufleet_natsutil::KvOp::Put => {
-                let Ok(l) = codec::decode::<Lease>(&c.value) else {
-                    continue;
-                };
-                if matches!(
-                    l.state,
-                    LeaseState::Reserved | LeaseState::Running | LeaseState::Cancelling
-                ) {
-                    for g in &l.grant.gpus {
-                        out.entry(g.uuid.clone())
-                            .or_default()
-                            .push(l.task_id.to_string());
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(out)
-}
-
 /// A task of `status` by id or name.
 fn find_task(status: &JobStatus, task: &str) -> anyhow::Result<TaskId> {
     status
@@ -554,62 +569,60 @@ async fn logs(
 
 async fn artifacts(api: &Api, command: ArtifactsCmd, json: bool) -> anyhow::Result<i32> {
     let js = async_nats::jetstream::new(api.client.clone());
-    let store = js
-        .get_object_store(subjects::ARTIFACTS_BUCKET)
-        .await
-        .context("opening the artifacts store")?;
     let job = match &command {
         ArtifactsCmd::List { job } | ArtifactsCmd::Get { job, .. } => job_id(job)?,
     };
     let status = api.get(&job).await?;
-    let prefix = subjects::job_artifacts(&job);
-    let mut infos = Vec::new();
-    let mut list = store.list().await?;
-    while let Some(i) = list.next().await {
-        let i = i?;
-        if i.name.starts_with(&prefix) && !i.deleted {
-            infos.push(i);
-        }
-    }
-    infos.sort_by(|a, b| a.name.cmp(&b.name));
+    // Only what the worker holding each attempt uploaded counts: the
+    // coordinator's state events say who that was.
+    let mut states = api
+        .events(
+            subjects::job_events_of_kind(&status.owner, &job, EventKind::State),
+            Until::CaughtUp,
+        )
+        .await?;
+    while states.next().await.is_some() {}
+    let holders = states.holders();
+    let stored: Vec<Stored> = gpufleet_natsutil::artifacts::list(&js, &status.owner, &job)
+        .await
+        .context("reading the artifacts stream")?
+        .into_iter()
+        .filter(|a| holders.holder(&a.at.task, a.at.attempt) == Some(&a.at.worker))
+        .collect();
+    let task_name = |task: &TaskId| {
+        status
+            .tasks
+            .iter()
+            .find(|t| &t.task_id == task)
+            .map(|t| t.name.clone())
+            .unwrap_or_else(|| task.to_string())
+    };
     match command {
         ArtifactsCmd::List { .. } => {
-            let rows: Vec<(String, u32, String, String, u64)> = infos
-                .iter()
-                .filter_map(|i| {
-                    let (_, task, attempt, path) = subjects::parse_artifact_object(&i.name)?;
-                    let name = status
-                        .tasks
-                        .iter()
-                        .find(|t| t.task_id == task)
-                        .map(|t| t.name.clone())
-                        .unwrap_or_else(|| task.to_string());
-                    Some((
-                        name,
-                        attempt,
-                        path.to_string(),
-                        i.name.clone(),
-                        i.size as u64,
-                    ))
-                })
-                .collect();
             if json {
                 print_json(
-                    &rows
+                    &stored
                         .iter()
-                        .map(|(task, attempt, path, object, size)| {
-                            serde_json::json!({"task": task, "attempt": attempt,
-                                "name": path, "object": object, "size": size})
+                        .map(|a| {
+                            serde_json::json!({"task": task_name(&a.at.task), "attempt": a.at.attempt,
+                                "name": a.meta.name, "worker": a.at.worker,
+                                "object": subjects::artifact_object(&job, &a.at.task, a.at.attempt, &a.meta.name),
+                                "size": a.meta.size.0, "sha256": a.meta.sha256})
                         })
                         .collect::<Vec<_>>(),
                 );
-            } else if rows.is_empty() {
+            } else if stored.is_empty() {
                 println!("job {job} has no artifacts");
             } else {
-                let table: Vec<Vec<String>> = rows
-                    .into_iter()
-                    .map(|(task, attempt, path, _, size)| {
-                        vec![task, attempt.to_string(), path, show::size(size)]
+                let table: Vec<Vec<String>> = stored
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            task_name(&a.at.task),
+                            a.at.attempt.to_string(),
+                            a.meta.name.clone(),
+                            show::size(a.meta.size.0),
+                        ]
                     })
                     .collect();
                 println!("{}", show::table(&["TASK", "TRY", "NAME", "SIZE"], &table));
@@ -620,23 +633,19 @@ async fn artifacts(api: &Api, command: ArtifactsCmd, json: bool) -> anyhow::Resu
             task, name, output, ..
         } => {
             let task_id = find_task(&status, &task)?;
-            let attempts = status
-                .tasks
+            // The newest attempt that uploaded it.
+            let artifact = stored
                 .iter()
-                .find(|t| t.task_id == task_id)
-                .map_or(1, |t| t.attempt);
-            let object = (1..=attempts)
-                .rev()
-                .map(|a| subjects::artifact_object(&job, &task_id, a, &name))
-                .find(|o| infos.iter().any(|i| &i.name == o))
+                .filter(|a| a.at.task == task_id && a.meta.name == name)
+                .max_by_key(|a| a.at.attempt)
                 .with_context(|| {
                     format!("task {task} of job {job} uploaded no {name:?} (see `gpufleet artifacts list {job}`)")
                 })?;
-            let mut obj = store.get(&object).await?;
+            let object =
+                subjects::artifact_object(&job, &task_id, artifact.at.attempt, &artifact.meta.name);
             let (n, path) = if output.as_deref() == Some(std::path::Path::new("-")) {
                 let mut out = tokio::io::stdout();
-                let n = tokio::io::copy(&mut obj, &mut out).await?;
-                tokio::io::AsyncWriteExt::flush(&mut out).await?;
+                let n = gpufleet_natsutil::artifacts::download(&js, artifact, &mut out).await?;
                 (n, "-".to_string())
             } else {
                 let path = output.unwrap_or_else(|| {
@@ -645,7 +654,7 @@ async fn artifacts(api: &Api, command: ArtifactsCmd, json: bool) -> anyhow::Resu
                 let mut file = tokio::fs::File::create(&path)
                     .await
                     .with_context(|| format!("creating {}", path.display()))?;
-                let n = tokio::io::copy(&mut obj, &mut file).await?;
+                let n = gpufleet_natsutil::artifacts::download(&js, artifact, &mut file).await?;
                 (n, path.display().to_string())
             };
             if path == "-" {

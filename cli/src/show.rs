@@ -1,8 +1,6 @@
 //! Tables for people; `--json` prints the API's own JSON instead.
 
-use std::collections::HashMap;
-
-use gpufleet_schema::{GpuUuid, JobStatus, WorkerAdvert};
+use gpufleet_schema::{JobStatus, TaskUsage, WorkerAdvert};
 use time::OffsetDateTime;
 
 /// Left-aligned columns sized to their widest cell.
@@ -131,6 +129,7 @@ pub fn job(s: &JobStatus) -> String {
                 or_dash(Some(t.gpus.join(","))),
                 or_dash(t.exit_code.map(|c| c.to_string())),
                 or_dash(took(t.started_at, t.finished_at)),
+                or_dash(t.usage.as_ref().map(usage)),
                 t.result
                     .as_ref()
                     .map(|r| truncate(&r.to_string(), 50))
@@ -148,11 +147,32 @@ pub fn job(s: &JobStatus) -> String {
             "GPUS",
             "EXIT",
             "TIME",
+            "USAGE",
             "RESULT / REASON",
         ],
         &rows,
     ));
     out
+}
+
+/// What a task used, in a few words: `peak 212 MiB, 1.3s CPU, GPU 3 GiB
+/// 87%` (the GPU figures marked `sim` on simulated GPUs).
+pub fn usage(u: &TaskUsage) -> String {
+    let mut s = format!(
+        "peak {}, {}s CPU",
+        size(u.peak_rss.0),
+        decimal(u.cpu_seconds)
+    );
+    if let Some(m) = u.gpu_memory_peak {
+        s.push_str(&format!(", GPU {}", size(m.0)));
+    }
+    if let Some(p) = u.gpu_utilization_mean {
+        s.push_str(&format!(" {p:.0}%"));
+    }
+    if u.gpu_simulated {
+        s.push_str(" (sim)");
+    }
+    s
 }
 
 pub fn jobs(list: &[JobStatus]) -> String {
@@ -184,8 +204,22 @@ pub fn jobs(list: &[JobStatus]) -> String {
     )
 }
 
-/// Which tasks hold each GPU (by uuid), from the live leases.
-pub type Holders = HashMap<GpuUuid, Vec<String>>;
+/// Which tasks hold each GPU (by uuid), as the coordinator reports them
+/// (with roles on, only the caller's own tasks).
+pub type Holders = std::collections::HashMap<gpufleet_schema::GpuUuid, Vec<String>>;
+
+/// [`Holders`] from a page of workers (each GPU's `held_by`).
+pub fn gpu_holders(list: &[WorkerAdvert]) -> Holders {
+    let mut out = Holders::new();
+    for g in list.iter().flat_map(|w| &w.gpus) {
+        if !g.held_by.is_empty() {
+            out.entry(g.uuid.clone())
+                .or_default()
+                .extend(g.held_by.iter().map(|t| t.to_string()));
+        }
+    }
+    out
+}
 
 /// Workers, one line per GPU.
 pub fn workers(list: &[WorkerAdvert], holders: &Holders) -> String {
@@ -195,7 +229,13 @@ pub fn workers(list: &[WorkerAdvert], holders: &Holders) -> String {
     }
     let mut rows = Vec::new();
     for w in list {
-        let state = if w.draining { "draining" } else { "ready" };
+        let state = if w.draining {
+            "draining"
+        } else if w.held {
+            "held"
+        } else {
+            "ready"
+        };
         let labels = w
             .labels
             .iter()
@@ -235,7 +275,7 @@ pub fn workers(list: &[WorkerAdvert], holders: &Holders) -> String {
             rows.push(r);
         }
     }
-    table(
+    let mut out = table(
         &[
             "WORKER",
             "STATE",
@@ -248,7 +288,24 @@ pub fn workers(list: &[WorkerAdvert], holders: &Holders) -> String {
             "HELD BY",
         ],
         &rows,
-    )
+    );
+    // What the running tasks use so far, as their workers last said.
+    let running: Vec<Vec<String>> = list
+        .iter()
+        .flat_map(|w| {
+            w.usage
+                .iter()
+                .map(|(t, u)| vec![t.to_string(), w.name.to_string(), usage(u)])
+        })
+        .collect();
+    if !running.is_empty() {
+        out.push_str("\n\n");
+        out.push_str(&table(
+            &["RUNNING TASK", "WORKER", "USAGE SO FAR"],
+            &running,
+        ));
+    }
+    out
 }
 
 /// The adverts as JSON, each GPU with `held_by`: the tasks holding it.
@@ -301,5 +358,20 @@ mod tests {
         assert_eq!(span(42), "42s");
         assert_eq!(span(185), "3m05s");
         assert_eq!(span(7800), "2h10m");
+    }
+
+    #[test]
+    fn usage_reads_in_a_few_words() {
+        let mut u = TaskUsage {
+            peak_rss: gpufleet_schema::ByteSize::mib(212),
+            cpu_seconds: 1.25,
+            samples: 3,
+            ..Default::default()
+        };
+        assert_eq!(usage(&u), "peak 212 MiB, 1.2s CPU");
+        u.gpu_memory_peak = Some(gpufleet_schema::ByteSize::gib(3));
+        u.gpu_utilization_mean = Some(87.4);
+        u.gpu_simulated = true;
+        assert_eq!(usage(&u), "peak 212 MiB, 1.2s CPU, GPU 3 GiB 87% (sim)");
     }
 }

@@ -52,7 +52,14 @@ pub struct UpArgs {
     /// With --run: stop the fleet when the job ends and exit with its outcome
     #[arg(long, requires = "run")]
     once: bool,
+    /// Run with roles: `gpufleet auth` keys and permissions for every
+    /// member, signed reservations, and the job run as user `local`
+    #[arg(long, conflicts_with_all = ["coordinator_config", "worker_config"])]
+    secure: bool,
 }
+
+/// The user `up --secure` runs its job as, and tells people to use.
+const LOCAL_USER: &str = "local";
 
 /// How long each kind of process gets to stop after SIGTERM.
 const WORKER_GRACE: Duration = Duration::from_secs(20);
@@ -107,6 +114,8 @@ impl Member {
 struct LocalFleet {
     url: String,
     dir: PathBuf,
+    /// With `--secure`: the settings file of the local user.
+    user_config: Option<PathBuf>,
     server: Option<Member>,
     coordinator: Option<Member>,
     workers: Vec<Member>,
@@ -114,6 +123,15 @@ struct LocalFleet {
 }
 
 impl LocalFleet {
+    /// The API as the local user (with `--secure`) or as anyone.
+    async fn api(&self, patience: Duration) -> anyhow::Result<Api> {
+        let Some(file) = &self.user_config else {
+            return Api::connect(&self.url, &Default::default(), None, patience).await;
+        };
+        let cfg = crate::settings::load(Some(file), None, None, None)?;
+        Api::connect(&self.url, &cfg.auth(), cfg.user.clone(), patience).await
+    }
+
     fn members_mut(&mut self) -> impl Iterator<Item = &mut Member> {
         self.workers
             .iter_mut()
@@ -325,9 +343,24 @@ async fn start(args: &UpArgs, log_format: Option<LogFormat>) -> anyhow::Result<L
         }
     };
     let url = format!("nats://127.0.0.1:{port}");
+    let auth = if args.secure {
+        let spec = crate::auth::Spec {
+            nats_url: url.clone(),
+            workers: (1..=args.workers)
+                .map(|i| gpufleet_schema::WorkerId::new(format!("local-{i}")))
+                .collect::<Result<_, _>>()?,
+            users: vec![gpufleet_schema::UserId::new(LOCAL_USER)?],
+            admins: vec![],
+            server: None,
+        };
+        Some(crate::auth::write(&spec, &dir.join("auth"))?)
+    } else {
+        None
+    };
     let mut fleet = LocalFleet {
         url: url.clone(),
         dir: dir.clone(),
+        user_config: auth.as_ref().map(|a| a.users[0].1.clone()),
         server: None,
         coordinator: None,
         workers: vec![],
@@ -345,6 +378,9 @@ async fn start(args: &UpArgs, log_format: Option<LogFormat>) -> anyhow::Result<L
         "--store_dir",
     ])
     .arg(dir.join("nats"));
+    if let Some(a) = &auth {
+        cmd.arg("-c").arg(&a.server_conf);
+    }
     let m = spawn("nats-server", cmd, &dir.join("nats-server.log"))?;
     eprintln!("  nats-server  pid {:<7} {url}", m.pid());
     fleet.server = Some(m);
@@ -355,7 +391,11 @@ async fn start(args: &UpArgs, log_format: Option<LogFormat>) -> anyhow::Result<L
         .unwrap_or_default();
     let mut cmd = Command::new(sibling("gpufleet-coordinator"));
     cmd.args(["--nats-url", &url]).args(&log_args);
-    if let Some(c) = &args.coordinator_config {
+    if let Some(c) = args
+        .coordinator_config
+        .as_ref()
+        .or(auth.as_ref().map(|a| &a.coordinator))
+    {
         cmd.arg("--config").arg(c);
     }
     let m = spawn("coordinator", cmd, &dir.join("coordinator.log"))?;
@@ -372,7 +412,8 @@ async fn start(args: &UpArgs, log_format: Option<LogFormat>) -> anyhow::Result<L
         if !args.simulate_gpus.is_empty() {
             cmd.args(["--simulate-gpus", &args.simulate_gpus]);
         }
-        if let Some(c) = &args.worker_config {
+        let secure = auth.as_ref().map(|a| &a.workers[i - 1].1);
+        if let Some(c) = args.worker_config.as_ref().or(secure) {
             cmd.arg("--config").arg(c);
         }
         for (k, v) in [
@@ -382,6 +423,13 @@ async fn start(args: &UpArgs, log_format: Option<LogFormat>) -> anyhow::Result<L
             if std::env::var_os(k).is_none() {
                 cmd.env(k, v);
             }
+        }
+        // Workers on one machine cannot share the default metrics port:
+        // local-N serves on the coordinator's default plus N, unless told
+        // otherwise (the environment, or a settings file).
+        if std::env::var_os("GPUFLEET_METRICS_ADDR").is_none() && args.worker_config.is_none() {
+            let port = gpufleet_natsutil::metrics::COORDINATOR_PORT + i as u16;
+            cmd.env("GPUFLEET_METRICS_ADDR", format!("127.0.0.1:{port}"));
         }
         let log = format!("{name}.log");
         let m = spawn(&name, cmd, &dir.join(&log))?;
@@ -396,7 +444,7 @@ async fn start(args: &UpArgs, log_format: Option<LogFormat>) -> anyhow::Result<L
         if let Some((name, how, tail)) = fleet.newly_exited() {
             bail!("{name} exited while the fleet started ({how}); the end of its log:\n{tail}");
         }
-        if let Ok(api) = Api::connect(&url, &Default::default(), Duration::from_millis(200)).await {
+        if let Ok(api) = fleet.api(Duration::from_millis(200)).await {
             break api;
         }
         if tokio::time::Instant::now() > deadline {
@@ -448,13 +496,18 @@ pub async fn run(args: UpArgs, json: bool, log_format: Option<LogFormat>) -> any
         eprintln!(
             "fleet ready: {} worker(s) on {url}\n\
              use it from another terminal with:\n  \
-             export GPUFLEET_NATS_URL={url}\n  \
+             export GPUFLEET_NATS_URL={url}{}\n  \
              gpufleet workers\n  \
              gpufleet submit examples/hello.json --follow\n  \
              gpufleet run --gpus 1 -- python3 -c 'import os; print(os.environ[\"CUDA_VISIBLE_DEVICES\"])'\n\
              logs and data: {}{}\n\
              press Ctrl-C to stop the fleet",
             args.workers,
+            fleet
+                .user_config
+                .as_ref()
+                .map(|c| format!("\n  export GPUFLEET_CONFIG={}", c.display()))
+                .unwrap_or_default(),
             fleet.dir.display(),
             if fleet._tmp.is_some() {
                 " (removed on exit; keep them with --data-dir)"
@@ -467,13 +520,13 @@ pub async fn run(args: UpArgs, json: bool, log_format: Option<LogFormat>) -> any
 
     let mut code = exit::OK;
     if let Some(spec) = spec {
-        let api = Api::connect(&url, &Default::default(), Duration::from_secs(5)).await?;
+        let api = fleet.api(Duration::from_secs(5)).await?;
         let flags = crate::WaitFlags {
             wait: true,
             follow: true,
             detach: false,
         };
-        let reply = api.submit(&spec).await?;
+        let reply = api.submit(&spec, Duration::from_secs(60)).await?;
         eprintln!("submitted job {}", reply.job_id);
         code = crate::wait_job(&api, &reply.job_id, &flags, json).await?;
         if args.once {

@@ -244,19 +244,16 @@ fn above(bars: &Option<Bars>, f: impl FnOnce()) {
 /// Waits until the job finishes, printing what `opts` asks for.
 pub async fn wait(api: &Api, job: &JobId, opts: &WaitOptions) -> anyhow::Result<Waited> {
     let mut sigint = signal(SignalKind::interrupt())?;
-    // With output, every event of the job, so that the newest one stored
-    // tells when all output was seen; without, the kinds the view needs.
-    let filters = if opts.follow {
-        vec![subjects::job_events(job)]
-    } else {
-        let mut f = vec![subjects::job_events_of_kind(job, EventKind::State)];
-        if opts.bars {
-            f.push(subjects::job_events_of_kind(job, EventKind::Progress));
-        }
-        f
-    };
-    let mut events = api.events(filters, Until::Live).await?;
     let mut status = api.get(job).await?;
+    // With output or progress, every event of the job (the newest one
+    // stored tells when all output was seen, and the coordinator's state
+    // events say whose output counts); without, its state changes.
+    let filter = if opts.follow || opts.bars {
+        subjects::job_events(&status.owner, job)
+    } else {
+        subjects::job_events_of_kind(&status.owner, job, EventKind::State)
+    };
+    let mut events = api.events(filter, Until::Live).await?;
     let names = Names(
         status
             .tasks
@@ -405,17 +402,13 @@ pub async fn print_stored(api: &Api, job: &JobId, opts: &WaitOptions) -> anyhow:
             .map(|t| (t.task_id.to_string(), t.name.clone()))
             .collect(),
     );
-    let mut filters = match &opts.task {
-        Some(t) => vec![subjects::events(job, t, EventKind::Log)],
-        None => vec![subjects::job_events_of_kind(job, EventKind::Log)],
+    // The coordinator's state events come along: they say whose output
+    // counts for each attempt.
+    let filter = match &opts.task {
+        Some(t) => subjects::task_events(&status.owner, job, t),
+        None => subjects::job_events(&status.owner, job),
     };
-    if opts.progress {
-        filters.push(match &opts.task {
-            Some(t) => subjects::events(job, t, EventKind::Progress),
-            None => subjects::job_events_of_kind(job, EventKind::Progress),
-        });
-    }
-    let mut events = api.events(filters, Until::CaughtUp).await?;
+    let mut events = api.events(filter, Until::CaughtUp).await?;
     let mut bars = None;
     while let Some(Delivered { event, .. }) = events.next().await {
         show_event(&event, &names, opts, &mut bars);
@@ -468,7 +461,7 @@ fn show_event(ev: &Event, names: &Names, opts: &WaitOptions, bars: &mut Option<B
             }
         }
         // RESERVED is placement in flight; RUNNING says where it went.
-        EventBody::State { state, reason }
+        EventBody::State { state, reason, .. }
             if opts.states && bars.is_none() && *state != TaskState::Reserved =>
         {
             let prefix = names.prefix(ev, true);

@@ -22,17 +22,23 @@
 //! The engine's own code joins them: this file takes inputs and answers
 //! the API; `lifecycle` turns lease changes, results and ticks into task
 //! transitions (gangs break and settle there, and start-up reconciles);
-//! `schedule` runs a placement pass in named phases.
+//! `schedule` runs a placement pass in named phases; `health` keeps track
+//! of JetStream outages, during which nothing is declared lost.
+//!
+//! Finished jobs leave the engine once their record is stored (`Moved`);
+//! what it no longer holds, the runtime reads from the jobs bucket when a
+//! client asks ([`Fetch`]).
 
 use gpufleet_schema::api::{code, SubmitReply};
 use gpufleet_schema::{
     subjects, Encoding, Event, EventBody, JobId, JobSpec, JobState, JobStatus, Lease, LeaseKey,
-    TaskState, WorkerAdvert, WorkerId,
+    Sender, TaskState, UserId, WorkerAdvert, WorkerId,
 };
 use std::collections::BTreeSet;
 use tokio::sync::oneshot;
 
 mod clock;
+mod health;
 mod jobs;
 mod leases;
 mod lifecycle;
@@ -43,8 +49,9 @@ pub use clock::{Now, Rng};
 pub use queue::AVOID_FOR;
 
 use crate::config::CoordinatorConfig;
-use crate::metrics::{InputKind, Metrics};
+use crate::metrics::{job_state_index, task_state_index, InputKind, Metrics, Observed};
 use crate::state::JobRecord;
+use health::Health;
 use jobs::JobTable;
 use leases::{LeaseBook, LiveLease};
 use queue::QueuePolicy;
@@ -70,6 +77,30 @@ impl Reply {
 
 pub type ReplyTx = oneshot::Sender<Reply>;
 
+/// Who makes an API call: the user the request's subject names (the NATS
+/// permissions make sure it is the caller's own), and whether it sees and
+/// acts on every job (an admin, or anyone while roles are off).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub user: UserId,
+    pub admin: bool,
+}
+
+impl Caller {
+    /// The one user everybody is while roles are off: sees everything.
+    pub fn everyone() -> Caller {
+        Caller {
+            user: UserId::default_user(),
+            admin: true,
+        }
+    }
+
+    /// Whether this caller may see and act on a job of `owner`'s.
+    pub fn sees(&self, owner: &UserId) -> bool {
+        self.admin || &self.user == owner
+    }
+}
+
 #[derive(Debug)]
 pub enum ApiCall {
     Submit(Box<JobSpec>),
@@ -83,10 +114,27 @@ pub enum ApiCall {
         limit: usize,
     },
     Cancel(JobId),
+    Delete(JobId),
     Workers {
         after: Option<WorkerId>,
         limit: usize,
     },
+}
+
+/// What to do with a job the engine no longer holds, once its done record
+/// is read from the jobs bucket.
+#[derive(Debug)]
+pub enum Fetch {
+    /// Answer `jobs.get` with it (404 if there is none).
+    Get {
+        offset: usize,
+        limit: usize,
+        tx: ReplyTx,
+    },
+    /// Answer `jobs.cancel`: a finished job stays as it is.
+    Cancel(ReplyTx),
+    /// Delete it and its events (404 if there is none).
+    Delete(ReplyTx),
 }
 
 /// A change in `gpufleet-leases`, as the watcher saw it. Keys come as the
@@ -106,14 +154,22 @@ pub enum LeaseChange {
 
 #[derive(Debug)]
 pub enum Input {
-    Api(ApiCall, ReplyTx),
+    Api(ApiCall, Caller, ReplyTx),
     Advert(Box<WorkerAdvert>),
-    WorkerGone(WorkerId),
+    /// A worker's advert is gone: `expired` when its TTL ran out (it
+    /// stopped heartbeating), not when it was removed (a clean exit).
+    WorkerGone {
+        name: WorkerId,
+        expired: bool,
+    },
     Lease(LeaseChange),
-    /// A result event, with its stream sequence.
+    /// A result event, with its stream sequence and who sent it (from
+    /// its subject, which the server vouches for; its body was checked
+    /// against the subject).
     Result {
         seq: u64,
         event: Box<Event>,
+        sender: Sender,
     },
     /// A reservation we tried to create could not be.
     LeaseCreateFailed {
@@ -122,10 +178,32 @@ pub enum Input {
     },
     /// A job record could not be written; write it again.
     Persist(JobId),
+    /// A new job's record is stored: its tasks may run.
+    Stored(JobId),
+    /// A new job's record could not be stored: the job is forgotten (its
+    /// submit was answered 503, and nothing of it ran).
+    NotStored(JobId),
+    /// A finished job's done record is stored and its active one removed:
+    /// it leaves memory.
+    Moved(JobId),
+    /// A finished job's record was deleted.
+    Deleted(JobId),
+    /// A new job's client-chosen id turned out to be a finished job's
+    /// (see `JobRecord::verify`): the new one is forgotten, nothing of it
+    /// having run, and its submit was answered from the finished one.
+    Duplicate(JobId),
+    /// A feed's consumer failed (its stream lost its leader, its server
+    /// node died) or is back.
+    FeedDown(Feed),
+    FeedUp(Feed),
     /// A start-up feed has delivered everything that existed. Sent through
     /// the same channel as the feed's changes, so it comes after them.
     Synced(Feed),
     Tick,
+    /// A retry's pause has ended: time to place again.
+    Wake,
+    /// Prometheus scrapes: set the state-derived gauges, then say so.
+    Observe(oneshot::Sender<()>),
 }
 
 /// The start-up feeds the engine waits for before it places anything.
@@ -149,6 +227,8 @@ pub struct Effects {
     pub events: Vec<(String, Event)>,
     /// Replies to send once the job records they depend on are written.
     pub replies: Vec<(ReplyTx, Reply, Option<JobId>)>,
+    /// Jobs to read from the jobs bucket, and what to do with them.
+    pub fetches: Vec<(JobId, Caller, Fetch)>,
     /// The result sequence the records reflect, to store once they are.
     pub checkpoint: Option<u64>,
 }
@@ -168,6 +248,7 @@ impl Effects {
             && self.purge_leases.is_empty()
             && self.events.is_empty()
             && self.replies.is_empty()
+            && self.fetches.is_empty()
             && self.checkpoint.is_none()
     }
 }
@@ -202,11 +283,19 @@ pub struct Engine {
     /// The time of the input being handled.
     now: Now,
     rng: Rng,
+    /// The most bytes one part of a stored record may take.
+    part_budget: usize,
+    health: Health,
 }
+
+/// Parts of stored records are at most this large unless the server's
+/// `max_payload` asks for less.
+pub const PART_BUDGET: usize = 256 * 1024;
 
 impl Engine {
     /// An empty engine at `now`; `seed` makes all of its random choices.
     pub fn new(cfg: CoordinatorConfig, now: Now, seed: u64) -> Engine {
+        let cfg_lease_ttl = cfg.lease_ttl.0;
         Engine {
             queue: QueuePolicy::new(&cfg),
             cfg,
@@ -220,12 +309,51 @@ impl Engine {
             metrics: Metrics::default(),
             now,
             rng: Rng::new(seed),
+            part_budget: PART_BUDGET,
+            health: Health::new(cfg_lease_ttl),
         }
     }
 
-    /// Loads a persisted job at start-up.
-    pub fn restore_job(&mut self, job: JobRecord) {
-        if !job.status.is_finished() {
+    /// Parts of stored records are at most `bytes` (from the server's
+    /// `max_payload`).
+    pub fn set_part_budget(&mut self, bytes: usize) {
+        self.part_budget = bytes;
+    }
+
+    /// Remembers a finished job read at start-up, for `jobs.list`.
+    pub fn restore_finished(&mut self, seq: u64, summary: JobStatus) {
+        self.jobs.remember_finished(seq, summary);
+    }
+
+    /// Forgets a finished job that was deleted or expired.
+    pub fn forget_finished(&mut self, job: &JobId) {
+        self.jobs.forget(job);
+    }
+
+    /// Writes a job's record again (taken in from an earlier version's).
+    pub fn rewrite(&mut self, job: &JobId) {
+        self.fx.put_jobs.insert(job.clone());
+    }
+
+    /// How many jobs are held in memory (not counting the window of
+    /// recently finished ones).
+    pub fn jobs_in_memory(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// When the engine next has something to do on its own (a retry whose
+    /// pause ends), if earlier than the next tick.
+    pub fn next_wakeup(&self) -> Option<std::time::Instant> {
+        self.queue.next_due()
+    }
+
+    /// Loads a persisted job at start-up. A finished one (whose move to
+    /// the done records was cut short) is written again, and moves.
+    pub fn restore_job(&mut self, mut job: JobRecord) {
+        job.stored = true;
+        if job.status.is_finished() {
+            self.fx.put_jobs.insert(job.id.clone());
+        } else {
             self.queue.enqueue(&job);
         }
         self.jobs.restore(job);
@@ -257,6 +385,12 @@ impl Engine {
         self.metrics.clone()
     }
 
+    /// The engine, counting into `metrics` (shared with what serves them).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Engine {
+        self.metrics = metrics;
+        self
+    }
+
     pub fn job(&self, id: &JobId) -> Option<&JobRecord> {
         self.jobs.get(id)
     }
@@ -280,35 +414,55 @@ impl Engine {
     pub fn handle(&mut self, input: Input, now: Now) {
         self.now = now;
         self.metrics.input(match &input {
-            Input::Advert(_) | Input::WorkerGone(_) => InputKind::Advert,
+            Input::Advert(_) | Input::WorkerGone { .. } => InputKind::Advert,
             Input::Lease(_) => InputKind::Lease,
             Input::Result { .. } => InputKind::Result,
             Input::Api(..) => InputKind::Api,
             _ => InputKind::Other,
         });
         match input {
-            Input::Api(call, tx) => self.api(call, tx),
+            Input::Api(call, caller, tx) => self.api(call, caller, tx),
             Input::Advert(advert) => {
                 let lifted = self.queue.lift_avoid(&advert.name);
                 // Most heartbeats change nothing placement looks at; only
                 // those that do are worth a pass over the queue.
-                if self.book.advert(*advert) || lifted {
+                if self.book.advert(*advert, self.now.mono) || lifted {
                     self.wants_schedule = true;
                 }
             }
-            Input::WorkerGone(name) => {
-                self.book.worker_gone(&name);
-                self.queue.worker_gone(&name);
-                self.wants_schedule = true;
-            }
+            Input::WorkerGone { name, expired } => self.worker_gone(&name, expired),
             Input::Lease(change) => self.lease_change(change),
-            Input::Result { seq, event } => {
-                self.result(*event, seq);
+            Input::Result { seq, event, sender } => {
+                self.result(*event, &sender, seq);
                 self.applied_seq = self.applied_seq.max(seq);
             }
             Input::LeaseCreateFailed { key, error } => self.lease_create_failed(&key, &error),
             Input::Persist(job) => {
-                self.fx.put_jobs.insert(job);
+                if self.jobs.get(&job).is_some() {
+                    self.fx.put_jobs.insert(job);
+                }
+            }
+            Input::Stored(job) => {
+                if let Some(j) = self.jobs.get_mut(&job) {
+                    j.stored = true;
+                }
+            }
+            Input::NotStored(job) => self.not_stored(&job),
+            Input::Moved(job) => {
+                if self.jobs.get(&job).is_some_and(|j| j.status.is_finished()) {
+                    self.jobs.retire(&job);
+                }
+            }
+            Input::Deleted(job) => self.jobs.forget(&job),
+            Input::Duplicate(job) => self.not_stored(&job),
+            Input::FeedDown(feed) => self.health.down(feed, self.now.mono),
+            Input::FeedUp(feed) => {
+                self.health.up(feed, self.now.mono);
+                if feed == Feed::Events {
+                    // Results could not arrive meanwhile: the wait for
+                    // those of released leases starts again.
+                    self.book.restart_released_clocks(self.now.mono);
+                }
             }
             Input::Synced(feed) => self.set_readiness(|r| match feed {
                 Feed::Workers => r.workers_synced = true,
@@ -316,7 +470,50 @@ impl Engine {
                 Feed::Events => r.events_caught_up = true,
             }),
             Input::Tick => self.tick(),
+            Input::Wake => self.wants_schedule = true,
+            Input::Observe(done) => {
+                self.metrics.observed(&self.observe());
+                let _ = done.send(());
+            }
         }
+    }
+
+    /// The figures Prometheus asks for that are views of the state: jobs
+    /// by status, tasks by state, the queue, workers by state. Computed
+    /// only when asked (a scrape), so the hot path keeps no counts for it.
+    pub fn observe(&self) -> Observed {
+        let mut o = Observed::default();
+        let mut waiting = Vec::new();
+        for (_, j) in self.jobs.iter() {
+            o.jobs[job_state_index(j.status)] += 1;
+            for t in &j.tasks {
+                o.tasks[task_state_index(t.state)] += 1;
+                if t.state == TaskState::Queued {
+                    waiting.push(&t.id);
+                }
+            }
+        }
+        o.queue_length = waiting.len() as i64;
+        o.oldest_wait = self
+            .queue
+            .waiting_since(waiting)
+            .map(|since| self.now.mono.saturating_duration_since(since))
+            .unwrap_or_default();
+        let held = self
+            .queue
+            .hold()
+            .map(|h| h.workers.as_slice())
+            .unwrap_or(&[]);
+        for w in self.book.workers() {
+            if w.draining {
+                o.workers_draining += 1;
+            } else if held.contains(&w.name) {
+                o.workers_held += 1;
+            } else {
+                o.workers_ready += 1;
+            }
+        }
+        o
     }
 
     /// Runs placement at `now` if anything changed since the last time.
@@ -330,69 +527,143 @@ impl Engine {
 
     // ----- API -----
 
-    fn api(&mut self, call: ApiCall, tx: ReplyTx) {
+    fn api(&mut self, call: ApiCall, caller: Caller, tx: ReplyTx) {
         match call {
-            ApiCall::Submit(spec) => self.submit(*spec, tx),
-            ApiCall::Get { job, offset, limit } => {
-                let reply = match self.jobs.get(&job) {
-                    Some(j) => {
-                        let mut status = j.status(false);
-                        status.tasks = j
-                            .tasks
-                            .iter()
-                            .skip(offset)
-                            .take(limit)
-                            .map(|t| t.status())
-                            .collect();
-                        Reply::Job(Box::new(status))
+            ApiCall::Submit(spec) => self.submit(*spec, caller, tx),
+            ApiCall::Get { job, offset, limit } => match self.jobs.get(&job) {
+                Some(j) if j.stored && caller.sees(&j.owner) => {
+                    let mut page = j.page(offset, limit);
+                    for (s, t) in page.tasks.iter_mut().zip(j.tasks.iter().skip(offset)) {
+                        // A running task's usage so far is in its worker's
+                        // latest advert.
+                        if t.state == TaskState::Running {
+                            s.usage = t
+                                .worker
+                                .as_ref()
+                                .and_then(|w| self.book.worker(w))
+                                .and_then(|a| a.usage.get(&t.id))
+                                .cloned();
+                        }
                     }
-                    None => Reply::error(code::NOT_FOUND, format!("job {job} not found")),
-                };
-                self.fx.replies.push((tx, reply, None));
-            }
+                    self.fx.replies.push((tx, Reply::Job(Box::new(page)), None));
+                }
+                // Another user's job is not found either (its id tells
+                // nobody else anything); a finished one no longer held is
+                // read from the store, where its owner is checked too.
+                Some(j) if j.stored => self.fx.replies.push((tx, not_found(&job), None)),
+                _ => self
+                    .fx
+                    .fetches
+                    .push((job, caller, Fetch::Get { offset, limit, tx })),
+            },
             ApiCall::List { status, limit } => {
-                let list = self.jobs.newest(status, limit);
+                let list = self.jobs.newest(status, limit, &caller);
                 self.fx.replies.push((tx, Reply::Jobs(list), None));
             }
-            ApiCall::Cancel(id) => self.cancel(id, tx),
+            ApiCall::Cancel(id) => self.cancel(id, caller, tx),
+            ApiCall::Delete(id) => self.delete(id, caller, tx),
             ApiCall::Workers { after, limit } => {
-                let list = self.book.workers_page(after, limit);
+                let mut list = self.book.workers_page(after, limit);
+                // What runs where is only the caller's business for its
+                // own jobs.
+                let visible = |t: &gpufleet_schema::TaskId| {
+                    self.jobs
+                        .find_task(t)
+                        .is_some_and(|(job, _)| caller.sees(&self.jobs[&job].owner))
+                };
+                let mut held = self
+                    .book
+                    .gpu_holders(&list.iter().map(|w| &w.name).collect());
+                let starving = self
+                    .queue
+                    .hold()
+                    .map(|h| h.workers.as_slice())
+                    .unwrap_or(&[]);
+                for w in &mut list {
+                    w.held = starving.contains(&w.name);
+                    w.running.retain(|t| visible(t));
+                    w.usage.retain(|t, _| visible(t));
+                    for g in &mut w.gpus {
+                        g.held_by = held
+                            .remove(&(w.name.clone(), g.uuid.clone()))
+                            .unwrap_or_default();
+                        g.held_by.retain(|t| visible(t));
+                    }
+                }
                 self.fx.replies.push((tx, Reply::Workers(list), None));
             }
         }
     }
 
-    fn submit(&mut self, mut spec: JobSpec, tx: ReplyTx) {
+    fn submit(&mut self, mut spec: JobSpec, caller: Caller, tx: ReplyTx) {
         if let Err(e) = spec.validate() {
             self.fx
                 .replies
                 .push((tx, Reply::error(code::BAD_REQUEST, e.to_string()), None));
             return;
         }
-        let id = match spec.id.clone() {
-            Some(id) => id,
-            None => self.new_job_id(),
+        let Some(id) = spec.id.clone() else {
+            // A fresh id is nobody's yet.
+            let id = self.new_job_id();
+            spec.id = Some(id);
+            return self.create(spec, caller, tx, false);
         };
-        spec.id = Some(id.clone());
         if let Some(existing) = self.jobs.get(&id) {
-            let reply = if existing.spec == spec {
-                Reply::Submit(SubmitReply {
-                    job_id: id.clone(),
-                    status: existing.status,
-                    created: false,
-                })
-            } else {
-                Reply::error(
+            if existing.owner != caller.user {
+                // Ids are one namespace: someone else's is taken.
+                let reply = Reply::error(
                     code::CONFLICT,
-                    format!("job {id} already exists with a different spec"),
-                )
-            };
-            // The earlier submit may still be on its way to the store.
-            let wait = self.fx.put_jobs.contains(&id).then(|| id.clone());
-            self.fx.replies.push((tx, reply, wait));
-            return;
+                    format!("job id {id} is taken; choose another id"),
+                );
+                self.fx.replies.push((tx, reply, None));
+                return;
+            }
+            return self.resubmit(spec, tx);
         }
-        let job = self.jobs.add(id.clone(), spec, self.now.wall);
+        // The id may belong to a finished job no longer held: the runtime
+        // looks it up beside the new record's first write, and nothing of
+        // the job runs unless it is new.
+        self.create(spec, caller, tx, true)
+    }
+
+    /// A submit whose id the table holds: the same spec is the same job.
+    fn resubmit(&mut self, spec: JobSpec, tx: ReplyTx) {
+        let id = spec.id.clone().expect("a resubmit names its job");
+        let existing = &self.jobs[&id];
+        let reply = if existing.spec == spec {
+            Reply::Submit(SubmitReply {
+                job_id: id.clone(),
+                status: existing.status,
+                created: false,
+            })
+        } else {
+            Reply::error(
+                code::CONFLICT,
+                format!("job {id} already exists with a different spec"),
+            )
+        };
+        // The earlier submit may still be on its way to the store.
+        let wait = (!existing.stored).then(|| id.clone());
+        self.fx.replies.push((tx, reply, wait));
+    }
+
+    /// Takes a new job in; its tasks may be placed at once, but nothing of
+    /// it runs before its record is stored (and, for a client-chosen id,
+    /// before the id is known to be nobody's: `verify`).
+    fn create(&mut self, spec: JobSpec, caller: Caller, tx: ReplyTx, verify: bool) {
+        let id = spec.id.clone().expect("an id was chosen");
+        let parts = match crate::store::plan_parts(&spec, self.part_budget) {
+            Ok(p) => p,
+            Err(too_large) => {
+                let reply = Reply::error(code::PAYLOAD_TOO_LARGE, too_large.to_string());
+                self.fx.replies.push((tx, reply, None));
+                return;
+            }
+        };
+        let job = self.jobs.add(id.clone(), caller.user, spec, self.now.wall);
+        job.parts = parts;
+        job.verify = verify;
+        let job = &self.jobs[&id];
         for t in &job.tasks {
             self.queue.queued(&t.id, self.now.mono);
         }
@@ -411,6 +682,22 @@ impl Engine {
         self.wants_schedule = true;
     }
 
+    /// A new job's first write failed (or its id was taken): it is
+    /// forgotten, with whatever was reserved for it in the same batch
+    /// (those reservations were never created: see the runtime).
+    fn not_stored(&mut self, id: &JobId) {
+        let Some(job) = self.jobs.drop_unstored(id) else {
+            return;
+        };
+        self.queue.dequeue(&job);
+        for t in &job.tasks {
+            if let Some(w) = &t.worker {
+                self.book.remove(&subjects::lease_key(w, &t.id, t.attempt));
+            }
+        }
+        self.wants_schedule = true;
+    }
+
     /// A fresh job id in the form `JobId::generate` makes (a UUIDv7 in
     /// hex), from the input's time and the engine's randomness.
     fn new_job_id(&mut self) -> JobId {
@@ -422,13 +709,17 @@ impl Engine {
         JobId::new(uuid.simple().to_string()).expect("32 hex digits are a valid job id")
     }
 
-    fn cancel(&mut self, id: JobId, tx: ReplyTx) {
-        let Some(job) = self.jobs.get_mut(&id) else {
-            self.fx.replies.push((
-                tx,
-                Reply::error(code::NOT_FOUND, format!("job {id} not found")),
-                None,
-            ));
+    fn cancel(&mut self, id: JobId, caller: Caller, tx: ReplyTx) {
+        let Some(job) = self
+            .jobs
+            .get_mut(&id)
+            .filter(|j| j.stored && caller.sees(&j.owner))
+        else {
+            if self.jobs.get(&id).is_some_and(|j| j.stored) {
+                self.fx.replies.push((tx, not_found(&id), None));
+            } else {
+                self.fx.fetches.push((id, caller, Fetch::Cancel(tx)));
+            }
             return;
         };
         if job.request_cancel() {
@@ -456,8 +747,31 @@ impl Engine {
             }
             self.touch(&id);
         }
-        let reply = Reply::Job(Box::new(self.jobs[&id].status(true)));
-        self.fx.replies.push((tx, reply, Some(id)));
+        let page = self.jobs[&id].page(0, gpufleet_schema::api::MAX_TASKS_PER_PAGE as usize);
+        self.fx
+            .replies
+            .push((tx, Reply::Job(Box::new(page)), Some(id)));
+    }
+
+    /// Deletes a finished job's record and events; an unfinished job must
+    /// be cancelled first.
+    fn delete(&mut self, id: JobId, caller: Caller, tx: ReplyTx) {
+        let reply = match self.jobs.get(&id) {
+            Some(j) if !caller.sees(&j.owner) => not_found(&id),
+            Some(j) if !j.status.is_finished() => Reply::error(
+                code::CONFLICT,
+                format!("job {id} has not finished: cancel it first"),
+            ),
+            Some(_) => Reply::error(
+                code::UNAVAILABLE,
+                format!("job {id} has just finished and is being stored: try again in a moment"),
+            ),
+            None => {
+                self.fx.fetches.push((id, caller, Fetch::Delete(tx)));
+                return;
+            }
+        };
+        self.fx.replies.push((tx, reply, None));
     }
 
     // ----- bookkeeping -----
@@ -478,7 +792,8 @@ impl Engine {
     /// Tells listeners the task's state as its record has it now, with
     /// the record's reason.
     fn emit_state(&mut self, job: &JobId, i: usize) {
-        let t = &self.jobs[job].tasks[i];
+        let j = &self.jobs[job];
+        let t = &j.tasks[i];
         let event = Event {
             job_id: job.clone(),
             task_id: t.id.clone(),
@@ -489,11 +804,25 @@ impl Engine {
             body: EventBody::State {
                 state: t.state,
                 reason: t.reason.clone(),
+                // Readers take the attempt's output only from this worker.
+                holder: t.worker.clone().filter(|_| t.holds_worker()),
             },
+            token: None,
         };
-        let subject = subjects::events(job, &t.id, gpufleet_schema::EventKind::State);
+        self.metrics.task_ended(t.state);
+        let subject = subjects::events(
+            &j.owner,
+            job,
+            &t.id,
+            gpufleet_schema::EventKind::State,
+            &Sender::Coordinator,
+        );
         self.fx.events.push((subject, event));
     }
+}
+
+fn not_found(job: &JobId) -> Reply {
+    Reply::error(code::NOT_FOUND, format!("job {job} not found"))
 }
 
 /// Encodes a reply in the request's encoding: `(error code, body)`.

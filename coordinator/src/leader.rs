@@ -1,29 +1,34 @@
 //! One coordinator leads; any other waits.
 //!
-//! The leader holds the key `coordinator.leader` in `gpufleet-workers`
-//! (worker names hold no dots, so it never meets a worker's key), written
-//! with a TTL and renewed by compare-and-set. A second coordinator waits on
+//! The leader holds the key `meta.leader` in `gpufleet-jobs`, which only
+//! coordinators may write (with roles on; job ids hold no dots, so it never
+//! meets a job), written with a TTL and renewed by compare-and-set. A second coordinator waits on
 //! the key and takes over when it is released (a clean stop) or expires (a
 //! leader that died). A leader that finds the key taken when it renews has
 //! been replaced (it was frozen or cut off past the TTL) and must stop at
 //! once, before it places anything more.
+//!
+//! A leader also fences itself by its own clock: it writes nothing while
+//! its last confirmed renewal is older than three quarters of the TTL
+//! ([`Leadership::holds`]). A process that was frozen (SIGSTOP, a stalled
+//! VM) past the TTL wakes up with requests and decisions in hand; it must
+//! learn whether it still leads before it acts on any of them.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use gpufleet_natsutil::{KvError, KvEvent, KvOp, RawKv};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 pub const LEADER_KEY: &str = gpufleet_schema::subjects::LEADER_KEY;
-
-/// Whether a KV key belongs to the leadership, not to a worker.
-pub fn is_leader_key(key: &str) -> bool {
-    key == LEADER_KEY
-}
 
 pub struct Leadership {
     kv: RawKv,
     lost: watch::Receiver<bool>,
+    /// When the last renewal that the server confirmed was sent.
+    confirmed: watch::Receiver<Instant>,
+    ttl: Duration,
     renewal: tokio::task::JoinHandle<()>,
 }
 
@@ -31,6 +36,22 @@ impl Leadership {
     /// Resolves when another coordinator has taken over.
     pub async fn lost(&mut self) {
         let _ = self.lost.wait_for(|l| *l).await;
+    }
+
+    /// Whether the leadership was confirmed recently enough at `now` to
+    /// act on: within three quarters of the TTL.
+    pub fn holds(&self, now: Instant) -> bool {
+        now < *self.confirmed.borrow() + self.ttl * 3 / 4
+    }
+
+    /// Waits until the leadership is confirmed again (true) or lost
+    /// (false).
+    pub async fn confirm(&mut self) -> bool {
+        let ttl = self.ttl;
+        tokio::select! {
+            _ = self.lost.wait_for(|l| *l) => false,
+            r = self.confirmed.wait_for(|at| Instant::now() < *at + ttl * 3 / 4) => r.is_ok(),
+        }
     }
 
     /// Lets a waiting coordinator take over now rather than after the TTL.
@@ -46,9 +67,10 @@ impl Leadership {
 pub async fn acquire(kv: RawKv, instance: &str, ttl: Duration) -> Result<Leadership, KvError> {
     let value = Bytes::from(instance.to_string());
     let mut announced = false;
-    let rev = loop {
+    let (rev, sent) = loop {
+        let sent = Instant::now();
         match kv.create(LEADER_KEY, value.clone(), Some(ttl)).await {
-            Ok(rev) => break rev,
+            Ok(rev) => break (rev, sent),
             Err(KvError::Conflict { .. }) => {}
             Err(e) => return Err(e),
         }
@@ -67,8 +89,15 @@ pub async fn acquire(kv: RawKv, instance: &str, ttl: Duration) -> Result<Leaders
     };
     tracing::info!(instance, "leading the fleet");
     let (lost_tx, lost) = watch::channel(false);
-    let renewal = tokio::spawn(renew(kv.clone(), value, ttl, rev, lost_tx));
-    Ok(Leadership { kv, lost, renewal })
+    let (confirmed_tx, confirmed) = watch::channel(sent);
+    let renewal = tokio::spawn(renew(kv.clone(), value, ttl, rev, lost_tx, confirmed_tx));
+    Ok(Leadership {
+        kv,
+        lost,
+        confirmed,
+        ttl,
+        renewal,
+    })
 }
 
 /// Waits for the leader key to be released or to expire (or a while, in
@@ -88,14 +117,25 @@ async fn wait_until_free(kv: &RawKv, ttl: Duration) -> Result<(), KvError> {
     Ok(())
 }
 
-async fn renew(kv: RawKv, value: Bytes, ttl: Duration, mut rev: u64, lost: watch::Sender<bool>) {
+async fn renew(
+    kv: RawKv,
+    value: Bytes,
+    ttl: Duration,
+    mut rev: u64,
+    lost: watch::Sender<bool>,
+    confirmed: watch::Sender<Instant>,
+) {
     let mut tick = tokio::time::interval(ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
+        let sent = Instant::now();
         match kv.update(LEADER_KEY, value.clone(), Some(ttl), rev).await {
-            Ok(r) => rev = r,
+            Ok(r) => {
+                rev = r;
+                confirmed.send_replace(sent);
+            }
             Err(KvError::Conflict { .. }) => {
                 // Expired while we could not renew: ours again if nobody
                 // took it meanwhile.
@@ -103,6 +143,7 @@ async fn renew(kv: RawKv, value: Bytes, ttl: Duration, mut rev: u64, lost: watch
                     Ok(r) => {
                         tracing::warn!("the leadership lapsed and was taken back");
                         rev = r;
+                        confirmed.send_replace(sent);
                     }
                     Err(_) => {
                         tracing::error!("another coordinator has taken over the fleet; stopping");

@@ -10,6 +10,8 @@
 //!   (order, starvation holds, the avoid window, the pass budget).
 //! - [`state`]: job and task records, their transitions (one method each,
 //!   deciding what it resets) and how a job's status follows from its tasks.
+//! - [`store`]: how records are stored in `gpufleet-jobs`: in parts that
+//!   each fit one message, unfinished and finished jobs apart.
 //! - [`placement`]: the pure placement function (see its README).
 //! - [`runtime`]: restores state from JetStream, owns the feeder tasks that
 //!   feed the engine (a feeder that stops stops the coordinator), supplies
@@ -27,6 +29,7 @@ pub mod metrics;
 pub mod placement;
 pub mod runtime;
 pub mod state;
+pub mod store;
 
 pub use config::CoordinatorConfig;
 pub use runtime::{run, CoordinatorError};

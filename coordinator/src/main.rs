@@ -34,6 +34,9 @@ struct Args {
     /// Log lines as `text` or `json` [env: GPUFLEET_LOG_FORMAT] [default: text]
     #[arg(long, value_name = "text|json")]
     log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics here, or `off` [env: GPUFLEET_METRICS_ADDR] [default: 127.0.0.1:9464]
+    #[arg(long, value_name = "ADDR|off")]
+    metrics_addr: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +54,7 @@ fn main() -> anyhow::Result<()> {
             ("lease_ttl", args.lease_ttl.map(Into::into)),
             ("replicas", args.replicas.map(|r| (r as u64).into())),
             ("log_format", args.log_format.map(|f| f.to_string().into())),
+            ("metrics_addr", args.metrics_addr.map(Into::into)),
         ],
     )?;
     gpufleet_natsutil::telemetry::init(cfg.log_format);

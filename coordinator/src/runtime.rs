@@ -1,5 +1,5 @@
-//! Connects the engine to NATS: restores state, runs the watchers that feed
-//! it (owned: if one stops, the coordinator stops), gives it the time, and
+//! Connects the engine to NATS: restores state, runs the tasks that feed it
+//! (owned: if one stops, the coordinator stops), gives it the time, and
 //! carries out its effects in batches.
 //!
 //! One loop owns the engine. It takes every input that is waiting (up to a
@@ -7,28 +7,55 @@
 //! at once: job records, reservations and state events are published
 //! together and their acks awaited together (group commit). Replies that
 //! promise durability (a submit) go out only after their record's ack.
+//!
+//! A batch writes in up to three stages, each waiting for the one before:
+//! 1. job records, and the reservations and events of jobs already stored;
+//! 2. the reservations and events of jobs stored in stage 1 (nothing of a
+//!    job runs before its record is stored: a submit whose record cannot
+//!    be written is answered 503 and forgotten), and the removal of the
+//!    active records of jobs whose done record stage 1 stored;
+//! 3. the checkpoint, when nothing of the above failed (see `store.rs` on
+//!    why its revision is a clean point).
+//!
+//! The loop also fences itself: it writes nothing while its leadership is
+//! not recently confirmed (see `leader.rs`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::push, consumer::DeliverPolicy};
+use async_nats::jetstream;
 use bytes::Bytes;
 use futures::future::join_all;
-use futures::StreamExt;
-use gpufleet_natsutil::{ensure_stores, KvEvent, KvOp, RawKv};
+use gpufleet_natsutil::events::{self, Replay, ReplayEvent, Until};
+use gpufleet_natsutil::{create_stores, Backoff, KvEvent, KvOp, RawKv};
 use gpufleet_schema::api::code;
-use gpufleet_schema::{codec, subjects, Event, EventKind, JobId, Lease, WorkerAdvert, WorkerId};
-use tokio::sync::mpsc;
+use gpufleet_schema::api::MAX_TASKS_PER_PAGE;
+use gpufleet_schema::subjects::JobRecordSet;
+use gpufleet_schema::{
+    codec, subjects, Event, EventKind, JobId, JobSpec, JobState, Lease, UserId, WorkerAdvert,
+    WorkerId,
+};
+use nkeys::KeyPair;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::config::CoordinatorConfig;
-use crate::engine::{Effects, Engine, Feed, Input, LeaseChange, Now, Reply};
-use crate::metrics::Writes;
+use crate::engine::{
+    Caller, Effects, Engine, Feed, Fetch, Input, LeaseChange, Now, Reply, PART_BUDGET,
+};
+use crate::metrics::{Metrics, WriteKind, Writes};
 use crate::state::JobRecord;
+use crate::store;
 
 /// Inputs handled per batch at most, so that effects flow out steadily.
 const MAX_BATCH: usize = 4096;
+
+/// How many stream messages before the last a start-up looks through for
+/// recently finished jobs to list.
+const RECENT_SCAN: u64 = 20_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -44,7 +71,7 @@ pub enum CoordinatorError {
     Nats(String),
     #[error("another coordinator has taken over the fleet (this one was cut off or frozen past leader_ttl)")]
     Replaced,
-    #[error("the {feeder} stopped ({why}); the coordinator cannot go on without its input")]
+    #[error("the {feeder} stopped ({why}); the coordinator cannot go on without it")]
     FeederStopped { feeder: &'static str, why: String },
 }
 
@@ -52,8 +79,30 @@ struct Io {
     js: jetstream::Context,
     jobs: RawKv,
     leases: RawKv,
-    /// Purge markers of released leases live this long.
+    events: jetstream::stream::Stream,
+    artifacts: jetstream::stream::Stream,
+    /// Signs every reservation, when set (`signing_key`).
+    signer: Option<KeyPair>,
+    /// Purge markers of released leases and moved records live this long.
     marker_ttl: Duration,
+    /// The TTL of done records, if the bucket allows per-message TTLs.
+    retention: Option<Duration>,
+}
+
+/// What the runtime remembers of the stored records between batches.
+#[derive(Default)]
+struct Records {
+    /// A hash of each part of each unfinished job as last stored.
+    written: HashMap<JobId, Vec<u64>>,
+    /// Active record keys still to remove, with the job whose move they
+    /// finish (none for leftovers found at start).
+    purges: Vec<(Option<JobId>, Vec<String>)>,
+    last_checkpoint: u64,
+    /// A job moved since the checkpoint was last written.
+    moved: bool,
+    /// Keys of records an earlier version wrote, removed once their job is
+    /// written anew.
+    legacy: HashMap<JobId, String>,
 }
 
 /// Runs the coordinator until `shutdown` resolves.
@@ -63,6 +112,7 @@ pub async fn run(
 ) -> Result<(), CoordinatorError> {
     tokio::pin!(shutdown);
     cfg.validate().map_err(CoordinatorError::Config)?;
+    let signer = cfg.signing_key().map_err(CoordinatorError::Config)?;
     let client = gpufleet_natsutil::connect(
         &cfg.nats_url,
         &cfg.auth(),
@@ -71,31 +121,65 @@ pub async fn run(
     )
     .await?;
     let js = jetstream::new(client.clone());
-    let stores = ensure_stores(&js, &cfg.setup()).await?;
+    let (stores, differences) = create_stores(&js, &cfg.setup()).await?;
+    for d in &differences {
+        tracing::warn!("a store differs from the settings (stores are never changed; change it with `nats stream edit`, or the setting): {d}");
+    }
+    let jobs = RawKv::open(&js, subjects::JOBS_BUCKET).await?;
+    let msg_ttl = js
+        .get_stream(subjects::kv_stream(subjects::JOBS_BUCKET))
+        .await
+        .map(|s| s.cached_info().config.allow_message_ttl)
+        .unwrap_or(false);
+    if !msg_ttl {
+        tracing::warn!("gpufleet-jobs does not allow per-message TTLs: finished jobs are kept until deleted (job_retention does not apply)");
+    }
     let io = Io {
         js: js.clone(),
-        jobs: RawKv::open(&js, subjects::JOBS_BUCKET).await?,
+        jobs,
         leases: RawKv::open(&js, subjects::LEASES_BUCKET).await?,
+        events: stores.events.clone(),
+        artifacts: stores.artifacts.clone(),
+        signer,
         marker_ttl: Duration::from_secs(60),
+        retention: msg_ttl.then_some(cfg.job_retention.0),
     };
+
+    // The engine's inputs. Made before leadership, so that a scrape of a
+    // standby has somewhere to ask; its engine answers once it leads.
+    let (tx, mut rx) = mpsc::channel::<Input>(16_384);
+    let metrics = Metrics::default();
+    // Served by standbys too: `gpufleet_coordinator_leader` tells them apart.
+    let metrics_server = gpufleet_natsutil::metrics::serve_or_warn(
+        cfg.metrics_addr,
+        metrics.registry(),
+        Some(observe(tx.clone())),
+    )
+    .await;
 
     let workers_kv = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
     let instance = JobId::generate().to_string();
     let mut leadership = tokio::select! {
-        l = crate::leader::acquire(workers_kv.clone(), &instance, cfg.leader_ttl.0) => l?,
+        l = crate::leader::acquire(io.jobs.clone(), &instance, cfg.leader_ttl.0) => l?,
         // A standby asked to stop stops.
         _ = &mut shutdown => return Ok(()),
     };
+    metrics.leading(true);
 
-    let mut engine = Engine::new(cfg.clone(), now(), random_seed());
-    let restored = restore(&io.jobs, &mut engine).await?;
+    let mut engine = Engine::new(cfg.clone(), now(), random_seed()).with_metrics(metrics.clone());
+    let max_payload = client.server_info().max_payload;
+    engine.set_part_budget(PART_BUDGET.min(max_payload / 2));
+    let started = std::time::Instant::now();
+    let mut records = Records::default();
+    let restored = restore(&io, &mut engine, &mut records).await?;
+    records.last_checkpoint = engine.applied_seq();
     tracing::info!(
         jobs = restored,
         after_seq = engine.applied_seq(),
-        "restored job records"
+        took = ?started.elapsed(),
+        "restored the unfinished jobs"
     );
 
-    let (tx, mut rx) = mpsc::channel::<Input>(16_384);
     let mut feeders = Feeders::default();
     feeders.spawn(
         "worker adverts watch",
@@ -107,22 +191,23 @@ pub async fn run(
     );
     feeders.spawn(
         "results follower",
-        follow_results(
-            js.clone(),
-            stores.events.clone(),
-            engine.applied_seq(),
-            tx.clone(),
-        ),
+        follow_results(js.clone(), engine.applied_seq(), tx.clone()),
     );
     feeders.spawn("ticker", ticker(cfg.tick.0, tx.clone()));
+    // Reads of jobs the engine no longer holds; each ends with an input
+    // for the engine, or none.
+    let mut fetches: JoinSet<Option<Input>> = JoinSet::new();
 
     let mut service = None;
-    let mut last_checkpoint = engine.applied_seq();
     let mut replaced = false;
     let mut failed = None;
     loop {
         // A pass cut short by its budget goes on at once; otherwise wait
-        // for something to happen.
+        // for something to happen (or a retry's pause to end).
+        let wake = engine
+            .next_wakeup()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         let first = if engine.schedule_pending() {
             rx.try_recv().ok()
         } else {
@@ -138,10 +223,20 @@ pub async fn run(
                     failed = Some(stopped);
                     break;
                 }
+                Some(done) = fetches.join_next(), if !fetches.is_empty() => {
+                    match done {
+                        Ok(input) => input,
+                        Err(e) => {
+                            tracing::error!(error = %e, "a read of a stored job failed");
+                            None
+                        }
+                    }
+                }
                 input = rx.recv() => match input {
                     Some(i) => Some(i),
                     None => break,
                 },
+                _ = tokio::time::sleep_until(wake) => Some(Input::Wake),
             }
         };
         // One reading of the clock per batch: a batch takes microseconds.
@@ -162,24 +257,50 @@ pub async fn run(
         engine.metrics().batch(rx.len());
         engine.schedule_if_needed(batch_now);
         if engine.is_ready() && service.is_none() {
-            service = Some(
-                crate::api::start(client.clone(), tx.clone(), engine.metrics())
-                    .await
-                    .map_err(|e| CoordinatorError::Nats(e.to_string()))?,
-            );
-            tracing::info!("coordinator ready: serving the gpufleet API");
-        }
-        let fx = engine.take_effects();
-        if !fx.is_empty() {
-            let feedback = execute(fx, &engine, &io, &mut last_checkpoint).await;
-            let after = now();
-            for input in feedback {
-                engine.handle(input, after);
+            let (s, endpoints) = crate::api::start(
+                client.clone(),
+                tx.clone(),
+                engine.metrics(),
+                access(&cfg),
+                &instance,
+                metrics_server.as_ref().map(|s| s.addr()),
+            )
+            .await
+            .map_err(|e| CoordinatorError::Nats(e.to_string()))?;
+            for (name, task) in endpoints {
+                feeders.spawn(name, task);
             }
+            service = Some(s);
+            tracing::info!(took = ?started.elapsed(), "coordinator ready: serving the gpufleet API");
         }
+        let mut fx = engine.take_effects();
+        for (job, caller, fetch) in std::mem::take(&mut fx.fetches) {
+            fetches.spawn(fetch_stored(
+                io.jobs.clone(),
+                [io.events.clone(), io.artifacts.clone()],
+                job,
+                caller,
+                fetch,
+            ));
+        }
+        if fx.is_empty() && records.purges.is_empty() {
+            continue;
+        }
+        // Nothing is written unless we still lead (a frozen process wakes
+        // up here with stale decisions).
+        if !leadership.holds(tokio::time::Instant::now()) && !leadership.confirm().await {
+            replaced = true;
+            break;
+        }
+        let feedback = execute(fx, &engine, &io, &mut records).await;
+        let after = now();
+        for input in feedback {
+            engine.handle(input, after);
+        }
+        engine.metrics().held(engine.jobs_in_memory());
     }
     if let Some(s) = service {
-        let _ = s.stop().await;
+        s.stop().await;
     }
     if replaced {
         // Another coordinator leads now: writing anything more could undo
@@ -189,7 +310,7 @@ pub async fn run(
     // Whatever the last batch decided is written before we go.
     let fx = engine.take_effects();
     if !fx.is_empty() {
-        execute(fx, &engine, &io, &mut last_checkpoint).await;
+        execute(fx, &engine, &io, &mut records).await;
     }
     // Handing the fleet over at once lets a standby take it over without
     // waiting for leader_ttl, also when a feeder failed.
@@ -203,11 +324,11 @@ pub async fn run(
     Ok(())
 }
 
-/// The tasks that feed the engine its inputs. None of them may end while
-/// the coordinator runs: one that stops (or panics) would silently starve
-/// the engine of results, leases or ticks while it keeps leading, so its
-/// end stops the coordinator with an error naming it. Dropping the set
-/// stops them all.
+/// The tasks that feed the engine its inputs or serve its API. None of
+/// them may end while the coordinator runs: one that stops (or panics)
+/// would silently starve the engine of results, leases or ticks, or leave
+/// an endpoint unanswered, while it keeps leading; so its end stops the
+/// coordinator with an error naming it. Dropping the set stops them all.
 #[derive(Default)]
 struct Feeders {
     set: JoinSet<()>,
@@ -247,6 +368,38 @@ impl Feeders {
     }
 }
 
+fn access(cfg: &CoordinatorConfig) -> crate::api::Access {
+    crate::api::Access {
+        roles: cfg.roles,
+        admins: cfg.admins.iter().cloned().collect(),
+    }
+}
+
+/// Before each scrape: the engine sets its state-derived gauges. A scrape
+/// of a standby, or of a leader too busy to answer in time, is served the
+/// figures as they were (`natsutil::metrics::REFRESH_WAIT`).
+fn observe(tx: mpsc::Sender<Input>) -> gpufleet_natsutil::metrics::Refresh {
+    Arc::new(move || {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let (done, answered) = oneshot::channel();
+            // Never queue behind a full channel: the scrape can wait, the
+            // engine's inputs cannot.
+            if tx.try_send(Input::Observe(done)).is_ok() {
+                let _ = answered.await;
+            }
+        })
+    })
+}
+
+/// Awaits one JetStream write (to its ack), counting how long it took.
+async fn timed<T>(metrics: &Metrics, kind: WriteKind, write: impl Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let r = write.await;
+    metrics.write(kind, started.elapsed());
+    r
+}
+
 /// The engine's time: it reads no clock of its own.
 fn now() -> Now {
     Now {
@@ -258,7 +411,7 @@ fn now() -> Now {
 /// A seed for the engine's random choices, from the std hasher's
 /// per-process random keys.
 fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
+    use std::hash::BuildHasher;
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
         std::time::SystemTime::now()
@@ -268,42 +421,205 @@ fn random_seed() -> u64 {
     h.finish()
 }
 
-/// Loads every job record and the events checkpoint.
-async fn restore(jobs: &RawKv, engine: &mut Engine) -> Result<usize, CoordinatorError> {
-    let mut watch = jobs.watch(">").await?;
-    let mut n = 0;
+/// Reads every entry of `kv` on `filter` that exists now.
+async fn read_all(
+    kv: &RawKv,
+    filter: &str,
+    mut each: impl FnMut(gpufleet_natsutil::KvChange),
+) -> Result<(), CoordinatorError> {
+    let mut watch = kv.watch(filter).await?;
     loop {
         match watch.next().await {
-            Some(Ok(KvEvent::Synced)) | None => break,
-            Some(Ok(KvEvent::Change(c))) if c.op == KvOp::Put => {
-                if c.key == subjects::CHECKPOINT_KEY {
-                    let seq = std::str::from_utf8(&c.value)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0);
-                    engine.restore_checkpoint(seq);
-                    continue;
-                }
-                match codec::decode::<JobRecord>(&c.value) {
-                    Ok(job) => {
-                        engine.restore_job(job);
-                        n += 1;
-                    }
-                    Err(e) => {
-                        tracing::error!(key = %c.key, error = %e, "skipping an unreadable job record")
-                    }
-                }
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(KvEvent::Synced)) | None => return Ok(()),
+            Some(Ok(KvEvent::Change(c))) => each(c),
+            Some(Err(e)) => tracing::warn!(error = %e, "reading the job records; resuming"),
         }
     }
+}
+
+/// Loads the unfinished jobs, the events checkpoint and the newest
+/// finished jobs (for `jobs.list`); returns how many jobs it loaded.
+async fn restore(
+    io: &Io,
+    engine: &mut Engine,
+    records: &mut Records,
+) -> Result<usize, CoordinatorError> {
+    // The checkpoint's revision is the clean point: every done record
+    // before it has no active twin.
+    let clean = match io.jobs.get(subjects::CHECKPOINT_KEY).await? {
+        Some(e) => {
+            let seq = std::str::from_utf8(&e.value)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            engine.restore_checkpoint(seq);
+            e.revision
+        }
+        None => 0,
+    };
+    let mut parts = store::Assembler::default();
+    read_all(&io.jobs, &JobRecordSet::Active.all(), |c| {
+        if c.op == KvOp::Put {
+            parts.add(&c.key, &c.value);
+        }
+    })
+    .await?;
+    for (key, e) in &parts.unreadable {
+        tracing::error!(key, error = %e, "skipping an unreadable job record");
+    }
+    let assembled = parts.finish(JobRecordSet::Active);
+    let mut active: HashMap<JobId, JobRecord> = assembled
+        .jobs
+        .into_iter()
+        .map(|j| (j.id.clone(), j))
+        .collect();
+    if !assembled.garbage.is_empty() {
+        records.purges.push((None, assembled.garbage));
+    }
+
+    // Records as versions before the active/done split kept them: each is
+    // taken in and written anew (finished ones as done).
+    let mut legacy = HashMap::new();
+    read_all(&io.jobs, subjects::LEGACY_JOB_RECORDS, |c| {
+        if c.op != KvOp::Put {
+            return;
+        }
+        match codec::decode::<JobRecord>(&c.value) {
+            Ok(mut job) => {
+                job.parts = store::plan_parts(&job.spec, PART_BUDGET).unwrap_or_else(|_| vec![0]);
+                legacy.insert(job.id.clone(), c.key.clone());
+                active.insert(job.id.clone(), job);
+            }
+            Err(e) => {
+                tracing::error!(key = %c.key, error = %e, "skipping an unreadable job record")
+            }
+        }
+    })
+    .await?;
+    if !legacy.is_empty() {
+        tracing::info!(
+            jobs = legacy.len(),
+            "taking in job records of an earlier version"
+        );
+    }
+
+    // Done records since the clean point may have an active twin left by a
+    // move cut short; the newest ones are also what `jobs.list` shows.
+    let kv_stream = subjects::kv_stream(subjects::JOBS_BUCKET);
+    let end = io
+        .js
+        .get_stream(&kv_stream)
+        .await
+        .map_err(|e| CoordinatorError::Nats(e.to_string()))?
+        .cached_info()
+        .state
+        .last_sequence;
+    let from = (clean + 1).min(end.saturating_sub(RECENT_SCAN).max(1));
+    let filter = subjects::kv_subject(subjects::JOBS_BUCKET, &JobRecordSet::Done.heads());
+    let mut replay = Replay::start(&io.js, &kv_stream, vec![filter], from, Until::CaughtUp)
+        .await
+        .map_err(|e| CoordinatorError::Nats(e.to_string()))?;
+    while let Some(r) = replay.next().await {
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the finished jobs; resuming");
+                continue;
+            }
+        };
+        let Some((_, job, _)) = subjects::kv_key(subjects::JOBS_BUCKET, r.message.subject.as_str())
+            .and_then(subjects::parse_job_record_key)
+        else {
+            continue;
+        };
+        if r.message.payload.is_empty() {
+            // Deleted (or expired) since.
+            engine.forget_finished(&job);
+            continue;
+        }
+        if let Some(stale) = active.remove(&job) {
+            records.purges.push((
+                None,
+                store::keys(&job, stale.parts.len(), JobRecordSet::Active),
+            ));
+        }
+        match store::summary(&r.message.payload) {
+            Ok((seq, summary)) => engine.restore_finished(seq, summary),
+            Err(e) => {
+                tracing::warn!(job_id = %job, error = %e, "skipping an unreadable done record")
+            }
+        }
+    }
+    let n = active.len();
+    for job in active.into_values() {
+        let id = job.id.clone();
+        engine.restore_job(job);
+        if legacy.contains_key(&id) {
+            engine.rewrite(&id);
+        }
+    }
+    records.legacy = legacy;
     Ok(n)
 }
 
+fn part_hash(bytes: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+/// One record write: its job, whether it is the job's first, the parts to
+/// send (key, bytes, hash) and, for a finished job, the active keys its
+/// move removes.
+struct RecordWrite {
+    job: JobId,
+    new: bool,
+    /// A new job under a client's id (its owner and spec): the id may be a
+    /// finished job's.
+    verify: Option<(UserId, JobSpec)>,
+    parts: Vec<(String, Bytes, u64)>,
+    /// For an unfinished job: the hash of every part, to remember.
+    hashes: Vec<u64>,
+    moves: Option<Vec<String>>,
+}
+
+/// What the first write of a job whose id was the client's found of a
+/// finished job with that id: its owner, spec and status.
+type Taken = Option<(UserId, JobSpec, JobState)>;
+
+fn plan_write(job: &JobRecord, records: &Records) -> Result<RecordWrite, String> {
+    let encoded = store::encode(job)?;
+    let finished = job.status.is_finished();
+    let set = if finished {
+        JobRecordSet::Done
+    } else {
+        JobRecordSet::Active
+    };
+    let keys = store::keys(&job.id, encoded.len(), set);
+    let before = records.written.get(&job.id);
+    let mut parts = Vec::new();
+    let mut hashes = Vec::new();
+    for (p, (key, bytes)) in keys.into_iter().zip(encoded).enumerate() {
+        let h = part_hash(&bytes);
+        hashes.push(h);
+        let same = !finished && before.and_then(|b| b.get(p)) == Some(&h);
+        if !same {
+            parts.push((key, Bytes::from(bytes), h));
+        }
+    }
+    Ok(RecordWrite {
+        job: job.id.clone(),
+        new: !job.stored,
+        verify: (!job.stored && job.verify).then(|| (job.owner.clone(), job.spec.clone())),
+        parts,
+        hashes,
+        moves: finished.then(|| store::keys(&job.id, job.parts.len(), JobRecordSet::Active)),
+    })
+}
+
 /// Writes what one batch decided; returns inputs for the engine about
-/// writes that failed.
-async fn execute(fx: Effects, engine: &Engine, io: &Io, last_checkpoint: &mut u64) -> Vec<Input> {
+/// writes that succeeded or failed.
+async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -> Vec<Input> {
     let Effects {
         put_jobs,
         create_leases,
@@ -311,206 +627,485 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, last_checkpoint: &mut u6
         purge_leases,
         events,
         replies,
+        fetches: _,
         checkpoint,
     } = fx;
     let started = std::time::Instant::now();
+    let metrics = &engine.metrics();
+    let mut feedback = Vec::new();
+    let mut failed_jobs: HashMap<JobId, String> = HashMap::new();
+    let mut plans = Vec::new();
+    for id in put_jobs {
+        let Some(job) = engine.job(&id) else { continue };
+        match plan_write(job, records) {
+            Ok(p) => plans.push(p),
+            Err(e) => {
+                tracing::error!(job_id = %id, error = %e, "cannot encode a job record");
+                failed_jobs.insert(id, e);
+            }
+        }
+    }
+    let new: HashSet<JobId> = plans
+        .iter()
+        .filter(|p| p.new)
+        .map(|p| p.job.clone())
+        .collect();
+    let (later_leases, now_leases): (Vec<_>, Vec<_>) = create_leases
+        .into_iter()
+        .partition(|(_, l)| new.contains(&l.job_id));
+    let (later_events, now_events): (Vec<_>, Vec<_>) = events
+        .into_iter()
+        .partition(|(_, e)| new.contains(&e.job_id));
     let mut writes = Writes {
-        job: put_jobs.len() as u64,
-        lease: (create_leases.len() + cancel_leases.len() + purge_leases.len()) as u64,
-        event: events.len() as u64,
+        job: plans.iter().map(|p| p.parts.len() as u64).sum(),
+        lease: (now_leases.len() + later_leases.len() + cancel_leases.len() + purge_leases.len())
+            as u64,
+        event: (now_events.len() + later_events.len()) as u64,
         checkpoint: 0,
     };
-    let records: Vec<(JobId, Result<Vec<u8>, String>)> = put_jobs
-        .into_iter()
-        .filter_map(|id| {
-            let job = engine.job(&id)?;
-            Some((id, codec::encode(job).map_err(|e| e.to_string())))
-        })
-        .collect();
 
-    let job_writes = join_all(records.into_iter().map(|(id, bytes)| async move {
-        let r = match bytes {
-            Ok(b) => io
-                .jobs
-                .put(id.as_str(), Bytes::from(b), None)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e),
+    // Stage 1.
+    let retention = io.retention;
+    let record_writes = join_all(plans.iter().map(|p| async move {
+        let ttl = p.moves.as_ref().and(retention);
+        let puts = join_all(p.parts.iter().map(|(key, bytes, _)| {
+            timed(
+                metrics,
+                WriteKind::Job,
+                io.jobs.put(key, bytes.clone(), ttl),
+            )
+        }));
+        // A client's id is looked up beside the write, not before it: a
+        // submit costs one round trip either way.
+        let lookup = async {
+            match p.verify {
+                Some(_) => store::read(&io.jobs, JobRecordSet::Done, &p.job)
+                    .await
+                    .map(|found| found.map(|j| (j.owner, j.spec, j.status))),
+                None => Ok(None),
+            }
         };
-        (id, r)
-    }));
-    let lease_creates = join_all(create_leases.into_iter().map(|(key, lease)| async move {
-        let r = match codec::encode(&lease) {
-            Ok(b) => io
-                .leases
-                .create(
-                    &key,
-                    Bytes::from(b),
-                    Some(lease_ttl_for_reservation(engine)),
-                )
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        (key, r)
-    }));
-    let lease_cancels = join_all(
-        cancel_leases
-            .into_iter()
-            .map(|(key, lease, rev)| async move {
-                let ttl = lease.lease_ttl.0;
-                if let Ok(b) = codec::encode(&lease) {
-                    // Losing the race to a renewal is fine: the next tick sees the
-                    // new revision and the cancel is asked again by the engine.
-                    if let Err(e) = io.leases.update(&key, Bytes::from(b), Some(ttl), rev).await {
-                        tracing::info!(key, error = %e, "cancel of a lease did not apply");
-                    }
-                }
-            }),
-    );
-    let purges = join_all(purge_leases.into_iter().map(|key| async move {
-        if let Err(e) = io.leases.purge(&key, io.marker_ttl).await {
-            tracing::warn!(key, error = %e, "could not purge a lease");
+        let (sent, taken) = tokio::join!(puts, lookup);
+        match sent.into_iter().find_map(|r| r.err()) {
+            Some(e) => Err(e.to_string()),
+            None => taken.map_err(|e| format!("cannot tell whether the id is taken: {e}")),
         }
-    }));
-    let publishes = join_all(events.into_iter().map(|(subject, event)| async move {
-        publish_event(&io.js, subject, &event).await;
     }));
     // `join!` polls in order, and the first poll of each write sends it:
     // state events go on the wire before the reservations they announce, so
     // a worker's RUNNING (sent only after it sees the reservation) is not
     // stored ahead of the coordinator's RESERVED.
-    let (_, job_results, create_results, _, _) =
-        tokio::join!(publishes, job_writes, lease_creates, lease_cancels, purges);
+    let (_, record_results, mut create_failures, ..) = tokio::join!(
+        publish_events(io, metrics, now_events),
+        record_writes,
+        create_leases_now(io, engine, now_leases),
+        cancel_leases_now(io, metrics, cancel_leases),
+        purge_leases_now(io, metrics, purge_leases),
+    );
 
-    let mut failed_jobs: HashMap<JobId, String> = HashMap::new();
-    for (id, r) in job_results {
-        if let Err(e) = r {
-            tracing::error!(job_id = %id, error = %e, "could not write a job record");
-            failed_jobs.insert(id, e);
+    // What stage 1 stored decides stage 2.
+    let mut moves = Vec::new();
+    let mut taken: HashMap<JobId, (bool, JobState)> = HashMap::new();
+    for (plan, result) in plans.into_iter().zip(record_results) {
+        let result: Result<Taken, String> = result;
+        match result {
+            Ok(Some((owner, spec, status))) => {
+                // The id is a finished job's: the new record goes, nothing
+                // of it runs, and its submit is answered from the old job
+                // (the same job only if the same user sent the same spec).
+                let same = plan.verify == Some((owner, spec));
+                taken.insert(plan.job.clone(), (same, status));
+                moves.push((None, plan.parts.into_iter().map(|(k, ..)| k).collect()));
+                feedback.push(Input::Duplicate(plan.job));
+            }
+            Ok(None) => {
+                if plan.new {
+                    feedback.push(Input::Stored(plan.job.clone()));
+                }
+                if let Some(key) = records.legacy.remove(&plan.job) {
+                    moves.push((None, vec![key]));
+                }
+                match plan.moves {
+                    Some(keys) => moves.push((Some(plan.job), keys)),
+                    None => {
+                        records.written.insert(plan.job, plan.hashes);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(job_id = %plan.job, error = %e, "could not write a job record");
+                // What was stored of it may differ from what we hold now.
+                records.written.remove(&plan.job);
+                feedback.push(if plan.new {
+                    Input::NotStored(plan.job.clone())
+                } else {
+                    Input::Persist(plan.job.clone())
+                });
+                failed_jobs.insert(plan.job, e);
+            }
         }
     }
-    let mut feedback = Vec::new();
-    for (key, r) in create_results {
-        if let Err(error) = r {
-            tracing::warn!(key, error = %error, "could not create a reservation");
-            feedback.push(Input::LeaseCreateFailed { key, error });
+    let runs = |job: &JobId| !failed_jobs.contains_key(job) && !taken.contains_key(job);
+    let later_leases: Vec<_> = later_leases
+        .into_iter()
+        .filter(|(_, l)| runs(&l.job_id))
+        .collect();
+    let later_events: Vec<_> = later_events
+        .into_iter()
+        .filter(|(_, e)| runs(&e.job_id))
+        .collect();
+    moves.append(&mut records.purges);
+    writes.job += moves.iter().map(|(_, k)| k.len() as u64).sum::<u64>();
+
+    // Stage 2.
+    let purge_moves = join_all(moves.into_iter().map(|(job, keys)| async move {
+        let done = join_all(keys.iter().map(|k| io.jobs.purge(k, io.marker_ttl))).await;
+        let ok = done.iter().all(Result::is_ok);
+        (job, keys, ok)
+    }));
+    // Events first, as in stage 1.
+    let (_, purged, more_failures) = tokio::join!(
+        publish_events(io, metrics, later_events),
+        purge_moves,
+        create_leases_now(io, engine, later_leases),
+    );
+    create_failures.extend(more_failures);
+    for (job, keys, ok) in purged {
+        if ok {
+            if let Some(job) = job {
+                records.written.remove(&job);
+                records.moved = true;
+                feedback.push(Input::Moved(job));
+            }
+        } else {
+            tracing::warn!(keys = ?keys, "could not remove job records; trying again");
+            records.purges.push((job, keys));
         }
     }
+    feedback.extend(create_failures);
+
     for (tx, reply, depends_on) in replies {
-        let reply = match depends_on.and_then(|id| failed_jobs.get(&id).cloned()) {
-            Some(e) => Reply::error(
+        let reply = match depends_on {
+            Some(id) if failed_jobs.contains_key(&id) => Reply::error(
                 code::UNAVAILABLE,
-                format!("the job could not be stored, try again: {e}"),
+                format!(
+                    "the job could not be stored, try again: {}",
+                    failed_jobs[&id]
+                ),
             ),
-            None => reply,
+            Some(id) if taken.contains_key(&id) => answer_taken(&id, taken[&id], reply),
+            _ => reply,
         };
         let _ = tx.send(reply);
     }
-    if failed_jobs.is_empty() {
-        if let Some(seq) = checkpoint.filter(|s| *s > *last_checkpoint) {
-            match io
+
+    // Stage 3.
+    if failed_jobs.is_empty() && records.purges.is_empty() {
+        if let Some(seq) = checkpoint.filter(|s| *s > records.last_checkpoint || records.moved) {
+            let put = io
                 .jobs
-                .put(subjects::CHECKPOINT_KEY, Bytes::from(seq.to_string()), None)
-                .await
-            {
+                .put(subjects::CHECKPOINT_KEY, Bytes::from(seq.to_string()), None);
+            match timed(metrics, WriteKind::Checkpoint, put).await {
                 Ok(_) => {
-                    *last_checkpoint = seq;
+                    records.last_checkpoint = seq;
+                    records.moved = false;
                     writes.checkpoint = 1;
                 }
                 Err(e) => tracing::warn!(error = %e, "could not write the events checkpoint"),
             }
         }
     }
-    for id in failed_jobs.into_keys() {
-        feedback.push(Input::Persist(id));
-    }
     engine.metrics().flush(started.elapsed(), writes);
     feedback
 }
 
-fn lease_ttl_for_reservation(engine: &Engine) -> Duration {
-    engine.config().reservation_ttl.0
-}
-
-async fn publish_event(js: &jetstream::Context, subject: String, event: &Event) {
-    let Ok(body) = codec::encode(event) else {
-        return;
-    };
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(codec::CONTENT_TYPE, codec::MSGPACK);
-    match js.publish_with_headers(subject, headers, body.into()).await {
-        Ok(ack) => {
-            if let Err(e) = ack.await {
-                tracing::warn!(error = %e, "a state event was not stored");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "could not publish a state event"),
+/// The answer to a submit whose id turned out to be a finished job's
+/// (`same`: with the same spec), in place of `reply`.
+fn answer_taken(id: &JobId, (same, status): (bool, JobState), reply: Reply) -> Reply {
+    match reply {
+        Reply::Submit(_) if same => Reply::Submit(gpufleet_schema::api::SubmitReply {
+            job_id: id.clone(),
+            status,
+            created: false,
+        }),
+        Reply::Submit(_) => Reply::error(
+            code::CONFLICT,
+            format!("job {id} already exists with a different spec or owner; choose another id"),
+        ),
+        other => other,
     }
 }
 
-/// Forwards every change of a bucket to the engine, mapped by `map`, and
-/// says `feed` once the changes that existed at the start are through.
+/// Creates reservations; returns an input for each that failed.
+async fn create_leases_now(io: &Io, engine: &Engine, leases: Vec<(String, Lease)>) -> Vec<Input> {
+    let ttl = engine.config().reservation_ttl.0;
+    let metrics = &engine.metrics();
+    let created = join_all(leases.into_iter().map(|(key, mut lease)| async move {
+        if let Some(signer) = &io.signer {
+            if let Err(e) = lease.sign(signer) {
+                return (key, Err(e.to_string()));
+            }
+        }
+        let r = match codec::encode(&lease) {
+            Ok(b) => timed(
+                metrics,
+                WriteKind::Lease,
+                io.leases.create(&key, Bytes::from(b), Some(ttl)),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        (key, r)
+    }))
+    .await;
+    created
+        .into_iter()
+        .filter_map(|(key, r)| {
+            let error = r.err()?;
+            tracing::warn!(key, error = %error, "could not create a reservation");
+            Some(Input::LeaseCreateFailed { key, error })
+        })
+        .collect()
+}
+
+async fn cancel_leases_now(io: &Io, metrics: &Metrics, cancels: Vec<(String, Lease, u64)>) {
+    join_all(cancels.into_iter().map(|(key, lease, rev)| async move {
+        let ttl = lease.lease_ttl.0;
+        if let Ok(b) = codec::encode(&lease) {
+            // Losing the race to a renewal is fine: the next tick sees the
+            // new revision and the cancel is asked again by the engine.
+            let update = io.leases.update(&key, Bytes::from(b), Some(ttl), rev);
+            if let Err(e) = timed(metrics, WriteKind::Lease, update).await {
+                tracing::info!(key, error = %e, "cancel of a lease did not apply");
+            }
+        }
+    }))
+    .await;
+}
+
+async fn purge_leases_now(io: &Io, metrics: &Metrics, keys: Vec<String>) {
+    join_all(keys.into_iter().map(|key| async move {
+        let purge = io.leases.purge(&key, io.marker_ttl);
+        if let Err(e) = timed(metrics, WriteKind::Lease, purge).await {
+            tracing::warn!(key, error = %e, "could not purge a lease");
+        }
+    }))
+    .await;
+}
+
+/// Sends every state event, then awaits their acks.
+async fn publish_events(io: &Io, metrics: &Metrics, events: Vec<(String, Event)>) {
+    let mut acks = Vec::with_capacity(events.len());
+    for (subject, event) in events {
+        let Ok(body) = codec::encode(&event) else {
+            continue;
+        };
+        let sent = std::time::Instant::now();
+        match events::send(&io.js, subject, Bytes::from(body), None).await {
+            Ok(ack) => acks.push(async move {
+                let r = ack.await;
+                metrics.write(WriteKind::Event, sent.elapsed());
+                r
+            }),
+            Err(e) => tracing::warn!(error = %e, "could not publish a state event"),
+        }
+    }
+    for r in join_all(acks).await {
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "a state event was not stored");
+        }
+    }
+}
+
+/// Answers from a job's stored done record, for a job the engine no
+/// longer holds.
+async fn fetch_stored(
+    jobs: RawKv,
+    [events, artifacts]: [jetstream::stream::Stream; 2],
+    id: JobId,
+    caller: Caller,
+    fetch: Fetch,
+) -> Option<Input> {
+    let not_found = || Reply::error(code::NOT_FOUND, format!("job {id} not found"));
+    let unavailable = |e: &str| {
+        Reply::error(
+            code::UNAVAILABLE,
+            format!("cannot read job {id}, try again: {e}"),
+        )
+    };
+    // Another user's job is not found either.
+    let read = store::read(&jobs, JobRecordSet::Done, &id)
+        .await
+        .map(|found| found.filter(|j| caller.sees(&j.owner)));
+    match fetch {
+        Fetch::Get { offset, limit, tx } => {
+            let reply = match read {
+                Ok(Some(j)) => Reply::Job(Box::new(j.page(offset, limit))),
+                Ok(None) => not_found(),
+                Err(e) => unavailable(&e),
+            };
+            let _ = tx.send(reply);
+            None
+        }
+        Fetch::Cancel(tx) => {
+            let reply = match read {
+                Ok(Some(j)) => Reply::Job(Box::new(j.page(0, MAX_TASKS_PER_PAGE as usize))),
+                Ok(None) => not_found(),
+                Err(e) => unavailable(&e),
+            };
+            let _ = tx.send(reply);
+            None
+        }
+        Fetch::Delete(tx) => {
+            let job = match read {
+                Ok(Some(j)) => j,
+                Ok(None) => {
+                    let _ = tx.send(not_found());
+                    return None;
+                }
+                Err(e) => {
+                    let _ = tx.send(unavailable(&e));
+                    return None;
+                }
+            };
+            // The events and artifacts first: once the record is gone,
+            // nobody can find the job to delete what is left.
+            let (events_purged, artifacts_purged) = tokio::join!(
+                async {
+                    events
+                        .purge()
+                        .filter(subjects::job_events(&job.owner, &id))
+                        .await
+                },
+                async {
+                    artifacts
+                        .purge()
+                        .filter(subjects::job_artifacts(&job.owner, &id))
+                        .await
+                },
+            );
+            let purged = events_purged
+                .and(artifacts_purged)
+                .map_err(|e| e.to_string());
+            let keys = store::keys(&id, job.parts.len(), JobRecordSet::Done);
+            let removed =
+                join_all(keys.iter().map(|k| jobs.purge(k, Duration::from_secs(60)))).await;
+            let reply = match (purged, removed.into_iter().find_map(Result::err)) {
+                (Ok(_), None) => {
+                    tracing::info!(job_id = %id, "deleted a finished job, its events and artifacts");
+                    Reply::Job(Box::new(job.status(false)))
+                }
+                (Err(e), _) => unavailable(&format!(
+                    "its events or artifacts could not be removed: {e}"
+                )),
+                (_, Some(e)) => unavailable(&format!("its record could not be removed: {e}")),
+            };
+            let deleted = matches!(reply, Reply::Job(_));
+            let _ = tx.send(reply);
+            deleted.then_some(Input::Deleted(id))
+        }
+    }
+}
+
+/// Forwards every change of a bucket to the engine, mapped by `map`; says
+/// `feed` once the changes that existed at the start are through, and
+/// when the watch's consumer fails or comes back.
 async fn forward_kv(
     kv: RawKv,
     feed: Feed,
     tx: mpsc::Sender<Input>,
     map: impl Fn(gpufleet_natsutil::KvChange) -> Option<Input>,
 ) {
-    let mut announced = false;
-    loop {
-        let mut watch = match kv.watch(">").await {
-            Ok(w) => w,
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    let mut watch = loop {
+        match kv.watch(">").await {
+            Ok(w) => break w,
             Err(e) => {
                 tracing::warn!(bucket = kv.bucket(), error = %e, "cannot watch; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+                backoff.wait().await;
             }
-        };
-        while let Some(item) = watch.next().await {
-            let input = match item {
-                Ok(KvEvent::Synced) if !announced => {
-                    announced = true;
-                    Input::Synced(feed)
-                }
-                Ok(KvEvent::Synced) => continue,
-                Ok(KvEvent::Change(c)) => match map(c) {
-                    Some(i) => i,
-                    None => continue,
-                },
-                Err(e) => {
-                    tracing::warn!(bucket = kv.bucket(), error = %e, "watch error");
+        }
+    };
+    let mut announced = false;
+    let mut down = false;
+    // The watch goes on after a failure (it resumes after the last change).
+    while let Some(item) = watch.next().await {
+        let input = match item {
+            Ok(KvEvent::Synced) if !announced => {
+                announced = true;
+                Input::Synced(feed)
+            }
+            Ok(KvEvent::Synced) if down => {
+                down = false;
+                Input::FeedUp(feed)
+            }
+            Ok(KvEvent::Synced) => continue,
+            Ok(KvEvent::Change(c)) => match map(c) {
+                Some(i) => i,
+                None => continue,
+            },
+            Err(e) => {
+                tracing::warn!(bucket = kv.bucket(), error = %e, "watch failed; resuming");
+                if down {
                     continue;
                 }
-            };
-            if tx.send(input).await.is_err() {
-                return;
+                down = true;
+                Input::FeedDown(feed)
             }
+        };
+        if tx.send(input).await.is_err() {
+            return;
         }
     }
 }
 
+/// An advert counts only under its own worker's key: with roles on, a
+/// worker may write its own key alone, so the key says who sent it.
 fn advert_input(c: gpufleet_natsutil::KvChange) -> Option<Input> {
-    if crate::leader::is_leader_key(&c.key) {
-        return None;
-    }
     match c.op {
         KvOp::Put => match codec::decode::<WorkerAdvert>(&c.value) {
+            Ok(a) if a.name.as_str() != c.key => {
+                tracing::warn!(key = %c.key, name = %a.name, "ignoring an advert under another worker's key");
+                None
+            }
+            Ok(a) if a.gpus.iter().any(|g| g.uuid.as_str().len() > 128) => {
+                tracing::warn!(key = %c.key, "ignoring a worker advert with a GPU UUID over 128 bytes");
+                None
+            }
             Ok(a) => Some(Input::Advert(Box::new(a))),
             Err(e) => {
                 tracing::warn!(key = %c.key, error = %e, "ignoring an unreadable worker advert");
                 None
             }
         },
-        _ => WorkerId::new(c.key).ok().map(Input::WorkerGone),
+        op => WorkerId::new(c.key).ok().map(|name| Input::WorkerGone {
+            name,
+            expired: op == KvOp::Expired,
+        }),
     }
 }
 
+/// A lease counts only under its own key: the worker, task and attempt it
+/// names must be those of the key, which (with roles on) only that worker
+/// and the coordinator may write.
 fn lease_input(c: gpufleet_natsutil::KvChange) -> Option<Input> {
     let change = match c.op {
         KvOp::Put => match codec::decode::<Lease>(&c.value) {
+            Ok(lease)
+                if subjects::parse_lease_key(&c.key)
+                    != Some(subjects::lease_key(
+                        &lease.worker,
+                        &lease.task_id,
+                        lease.attempt,
+                    ))
+                    || lease.task_id.job_and_index().map(|(j, _)| j)
+                        != Some(lease.job_id.clone()) =>
+            {
+                tracing::warn!(key = %c.key, "ignoring a lease that names another key's attempt");
+                return None;
+            }
             Ok(lease) => LeaseChange::Put {
                 key: c.key,
                 rev: c.revision,
@@ -528,82 +1123,90 @@ fn lease_input(c: gpufleet_natsutil::KvChange) -> Option<Input> {
 }
 
 /// Follows result events from just after `after`, so that a restarted
-/// coordinator replays what it had not yet stored.
-async fn follow_results(
-    js: jetstream::Context,
-    stream: jetstream::stream::Stream,
-    after: u64,
-    tx: mpsc::Sender<Input>,
-) {
-    let mut next = after + 1;
-    let mut announced = false;
-    loop {
-        let consumer = stream
-            .create_consumer(push::OrderedConfig {
-                deliver_subject: js.client().new_inbox(),
-                filter_subject: subjects::events_of_kind(EventKind::Result),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: next,
-                },
-                ..Default::default()
-            })
-            .await;
-        let consumer = match consumer {
-            Ok(c) => c,
+/// coordinator replays what it had not yet stored; says when it has caught
+/// up, and when its consumer fails or comes back.
+async fn follow_results(js: jetstream::Context, after: u64, tx: mpsc::Sender<Input>) {
+    let filters = vec![subjects::events_of_kind(EventKind::Result)];
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    let mut replay = loop {
+        match Replay::start(
+            &js,
+            subjects::EVENTS_STREAM,
+            filters.clone(),
+            after + 1,
+            Until::Live,
+        )
+        .await
+        {
+            Ok(r) => break r,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot follow results; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+                backoff.wait().await;
             }
-        };
-        if consumer.cached_info().num_pending == 0 && !announced {
-            announced = true;
-            let _ = tx.send(Input::Synced(Feed::Events)).await;
         }
-        let mut messages = match consumer.messages().await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot follow results; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+    };
+    let mut announced = false;
+    let mut down = false;
+    loop {
+        if !announced && replay.caught_up() {
+            announced = true;
+            if tx.send(Input::Synced(Feed::Events)).await.is_err() {
+                return;
             }
+        }
+        let Some(event) = replay.next_event().await else {
+            return;
         };
-        while let Some(m) = messages.next().await {
-            let m = match m {
-                Ok(m) => m,
-                Err(e) => {
-                    // Never poll a failed ordered consumer again (see
-                    // natsutil's KvWatcher): start a new one after `next`.
-                    tracing::warn!(error = %e, "results stream error; following again");
-                    break;
-                }
-            };
-            let Ok(info) = m.info() else { continue };
-            let (seq, pending) = (info.stream_sequence, info.pending);
-            next = seq + 1;
-            match codec::decode::<Event>(&m.payload) {
-                Ok(event) => {
-                    if tx
-                        .send(Input::Result {
-                            seq,
-                            event: Box::new(event),
-                        })
-                        .await
-                        .is_err()
-                    {
+        let input = match event {
+            ReplayEvent::Message(r) => {
+                let back = std::mem::take(&mut down).then_some(Input::FeedUp(Feed::Events));
+                if let Some(up) = back {
+                    if tx.send(up).await.is_err() {
                         return;
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(subject = %m.subject, error = %e, "ignoring an unreadable result")
+                match result_input(r.message.subject.as_str(), &r.message.payload, r.sequence) {
+                    Ok(input) => input,
+                    Err(e) => {
+                        tracing::warn!(subject = %r.message.subject, error = %e, "ignoring an unreadable result");
+                        continue;
+                    }
                 }
             }
-            if pending == 0 && !announced {
-                announced = true;
-                let _ = tx.send(Input::Synced(Feed::Events)).await;
+            ReplayEvent::Resumed if down => {
+                down = false;
+                Input::FeedUp(Feed::Events)
             }
+            ReplayEvent::Resumed => continue,
+            ReplayEvent::Failed(e) => {
+                tracing::warn!(error = %e, "following results failed; resuming");
+                if down {
+                    continue;
+                }
+                down = true;
+                Input::FeedDown(Feed::Events)
+            }
+        };
+        if tx.send(input).await.is_err() {
+            return;
         }
     }
+}
+
+/// A result event as the engine takes it: its sender from the subject
+/// (which the server vouches for), and only if its body agrees with it.
+fn result_input(subject: &str, payload: &[u8], seq: u64) -> Result<Input, String> {
+    let subject =
+        subjects::parse_event_subject(subject).ok_or_else(|| "not an event subject".to_string())?;
+    let event = codec::decode::<Event>(payload).map_err(|e| e.to_string())?;
+    if !event.matches_subject(&subject) {
+        return Err("its body names another job, task, kind or sender than its subject".into());
+    }
+    Ok(Input::Result {
+        seq,
+        event: Box::new(event),
+        sender: subject.sender,
+    })
 }
 
 async fn ticker(every: Duration, tx: mpsc::Sender<Input>) {
@@ -652,6 +1255,23 @@ mod tests {
             matches!(&stopped, CoordinatorError::FeederStopped { feeder: "leases watch", why } if why == "it returned"),
             "{stopped}"
         );
+    }
+
+    #[test]
+    fn a_submit_under_a_finished_job_s_id_is_answered_from_it() {
+        use gpufleet_schema::api::SubmitReply;
+        let id = JobId::new("old").unwrap();
+        let created = || {
+            Reply::Submit(SubmitReply {
+                job_id: id.clone(),
+                status: JobState::Queued,
+                created: true,
+            })
+        };
+        let same = answer_taken(&id, (true, JobState::Completed), created());
+        assert!(matches!(same, Reply::Submit(r) if !r.created && r.status == JobState::Completed));
+        let other = answer_taken(&id, (false, JobState::Completed), created());
+        assert!(matches!(other, Reply::Error { code: 409, .. }));
     }
 
     #[tokio::test]

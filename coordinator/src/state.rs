@@ -5,7 +5,8 @@
 //! contract): clients read jobs through the API, never from the bucket.
 
 use gpufleet_schema::{
-    Grant, JobId, JobSpec, JobState, JobStatus, TaskCounts, TaskId, TaskState, TaskStatus, WorkerId,
+    Grant, JobId, JobSpec, JobState, JobStatus, TaskCounts, TaskId, TaskState, TaskStatus,
+    TaskUsage, UserId, WorkerId,
 };
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -13,10 +14,24 @@ use time::OffsetDateTime;
 /// Results at most this large are kept in the job record; larger ones stay
 /// in the events stream and are fetched when a client asks.
 pub const INLINE_RESULT_BYTES: usize = 4096;
+/// The longest reason a record keeps (reasons quote workers and tasks);
+/// what is longer is cut, so that a record's size stays bounded.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// `why`, cut to [`MAX_REASON_BYTES`].
+pub fn bounded_reason(why: String) -> String {
+    if why.len() <= MAX_REASON_BYTES {
+        return why;
+    }
+    gpufleet_schema::text::cut(&why, MAX_REASON_BYTES)
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     pub id: JobId,
+    /// The user that submitted it (from the API subject).
+    #[serde(default = "UserId::default_user")]
+    pub owner: UserId,
     /// Submission order across the fleet; the queue's tie-breaker.
     pub seq: u64,
     pub spec: JobSpec,
@@ -35,6 +50,17 @@ pub struct JobRecord {
     #[serde(default)]
     pub gang_broken: Option<String>,
     pub tasks: Vec<TaskRecord>,
+    /// Where each part of the stored record starts (see `store.rs`).
+    #[serde(skip)]
+    pub parts: Vec<u32>,
+    /// Whether the record has been stored once: until then nothing of the
+    /// job may run.
+    #[serde(skip)]
+    pub stored: bool,
+    /// The id was the client's and the job is not stored yet: it may be a
+    /// finished job's (no longer held), which the first write looks up.
+    #[serde(skip)]
+    pub verify: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,29 +70,53 @@ pub struct TaskRecord {
     pub state: TaskState,
     /// The attempt that runs or will run next; 1 for the first.
     pub attempt: u32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<WorkerId>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<Grant>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
     /// Where a result too large to keep inline is, in `GPUFLEET_EVENTS`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_seq: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub started_at: Option<OffsetDateTime>,
-    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub finished_at: Option<OffsetDateTime>,
     /// Whether any attempt got as far as starting its program.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub launched: bool,
     /// A gang member left out of this run by `min_tasks`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub dropped: bool,
+    /// The current attempt's random token, from its reservation: a result
+    /// must carry it. Kept here so that a restarted coordinator still
+    /// knows it after the lease is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// The revision of the current attempt's claim, once seen: a result
+    /// must name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_rev: Option<u64>,
+    /// What the current attempt used, as its worker reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TaskUsage>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A task's transitions. Each is one method that decides every field it
@@ -89,24 +139,29 @@ impl TaskRecord {
         if self.reason.as_deref() == Some(reason) {
             return false;
         }
-        self.reason = Some(reason.to_string());
+        self.reason = Some(bounded_reason(reason.to_string()));
         true
     }
 
-    /// Placement chose `worker`: the current attempt is reserved there.
-    pub fn reserve(&mut self, worker: WorkerId, grant: Grant) {
+    /// Placement chose `worker`: the current attempt is reserved there,
+    /// under `token`.
+    pub fn reserve(&mut self, worker: WorkerId, grant: Grant, token: String) {
         self.state = TaskState::Reserved;
         self.worker = Some(worker);
         self.grant = Some(grant);
         self.reason = None;
+        self.token = Some(token);
+        self.claim_rev = None;
     }
 
-    /// Its worker claimed the reservation: the attempt runs from `at`.
-    pub fn start(&mut self, at: OffsetDateTime) {
+    /// Its worker claimed the reservation at revision `claim_rev`: the
+    /// attempt runs from `at`.
+    pub fn start(&mut self, at: OffsetDateTime, claim_rev: u64) {
         self.state = TaskState::Running;
         self.started_at = Some(at);
         self.launched = true;
         self.reason = None;
+        self.claim_rev = Some(claim_rev);
     }
 
     /// Keeps what the worker reported of the current attempt (its result,
@@ -117,7 +172,9 @@ impl TaskRecord {
         result: Option<serde_json::Value>,
         seq: u64,
         started_at: Option<OffsetDateTime>,
+        usage: Option<TaskUsage>,
     ) {
+        self.usage = usage;
         if self.started_at.is_none() {
             self.started_at = started_at;
         }
@@ -144,7 +201,7 @@ impl TaskRecord {
     ) {
         self.state = state;
         self.exit_code = exit_code;
-        self.reason = reason;
+        self.reason = reason.map(bounded_reason);
         self.finished_at = Some(at);
     }
 
@@ -190,7 +247,10 @@ impl TaskRecord {
         self.result_seq = None;
         self.started_at = None;
         self.finished_at = None;
-        self.reason = Some(why);
+        self.reason = Some(bounded_reason(why));
+        self.token = None;
+        self.claim_rev = None;
+        self.usage = None;
     }
 }
 
@@ -226,10 +286,14 @@ impl JobRecord {
                 finished_at: None,
                 launched: false,
                 dropped: false,
+                token: None,
+                claim_rev: None,
+                usage: None,
             })
             .collect();
         JobRecord {
             id,
+            owner: UserId::default_user(),
             seq,
             spec,
             status: JobState::Queued,
@@ -240,6 +304,9 @@ impl JobRecord {
             cancel_requested: false,
             gang_broken: None,
             tasks,
+            parts: vec![0],
+            stored: false,
+            verify: false,
         }
     }
 
@@ -340,7 +407,7 @@ impl JobRecord {
             if self.finished_at.is_none() {
                 self.finished_at = Some(now);
             }
-            self.reason = self.end_reason();
+            self.reason = self.end_reason().map(bounded_reason);
         } else {
             self.reason = self
                 .tasks
@@ -380,9 +447,26 @@ impl JobRecord {
         }
     }
 
+    /// The job with tasks `offset..offset + limit`, fewer if their status
+    /// would not fit one reply (see [`PAGE_BYTES`]).
+    pub fn page(&self, offset: usize, limit: usize) -> JobStatus {
+        let mut status = self.status(false);
+        let mut used = 0;
+        for t in self.tasks.iter().skip(offset).take(limit) {
+            let size = t.status_size();
+            if used + size > PAGE_BYTES && !status.tasks.is_empty() {
+                break;
+            }
+            used += size;
+            status.tasks.push(t.status());
+        }
+        status
+    }
+
     pub fn status(&self, with_tasks: bool) -> JobStatus {
         JobStatus {
             job_id: self.id.clone(),
+            owner: self.owner.clone(),
             name: self.spec.name.clone(),
             status: self.status,
             reason: self.reason.clone(),
@@ -400,7 +484,22 @@ impl JobRecord {
     }
 }
 
+/// The most bytes of task status one `jobs.get` reply carries: half the
+/// default `max_payload`, room to spare for the job's own fields.
+pub const PAGE_BYTES: usize = 512 * 1024;
+
 impl TaskRecord {
+    /// At most what this task's status takes in a reply, in either
+    /// encoding.
+    fn status_size(&self) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        let gpus = self.grant.as_ref().map_or(0, |g| g.gpus.len());
+        512 + self.name.len()
+            + text(&self.reason)
+            + gpus * 160
+            + self.result.as_ref().map_or(0, |_| INLINE_RESULT_BYTES * 2)
+    }
+
     pub fn status(&self) -> TaskStatus {
         TaskStatus {
             task_id: self.id.clone(),
@@ -418,6 +517,7 @@ impl TaskRecord {
             reason: self.reason.clone(),
             started_at: self.started_at,
             finished_at: self.finished_at,
+            usage: self.usage.clone(),
         }
     }
 }
@@ -489,9 +589,21 @@ mod tests {
     fn ran_and_failed() -> TaskRecord {
         let mut j = JobRecord::new(JobId::new("j").unwrap(), 1, spec(1), now());
         let mut t = j.tasks.remove(0);
-        t.reserve(WorkerId::new("w").unwrap(), Grant::default());
-        t.start(now());
-        t.record_report(Some(serde_json::json!({"loss": 1})), 7, Some(now()));
+        t.reserve(WorkerId::new("w").unwrap(), Grant::default(), "tok".into());
+        t.start(now(), 5);
+        let usage = TaskUsage {
+            peak_rss: gpufleet_schema::ByteSize::mib(300),
+            cpu_seconds: 2.5,
+            samples: 3,
+            ..Default::default()
+        };
+        t.record_report(
+            Some(serde_json::json!({"loss": 1})),
+            7,
+            Some(now()),
+            Some(usage),
+        );
+        assert!(t.status().usage.is_some());
         t.end(
             TaskState::Failed,
             Some(1),
@@ -533,7 +645,12 @@ mod tests {
         let mut t = ran_and_failed();
         let started = t.started_at;
         let big = serde_json::json!({"blob": "x".repeat(INLINE_RESULT_BYTES)});
-        t.record_report(Some(big), 42, Some(now() + time::Duration::seconds(5)));
+        t.record_report(
+            Some(big),
+            42,
+            Some(now() + time::Duration::seconds(5)),
+            None,
+        );
         assert_eq!((t.result.as_ref(), t.result_seq), (None, Some(42)));
         assert_eq!(t.started_at, started);
     }

@@ -1,8 +1,9 @@
 //! Connecting to NATS, and refusing servers that lack per-message TTLs.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use async_nats::{Client, ConnectOptions, ServerAddr};
+use async_nats::{Client, ConnectErrorKind, ConnectOptions, ServerAddr};
 
 use crate::retry::Backoff;
 
@@ -17,9 +18,25 @@ pub enum ConnectError {
     ServerTooOld { url: String, found: String },
     #[error("nats-server at {url} has JetStream disabled: start it with -js")]
     NoJetStream { url: String },
+    #[error("{setting} {path}: {reason}")]
+    Credentials {
+        setting: &'static str,
+        path: String,
+        reason: String,
+    },
     #[error("cannot connect to NATS at {url}: {source}")]
     Connect {
         url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// The TLS handshake failed while this program presented a client
+    /// certificate: the usual cause is a certificate the server does not
+    /// trust (another CA, expired, or no user mapped to it).
+    #[error("cannot connect to NATS at {url}: the TLS handshake failed ({source}); check that the server trusts the client certificate {cert} (nats_tls_cert) and that nats_tls_ca holds the server's CA")]
+    Tls {
+        url: String,
+        cert: String,
         #[source]
         source: async_nats::ConnectError,
     },
@@ -63,11 +80,88 @@ pub fn check_server_version(url: &str, version: &str) -> Result<(), ConnectError
 }
 
 /// How a program proves who it is to NATS, beside `user:password@` in the
-/// URL: a credentials file (JWT + NKey seed, as `nsc` writes) or a token.
+/// URL: a credentials file (JWT + NKey seed, as `nsc` writes), a bare NKey
+/// seed (for servers that list users by public NKey, as `gpufleet auth`
+/// writes them), a token, or a client certificate (mutual TLS).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Auth {
-    pub creds: Option<std::path::PathBuf>,
+    pub creds: Option<PathBuf>,
     pub token: Option<String>,
+    /// A file holding an NKey seed (`SU...`).
+    pub nkey: Option<PathBuf>,
+    /// The client certificate and its key (PEM), for mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) the server's certificate must chain to, instead of the
+    /// system's.
+    pub tls_ca: Option<PathBuf>,
+    /// Replies come to `<prefix>.<random>`: with roles on, a program may
+    /// only subscribe to its own prefix (`schema::roles::inbox_prefix`), so
+    /// nobody else reads its replies.
+    pub inbox_prefix: Option<String>,
+}
+
+impl Auth {
+    /// Checks that the files exist and hold what they should, so that a
+    /// mistake is named at start, with its setting.
+    pub fn check(&self) -> Result<(), ConnectError> {
+        let bad = |setting: &'static str, path: &Path, reason: String| ConnectError::Credentials {
+            setting,
+            path: path.display().to_string(),
+            reason,
+        };
+        if let Some(path) = &self.nkey {
+            read_nkey_seed(path).map_err(|reason| bad("nats_nkey", path, reason))?;
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                return Err(ConnectError::Credentials {
+                    setting: "nats_tls_key",
+                    path: String::new(),
+                    reason: "missing: nats_tls_cert needs the key that goes with it".into(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConnectError::Credentials {
+                    setting: "nats_tls_cert",
+                    path: String::new(),
+                    reason: "missing: nats_tls_key needs the certificate that goes with it".into(),
+                })
+            }
+            _ => {}
+        }
+        for (setting, path) in [
+            ("nats_tls_cert", &self.tls_cert),
+            ("nats_tls_key", &self.tls_key),
+            ("nats_tls_ca", &self.tls_ca),
+        ] {
+            if let Some(path) = path {
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| bad(setting, path, e.to_string()))?;
+                if !text.contains("-----BEGIN ") {
+                    return Err(bad(setting, path, "not a PEM file".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn uses_tls(&self) -> bool {
+        self.tls_cert.is_some() || self.tls_ca.is_some()
+    }
+}
+
+/// Reads an NKey seed file (the seed alone, as `nk -gen user` writes it;
+/// blank lines and `#` comments are allowed around it).
+pub fn read_nkey_seed(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let seed = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .ok_or("the file is empty")?;
+    nkeys::KeyPair::from_seed(seed).map_err(|e| format!("not an NKey seed ({e})"))?;
+    Ok(seed.to_string())
 }
 
 /// The URL with any password replaced, for messages and logs.
@@ -114,6 +208,25 @@ async fn options(
     if let Some(token) = &auth.token {
         options = options.token(token.clone());
     }
+    if let Some(path) = &auth.nkey {
+        let seed = read_nkey_seed(path).map_err(|reason| ConnectError::Credentials {
+            setting: "nats_nkey",
+            path: path.display().to_string(),
+            reason,
+        })?;
+        options = options.nkey(seed);
+    }
+    if let (Some(cert), Some(key)) = (&auth.tls_cert, &auth.tls_key) {
+        options = options
+            .add_client_certificate(cert.clone(), key.clone())
+            .require_tls(true);
+    }
+    if let Some(ca) = &auth.tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some(prefix) = &auth.inbox_prefix {
+        options = options.custom_inbox_prefix(prefix);
+    }
     // The client does not take these from the URL by itself.
     if let Some(a) = addrs.iter().find(|a| a.has_user_pass()) {
         if let (Some(u), Some(p)) = (a.username(), a.password()) {
@@ -121,6 +234,20 @@ async fn options(
         }
     }
     Ok(options)
+}
+
+fn connect_error(url: String, auth: &Auth, source: async_nats::ConnectError) -> ConnectError {
+    // A server that refuses the client certificate closes the handshake;
+    // the client sees a TLS error or a reset, which says nothing of why.
+    let handshake = matches!(source.kind(), ConnectErrorKind::Tls | ConnectErrorKind::Io);
+    match &auth.tls_cert {
+        Some(cert) if handshake && auth.uses_tls() => ConnectError::Tls {
+            url,
+            cert: cert.display().to_string(),
+            source,
+        },
+        _ => ConnectError::Connect { url, source },
+    }
 }
 
 /// Connects as `name`, retrying until `patience` runs out (a fleet's
@@ -133,6 +260,7 @@ pub async fn connect(
     patience: Duration,
 ) -> Result<Client, ConnectError> {
     let addrs = parse_urls(url)?;
+    auth.check()?;
     let shown = redact(url);
     let deadline = tokio::time::Instant::now() + patience;
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
@@ -148,7 +276,7 @@ pub async fn connect(
                     tracing::warn!(url = %shown, error = %source, "NATS not reachable yet, retrying");
                     tokio::time::sleep(delay).await;
                 }
-                None => return Err(ConnectError::Connect { url: shown, source }),
+                None => return Err(connect_error(shown, auth, source)),
             },
         }
     };

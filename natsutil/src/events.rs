@@ -6,13 +6,11 @@
 //! without sniffing. A `Nats-Msg-Id` makes the stream keep one copy of a
 //! message sent again within its duplicate window (a retried result).
 //!
-//! A replay is an ordered push consumer. async-nats recreates one on its
-//! own after a gap or a reconnect, but once it yields an error it must not
-//! be polled again (see [`crate::ordered`]); the replay then creates a new
-//! consumer that starts just after the last sequence it handed out, so that
-//! nothing is skipped or handed out twice.
-
-use std::time::Duration;
+//! A replay is an ordered push consumer (see [`crate::ordered`]). When one
+//! fails (a lost message, a dead server node, a stream leader that moved:
+//! noticed within seconds), the replay creates a new consumer that starts
+//! just after the last sequence it handed out, so that nothing is skipped
+//! or handed out twice.
 
 use async_nats::header;
 use async_nats::jetstream::consumer::DeliverPolicy;
@@ -23,8 +21,7 @@ use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use gpufleet_schema::codec;
 
-use crate::ordered::OrderedMessages;
-use crate::retry::Backoff;
+use crate::ordered::{next_in, OrderedMessages, Resumption};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
@@ -109,13 +106,21 @@ pub struct Replayed {
     pub message: async_nats::Message,
 }
 
-/// Consumers that fail are created again after these delays.
-const RESUME_BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+/// What a replay has to say: a message, or news of its consumer.
+#[derive(Debug)]
+pub enum ReplayEvent {
+    Message(Replayed),
+    /// The consumer failed; the replay goes on (see [`Replay::next`]).
+    Failed(EventsError),
+    /// A new consumer took over after a failure: the replay is live again.
+    Resumed,
+}
 
 /// The messages of a stream on some subjects, in order, from a sequence.
 pub struct Replay {
-    client: async_nats::Client,
-    stream: stream::Stream,
+    js: jetstream::Context,
+    stream: stream::Stream<()>,
+    stream_name: String,
     filters: Vec<String>,
     until: Until,
     /// The sequence to hand out next: every earlier one on our subjects
@@ -126,10 +131,7 @@ pub struct Replay {
     caught_up: bool,
     /// `None` after the consumer failed, until the next is created.
     messages: Option<OrderedMessages>,
-    backoff: Backoff,
-    /// Whether the last consumer (or the try to create one) failed.
-    failed: bool,
-    restarts: u64,
+    resume: Resumption,
 }
 
 impl Replay {
@@ -142,29 +144,30 @@ impl Replay {
         from: u64,
         until: Until,
     ) -> Result<Replay, EventsError> {
+        // No stream info: a user may not read it (it would list every
+        // subject, other users' jobs included). Where the replay ends is
+        // the newest message on its own subjects, read directly.
         let stream_name = stream;
         let stream = js
-            .get_stream(stream_name)
+            .get_stream_no_info(stream_name)
             .await
             .map_err(|e| EventsError::Stream {
                 stream: stream_name.to_string(),
                 message: e.to_string(),
             })?;
-        // Fetched just now by get_stream: the end of what is stored.
-        let end = stream.cached_info().state.last_sequence;
+        let end = last_on(js, &stream, stream_name, &filters).await?;
         let from = from.max(1);
         let mut replay = Replay {
-            client: js.client(),
+            js: js.clone(),
             stream,
+            stream_name: stream_name.to_string(),
             filters,
             until,
             next: from,
             end,
             caught_up: from > end,
             messages: None,
-            backoff: RESUME_BACKOFF,
-            failed: false,
-            restarts: 0,
+            resume: Resumption::new(),
         };
         replay.open().await?;
         Ok(replay)
@@ -174,7 +177,7 @@ impl Replay {
         let policy = DeliverPolicy::ByStartSequence {
             start_sequence: self.next,
         };
-        let opened = OrderedMessages::open(&self.stream, &self.client, &self.filters, policy).await;
+        let opened = OrderedMessages::open(&self.js, &self.stream, &self.filters, policy).await;
         let (messages, pending) = opened.map_err(|message| self.consumer_error(message))?;
         if pending == 0 {
             self.caught_up = true;
@@ -198,38 +201,44 @@ impl Replay {
     /// grows while the failures go on).
     pub async fn next(&mut self) -> Option<Result<Replayed, EventsError>> {
         loop {
+            return match self.next_event().await? {
+                ReplayEvent::Message(m) => Some(Ok(m)),
+                ReplayEvent::Failed(e) => Some(Err(e)),
+                ReplayEvent::Resumed => continue,
+            };
+        }
+    }
+
+    /// As [`Replay::next`], and also says when a new consumer has taken
+    /// over after a failure (so that a quiet stream is known to be back).
+    pub async fn next_event(&mut self) -> Option<ReplayEvent> {
+        loop {
             if self.until == Until::CaughtUp && self.caught_up {
                 return None;
             }
-            let Some(messages) = self.messages.as_mut() else {
-                if self.failed {
-                    self.backoff.wait().await;
-                }
-                self.restarts += 1;
+            if self.messages.is_none() {
+                self.resume.before_reopen().await;
                 if let Err(e) = self.open().await {
-                    self.failed = true;
-                    return Some(Err(e));
+                    self.resume.failed = true;
+                    return Some(ReplayEvent::Failed(e));
+                }
+                if self.resume.failed {
+                    return Some(ReplayEvent::Resumed);
                 }
                 continue;
-            };
-            let message = match messages.next().await {
-                Some(Ok(m)) => m,
-                failure => {
-                    let message = match failure {
-                        Some(Err(message)) => message,
-                        _ => "the consumer's subscription ended".to_string(),
-                    };
-                    self.messages = None;
-                    self.failed = true;
-                    return Some(Err(self.consumer_error(message)));
+            }
+            let message = match next_in(&mut self.messages).await {
+                Ok(m) => m,
+                Err(message) => {
+                    self.resume.failed = true;
+                    return Some(ReplayEvent::Failed(self.consumer_error(message)));
                 }
             };
             let Ok(info) = message.info() else {
                 continue;
             };
             let (sequence, pending) = (info.stream_sequence, info.pending);
-            // async-nats recreates a consumer that has delivered nothing from
-            // the stream's start, not from ours.
+            // Never hand out twice what an earlier consumer delivered.
             if sequence < self.next {
                 continue;
             }
@@ -238,12 +247,11 @@ impl Replay {
                 return None;
             }
             self.next = sequence + 1;
-            self.failed = false;
-            self.backoff.reset();
+            self.resume.delivered();
             if sequence >= self.end || pending == 0 {
                 self.caught_up = true;
             }
-            return Some(Ok(Replayed {
+            return Some(ReplayEvent::Message(Replayed {
                 sequence,
                 pending,
                 message: message.message,
@@ -265,27 +273,41 @@ impl Replay {
 
     /// How many times a new consumer was tried after one failed.
     pub fn restarts(&self) -> u64 {
-        self.restarts
+        self.resume.restarts
     }
 
     /// The sequence of the newest message stored on our subjects now (0 if
     /// none): a replay whose [`Replay::last_sequence`] has reached it has
     /// handed out everything stored so far.
     pub async fn stored_tail(&self) -> Result<u64, EventsError> {
-        use async_nats::jetstream::stream::LastRawMessageErrorKind;
-        let mut tail = 0;
-        for f in &self.filters {
-            match self.stream.get_last_raw_message_by_subject(f).await {
-                Ok(m) => tail = tail.max(m.sequence),
-                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
-                Err(e) => {
-                    return Err(EventsError::Stream {
-                        stream: self.stream.cached_info().config.name.clone(),
-                        message: e.to_string(),
-                    })
-                }
-            }
-        }
-        Ok(tail)
+        last_on(&self.js, &self.stream, &self.stream_name, &self.filters).await
     }
+}
+
+/// The sequence of the newest message stored on any of `filters` (0 if
+/// none), read through consumers, which a user's permissions allow on its
+/// own subjects (direct gets they do not: see `schema::roles`).
+pub async fn last_on(
+    js: &jetstream::Context,
+    stream: &stream::Stream<()>,
+    name: &str,
+    filters: &[String],
+) -> Result<u64, EventsError> {
+    let mut tail = 0;
+    for f in filters {
+        let last = crate::ordered::last_message(js, stream, f)
+            .await
+            .map_err(|message| EventsError::Stream {
+                stream: name.to_string(),
+                message,
+            })?;
+        if let Some(m) = last {
+            let seq = m.info().map_err(|e| EventsError::Stream {
+                stream: name.to_string(),
+                message: e.to_string(),
+            })?;
+            tail = tail.max(seq.stream_sequence);
+        }
+    }
+    Ok(tail)
 }

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use gpufleet_schema::subjects;
 use time::OffsetDateTime;
 
-use crate::ordered::OrderedMessages;
+use crate::ordered::{next_in, OrderedMessages, Resumption};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
@@ -41,8 +41,11 @@ pub enum KvError {
 #[derive(Clone)]
 pub struct RawKv {
     js: jetstream::Context,
-    stream: stream::Stream,
+    stream: stream::Stream<()>,
     bucket: String,
+    /// Reads with direct gets (the coordinator), or through consumers (a
+    /// worker, whose permissions allow no direct get: see `schema::roles`).
+    direct: bool,
 }
 
 /// TTLs are whole seconds on the wire and the server refuses 0; round up so
@@ -53,9 +56,25 @@ fn ttl_secs(ttl: Duration) -> u64 {
 }
 
 impl RawKv {
+    /// A handle on `bucket`. It reads no stream info (a worker may not), so
+    /// a missing bucket shows at the first read or write.
     pub async fn open(js: &jetstream::Context, bucket: &str) -> Result<RawKv, KvError> {
+        Self::open_with(js, bucket, true).await
+    }
+
+    /// [`RawKv::open`] for a program with a role's least privilege, which
+    /// reads the last entry of a key through a consumer on that key.
+    pub async fn open_scoped(js: &jetstream::Context, bucket: &str) -> Result<RawKv, KvError> {
+        Self::open_with(js, bucket, false).await
+    }
+
+    async fn open_with(
+        js: &jetstream::Context,
+        bucket: &str,
+        direct: bool,
+    ) -> Result<RawKv, KvError> {
         let stream = js
-            .get_stream(subjects::kv_stream(bucket))
+            .get_stream_no_info(subjects::kv_stream(bucket))
             .await
             .map_err(|e| KvError::Other {
                 bucket: bucket.into(),
@@ -66,6 +85,7 @@ impl RawKv {
             js: js.clone(),
             stream,
             bucket: bucket.into(),
+            direct,
         })
     }
 
@@ -180,6 +200,19 @@ impl RawKv {
     /// The key's last entry, markers included.
     pub async fn last(&self, key: &str) -> Result<Option<Entry>, KvError> {
         let subject = subjects::kv_subject(&self.bucket, key);
+        if !self.direct {
+            let last = crate::ordered::last_message(&self.js, &self.stream, &subject)
+                .await
+                .map_err(|e| self.other(key, e))?;
+            let Some(m) = last else { return Ok(None) };
+            let info = m.info().map_err(|e| self.other(key, e))?;
+            return Ok(Some(Entry {
+                key: key.into(),
+                revision: info.stream_sequence,
+                op: op_from_headers(m.headers.as_ref()),
+                value: m.payload.clone(),
+            }));
+        }
         match self.stream.direct_get_last_for_subject(&subject).await {
             Ok(m) => Ok(Some(Entry {
                 key: key.into(),
@@ -211,21 +244,20 @@ impl RawKv {
         filter: &str,
         deliver_policy: DeliverPolicy,
     ) -> Result<KvWatcher, KvError> {
-        let (messages, pending) = OrderedMessages::open(
-            &self.stream,
-            &self.js.client(),
-            &[subjects::kv_subject(&self.bucket, filter)],
-            deliver_policy,
-        )
-        .await
-        .map_err(|e| self.other(filter, e))?;
-        let synced = pending == 0;
-        Ok(KvWatcher {
-            messages,
+        let mut watcher = KvWatcher {
+            js: self.js.clone(),
+            stream: self.stream.clone(),
             bucket: self.bucket.clone(),
-            announce_synced: synced,
-            synced,
-        })
+            filter: subjects::kv_subject(&self.bucket, filter),
+            first_policy: deliver_policy,
+            messages: None,
+            next: None,
+            announce_synced: false,
+            synced: false,
+            resume: Resumption::new(),
+        };
+        watcher.open().await?;
+        Ok(watcher)
     }
 }
 
@@ -257,6 +289,16 @@ fn op_from_headers(headers: Option<&HeaderMap>) -> KvOp {
     }
 }
 
+/// The `Nats-TTL` an entry was written with: seconds, or a Go duration
+/// such as `30s` or `1m30s`.
+fn ttl_from_headers(headers: Option<&HeaderMap>) -> Option<Duration> {
+    let v = headers?.get(header::NATS_MESSAGE_TTL)?.as_str().trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    v.parse::<gpufleet_schema::Dur>().ok().map(|d| d.0)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub key: String,
@@ -270,6 +312,8 @@ pub struct KvChange {
     pub key: String,
     pub revision: u64,
     pub op: KvOp,
+    /// The entry's own TTL (`Nats-TTL`), if it was written with one.
+    pub ttl: Option<Duration>,
     pub value: Bytes,
     pub published: OffsetDateTime,
 }
@@ -277,61 +321,123 @@ pub struct KvChange {
 #[derive(Debug, Clone)]
 pub enum KvEvent {
     Change(KvChange),
-    /// Every entry that existed when the watch began has been delivered.
+    /// Every entry that existed when the watch began has been delivered;
+    /// said again when the watch has resumed after a failure and caught up.
     Synced,
 }
 
 pub struct KvWatcher {
-    messages: OrderedMessages,
+    js: jetstream::Context,
+    stream: stream::Stream<()>,
     bucket: String,
+    /// The subject filter of the watched keys.
+    filter: String,
+    /// How the first consumer starts; later ones resume after `next`.
+    first_policy: DeliverPolicy,
+    /// `None` after the consumer failed, until the next is created.
+    messages: Option<OrderedMessages>,
+    /// The revision to resume from: every earlier change on our keys has
+    /// been handed out. `None` before the first.
+    next: Option<u64>,
     /// Synced must be announced before the next change.
     announce_synced: bool,
     synced: bool,
+    resume: Resumption,
 }
 
 impl KvWatcher {
-    /// The next change; `None` when the watch can no longer continue (the
-    /// caller starts a new one). After an error the watch ends: see
-    /// [`crate::ordered`] for why a failed consumer is never polled again.
-    pub async fn next(&mut self) -> Option<Result<KvEvent, KvError>> {
-        if self.announce_synced {
-            self.announce_synced = false;
-            return Some(Ok(KvEvent::Synced));
+    async fn open(&mut self) -> Result<(), KvError> {
+        let policy = match self.next {
+            Some(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
+            None => self.first_policy,
+        };
+        let filters = [self.filter.clone()];
+        let (messages, pending) = OrderedMessages::open(&self.js, &self.stream, &filters, policy)
+            .await
+            .map_err(|message| self.error(message))?;
+        // In sync again after a failure: said at once if nothing is
+        // pending, else after the last pending change.
+        if self.resume.failed {
+            self.synced = false;
         }
-        let msg = match self.messages.next().await? {
-            Ok(m) => m,
-            Err(message) => {
-                return Some(Err(KvError::Other {
-                    bucket: self.bucket.clone(),
-                    key: String::new(),
-                    message,
-                }))
-            }
-        };
-        let info = match msg.info() {
-            Ok(i) => i,
-            Err(e) => {
-                return Some(Err(KvError::Other {
-                    bucket: self.bucket.clone(),
-                    key: String::new(),
-                    message: e.to_string(),
-                }))
-            }
-        };
-        let (revision, pending, published) = (info.stream_sequence, info.pending, info.published);
         if !self.synced && pending == 0 {
             self.synced = true;
             self.announce_synced = true;
         }
-        let key = subjects::kv_key(&self.bucket, msg.subject.as_str())
-            .unwrap_or_default()
-            .to_string();
-        Some(Ok(KvEvent::Change(KvChange {
-            key,
-            revision,
-            op: op_from_headers(msg.headers.as_ref()),
-            value: msg.payload.clone(),
-            published,
-        })))
+        self.messages = Some(messages);
+        Ok(())
+    }
+
+    fn error(&self, message: String) -> KvError {
+        KvError::Other {
+            bucket: self.bucket.clone(),
+            key: String::new(),
+            message,
+        }
+    }
+
+    /// How many times a new consumer was tried after one failed.
+    pub fn restarts(&self) -> u64 {
+        self.resume.restarts
+    }
+
+    /// The next change. An error says the watch's consumer failed (its
+    /// server node died, its stream lost its leader, a message was lost);
+    /// the watch goes on, and the next call resumes just after the last
+    /// change handed out, after a pause that grows while failures go on.
+    /// Never `None`.
+    pub async fn next(&mut self) -> Option<Result<KvEvent, KvError>> {
+        loop {
+            if self.announce_synced {
+                self.announce_synced = false;
+                return Some(Ok(KvEvent::Synced));
+            }
+            if self.messages.is_none() {
+                self.resume.before_reopen().await;
+                if let Err(e) = self.open().await {
+                    self.resume.failed = true;
+                    return Some(Err(e));
+                }
+                continue;
+            }
+            let msg = match next_in(&mut self.messages).await {
+                Ok(m) => m,
+                Err(message) => {
+                    self.resume.failed = true;
+                    return Some(Err(self.error(message)));
+                }
+            };
+            let info = match msg.info() {
+                Ok(i) => i,
+                Err(e) => {
+                    self.messages = None;
+                    self.resume.failed = true;
+                    return Some(Err(self.error(e.to_string())));
+                }
+            };
+            let (revision, pending, published) =
+                (info.stream_sequence, info.pending, info.published);
+            if self.next.is_some_and(|n| revision < n) {
+                continue;
+            }
+            self.next = Some(revision + 1);
+            self.resume.delivered();
+            if !self.synced && pending == 0 {
+                self.synced = true;
+                self.announce_synced = true;
+            }
+            let key = subjects::kv_key(&self.bucket, msg.subject.as_str())
+                .unwrap_or_default()
+                .to_string();
+            let headers = msg.headers.as_ref();
+            return Some(Ok(KvEvent::Change(KvChange {
+                key,
+                revision,
+                op: op_from_headers(headers),
+                ttl: ttl_from_headers(headers),
+                value: msg.payload.clone(),
+                published,
+            })));
+        }
     }
 }

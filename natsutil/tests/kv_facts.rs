@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use gpufleet_natsutil::kv::Entry;
-use gpufleet_natsutil::{ensure_stores, KvError, KvEvent, KvOp, RawKv, Setup};
+use gpufleet_natsutil::{create_stores, KvError, KvEvent, KvOp, RawKv, Setup};
 use gpufleet_schema::subjects::LEASES_BUCKET;
 use gpufleet_testkit::{with_deadline, NatsServer};
 
@@ -15,7 +15,9 @@ async fn setup() -> (NatsServer, RawKv) {
     let server = NatsServer::start();
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client);
-    ensure_stores(&js, &Setup::default()).await.unwrap();
+    with_deadline(T, "the stores", create_stores(&js, &Setup::default()))
+        .await
+        .unwrap();
     let kv = RawKv::open(&js, LEASES_BUCKET).await.unwrap();
     (server, kv)
 }

@@ -80,6 +80,7 @@ pub mod code {
     pub const BAD_REQUEST: u16 = 400;
     pub const NOT_FOUND: u16 = 404;
     pub const CONFLICT: u16 = 409;
+    pub const PAYLOAD_TOO_LARGE: u16 = 413;
     pub const INTERNAL: u16 = 500;
     pub const UNAVAILABLE: u16 = 503;
 }

@@ -1,7 +1,8 @@
 //! The one codec: MessagePack with named fields (native) and JSON.
 //!
 //! A request's encoding comes from its `Content-Type` header, or, without
-//! one, from its first byte (`{` or `[` means JSON); the reply uses the same.
+//! one, from its first byte (a MessagePack map, array or nil marker means
+//! MessagePack, anything else JSON); the reply uses the same.
 //! Decoding never panics on untrusted bytes, refuses trailing garbage, and
 //! reports the path of the field that failed (`tasks[0].resources.gpus`).
 
@@ -53,11 +54,14 @@ impl Encoding {
                 return Encoding::MsgPack;
             }
         }
-        match body.iter().find(|b| !b.is_ascii_whitespace()) {
-            // An empty request reads as `{}` and is answered in JSON, so that
-            // `nats req gpufleet.api.workers.list ""` works.
-            None | Some(b'{') | Some(b'[') => Encoding::Json,
-            _ => Encoding::MsgPack,
+        // A request is a map (or, wrongly, an array or nil); MessagePack
+        // starts those with bytes no JSON text starts with. Anything else,
+        // `null` and `"text"` included, is taken for JSON and answered so.
+        // An empty request reads as `{}` and is answered in JSON, so that
+        // `nats req gpufleet.api.workers.list ""` works.
+        match body.first() {
+            Some(0x80..=0x9f | 0xdc..=0xdf | 0xc0) => Encoding::MsgPack,
+            _ => Encoding::Json,
         }
     }
 
@@ -204,6 +208,10 @@ mod tests {
         assert_eq!(Encoding::detect(Some("text/plain"), b" {"), Encoding::Json);
         assert_eq!(Encoding::detect(None, b""), Encoding::Json);
         assert_eq!(Encoding::detect(None, b"\x80"), Encoding::MsgPack);
+        assert_eq!(Encoding::detect(None, b"\xc0"), Encoding::MsgPack);
+        for json in [&b"null"[..], b" null", b"\"x\"", b"12", b"true", b"\n{}"] {
+            assert_eq!(Encoding::detect(None, json), Encoding::Json, "{json:?}");
+        }
     }
 
     #[test]
@@ -232,6 +240,7 @@ mod tests {
             EventBody::State {
                 state: TaskState::Running,
                 reason: None,
+                holder: Some(crate::WorkerId::new("w1").unwrap()),
             },
             EventBody::Log {
                 stream: LogStream::Stderr,
@@ -250,6 +259,14 @@ mod tests {
                 artifacts: vec![],
                 started_at: Some(at),
                 finished_at: at,
+                usage: Some(crate::TaskUsage {
+                    peak_rss: crate::ByteSize::mib(212),
+                    cpu_seconds: 3.25,
+                    gpu_memory_peak: Some(crate::ByteSize::gib(4)),
+                    gpu_utilization_mean: Some(100.0),
+                    gpu_simulated: true,
+                    samples: 6,
+                }),
             }),
         ] {
             let e = Event {
@@ -260,6 +277,7 @@ mod tests {
                 lease_rev: Some(7),
                 at,
                 body,
+                token: Some("t".into()),
             };
             for enc in [Encoding::Json, Encoding::MsgPack] {
                 let back: Event = enc.decode(&enc.encode(&e).unwrap()).unwrap();

@@ -1,5 +1,9 @@
 //! Messages in the `GPUFLEET_EVENTS` stream, on
-//! `gpufleet.events.<job>.<task>.<kind>`.
+//! `gpufleet.events.<owner>.<job>.<task>.<kind>.<sender>`.
+//!
+//! A reader trusts the subject's sender (the server enforces it) over the
+//! body, and drops an event whose body names another job, task or kind
+//! than its subject: see [`Event::matches_subject`].
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -7,6 +11,7 @@ use time::OffsetDateTime;
 use crate::ids::{JobId, TaskId, WorkerId};
 use crate::status::TaskState;
 use crate::units::ByteSize;
+use crate::usage::TaskUsage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -52,9 +57,23 @@ pub struct Event {
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
     pub body: EventBody,
+    /// In a result only: the attempt's token from its reservation, which
+    /// nobody but the worker holding it (and the coordinator) can read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 impl Event {
+    /// Whether the body agrees with the subject it came on: the same job,
+    /// task and kind, and, from a worker, that worker's name. Anything else
+    /// was put there by someone who could not have sent it.
+    pub fn matches_subject(&self, subject: &crate::subjects::EventSubject) -> bool {
+        self.job_id == subject.job
+            && self.task_id == subject.task
+            && self.kind() == subject.kind
+            && self.worker.as_ref() == subject.sender.worker()
+    }
+
     pub fn kind(&self) -> EventKind {
         match self.body {
             EventBody::State { .. } => EventKind::State,
@@ -79,6 +98,11 @@ pub enum EventBody {
         state: TaskState,
         #[serde(default)]
         reason: Option<String>,
+        /// The worker that holds the attempt, in the coordinator's events
+        /// while it does (RESERVED, RUNNING): the one sender whose output,
+        /// progress and result count for the attempt.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        holder: Option<WorkerId>,
     },
     /// One batch of output: whole lines, in order.
     Log {
@@ -114,13 +138,16 @@ pub struct TaskOutcome {
     pub started_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     pub finished_at: OffsetDateTime,
+    /// What the attempt used; absent when it never started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TaskUsage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Artifact {
     /// Path relative to the output directory.
     pub name: String,
-    /// Object name in `gpufleet-artifacts`.
+    /// `<job>/<task>/<attempt>/<path>` (`subjects::artifact_object`).
     pub object: String,
     pub size: ByteSize,
     pub sha256: String,

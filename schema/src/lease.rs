@@ -6,11 +6,17 @@
 //! worker claims it by a compare-and-set to `RUNNING` and renews it while the
 //! task runs. A lease nobody renews expires on its own. The KV revision of
 //! the claim is the fencing token that the worker sends with its results.
+//!
+//! A reservation is signed by the coordinator (Ed25519, an NKey) over its
+//! fixed part: who owns it, what runs, where, with what, and the attempt's
+//! random `token`. A worker configured with trusted keys runs nothing whose
+//! signature does not check, whoever managed to write it.
 
+use data_encoding::BASE64URL_NOPAD;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::ids::{GpuUuid, JobId, TaskId, WorkerId};
+use crate::ids::{GpuUuid, JobId, TaskId, UserId, WorkerId};
 use crate::spec::TaskSpec;
 use crate::units::{ByteSize, Dur};
 
@@ -31,6 +37,9 @@ pub enum LeaseState {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lease {
+    /// The job's owner: the user that submitted it.
+    #[serde(default = "UserId::default_user")]
+    pub owner: UserId,
     pub job_id: JobId,
     pub task_id: TaskId,
     /// 1 for the first try.
@@ -50,6 +59,104 @@ pub struct Lease {
     pub instance: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub reserved_at: OffsetDateTime,
+    /// Random per attempt and secret to those who can read the lease (the
+    /// worker and the coordinator): a result must carry it.
+    #[serde(default)]
+    pub token: String,
+    /// The public NKey that signed the reservation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// The signature over [`Lease::signed_bytes`], base64url.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// The revision of the worker's claim, which its renewals carry, so
+    /// that whoever reads the lease later knows which revision results
+    /// must name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_rev: Option<u64>,
+}
+
+/// Why a reservation's signature does not check.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    #[error("the reservation is not signed")]
+    Missing,
+    #[error("the reservation is signed by {0}, a key this worker does not trust")]
+    Untrusted(String),
+    #[error("the reservation's signature does not match its content")]
+    Mismatch,
+    #[error("signing key: {0}")]
+    Key(String),
+}
+
+/// The part of a reservation the signature covers, in a fixed order.
+#[derive(Serialize)]
+struct SignedPart<'a> {
+    owner: &'a UserId,
+    job_id: &'a JobId,
+    task_id: &'a TaskId,
+    attempt: u32,
+    worker: &'a WorkerId,
+    task: &'a TaskSpec,
+    grant: &'a Grant,
+    rendezvous: &'a Option<Rendezvous>,
+    lease_ttl: Dur,
+    #[serde(with = "time::serde::rfc3339")]
+    reserved_at: OffsetDateTime,
+    token: &'a str,
+}
+
+impl Lease {
+    /// The bytes the signature covers: MessagePack of the fixed part, so
+    /// that the worker computes the same bytes from what it decoded.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let part = SignedPart {
+            owner: &self.owner,
+            job_id: &self.job_id,
+            task_id: &self.task_id,
+            attempt: self.attempt,
+            worker: &self.worker,
+            task: &self.task,
+            grant: &self.grant,
+            rendezvous: &self.rendezvous,
+            lease_ttl: self.lease_ttl,
+            reserved_at: self.reserved_at,
+            token: &self.token,
+        };
+        // Every field is plain data: encoding cannot fail.
+        rmp_serde::to_vec_named(&part).unwrap_or_default()
+    }
+
+    /// Signs the reservation with `key` (an NKey with its seed).
+    pub fn sign(&mut self, key: &nkeys::KeyPair) -> Result<(), SealError> {
+        let signature = key
+            .sign(&self.signed_bytes())
+            .map_err(|e| SealError::Key(e.to_string()))?;
+        self.signer = Some(key.public_key());
+        self.signature = Some(BASE64URL_NOPAD.encode(&signature));
+        Ok(())
+    }
+
+    /// Checks the signature against the trusted public keys.
+    pub fn verify(&self, trusted: &[nkeys::KeyPair]) -> Result<(), SealError> {
+        let (Some(signer), Some(signature)) = (&self.signer, &self.signature) else {
+            return Err(SealError::Missing);
+        };
+        let key = trusted
+            .iter()
+            .find(|k| &k.public_key() == signer)
+            .ok_or_else(|| SealError::Untrusted(signer.clone()))?;
+        let signature = BASE64URL_NOPAD
+            .decode(signature.as_bytes())
+            .map_err(|_| SealError::Mismatch)?;
+        key.verify(&self.signed_bytes(), &signature)
+            .map_err(|_| SealError::Mismatch)
+    }
+}
+
+/// A fresh per-attempt token: 128 random bits, base64url.
+pub fn new_token() -> String {
+    BASE64URL_NOPAD.encode(uuid::Uuid::new_v4().as_bytes())
 }
 
 /// What the task was given on its worker.
@@ -79,4 +186,125 @@ pub struct Rendezvous {
     pub world_size: u32,
     pub master_addr: String,
     pub master_port: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::spec::Resources;
+    use crate::units::ByteSize;
+
+    fn reservation(timeout_ns: u64, cpus: f64, env: BTreeMap<String, String>) -> Lease {
+        let job = JobId::new("j1").unwrap();
+        Lease {
+            owner: UserId::new("alice").unwrap(),
+            task_id: TaskId::for_index(&job, 0),
+            job_id: job,
+            attempt: 1,
+            worker: WorkerId::new("w1").unwrap(),
+            state: LeaseState::Reserved,
+            reason: None,
+            task: TaskSpec {
+                name: Some("t".into()),
+                command: vec!["sh".into(), "-c".into(), "id".into()],
+                env,
+                resources: Resources {
+                    cpus,
+                    memory: Some(ByteSize::mib(512)),
+                    ..Resources::default()
+                },
+                timeout: Some(Dur(Duration::from_nanos(timeout_ns))),
+                artifacts: vec!["out/*".into()],
+            },
+            grant: Grant {
+                gpus: vec![GpuGrant {
+                    index: 0,
+                    uuid: "GPU-1".into(),
+                    memory: ByteSize::gib(8),
+                }],
+                exclusive: true,
+                cpus_milli: 1500,
+                memory: ByteSize::mib(512),
+            },
+            rendezvous: None,
+            lease_ttl: Dur::secs(30),
+            instance: None,
+            reserved_at: OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789)
+                .unwrap(),
+            token: new_token(),
+            signer: None,
+            signature: None,
+            claim_rev: None,
+        }
+    }
+
+    fn decoded(l: &Lease) -> Lease {
+        crate::codec::decode(&crate::codec::encode(l).unwrap()).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// What the coordinator signs, the worker checks after the trip
+        /// through the wire: the signed bytes survive encoding.
+        #[test]
+        fn a_signed_reservation_checks_after_the_wire(
+            timeout_ns in 0u64..(400 * 24 * 3600 * 1_000_000_000),
+            cpus in 0.001f64..512.0,
+            env in proptest::collection::btree_map("[A-Z]{1,8}", ".{0,20}", 0..4),
+        ) {
+            let key = nkeys::KeyPair::new_account();
+            let mut l = reservation(timeout_ns, cpus, env);
+            l.sign(&key).unwrap();
+            let got = decoded(&l);
+            prop_assert_eq!(got.signed_bytes(), l.signed_bytes());
+            let trusted = nkeys::KeyPair::from_public_key(&key.public_key()).unwrap();
+            prop_assert_eq!(got.verify(&[trusted]), Ok(()));
+        }
+    }
+
+    #[test]
+    fn a_changed_forged_or_unsigned_reservation_is_refused() {
+        let key = nkeys::KeyPair::new_account();
+        let trusted = [nkeys::KeyPair::from_public_key(&key.public_key()).unwrap()];
+        let mut l = reservation(1_000_000_000, 1.0, BTreeMap::new());
+        assert_eq!(l.verify(&trusted), Err(SealError::Missing));
+        l.sign(&key).unwrap();
+        assert_eq!(l.verify(&trusted), Ok(()));
+
+        // What the worker may change does not break it.
+        let mut claimed = l.clone();
+        claimed.state = LeaseState::Running;
+        claimed.instance = Some("i".into());
+        claimed.claim_rev = Some(7);
+        assert_eq!(claimed.verify(&trusted), Ok(()));
+
+        // What it runs, where, or for whom, does.
+        let mut changed = l.clone();
+        changed.task.command = vec!["rm".into(), "-rf".into(), "/".into()];
+        assert_eq!(changed.verify(&trusted), Err(SealError::Mismatch));
+        let mut changed = l.clone();
+        changed.owner = UserId::new("bob").unwrap();
+        assert_eq!(changed.verify(&trusted), Err(SealError::Mismatch));
+
+        // Signed by someone else.
+        let mut forged = l.clone();
+        forged.sign(&nkeys::KeyPair::new_account()).unwrap();
+        assert!(matches!(
+            forged.verify(&trusted),
+            Err(SealError::Untrusted(_))
+        ));
+        // Someone else's key under our signer's name.
+        let mut forged = l.clone();
+        let signer = forged.signer.clone();
+        forged.sign(&nkeys::KeyPair::new_account()).unwrap();
+        forged.signer = signer;
+        assert_eq!(forged.verify(&trusted), Err(SealError::Mismatch));
+        forged.signature = Some("not base64!".into());
+        assert_eq!(forged.verify(&trusted), Err(SealError::Mismatch));
+    }
 }

@@ -15,6 +15,22 @@ use crate::units::{ByteSize, Dur};
 pub const MAX_TASKS_PER_JOB: usize = 5_000;
 /// The most GPUs one task may ask for.
 pub const MAX_GPUS_PER_TASK: u32 = 64;
+/// The longest timeout: a task's deadline is a clock plus this, and must
+/// never overflow it.
+pub const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+/// The largest memory (host or GPU) a task may ask for, 1 PiB: sums of
+/// many such requests still fit a u64.
+pub const MAX_MEMORY: u64 = 1 << 50;
+/// The most CPUs one task may ask for.
+pub const MAX_CPUS: f64 = 4096.0;
+/// The longest program argument or environment value Linux passes to a
+/// program (`MAX_ARG_STRLEN`); longer ones would fail at start.
+pub const MAX_ARG_BYTES: usize = 128 * 1024;
+/// The longest name (of a job, a task, an environment variable).
+pub const MAX_NAME_BYTES: usize = 256;
+/// The most entries of each list in a task or job (arguments, variables,
+/// artifact globs, labels, workers).
+pub const MAX_LIST: usize = 4096;
 /// Environment names a task may not set: the worker owns them.
 pub const RESERVED_ENV_PREFIX: &str = "GPUFLEET_";
 pub const RESERVED_ENV: &[&str] = &[
@@ -177,6 +193,11 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
     }
 }
 
+/// A name a client sent, cut short for a message that quotes it.
+fn shorten(s: &str) -> String {
+    crate::text::cut(s, 72)
+}
+
 fn valid_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -200,8 +221,8 @@ impl JobSpec {
             ));
         }
         if let Some(name) = &self.name {
-            if name.len() > 256 {
-                return Err(err("name", "at most 256 bytes"));
+            if name.len() > MAX_NAME_BYTES {
+                return Err(err("name", format!("at most {MAX_NAME_BYTES} bytes")));
             }
         }
         if self.max_retries > 100 {
@@ -221,10 +242,16 @@ impl JobSpec {
                 ));
             }
         }
+        if self.constraints.labels.len() > MAX_LIST {
+            return Err(err("constraints.labels", format!("at most {MAX_LIST}")));
+        }
+        if self.constraints.workers.len() > MAX_LIST {
+            return Err(err("constraints.workers", format!("at most {MAX_LIST}")));
+        }
         for (k, v) in &self.constraints.labels {
             if !valid_label(k) {
                 return Err(err(
-                    format!("constraints.labels.{k}"),
+                    format!("constraints.labels.{}", shorten(k)),
                     "label names use A-Z a-z 0-9 _ - . / (at most 63)",
                 ));
             }
@@ -241,6 +268,14 @@ impl JobSpec {
 
 impl TaskSpec {
     pub fn validate(&self, at: &str) -> Result<(), SpecError> {
+        if let Some(name) = &self.name {
+            if name.len() > MAX_NAME_BYTES {
+                return Err(err(
+                    format!("{at}.name"),
+                    format!("at most {MAX_NAME_BYTES} bytes"),
+                ));
+            }
+        }
         match self.command.first() {
             None => return Err(err(format!("{at}.command"), "must name a program")),
             Some(p) if p.is_empty() => {
@@ -248,16 +283,48 @@ impl TaskSpec {
             }
             _ => {}
         }
-        if self.command.iter().any(|a| a.contains('\0')) {
+        if self.command.len() > MAX_LIST {
             return Err(err(
                 format!("{at}.command"),
-                "arguments must not contain NUL",
+                format!("at most {MAX_LIST} arguments"),
+            ));
+        }
+        for (j, a) in self.command.iter().enumerate() {
+            if a.contains('\0') {
+                return Err(err(format!("{at}.command[{j}]"), "must not contain NUL"));
+            }
+            if a.len() > MAX_ARG_BYTES {
+                return Err(err(
+                    format!("{at}.command[{j}]"),
+                    format!("at most {MAX_ARG_BYTES} bytes (Linux passes no longer argument)"),
+                ));
+            }
+        }
+        if self.env.len() > MAX_LIST {
+            return Err(err(
+                format!("{at}.env"),
+                format!("at most {MAX_LIST} variables"),
             ));
         }
         for (k, v) in &self.env {
-            let field = format!("{at}.env.{k}");
-            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(err(field, "names must be non-empty without '=' or NUL"));
+            let field = format!("{at}.env.{}", shorten(k));
+            if k.is_empty()
+                || k.len() > MAX_NAME_BYTES
+                || k.contains('=')
+                || k.chars().any(char::is_control)
+            {
+                return Err(err(
+                    field,
+                    format!(
+                        "names are 1 to {MAX_NAME_BYTES} bytes, without '=' or control characters"
+                    ),
+                ));
+            }
+            if v.contains('\0') || v.len() > MAX_ARG_BYTES {
+                return Err(err(
+                    field,
+                    format!("values are at most {MAX_ARG_BYTES} bytes, without NUL"),
+                ));
             }
             if k.starts_with(RESERVED_ENV_PREFIX) || RESERVED_ENV.contains(&k.as_str()) {
                 return Err(err(field, "is set by the worker and cannot be overridden"));
@@ -270,25 +337,45 @@ impl TaskSpec {
                 format!("at most {MAX_GPUS_PER_TASK}"),
             ));
         }
-        if !r.cpus.is_finite() || r.cpus < 0.0 || r.cpus > 4096.0 {
+        // A task that asks for no CPU at all would let any number run at
+        // once on one machine.
+        if !r.cpus.is_finite() || r.cpus_milli() == 0 || r.cpus > MAX_CPUS {
             return Err(err(
                 format!("{at}.resources.cpus"),
-                "must be a number from 0 to 4096",
+                format!("must be a number from 0.001 to {MAX_CPUS}"),
             ));
+        }
+        for (name, size) in [("memory", r.memory), ("gpu_memory", r.gpu_memory)] {
+            if size.is_some_and(|m| m.0 > MAX_MEMORY) {
+                return Err(err(
+                    format!("{at}.resources.{name}"),
+                    format!("at most {}", ByteSize(MAX_MEMORY)),
+                ));
+            }
         }
         if let Some(t) = self.timeout {
             if t.0.is_zero() {
                 return Err(err(format!("{at}.timeout"), "must be more than 0"));
             }
+            if t.0 > MAX_TIMEOUT {
+                return Err(err(format!("{at}.timeout"), "at most 366 days"));
+            }
+        }
+        if self.artifacts.len() > MAX_LIST {
+            return Err(err(
+                format!("{at}.artifacts"),
+                format!("at most {MAX_LIST} globs"),
+            ));
         }
         for (j, pattern) in self.artifacts.iter().enumerate() {
             if pattern.is_empty()
+                || pattern.len() > 4096
                 || pattern.starts_with('/')
                 || pattern.split('/').any(|c| c == "..")
             {
                 return Err(err(
                     format!("{at}.artifacts[{j}]"),
-                    "must be a relative glob inside the output directory",
+                    "must be a relative glob inside the output directory (at most 4096 bytes)",
                 ));
             }
         }
@@ -364,6 +451,39 @@ mod tests {
         assert!(j.validate().is_ok());
         j.min_tasks = Some(2);
         assert_eq!(j.validate().unwrap_err().field, "min_tasks");
+    }
+
+    #[test]
+    fn what_cannot_be_stored_or_run_is_refused_naming_the_field() {
+        let with = |f: fn(&mut TaskSpec)| {
+            let mut t = task(&["true"]);
+            f(&mut t);
+            job(vec![t]).validate().map_err(|e| e.to_string())
+        };
+        let e = with(|t| t.timeout = Some(Dur::secs(u64::MAX))).unwrap_err();
+        assert!(e.starts_with("tasks[0].timeout: at most"), "{e}");
+        assert!(with(|t| t.timeout = Some(Dur::secs(365 * 24 * 3600))).is_ok());
+        let e = with(|t| t.resources.cpus = 0.0).unwrap_err();
+        assert!(e.starts_with("tasks[0].resources.cpus"), "{e}");
+        let e = with(|t| t.resources.cpus = 0.0001).unwrap_err();
+        assert!(e.starts_with("tasks[0].resources.cpus"), "{e}");
+        let e = with(|t| t.resources.memory = Some(ByteSize(u64::MAX))).unwrap_err();
+        assert!(e.starts_with("tasks[0].resources.memory"), "{e}");
+        let e = with(|t| t.resources.gpu_memory = Some(ByteSize(u64::MAX))).unwrap_err();
+        assert!(e.starts_with("tasks[0].resources.gpu_memory"), "{e}");
+        for bad in ["A\r\nB", "A\nB", "A\tB", "A\u{7f}"] {
+            let mut t = task(&["true"]);
+            t.env.insert(bad.into(), "1".into());
+            let e = job(vec![t]).validate().unwrap_err();
+            assert!(e.message.contains("control characters"), "{bad:?}: {e}");
+        }
+        let e = with(|t| t.command.push("x".repeat(MAX_ARG_BYTES + 1))).unwrap_err();
+        assert!(e.starts_with("tasks[0].command[1]"), "{e}");
+        // A huge name is not echoed whole.
+        let mut t = task(&["true"]);
+        t.env.insert("A".repeat(300_000), "1".into());
+        let e = job(vec![t]).validate().unwrap_err().to_string();
+        assert!(e.len() < 300, "{}", e.len());
     }
 
     #[test]

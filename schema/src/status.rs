@@ -6,7 +6,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::ids::{GpuUuid, JobId, TaskId, WorkerId};
+use crate::ids::{GpuUuid, JobId, TaskId, UserId, WorkerId};
+use crate::usage::TaskUsage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum JobState {
@@ -186,6 +187,9 @@ impl TaskCounts {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
     pub job_id: JobId,
+    /// Who submitted it; its events are under `gpufleet.events.<owner>.…`.
+    #[serde(default = "UserId::default_user")]
+    pub owner: UserId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub status: JobState,
@@ -226,4 +230,8 @@ pub struct TaskStatus {
     pub started_at: Option<OffsetDateTime>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub finished_at: Option<OffsetDateTime>,
+    /// What its attempt uses (while it runs, from its worker's latest
+    /// advert) or used (once it ended, from its result).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TaskUsage>,
 }

@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 
 use crate::ids::{GpuUuid, TaskId, WorkerId};
 use crate::units::{ByteSize, Dur};
+use crate::usage::TaskUsage;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerAdvert {
@@ -43,6 +44,18 @@ pub struct WorkerAdvert {
     /// Draining workers take no new work.
     #[serde(default)]
     pub draining: bool,
+    /// Set by the coordinator in `workers.list` (a worker's own value is
+    /// ignored): no new work is placed here for now, as it is held for a
+    /// task or gang that has waited too long (see the queue policy).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
+    /// What each running task has used so far, by task id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub usage: BTreeMap<TaskId, TaskUsage>,
+    /// Where the worker serves its Prometheus metrics (`metrics_addr`),
+    /// when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
     /// How long the advert lives without a heartbeat.
     pub ttl: Dur,
     #[serde(with = "time::serde::rfc3339")]
@@ -70,4 +83,8 @@ pub struct GpuAdvert {
     pub temperature: Option<u32>,
     #[serde(default)]
     pub simulated: bool,
+    /// Tasks holding this GPU, as `workers.list` reports it (the caller's
+    /// own only, with roles on); workers leave it empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_by: Vec<TaskId>,
 }

@@ -8,7 +8,7 @@ use async_nats::Client;
 use bytes::Bytes;
 use futures::StreamExt;
 use gpufleet_natsutil::events::{Replay, Until};
-use gpufleet_schema::{codec, subjects, Event, EventBody, EventKind, JobId, TaskState};
+use gpufleet_schema::{codec, subjects, Event, EventBody, EventKind, JobId, TaskState, UserId};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -28,6 +28,14 @@ starvation_after = "5s"
 result_grace = "5s"
 leader_ttl = "3s"
 connect_patience = "10s"
+retry_backoff = "200ms"
+retry_backoff_max = "2s"
+# Many test servers share one disk, and each reserves these.
+events_max_bytes = "256MiB"
+jobs_max_bytes = "256MiB"
+artifacts_max_bytes = "512MiB"
+# Any free port: test fleets run side by side.
+metrics_addr = "127.0.0.1:0"
 "#;
 
 pub struct Fleet {
@@ -47,6 +55,11 @@ pub struct WorkerSpec {
     pub extra: Vec<String>,
     /// Environment variables beyond the test kit's own.
     pub env: Vec<(String, String)>,
+    /// Run the worker as this user rather than the test's.
+    pub user: Option<String>,
+    /// Connect the worker here rather than to the fleet's server (a
+    /// [`crate::proxy::Proxy`] in front of it, say).
+    pub nats_url: Option<String>,
 }
 
 impl WorkerSpec {
@@ -58,6 +71,8 @@ impl WorkerSpec {
             labels: None,
             extra: vec![],
             env: vec![],
+            user: None,
+            nats_url: None,
         }
     }
 
@@ -80,18 +95,57 @@ impl WorkerSpec {
         self.env.extend(vars);
         self
     }
+
+    pub fn via(mut self, nats_url: &str) -> Self {
+        self.nats_url = Some(nats_url.into());
+        self
+    }
+
+    pub fn as_user(mut self, user: &str) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+}
+
+/// [`COORDINATOR_TEST_CONFIG`] with some settings changed (`key`, TOML
+/// value).
+pub fn coordinator_config(overrides: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for line in COORDINATOR_TEST_CONFIG.lines() {
+        let key = line.split('=').next().unwrap_or("").trim();
+        if !overrides.iter().any(|(k, _)| *k == key) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    for (k, v) in overrides {
+        out.push_str(&format!("{k} = {v}\n"));
+    }
+    out
 }
 
 impl Fleet {
     /// A server and a coordinator; add workers with [`Fleet::add_worker`].
     pub async fn start() -> Fleet {
+        Self::start_with(&[]).await
+    }
+
+    /// [`Fleet::start`] with some coordinator settings changed.
+    pub async fn start_with(overrides: &[(&str, &str)]) -> Fleet {
         let server = NatsServer::start();
         let dir = tempfile::Builder::new()
             .prefix("gpufleet-fleet-")
             .tempdir()
             .expect("tempdir");
-        std::fs::write(dir.path().join("coordinator.toml"), COORDINATOR_TEST_CONFIG)
-            .expect("write config");
+        // Workers started as root run their tasks as `nobody`: tasks must
+        // reach their work directories here, and write the files tests
+        // steer them by.
+        open_to_tasks(dir.path());
+        std::fs::write(
+            dir.path().join("coordinator.toml"),
+            coordinator_config(overrides),
+        )
+        .expect("write config");
         let mut fleet = Fleet {
             server,
             coordinator: None,
@@ -145,49 +199,18 @@ impl Fleet {
     pub fn worker_args(&self, spec: &WorkerSpec) -> Vec<String> {
         let mut args = vec![
             "--nats-url".to_string(),
-            self.url(),
+            spec.nats_url.clone().unwrap_or_else(|| self.url()),
             "--name".into(),
             spec.name.clone(),
-            "--heartbeat".into(),
-            "500ms".into(),
-            "--advert-ttl".into(),
-            "2s".into(),
-            "--work-dir".into(),
-            self.dir
-                .path()
-                .join(format!("work-{}", spec.name))
-                .display()
-                .to_string(),
-            // Gang rendezvous stays on loopback in tests.
-            "--addr".into(),
-            "127.0.0.1".into(),
         ];
-        if let Some(g) = &spec.gpus {
-            args.push("--simulate-gpus".into());
-            args.push(g.clone());
-        }
-        if let Some(c) = spec.cpus {
-            args.push("--cpus".into());
-            args.push(c.to_string());
-        }
-        if let Some(l) = &spec.labels {
-            args.push("--labels".into());
-            args.push(l.clone());
-        }
-        args.extend(spec.extra.iter().cloned());
+        args.extend(worker_test_args(self.dir.path(), spec));
         args
     }
 
     /// Starts a worker and waits until the coordinator lists it.
     pub async fn add_worker(&mut self, spec: WorkerSpec) {
         let args = self.worker_args(&spec);
-        // A short kill grace keeps stop tests quick.
-        let mut env = vec![
-            ("GPUFLEET_KILL_GRACE", "1s"),
-            ("GPUFLEET_DRAIN_TIMEOUT", "5s"),
-        ];
-        env.extend(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let proc = Proc::spawn("gpufleet-worker", &args, &env);
+        let proc = spawn_worker(&args, &spec);
         self.workers.push((spec.name.clone(), proc));
         self.wait_worker_listed(&spec.name, true).await;
     }
@@ -281,7 +304,7 @@ impl Fleet {
     ) -> Value {
         let pred = &pred;
         let job = JobId::new(job_id).expect("a job id");
-        let states = subjects::job_events_of_kind(&job, EventKind::State);
+        let states = subjects::job_events_of_kind(&UserId::default_user(), &job, EventKind::State);
         self.recheck_on(states, deadline, what, || async move {
             let status = self.get(job_id).await;
             pred(&status).then_some(status)
@@ -318,7 +341,7 @@ impl Fleet {
     async fn job_events(&self, job: &str, until: Until) -> Replay {
         let js = jetstream::new(self.client().await);
         let job = JobId::new(job).expect("a job id");
-        let filters = vec![subjects::job_events(&job)];
+        let filters = vec![subjects::job_events(&UserId::default_user(), &job)];
         Replay::start(&js, subjects::EVENTS_STREAM, filters, 1, until)
             .await
             .expect("the events stream")
@@ -377,6 +400,101 @@ impl Fleet {
     }
 }
 
+/// A test worker's flags beside how it reaches NATS: quick heartbeats, its
+/// own work directory under `dir`, rendezvous on loopback, and `spec`'s.
+pub fn worker_test_args(dir: &std::path::Path, spec: &WorkerSpec) -> Vec<String> {
+    let mut args = vec![
+        "--heartbeat".to_string(),
+        "500ms".into(),
+        "--advert-ttl".into(),
+        "2s".into(),
+        "--work-dir".into(),
+        dir.join(format!("work-{}", spec.name))
+            .display()
+            .to_string(),
+        // Gang rendezvous stays on loopback in tests.
+        "--addr".into(),
+        "127.0.0.1".into(),
+        // Any free port: test workers run side by side.
+        "--metrics-addr".into(),
+        "127.0.0.1:0".into(),
+    ];
+    if let Some(g) = &spec.gpus {
+        args.push("--simulate-gpus".into());
+        args.push(g.clone());
+    }
+    if let Some(c) = spec.cpus {
+        args.push("--cpus".into());
+        args.push(c.to_string());
+    }
+    if let Some(l) = &spec.labels {
+        args.push("--labels".into());
+        args.push(l.clone());
+    }
+    args.extend(spec.extra.iter().cloned());
+    args
+}
+
+/// Starts `gpufleet-worker ARGS` with `spec`'s environment.
+pub fn spawn_worker(args: &[String], spec: &WorkerSpec) -> Proc {
+    // A short kill grace keeps stop tests quick.
+    let mut env = vec![
+        ("GPUFLEET_KILL_GRACE", "1s"),
+        ("GPUFLEET_DRAIN_TIMEOUT", "5s"),
+    ];
+    env.extend(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    Proc::spawn_as(spec.user.as_deref(), "gpufleet-worker", args, &env)
+}
+
+impl Drop for Fleet {
+    /// Killed with SIGKILL, workers leave their tasks' cgroups behind (and
+    /// anything still running in them): those go too.
+    fn drop(&mut self) {
+        let names: Vec<String> = self.workers.drain(..).map(|(n, _)| n).collect();
+        for name in names {
+            let note = self.dir.path().join(format!("work-{name}/cgroup"));
+            if let Ok(base) = std::fs::read_to_string(&note) {
+                remove_cgroup_tree(std::path::Path::new(base.trim()));
+            }
+        }
+    }
+}
+
+/// Kills whatever runs in the cgroups under `base` and removes them.
+fn remove_cgroup_tree(base: &std::path::Path) {
+    let Ok(children) = std::fs::read_dir(base) else {
+        return;
+    };
+    for child in children.flatten().filter(|c| c.path().is_dir()) {
+        let dir = child.path();
+        for _ in 0..200 {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() {
+                break;
+            }
+            for pid in procs
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: a plain kill of a process in a test's own cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            // Dying takes the kernel a moment; there is no event for it.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    let _ = std::fs::remove_dir(base);
+}
+
+/// Lets tasks, which may run as another user than the test, enter and
+/// write `dir`.
+pub fn open_to_tasks(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+        .unwrap_or_else(|e| panic!("open {} to tasks: {e}", dir.display()));
+}
+
 /// The state of each task of a job status, in order.
 pub fn task_states(status: &Value) -> Vec<String> {
     status["tasks"]
@@ -391,7 +509,7 @@ pub fn task_states(status: &Value) -> Vec<String> {
 pub fn state_events(evs: &[Event]) -> Vec<(u32, TaskState, Option<String>)> {
     evs.iter()
         .filter_map(|e| match &e.body {
-            EventBody::State { state, reason } => Some((e.attempt, *state, reason.clone())),
+            EventBody::State { state, reason, .. } => Some((e.attempt, *state, reason.clone())),
             _ => None,
         })
         .collect()
@@ -431,13 +549,59 @@ pub async fn api(client: &Client, subject: &str, body: &Value) -> Result<Value, 
         .map_err(|e| format!("request {subject}: {e}"))?;
     if let Some(h) = &reply.headers {
         if let Some(code) = h.get("Nats-Service-Error-Code") {
-            let msg = h
-                .get("Nats-Service-Error")
-                .map(|v| v.to_string())
+            // The message is in the body; the header has a short phrase.
+            let msg = serde_json::from_slice::<Value>(&reply.payload)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .or_else(|| h.get("Nats-Service-Error").map(|v| v.to_string()))
                 .unwrap_or_default();
             return Err(format!("{code}: {msg}"));
         }
     }
     serde_json::from_slice(&reply.payload)
         .map_err(|e| format!("reply of {subject} is not JSON: {e}"))
+}
+
+/// A coordinator on `url` (one URL or several) with the settings `config`
+/// (TOML), written to a file in `dir`.
+pub fn spawn_coordinator(url: &str, dir: &std::path::Path, config: &str) -> Proc {
+    let path = dir.join("coordinator.toml");
+    std::fs::write(&path, config).expect("write the coordinator's settings");
+    let args = [
+        "--nats-url".to_string(),
+        url.to_string(),
+        "--config".into(),
+        path.display().to_string(),
+    ];
+    Proc::spawn("gpufleet-coordinator", &args, &[])
+}
+
+/// A worker `name` on `url` with the program's own defaults (not the test
+/// fleet's), working in a directory of its own under `dir`, with `extra`
+/// flags.
+pub fn spawn_plain_worker(url: &str, name: &str, dir: &std::path::Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "--nats-url".to_string(),
+        url.to_string(),
+        "--name".into(),
+        name.into(),
+        "--work-dir".into(),
+        dir.join(format!("work-{name}")).display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Proc::spawn("gpufleet-worker", &args, &[])
+}
+
+/// Waits until `workers.list` shows `n` workers.
+pub async fn wait_workers_listed(client: &Client, n: usize, what: &str) {
+    eventually(Duration::from_secs(120), what, || {
+        let client = client.clone();
+        async move {
+            let ws = api(&client, subjects::WORKERS_LIST, &serde_json::json!({}))
+                .await
+                .ok()?;
+            (ws.as_array()?.len() == n).then_some(())
+        }
+    })
+    .await;
 }

@@ -273,20 +273,31 @@ fn check_task_events(
     let mut newest = 0u32;
     for e in evs {
         match &e.body {
-            EventBody::State { state, .. } => {
+            EventBody::State { state, holder: named, .. } => {
                 let a = e.attempt;
+                // The coordinator's RESERVED and RUNNING name the holder; a
+                // worker's own RUNNING is signed by its sender.
+                let from_worker = e.worker.is_some();
+                let named = named.as_ref().or(e.worker.as_ref()).map(|w| w.to_string());
+                if matches!(state, TaskState::Reserved | TaskState::Running) {
+                    let held = holder.entry(a).or_insert(None);
+                    match (&held, named) {
+                        (_, None) => {}
+                        (None, named) => *held = named,
+                        (Some(h), Some(n)) if *h != n => v.push(format!(
+                            "task {task}: attempt {a} {state} from {n}, held by {h}"
+                        )),
+                        _ => {}
+                    }
+                }
+                // The order of attempts is the coordinator's: a worker's
+                // RUNNING may reach the stream after the coordinator gave
+                // its attempt up (the ledger says whether both really ran).
+                if from_worker {
+                    continue;
+                }
                 match state {
                     TaskState::Reserved | TaskState::Running => {
-                        let named = e.worker.as_ref().map(|w| w.to_string());
-                        let held = holder.entry(a).or_insert(None);
-                        match (&held, named) {
-                            (_, None) => {}
-                            (None, named) => *held = named,
-                            (Some(h), Some(n)) if *h != n => v.push(format!(
-                                "task {task}: attempt {a} {state} from {n}, held by {h}"
-                            )),
-                            _ => {}
-                        }
                         if a < newest {
                             v.push(format!(
                                 "task {task}: {state} of attempt {a} after attempt {newest} began"
@@ -757,6 +768,7 @@ mod tests {
         };
         JobStatus {
             job_id: JobId::new(JOB).unwrap(),
+            owner: gpufleet_schema::UserId::default_user(),
             name: None,
             status: job_state,
             reason: None,
@@ -777,6 +789,7 @@ mod tests {
                 reason: None,
                 started_at: None,
                 finished_at: None,
+                usage: None,
             }],
         }
     }
@@ -790,6 +803,7 @@ mod tests {
             lease_rev: None,
             at: OffsetDateTime::UNIX_EPOCH,
             body,
+            token: None,
         }
     }
 
@@ -800,6 +814,20 @@ mod tests {
             EventBody::State {
                 state,
                 reason: None,
+                holder: None,
+            },
+        )
+    }
+
+    /// The coordinator's RESERVED, naming the holder.
+    fn reserved(attempt: u32, holder: &str) -> Event {
+        event(
+            attempt,
+            None,
+            EventBody::State {
+                state: TaskState::Reserved,
+                reason: None,
+                holder: Some(WorkerId::new(holder).unwrap()),
             },
         )
     }
@@ -817,6 +845,7 @@ mod tests {
                 artifacts: vec![],
                 started_at: None,
                 finished_at: OffsetDateTime::UNIX_EPOCH,
+                usage: None,
             }),
         )
     }
@@ -826,13 +855,13 @@ mod tests {
     }
 
     /// Attempt 1 lost on w1, attempt 2 succeeded on w2 (the coordinator's
-    /// events name no worker; a worker's name their sender).
+    /// events name the holder; a worker's name their sender).
     fn retried_events() -> Vec<Event> {
         vec![
-            state(1, None, TaskState::Reserved),
+            reserved(1, "w1"),
             state(1, Some("w1"), TaskState::Running),
             state(1, None, TaskState::Lost),
-            state(2, None, TaskState::Reserved),
+            reserved(2, "w2"),
             state(2, Some("w2"), TaskState::Running),
             result(2, "w2"),
             state(2, None, TaskState::Succeeded),
@@ -907,6 +936,27 @@ mod tests {
         assert!(
             v.iter()
                 .any(|m| m.contains("attempt 2 RESERVED while attempt 1")),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_late_running_of_a_lost_attempt_is_not_but_another_sender_is() {
+        let s = status(TaskState::Succeeded, 2, Some(probe_result(2)));
+        // w1's RUNNING reached the stream after the coordinator had given
+        // attempt 1 up: the ledger, not the stream, says whether it ran on.
+        let mut evs = retried_events();
+        let late = evs.remove(1);
+        evs.insert(4, late);
+        let v = violations(&s, evs, &retried_ledger());
+        assert!(v.is_empty(), "{v:?}");
+
+        let mut evs = retried_events();
+        evs[4] = state(2, Some("w1"), TaskState::Running);
+        let v = violations(&s, evs, &retried_ledger());
+        assert!(
+            v.iter()
+                .any(|m| m.contains("attempt 2 RUNNING from w1, held by w2")),
             "{v:?}"
         );
     }

@@ -2,19 +2,29 @@
 //! binaries ([`procs`]) and what `/proc` says of a pid ([`pids`]), a whole
 //! fleet with the reads the suites share (a job's events and its tasks'
 //! states, [`fleet`]), the invariants every fault must leave intact
-//! ([`invariants`]), a stand-in NVML library ([`nvml`]) and waiting with
-//! deadlines ([`wait`]). The end-to-end suite
+//! ([`invariants`]), a stand-in NVML library ([`nvml`]), a fleet with
+//! roles made by `gpufleet auth` ([`secure`]), a private CA for mutual TLS
+//! ([`tls`]), a TCP proxy that cuts a program off from its server
+//! ([`proxy`]), a plain HTTP client ([`http`]) and waiting with deadlines
+//! ([`wait`]). The end-to-end suite
 //! lives in `tests/tests/`.
 
 pub mod fleet;
+pub mod http;
 pub mod invariants;
 pub mod nvml;
 pub mod pids;
 pub mod procs;
+pub mod proxy;
+pub mod secure;
 pub mod server;
+pub mod tls;
 pub mod wait;
 
-pub use fleet::{api, get_job, state_events, submit_job, task_states, Fleet, WorkerSpec};
+pub use fleet::{
+    api, coordinator_config, get_job, open_to_tasks, spawn_coordinator, spawn_plain_worker,
+    spawn_worker, state_events, submit_job, task_states, wait_workers_listed, Fleet, WorkerSpec,
+};
 pub use procs::{bin, Proc};
 pub use server::{nats_server_bin, NatsCluster, NatsServer};
 pub use wait::{eventually, with_deadline};

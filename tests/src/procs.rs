@@ -57,6 +57,16 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The primary group of `user`, from `id -g`.
+fn primary_gid(user: &str) -> String {
+    let out = Command::new("id")
+        .args(["-g", user])
+        .output()
+        .unwrap_or_else(|e| panic!("id -g {user}: {e}"));
+    assert!(out.status.success(), "no user {user}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// A running gpufleet program.
 pub struct Proc {
     child: Option<Child>,
@@ -68,13 +78,35 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin(program)` with `args`; stdout and stderr go to a log file.
     pub fn spawn(program: &str, args: &[String], envs: &[(&str, &str)]) -> Proc {
+        Proc::spawn_as(None, program, args, envs)
+    }
+
+    /// [`Proc::spawn`], as `user` (a name or uid, with its primary group
+    /// and no other) when given: the test runs as root, a deployment may
+    /// not.
+    pub fn spawn_as(
+        user: Option<&str>,
+        program: &str,
+        args: &[String],
+        envs: &[(&str, &str)],
+    ) -> Proc {
         let dir = tempfile::Builder::new()
             .prefix("gpufleet-proc-")
             .tempdir()
             .expect("tempdir");
         let log = dir.path().join("output.log");
         let out = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(bin(program));
+        let mut cmd = match user {
+            None => Command::new(bin(program)),
+            Some(user) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={user}"))
+                    .arg(format!("--regid={}", primary_gid(user)))
+                    .arg("--clear-groups")
+                    .arg(bin(program));
+                c
+            }
+        };
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup log"))

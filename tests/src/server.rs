@@ -177,6 +177,27 @@ impl NatsServer {
         }
     }
 
+    /// Starts a server from a whole configuration file of someone else's
+    /// making (`gpufleet auth` writes one) that listens on `port`; always
+    /// our own, even where the others are external.
+    pub fn from_config(config: &Path, port: u16) -> NatsServer {
+        let dir = tempfile::Builder::new()
+            .prefix("gpufleet-nats-")
+            .tempdir()
+            .expect("tempdir");
+        let mut server = NatsServer {
+            child: None,
+            port,
+            dir,
+            config: config.to_path_buf(),
+            external: None,
+        };
+        server
+            .spawn()
+            .expect("start nats-server from its configuration");
+        server
+    }
+
     pub fn url(&self) -> String {
         match &self.external {
             Some(url) => url.clone(),

@@ -944,6 +944,60 @@ async fn up_run_once_runs_the_sample_job_and_exits_with_its_outcome() {
     assert!(!dir.exists());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_secure_runs_the_sample_job_with_roles_and_signed_reservations() {
+    let mut up = command(
+        None,
+        &[
+            "up",
+            "--secure",
+            "--workers",
+            "2",
+            "--port",
+            "0",
+            "--run",
+            "examples/hello.json",
+            "--once",
+        ],
+    )
+    .stdin(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut stderr = up.stderr.take().unwrap();
+    let mut said = String::new();
+    read_until(&mut stderr, &mut said, "fleet ready").await;
+    let dir = said
+        .lines()
+        .find_map(|l| l.strip_prefix("starting a local fleet in "))
+        .map(PathBuf::from)
+        .unwrap();
+    // The fleet runs from what `gpufleet auth` wrote: roles on, a signing
+    // key, and every worker trusting it.
+    let auth = dir.join("auth");
+    let coordinator = std::fs::read_to_string(auth.join("coordinator.toml")).unwrap();
+    assert!(coordinator.contains("roles = true"), "{coordinator}");
+    let worker = std::fs::read_to_string(auth.join("worker-local-1.toml")).unwrap();
+    assert!(worker.contains("trusted_keys = [\"U"), "{worker}");
+    let (mut stdout, mut rest) = (String::new(), String::new());
+    let mut out_pipe = up.stdout.take().unwrap();
+    let (a, b) = tokio::join!(
+        out_pipe.read_to_string(&mut stdout),
+        stderr.read_to_string(&mut rest)
+    );
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(exit_code(&mut up).await, Some(0), "{said}{rest}");
+    assert!(
+        stdout.contains("[hello-gpu-0] training step 3\n"),
+        "{stdout}"
+    );
+    assert!(
+        rest.contains("status: FINISHED:COMPLETED") && rest.contains("fleet stopped"),
+        "{rest}"
+    );
+    assert!(!dir.exists());
+}
+
 /// Waits until `$SRV.PING.gpufleet` answers on `url`.
 async fn wait_coordinator(url: &str) {
     let client = async_nats::connect(url).await.unwrap();

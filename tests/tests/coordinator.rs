@@ -366,6 +366,8 @@ async fn a_coordinator_killed_mid_run_loses_nothing_and_runs_nothing_twice() {
     fleet.add_worker(WorkerSpec::new("w2").cpus(2.0)).await;
     let ledger = fleet.dir().join("ran");
     std::fs::write(&ledger, "").unwrap();
+    // Tasks may run as another user (`run_as`) than the test.
+    std::fs::set_permissions(&ledger, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
     // Each task appends its id to one file: a task run twice shows twice.
     let tasks: Vec<Value> = (0..50)
         .map(|i| {
@@ -505,9 +507,34 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
         })
         .await;
     fleet.coordinator.as_mut().unwrap().kill9();
-    gpufleet_testkit::eventually(T, "the standby to lead", || {
+    // It leads before it serves (it restores first): wait for the API.
+    gpufleet_testkit::eventually(T, "the standby to lead and serve", || {
         let out = standby.output();
-        async move { out.contains("leading the fleet").then_some(()) }
+        async move { out.contains("serving the gpufleet API").then_some(()) }
+    })
+    .await;
+    // It serves once it has restored the fleet's state.
+    gpufleet_testkit::eventually(T, "the new leader to serve", || {
+        let client = client.clone();
+        let id = id.clone();
+        async move {
+            api(&client, "gpufleet.api.jobs.get", &json!({"job_id": id}))
+                .await
+                .ok()
+        }
+    })
+    .await;
+    // It serves the API only once it has restored the jobs and caught up
+    // with the leases and results: a moment after it says it leads.
+    gpufleet_testkit::eventually(T, "the new leader to serve", || {
+        let client = client.clone();
+        let id = id.clone();
+        async move {
+            let get = json!({"job_id": id});
+            gpufleet_testkit::api(&client, "gpufleet.api.jobs.get", &get)
+                .await
+                .ok()
+        }
     })
     .await;
     let status = fleet.wait_finished(&id, T).await;

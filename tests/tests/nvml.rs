@@ -358,3 +358,69 @@ async fn a_gpu_that_falls_off_the_bus_leaves_the_advert_with_one_warning_and_com
     let log = fleet.workers[0].1.output();
     assert!(log.contains("NVML reads every GPU again"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_gpu_memory_and_utilisation_are_read_from_nvml_per_process() {
+    let mut l4 = StubGpu::new(0, "GPU-usage-0", "NVIDIA L4", 24 * GIB);
+    l4.utilization = 40;
+    let (fleet, mut table) = fleet_on_stub(vec![l4]).await;
+    let ctl = fleet.dir().to_path_buf();
+    // The CUDA process is the task's shell's child, as under torchrun.
+    let script = r#"sleep 600 & echo $! > "$CTL/pid.tmp" && mv "$CTL/pid.tmp" "$CTL/pid"; wait"#;
+    let job = fleet
+        .submit(
+            &json!({"id": "nv-usage", "tasks": [{"command": ["sh", "-c", script],
+            "env": {"CTL": ctl},
+            "resources": {"gpus": 0, "gpu_memory": "10GiB"}}]}),
+        )
+        .await;
+    let pid: u32 = wait_file(&ctl.join("pid")).await.trim().parse().unwrap();
+    let usage_is = |gib: u64| {
+        move |s: &Value| s["tasks"][0]["usage"]["gpu_memory_peak"].as_u64() == Some(gib * GIB)
+    };
+    // The task's process uses 6 GiB, then 8, then 3; a stranger 5 all along.
+    let stranger = std::process::id();
+    let mut peak = 0;
+    for gib in [6, 8, 3] {
+        peak = peak.max(gib);
+        table.processes = vec![
+            StubProcess::new(0, pid, gib * GIB),
+            StubProcess::new(0, stranger, 5 * GIB),
+        ];
+        table.write();
+        fleet
+            .wait_job(
+                &job,
+                T,
+                &format!("a GPU peak of {peak} GiB"),
+                usage_is(peak),
+            )
+            .await;
+        // The stranger's memory is never the task's.
+        let a = fleet
+            .wait_advert("w1", "the new reading", |a| {
+                a["gpus"][0]["memory_used"] == (gib + 5) * GIB
+            })
+            .await;
+        assert_eq!(bytes(&a["gpus"][0]["memory_unmanaged"]), 5 * GIB, "{a:#}");
+    }
+    let running = fleet.get(&job).await;
+    let u = &running["tasks"][0]["usage"];
+    assert_eq!(u["gpu_utilization_mean"].as_f64(), Some(40.0), "{u}");
+    assert!(
+        u.get("gpu_simulated").is_none(),
+        "real (stand-in) GPUs: {u}"
+    );
+
+    let client = fleet.client().await;
+    gpufleet_testkit::api(&client, "gpufleet.api.jobs.cancel", &json!({"job_id": job}))
+        .await
+        .unwrap();
+    let done = fleet.wait_finished(&job, T).await;
+    // The result keeps the peak; the sampler saw the task's processes.
+    assert_eq!(
+        done["tasks"][0]["usage"]["gpu_memory_peak"].as_u64(),
+        Some(8 * GIB),
+        "{done:#}"
+    );
+}

@@ -10,15 +10,16 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use gpufleet_natsutil::{KvChange, KvEvent, KvOp, KvWatcher, RawKv};
+use gpufleet_natsutil::{artifacts, KvChange, KvEvent, KvOp, KvWatcher, RawKv};
 use gpufleet_schema::{
-    codec, subjects, ByteSize, Dur, Event, EventBody, GpuGrant, Grant, Lease, LeaseState,
-    LogStream, TaskId, TaskOutcome, TaskState, WorkerAdvert, WorkerId,
+    codec, subjects, ByteSize, Dur, Event, EventBody, GpuGrant, Grant, JobId, Lease, LeaseState,
+    LogStream, TaskId, TaskOutcome, TaskState, UserId, WorkerAdvert, WorkerId,
 };
+use gpufleet_testkit::proxy::Proxy;
 use gpufleet_testkit::{
     eventually, pids, state_events, task_states, with_deadline, Fleet, WorkerSpec,
 };
@@ -37,6 +38,7 @@ const GIB: u64 = 1 << 30;
 fn ctl(fleet: &Fleet, name: &str) -> PathBuf {
     let dir = fleet.dir().join(format!("ctl-{name}"));
     std::fs::create_dir_all(&dir).expect("create the control directory");
+    gpufleet_testkit::open_to_tasks(&dir);
     dir
 }
 
@@ -333,6 +335,11 @@ fn rogue_lease(worker_field: &str, task: &str, grant: Grant, spec: Value) -> Lea
         lease_ttl: Dur::secs(3),
         instance: None,
         reserved_at: time::OffsetDateTime::now_utc(),
+        owner: UserId::default_user(),
+        token: "rogue".into(),
+        signer: None,
+        signature: None,
+        claim_rev: None,
     }
 }
 
@@ -443,7 +450,7 @@ async fn a_reservation_that_would_overcommit_the_worker_is_refused_with_a_reason
         .submit(&json!({"tasks": [{"command": ["true"], "resources": {"cpus": 1}}]}))
         .await;
     let refused = fleet.wait_event(&id, T, "the coordinator to record the refusal", |e| {
-        matches!(&e.body, EventBody::State { state: TaskState::Queued, reason: Some(r) } if r.contains("refused"))
+        matches!(&e.body, EventBody::State { state: TaskState::Queued, reason: Some(r), .. } if r.contains("refused"))
     })
     .await;
     let EventBody::State { reason, .. } = &refused.body else {
@@ -729,7 +736,7 @@ async fn going_over_the_memory_limit_or_out_of_memory_is_interrupted_and_retried
         "{status:#}"
     );
     let t = &status["tasks"][0];
-    assert_eq!(t["state"], "INTERRUPTED");
+    assert_eq!(t["state"], "INTERRUPTED", "{t:#}");
     assert_eq!(t["attempt"], 2, "retried once, as max_retries allows");
     assert!(
         t["reason"]
@@ -752,10 +759,11 @@ async fn going_over_the_memory_limit_or_out_of_memory_is_interrupted_and_retried
     );
     assert_eq!(status["tasks"][0]["state"], "INTERRUPTED");
     assert_eq!(status["tasks"][0]["exit_code"], 1);
-    assert!(status["tasks"][0]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("ran out of memory"));
+    let reason = status["tasks"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("out of memory: PyTorch reported"),
+        "{reason}"
+    );
 }
 
 // ----- 5. leases -----
@@ -1087,28 +1095,26 @@ async fn artifacts_are_stored_under_job_task_attempt_with_matching_sizes_and_dig
     assert_eq!(names, vec!["out/model.bin", "out/sub/notes.txt"]);
 
     let js = jetstream::new(fleet.client().await);
-    let store = js
-        .get_object_store(subjects::ARTIFACTS_BUCKET)
+    let stored = artifacts::list(&js, &UserId::default_user(), &JobId::new("art").unwrap())
         .await
         .unwrap();
-    for a in &listed {
+    let stored_names: Vec<&str> = stored.iter().map(|a| a.meta.name.as_str()).collect();
+    assert_eq!(
+        stored_names, names,
+        "a file no glob matches is not uploaded"
+    );
+    for (a, s) in listed.iter().zip(&stored) {
         assert_eq!(a.object, format!("art/art-0/1/{}", a.name));
-        let mut object = store.get(a.object.as_str()).await.expect("stored");
-        let mut stored = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut stored)
-            .await
-            .unwrap();
+        assert_eq!(s.at.worker.as_str(), "w1", "stored under its uploader");
+        let mut bytes = Vec::new();
+        artifacts::download(&js, s, &mut bytes).await.unwrap();
         let file = Path::new(&a.name).file_name().unwrap();
         let original = std::fs::read(ctl.join(file)).unwrap();
-        assert_eq!(stored, original, "{} holds the task's bytes", a.object);
+        assert_eq!(bytes, original, "{} holds the task's bytes", a.object);
         assert_eq!(a.size.0, original.len() as u64);
         assert_eq!(a.sha256, hex(&Sha256::digest(&original)));
     }
     assert_eq!(listed[0].size.0, 300_000);
-    assert!(
-        store.get("art/art-0/1/out/ignored.log").await.is_err(),
-        "a file no glob matches is not uploaded"
-    );
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -1280,4 +1286,380 @@ async fn with_log_format_json_every_log_line_is_a_json_object_with_the_task_as_f
         .find(|l| l["task_id"] == "jl-0")
         .unwrap_or_else(|| panic!("no line with the task as a field:\n{log}"));
     assert_eq!(claimed["attempt"], 1, "{claimed}");
+}
+
+// ----- 7. containment (issue 11) -----
+
+/// A NATS user seed in the format `nsc` writes (prefix `SU`, CRC-16/XMODEM,
+/// base32), so that a worker can load a credentials file; a server without
+/// authorization lets its holder in.
+fn user_seed(raw: [u8; 32]) -> String {
+    let mut bytes = vec![(18 << 3) | (20 << 3 >> 5), ((20 << 3) & 31) << 3];
+    bytes.extend_from_slice(&raw);
+    let crc = bytes.iter().fold(0u16, |crc, &b| {
+        let mut c = crc ^ ((b as u16) << 8);
+        for _ in 0..8 {
+            c = if c & 0x8000 != 0 {
+                (c << 1) ^ 0x1021
+            } else {
+                c << 1
+            };
+        }
+        c
+    });
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let (mut out, mut acc, mut bits) = (String::new(), 0u32, 0);
+    for b in bytes {
+        acc = (acc << 8) | b as u32;
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((acc << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+/// Writes a credentials file only its owner (root) may read.
+fn write_creds(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let jwt = "eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.eyJzdWIiOiJVQSJ9.c2lnbmF0dXJl";
+    let creds = format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        user_seed([7; 32])
+    );
+    std::fs::write(path, creds).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_environment_and_reach_hold_no_secret_of_the_worker() {
+    const TOKEN: &str = "s3cret-token-of-the-worker";
+    let mut fleet = Fleet::start().await;
+    let creds = fleet.dir().join("worker.creds");
+    write_creds(&creds);
+    let secrets = vec![
+        ("GPUFLEET_NATS_TOKEN".to_string(), TOKEN.to_string()),
+        (
+            "GPUFLEET_NATS_CREDS".to_string(),
+            creds.display().to_string(),
+        ),
+        (
+            "SOME_CLOUD_SECRET".to_string(),
+            "another-secret".to_string(),
+        ),
+    ];
+    // As root (tasks as nobody), and as an unprivileged user (tasks as the
+    // same user: only the worker being non-dumpable keeps them out of its
+    // /proc/<pid>/environ). The creds file is root's, so only the first
+    // gets it.
+    fleet
+        .add_worker(WorkerSpec::new("wroot").env(secrets.clone()))
+        .await;
+    fleet
+        .add_worker(
+            WorkerSpec::new("wuser")
+                .as_user("nobody")
+                .env(secrets[..1].iter().chain(&secrets[2..]).cloned()),
+        )
+        .await;
+    let ctl = ctl(&fleet, "secrets");
+    let script = r#"env > "$CTL/env-$W"; cat "/proc/$PPID/environ" > "$CTL/penv-$W" 2>&1; echo "status=$?" >> "$CTL/penv-$W"; (exec 3< "/proc/$PPID/mem") 2> "$CTL/mem-$W"; echo "status=$?" >> "$CTL/mem-$W"; cat "$CREDS" > "$CTL/creds-$W" 2>&1; echo "status=$?" >> "$CTL/creds-$W""#;
+    let mut ids = Vec::new();
+    for w in ["wroot", "wuser"] {
+        ids.push(
+            fleet
+                .submit(&json!({"constraints": {"workers": [w]}, "tasks": [{
+                    "command": ["sh", "-c", script],
+                    "env": {"CTL": ctl, "W": w, "CREDS": creds}}]}))
+                .await,
+        );
+    }
+    for id in &ids {
+        let status = fleet.wait_finished(id, T).await;
+        assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
+    }
+    for w in ["wroot", "wuser"] {
+        let env = std::fs::read_to_string(ctl.join(format!("env-{w}"))).unwrap();
+        // The job itself tells the task where the file is (CREDS).
+        let not_the_jobs: Vec<&str> = env.lines().filter(|l| !l.starts_with("CREDS=")).collect();
+        for secret in [TOKEN, "another-secret", "worker.creds", "GPUFLEET_NATS"] {
+            assert!(
+                !not_the_jobs.iter().any(|l| l.contains(secret)),
+                "{w}: {secret} in the task's env:\n{env}"
+            );
+        }
+        // What the contract gives a task is there.
+        let vars = parse_env(&env);
+        for k in ["PATH", "HOME", "GPUFLEET_TASK_ID", "GPUFLEET_RESULT", "W"] {
+            assert!(vars.contains_key(k), "{w}: no {k} in\n{env}");
+        }
+        for what in ["penv", "mem", "creds"] {
+            let got = std::fs::read_to_string(ctl.join(format!("{what}-{w}"))).unwrap();
+            assert!(!got.contains(TOKEN), "{w}: the token leaked through {what}");
+            assert!(
+                !got.ends_with("status=0\n"),
+                "{w}: {what} was readable:\n{got}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_loop_stops_at_the_process_limit_and_the_host_and_worker_go_on() {
+    let mut fleet = Fleet::start().await;
+    fleet
+        .add_worker(
+            WorkerSpec::new("w1").env([("GPUFLEET_MAX_TASK_PROCESSES".into(), "64".into())]),
+        )
+        .await;
+    let ctl = ctl(&fleet, "forks");
+    let bomb =
+        r#"n=0; while [ $n -lt 5000 ]; do sleep 1000 & n=$((n+1)); echo $n > "$CTL/n"; done"#;
+    let id = fleet
+        .submit(&json!({"tasks": [{"command": ["sh", "-c", bomb], "env": {"CTL": ctl}}]}))
+        .await;
+    let status = fleet.wait_finished(&id, T).await;
+    let task = &status["tasks"][0];
+    assert_eq!(task["state"], "FAILED", "{status:#}");
+    let n: u32 = wait_file(&ctl.join("n")).await.trim().parse().unwrap();
+    assert!(n < 64, "{n} processes started past a limit of 64");
+    // Its 60-odd sleeps went with it.
+    let nobody_sleeps = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_link(e.path().join("cwd")).is_ok_and(|c| c.starts_with(fleet.dir()))
+                    && std::fs::read_to_string(e.path().join("comm"))
+                        .is_ok_and(|c| c.trim() == "sleep")
+            })
+            .count()
+    };
+    eventually(T, "the task's processes to be gone", || async {
+        (nobody_sleeps() == 0).then_some(())
+    })
+    .await;
+    // The worker (and the host) go on.
+    let started = Instant::now();
+    let id = fleet
+        .submit(&json!({"tasks": [{"command": ["echo", "still here"]}]}))
+        .await;
+    let status = fleet.wait_finished(&id, T).await;
+    assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
+    eprintln!("a job after the fork loop took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setsid_child_is_gone_after_its_task_ends() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_worker(WorkerSpec::new("w1")).await;
+    let ctl = ctl(&fleet, "setsid");
+    // It leaves the task's session and group, and its environment.
+    let script = r#"env -i setsid sh -c 'echo $$ > "$1"; exec sleep 1000' _ "$CTL/pid" > /dev/null 2>&1 &
+while [ ! -s "$CTL/pid" ]; do sleep 0.05; done"#;
+    let id = fleet
+        .submit(&json!({"tasks": [{"command": ["sh", "-c", script], "env": {"CTL": ctl}}]}))
+        .await;
+    let pid = wait_pid(&ctl.join("pid")).await;
+    let status = fleet.wait_finished(&id, T).await;
+    assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
+    wait_gone(pid, "the setsid child to be killed at the task's end").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progress_flood_stops_at_the_byte_cap_with_the_output() {
+    let mut fleet = Fleet::start().await;
+    fleet
+        .add_worker(WorkerSpec::new("w1").env([("GPUFLEET_MAX_LOG_SIZE".into(), "64KiB".into())]))
+        .await;
+    // 20,000 progress lines of about 40 bytes: 800 kB, plus some output.
+    let flood = r#"seq 1 1000; i=0; while [ $i -lt 20000 ]; do echo "{\"step\": $i, \"pad\": \"xxxxxxxxxxxxx\"}"; i=$((i+1)); done >> "$GPUFLEET_EVENTS""#;
+    let id = fleet
+        .submit(&json!({"tasks": [{"command": ["sh", "-c", flood]}]}))
+        .await;
+    let status = fleet.wait_finished(&id, Duration::from_secs(120)).await;
+    assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
+    let evs = fleet.events(&id).await;
+    let (mut progress, mut progress_bytes, mut log_bytes, mut notice) = (0, 0, 0, false);
+    for e in &evs {
+        match &e.body {
+            EventBody::Progress { data } => {
+                progress += 1;
+                progress_bytes += data.to_string().len();
+            }
+            EventBody::Log { text, .. } => {
+                log_bytes += text.len();
+                notice |= text.contains("reached max_log_size");
+            }
+            _ => {}
+        }
+    }
+    eprintln!("{progress} progress events ({progress_bytes} bytes), {log_bytes} bytes of logs");
+    assert!(notice, "the task is told why its progress stopped");
+    // The line's own size counts; the shipped JSON is a little shorter.
+    assert!(
+        progress_bytes + log_bytes <= (64 << 10) + 512,
+        "{progress_bytes} + {log_bytes} bytes past a 64 KiB cap"
+    );
+    assert!(progress > 100, "progress within the cap still goes out");
+    assert_eq!(
+        evs.iter()
+            .filter(|e| matches!(e.body, EventBody::Result(_)))
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_too_long_for_the_clock_neither_panics_the_worker_nor_stops_the_task() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_worker(WorkerSpec::new("w1")).await;
+    let leases = bucket(&fleet, subjects::LEASES_BUCKET).await;
+    // Written directly: the coordinator refuses such a job.
+    let lease = rogue_lease(
+        "w1",
+        "huge-0",
+        grant(500, 0, &[], false),
+        json!({"command": ["sh", "-c", "sleep 0.2; echo fine"], "timeout": u64::MAX}),
+    );
+    let mut watch = leases.watch("w1.huge-0.1").await.unwrap();
+    let answer = reserve_directly(&leases, "w1.huge-0.1", &lease).await;
+    assert_eq!(answer.state, LeaseState::Running);
+    // Released once the task ended and its result was stored.
+    let released = next_change(&mut watch, T, "the lease to be released", |c| {
+        c.op != KvOp::Put
+    })
+    .await;
+    assert_eq!(released.op, KvOp::Purge);
+    let evs = fleet.events("huge").await;
+    let outs = outcomes(&evs);
+    assert_eq!(outs.len(), 1, "{evs:?}");
+    assert_eq!(outs[0].2.state, TaskState::Succeeded, "{:?}", outs[0].2);
+    // And the worker is still there to take work.
+    let id = fleet
+        .submit(&json!({"tasks": [{"command": ["true"]}]}))
+        .await;
+    let status = fleet.wait_finished(&id, T).await;
+    assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
+}
+
+// ----- 8. a worker cut off from NATS (issue 13) -----
+
+/// When process `pid` exits (woken by its pidfd), on the wall clock that
+/// tasks write their times with.
+async fn exit_time(pid: i32) -> SystemTime {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(
+        fd >= 0,
+        "pidfd_open {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: just opened, owned by nobody else, kept by the AsyncFd.
+    let fd = unsafe {
+        let fd = OwnedFd::from_raw_fd(fd as i32);
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE).unwrap()
+    };
+    with_deadline(T, &format!("process {pid} to exit"), fd.readable())
+        .await
+        .unwrap()
+        .retain_ready();
+    SystemTime::now()
+}
+
+/// `start <attempt> <ns since the epoch>` lines a task wrote.
+fn starts(log: &str) -> Vec<(u32, SystemTime)> {
+    log.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next()? == "start").then_some(())?;
+            let attempt = f.next()?.parse().ok()?;
+            let ns: u64 = f.next()?.parse().ok()?;
+            Some((attempt, SystemTime::UNIX_EPOCH + Duration::from_nanos(ns)))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_nats_stops_its_task_before_it_can_run_elsewhere() {
+    // A partition: w1's connection stays open, nothing crosses it.
+    cut_off(Proxy::partition).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_connection_is_closed_stops_its_task_before_it_can_run_elsewhere() {
+    // The server seems gone: the connection closes, reconnects fail.
+    cut_off(Proxy::close).await;
+}
+
+/// A task runs on w1, whose connection goes through a proxy; `cut` cuts
+/// it off. Its task must be gone before the coordinator may run it on w2,
+/// and w1 must come back without reporting over the retry.
+async fn cut_off(cut: fn(&Proxy)) {
+    let mut fleet = Fleet::start().await;
+    let proxy = Proxy::to_nats(&fleet.url()).await.unwrap();
+    fleet
+        .add_worker(WorkerSpec::new("w1").via(&proxy.url()))
+        .await;
+    let ctl = ctl(&fleet, "cutoff");
+    let script = r#"echo "start $GPUFLEET_ATTEMPT $(date +%s%N)" >> "$CTL/log"
+if [ "$GPUFLEET_ATTEMPT" = 1 ]; then
+  echo $$ > "$CTL/pid1.tmp" && mv "$CTL/pid1.tmp" "$CTL/pid1"
+  while :; do sleep 0.05; done
+fi
+echo "{\"attempt\": $GPUFLEET_ATTEMPT}" > "$GPUFLEET_RESULT""#;
+    let id = fleet
+        .submit(&json!({"id": "cut", "max_retries": 2, "tasks": [{
+            "command": ["sh", "-c", script], "env": {"CTL": ctl}}]}))
+        .await;
+    let pid1 = wait_pid(&ctl.join("pid1")).await;
+    let died = tokio::spawn(exit_time(pid1));
+    fleet.add_worker(WorkerSpec::new("w2")).await;
+
+    cut(&proxy);
+    let cut = SystemTime::now();
+    let died = died.await.unwrap();
+    let took = died.duration_since(cut).unwrap_or_default();
+    eprintln!("the cut-off worker's task was gone {took:?} after the cut");
+    // Before its advert (2 s) or lease (3 s) could lapse, after which the
+    // coordinator may run the task elsewhere.
+    assert!(took < ADVERT_TTL, "the task ran {took:?} after the cut");
+
+    let status = fleet.wait_finished(&id, T).await;
+    assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
+    let task = &status["tasks"][0];
+    assert_eq!(task["worker"], "w2", "{status:#}");
+    let log = std::fs::read_to_string(ctl.join("log")).unwrap();
+    let later: Vec<SystemTime> = starts(&log)
+        .into_iter()
+        .filter(|(a, _)| *a > 1)
+        .map(|(_, t)| t)
+        .collect();
+    assert!(!later.is_empty(), "{log}");
+    for t in later {
+        assert!(died < t, "attempt 1 still ran when a retry started:\n{log}");
+    }
+
+    // Back in touch: w1 comes back, reports nothing for the attempt it
+    // gave up, and takes work again.
+    proxy.restore();
+    fleet.wait_worker_listed("w1", true).await;
+    let id2 = fleet
+        .submit(&json!({"constraints": {"workers": ["w1"]}, "tasks": [{"command": ["true"]}]}))
+        .await;
+    let status = fleet.wait_finished(&id2, T).await;
+    assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
+    let evs = fleet.events(&id).await;
+    let results: Vec<(u32, Option<String>)> = outcomes(&evs)
+        .into_iter()
+        .map(|(_, e, _)| (e.attempt, e.worker.as_ref().map(|w| w.to_string())))
+        .collect();
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0].1.as_deref(), Some("w2"), "{results:?}");
 }

@@ -12,9 +12,12 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::config::WorkerConfig;
+use crate::fence::Confirmed;
 use crate::gpu::{self, GpuProbe, GpuSnapshot};
 use crate::host::HostProbe;
 use crate::ledger::Capacity;
+use crate::metrics::{Held, WorkerMetrics};
+use crate::usage::Board;
 
 /// What the main loop tells the heartbeat.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -23,6 +26,17 @@ pub struct AdvertInputs {
     pub draining: bool,
     /// GPU memory our leases hold, by GPU uuid.
     pub reserved_gpu: Vec<(GpuUuid, u64)>,
+    /// CPUs (thousandths) and memory our leases hold.
+    pub held_cpus_milli: u64,
+    pub held_memory: u64,
+}
+
+/// What the heartbeat reports beyond the advert's own fields: each
+/// running attempt's usage, its metrics, and where they are served.
+pub struct Observed {
+    pub metrics: WorkerMetrics,
+    pub usage: Board,
+    pub metrics_addr: Option<String>,
 }
 
 async fn probe_gpus(
@@ -72,6 +86,8 @@ pub async fn heartbeat(
     mut probe: Box<dyn GpuProbe>,
     mut inputs: watch::Receiver<AdvertInputs>,
     unmanaged_out: Arc<Mutex<HashMap<GpuUuid, u64>>>,
+    confirmed: Arc<Confirmed>,
+    observed: Observed,
 ) {
     let started_at = OffsetDateTime::now_utc();
     let mut host = HostProbe::default();
@@ -99,7 +115,16 @@ pub async fn heartbeat(
         } else {
             Default::default()
         };
+        observed.usage.gpus(&snap);
         let (gpus, unmanaged) = gpu_adverts(&snap, &now_inputs.reserved_gpu, &ours);
+        observed.metrics.heartbeat(
+            Held {
+                tasks: now_inputs.running.len(),
+                cpus_milli: now_inputs.held_cpus_milli,
+                memory: now_inputs.held_memory,
+            },
+            &gpus,
+        );
         if let Ok(mut m) = unmanaged_out.lock() {
             *m = unmanaged;
         }
@@ -119,6 +144,9 @@ pub async fn heartbeat(
             running: now_inputs.running.clone(),
             rendezvous_ports: Some(cfg.rendezvous_ports),
             draining: now_inputs.draining,
+            held: false,
+            usage: observed.usage.usage(),
+            metrics_addr: observed.metrics_addr.clone(),
             ttl: cfg.advert_ttl,
             started_at,
             sent_at: OffsetDateTime::now_utc(),
@@ -126,11 +154,14 @@ pub async fn heartbeat(
         let Ok(bytes) = codec::encode(&advert) else {
             continue;
         };
-        if let Err(e) = kv
+        let sent = tokio::time::Instant::now();
+        match kv
             .put(worker.as_str(), Bytes::from(bytes), Some(cfg.advert_ttl.0))
             .await
         {
-            tracing::warn!(error = %e, "could not publish the advert");
+            // Tasks are stopped if this stops (see `crate::fence`).
+            Ok(_) => confirmed.mark(sent),
+            Err(e) => tracing::warn!(error = %e, "could not publish the advert"),
         }
         // Adverts at most every 50 ms however fast tasks come and go.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -184,6 +215,7 @@ pub fn gpu_adverts(
                 utilization: g.utilization,
                 temperature: g.temperature,
                 simulated: g.simulated,
+                held_by: vec![],
             }
         })
         .collect();

@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, object_store::ObjectStore};
+use async_nats::jetstream;
 use bytes::Bytes;
-use gpufleet_natsutil::{ensure_stores, Backoff, KvError, KvEvent, KvOp, RawKv, Setup};
+use gpufleet_natsutil::{Backoff, KvError, KvEvent, KvOp, KvWatcher, RawKv};
 use gpufleet_schema::{
     codec, subjects, GpuUuid, Lease, LeaseKey, LeaseState, WorkerAdvert, WorkerId,
 };
@@ -27,10 +27,14 @@ use crate::advert::{self, AdvertInputs};
 use crate::attempt::Attempt;
 use crate::config::WorkerConfig;
 use crate::core::{self, OnLease, WorkerState};
+use crate::fence::Confirmed;
 use crate::gpu;
+use crate::isolation::{self, Isolation};
 use crate::launcher::{Launcher, Processes};
+use crate::metrics::WorkerMetrics;
 use crate::publish::Source;
 use crate::supervisor::{self, StopReason};
+use crate::usage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -53,12 +57,17 @@ pub(crate) struct Ctx {
     pub launcher: Arc<dyn Launcher>,
     pub js: jetstream::Context,
     pub leases: RawKv,
-    pub objects: ObjectStore,
     pub worker: WorkerId,
     pub instance: String,
     pub cfg: WorkerConfig,
     pub work_dir: PathBuf,
     pub dirs: supervisor::DirPool,
+    pub isolation: Arc<Isolation>,
+    /// When the advert was last stored (see [`crate::fence`]).
+    pub advert_confirmed: Arc<Confirmed>,
+    pub metrics: WorkerMetrics,
+    /// What each running attempt uses, for the advert.
+    pub usage: usage::Board,
 }
 
 /// How the main loop reaches an attempt it runs.
@@ -101,6 +110,12 @@ pub async fn run_with(
 ) -> Result<(), WorkerError> {
     cfg.validate().map_err(WorkerError::Config)?;
     let worker = cfg.worker_id().map_err(WorkerError::Config)?;
+    // Before anything secret is in memory: a task running as this user
+    // must not read it from /proc.
+    if let Err(e) = isolation::make_non_dumpable() {
+        tracing::warn!(error = %e, "cannot make the worker non-dumpable");
+    }
+    let isolation = Arc::new(Isolation::from_config(&cfg, &worker).map_err(WorkerError::Config)?);
     let probe = gpu::open_probe(cfg.simulate_gpus.as_deref(), &worker)
         .map_err(|e| WorkerError::Config(e.to_string()))?;
     let client = gpufleet_natsutil::connect(
@@ -111,13 +126,13 @@ pub async fn run_with(
     )
     .await?;
     let js = jetstream::new(client.clone());
-    ensure_stores(&js, &Setup::default()).await?;
-    let leases = RawKv::open(&js, subjects::LEASES_BUCKET).await?;
-    let adverts = RawKv::open(&js, subjects::WORKERS_BUCKET).await?;
-    let objects = js
-        .get_object_store(subjects::ARTIFACTS_BUCKET)
-        .await
-        .map_err(|e| WorkerError::Nats(e.to_string()))?;
+    let trusted = cfg.trusted_keys().map_err(WorkerError::Config)?;
+    // Only the coordinator creates the stores; a worker reads and writes
+    // its own keys through them (its least privilege allows no more).
+    let leases = RawKv::open_scoped(&js, subjects::LEASES_BUCKET).await?;
+    let adverts = RawKv::open_scoped(&js, subjects::WORKERS_BUCKET).await?;
+    let patience = tokio::time::Instant::now() + cfg.connect_patience.0;
+    let mut watch = watch_leases(&leases, &worker, Some(patience)).await?;
     let instance = uuid::Uuid::now_v7().simple().to_string();
     wait_for_name(&adverts, &worker, &instance).await?;
 
@@ -125,6 +140,18 @@ pub async fn run_with(
     tokio::fs::create_dir_all(&work_dir)
         .await
         .map_err(|e| WorkerError::Config(format!("work_dir {}: {e}", work_dir.display())))?;
+    if let Some(user) = &isolation.user {
+        // Made just now with whatever mode: the task user must get in.
+        isolation::check_reachable(&work_dir, user).map_err(WorkerError::Config)?;
+    }
+    if let Some(c) = &isolation.cgroups {
+        // For whoever removes this work directory after a kill -9 of the
+        // worker (a test kit, an operator): where its tasks' cgroups are.
+        let note = work_dir.join(isolation::CGROUP_NOTE);
+        if let Err(e) = tokio::fs::write(&note, c.base().as_os_str().as_encoded_bytes()).await {
+            tracing::warn!(file = %note.display(), error = %e, "cannot note where the task cgroups are");
+        }
+    }
     let cleaned =
         supervisor::clean_up_earlier_run(&work_dir, worker.as_str(), !cfg.keep_task_dirs).await;
     if cleaned != supervisor::CleanedUp::default() {
@@ -142,18 +169,31 @@ pub async fn run_with(
         cpus = capacity.cpus_milli as f64 / 1000.0,
         memory = %gpufleet_schema::ByteSize(capacity.memory),
         gpus = capacity.gpus.len(),
+        isolation = %isolation.describe(),
         "worker starting"
     );
+    let advert_confirmed = Arc::new(Confirmed::now());
+    let metrics = WorkerMetrics::default();
+    metrics.offers(capacity.cpus_milli, capacity.memory);
+    let metrics_server = gpufleet_natsutil::metrics::serve_or_warn(
+        cfg.metrics_addr,
+        metrics.registry(&worker),
+        None,
+    )
+    .await;
     let ctx = Arc::new(Ctx {
         js: js.clone(),
         leases: leases.clone(),
-        objects,
         worker: worker.clone(),
         instance: instance.clone(),
         cfg: cfg.clone(),
         dirs: supervisor::DirPool::new(&work_dir, worker.as_str()),
         work_dir,
         launcher,
+        isolation,
+        advert_confirmed: advert_confirmed.clone(),
+        metrics: metrics.clone(),
+        usage: usage::Board::default(),
     });
 
     let unmanaged: Arc<Mutex<HashMap<GpuUuid, u64>>> = Arc::default();
@@ -167,11 +207,17 @@ pub async fn run_with(
         probe,
         advert_rx,
         unmanaged.clone(),
+        advert_confirmed,
+        advert::Observed {
+            metrics,
+            usage: ctx.usage.clone(),
+            metrics_addr: metrics_server.as_ref().map(|s| s.addr().to_string()),
+        },
     ));
 
-    let mut watch = leases.watch(&subjects::worker_leases(&worker)).await?;
     let (done_tx, mut done_rx) = mpsc::channel::<AttemptMsg>(1024);
-    let mut state: WorkerState<Held> = WorkerState::new(instance.clone(), capacity);
+    let mut state: WorkerState<Held> =
+        WorkerState::new(instance.clone(), capacity).trusting(trusted);
     let drain_deadline = tokio::time::sleep(Duration::MAX);
     tokio::pin!(drain_deadline);
     tokio::pin!(shutdown);
@@ -216,7 +262,7 @@ pub async fn run_with(
                 let Some(item) = item else {
                     // The watch cannot continue; start it again from the
                     // current state (idempotent for keys we already hold).
-                    watch = rewatch(&leases, &worker).await;
+                    watch = watch_leases(&leases, &worker, None).await?;
                     continue;
                 };
                 let change = match item {
@@ -274,6 +320,41 @@ pub async fn run_with(
     Ok(())
 }
 
+/// Starts the watch on this worker's lease keys, retrying (the
+/// coordinator may not have made the bucket yet, or NATS is away) until
+/// `deadline`, or for ever without one.
+async fn watch_leases(
+    leases: &RawKv,
+    worker: &WorkerId,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<KvWatcher, WorkerError> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut said = false;
+    loop {
+        match leases.watch(&subjects::worker_leases(worker)).await {
+            Ok(w) => return Ok(w),
+            Err(e) => {
+                // Only the coordinator creates the stores; until it has,
+                // the bucket is missing (and with roles, reading what is
+                // there is not ours to do).
+                if !said {
+                    said = true;
+                    tracing::info!(error = %e, "waiting for the coordinator to create the stores");
+                } else {
+                    tracing::debug!(error = %e, "cannot watch this worker's leases yet; retrying");
+                }
+                match deadline {
+                    Some(d) => match backoff.next_before(d) {
+                        Some(delay) => tokio::time::sleep(delay).await,
+                        None => return Err(e.into()),
+                    },
+                    None => backoff.wait().await,
+                }
+            }
+        }
+    }
+}
+
 /// Waits until no other live worker advertises under our name.
 async fn wait_for_name(
     adverts: &RawKv,
@@ -313,20 +394,6 @@ async fn wait_for_name(
             "worker name {worker} is in use by a live worker (instance {}); choose another --name",
             old.instance
         ))),
-    }
-}
-
-/// Starts the lease watch again, until it starts.
-async fn rewatch(leases: &RawKv, worker: &WorkerId) -> gpufleet_natsutil::KvWatcher {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        match leases.watch(&subjects::worker_leases(worker)).await {
-            Ok(w) => return w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch leases; retrying");
-                backoff.wait().await;
-            }
-        }
     }
 }
 
@@ -388,7 +455,11 @@ async fn act(
             state.admit(key.clone(), h);
             let done_tx = done_tx.clone();
             tokio::spawn(async move {
-                attempt.run().await;
+                // The main loop hears of the end however the attempt ends,
+                // a panic included, so that its resources are freed.
+                if let Err(e) = tokio::spawn(attempt.run()).await {
+                    tracing::error!(%key, error = %e, "an attempt failed; its lease will lapse");
+                }
                 let _ = done_tx.send(AttemptMsg::Done { key }).await;
             });
             true
@@ -397,7 +468,7 @@ async fn act(
 }
 
 /// Writes a refusal the coordinator reads and records.
-async fn refuse(ctx: &Ctx, key: &LeaseKey, rev: u64, answer: Lease) {
+pub(crate) async fn refuse(ctx: &Ctx, key: &LeaseKey, rev: u64, answer: Lease) {
     let Ok(bytes) = codec::encode(&answer) else {
         return;
     };

@@ -1,14 +1,14 @@
 //! Uploads a task's output files that match its `artifacts` globs to the
-//! `gpufleet-artifacts` object store, as `<job>/<task>/<attempt>/<path>`.
+//! artifacts stream (`natsutil::artifacts`), under the attempt and this
+//! worker's name.
 
+use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use async_nats::jetstream::object_store::ObjectStore;
-use gpufleet_schema::{Artifact, ByteSize};
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, ReadBuf};
+use async_nats::jetstream;
+use gpufleet_natsutil::artifacts::{self, Attempt};
+use gpufleet_schema::{subjects, Artifact, ByteSize};
 
 /// What an upload pass did: the files stored, and what went wrong.
 #[derive(Debug, Default)]
@@ -18,8 +18,12 @@ pub struct Uploaded {
 }
 
 /// Files under `root` matching `patterns`, as paths relative to `root`.
-/// Links and anything resolving outside `root` are left out: a task must
-/// not be able to upload the worker's own files.
+/// Links and anything resolving outside `root` are left out, and so is a
+/// file with other hard links (a hard link to a file elsewhere looks like
+/// any other file): a task must not be able to upload the worker's own
+/// files. Each is opened again at upload time without following any link
+/// ([`open_beneath`]), so swapping a file for a link meanwhile does not
+/// help either.
 pub fn matching_files(root: &Path, patterns: &[String]) -> (Vec<PathBuf>, Vec<String>) {
     let mut files = Vec::new();
     let mut errors = Vec::new();
@@ -50,6 +54,13 @@ pub fn matching_files(root: &Path, patterns: &[String]) -> (Vec<PathBuf>, Vec<St
             if !meta.is_file() {
                 continue;
             }
+            if meta.nlink() > 1 {
+                let shown = path.strip_prefix(root).unwrap_or(&path).display();
+                errors.push(format!(
+                    "artifact {shown} has other hard links (to a file elsewhere, maybe); not uploaded"
+                ));
+                continue;
+            }
             let Ok(real) = path.canonicalize() else {
                 continue;
             };
@@ -69,37 +80,12 @@ pub fn matching_files(root: &Path, patterns: &[String]) -> (Vec<PathBuf>, Vec<St
     (files, errors)
 }
 
-/// Hashes what passes through it.
-struct Hashing<R> {
-    inner: R,
-    hasher: Sha256,
-    bytes: u64,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Hashing<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            let new = &buf.filled()[before..];
-            self.bytes += new.len() as u64;
-            let data = new.to_vec();
-            self.hasher.update(&data);
-        }
-        r
-    }
-}
-
-/// Uploads the matching files of `root` under `prefix`.
+/// Uploads the matching files of `root` as artifacts of `at`.
 pub async fn upload(
-    store: &ObjectStore,
+    js: &jetstream::Context,
+    at: &Attempt,
     root: &Path,
     patterns: &[String],
-    prefix: &str,
     max_size: u64,
 ) -> Uploaded {
     let mut out = Uploaded::default();
@@ -129,36 +115,85 @@ pub async fn upload(
             ));
             continue;
         }
-        let file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
+        let (root2, rel2) = (root.to_path_buf(), rel.clone());
+        let opened = tokio::task::spawn_blocking(move || open_beneath(&root2, &rel2))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let file = match opened {
+            Ok(f) => tokio::fs::File::from_std(f),
             Err(e) => {
-                out.errors.push(format!("artifact {name}: {e}"));
+                out.errors
+                    .push(format!("artifact {name}: {e}; not uploaded"));
                 continue;
             }
         };
-        let object = format!("{prefix}/{name}");
-        let mut reader = Hashing {
-            inner: file,
-            hasher: Sha256::new(),
-            bytes: 0,
-        };
-        match store.put(object.as_str(), &mut reader).await {
-            Ok(_) => out.artifacts.push(Artifact {
+        // A stray process may still be growing it.
+        let file = tokio::io::AsyncReadExt::take(file, max_size);
+        match artifacts::upload(js, at, &name, file).await {
+            Ok(meta) => out.artifacts.push(Artifact {
+                object: subjects::artifact_object(&at.job, &at.task, at.attempt, &name),
                 name,
-                object,
-                size: ByteSize(reader.bytes),
-                sha256: hex(&reader.hasher.finalize()),
+                size: meta.size,
+                sha256: meta.sha256,
             }),
-            Err(e) => out
-                .errors
-                .push(format!("artifact {name}: upload failed: {e}")),
+            Err(e) => out.errors.push(format!("upload failed: {e}")),
         }
     }
     out
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Opens `rel` under `root` without following any symbolic link on the
+/// way (Linux 5.6's `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`;
+/// on older kernels only the last component is checked), refusing what is
+/// not a regular file with no other hard link. Blocking.
+pub fn open_beneath(root: &Path, rel: &Path) -> io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::fs::File::open(root)?;
+    let name = std::ffi::CString::new(rel.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in its name"))?;
+    // SAFETY: zeroed is a valid open_how (no flags, no mode, no resolve).
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: a plain system call on a live directory fd, a NUL-ended
+    // name and an open_how of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOSYS) => crate::supervisor::open_task_file(&root.join(rel)),
+            Some(libc::ELOOP) | Some(libc::EXDEV) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "its path goes through a symbolic link",
+            )),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: just opened, owned by nobody else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd as i32) };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it is not a regular file",
+        ));
+    }
+    if meta.nlink() > 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it has other hard links",
+        ));
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -191,10 +226,39 @@ mod tests {
     }
 
     #[test]
-    fn hex_digest() {
-        assert_eq!(
-            hex(&Sha256::digest(b"")),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    fn a_hard_link_to_a_file_elsewhere_is_not_an_artifact() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("out")).unwrap();
+        std::fs::write(root.join("secret"), b"the worker's").unwrap();
+        std::fs::hard_link(root.join("secret"), root.join("out/x.pt")).unwrap();
+        std::fs::write(root.join("out/y.pt"), b"y").unwrap();
+        let out = root.join("out");
+        let (files, errors) = matching_files(&out, &["*.pt".into()]);
+        assert_eq!(files, vec![PathBuf::from("y.pt")]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("x.pt has other hard links"),
+            "{errors:?}"
         );
+        // And at upload time, should it have been swapped in meanwhile.
+        let e = open_beneath(&out, Path::new("x.pt")).unwrap_err();
+        assert!(e.to_string().contains("hard links"), "{e}");
+    }
+
+    #[test]
+    fn opening_beneath_the_output_dir_follows_no_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"s").unwrap();
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/ok"), b"ok").unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("linked")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), root.join("file")).unwrap();
+        assert!(open_beneath(root, Path::new("sub/ok")).is_ok());
+        for bad in ["linked/secret", "file", "../secret", "sub/../../x"] {
+            assert!(open_beneath(root, Path::new(bad)).is_err(), "{bad}");
+        }
     }
 }

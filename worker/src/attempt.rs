@@ -10,44 +10,23 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gpufleet_natsutil::{Backoff, KvError};
-use gpufleet_schema::{codec, EventBody, Lease, LeaseKey, TaskOutcome, TaskState};
+use gpufleet_schema::{codec, EventBody, Lease, LeaseKey, LeaseState, TaskOutcome, TaskState};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::agent::{AttemptMsg, Ctx};
 use crate::artifacts;
 use crate::core::{self, AfterConflict, Finish};
+use crate::fence::{self, Confirmed, Deadline};
 use crate::publish::{self, Source};
-use crate::supervisor::{Finished, Limits, Output, StopReason, TaskRun};
+use crate::supervisor::{Finished, Limits, Output, StopReason, TaskPaths, TaskRun};
+use crate::usage;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Output batches waiting between a task's supervisor and its shipper.
 /// With the shipper's bound on events in flight and the supervisor's own
 /// queue (`max_pending_log_bytes`) this bounds the output a task can make
 /// the worker hold: 4 MiB plus about 80 batches (5 MiB at 64 KiB a batch).
 const OUTPUT_CHANNEL: usize = 16;
-
-/// When a lease was last known to be this attempt's (claim or renewal), as
-/// nanoseconds on a process-wide monotonic clock, which keeps counting
-/// while the process is frozen.
-#[derive(Default)]
-struct Confirmed(AtomicU64);
-
-fn clock_ns() -> u64 {
-    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    EPOCH
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_nanos() as u64
-}
-
-impl Confirmed {
-    fn mark(&self) {
-        self.0.fetch_max(clock_ns(), Ordering::SeqCst);
-    }
-
-    fn age(&self) -> Duration {
-        Duration::from_nanos(clock_ns().saturating_sub(self.0.load(Ordering::SeqCst)))
-    }
-}
 
 /// One claimed (or about to be claimed) attempt.
 pub(crate) struct Attempt {
@@ -67,12 +46,31 @@ impl Attempt {
     pub async fn run(self) {
         let ctx = self.ctx.clone();
         let ttl = core::lease_ttl(&self.lease);
+        // The task must be gone before the lease or the advert can lapse.
+        let advert_ttl = ctx.cfg.advert_ttl.0;
+        let grace = core::fence_grace(ttl.min(advert_ttl), ctx.cfg.kill_grace.0);
+        let advert_after = core::fence_after(advert_ttl, grace);
+        // Just back in touch with NATS, the advert may be older than the
+        // watchdog allows: the next one is on its way; without it, the
+        // task would be stopped as soon as started.
+        if !ctx
+            .advert_confirmed
+            .fresh_within(advert_after, advert_ttl)
+            .await
+        {
+            let reason = "the worker cannot renew its advert (no contact with NATS)".to_string();
+            tracing::warn!(key = %self.key, "refusing a reservation: {reason}");
+            let answer = core::refusal(self.lease.clone(), LeaseState::Rejected, reason);
+            crate::agent::refuse(&ctx, &self.key, self.rev.load(Ordering::SeqCst), answer).await;
+            return;
+        }
         // Claim: compare-and-set on the reservation's revision.
         let claimed = core::claimed(&self.lease, &ctx.instance);
         let Ok(bytes) = codec::encode(&claimed) else {
             return;
         };
         let expected = self.rev.load(Ordering::SeqCst);
+        let sent = tokio::time::Instant::now();
         let claim_rev = match ctx
             .leases
             .update(&self.key, Bytes::from(bytes), Some(ttl), expected)
@@ -85,11 +83,15 @@ impl Attempt {
             }
         };
         self.rev.fetch_max(claim_rev, Ordering::SeqCst);
-        let confirmed = Arc::new(Confirmed::default());
-        confirmed.mark();
+        // Renewals say which revision claimed it, for a coordinator that
+        // reads the lease later (results must name that revision).
+        let claimed = core::with_claim_rev(claimed, claim_rev);
+        let confirmed = Arc::new(Confirmed::now());
+        confirmed.mark(sent);
         tracing::info!(task_id = %self.lease.task_id, attempt = self.lease.attempt, "task claimed");
 
-        let renewal = tokio::spawn(renew(
+        // Both end with the attempt, however it ends.
+        let _renewal = AbortOnDropHandle::new(tokio::spawn(renew(
             ctx.clone(),
             self.key.clone(),
             claimed,
@@ -97,12 +99,30 @@ impl Attempt {
             self.rev.clone(),
             self.stop.clone(),
             confirmed.clone(),
-        ));
+        )));
+        let deadlines = vec![
+            Deadline {
+                what: "lease renewal",
+                confirmed: confirmed.clone(),
+                after: core::fence_after(ttl, grace),
+            },
+            Deadline {
+                what: "advert",
+                confirmed: ctx.advert_confirmed.clone(),
+                after: advert_after,
+            },
+        ];
+        let _watchdog = AbortOnDropHandle::new(tokio::spawn(fence::watchdog(
+            self.key.clone(),
+            deadlines,
+            self.stop.clone(),
+        )));
 
         let (subject, ev) = self.source.event(
             EventBody::State {
                 state: TaskState::Running,
                 reason: None,
+                holder: None,
             },
             claim_rev,
         );
@@ -114,6 +134,7 @@ impl Attempt {
         let (out_tx, out_rx) = mpsc::channel::<Output>(OUTPUT_CHANNEL);
         let shipper = tokio::spawn(publish::ship_output(
             ctx.js.clone(),
+            ctx.metrics.clone(),
             out_rx,
             self.source.clone(),
             claim_rev,
@@ -127,6 +148,11 @@ impl Attempt {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot make a task directory");
             }
         }
+        let mut limits = Limits::from_config(&ctx.cfg);
+        limits.fence_grace = grace;
+        let meter = usage::Meter::new(self.lease.grant.gpus.clone());
+        let attempt = (self.lease.task_id.clone(), self.lease.attempt);
+        ctx.usage.add(attempt.clone(), meter.clone());
         let run = TaskRun {
             job_id: self.lease.job_id.clone(),
             task_id: self.lease.task_id.clone(),
@@ -135,9 +161,24 @@ impl Attempt {
             gpus: self.lease.grant.gpus.clone(),
             rendezvous: self.lease.rendezvous.clone(),
             dir: dir.clone(),
-            limits: Limits::from_config(&ctx.cfg),
+            limits,
+            isolation: ctx.isolation.clone(),
+            usage: Some(meter),
         };
-        let finished = ctx.launcher.launch(run, out_tx, self.stop_rx.clone()).await;
+        let output_dir = TaskPaths::new(&dir).work;
+        // Its own task: should the supervisor panic, the attempt still
+        // ends, FAILED with the reason, and its resources are freed.
+        let launch = ctx.launcher.launch(run, out_tx, self.stop_rx.clone());
+        let finished = match tokio::spawn(launch).await {
+            Ok(finished) => finished,
+            Err(e) => {
+                let why = panic_message(e);
+                tracing::error!(task_id = %self.lease.task_id, attempt = self.lease.attempt, %why, "the supervisor of a task failed");
+                supervisor_failed(why, output_dir)
+            }
+        };
+        ctx.usage.remove(&attempt);
+        ctx.metrics.log(0, finished.log_dropped_bytes);
         // Every log line is in the stream before the result.
         let _ = shipper.await;
 
@@ -150,22 +191,28 @@ impl Attempt {
         let fenced = match core::finish(stop, confirmed.age(), ttl) {
             Finish::Report => false,
             Finish::Fenced => true,
-            Finish::CheckLease if self.still_ours().await => false,
             Finish::CheckLease => {
-                // The lease lapsed while nothing here could notice (a
-                // frozen worker, a stalled runtime): a newer attempt may
-                // run elsewhere.
-                self.stop.send_replace(Some(StopReason::Fenced));
-                true
+                // Its process is gone: whatever the lease says, what it
+                // held is free, also while the check waits for NATS.
+                self.free_resources().await;
+                if self.still_ours(ttl, &confirmed).await {
+                    false
+                } else {
+                    // The lease lapsed while nothing here could renew it
+                    // (cut off, frozen): a newer attempt may run elsewhere.
+                    self.stop.send_replace(Some(StopReason::Fenced));
+                    true
+                }
             }
         };
         if fenced {
-            tracing::warn!(task_id = %self.lease.task_id, "attempt fenced: its result is not reported");
+            tracing::warn!(task_id = %self.lease.task_id, attempt = self.lease.attempt, "attempt fenced: its result is not reported");
         } else {
             let outcome = self.outcome(finished).await;
-            self.report(outcome, claim_rev).await;
+            self.report(outcome, claim_rev, ttl, &confirmed).await;
         }
-        renewal.abort();
+        drop(_watchdog);
+        drop(_renewal);
         self.released.store(true, Ordering::SeqCst);
         if !fenced {
             self.free_resources().await;
@@ -181,17 +228,31 @@ impl Attempt {
     }
 
     /// Whether the lease is still this attempt's ([`core::still_ours`]).
-    async fn still_ours(&self) -> bool {
-        match self.ctx.leases.last(&self.key).await {
-            Ok(latest) => {
-                core::still_ours(latest.as_ref(), self.lease.attempt, &self.ctx.instance).is_some()
+    /// Without an answer from NATS it asks again, for as long as
+    /// [`core::reconcile_for`] allows since the last renewal; then it is
+    /// taken as lost.
+    async fn still_ours(&self, ttl: Duration, confirmed: &Confirmed) -> bool {
+        let mut delay = core::renewal_retry(ttl);
+        loop {
+            match self.ctx.leases.last(&self.key).await {
+                Ok(latest) => {
+                    return core::still_ours(
+                        latest.as_ref(),
+                        self.lease.attempt,
+                        &self.ctx.instance,
+                    )
+                    .is_some()
+                }
+                Err(e) if confirmed.age() < core::reconcile_for(ttl) => {
+                    tracing::info!(key = %self.key, error = %e, "cannot check the lease yet; retrying");
+                }
+                Err(e) => {
+                    tracing::warn!(key = %self.key, error = %e, "cannot check the lease; taking it as lost");
+                    return false;
+                }
             }
-            Err(e) => {
-                // Cannot tell; the coordinator refuses a superseded
-                // attempt's result anyway.
-                tracing::warn!(key = %self.key, error = %e, "cannot check the lease before reporting");
-                true
-            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 
@@ -211,15 +272,20 @@ impl Attempt {
         let mut error = f.error;
         let mut artifacts = Vec::new();
         if f.launched && !self.lease.task.artifacts.is_empty() {
-            let prefix = format!(
-                "{}/{}/{}",
-                self.lease.job_id, self.lease.task_id, self.lease.attempt
-            );
+            let l = &self.lease;
+            let at = gpufleet_natsutil::artifacts::Attempt {
+                owner: l.owner.clone(),
+                job: l.job_id.clone(),
+                task: l.task_id.clone(),
+                attempt: l.attempt,
+                worker: self.ctx.worker.clone(),
+                token: l.token.clone(),
+            };
             let up = artifacts::upload(
-                &self.ctx.objects,
+                &self.ctx.js,
+                &at,
                 &f.output_dir,
-                &self.lease.task.artifacts,
-                &prefix,
+                &l.task.artifacts,
                 self.ctx.cfg.max_artifact_size.0,
             )
             .await;
@@ -241,11 +307,19 @@ impl Attempt {
             artifacts,
             started_at: f.started_at,
             finished_at: f.finished_at,
+            usage: f.usage,
         }
     }
 
-    /// Publishes the result until the stream has it, or the lease is lost.
-    async fn report(&self, outcome: TaskOutcome, claim_rev: u64) {
+    /// Publishes the result until the stream has it, or the lease is lost
+    /// (or, cut off from NATS, may be: see [`core::reconcile_for`]).
+    async fn report(
+        &self,
+        outcome: TaskOutcome,
+        claim_rev: u64,
+        ttl: Duration,
+        confirmed: &Confirmed,
+    ) {
         // A result event that cannot be one NATS message would be refused
         // on every try: make it fit first.
         let max = self
@@ -260,8 +334,11 @@ impl Attempt {
         });
         let (subject, ev) = self.source.event(EventBody::Result(outcome), claim_rev);
         // The same id on every try: the stream keeps one copy.
-        let msg_id =
-            gpufleet_schema::subjects::result_msg_id(&self.lease.task_id, self.lease.attempt);
+        let msg_id = gpufleet_schema::subjects::result_msg_id(
+            &self.lease.task_id,
+            self.lease.attempt,
+            &self.lease.token,
+        );
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             if publish::publish(&self.ctx.js, subject.clone(), &ev, Some(&msg_id)).await {
@@ -270,8 +347,46 @@ impl Attempt {
             if *self.stop_rx.borrow() == Some(StopReason::Fenced) {
                 return;
             }
+            if confirmed.age() >= core::reconcile_for(ttl) {
+                tracing::warn!(task_id = %self.lease.task_id, attempt = self.lease.attempt, "cannot report the result and the lease has lapsed; giving up");
+                return;
+            }
             backoff.wait().await;
         }
+    }
+}
+
+/// What a panic said, for the task's reason.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// The end of an attempt whose supervisor failed: its processes were
+/// killed as the supervisor unwound.
+fn supervisor_failed(why: String, output_dir: std::path::PathBuf) -> Finished {
+    Finished {
+        state: TaskState::Failed,
+        exit_code: None,
+        signal: None,
+        result: None,
+        error: Some(format!(
+            "the worker failed while supervising the task ({why}); the task was stopped"
+        )),
+        started_at: None,
+        finished_at: time::OffsetDateTime::now_utc(),
+        output_dir,
+        // Its artifacts are not looked for: what it left is unknown.
+        launched: false,
+        log_dropped_bytes: 0,
+        usage: None,
     }
 }
 
@@ -335,9 +450,11 @@ fn fit_outcome(
 }
 
 /// Renews the lease every third of its TTL, compare-and-set on the last
-/// revision ([`core::renewal`] says what it writes). A lost race is looked
-/// into ([`core::after_conflict`]): the coordinator asking to cancel is
-/// obeyed; anything else means the lease is no longer ours.
+/// revision ([`core::renewal`] says what it writes); after a failed
+/// renewal it tries again soon ([`core::renewal_retry`]) rather than a
+/// period later. A lost race is looked into ([`core::after_conflict`]): the
+/// coordinator asking to cancel is obeyed; anything else means the lease is
+/// no longer ours.
 async fn renew(
     ctx: Arc<Ctx>,
     key: LeaseKey,
@@ -349,25 +466,29 @@ async fn renew(
 ) {
     let attempt = lease.attempt;
     let mut current = lease;
-    let mut interval = tokio::time::interval(ttl / 3);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    interval.tick().await;
+    let period = ttl / 3;
+    let retry = core::renewal_retry(ttl);
+    let mut next = tokio::time::Instant::now() + period;
     loop {
-        interval.tick().await;
+        tokio::time::sleep_until(next).await;
+        next = tokio::time::Instant::now() + retry;
         // A cancel the lease watch saw (its revision is already ours).
         core::renewal(&mut current, *stop.borrow());
         let Ok(bytes) = codec::encode(&current) else {
             return;
         };
         let expected = rev.load(Ordering::SeqCst);
-        match ctx
+        let sent = tokio::time::Instant::now();
+        let renewed = ctx
             .leases
             .update(&key, Bytes::from(bytes), Some(ttl), expected)
-            .await
-        {
+            .await;
+        ctx.metrics.renewal(sent.elapsed());
+        match renewed {
             Ok(r) => {
                 rev.fetch_max(r, Ordering::SeqCst);
-                confirmed.mark();
+                confirmed.mark(sent);
+                next = tokio::time::Instant::now() + period;
                 continue;
             }
             Err(KvError::Conflict { .. }) => {}
@@ -401,12 +522,15 @@ async fn renew(
                 // while the task is stopped.
                 current = *lease;
                 if let Ok(b) = codec::encode(&current) {
+                    let sent = tokio::time::Instant::now();
                     if let Ok(r) = ctx
                         .leases
                         .update(&key, Bytes::from(b), Some(ttl), revision)
                         .await
                     {
                         rev.fetch_max(r, Ordering::SeqCst);
+                        confirmed.mark(sent);
+                        next = tokio::time::Instant::now() + period;
                     }
                 }
             }
@@ -437,6 +561,7 @@ mod tests {
                 .collect(),
             started_at: None,
             finished_at: OffsetDateTime::now_utc(),
+            usage: None,
         }
     }
 

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use gpufleet_natsutil::metrics::MetricsAddr;
 use gpufleet_natsutil::telemetry::LogFormat;
 use gpufleet_schema::{capacity, ByteSize, Dur, WorkerId};
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,18 @@ pub struct WorkerConfig {
     /// A NATS token, for servers that use one (prefer the environment
     /// variable `GPUFLEET_NATS_TOKEN` to a file).
     pub nats_token: Option<String>,
+    /// A file holding a bare NKey seed, for servers that list users by
+    /// public NKey (as `gpufleet auth` writes them).
+    pub nats_nkey: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for mutual TLS.
+    pub nats_tls_cert: Option<PathBuf>,
+    pub nats_tls_key: Option<PathBuf>,
+    /// The CA (PEM) the server's certificate must chain to.
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Public NKeys (`U...`, `A...`) of the coordinators whose signature
+    /// a reservation must carry before anything of it runs. Empty: every
+    /// reservation is run (a fleet without roles).
+    pub trusted_keys: Vec<String>,
     /// Unique in the fleet; defaults to the host name.
     pub name: Option<String>,
     pub labels: BTreeMap<String, String>,
@@ -57,6 +70,22 @@ pub struct WorkerConfig {
     pub connect_patience: Dur,
     /// `text` or `json` log lines on stderr.
     pub log_format: LogFormat,
+    /// Who tasks run as: a user name, or `uid[:gid]`. Unset: `nobody` when
+    /// the worker runs as root, else the worker's own user (only root can
+    /// start processes as another). `root` keeps tasks as root, with
+    /// access to everything the worker has.
+    pub run_as: Option<String>,
+    /// Variables of the worker's environment that tasks get, beyond
+    /// `PATH`, `HOME`, `LANG`, `LC_*` and `TZ`; `NAME*` for a prefix.
+    pub pass_env: Vec<String>,
+    /// Processes (threads count) one task may have: its RLIMIT_NPROC
+    /// (counted per user, not for root) and its cgroup's `pids.max`.
+    pub max_task_processes: u64,
+    /// Give each task a cgroup of its own where the worker may make one
+    /// (cgroup v1 `pids`, or a delegated v2 subtree).
+    pub task_cgroups: bool,
+    /// Where Prometheus metrics are served (`/metrics`), or `off`.
+    pub metrics_addr: MetricsAddr,
 }
 
 impl Default for WorkerConfig {
@@ -65,6 +94,11 @@ impl Default for WorkerConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_creds: None,
             nats_token: None,
+            nats_nkey: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
+            nats_tls_ca: None,
+            trusted_keys: Vec::new(),
             name: None,
             labels: BTreeMap::new(),
             simulate_gpus: None,
@@ -85,9 +119,20 @@ impl Default for WorkerConfig {
             max_artifact_size: ByteSize::gib(4),
             connect_patience: Dur::secs(60),
             log_format: LogFormat::Text,
+            run_as: None,
+            pass_env: Vec::new(),
+            max_task_processes: 4096,
+            task_cgroups: true,
+            metrics_addr: MetricsAddr::Listen(DEFAULT_METRICS_ADDR.into()),
         }
     }
 }
+
+/// The worker's metrics, on loopback: nothing is exposed to the network
+/// unless the operator chooses to. A second worker on one machine needs a
+/// port of its own (or gets a warning and no metrics).
+pub const DEFAULT_METRICS_ADDR: ([u8; 4], u16) =
+    ([127, 0, 0, 1], gpufleet_natsutil::metrics::WORKER_PORT);
 
 impl WorkerConfig {
     /// Settings for tests: quick heartbeats and short grace periods.
@@ -100,6 +145,8 @@ impl WorkerConfig {
             kill_grace: Dur(Duration::from_millis(500)),
             drain_timeout: Dur::secs(5),
             connect_patience: Dur::secs(10),
+            // Any free port: tests run side by side.
+            metrics_addr: MetricsAddr::Listen(([127, 0, 0, 1], 0).into()),
             ..Default::default()
         }
     }
@@ -108,7 +155,27 @@ impl WorkerConfig {
         gpufleet_natsutil::Auth {
             creds: self.nats_creds.clone(),
             token: self.nats_token.clone(),
+            nkey: self.nats_nkey.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            // Its replies come to its own inbox, which its role may read.
+            inbox_prefix: self
+                .worker_id()
+                .ok()
+                .map(|w| gpufleet_schema::roles::Role::Worker(w).inbox_prefix()),
         }
+    }
+
+    /// The keys in `trusted_keys`, checked.
+    pub fn trusted_keys(&self) -> Result<Vec<nkeys::KeyPair>, String> {
+        self.trusted_keys
+            .iter()
+            .map(|k| {
+                nkeys::KeyPair::from_public_key(k)
+                    .map_err(|e| format!("trusted_keys: {k:?} is not a public NKey ({e})"))
+            })
+            .collect()
     }
 
     /// The worker's name: the configured one, else the host's.
@@ -122,6 +189,7 @@ impl WorkerConfig {
 
     pub fn validate(&self) -> Result<(), String> {
         self.worker_id()?;
+        self.trusted_keys()?;
         if self.heartbeat.0 < Duration::from_millis(100) {
             return Err("heartbeat: at least 100ms".into());
         }
@@ -138,6 +206,15 @@ impl WorkerConfig {
         }
         if self.rendezvous_ports.0 == 0 || self.rendezvous_ports.0 > self.rendezvous_ports.1 {
             return Err("rendezvous_ports: a range [low, high] with 0 < low <= high".into());
+        }
+        for p in &self.pass_env {
+            crate::isolation::check_pass_env(p)?;
+        }
+        if self.max_task_processes < 8 {
+            return Err(
+                "max_task_processes: at least 8 (a shell and the program it runs need a few)"
+                    .into(),
+            );
         }
         if self.log_batch_size.0 == 0 || self.log_batch_size.0 > 512 << 10 {
             return Err(
@@ -209,6 +286,12 @@ mod tests {
         let mut c = WorkerConfig::for_test("nats://x:1", "w");
         c.advert_ttl = Dur::secs(1);
         assert!(c.validate().unwrap_err().starts_with("advert_ttl"));
+        let mut c = WorkerConfig::for_test("nats://x:1", "w");
+        c.pass_env = vec!["GPUFLEET_*".into()];
+        assert!(c.validate().unwrap_err().starts_with("pass_env"));
+        let mut c = WorkerConfig::for_test("nats://x:1", "w");
+        c.max_task_processes = 1;
+        assert!(c.validate().unwrap_err().starts_with("max_task_processes"));
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub enum OnLease {
 /// one).
 pub struct WorkerState<H> {
     instance: String,
+    /// Public keys a reservation's signature must check against; none: any
+    /// reservation is run (a fleet without roles).
+    trusted: Vec<nkeys::KeyPair>,
     capacity: Capacity,
     ledger: Ledger,
     draining: bool,
@@ -49,11 +52,18 @@ impl<H> WorkerState<H> {
     pub fn new(instance: String, capacity: Capacity) -> Self {
         WorkerState {
             instance,
+            trusted: Vec::new(),
             capacity,
             ledger: Ledger::default(),
             draining: false,
             attempts: HashMap::new(),
         }
+    }
+
+    /// Runs only reservations signed by one of `keys`.
+    pub fn trusting(mut self, keys: Vec<nkeys::KeyPair>) -> Self {
+        self.trusted = keys;
+        self
     }
 
     /// Decides about `lease`, just written under `key`. `unmanaged` is GPU
@@ -101,6 +111,11 @@ impl<H> WorkerState<H> {
         unmanaged: &HashMap<GpuUuid, u64>,
         port_free: impl FnOnce(u16) -> bool,
     ) -> Result<(), String> {
+        // Before anything else: nothing of a reservation this worker cannot
+        // trust is looked at, let alone held or run.
+        if !self.trusted.is_empty() {
+            lease.verify(&self.trusted).map_err(|e| e.to_string())?;
+        }
         if self.draining {
             return Err("the worker is draining".into());
         }
@@ -162,6 +177,8 @@ impl<H> WorkerState<H> {
             running: self.attempts.keys().map(|k| k.task().clone()).collect(),
             draining: self.draining,
             reserved_gpu: self.ledger.reserved_gpu_memory(&self.capacity),
+            held_cpus_milli: self.ledger.held().0,
+            held_memory: self.ledger.held().1,
         }
     }
 }
@@ -193,6 +210,12 @@ pub fn claimed(lease: &Lease, instance: &str) -> Lease {
     let mut claimed = lease.clone();
     claimed.state = LeaseState::Running;
     claimed.instance = Some(instance.to_string());
+    claimed
+}
+
+/// The claimed lease as its renewals write it: naming the claim's revision.
+pub fn with_claim_rev(mut claimed: Lease, claim_rev: u64) -> Lease {
+    claimed.claim_rev = Some(claim_rev);
     claimed
 }
 
@@ -241,6 +264,42 @@ pub fn after_conflict(latest: Option<&Entry>, attempt: u32, instance: &str) -> A
     }
 }
 
+/// How far ahead of the lease's lapse a task stopped for lost contact is
+/// gone: room for the lease's clock (the server's) starting a little
+/// after ours, and for the kill itself.
+pub fn fence_margin(ttl: Duration) -> Duration {
+    (ttl / 10).max(Duration::from_millis(250)).min(ttl / 4)
+}
+
+/// The SIGTERM-to-SIGKILL grace of a task stopped for lost contact: the
+/// worker's `kill_grace`, but at most a sixth of the shortest TTL it must
+/// beat, so that writes keep several chances before the stop must begin.
+pub fn fence_grace(ttl: Duration, kill_grace: Duration) -> Duration {
+    kill_grace.min(ttl / 6)
+}
+
+/// How long after the last write of an entry with `ttl` (a lease, the
+/// advert) that the server confirmed a worker that cannot write begins to
+/// stop the task: then, with `grace`, it is gone [`fence_margin`] before
+/// the entry can lapse, and no newer attempt can run while it still does.
+pub fn fence_after(ttl: Duration, grace: Duration) -> Duration {
+    ttl.saturating_sub(fence_margin(ttl)).saturating_sub(grace)
+}
+
+/// How long after a failed renewal the next try goes out (rather than a
+/// whole renewal period later).
+pub fn renewal_retry(ttl: Duration) -> Duration {
+    (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+/// How long an attempt that lost contact keeps trying to learn whether its
+/// lease is still its own (to report what it could not) before it gives
+/// up: by then the lease has lapsed unless the server itself was gone
+/// that long, and the coordinator runs the task again either way.
+pub fn reconcile_for(ttl: Duration) -> Duration {
+    ttl.saturating_mul(3)
+}
+
 /// Whether a finished attempt reports its result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finish {
@@ -259,7 +318,7 @@ pub enum Finish {
 pub fn finish(stop: Option<StopReason>, confirmed_ago: Duration, ttl: Duration) -> Finish {
     if stop == Some(StopReason::Fenced) {
         Finish::Fenced
-    } else if confirmed_ago >= ttl / 2 {
+    } else if stop == Some(StopReason::LostContact) || confirmed_ago >= ttl / 2 {
         // The worker may have been frozen past the lease's TTL.
         Finish::CheckLease
     } else {
@@ -329,6 +388,11 @@ mod tests {
             lease_ttl: Dur::secs(30),
             instance: None,
             reserved_at: OffsetDateTime::now_utc(),
+            owner: gpufleet_schema::UserId::default_user(),
+            token: "tok".into(),
+            signer: None,
+            signature: None,
+            claim_rev: None,
         };
         (key, lease)
     }
@@ -343,6 +407,45 @@ mod tests {
             s.admit(key.clone(), ());
         }
         d
+    }
+
+    #[test]
+    fn with_trusted_keys_only_a_reservation_they_signed_is_claimed() {
+        let coordinator = nkeys::KeyPair::new_account();
+        let trusted = nkeys::KeyPair::from_public_key(&coordinator.public_key()).unwrap();
+        let mut s = state().trusting(vec![trusted]);
+        let (a, mut la) = lease(0, 1000, None);
+        // Unsigned, signed by a stranger, changed after signing: refused,
+        // before anything else is looked at (the worker is draining here
+        // too, yet the signature is what the refusal names).
+        s.drain();
+        let mut refusals = vec![];
+        let OnLease::Refuse { reason, .. } = claim(&mut s, &a, &la) else {
+            panic!("an unsigned reservation was not refused");
+        };
+        refusals.push(reason);
+        la.sign(&nkeys::KeyPair::new_account()).unwrap();
+        let OnLease::Refuse { reason, .. } = claim(&mut s, &a, &la) else {
+            panic!("a stranger's reservation was not refused");
+        };
+        refusals.push(reason);
+        la.sign(&coordinator).unwrap();
+        la.task.command = vec!["rm".into(), "-rf".into(), "/".into()];
+        let OnLease::Refuse { reason, .. } = claim(&mut s, &a, &la) else {
+            panic!("a changed reservation was not refused");
+        };
+        refusals.push(reason);
+        assert!(refusals[0].contains("not signed"), "{refusals:?}");
+        assert!(refusals[1].contains("does not trust"), "{refusals:?}");
+        assert!(refusals[2].contains("does not match"), "{refusals:?}");
+        // Signed as placed: claimed.
+        let mut s = state().trusting(vec![nkeys::KeyPair::from_public_key(
+            &coordinator.public_key(),
+        )
+        .unwrap()]);
+        let (b, mut lb) = lease(1, 1000, None);
+        lb.sign(&coordinator).unwrap();
+        assert_eq!(claim(&mut s, &b, &lb), OnLease::Claim);
     }
 
     #[test]
@@ -574,5 +677,40 @@ mod tests {
         assert_eq!(finish(None, old, ttl), Finish::CheckLease);
         assert_eq!(finish(Some(StopReason::Fenced), fresh, ttl), Finish::Fenced);
         assert_eq!(finish(Some(StopReason::Fenced), old, ttl), Finish::Fenced);
+        // Stopped for lost contact: report only once the lease is known
+        // to be still ours.
+        assert_eq!(
+            finish(Some(StopReason::LostContact), fresh, ttl),
+            Finish::CheckLease
+        );
+    }
+
+    #[test]
+    fn a_task_cut_off_from_nats_is_gone_before_its_lease_can_lapse() {
+        for (ttl, kill_grace) in [
+            (Duration::from_secs(30), Duration::from_secs(10)),
+            (Duration::from_secs(10), Duration::from_secs(10)),
+            (Duration::from_secs(3), Duration::from_secs(1)),
+            (Duration::from_secs(2), Duration::from_secs(1)),
+            (Duration::from_secs(1), Duration::ZERO),
+            (Duration::from_secs(600), Duration::from_secs(3600)),
+        ] {
+            let grace = fence_grace(ttl, kill_grace);
+            let start = fence_after(ttl, grace);
+            assert!(
+                start + grace + fence_margin(ttl) <= ttl,
+                "{ttl:?} {kill_grace:?}"
+            );
+            // Well over a renewal period (a third of the TTL) passes before
+            // the stop begins: one lost renewal is not enough.
+            assert!(start >= ttl / 2, "{ttl:?} {kill_grace:?}: {start:?}");
+            assert!(renewal_retry(ttl) < start / 4);
+        }
+        // The defaults: a 30 s lease, 10 s of kill grace.
+        let grace = fence_grace(Duration::from_secs(30), Duration::from_secs(10));
+        assert_eq!(
+            fence_after(Duration::from_secs(30), grace),
+            Duration::from_secs(22)
+        );
     }
 }

@@ -70,6 +70,7 @@ impl Launcher for Instant {
                 output_dir: run.dir,
                 launched: true,
                 log_dropped_bytes: 0,
+                usage: None,
             }
         })
     }

@@ -78,6 +78,13 @@ impl Ledger {
         self.held.is_empty()
     }
 
+    /// CPUs (in thousandths) and memory that the held grants take.
+    pub fn held(&self) -> (u64, u64) {
+        self.held
+            .values()
+            .fold((0, 0), |(c, m), g| (c + g.cpus_milli, m + g.memory.0))
+    }
+
     /// GPU memory set aside per GPU uuid (a whole GPU counts in full).
     pub fn reserved_gpu_memory(&self, cap: &Capacity) -> Vec<(GpuUuid, u64)> {
         self.held

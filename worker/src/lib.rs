@@ -16,6 +16,8 @@
 //! - `attempt`: one claimed attempt as its own tokio task (claim, renewal
 //!   timer, launch, report, release); it tells the main loop when its
 //!   resources are free and when it is done.
+//! - [`fence`]: self-fencing: each attempt's watchdog stops its task when
+//!   the worker cannot write its lease or advert for nearly their TTL.
 //! - `publish`: the one place events are put on the stream (RUNNING,
 //!   output, result).
 //! - [`ledger`]: the worker's own check against overcommit, by the shared
@@ -25,7 +27,13 @@
 //! - [`supervisor`]: one attempt's process from spawn to classified end:
 //!   process group, environment, timeouts, memory limit, output and
 //!   progress. It knows nothing of NATS.
+//! - [`isolation`]: what keeps a task from the worker and the host, decided
+//!   at start: the environment allowlist, the task user, per-task cgroups
+//!   and the process limit.
 //! - [`launcher`]: real processes, or none (benchmarks of the control plane).
+//! - [`usage`]: what each attempt uses (memory, CPU, GPU), sampled while it
+//!   runs, for its result and the advert.
+//! - [`metrics`]: the worker's Prometheus metrics.
 //! - [`gpu`], [`host`]: what the machine has (NVML or simulated GPUs).
 //! - [`procs`]: everything read from `/proc`.
 //! - [`artifacts`]: uploads of a task's output files.
@@ -37,13 +45,17 @@ pub mod artifacts;
 mod attempt;
 pub mod config;
 pub mod core;
+pub mod fence;
 pub mod gpu;
 pub mod host;
+pub mod isolation;
 pub mod launcher;
 pub mod ledger;
+pub mod metrics;
 pub mod procs;
 mod publish;
 pub mod supervisor;
+pub mod usage;
 
 pub use agent::{run, run_with, WorkerError};
 pub use config::WorkerConfig;

@@ -55,6 +55,9 @@ struct Args {
     /// Log lines as `text` or `json` [env: GPUFLEET_LOG_FORMAT] [default: text]
     #[arg(long, value_name = "text|json")]
     log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics here, or `off` [env: GPUFLEET_METRICS_ADDR] [default: 127.0.0.1:9465]
+    #[arg(long, value_name = "ADDR|off")]
+    metrics_addr: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -87,6 +90,7 @@ fn main() -> anyhow::Result<()> {
             ("heartbeat", args.heartbeat.map(Into::into)),
             ("advert_ttl", args.advert_ttl.map(Into::into)),
             ("log_format", args.log_format.map(|f| f.to_string().into())),
+            ("metrics_addr", args.metrics_addr.map(Into::into)),
         ],
     )?;
     if let Some(labels) = labels {

@@ -9,11 +9,12 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use gpufleet_natsutil::events;
 use gpufleet_schema::{
-    codec, subjects, Event, EventBody, EventKind, JobId, Lease, TaskId, WorkerId,
+    codec, subjects, Event, EventBody, EventKind, JobId, Lease, Sender, TaskId, UserId, WorkerId,
 };
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
+use crate::metrics::WorkerMetrics;
 use crate::supervisor::Output;
 
 /// Output events published and not yet acknowledged, per task.
@@ -22,19 +23,26 @@ const OUTPUT_IN_FLIGHT: usize = 64;
 /// Whose events an attempt sends.
 #[derive(Debug, Clone)]
 pub(crate) struct Source {
+    owner: UserId,
     job_id: JobId,
     task_id: TaskId,
     attempt: u32,
     worker: WorkerId,
+    /// The reservation's token, which only the result carries: the owner
+    /// reads the output while the attempt runs and must not learn what
+    /// would let it forge the result.
+    token: String,
 }
 
 impl Source {
     pub fn new(lease: &Lease, worker: &WorkerId) -> Source {
         Source {
+            owner: lease.owner.clone(),
             job_id: lease.job_id.clone(),
             task_id: lease.task_id.clone(),
             attempt: lease.attempt,
             worker: worker.clone(),
+            token: lease.token.clone(),
         }
     }
 
@@ -48,7 +56,13 @@ impl Source {
             EventBody::Result(_) => EventKind::Result,
         };
         (
-            subjects::events(&self.job_id, &self.task_id, kind),
+            subjects::events(
+                &self.owner,
+                &self.job_id,
+                &self.task_id,
+                kind,
+                &Sender::Worker(self.worker.clone()),
+            ),
             Event {
                 job_id: self.job_id.clone(),
                 task_id: self.task_id.clone(),
@@ -57,6 +71,7 @@ impl Source {
                 lease_rev: Some(lease_rev),
                 at: OffsetDateTime::now_utc(),
                 body,
+                token: (kind == EventKind::Result).then(|| self.token.clone()),
             },
         )
     }
@@ -66,12 +81,17 @@ impl Source {
 /// so that the result published after it follows the last line.
 pub(crate) async fn ship_output(
     js: jetstream::Context,
+    metrics: WorkerMetrics,
     mut rx: mpsc::Receiver<Output>,
     source: Source,
     lease_rev: u64,
 ) {
     let mut acks = FuturesUnordered::new();
     while let Some(out) = rx.recv().await {
+        // Drops are counted once, from the attempt's total at its end.
+        if let Output::Log { text, .. } = &out {
+            metrics.log(text.len() as u64, 0);
+        }
         let body = match out {
             Output::Log {
                 stream,

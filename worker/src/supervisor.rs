@@ -6,23 +6,40 @@
 //! `dir/work` is the task's working directory and its output directory
 //! (`GPUFLEET_OUTPUT_DIR`, whose files the caller uploads as artifacts);
 //! `dir/meta/result.json` and `dir/meta/events.jsonl` sit outside it so they
-//! are never mistaken for artifacts.
+//! are never mistaken for artifacts. `dir/owner` names the worker that made
+//! the directory; `work/` and `meta/` belong to the task's user.
 //!
 //! # Processes and signals
-//! The task runs in its own process group, and every signal goes to the
-//! whole group, so the processes it starts go with it. The direct child gets
+//! The task runs in its own process group and, where the worker may make
+//! one, its own cgroup (see `isolation::cgroup`); every signal goes to the
+//! whole group and to everything in the cgroup, so the processes it starts
+//! go with it, also those that left the group. The direct child gets
 //! `PR_SET_PDEATHSIG = SIGKILL`, so it dies if the worker dies (it is
 //! started from a thread that never exits, since the signal follows the
 //! starting thread; see `spawn.rs` for how it is started without forking
 //! the worker); that does not reach grandchildren, which survive a worker
-//! crash until someone kills their group. A process that leaves the group
-//! (`setsid`, `setpgid`) escapes all of this. The exit is observed with
+//! crash until someone kills their group (or the restarted worker empties
+//! their cgroup). When the task has ended, whatever is left of it is
+//! killed: everything in its cgroup; without a cgroup, every process whose
+//! environment carries the attempt's `GPUFLEET_OUTPUT_DIR` (which a
+//! process that rewrites its environment escapes). The exit is observed with
 //! `waitid(WNOWAIT)` so that the leader stays a zombie, and its pid cannot be
 //! reused as a group id, until the rest of the group has been signalled.
 //!
 //! Ending a task (timeout, stop): SIGTERM to the group, then SIGKILL after
-//! `kill_grace`. After the main process exits, whatever is left of the group
-//! gets a moment to finish writing to the pipes, then SIGKILL.
+//! `kill_grace`; a task whose lease is lost is killed at once. After the
+//! main process exits, whatever is left of the group gets a moment to
+//! finish writing to the pipes, then SIGKILL.
+//!
+//! # Who runs it, and what it sees
+//! The task runs as `isolation`'s user, with the allowlisted environment
+//! (see `crate::isolation`); its directories are that user's. The files
+//! the worker reads back from them (result, progress, artifacts) are opened
+//! without following links, so a task cannot make the worker read
+//! something of the worker's for it.
+//!
+//! # How an end is named
+//! See `classify.rs`.
 //!
 //! # Memory
 //! The host memory limit is enforced by sampling, not by an address-space
@@ -33,6 +50,7 @@
 //! See `output.rs`: the task is never slowed down by a slow caller; output
 //! that cannot be kept is dropped and counted.
 
+mod classify;
 mod dirs;
 mod memory;
 mod output;
@@ -46,10 +64,13 @@ use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpufleet_schema::{Dur, GpuGrant, JobId, LogStream, Rendezvous, TaskId, TaskSpec, TaskState};
+use gpufleet_schema::{
+    Dur, GpuGrant, JobId, LogStream, Rendezvous, TaskId, TaskSpec, TaskState, TaskUsage,
+};
 use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
@@ -61,10 +82,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use self::classify::OomKills;
 use self::output::{Hub, STDERR_TAIL};
 use crate::config::WorkerConfig;
+use crate::isolation::cgroup::{SharedOomCounter, TaskCgroup};
+use crate::isolation::Isolation;
 use crate::procs;
-pub use dirs::DirPool;
+pub use dirs::{open_task_file, DirPool};
 
 /// How long the pipes may stay open after the main process exited, before
 /// the rest of the group is killed.
@@ -77,6 +101,9 @@ const GROUP_EXIT_WAIT: Duration = Duration::from_secs(2);
 pub struct Limits {
     /// SIGTERM -> SIGKILL grace.
     pub kill_grace: Duration,
+    /// The grace of a task stopped because its lease could not be
+    /// renewed: short enough for it to be gone before the lease lapses.
+    pub fence_grace: Duration,
     /// The largest `GPUFLEET_RESULT` file accepted.
     pub max_result_bytes: u64,
     /// A log batch is sent when it reaches this size...
@@ -90,6 +117,8 @@ pub struct Limits {
     pub max_pending_log_bytes: usize,
     /// How often the task's memory is measured.
     pub memory_poll: Duration,
+    /// How often what the task uses is sampled (see `crate::usage`).
+    pub usage_poll: Duration,
     /// How often the `GPUFLEET_EVENTS` file is read.
     pub progress_poll: Duration,
     /// After the task ended, how long [`run`] waits for the caller to take
@@ -109,12 +138,14 @@ impl Limits {
     pub fn from_config(cfg: &WorkerConfig) -> Limits {
         Limits {
             kill_grace: cfg.kill_grace.0,
+            fence_grace: cfg.kill_grace.0,
             max_result_bytes: cfg.max_result_size.0,
             log_batch_bytes: cfg.log_batch_size.0 as usize,
             log_batch_interval: cfg.log_batch_interval.0,
             max_log_bytes: cfg.max_log_size.0,
             max_pending_log_bytes: 4 << 20,
             memory_poll: Duration::from_millis(250),
+            usage_poll: Duration::from_millis(500),
             progress_poll: Duration::from_millis(100),
             final_flush: Duration::from_secs(5),
         }
@@ -125,6 +156,7 @@ impl Limits {
         let floor = Duration::from_millis(1);
         self.log_batch_interval = self.log_batch_interval.max(floor);
         self.memory_poll = self.memory_poll.max(floor);
+        self.usage_poll = self.usage_poll.max(floor);
         self.progress_poll = self.progress_poll.max(floor);
         self.log_batch_bytes = self.log_batch_bytes.max(1);
         self
@@ -144,6 +176,10 @@ pub struct TaskRun {
     /// This attempt's directory; created (with its subdirectories) by [`run`].
     pub dir: PathBuf,
     pub limits: Limits,
+    /// Who it runs as, in what cgroup, with what environment.
+    pub isolation: Arc<Isolation>,
+    /// Where what the task uses is counted, if anywhere.
+    pub usage: Option<crate::usage::Meter>,
 }
 
 /// Why the caller wants the task stopped.
@@ -151,6 +187,11 @@ pub struct TaskRun {
 pub enum StopReason {
     Cancel,
     Drain,
+    /// The lease could not be renewed for so long that it may lapse
+    /// soon: stop (with the grace) before it can.
+    LostContact,
+    /// The lease is gone, or may be: a newer attempt may run elsewhere.
+    /// Killed at once.
     Fenced,
 }
 
@@ -184,6 +225,8 @@ pub struct Finished {
     /// reported in `Output::Log::dropped_bytes` and those that could not be
     /// reported because the caller stopped taking output.
     pub log_dropped_bytes: u64,
+    /// What it used, when the program ran and a meter was given.
+    pub usage: Option<TaskUsage>,
 }
 
 /// The paths a task's directory holds.
@@ -211,9 +254,10 @@ impl TaskPaths {
         self.root.join("meta")
     }
 
-    /// Names the worker whose attempt this is (see [`mark_owner`]).
+    /// Names the worker whose attempt this is. Beside `meta/` and `work/`
+    /// rather than in them: those are the task user's to change.
     fn owner(&self) -> PathBuf {
-        self.meta().join("owner")
+        self.root.join("owner")
     }
 }
 
@@ -244,6 +288,7 @@ pub async fn run(
     let dir = std::path::absolute(&task.dir).unwrap_or_else(|_| task.dir.clone());
     let paths = TaskPaths::new(&dir);
     let limits = task.limits.clone().sanitized();
+    let isolation = task.isolation.clone();
     let not_launched = |state, error: String| Finished {
         state,
         exit_code: None,
@@ -255,14 +300,18 @@ pub async fn run(
         output_dir: paths.work.clone(),
         launched: false,
         log_dropped_bytes: 0,
+        usage: None,
     };
 
-    if let Err(e) = prepare_dir(&paths).await {
-        return not_launched(
-            TaskState::Failed,
-            format!("cannot prepare the task directory {}: {e}", dir.display()),
-        );
-    }
+    let cgroup = match prepare(&paths, &isolation).await {
+        Ok(cgroup) => cgroup,
+        Err(e) => {
+            return not_launched(
+                TaskState::Failed,
+                format!("cannot prepare the task directory {}: {e}", dir.display()),
+            );
+        }
+    };
     let stopped_early = *stop.borrow_and_update();
     if let Some(reason) = stopped_early {
         let (state, error) = describe_end(&Ender::Stop(reason));
@@ -272,8 +321,10 @@ pub async fn run(
         return not_launched(TaskState::Failed, "the task has no command".into());
     };
 
+    let oom = OomWatch::start(&isolation, cgroup.as_ref());
     let mut exit_watch = spawn::ExitWatch::new();
-    let started = match start(process_spec(&task, &paths)).await {
+    let spec = process_spec(&task, &paths, cgroup.as_ref());
+    let started = match start(spec).await {
         Ok(started) => started,
         Err(e) => {
             return not_launched(
@@ -287,13 +338,21 @@ pub async fn run(
     let pid = leader.pid();
     exit_watch.attach(pid);
     let pgid = Pid::from_raw(pid);
-    let mut group = Group { pgid, armed: true };
+    let mut group = Group {
+        pgid,
+        cgroup: cgroup.map(|mut c| {
+            c.started();
+            Arc::new(c)
+        }),
+        armed: true,
+    };
     tracing::debug!(task_id = %task.task_id, attempt = task.attempt, pid, "task started");
 
+    let capped = Arc::new(AtomicBool::new(false));
     let (hub_tx, hub_rx) = mpsc::channel(16);
     let hub = tokio::spawn(output::run_hub(
         hub_rx,
-        Hub::new(output, &limits),
+        Hub::new(output, &limits, capped.clone()),
         limits.final_flush,
     ));
     // Should `run` itself be dropped, the helpers below must end too.
@@ -324,9 +383,17 @@ pub async fn run(
         limits.progress_poll,
         hub_tx.clone(),
         progress_done.clone(),
+        capped,
     ));
     drop(hub_tx);
 
+    let sampler = task.usage.as_ref().map(|meter| {
+        AbortOnDropHandle::new(tokio::spawn(crate::usage::follow(
+            meter.clone(),
+            pid,
+            limits.usage_poll,
+        )))
+    });
     let memory_limit = task.spec.resources.memory.map(|m| m.0).filter(|&m| m > 0);
     let monitor = memory_limit.map(|limit| {
         AbortOnDropHandle::new(tokio::spawn(watch_memory(pgid, limit, limits.memory_poll)))
@@ -336,7 +403,7 @@ pub async fn run(
         &group,
         &mut stop,
         task.spec.timeout.map(|t| t.0),
-        limits.kill_grace,
+        (limits.kill_grace, limits.fence_grace),
         monitor,
         exit_watch,
     )
@@ -369,14 +436,24 @@ pub async fn run(
     // being reused while the group is signalled.
     let status = leader.wait().await;
     wait_group_gone(pgid).await;
+    let swept = sweep(&group, &paths).await;
+    if swept > 0 {
+        tracing::info!(task_id = %task.task_id, killed = swept, "killed processes the task left outside its process group");
+    }
     group.armed = false;
+    let oom_kills = oom.end(group.cgroup.as_deref());
+    drop(group);
+    drop(sampler);
+    if let (Some(meter), Some(counted)) = (&task.usage, leader.counted()) {
+        meter.reaped(counted.cpu, counted.max_rss);
+    }
 
     progress_done.cancel();
     let _ = progress.await;
     let log_dropped_bytes = hub.await.unwrap_or(0);
 
     let (mut state, exit_code, signal, mut error) =
-        classify(ender.as_ref(), status.as_ref(), &stderr_tail);
+        classify(ender.as_ref(), status.as_ref(), &stderr_tail, oom_kills);
     let result = match read_result(&paths.result, limits.max_result_bytes).await {
         Ok(value) => value,
         Err(problem) => {
@@ -401,6 +478,72 @@ pub async fn run(
         output_dir: paths.work.clone(),
         launched: true,
         log_dropped_bytes,
+        usage: task.usage.as_ref().map(crate::usage::Meter::usage),
+    }
+}
+
+/// What the kernel counts of out-of-memory kills, from the task's start.
+enum OomWatch {
+    /// The task's own cgroup counts (read from it at the end).
+    Own,
+    /// The memory cgroup it shares with the worker, and its count at the
+    /// start.
+    Shared {
+        counter: SharedOomCounter,
+        before: u64,
+    },
+    Unknown,
+}
+
+impl OomWatch {
+    fn start(isolation: &Isolation, cgroup: Option<&TaskCgroup>) -> OomWatch {
+        if cgroup.is_some_and(|c| c.oom_kills().is_some()) {
+            return OomWatch::Own;
+        }
+        let Some(counter) = isolation.shared_oom.clone() else {
+            return OomWatch::Unknown;
+        };
+        match counter.read() {
+            Some(before) => OomWatch::Shared { counter, before },
+            None => OomWatch::Unknown,
+        }
+    }
+
+    fn end(self, cgroup: Option<&TaskCgroup>) -> Option<OomKills> {
+        match self {
+            OomWatch::Own => Some(OomKills {
+                count: cgroup?.oom_kills()?,
+                own: true,
+            }),
+            OomWatch::Shared { counter, before } => Some(OomKills {
+                count: counter.read()?.saturating_sub(before),
+                own: false,
+            }),
+            OomWatch::Unknown => None,
+        }
+    }
+}
+
+/// Kills what the task left outside its process group: everything in its
+/// cgroup, or (without one) every process carrying its output directory
+/// in its environment. Returns how many.
+async fn sweep(group: &Group, paths: &TaskPaths) -> usize {
+    match &group.cgroup {
+        // Almost always empty by now: one read of `cgroup.procs`.
+        Some(c) if c.members().is_empty() => 0,
+        Some(c) => {
+            let c = c.clone();
+            tokio::task::spawn_blocking(move || c.kill_all())
+                .await
+                .unwrap_or(0)
+        }
+        None => {
+            let work: HashSet<Vec<u8>> =
+                [paths.work.as_os_str().as_encoded_bytes().to_vec()].into();
+            tokio::task::spawn_blocking(move || kill_leftovers(Path::new(procs::ROOT), &work))
+                .await
+                .unwrap_or(0)
+        }
     }
 }
 
@@ -542,10 +685,13 @@ fn make_dirs_writable(dir: &Path) {
     }
 }
 
-/// One trip to the blocking pool for all of it: each trip is a handful of
-/// context switches, which short tasks notice.
-async fn prepare_dir(paths: &TaskPaths) -> io::Result<()> {
+/// Makes the task's directories (the task user's), clears a result left
+/// from before, and takes the task's cgroup, in one trip to the blocking
+/// pool: each trip is a handful of context switches, which short tasks
+/// notice.
+async fn prepare(paths: &TaskPaths, isolation: &Arc<Isolation>) -> io::Result<Option<TaskCgroup>> {
     let paths = paths.clone();
+    let isolation = isolation.clone();
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&paths.work)?;
         std::fs::create_dir_all(paths.meta())?;
@@ -555,8 +701,21 @@ async fn prepare_dir(paths: &TaskPaths) -> io::Result<()> {
             _ => {}
         }
         // Created empty so that the task may simply append to it.
-        std::fs::File::create(&paths.events)?;
-        Ok(())
+        let events = dirs::create_task_file(&paths.events)?;
+        if let Some(u) = &isolation.user {
+            let (uid, gid) = (Some(u.uid), Some(u.gid));
+            std::os::unix::fs::lchown(&paths.work, uid, gid)?;
+            std::os::unix::fs::lchown(paths.meta(), uid, gid)?;
+            std::os::unix::fs::fchown(&events, uid, gid)?;
+        }
+        isolation
+            .cgroups
+            .as_ref()
+            .map(|c| {
+                c.take()
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot make its cgroup: {e}")))
+            })
+            .transpose()
     })
     .await
     .map_err(io::Error::other)?
@@ -567,16 +726,18 @@ fn join_list<T: ToString>(items: impl Iterator<Item = T>) -> String {
 }
 
 /// What to start for a task: its program, looked up on the task's `PATH`,
-/// with the environment of the contract on top of the worker's own.
-fn process_spec(task: &TaskRun, paths: &TaskPaths) -> spawn::Spec {
+/// as the task's user, in its cgroup, with the environment of the contract:
+/// the allowlisted variables of the worker's, the job's, then ours.
+fn process_spec(task: &TaskRun, paths: &TaskPaths, cgroup: Option<&TaskCgroup>) -> spawn::Spec {
+    use std::os::fd::AsRawFd;
     let spec = &task.spec;
-    let search_path = spec
-        .env
-        .get("PATH")
-        .map(std::ffi::OsString::from)
-        .or_else(|| std::env::var_os("PATH"));
-    let mut env: std::collections::BTreeMap<std::ffi::OsString, std::ffi::OsString> =
-        std::env::vars_os().collect();
+    let isolation = &task.isolation;
+    let mut env = isolation.base_env.clone();
+    if let Some(u) = &isolation.user {
+        // The worker's HOME is not the task user's.
+        let home = u.home.clone().unwrap_or_else(|| paths.work.clone());
+        env.insert("HOME".into(), home.into_os_string());
+    }
     let mut set = |k: &str, v: &str| {
         env.insert(k.into(), v.into());
     };
@@ -611,10 +772,13 @@ fn process_spec(task: &TaskRun, paths: &TaskPaths) -> spawn::Spec {
     }
     spawn::Spec {
         program: PathBuf::from(&spec.command[0]),
-        search_path,
+        search_path: env.get(std::ffi::OsStr::new("PATH")).cloned(),
         args: spec.command.iter().map(Into::into).collect(),
         env: env.into_iter().collect(),
         cwd: paths.work.clone(),
+        user: isolation.user.as_ref().map(|u| (u.uid, u.gid)),
+        max_processes: isolation.max_processes,
+        cgroup_procs: cgroup.and_then(|c| c.procs_fd()).map(|fd| fd.as_raw_fd()),
     }
 }
 
@@ -685,10 +849,11 @@ fn reader(fd: std::os::fd::OwnedFd) -> Option<tokio::net::unix::pipe::Receiver> 
     }
 }
 
-/// The task's process group; SIGKILLs it if dropped while armed, so that a
-/// cancelled [`run`] leaves nothing behind.
+/// The task's process group and cgroup; SIGKILLs them if dropped while
+/// armed, so that a cancelled [`run`] leaves nothing behind.
 struct Group {
     pgid: Pid,
+    cgroup: Option<Arc<TaskCgroup>>,
     armed: bool,
 }
 
@@ -699,6 +864,9 @@ impl Group {
             Err(e) => {
                 tracing::warn!(pgid = self.pgid.as_raw(), signal = %sig, error = %e, "cannot signal task group")
             }
+        }
+        if let Some(c) = &self.cgroup {
+            c.signal(sig);
         }
     }
 }
@@ -729,17 +897,43 @@ fn leader_exited(pgid: Pid) -> bool {
 struct Ending<'a> {
     group: &'a Group,
     grace: Duration,
+    /// The grace when the lease could not be renewed.
+    fence_grace: Duration,
     ender: Option<Ender>,
     kill_at: Option<Instant>,
 }
 
 impl Ending<'_> {
     fn begin(&mut self, why: Ender) {
+        if why == Ender::Stop(StopReason::Fenced) {
+            // Another attempt may run: no grace.
+            self.kill_now(why);
+            return;
+        }
+        if why == Ender::Stop(StopReason::LostContact) {
+            // Gone before the lease can lapse, whatever stop is under way.
+            let by = Instant::now().checked_add(self.fence_grace);
+            match self.ender {
+                None => {
+                    self.ender = Some(why);
+                    if self.fence_grace.is_zero() {
+                        self.group.signal(Signal::SIGKILL);
+                    } else {
+                        self.group.signal(Signal::SIGTERM);
+                        self.kill_at = by;
+                    }
+                }
+                // Already killed.
+                Some(_) if self.kill_at.is_none() => {}
+                Some(_) => self.kill_at = self.kill_at.map(|k| by.map_or(k, |b| k.min(b))),
+            }
+            return;
+        }
         match self.ender {
             None => {}
             // A cancel is final, unlike a drain that will retry the task.
             Some(Ender::Stop(StopReason::Drain))
-                if matches!(why, Ender::Stop(StopReason::Cancel | StopReason::Fenced)) =>
+                if matches!(why, Ender::Stop(StopReason::Cancel)) =>
             {
                 self.ender = Some(why);
                 return;
@@ -751,12 +945,17 @@ impl Ending<'_> {
             self.group.signal(Signal::SIGKILL);
         } else {
             self.group.signal(Signal::SIGTERM);
-            self.kill_at = Some(Instant::now() + self.grace);
+            self.kill_at = Instant::now().checked_add(self.grace);
         }
     }
 
     fn kill_now(&mut self, why: Ender) {
-        self.ender.get_or_insert(why);
+        match self.ender {
+            // Losing the lease outranks whatever stop was under way.
+            Some(_) if why == Ender::Stop(StopReason::Fenced) => self.ender = Some(why),
+            Some(_) => {}
+            None => self.ender = Some(why),
+        }
         self.kill_at = None;
         self.group.signal(Signal::SIGKILL);
     }
@@ -768,16 +967,18 @@ async fn supervise(
     group: &Group,
     stop: &mut watch::Receiver<Option<StopReason>>,
     timeout: Option<Duration>,
-    grace: Duration,
+    (grace, fence_grace): (Duration, Duration),
     mut monitor: Option<AbortOnDropHandle<Option<(u64, u64)>>>,
     mut exit_watch: spawn::ExitWatch,
 ) -> Option<Ender> {
-    let timeout_at = timeout.map(|t| (Instant::now() + t, t));
+    // A timeout too long to add to the clock is no timeout at all.
+    let timeout_at = timeout.and_then(|t| Some((Instant::now().checked_add(t)?, t)));
     // The poll only guards against a missed wake-up.
     let poll = exit_watch.poll_every();
     let mut ending = Ending {
         group,
         grace,
+        fence_grace,
         ender: None,
         kill_at: None,
     };
@@ -898,6 +1099,10 @@ fn describe_end(ender: &Ender) -> (TaskState, String) {
         Ender::Stop(StopReason::Cancel) => (TaskState::Cancelled, "cancelled".into()),
         Ender::Stop(StopReason::Drain) => (TaskState::Interrupted, "worker is draining".into()),
         Ender::Stop(StopReason::Fenced) => (TaskState::Cancelled, "lease lost".into()),
+        Ender::Stop(StopReason::LostContact) => (
+            TaskState::Interrupted,
+            "the worker lost contact with NATS and could not renew the lease, so it stopped the task before the lease could lapse".into(),
+        ),
         Ender::Memory { used, limit } => (
             TaskState::Interrupted,
             format!(
@@ -907,57 +1112,23 @@ fn describe_end(ender: &Ender) -> (TaskState, String) {
     }
 }
 
-fn mentions_oom(stderr_tail: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(stderr_tail).to_lowercase();
-    text.contains("out of memory") || text.contains("outofmemoryerror")
-}
-
-fn signal_name(sig: i32) -> String {
-    Signal::try_from(sig).map_or_else(|_| format!("signal {sig}"), |s| s.to_string())
-}
-
-/// The end state, exit code, signal and error of a finished task.
+/// The end state, exit code, signal and error of a finished task: ours to
+/// name if we ended it, else by what it did (see `classify.rs`).
 fn classify(
     ender: Option<&Ender>,
     status: Result<&ExitStatus, &io::Error>,
     stderr_tail: &[u8],
+    oom_kills: Option<OomKills>,
 ) -> (TaskState, Option<i32>, Option<i32>, Option<String>) {
+    let Some(ender) = ender else {
+        return classify::classify_exit(status, stderr_tail, oom_kills);
+    };
+    let (state, error) = describe_end(ender);
     let (code, signal) = match status {
         Ok(s) => (s.code(), s.signal()),
         Err(_) => (None, None),
     };
-    if let Some(ender) = ender {
-        let (state, error) = describe_end(ender);
-        return (state, code, signal, Some(error));
-    }
-    let (state, error) = match (status, code, signal) {
-        (Err(e), _, _) => (
-            TaskState::Interrupted,
-            Some(format!("lost the task's exit status: {e}")),
-        ),
-        (_, Some(0), _) => (TaskState::Succeeded, None),
-        (_, Some(c), _) if mentions_oom(stderr_tail) => (
-            TaskState::Interrupted,
-            Some(format!("ran out of memory (exit code {c})")),
-        ),
-        (_, Some(c), _) => (TaskState::Failed, Some(format!("exited with code {c}"))),
-        (_, None, Some(s)) => {
-            let hint = if s == libc::SIGKILL {
-                ", perhaps by the kernel's out-of-memory killer"
-            } else {
-                ""
-            };
-            (
-                TaskState::Interrupted,
-                Some(format!("killed by {}{hint}", signal_name(s))),
-            )
-        }
-        (_, None, None) => (
-            TaskState::Interrupted,
-            Some("ended without an exit code or signal".into()),
-        ),
-    };
-    (state, code, signal, error)
+    (state, code, signal, Some(error))
 }
 
 /// The task's result: `Ok(None)` when it wrote none, `Err` with words when
@@ -971,21 +1142,16 @@ async fn read_result(path: &Path, max: u64) -> Result<Option<serde_json::Value>,
 
 fn read_result_blocking(path: &Path, max: u64) -> Result<Option<serde_json::Value>, String> {
     use std::io::Read;
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
+    let file = match open_task_file(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read the result file: {e}")),
     };
-    // A FIFO would block the read forever, a device never end.
-    if !meta.is_file() {
-        return Err("the result file is not a regular file".into());
-    }
     let too_big = |n: u64| format!("result file is {n} bytes, more than the limit of {max}");
-    if meta.len() > max {
-        return Err(too_big(meta.len()));
+    let len = file.metadata().map_or(0, |m| m.len());
+    if len > max {
+        return Err(too_big(len));
     }
-    let file =
-        std::fs::File::open(path).map_err(|e| format!("cannot read the result file: {e}"))?;
     let mut bytes = Vec::new();
     // The task may still be growing it through a stray process.
     file.take(max.saturating_add(1))

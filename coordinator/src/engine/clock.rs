@@ -49,6 +49,11 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
     }
+
+    /// A number in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
 }
 
 #[cfg(test)]
@@ -66,5 +71,6 @@ mod tests {
         let mut other = Rng::new(8);
         assert_ne!(a[0], other.next_u64());
         assert!((0..1000).all(|_| r.below(11) < 11));
+        assert!((0..1000).all(|_| (0.0..1.0).contains(&r.unit())));
     }
 }

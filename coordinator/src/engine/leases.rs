@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use gpufleet_schema::capacity::{WorkerCapacity, DEFAULT_RENDEZVOUS_PORTS};
-use gpufleet_schema::{Lease, LeaseKey, LeaseState, TaskId, WorkerAdvert, WorkerId};
+use gpufleet_schema::{GpuUuid, Lease, LeaseKey, LeaseState, TaskId, WorkerAdvert, WorkerId};
 
 use crate::placement::WorkerView;
 
@@ -33,9 +33,16 @@ impl LiveLease {
     }
 }
 
+/// How much later than its TTL an advert's expiry may reach us and still
+/// be taken for a worker that died, rather than for servers that could not
+/// take its heartbeats (see `health.rs`).
+pub const EXPIRY_SLACK: Duration = Duration::from_secs(2);
+
 #[derive(Default)]
 pub struct LeaseBook {
     workers: BTreeMap<WorkerId, WorkerAdvert>,
+    /// When each worker's last advert reached us.
+    seen: HashMap<WorkerId, Instant>,
     live: HashMap<LeaseKey, LiveLease>,
     /// Tasks whose lease was released before their result came, and when.
     released: HashMap<TaskId, Instant>,
@@ -46,21 +53,48 @@ impl LeaseBook {
 
     /// Takes a worker's advert; returns whether placement sees it change
     /// (a new worker, or one whose capacity moved).
-    pub fn advert(&mut self, advert: WorkerAdvert) -> bool {
+    pub fn advert(&mut self, advert: WorkerAdvert, at: Instant) -> bool {
         let changed = self
             .workers
             .get(&advert.name)
             .is_none_or(|old| capacity_changed(old, &advert));
+        self.seen.insert(advert.name.clone(), at);
         self.workers.insert(advert.name.clone(), advert);
         changed
     }
 
+    /// Whether an expiry of `name`'s advert seen at `now` came when its TTL
+    /// said (a worker that stopped heartbeating) rather than late (the
+    /// servers could not store, or expire, anything for a while).
+    pub fn expired_on_time(&self, name: &WorkerId, now: Instant) -> bool {
+        match (self.workers.get(name), self.seen.get(name)) {
+            (Some(a), Some(&seen)) => {
+                now.saturating_duration_since(seen) <= a.ttl.0.saturating_add(EXPIRY_SLACK)
+            }
+            _ => false,
+        }
+    }
+
     pub fn worker_gone(&mut self, name: &WorkerId) {
         self.workers.remove(name);
+        self.seen.remove(name);
+    }
+
+    /// The live leases a worker holds.
+    pub fn leases_of(&self, worker: &WorkerId) -> Vec<(LeaseKey, LiveLease)> {
+        self.live
+            .iter()
+            .filter(|(_, l)| &l.lease.worker == worker)
+            .map(|(k, l)| (k.clone(), l.clone()))
+            .collect()
     }
 
     pub fn worker(&self, name: &WorkerId) -> Option<&WorkerAdvert> {
         self.workers.get(name)
+    }
+
+    pub fn workers(&self) -> impl Iterator<Item = &WorkerAdvert> {
+        self.workers.values()
     }
 
     /// Up to `limit` adverts in name order, after `after` if given.
@@ -74,6 +108,31 @@ impl LeaseBook {
                 .collect(),
             None => self.workers.values().take(limit).cloned().collect(),
         }
+    }
+
+    /// The tasks whose live lease holds each GPU of `workers`, keyed by
+    /// (worker, GPU uuid): one pass over the leases.
+    pub fn gpu_holders(
+        &self,
+        workers: &HashSet<&WorkerId>,
+    ) -> HashMap<(WorkerId, GpuUuid), Vec<TaskId>> {
+        let mut held: HashMap<(WorkerId, GpuUuid), Vec<TaskId>> = HashMap::new();
+        for l in self.live.values().map(|l| &l.lease) {
+            if !workers.contains(&l.worker)
+                || matches!(l.state, LeaseState::Rejected | LeaseState::Abandoned)
+            {
+                continue;
+            }
+            for g in &l.grant.gpus {
+                held.entry((l.worker.clone(), g.uuid.clone()))
+                    .or_default()
+                    .push(l.task_id.clone());
+            }
+        }
+        for tasks in held.values_mut() {
+            tasks.sort();
+        }
+        held
     }
 
     // ----- leases -----
@@ -124,6 +183,14 @@ impl LeaseBook {
     /// The attempt ended (its result came, or it was given up on).
     pub fn settled(&mut self, task: &TaskId) {
         self.released.remove(task);
+    }
+
+    /// Results could not arrive until `now`: the wait for each released
+    /// lease's result starts again from here.
+    pub fn restart_released_clocks(&mut self, now: Instant) {
+        for at in self.released.values_mut() {
+            *at = (*at).max(now);
+        }
     }
 
     /// Forgets and returns the released tasks whose result is overdue.

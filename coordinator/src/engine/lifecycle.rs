@@ -4,12 +4,16 @@
 //! leases. Every handler is idempotent: an input seen twice changes
 //! nothing the second time.
 
+use std::time::Duration;
+
 use gpufleet_schema::{
-    subjects, Event, EventBody, JobId, Lease, LeaseKey, LeaseState, TaskOutcome, TaskState,
+    subjects, Event, EventBody, JobId, Lease, LeaseKey, LeaseState, Sender, TaskOutcome, TaskState,
+    WorkerId,
 };
 
 use super::leases::LiveLease;
 use super::{Engine, LeaseChange};
+use crate::metrics::Reservation;
 use crate::state::GangSettled;
 
 /// How an attempt ended, as the engine learned it.
@@ -45,7 +49,12 @@ impl Engine {
             return;
         };
         match change {
-            LeaseChange::Put { rev, lease, .. } => {
+            LeaseChange::Put { rev, mut lease, .. } => {
+                if lease.state == LeaseState::Running && lease.claim_rev.is_none() {
+                    // The claim itself: its revision is what the attempt's
+                    // results name, and what our CANCELLING write carries.
+                    lease.claim_rev = Some(rev);
+                }
                 if !self.book.put(&key, rev, (*lease).clone()) {
                     // An older entry redelivered; the newer one stays.
                     return;
@@ -83,6 +92,7 @@ impl Engine {
                 };
                 match self.jobs[&job].tasks[i].state {
                     TaskState::Reserved => {
+                        self.metrics.reservation(Reservation::Expired);
                         let why = format!("worker {} did not claim its reservation", l.worker);
                         self.queue.avoid(&l.task_id, &l.worker, self.now.mono);
                         self.requeue_same_attempt(&job, i, &why);
@@ -121,7 +131,7 @@ impl Engine {
         };
         let j = self.jobs.job_mut(&job);
         if j.tasks[i].state == TaskState::Reserved {
-            j.tasks[i].start(self.now.wall);
+            j.tasks[i].start(self.now.wall, l.claim_rev.unwrap_or_default());
             self.queue.started(&l.task_id);
             // Not written to the record: the lease itself says the task
             // runs, and a restarted coordinator adopts running leases. One
@@ -136,6 +146,7 @@ impl Engine {
             return;
         };
         if self.jobs[&job].tasks[i].state == TaskState::Reserved {
+            self.metrics.reservation(Reservation::Refused);
             self.queue.avoid(&l.task_id, &l.worker, self.now.mono);
             let why = format!(
                 "worker {} refused it: {}",
@@ -152,6 +163,7 @@ impl Engine {
         };
         if let Some((job, i)) = self.jobs.current_task(&live.lease) {
             if self.jobs[&job].tasks[i].state == TaskState::Reserved {
+                self.metrics.reservation(Reservation::Failed);
                 self.requeue_same_attempt(&job, i, &format!("reservation failed: {error}"));
             }
         }
@@ -206,6 +218,7 @@ impl Engine {
         let Some((job, i)) = self.jobs.current_task(l) else {
             return;
         };
+        self.metrics.lease_lost();
         self.end_attempt(&job, i, Ended::lost(why));
     }
 
@@ -235,12 +248,21 @@ impl Engine {
                 at,
             );
         } else if state.is_retryable() && attempt <= max_retries {
-            // Tell listeners how this attempt ended, then queue the next.
+            // Tell listeners how this attempt ended, then queue the next,
+            // after a pause, preferring another worker.
+            let ran_on = t.worker.clone();
             t.end(state, exit_code, Some(why.clone()), at);
             self.emit_state(job, i);
+            let delay = self.retry_delay(attempt);
             let t = self.jobs.task_mut(job, i);
-            t.retry(format!("attempt {attempt} {state}: {why}"));
+            t.retry(format!(
+                "attempt {attempt} {state}: {why}; next try in {:.1}s",
+                delay.as_secs_f64()
+            ));
             self.queue.queued(&t.id, self.now.mono);
+            let until = self.now.mono + delay;
+            self.queue.retry_later(&t.id, until, ran_on.as_ref());
+            self.metrics.retry();
         } else {
             let reason = (state != TaskState::Succeeded).then_some(why);
             t.end(state, exit_code, reason, at);
@@ -326,10 +348,25 @@ impl Engine {
         let open: Vec<usize> = (0..j.tasks.len())
             .filter(|&i| !j.tasks[i].is_final())
             .collect();
+        let ran_on: Vec<Option<WorkerId>> = j.tasks.iter().map(|t| t.worker.clone()).collect();
+        let before = j.tasks.iter().map(|t| t.attempt).max().unwrap_or(1);
         let changed = match j.settle_gang(&why, self.now.wall) {
-            GangSettled::Requeued { .. } => {
-                for t in &j.tasks {
+            GangSettled::Requeued { attempt } => {
+                // A run that failed pauses the whole gang; one that never
+                // started (a member refused) goes again at once.
+                let delay = if attempt > before {
+                    self.retry_delay(before)
+                } else {
+                    Duration::ZERO
+                };
+                let until = self.now.mono + delay;
+                let j = &self.jobs[job];
+                for (t, w) in j.tasks.iter().zip(&ran_on) {
                     self.queue.queued(&t.id, self.now.mono);
+                    if !delay.is_zero() {
+                        self.queue.retry_later(&t.id, until, w.as_ref());
+                    }
+                    self.metrics.retry();
                 }
                 (0..j.tasks.len()).collect()
             }
@@ -344,7 +381,7 @@ impl Engine {
 
     // ----- results -----
 
-    pub(super) fn result(&mut self, event: Event, seq: u64) {
+    pub(super) fn result(&mut self, event: Event, sender: &Sender, seq: u64) {
         let EventBody::Result(outcome) = event.body else {
             return;
         };
@@ -355,14 +392,39 @@ impl Engine {
             return;
         };
         let t = &job.tasks[i];
-        // Fencing: only the current attempt, from the worker that holds it,
-        // may end a task; anything else is a superseded attempt's report.
-        if t.attempt != event.attempt || t.is_final() || t.worker != event.worker {
+        // Fencing: only the current attempt may end a task; anything else
+        // is a superseded attempt's report.
+        if t.attempt != event.attempt || t.is_final() {
             tracing::info!(
                 task_id = %event.task_id,
                 attempt = event.attempt,
                 current = t.attempt,
                 "refused a result from a superseded attempt"
+            );
+            return;
+        }
+        // And only from the worker holding its live claim: sent by it (the
+        // subject says so, and the server checks who may publish there),
+        // naming the claim's revision, carrying the reservation's token
+        // (which nobody but that worker could read).
+        let refusal = if t.worker.as_ref() != sender.worker() {
+            Some(format!("sent by {}, not by its worker", sender.token()))
+        } else if t.claim_rev.is_some_and(|c| event.lease_rev != Some(c)) {
+            Some(format!(
+                "names lease revision {:?}, not the claim's {:?}",
+                event.lease_rev, t.claim_rev
+            ))
+        } else if t.token.is_some() && event.token != t.token {
+            Some("does not carry its reservation's token".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            tracing::warn!(
+                task_id = %event.task_id,
+                attempt = event.attempt,
+                why,
+                "refused a result"
             );
             return;
         }
@@ -372,12 +434,13 @@ impl Engine {
             result,
             error,
             started_at,
+            usage,
             ..
         } = outcome;
         let job = event.job_id;
         self.jobs
             .task_mut(&job, i)
-            .record_report(result, seq, started_at);
+            .record_report(result, seq, started_at, usage);
         let why = error.unwrap_or_else(|| match (state, exit_code) {
             (TaskState::Failed, Some(c)) => format!("exited with code {c}"),
             (s, _) => s.to_string(),
@@ -390,13 +453,82 @@ impl Engine {
         self.end_attempt(&job, i, ended);
     }
 
+    /// How long a task waits before attempt `failed + 1`: `retry_backoff`
+    /// doubled per earlier failure, capped at `retry_backoff_max`, of which
+    /// a random half to all ("equal jitter"), so that tasks that failed
+    /// together do not all come back at once.
+    pub(super) fn retry_delay(&mut self, failed: u32) -> Duration {
+        let doublings = failed.saturating_sub(1).min(30);
+        let full = self
+            .cfg
+            .retry_backoff
+            .0
+            .saturating_mul(1 << doublings)
+            .min(self.cfg.retry_backoff_max.0);
+        let half = full / 2;
+        half + half.mul_f64(self.rng.unit())
+    }
+
+    // ----- workers that go -----
+
+    /// A worker's advert is gone. One that expired on time, while
+    /// JetStream was calm and the worker was not draining, died: its
+    /// leases are lost at once rather than when they expire, and are
+    /// removed, so that the worker finds them gone should it come back.
+    /// Any other (a clean exit, or an expiry an outage may have caused)
+    /// only stops new work going there; the leases' own TTLs decide.
+    pub(super) fn worker_gone(&mut self, name: &WorkerId, expired: bool) {
+        let died = expired
+            && self.ready
+            && self.health.calm(self.now.mono)
+            && self.book.expired_on_time(name, self.now.mono)
+            && self.book.worker(name).is_some_and(|a| !a.draining);
+        if expired && !died {
+            tracing::info!(worker = %name, "a worker's advert expired; its leases expire on their own");
+        }
+        self.book.worker_gone(name);
+        self.queue.worker_gone(name);
+        self.wants_schedule = true;
+        if !died {
+            return;
+        }
+        let why = format!("worker {name} stopped heartbeating (its advert expired)");
+        tracing::warn!(worker = %name, "worker died: its tasks are lost and tried again");
+        for (key, live) in self.book.leases_of(name) {
+            self.purge_lease(&key);
+            let l = &live.lease;
+            let Some((job, i)) = self.jobs.current_task(l) else {
+                continue;
+            };
+            match self.jobs[&job].tasks[i].state {
+                TaskState::Reserved => {
+                    self.queue.avoid(&l.task_id, &l.worker, self.now.mono);
+                    self.requeue_same_attempt(&job, i, &why);
+                }
+                TaskState::Running => self.end_attempt(&job, i, Ended::lost(&why)),
+                _ => {}
+            }
+        }
+    }
+
     // ----- time -----
 
     pub(super) fn tick(&mut self) {
         self.queue.expire_avoid(self.now.mono);
+        self.queue.expire_pauses(self.now.mono);
+        let retention =
+            time::Duration::try_from(self.cfg.job_retention.0).unwrap_or(time::Duration::MAX);
+        self.jobs.expire_recent(self.now.wall - retention);
         // A released lease whose result never came: the worker lost it.
+        // Not while results cannot arrive (the clocks start again when
+        // they can).
         let grace = self.cfg.result_grace.0;
-        for task in self.book.take_overdue(self.now.mono, grace) {
+        let overdue = if self.health.results_down() {
+            Vec::new()
+        } else {
+            self.book.take_overdue(self.now.mono, grace)
+        };
+        for task in overdue {
             let Some((job, i)) = self.jobs.find_task(&task) else {
                 continue;
             };
@@ -474,12 +606,12 @@ impl Engine {
             };
             let t = self.jobs.task_mut(&job, i);
             if t.worker.as_ref() != Some(&l.worker) || t.state == TaskState::Queued {
-                t.reserve(l.worker.clone(), l.grant.clone());
+                t.reserve(l.worker.clone(), l.grant.clone(), l.token.clone());
             }
             match l.state {
                 LeaseState::Running | LeaseState::Cancelling => {
                     if t.state != TaskState::Running {
-                        t.start(self.now.wall);
+                        t.start(self.now.wall, l.claim_rev.unwrap_or(live.rev));
                     }
                 }
                 LeaseState::Rejected => self.rejected(&key, l),

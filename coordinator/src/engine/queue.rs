@@ -10,6 +10,9 @@
 //! - **Avoid window**: a worker that refused a task, or did not claim it,
 //!   is not offered that task again for [`AVOID_FOR`], unless a fresh
 //!   advert from it comes first.
+//! - **Retry pause**: a task whose attempt ended and is tried again waits
+//!   first (exponential with jitter, capped), and its next attempt goes to
+//!   another worker than the ones it was tried on, when one fits.
 //! - **Pass budget**: one pass makes at most `max_reservations_per_pass`
 //!   reservations, so that one flush stays a size the server acknowledges
 //!   well within its timeout; the next pass follows at once.
@@ -51,6 +54,11 @@ pub struct QueuePolicy {
     queued_since: HashMap<TaskId, Instant>,
     /// Workers a task keeps away from, each until when.
     avoid: HashMap<TaskId, Vec<(WorkerId, Instant)>>,
+    /// Tasks pausing before their next attempt, until when.
+    paused: HashMap<TaskId, Instant>,
+    /// Workers earlier attempts of a task ran on: the next goes elsewhere
+    /// if it can.
+    tried: HashMap<TaskId, Vec<WorkerId>>,
     hold: Option<Hold>,
     starvation_after: Duration,
     max_per_pass: usize,
@@ -62,6 +70,8 @@ impl QueuePolicy {
             order: BTreeSet::new(),
             queued_since: HashMap::new(),
             avoid: HashMap::new(),
+            paused: HashMap::new(),
+            tried: HashMap::new(),
             hold: None,
             starvation_after: cfg.starvation_after.0,
             max_per_pass: cfg.max_reservations_per_pass.max(1),
@@ -80,6 +90,8 @@ impl QueuePolicy {
         for t in &job.tasks {
             self.queued_since.remove(&t.id);
             self.avoid.remove(&t.id);
+            self.paused.remove(&t.id);
+            self.tried.remove(&t.id);
         }
     }
 
@@ -116,6 +128,40 @@ impl QueuePolicy {
             .filter_map(|t| self.queued_since.get(t))
             .min()
             .copied()
+    }
+
+    // ----- retries -----
+
+    /// The task's next attempt waits until `until`, and prefers another
+    /// worker than `on` (the one its attempt ran on).
+    pub fn retry_later(&mut self, task: &TaskId, until: Instant, on: Option<&WorkerId>) {
+        self.paused.insert(task.clone(), until);
+        if let Some(w) = on {
+            let tried = self.tried.entry(task.clone()).or_default();
+            if !tried.contains(w) {
+                tried.push(w.clone());
+            }
+        }
+    }
+
+    /// Whether the task still pauses at `now`.
+    pub fn is_paused(&self, task: &TaskId, now: Instant) -> bool {
+        self.paused.get(task).is_some_and(|until| *until > now)
+    }
+
+    /// Forgets pauses that are over.
+    pub fn expire_pauses(&mut self, now: Instant) {
+        self.paused.retain(|_, until| *until > now);
+    }
+
+    /// When the first pause ends.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.paused.values().min().copied()
+    }
+
+    /// The workers earlier attempts of the task ran on.
+    pub fn tried(&self, task: &TaskId) -> &[WorkerId] {
+        self.tried.get(task).map_or(&[], Vec::as_slice)
     }
 
     // ----- the avoid window -----
@@ -169,12 +215,12 @@ impl QueuePolicy {
                 w.hash(h);
             }
         }
+        self.tried(task).hash(h);
     }
 
     // ----- holds and the pass budget -----
 
     /// The workers held now, and for whom.
-    #[cfg(test)]
     pub fn hold(&self) -> Option<&Hold> {
         self.hold.as_ref()
     }

@@ -18,6 +18,7 @@ use gpufleet_schema::{
 
 use super::queue::{gang_hold_candidates, hold_candidate, Hold, PassPolicy};
 use super::Engine;
+use crate::metrics::Reservation;
 use crate::placement::{self, TaskRequest, WorkerView};
 use crate::state::JobRecord;
 
@@ -57,11 +58,21 @@ impl Engine {
     pub(super) fn schedule(&mut self) {
         let timer = self.metrics.pass_started();
         let mut pass = self.collect();
+        let now = self.now.mono;
         for id in self.queue.jobs() {
             let job = &self.jobs[id];
             let queued: Vec<usize> = (0..job.tasks.len())
                 .filter(|&i| job.tasks[i].state == TaskState::Queued)
                 .collect();
+            if queued.is_empty() {
+                continue;
+            }
+            // A task pausing before its retry waits; a gang waits whole.
+            let paused = |i: &usize| self.queue.is_paused(&job.tasks[*i].id, now);
+            if job.spec.gang && queued.iter().any(paused) {
+                continue;
+            }
+            let queued: Vec<usize> = queued.into_iter().filter(|i| !paused(i)).collect();
             if queued.is_empty() {
                 continue;
             }
@@ -116,18 +127,34 @@ impl Engine {
             return;
         }
         let is_holder = pass.policy.is_holder(&job.id, None);
-        let reqs: Vec<TaskRequest> = queued.iter().map(|&i| self.request(job, i)).collect();
         let min = job
             .spec
             .min_tasks
             .map_or(queued.len(), |m| m as usize)
             .min(queued.len());
-        let p = pass
-            .policy
-            .with_held_closed(&mut pass.views, is_holder, |views| {
-                self.metrics
-                    .time_placement(|| placement::place_gang(&reqs, min, views))
-            });
+        // Away from the workers an earlier run failed on if it fits
+        // elsewhere, else anywhere.
+        let mut p = None;
+        let mut reqs = Vec::new();
+        for elsewhere in [true, false] {
+            reqs = queued
+                .iter()
+                .map(|&i| self.request(job, i, elsewhere))
+                .collect();
+            let tried = p.is_some();
+            let placed = pass
+                .policy
+                .with_held_closed(&mut pass.views, is_holder, |views| {
+                    self.metrics
+                        .time_placement(|| placement::place_gang(&reqs, min, views))
+                });
+            let fits = !placed.assigned.is_empty();
+            p = Some(placed);
+            if fits || tried || !self.has_tried(job, queued) {
+                break;
+            }
+        }
+        let p = p.expect("placement ran");
         if !p.assigned.is_empty() {
             pass.policy.spend(p.assigned.len());
             if is_holder {
@@ -200,13 +227,24 @@ impl Engine {
                     continue;
                 }
             }
-            let req = self.request(job, i);
-            let p = pass
+            let mut req = self.request(job, i, true);
+            let mut p = pass
                 .policy
                 .with_held_closed(&mut pass.views, is_holder, |views| {
                     self.metrics
                         .time_placement(|| placement::place(std::slice::from_ref(&req), views))
                 });
+            // A retry goes back to a worker it was tried on only if no
+            // other fits.
+            if p.assigned.is_empty() && !self.queue.tried(&job.tasks[i].id).is_empty() {
+                req = self.request(job, i, false);
+                p = pass
+                    .policy
+                    .with_held_closed(&mut pass.views, is_holder, |views| {
+                        self.metrics
+                            .time_placement(|| placement::place(std::slice::from_ref(&req), views))
+                    });
+            }
             if let Some(a) = p.assigned.into_iter().next() {
                 pass.policy.spend(1);
                 pass.placed.push(Placed::Task {
@@ -325,10 +363,15 @@ impl Engine {
     ) {
         let j = self.jobs.job_mut(job);
         let task = j.spec.tasks[i].clone();
+        let owner = j.owner.clone();
+        // A secret, so not from the engine's seeded generator, whose
+        // numbers show in job ids.
+        let token = gpufleet_schema::lease::new_token();
         let t = &mut j.tasks[i];
-        t.reserve(worker.clone(), grant.clone());
+        t.reserve(worker.clone(), grant.clone(), token.clone());
         let key = subjects::lease_key(&worker, &t.id, t.attempt);
         let lease = Lease {
+            owner,
             job_id: job.clone(),
             task_id: t.id.clone(),
             attempt: t.attempt,
@@ -341,23 +384,46 @@ impl Engine {
             lease_ttl: self.cfg.lease_ttl,
             instance: None,
             reserved_at: self.now.wall,
+            token,
+            // Signed by the runtime as it writes the reservation.
+            signer: None,
+            signature: None,
+            claim_rev: None,
         };
+        self.metrics.reservation(Reservation::Made);
+        if let Some(since) = self.queue.waiting_since([&lease.task_id]) {
+            self.metrics
+                .queue_wait(self.now.mono.saturating_duration_since(since));
+        }
         self.book.reserve(key.clone(), lease.clone());
         self.fx.create_leases.push((key.into(), lease));
         self.emit_state(job, i);
     }
 
-    /// What placement is asked for one task.
-    fn request(&self, job: &JobRecord, i: usize) -> TaskRequest {
+    /// What placement is asked for one task; `elsewhere` keeps it off the
+    /// workers its earlier attempts ran on.
+    fn request(&self, job: &JobRecord, i: usize, elsewhere: bool) -> TaskRequest {
         let spec = &job.spec.tasks[i];
+        let task = &job.tasks[i].id;
+        let mut avoid = self.queue.avoided(task, self.now.mono);
+        if elsewhere {
+            avoid.extend(self.queue.tried(task).iter().cloned());
+        }
         TaskRequest {
             cpus_milli: spec.resources.cpus_milli(),
             memory: spec.resources.memory_bytes(),
             gpu: spec.resources.gpu_request(),
             labels: job.spec.constraints.labels.clone(),
             workers: job.spec.constraints.workers.clone(),
-            avoid: self.queue.avoided(&job.tasks[i].id, self.now.mono),
+            avoid,
         }
+    }
+
+    /// Whether any of these tasks was tried on some worker before.
+    fn has_tried(&self, job: &JobRecord, tasks: &[usize]) -> bool {
+        tasks
+            .iter()
+            .any(|&i| !self.queue.tried(&job.tasks[i].id).is_empty())
     }
 
     /// A hash of everything placement looks at for one task: two tasks with

@@ -12,8 +12,11 @@ use tokio::sync::oneshot;
 
 mod budget;
 mod cancel;
+mod failures;
 mod gangs;
 mod holds;
+mod observe;
+mod owners;
 mod refusals;
 
 /// An engine with its own clock, which moves only when a test says so.
@@ -89,11 +92,15 @@ fn advert(name: &str, cpus: u64, gpus: u32) -> WorkerAdvert {
                 utilization: None,
                 temperature: None,
                 simulated: true,
+                held_by: vec![],
             })
             .collect(),
         running: vec![],
         rendezvous_ports: Some((29500, 29510)),
         draining: false,
+        held: false,
+        usage: Default::default(),
+        metrics_addr: None,
         ttl: Dur::secs(10),
         started_at: now(),
         sent_at: now(),
@@ -122,10 +129,23 @@ fn spec(json: &str) -> JobSpec {
 
 fn submit(e: &mut Sim, json: &str) -> (JobId, oneshot::Receiver<Reply>) {
     let (tx, rx) = oneshot::channel();
-    e.handle(Input::Api(ApiCall::Submit(Box::new(spec(json))), tx));
+    e.handle(Input::Api(
+        ApiCall::Submit(Box::new(spec(json))),
+        Caller::everyone(),
+        tx,
+    ));
     e.schedule_if_needed();
     let id = e.jobs.iter().max_by_key(|(_, j)| j.seq).unwrap().0.clone();
+    // The runtime says so once the record is written.
+    e.handle(Input::Stored(id.clone()));
     (id, rx)
+}
+
+/// Lets the pause before a retry pass (at most `retry_backoff_max`).
+fn after_pause(e: &mut Sim) {
+    let pause = e.config().retry_backoff_max.0;
+    e.advance(pause);
+    e.handle(Input::Wake);
 }
 
 fn claim(e: &mut Sim, key: &str, lease: &Lease, rev: u64) {
@@ -160,7 +180,7 @@ fn refuse(e: &mut Sim, key: &str, lease: &Lease, rev: u64, why: &str) {
 /// A claimed attempt ends as a worker ends it: the result, then the
 /// release of its lease.
 fn finish(e: &mut Sim, key: &str, lease: &Lease, state: TaskState, seq: u64) {
-    e.handle(result(lease, state, seq));
+    e.handle(result(e, lease, state, seq));
     e.handle(Input::Lease(LeaseChange::Released { key: key.into() }));
 }
 
@@ -175,15 +195,23 @@ fn task_state(e: &Sim, job: &JobId, i: usize) -> (TaskState, u32) {
     (t.state, t.attempt)
 }
 
-fn result(lease: &Lease, state: TaskState, seq: u64) -> Input {
+/// The result a worker sends for `lease`: from that worker, naming the
+/// claim the engine saw, carrying the reservation's token.
+fn result(e: &Sim, lease: &Lease, state: TaskState, seq: u64) -> Input {
+    let claim_rev = e
+        .jobs
+        .find_task(&lease.task_id)
+        .and_then(|(job, i)| e.jobs[&job].tasks[i].claim_rev);
     Input::Result {
         seq,
+        sender: Sender::Worker(lease.worker.clone()),
         event: Box::new(Event {
             job_id: lease.job_id.clone(),
             task_id: lease.task_id.clone(),
             attempt: lease.attempt,
             worker: Some(lease.worker.clone()),
-            lease_rev: Some(1),
+            lease_rev: claim_rev,
+            token: Some(lease.token.clone()),
             at: now(),
             body: EventBody::Result(TaskOutcome {
                 state,
@@ -194,6 +222,7 @@ fn result(lease: &Lease, state: TaskState, seq: u64) -> Input {
                 artifacts: vec![],
                 started_at: Some(now()),
                 finished_at: now(),
+                usage: None,
             }),
         }),
     }
@@ -224,7 +253,7 @@ fn a_task_goes_from_submit_to_completed() {
     // A claim costs no record write.
     assert!(!e.take_effects().put_jobs.contains(&id));
 
-    e.handle(result(&lease, TaskState::Succeeded, 42));
+    e.handle(result(&e, &lease, TaskState::Succeeded, 42));
     assert_eq!(e.jobs[&id].status, JobState::Completed);
     assert_eq!(
         e.jobs[&id].tasks[0].result,
@@ -235,7 +264,7 @@ fn a_task_goes_from_submit_to_completed() {
     assert_eq!(fx.events.len(), 1, "one SUCCEEDED state event");
 
     // The same result again (a replay after restart) changes nothing.
-    e.handle(result(&lease, TaskState::Succeeded, 42));
+    e.handle(result(&e, &lease, TaskState::Succeeded, 42));
     let fx = e.take_effects();
     assert!(fx.put_jobs.is_empty() && fx.events.is_empty());
 }
@@ -256,15 +285,26 @@ fn a_superseded_attempt_is_fenced_off() {
     e.take_effects();
     e.handle(Input::Tick);
     e.schedule_if_needed();
+    assert!(
+        e.take_effects().create_leases.is_empty(),
+        "a retry waits out its pause"
+    );
+    after_pause(&mut e);
+    e.schedule_if_needed();
     let fx = e.take_effects();
     let (key2, lease2) = fx.create_leases[0].clone();
+    assert_eq!(
+        lease2.worker.as_str(),
+        "w2",
+        "a retry goes to another worker when one fits"
+    );
     assert_eq!(lease2.attempt, 2);
     claim(&mut e, &key2, &lease2, 9);
     // The frozen worker comes back and reports attempt 1: refused.
-    e.handle(result(&lease1, TaskState::Succeeded, 50));
+    e.handle(result(&e, &lease1, TaskState::Succeeded, 50));
     assert_eq!(e.jobs[&id].tasks[0].state, TaskState::Running);
     assert_eq!(e.jobs[&id].tasks[0].result, None);
-    e.handle(result(&lease2, TaskState::Succeeded, 51));
+    e.handle(result(&e, &lease2, TaskState::Succeeded, 51));
     assert_eq!(e.jobs[&id].status, JobState::Completed);
     assert_eq!(
         e.jobs[&id].tasks[0].result,
@@ -289,7 +329,7 @@ fn a_release_whose_claim_was_never_seen_waits_for_the_result() {
         fx.create_leases
     );
     assert_eq!(e.jobs[&id].tasks[0].state, TaskState::Reserved);
-    e.handle(result(&lease, TaskState::Succeeded, 7));
+    e.handle(result(&e, &lease, TaskState::Succeeded, 7));
     assert_eq!(e.jobs[&id].status, JobState::Completed);
 }
 
@@ -314,10 +354,14 @@ fn a_release_with_no_result_is_lost_after_the_grace_and_retried() {
     let t = &e.jobs[&id].tasks[0];
     assert_eq!(t.attempt, 2, "{t:?}");
     assert_eq!(t.state, TaskState::Queued);
+    after_pause(&mut e);
     e.schedule_if_needed();
     let fx = e.take_effects();
     assert_eq!(fx.create_leases.len(), 1);
-    assert_eq!(fx.create_leases[0].1.attempt, 2);
+    assert_eq!(
+        fx.create_leases[0].1.attempt, 2,
+        "the only worker there is, for lack of another"
+    );
 }
 
 #[test]
@@ -328,12 +372,12 @@ fn retries_stop_at_max_retries() {
         r#"{"max_retries": 1, "tasks": [{"command": ["true"]}]}"#,
     );
     for attempt in 1..=2 {
-        e.handle(Input::Tick);
+        after_pause(&mut e);
         e.schedule_if_needed();
         let (key, lease) = e.take_effects().create_leases[0].clone();
         assert_eq!(lease.attempt, attempt);
         claim(&mut e, &key, &lease, attempt as u64 * 10);
-        e.handle(result(&lease, TaskState::Interrupted, attempt as u64));
+        e.handle(result(&e, &lease, TaskState::Interrupted, attempt as u64));
         e.handle(Input::Lease(LeaseChange::Released { key }));
     }
     assert_eq!(e.jobs[&id].tasks[0].state, TaskState::Interrupted);
@@ -366,6 +410,11 @@ fn start_up_adopts_unrecorded_leases_and_requeues_lapsed_reservations() {
         lease_ttl: Dur::secs(30),
         instance: Some("x".into()),
         reserved_at: now(),
+        owner: job.owner.clone(),
+        token: "t".into(),
+        signer: None,
+        signature: None,
+        claim_rev: None,
     };
     e.handle(Input::Lease(LeaseChange::Put {
         key: "w1.j-1.1".into(),
@@ -416,6 +465,7 @@ fn submit_validates_and_is_idempotent() {
     let (tx, mut rx) = oneshot::channel();
     e.handle(Input::Api(
         ApiCall::Submit(Box::new(spec(r#"{"tasks": []}"#))),
+        Caller::everyone(),
         tx,
     ));
     for (tx, r, _) in e.take_effects().replies {
@@ -429,18 +479,163 @@ fn submit_validates_and_is_idempotent() {
     submit(&mut e, job);
     e.take_effects();
     let (tx, mut rx) = oneshot::channel();
-    e.handle(Input::Api(ApiCall::Submit(Box::new(spec(job))), tx));
+    e.handle(Input::Api(
+        ApiCall::Submit(Box::new(spec(job))),
+        Caller::everyone(),
+        tx,
+    ));
     for (tx, r, _) in e.take_effects().replies {
         tx.send(r).unwrap();
     }
     assert!(matches!(rx.try_recv(), Ok(Reply::Submit(r)) if !r.created));
     let (tx, mut rx) = oneshot::channel();
     let other = r#"{"id": "same", "tasks": [{"command": ["false"]}]}"#;
-    e.handle(Input::Api(ApiCall::Submit(Box::new(spec(other))), tx));
+    e.handle(Input::Api(
+        ApiCall::Submit(Box::new(spec(other))),
+        Caller::everyone(),
+        tx,
+    ));
     for (tx, r, _) in e.take_effects().replies {
         tx.send(r).unwrap();
     }
     assert!(matches!(rx.try_recv(), Ok(Reply::Error { code: 409, .. })));
+}
+
+#[test]
+fn a_client_id_is_verified_by_the_first_write_and_a_taken_one_never_runs() {
+    let mut e = ready_engine(&[advert("w1", 4, 0)]);
+    let (tx, _rx) = oneshot::channel();
+    let job = r#"{"id": "old", "tasks": [{"command": ["true"], "resources": {"cpus": 4}}]}"#;
+    e.handle(Input::Api(
+        ApiCall::Submit(Box::new(spec(job))),
+        Caller::everyone(),
+        tx,
+    ));
+    e.schedule_if_needed();
+    let id = JobId::new("old").unwrap();
+    assert!(e.jobs[&id].verify && !e.jobs[&id].stored);
+    let fx = e.take_effects();
+    assert_eq!(
+        fx.create_leases.len(),
+        1,
+        "placed; created only once the id is known to be new"
+    );
+    // The first write found a finished job of that id.
+    e.handle(Input::Duplicate(id.clone()));
+    assert!(e.jobs.get(&id).is_none());
+    // Its capacity is free again, and an id the engine makes needs no check.
+    let (other, _) = submit(&mut e, job.replace(r#""id": "old", "#, "").as_str());
+    assert!(!e.jobs[&other].verify);
+    assert_eq!(e.take_effects().create_leases.len(), 1);
+}
+
+#[test]
+fn a_job_whose_record_is_not_stored_never_runs_and_is_forgotten() {
+    let mut e = ready_engine(&[advert("w1", 4, 0)]);
+    let (tx, _rx) = oneshot::channel();
+    e.handle(Input::Api(
+        ApiCall::Submit(Box::new(spec(r#"{"tasks": [{"command": ["true"]}]}"#))),
+        Caller::everyone(),
+        tx,
+    ));
+    e.schedule_if_needed();
+    let fx = e.take_effects();
+    let id = fx.put_jobs.iter().next().unwrap().clone();
+    // Reserved in the same batch: the runtime creates the reservation only
+    // once the record is stored.
+    assert_eq!(fx.create_leases.len(), 1);
+    assert!(!e.jobs[&id].stored);
+    e.handle(Input::NotStored(id.clone()));
+    assert!(e.jobs.get(&id).is_none());
+    e.handle(Input::Tick);
+    let fx = e.take_effects();
+    assert!(fx.create_leases.is_empty() && fx.put_jobs.is_empty());
+    // Its capacity is free again.
+    let (_, _) = submit(
+        &mut e,
+        r#"{"tasks": [{"command": ["true"], "resources": {"cpus": 4}}]}"#,
+    );
+    assert_eq!(e.take_effects().create_leases.len(), 1);
+}
+
+#[test]
+fn a_job_too_large_to_store_is_refused_with_413() {
+    let mut e = ready_engine(&[]);
+    let big = "x".repeat(100_000);
+    let json = format!(
+        r#"{{"tasks": [{{"command": ["true"], "env": {{"A": "{big}", "B": "{big}", "C": "{big}"}}}}]}}"#
+    );
+    let (tx, mut rx) = oneshot::channel();
+    e.handle(Input::Api(
+        ApiCall::Submit(Box::new(spec(&json))),
+        Caller::everyone(),
+        tx,
+    ));
+    let fx = e.take_effects();
+    assert!(fx.put_jobs.is_empty());
+    for (tx, r, _) in fx.replies {
+        tx.send(r).unwrap();
+    }
+    let Ok(Reply::Error { code: 413, message }) = rx.try_recv() else {
+        panic!("not refused with 413");
+    };
+    assert!(
+        message.contains("task 0") && message.contains("max_payload"),
+        "{message}"
+    );
+}
+
+#[test]
+fn finished_jobs_leave_memory_once_stored_and_stay_listed_in_the_window() {
+    let mut e = ready_engine(&[advert("w1", 4, 0)]);
+    let (id, _rx) = submit(&mut e, r#"{"tasks": [{"command": ["true"]}]}"#);
+    let (key, lease) = e.take_effects().create_leases[0].clone();
+    claim(&mut e, &key, &lease, 3);
+    e.handle(result(&e, &lease, TaskState::Succeeded, 4));
+    assert!(e.take_effects().put_jobs.contains(&id));
+    e.handle(Input::Moved(id.clone()));
+    assert!(e.jobs.get(&id).is_none());
+    assert_eq!(e.jobs_in_memory(), 0);
+    let listed = list(&mut e);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].status, JobState::Completed);
+    // A get is answered from the bucket.
+    let (tx, _rx) = oneshot::channel();
+    e.handle(Input::Api(
+        ApiCall::Get {
+            job: id.clone(),
+            offset: 0,
+            limit: 10,
+        },
+        Caller::everyone(),
+        tx,
+    ));
+    let fx = e.take_effects();
+    assert!(matches!(fx.fetches.as_slice(), [(j, _, Fetch::Get { .. })] if *j == id));
+    // Past the retention it leaves the window too.
+    e.advance(e.config().job_retention.0 + std::time::Duration::from_secs(1));
+    e.handle(Input::Tick);
+    assert!(list(&mut e).is_empty());
+}
+
+/// What `jobs.list` answers now.
+fn list(e: &mut Sim) -> Vec<JobStatus> {
+    let (tx, mut rx) = oneshot::channel();
+    e.handle(Input::Api(
+        ApiCall::List {
+            status: None,
+            limit: 10,
+        },
+        Caller::everyone(),
+        tx,
+    ));
+    for (tx, r, _) in e.take_effects().replies {
+        tx.send(r).unwrap();
+    }
+    match rx.try_recv() {
+        Ok(Reply::Jobs(list)) => list,
+        other => panic!("not a list: {other:?}"),
+    }
 }
 
 #[test]
@@ -452,7 +647,11 @@ fn cancelling_a_waiting_job_aborts_it_at_once() {
     );
     assert_eq!(e.jobs[&id].reason.as_deref(), Some("no workers are online"));
     let (tx, _rx2) = oneshot::channel();
-    e.handle(Input::Api(ApiCall::Cancel(id.clone()), tx));
+    e.handle(Input::Api(
+        ApiCall::Cancel(id.clone()),
+        Caller::everyone(),
+        tx,
+    ));
     assert_eq!(e.jobs[&id].status, JobState::Aborted);
     let fx = e.take_effects();
     let cancelled = fx

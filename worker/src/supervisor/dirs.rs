@@ -1,6 +1,6 @@
 //! Attempt directories, recycled.
 //!
-//! An attempt's directory holds `meta/owner`, `meta/events.jsonl` and an
+//! An attempt's directory holds `owner`, `meta/events.jsonl` and an
 //! empty `work/`: five inodes. Making and removing them for every task was
 //! most of the worker's kernel time with short tasks (ext4 looks hard for a
 //! free inode that was not recently deleted). So a directory that a task
@@ -9,11 +9,11 @@
 //! `<work_dir>/.spare-<n>`, and the next attempt renames a spare into place.
 //! A spare is checked again when taken: a process that escaped its task's
 //! group could still write into it. Spares belong to the worker that made
-//! them (`meta/owner`), so a restarted worker removes them with the rest of
+//! them (`owner`), so a restarted worker removes them with the rest of
 //! what its earlier run left (see `clean_up_earlier_run`).
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -160,7 +160,7 @@ fn is_pristine(paths: &TaskPaths, work_mode: u32) -> bool {
             return false;
         };
         let name = entry.file_name();
-        let known = name == "owner" || name == "events.jsonl" || name == "result.json";
+        let known = name == "events.jsonl" || name == "result.json";
         if !known || !kind.is_file() {
             return false;
         }
@@ -169,9 +169,10 @@ fn is_pristine(paths: &TaskPaths, work_mode: u32) -> bool {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return false,
         _ => {}
     }
-    match std::fs::metadata(&paths.events) {
+    match std::fs::symlink_metadata(&paths.events) {
         Ok(m) if m.len() > 0 => std::fs::OpenOptions::new()
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&paths.events)
             .and_then(|f| f.set_len(0))
             .is_ok(),
@@ -179,6 +180,43 @@ fn is_pristine(paths: &TaskPaths, work_mode: u32) -> bool {
         // Not made yet: the attempt never started.
         Err(e) => e.kind() == io::ErrorKind::NotFound,
     }
+}
+
+/// Opens a file in a task's directory for reading, as the task left it:
+/// never through a symbolic link, never a FIFO or device, never a file with
+/// another hard link (made to a file the task could not read itself), so
+/// that the worker reads nothing of its own for the task. Blocking.
+pub fn open_task_file(path: &Path) -> io::Result<std::fs::File> {
+    let refused = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why.to_string());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        // Non-blocking: opening a FIFO would wait for a writer.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => refused("it is a symbolic link"),
+            _ => e,
+        })?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(refused("it is not a regular file"));
+    }
+    if meta.nlink() > 1 {
+        return Err(refused("it is a hard link to a file elsewhere"));
+    }
+    Ok(file)
+}
+
+/// Creates (or empties) a file the task is to write, never through a
+/// symbolic link. Blocking.
+pub(super) fn create_task_file(path: &Path) -> io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
 }
 
 #[cfg(test)]

@@ -6,10 +6,15 @@
 //! `try_reserve`, and keeps what does not fit in a queue bounded by
 //! `max_pending_log_bytes` (plus the one batch in hand). Anything past that
 //! bound, or past `max_log_bytes` in total, is dropped and counted; the count
-//! rides on the stream's next batch. The hub itself never awaits the caller
-//! until the very end, so the readers always drain the pipes.
+//! rides on the stream's next batch. Progress and the worker's own notices
+//! count toward `max_log_bytes` too: once it is reached, progress is
+//! dropped (one notice says so) and the progress file is read no further.
+//! The hub itself never awaits the caller until the very end, so the
+//! readers always drain the pipes.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use gpufleet_schema::LogStream;
@@ -75,10 +80,14 @@ pub(super) struct Hub {
     pending_bytes: usize,
     shipped: u64,
     dropped: u64,
+    /// Set once `max_log_bytes` is reached, for the progress reader.
+    capped: Arc<AtomicBool>,
+    /// Progress updates dropped at the cap.
+    progress_dropped: u64,
 }
 
 impl Hub {
-    pub(super) fn new(out: mpsc::Sender<Output>, limits: &Limits) -> Hub {
+    pub(super) fn new(out: mpsc::Sender<Output>, limits: &Limits, capped: Arc<AtomicBool>) -> Hub {
         Hub {
             out,
             closed: false,
@@ -91,6 +100,8 @@ impl Hub {
             pending_bytes: 0,
             shipped: 0,
             dropped: 0,
+            capped,
+            progress_dropped: 0,
         }
     }
 
@@ -103,9 +114,18 @@ impl Hub {
         match msg {
             HubMsg::Bytes(stream, bytes) => self.push(stream, &bytes, now),
             HubMsg::Eof(stream) => self.finish(stream),
-            HubMsg::Progress(value, size) => self.enqueue_extra(Output::Progress(value), size),
+            HubMsg::Progress(value, size) => {
+                if self.over_cap(size) {
+                    self.drop_progress();
+                } else {
+                    self.enqueue_extra(Output::Progress(value), size);
+                }
+            }
             HubMsg::Notice(text) => {
                 let size = text.len();
+                if self.over_cap(size) {
+                    return;
+                }
                 let item = Output::Log {
                     stream: LogStream::Stderr,
                     text,
@@ -113,6 +133,35 @@ impl Hub {
                 };
                 self.enqueue_extra(item, size);
             }
+        }
+    }
+
+    /// Whether `size` more bytes would pass `max_log_bytes`; marks the cap
+    /// reached if so.
+    fn over_cap(&mut self, size: usize) -> bool {
+        let over = self.shipped.saturating_add(size as u64) > self.max_log;
+        if over || self.shipped >= self.max_log {
+            self.capped.store(true, Ordering::Relaxed);
+        }
+        over
+    }
+
+    /// Drops a progress update at the cap; the first one says so.
+    fn drop_progress(&mut self) {
+        self.progress_dropped += 1;
+        if self.progress_dropped == 1 {
+            let text = format!(
+                "[gpufleet] this task reached max_log_size ({} bytes of output and progress): further progress is dropped\n",
+                self.max_log
+            );
+            let size = text.len();
+            let item = Output::Log {
+                stream: LogStream::Stderr,
+                text,
+                dropped_bytes: 0,
+            };
+            // Past the cap by one line, once, so that the reason is known.
+            self.enqueue_extra(item, size);
         }
     }
 
@@ -263,6 +312,9 @@ impl Hub {
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         };
         self.shipped += n as u64;
+        if self.shipped >= self.max_log {
+            self.capped.store(true, Ordering::Relaxed);
+        }
         let dropped_bytes = std::mem::take(&mut self.streams[s].unreported);
         self.pending_bytes += text.len();
         self.pending.push_back(Pending {
@@ -284,6 +336,10 @@ impl Hub {
         {
             tracing::debug!("caller is behind; dropping a progress update or notice");
             return;
+        }
+        self.shipped = self.shipped.saturating_add(size as u64);
+        if self.shipped >= self.max_log {
+            self.capped.store(true, Ordering::Relaxed);
         }
         self.pending_bytes += size;
         self.pending.push_back(Pending {
@@ -483,7 +539,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn batches_cut_at_newlines_and_keep_characters_whole() {
         let (tx, mut rx) = mpsc::channel(100);
-        let mut hub = Hub::new(tx, &limits(8, u64::MAX, 1 << 20));
+        let mut hub = Hub::new(tx, &limits(8, u64::MAX, 1 << 20), Default::default());
         let now = Instant::now();
         // "€" arrives split across two reads, and the batch size falls
         // inside it.
@@ -499,7 +555,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_partial_line_goes_out_after_the_interval() {
         let (tx, mut rx) = mpsc::channel(100);
-        let mut hub = Hub::new(tx, &limits(1024, u64::MAX, 1 << 20));
+        let mut hub = Hub::new(tx, &limits(1024, u64::MAX, 1 << 20), Default::default());
         let t0 = Instant::now();
         hub.push(LogStream::Stderr, b"one\ntw", t0);
         assert_eq!(hub.next_deadline(), Some(t0 + Duration::from_millis(100)));
@@ -517,7 +573,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slow_caller_loses_output_and_is_told_how_much() {
         let (tx, mut rx) = mpsc::channel(1);
-        let mut hub = Hub::new(tx, &limits(4, u64::MAX, 8));
+        let mut hub = Hub::new(tx, &limits(4, u64::MAX, 8), Default::default());
         let now = Instant::now();
         // 1 batch in the channel, 8 bytes queued, then drops.
         hub.push(LogStream::Stdout, b"aaa\nbbb\nccc\nddd\neee\n", now);
@@ -545,7 +601,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn output_past_the_total_limit_is_counted_in_a_last_batch() {
         let (tx, mut rx) = mpsc::channel(100);
-        let mut hub = Hub::new(tx, &limits(4, 6, 1 << 20));
+        let mut hub = Hub::new(tx, &limits(4, 6, 1 << 20), Default::default());
         let now = Instant::now();
         hub.push(LogStream::Stdout, b"abc\ndef\nghi\n", now);
         hub.push(LogStream::Stdout, b"more", now);
@@ -559,5 +615,31 @@ mod tests {
             ]
         );
         assert_eq!(hub.dropped(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_counts_toward_the_total_limit_with_output() {
+        let (tx, mut rx) = mpsc::channel(100);
+        let capped = Arc::new(AtomicBool::new(false));
+        let mut hub = Hub::new(tx, &limits(1024, 30, 1 << 20), capped.clone());
+        let now = Instant::now();
+        hub.push(LogStream::Stdout, b"0123456789\n", now);
+        hub.finish(LogStream::Stdout);
+        for i in 0..5 {
+            // 10 bytes each: after the 11 bytes of output, one fits.
+            hub.handle(HubMsg::Progress(serde_json::json!({ "i": i }), 10), now);
+        }
+        let got: Vec<Output> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(matches!(&got[1], Output::Progress(v) if v["i"] == 0));
+        let Output::Log { text, .. } = &got[2] else {
+            panic!("{got:?}");
+        };
+        assert!(text.contains("reached max_log_size (30 bytes"), "{text}");
+        assert!(capped.load(Ordering::Relaxed));
+        // Output past the cap is dropped and counted as before.
+        hub.push(LogStream::Stdout, b"more\n", now);
+        hub.finish_all();
+        assert_eq!(hub.dropped(), 5);
     }
 }

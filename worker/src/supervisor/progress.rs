@@ -2,6 +2,8 @@
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -23,21 +25,19 @@ const QUOTE_CHARS: usize = 200;
 /// `MAX_READ_PER_POLL` bytes; true if the file was truncated or replaced,
 /// so the bytes are from its start. Blocking.
 fn read_appended(path: &Path, offset: u64) -> std::io::Result<(bool, Vec<u8>)> {
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
+    // Not through a link, not a FIFO or device (which would block or
+    // never end).
+    let mut file = match super::open_task_file(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((false, Vec::new())),
         Err(e) => return Err(e),
     };
-    // A FIFO or device would block or never end.
-    if !meta.is_file() {
-        return Ok((false, Vec::new()));
-    }
-    let restarted = meta.len() < offset;
+    let len = file.metadata()?.len();
+    let restarted = len < offset;
     let from = if restarted { 0 } else { offset };
-    if meta.len() == from {
+    if len == from {
         return Ok((restarted, Vec::new()));
     }
-    let mut file = std::fs::File::open(path)?;
     file.seek(SeekFrom::Start(from))?;
     let mut bytes = Vec::new();
     file.take(MAX_READ_PER_POLL).read_to_end(&mut bytes)?;
@@ -162,12 +162,15 @@ fn line_message(line: &[u8], msgs: &mut Vec<HubMsg>) {
     }
 }
 
-/// Polls every `every` until `done`, then once more for the rest.
+/// Polls every `every` until `done`, then once more for the rest; stops
+/// reading once `capped` (the task's output and progress reached their
+/// limit, so what it writes now would be dropped anyway).
 pub(super) async fn follow(
     path: PathBuf,
     every: Duration,
     hub: mpsc::Sender<HubMsg>,
     done: CancellationToken,
+    capped: Arc<AtomicBool>,
 ) {
     let mut tail = EventsTail::new(path);
     let mut tick = tokio::time::interval(every);
@@ -177,6 +180,9 @@ pub(super) async fn follow(
             _ = tick.tick() => false,
             _ = done.cancelled() => true,
         };
+        if capped.load(Ordering::Relaxed) {
+            return;
+        }
         for msg in tail.poll(last).await {
             if hub.send(msg).await.is_err() {
                 return;

@@ -14,7 +14,15 @@
 //! no allocation, no lock, no handler of the worker's may run (signals are
 //! blocked across `clone` and their handlers reset to the default in the
 //! child before they are unblocked), and failures are passed back through
-//! an atomic in [`ChildArgs`], not a pipe.
+//! an atomic in [`ChildArgs`], not a pipe. The user is changed by raw
+//! system calls: glibc's `setuid` and friends signal every thread of the
+//! process to change along, and the process whose thread list the child
+//! would walk is the worker.
+//!
+//! Before the exec the child joins the task's cgroup, takes its process
+//! limit, drops to the task's user and only then enters the working
+//! directory (as that user) and asks for `PR_SET_PDEATHSIG` (a change of
+//! user clears it).
 
 use std::ffi::{c_char, c_int, c_void, CString, OsStr, OsString};
 use std::io;
@@ -24,6 +32,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
 
 /// The child's stack. It runs a handful of system call wrappers.
 const STACK_SIZE: usize = 64 * 1024;
@@ -40,6 +49,15 @@ pub(super) struct Spec {
     /// The whole environment.
     pub env: Vec<(OsString, OsString)>,
     pub cwd: PathBuf,
+    /// `(uid, gid)` to run as, without supplementary groups; `None`: the
+    /// worker's own.
+    pub user: Option<(u32, u32)>,
+    /// Its `RLIMIT_NPROC` (soft and hard), at most the worker's own hard
+    /// limit.
+    pub max_processes: Option<u64>,
+    /// A cgroup's `cgroup.procs`, open for writing: the process joins that
+    /// cgroup. It must stay open until [`spawn`] returns.
+    pub cgroup_procs: Option<c_int>,
 }
 
 /// A started process: the leader of a new process group whose id is its
@@ -55,7 +73,8 @@ pub(super) struct Started {
 /// allocate). Lives on the parent's stack until `clone` returns, which is
 /// after the child has exec'd or exited.
 struct ChildArgs {
-    path: *const c_char,
+    /// Where the program may be, in order, NULL-terminated.
+    paths: *const *const c_char,
     argv: *const *const c_char,
     envp: *const *const c_char,
     cwd: *const c_char,
@@ -65,6 +84,15 @@ struct ChildArgs {
     parent: libc::pid_t,
     /// The signal mask to exec with: the caller's own.
     mask: libc::sigset_t,
+    /// -1, or the cgroup to join.
+    cgroup_procs: c_int,
+    /// `RLIMIT_NPROC`, when `set_nproc`.
+    nproc: libc::rlimit,
+    set_nproc: bool,
+    /// The user to become, when `set_user`.
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    set_user: bool,
     /// errno of the step that failed, or 0 once exec succeeded.
     error: AtomicI32,
 }
@@ -94,17 +122,17 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// `PR_SET_PDEATHSIG` fires when the *thread* that started the child exits,
 /// so call this from a thread that lives as long as the process.
 pub(super) fn spawn(spec: &Spec) -> io::Result<Started> {
-    // Resolved here, so that a missing program is an error to start with
-    // the OS's own words, and the lookup's file system calls stay off the
-    // runtime.
-    let program =
-        find_executable(&spec.program, spec.search_path.as_deref(), &spec.cwd).map_err(|kind| {
-            io::Error::from_raw_os_error(match kind {
-                io::ErrorKind::PermissionDenied => libc::EACCES,
-                _ => libc::ENOENT,
-            })
-        })?;
-    let path = c_string(program.as_os_str(), "the program")?;
+    // Looked up by the child, as the task's user: a directory on the
+    // worker's PATH that user may not enter is skipped, as `execvp` would.
+    let candidates = candidates(&spec.program, spec.search_path.as_deref(), &spec.cwd)
+        .iter()
+        .map(|p| c_string(p.as_os_str(), "the program"))
+        .collect::<io::Result<Vec<_>>>()?;
+    let paths: Vec<*const c_char> = candidates
+        .iter()
+        .map(|p| p.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
     let args = spec
         .args
         .iter()
@@ -151,8 +179,22 @@ pub(super) fn spawn(spec: &Spec) -> io::Result<Started> {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut mask);
     }
+    let nproc = spec.max_processes.map(|n| {
+        let mut own = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: `own` is valid for writes.
+        unsafe { libc::getrlimit(libc::RLIMIT_NPROC, &mut own) };
+        // Raising the hard limit would fail for a worker that is not root.
+        let n = (n as libc::rlim_t).min(own.rlim_max);
+        libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        }
+    });
     let child_args = ChildArgs {
-        path: path.as_ptr(),
+        paths: paths.as_ptr(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         cwd: cwd.as_ptr(),
@@ -162,6 +204,15 @@ pub(super) fn spawn(spec: &Spec) -> io::Result<Started> {
         // SAFETY: getpid cannot fail.
         parent: unsafe { libc::getpid() },
         mask,
+        cgroup_procs: spec.cgroup_procs.unwrap_or(-1),
+        set_nproc: nproc.is_some(),
+        nproc: nproc.unwrap_or(libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        }),
+        set_user: spec.user.is_some(),
+        uid: spec.user.map_or(0, |u| u.0),
+        gid: spec.user.map_or(0, |u| u.1),
         error: AtomicI32::new(0),
     };
     // SAFETY: `top` ends a live allocation of STACK_SIZE bytes, and
@@ -198,38 +249,15 @@ pub(super) fn spawn(spec: &Spec) -> io::Result<Started> {
     })
 }
 
-/// Where `program` would be found, as `execvp` looks: as given when it
-/// holds a '/' (relative to `cwd`), else on `path`. The error is the one
-/// exec would give: not found, or found but not executable.
-fn find_executable(
-    program: &Path,
-    path: Option<&OsStr>,
-    cwd: &Path,
-) -> Result<PathBuf, io::ErrorKind> {
-    use std::os::unix::fs::PermissionsExt;
-    let check = |p: &Path| match std::fs::metadata(p) {
-        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
-        Ok(_) => Err(io::ErrorKind::PermissionDenied),
-        Err(_) => Err(io::ErrorKind::NotFound),
-    };
+/// Where `program` may be, in the order `execvp` looks: as given when it
+/// holds a '/' (relative to `cwd`), else in each directory of `path`.
+fn candidates(program: &Path, path: Option<&OsStr>, cwd: &Path) -> Vec<PathBuf> {
     if program.components().count() > 1 || program.is_absolute() {
-        let p = cwd.join(program);
-        return check(&p).map(|()| p);
+        return vec![cwd.join(program)];
     }
-    let mut denied = false;
-    for dir in std::env::split_paths(path.unwrap_or_default()) {
-        let p = cwd.join(dir).join(program);
-        match check(&p) {
-            Ok(()) => return Ok(p),
-            Err(io::ErrorKind::PermissionDenied) => denied = true,
-            Err(_) => {}
-        }
-    }
-    Err(if denied {
-        io::ErrorKind::PermissionDenied
-    } else {
-        io::ErrorKind::NotFound
-    })
+    std::env::split_paths(path.unwrap_or_default())
+        .map(|dir| cwd.join(dir).join(program))
+        .collect()
 }
 
 /// Runs in the child, on its own stack, in the worker's memory.
@@ -270,6 +298,12 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         if libc::setpgid(0, 0) != 0 {
             return fail(errno());
         }
+        // "0" is the writer itself; everything it starts stays in there.
+        if a.cgroup_procs >= 0
+            && libc::write(a.cgroup_procs, b"0".as_ptr() as *const c_void, 1) != 1
+        {
+            return fail(errno());
+        }
         for (from, to) in [(a.stdin, 0), (a.stdout, 1), (a.stderr, 2)] {
             // dup2 onto itself would keep close-on-exec (a worker started
             // with its own 0, 1 or 2 closed).
@@ -281,6 +315,16 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
             if done < 0 {
                 return fail(errno());
             }
+        }
+        if a.set_nproc && libc::setrlimit(libc::RLIMIT_NPROC, &a.nproc) != 0 {
+            return fail(errno());
+        }
+        if a.set_user
+            && (libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setresgid, a.gid, a.gid, a.gid) != 0
+                || libc::syscall(libc::SYS_setresuid, a.uid, a.uid, a.uid) != 0)
+        {
+            return fail(errno());
         }
         if libc::chdir(a.cwd) != 0 {
             return fail(errno());
@@ -300,19 +344,56 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
             return fail(libc::ESRCH);
         }
         libc::sigprocmask(libc::SIG_SETMASK, &a.mask, std::ptr::null_mut());
-        libc::execve(a.path, a.argv, a.envp);
-        fail(errno())
+        // As `execvp`: not there, go on; there but not ours to run,
+        // remember and go on; anything else is the answer.
+        let mut denied = false;
+        let mut p = a.paths;
+        while !(*p).is_null() {
+            libc::execve(*p, a.argv, a.envp);
+            match errno() {
+                libc::EACCES => denied = true,
+                libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
+                e => return fail(e),
+            }
+            p = p.add(1);
+        }
+        fail(if denied { libc::EACCES } else { libc::ENOENT })
     }
 }
 
-/// Reaps `pid` if it has exited; `None` while it runs.
-pub(super) fn try_wait(pid: libc::pid_t) -> io::Result<Option<ExitStatus>> {
-    let mut status: c_int = 0;
+/// What the kernel counted for a reaped process and every child it reaped
+/// in turn (`wait4`'s rusage).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct Counted {
+    /// User and system CPU time.
+    pub cpu: Duration,
+    /// The largest resident size of it or of any one of those children.
+    pub max_rss: u64,
+}
+
+/// Reaps `pid`, waiting for it to exit if `block`; `None` while it runs
+/// (never when blocking).
+fn reap(pid: libc::pid_t, block: bool) -> io::Result<Option<(ExitStatus, Counted)>> {
+    let flags = if block { 0 } else { libc::WNOHANG };
     loop {
-        // SAFETY: `status` is valid for writes.
-        match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+        let mut status: c_int = 0;
+        // SAFETY: all-zero is a valid rusage.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `status` and `usage` are valid for writes.
+        match unsafe { libc::wait4(pid, &mut status, flags, &mut usage) } {
             0 => return Ok(None),
-            p if p == pid => return Ok(Some(ExitStatus::from_raw(status))),
+            p if p == pid => {
+                let time = |t: libc::timeval| {
+                    Duration::from_secs(t.tv_sec.max(0) as u64)
+                        + Duration::from_micros(t.tv_usec.max(0) as u64)
+                };
+                let counted = Counted {
+                    cpu: time(usage.ru_utime) + time(usage.ru_stime),
+                    // Linux gives it in KiB.
+                    max_rss: (usage.ru_maxrss.max(0) as u64) << 10,
+                };
+                return Ok(Some((ExitStatus::from_raw(status), counted)));
+            }
             _ => {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -323,19 +404,16 @@ pub(super) fn try_wait(pid: libc::pid_t) -> io::Result<Option<ExitStatus>> {
     }
 }
 
+/// Reaps `pid` if it has exited; `None` while it runs.
+pub(super) fn try_wait(pid: libc::pid_t) -> io::Result<Option<ExitStatus>> {
+    Ok(reap(pid, false)?.map(|(status, _)| status))
+}
+
 /// Reaps `pid`, waiting for it to exit.
 pub(super) fn wait_blocking(pid: libc::pid_t) -> io::Result<ExitStatus> {
-    let mut status: c_int = 0;
-    loop {
-        // SAFETY: `status` is valid for writes.
-        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
-            return Ok(ExitStatus::from_raw(status));
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    reap(pid, true)?
+        .map(|(status, _)| status)
+        .ok_or_else(|| io::Error::other("wait4 returned without a child"))
 }
 
 /// A started process until it is reaped. Dropped before that, it kills the
@@ -344,30 +422,44 @@ pub(super) fn wait_blocking(pid: libc::pid_t) -> io::Result<ExitStatus> {
 pub(super) struct Leader {
     pid: libc::pid_t,
     reaped: bool,
+    counted: Option<Counted>,
 }
 
 impl Leader {
     pub fn new(pid: libc::pid_t) -> Leader {
-        Leader { pid, reaped: false }
+        Leader {
+            pid,
+            reaped: false,
+            counted: None,
+        }
     }
 
     pub fn pid(&self) -> libc::pid_t {
         self.pid
     }
 
+    /// What the kernel counted for it, once [`Leader::wait`] reaped it.
+    pub fn counted(&self) -> Option<Counted> {
+        self.counted
+    }
+
     /// Reaps the process, waiting for it to exit.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
-        if let Some(status) = try_wait(self.pid)? {
+        if let Some((status, counted)) = reap(self.pid, false)? {
             self.reaped = true;
+            self.counted = Some(counted);
             return Ok(status);
         }
         let pid = self.pid;
         // The blocking wait reaps it even if this future is dropped: the
         // pid must not be signalled after that.
         self.reaped = true;
-        tokio::task::spawn_blocking(move || wait_blocking(pid))
+        let (status, counted) = tokio::task::spawn_blocking(move || reap(pid, true))
             .await
-            .map_err(io::Error::other)?
+            .map_err(io::Error::other)??
+            .ok_or_else(|| io::Error::other("wait4 returned without a child"))?;
+        self.counted = Some(counted);
+        Ok(status)
     }
 }
 
@@ -494,6 +586,9 @@ mod tests {
             args: vec!["sh".into(), "-c".into(), script.into()],
             env: env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
             cwd: cwd.to_path_buf(),
+            user: None,
+            max_processes: None,
+            cgroup_procs: None,
         }
     }
 
@@ -532,6 +627,9 @@ mod tests {
             args: args.iter().map(Into::into).collect(),
             env: vec![],
             cwd: cwd.to_path_buf(),
+            user: None,
+            max_processes: None,
+            cgroup_procs: None,
         }
     }
 

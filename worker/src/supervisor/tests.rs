@@ -35,14 +35,17 @@ fn task(dir: &Path, cmd: &[&str]) -> TaskRun {
         gpus: vec![],
         rendezvous: None,
         dir: dir.join("attempt-1"),
+        isolation: Arc::new(Isolation::unconfined()),
         limits: Limits {
             kill_grace: Duration::from_millis(300),
             log_batch_interval: Duration::from_millis(10),
             progress_poll: Duration::from_millis(10),
             memory_poll: Duration::from_millis(20),
+            usage_poll: Duration::from_millis(50),
             final_flush: Duration::from_secs(2),
             ..Limits::default()
         },
+        usage: Some(crate::usage::Meter::new(vec![])),
     }
 }
 
@@ -483,9 +486,9 @@ async fn a_process_outside_the_group_holding_the_pipes_does_not_hang_the_end() {
     let child: i32 = field(&text_of(&out, LogStream::Stdout), "child")
         .parse()
         .unwrap();
-    // It escaped the group, so cleaning it up is ours.
-    let _ = nix::sys::signal::kill(Pid::from_raw(child), Signal::SIGKILL);
     assert_eq!(fin.state, TaskState::Succeeded);
+    // It escaped the group, but not the end-of-task sweep.
+    wait_exited(child).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,34 +519,58 @@ async fn memory_over_the_limit_interrupts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn out_of_memory_messages_interrupt_instead_of_failing() {
-    for message in [
-        "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB",
-        "Exception in thread main java.lang.OutOfMemoryError: Java heap space",
-        "fatal: Out Of Memory",
+async fn a_known_out_of_memory_message_interrupts_and_others_fail() {
+    for (message, state, reason) in [
+        (
+            "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB",
+            TaskState::Interrupted,
+            "out of memory: PyTorch reported \"RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\" (exit code 1)",
+        ),
+        (
+            "warning: step 3 is out of memory budget\nValueError: bad shape",
+            TaskState::Failed,
+            "exited with code 1",
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
-        let mut t = sh(tmp.path(), r#"echo "$MSG" >&2; exit 1"#);
+        let mut t = sh(tmp.path(), r#"printf '%s\n' "$MSG" >&2; exit 1"#);
         t.spec.env.insert("MSG".into(), message.into());
         let (fin, _) = run_to_end(t).await;
-        assert_eq!(fin.state, TaskState::Interrupted, "{message}");
+        assert_eq!(fin.state, state, "{message}");
         assert_eq!(fin.exit_code, Some(1));
-        assert_eq!(
-            fin.error.as_deref(),
-            Some("ran out of memory (exit code 1)")
-        );
+        assert_eq!(fin.error.as_deref(), Some(reason));
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn death_by_a_signal_we_did_not_send_interrupts() {
+async fn a_sigkill_we_did_not_send_interrupts_and_a_crash_fails_with_the_signal_named() {
     let tmp = tempfile::tempdir().unwrap();
     let (fin, _) = run_to_end(sh(tmp.path(), "kill -9 $$")).await;
     assert_eq!(fin.state, TaskState::Interrupted);
     assert_eq!(fin.signal, Some(9));
     assert_eq!(fin.exit_code, None);
     let error = fin.error.unwrap();
-    assert!(error.starts_with("killed by SIGKILL"), "{error}");
+    // This machine's shared memory cgroup counted no OOM kill meanwhile.
+    assert!(
+        error.contains("SIGKILL") && error.contains("likely out of memory"),
+        "{error}"
+    );
+    for (sig, name) in [
+        ("SEGV", "SIGSEGV"),
+        ("BUS", "SIGBUS"),
+        ("ILL", "SIGILL"),
+        ("FPE", "SIGFPE"),
+        ("ABRT", "SIGABRT"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (fin, _) = run_to_end(sh(tmp.path(), &format!("kill -{sig} $$"))).await;
+        assert_eq!(fin.state, TaskState::Failed, "{sig}");
+        let error = fin.error.unwrap();
+        assert!(
+            error.starts_with(&format!("crashed: killed by {name}")),
+            "{error}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -850,7 +877,7 @@ fn classification_of_ends() {
     let exited = |code: i32| ExitStatus::from_raw(code << 8);
     let killed = |sig: i32| ExitStatus::from_raw(sig);
     let c = |ender: Option<Ender>, status: ExitStatus, tail: &str| {
-        let (state, code, signal, _) = classify(ender.as_ref(), Ok(&status), tail.as_bytes());
+        let (state, code, signal, _) = classify(ender.as_ref(), Ok(&status), tail.as_bytes(), None);
         (state, code, signal)
     };
     assert_eq!(
@@ -859,12 +886,17 @@ fn classification_of_ends() {
     );
     assert_eq!(c(None, exited(2), ""), (TaskState::Failed, Some(2), None));
     assert_eq!(
-        c(None, exited(2), "torch.OutOfMemoryError: boom"),
+        c(
+            None,
+            exited(2),
+            "torch.OutOfMemoryError: CUDA out of memory."
+        ),
         (TaskState::Interrupted, Some(2), None)
     );
+    assert_eq!(c(None, killed(11), ""), (TaskState::Failed, None, Some(11)));
     assert_eq!(
-        c(None, killed(11), ""),
-        (TaskState::Interrupted, None, Some(11))
+        c(None, killed(9), ""),
+        (TaskState::Interrupted, None, Some(9))
     );
     // A task that exits cleanly on our SIGTERM still ends as we asked.
     assert_eq!(
@@ -878,5 +910,288 @@ fn classification_of_ends() {
             ""
         ),
         (TaskState::TimedOut, None, Some(15))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_too_long_for_the_clock_is_no_timeout() {
+    // It used to panic the worker ("overflow when adding duration to
+    // instant"), leaving the task RUNNING for ever.
+    for huge in [Duration::MAX, Duration::from_secs(u64::MAX)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut t = sh(tmp.path(), "echo ran");
+        t.spec.timeout = Some(gpufleet_schema::Dur(huge));
+        let (fin, out) = run_to_end(t).await;
+        assert_eq!(fin.state, TaskState::Succeeded, "{huge:?}: {fin:?}");
+        assert_eq!(text_of(&out, LogStream::Stdout), "ran\n");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_cgroup_a_process_that_left_the_group_is_found_by_its_environment_and_killed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = sh(
+        tmp.path(),
+        r#"setsid sleep 1000 >/dev/null 2>&1 & echo "child=$!""#,
+    );
+    succeeds_and_its_child_exits(t).await;
+}
+
+/// Runs a task that prints `child=<pid>` of a process it started, and
+/// waits for that process to be gone after the task's end.
+async fn succeeds_and_its_child_exits(t: TaskRun) {
+    let (fin, out) = run_to_end(t).await;
+    assert_eq!(fin.state, TaskState::Succeeded);
+    let child: i32 = field(&text_of(&out, LogStream::Stdout), "child")
+        .parse()
+        .unwrap();
+    wait_exited(child).await;
+}
+
+/// What a worker running as root on this machine gives its tasks: the
+/// user `nobody`, a pids cgroup each, at most `max` processes. `None`
+/// (with the reason printed) where this test process cannot have it.
+fn confined(tmp: &Path, max: u64) -> Option<Arc<Isolation>> {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: tasks cannot run as another user here");
+        return None;
+    }
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let owner = format!(
+        "test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let cgroups = match crate::isolation::cgroup::Cgroups::detect(&owner, max) {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("no task cgroups here: {why}");
+            return None;
+        }
+    };
+    // The task user must reach its directory.
+    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    Some(Arc::new(Isolation {
+        user: Some(crate::isolation::resolve_user("nobody").unwrap()),
+        cgroups: Some(cgroups),
+        max_processes: Some(max),
+        ..Isolation::unconfined()
+    }))
+}
+
+/// The root test machine has what [`confined`] needs; say so loudly if a
+/// machine does not, rather than pass without testing anything.
+fn require_confined(tmp: &Path, max: u64) -> Arc<Isolation> {
+    confined(tmp, max).expect(
+        "these tests need root and a pids cgroup hierarchy the test may write (cgroup v1 pids, or a delegated v2)",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confined_task_runs_as_the_task_user_in_its_own_cgroup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let isolation = require_confined(tmp.path(), 64);
+    let base = isolation.cgroups.as_ref().unwrap().base().to_path_buf();
+    let mut t = sh(
+        tmp.path(),
+        r#"echo "uid=$(id -u)"; echo "groups=$(id -G)"; echo "home=$HOME"; grep pids /proc/self/cgroup; touch "$GPUFLEET_OUTPUT_DIR/mine"; echo '{"ok": 1}' > "$GPUFLEET_RESULT""#,
+    );
+    t.isolation = isolation;
+    let (fin, out) = run_to_end(t).await;
+    assert_eq!(fin.state, TaskState::Succeeded, "{fin:?} {out:?}");
+    assert_eq!(fin.result, Some(json!({"ok": 1})));
+    let text = text_of(&out, LogStream::Stdout);
+    let nobody = crate::isolation::resolve_user("nobody").unwrap();
+    assert_eq!(field(&text, "uid"), nobody.uid.to_string());
+    assert_eq!(
+        field(&text, "groups"),
+        nobody.gid.to_string(),
+        "no supplementary groups"
+    );
+    // nobody's home does not exist: the task gets its work directory.
+    assert_eq!(
+        field(&text, "home"),
+        tmp.path().join("attempt-1/work").display().to_string()
+    );
+    let cgroup_dir = base.file_name().unwrap().to_string_lossy().to_string();
+    assert!(text.contains(&format!("/{cgroup_dir}/t")), "{text}");
+    use std::os::unix::fs::MetadataExt;
+    let made = std::fs::metadata(tmp.path().join("attempt-1/work/mine")).unwrap();
+    assert_eq!(made.uid(), nobody.uid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_its_cgroup_a_process_that_left_the_group_and_cleared_its_environment_is_killed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = sh(
+        tmp.path(),
+        r#"env -i setsid sleep 1000 >/dev/null 2>&1 & echo "child=$!""#,
+    );
+    t.isolation = require_confined(tmp.path(), 64);
+    succeeds_and_its_child_exits(t).await;
+}
+
+/// A fork loop that records how many processes it started.
+const FORK_LOOP: &str = r#"n=0; while [ $n -lt 500 ]; do sleep 1000 & n=$((n+1)); echo $n > "$GPUFLEET_OUTPUT_DIR/n"; done; echo "all 500 started""#;
+
+async fn run_fork_loop(isolation: Arc<Isolation>, tmp: &Path) -> (Finished, String, u32) {
+    let mut t = sh(tmp, FORK_LOOP);
+    t.isolation = isolation;
+    // The host must stay responsive meanwhile.
+    let probe = tokio::spawn(async {
+        let started = std::time::Instant::now();
+        let status = tokio::process::Command::new("true").status().await.unwrap();
+        assert!(status.success());
+        started.elapsed()
+    });
+    let (fin, out) = run_to_end(t).await;
+    let took = probe.await.unwrap();
+    assert!(took < Duration::from_secs(10), "spawning took {took:?}");
+    let n = std::fs::read_to_string(tmp.join("attempt-1/work/n"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (fin, text_of(&out, LogStream::Stderr), n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_loop_stops_at_the_cgroups_process_limit_and_its_processes_are_gone_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    let isolation = require_confined(tmp.path(), 32);
+    let (fin, stderr, n) = run_fork_loop(isolation, tmp.path()).await;
+    assert_eq!(fin.state, TaskState::Failed, "{fin:?}");
+    // The shell itself is one of the 32.
+    assert!(n <= 31, "{n} processes started");
+    assert!(stderr.to_lowercase().contains("fork"), "{stderr}");
+    let nobody = crate::isolation::resolve_user("nobody").unwrap();
+    let left: Vec<i32> = crate::procs::processes(Path::new(crate::procs::ROOT))
+        .unwrap()
+        .filter(|(_, dir)| {
+            crate::procs::uid_of(dir) == Some(nobody.uid)
+                && std::fs::read_link(dir.join("cwd")).is_ok_and(|c| c.starts_with(tmp.path()))
+        })
+        .map(|(pid, _)| pid)
+        .collect();
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_cgroup_rlimit_nproc_stops_a_fork_loop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let confined = require_confined(tmp.path(), 32);
+    let isolation = Arc::new(Isolation {
+        cgroups: None,
+        ..(*confined).clone()
+    });
+    let (fin, stderr, n) = run_fork_loop(isolation, tmp.path()).await;
+    assert_eq!(fin.state, TaskState::Failed, "{fin:?}");
+    // Counted for the user across the host: other tasks of nobody's too.
+    assert!(n <= 31, "{n} processes started");
+    assert!(stderr.to_lowercase().contains("fork"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_file_that_links_elsewhere_is_not_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = tmp.path().join("secret.json");
+    std::fs::write(&secret, br#"{"secret": "the worker's"}"#).unwrap();
+    for (how, cmd) in [("symbolic link", "ln -s"), ("hard link", "ln")] {
+        let mut t = sh(
+            tmp.path(),
+            &format!(r#"{cmd} "$SECRET" "$GPUFLEET_RESULT""#),
+        );
+        t.spec
+            .env
+            .insert("SECRET".into(), secret.display().to_string());
+        t.dir = tmp.path().join(format!("attempt-{}", how.len()));
+        let (fin, _) = run_to_end(t).await;
+        assert_eq!(fin.state, TaskState::Failed, "{how}");
+        assert_eq!(fin.result, None);
+        let error = fin.error.unwrap();
+        assert!(error.contains(how), "{how}: {error}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_program_is_looked_up_as_the_task_user_would() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let isolation = require_confined(tmp.path(), 64);
+    // A directory on the PATH that only root may enter, holding a `true`
+    // that fails: the task user cannot run it, and finds /bin's instead.
+    let private = tmp.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::write(private.join("true"), "#!/bin/sh\nexit 3\n").unwrap();
+    std::fs::set_permissions(private.join("true"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut t = task(tmp.path(), &["true"]);
+    t.spec.env.insert(
+        "PATH".into(),
+        format!("{}:/usr/bin:/bin", private.display()),
+    );
+    t.isolation = isolation.clone();
+    let (fin, _) = run_to_end(t).await;
+    assert_eq!(fin.state, TaskState::Succeeded, "{fin:?}");
+    // Only there: found, and refused.
+    let mut t = task(tmp.path(), &["true"]);
+    t.spec
+        .env
+        .insert("PATH".into(), private.display().to_string());
+    t.dir = tmp.path().join("attempt-2");
+    t.isolation = isolation;
+    let (fin, _) = run_to_end(t).await;
+    assert!(!fin.launched);
+    assert!(
+        fin.error.as_deref().unwrap().contains("Permission denied"),
+        "{fin:?}"
+    );
+}
+
+/// A Python one-liner that makes `mib` MiB resident (written, not just
+/// mapped), then sleeps `secs`.
+fn allocate(mib: u64, secs: f64) -> String {
+    format!(
+        "import time; b = bytearray(b'x') * ({mib} << 20); time.sleep({secs}); print(len(b) >> 20)"
+    )
+}
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test]
+async fn usage_of_a_short_task_comes_from_the_kernel_at_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ends before the first sample: the kernel's count is all there is.
+    let (f, _) = run_to_end(task(dir.path(), &["python3", "-c", &allocate(200, 0.0)])).await;
+    assert_eq!(f.state, TaskState::Succeeded, "{f:?}");
+    let u = f.usage.expect("a meter was given");
+    // The 200 MiB and the interpreter's own few MiB.
+    let peak = u.peak_rss.0;
+    assert!(
+        (200 * MIB..240 * MIB).contains(&peak),
+        "peak {} MiB",
+        peak / MIB
+    );
+    assert!(u.cpu_seconds > 0.0, "{u:?}");
+    assert_eq!(u.gpu_memory_peak, None);
+}
+
+#[tokio::test]
+async fn usage_sums_the_groups_processes_while_they_run() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two processes of 120 MiB at once: no one process's own peak says
+    // 240, only samples of the whole group do.
+    let py = allocate(120, 1.0);
+    let script = format!("python3 -c \"{py}\" & python3 -c \"{py}\"; wait");
+    let (f, _) = run_to_end(sh(dir.path(), &script)).await;
+    assert_eq!(f.state, TaskState::Succeeded, "{f:?}");
+    let u = f.usage.expect("a meter was given");
+    assert!(u.samples > 2, "{u:?}");
+    let peak = u.peak_rss.0;
+    assert!(
+        (240 * MIB..300 * MIB).contains(&peak),
+        "peak {} MiB",
+        peak / MIB
     );
 }

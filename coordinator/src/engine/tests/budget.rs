@@ -14,7 +14,11 @@ fn a_big_queue_is_placed_across_passes_within_the_budget() {
     for _ in 0..8 {
         let (tx, _rx) = oneshot::channel();
         let one = spec(r#"{"tasks": [{"command": ["true"]}]}"#);
-        e.handle(Input::Api(ApiCall::Submit(Box::new(one)), tx));
+        e.handle(Input::Api(
+            ApiCall::Submit(Box::new(one)),
+            Caller::everyone(),
+            tx,
+        ));
         jobs.push(e.jobs.iter().max_by_key(|(_, j)| j.seq).unwrap().0.clone());
     }
     let mut passes: Vec<Vec<JobId>> = Vec::new();

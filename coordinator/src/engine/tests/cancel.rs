@@ -18,7 +18,11 @@ fn running(e: &mut Sim) -> (JobId, String, Lease) {
 
 fn cancel(e: &mut Sim, id: &JobId) -> Effects {
     let (tx, _rx) = oneshot::channel();
-    e.handle(Input::Api(ApiCall::Cancel(id.clone()), tx));
+    e.handle(Input::Api(
+        ApiCall::Cancel(id.clone()),
+        Caller::everyone(),
+        tx,
+    ));
     e.take_effects()
 }
 

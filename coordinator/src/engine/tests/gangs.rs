@@ -68,6 +68,11 @@ fn a_failed_member_stops_the_gang_which_reruns_as_a_whole_then_ends() {
     assert!(e.jobs[&id].tasks.iter().all(|t| t.started_at.is_none()));
 
     // The second run fails too: no retries are left, so the job ends.
+    assert!(
+        pass(&mut e).is_empty(),
+        "a failed run pauses before the next"
+    );
+    after_pause(&mut e);
     let placed = pass(&mut e);
     let run = start_run(&mut e, placed, 9);
     assert!(run.iter().all(|(_, l)| l.attempt == 2));
@@ -98,10 +103,13 @@ fn a_member_still_reserved_is_withdrawn_when_its_gang_breaks() {
     );
     assert!(fx.events.iter().any(|(_, ev)| matches!(
         &ev.body,
-        EventBody::State { state: TaskState::Queued, reason: Some(r) } if r.contains("its gang could not start")
+        EventBody::State { state: TaskState::Queued, reason: Some(r), .. } if r.contains("its gang could not start")
     )));
-    // Nothing of the gang runs any more: it queues again at once.
+    // Nothing of the gang runs any more: it queues again at once, and
+    // runs again after the pause.
     assert_eq!(states(&e, &id), vec![(TaskState::Queued, 2); 2]);
+    assert!(pass(&mut e).is_empty());
+    after_pause(&mut e);
     assert_eq!(pass(&mut e).len(), 2);
 }
 
@@ -135,6 +143,7 @@ fn min_tasks_drops_the_members_that_do_not_fit_and_a_rerun_brings_them_back() {
     assert!(e.jobs[&id].tasks.iter().all(|t| !t.dropped));
 
     // Two start again, two are dropped, and the two succeed.
+    after_pause(&mut e);
     let placed = pass(&mut e);
     let run = start_run(&mut e, placed, 9);
     assert_eq!(run.len(), 2);

@@ -94,7 +94,10 @@ fn a_hold_ends_when_its_worker_goes_and_moves_to_another() {
         Some(vec![w("w1")])
     );
 
-    e.handle(Input::WorkerGone(w("w1")));
+    e.handle(Input::WorkerGone {
+        name: w("w1"),
+        expired: false,
+    });
     assert_eq!(e.queue.hold(), None);
     assert!(pass(&mut e).is_empty());
     let held = Hold {

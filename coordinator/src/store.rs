@@ -1,0 +1,509 @@
+//! Job records in `gpufleet-jobs`, in the coordinator's own format.
+//!
+//! **In parts.** One NATS message holds at most the server's `max_payload`
+//! (1 MiB by default), and a job of 5,000 tasks, or of a few hundred with
+//! results, is larger than that. So a record is split by task into parts,
+//! each written as its own key: part 0 (the head) holds the job's own fields
+//! and its first tasks, part n its n-th run of tasks, each task's spec with
+//! its record. Where the parts start is decided once, at submit
+//! ([`plan_parts`]), from what each task may grow to (its spec, a worker's
+//! name, a reason, a grant, an inline result), so that no part can outgrow
+//! its message; a job whose single task or own fields cannot fit is refused
+//! then, with 413. A write sends only the parts that changed.
+//!
+//! Each part is a whole record of its tasks, so a write cut short leaves
+//! every part readable, some older than others: exactly what a record
+//! that lags behind looks like, which restart already mends (results are
+//! replayed from the checkpoint, reservations adopted from the leases).
+//!
+//! **Active and done.** Unfinished jobs live under `active.`, finished ones
+//! under `done.` (with a TTL of `job_retention`), so that a coordinator
+//! taking over reads only the unfinished ones, however long the history.
+//! A job moves when it finishes: its done record is written, then its
+//! active one purged. The checkpoint is written only when no move is half
+//! done, so its revision is a clean point: a restart looks for done records
+//! newer than it, the only ones whose active twin may still be there.
+
+use std::collections::{BTreeMap, HashMap};
+
+use gpufleet_schema::{
+    codec, subjects, subjects::JobRecordSet, JobId, JobSpec, JobStatus, TaskSpec,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{JobRecord, TaskRecord, INLINE_RESULT_BYTES, MAX_REASON_BYTES};
+
+/// The format of the parts below; a newer coordinator may read older ones.
+const VERSION: u32 = 2;
+
+/// What a task's record may take beyond its spec, at most: ids, a worker's
+/// name, a reason, times and counters, an inline result; and per GPU of
+/// its grant, a UUID and its figures.
+const TASK_RESERVE: usize = 1024 + MAX_REASON_BYTES + INLINE_RESULT_BYTES;
+const GPU_RESERVE: usize = 256;
+/// What the head may take beyond the job's spec: status, reasons, times,
+/// counts, where the parts start.
+const HEAD_RESERVE: usize = 2048 + 2 * MAX_REASON_BYTES;
+/// A part's own framing.
+const PART_OVERHEAD: usize = 64;
+
+/// A job whose record cannot be stored: one of its parts would be larger
+/// than one message may be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TooLarge {
+    /// What does not fit: "the job's own fields" or "task 3".
+    pub what: String,
+    pub needed: usize,
+    pub budget: usize,
+}
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the job cannot be stored: the record of {} needs up to {} bytes, more than the {} bytes one stored message may hold (the server's max_payload, less room for headers); make it smaller",
+            self.what, self.needed, self.budget
+        )
+    }
+}
+
+fn encoded_len<T: Serialize>(v: &T) -> usize {
+    codec::encode(v).map_or(usize::MAX / 4, |b| b.len())
+}
+
+/// The job's own spec without its tasks: what the head keeps of it.
+fn spec_head(spec: &JobSpec) -> JobSpec {
+    JobSpec {
+        id: spec.id.clone(),
+        name: spec.name.clone(),
+        priority: spec.priority,
+        max_retries: spec.max_retries,
+        gang: spec.gang,
+        min_tasks: spec.min_tasks,
+        constraints: spec.constraints.clone(),
+        tasks: Vec::new(),
+    }
+}
+
+/// The most a task's spec and record may take together.
+fn task_reserve(task: &TaskSpec) -> usize {
+    let gpus = task.resources.gpus.max(1) as usize;
+    encoded_len(task) + TASK_RESERVE + gpus * GPU_RESERVE
+}
+
+/// Where each part of a new job's record starts (task indices; the first
+/// is 0), each part at most `budget` bytes however its tasks turn out.
+pub fn plan_parts(spec: &JobSpec, budget: usize) -> Result<Vec<u32>, TooLarge> {
+    let head = encoded_len(&spec_head(spec)) + HEAD_RESERVE;
+    if head > budget {
+        return Err(TooLarge {
+            what: "the job's own fields".into(),
+            needed: head,
+            budget,
+        });
+    }
+    let mut starts = vec![0u32];
+    let mut used = head;
+    for (i, t) in spec.tasks.iter().enumerate() {
+        let need = task_reserve(t);
+        if need + PART_OVERHEAD > budget {
+            return Err(TooLarge {
+                what: format!("task {i}"),
+                needed: need + PART_OVERHEAD,
+                budget,
+            });
+        }
+        // The head may stay without tasks when even the first does not
+        // fit beside the job's own fields: its part is then empty.
+        if used + need > budget {
+            starts.push(i as u32);
+            used = PART_OVERHEAD;
+        }
+        used += need;
+    }
+    Ok(starts)
+}
+
+/// The tasks a part holds, as indices.
+fn part_range(job: &JobRecord, part: usize) -> std::ops::Range<usize> {
+    let start = job.parts.get(part).map_or(0, |&s| s as usize);
+    let end = job
+        .parts
+        .get(part + 1)
+        .map_or(job.tasks.len(), |&s| s as usize);
+    start.min(job.tasks.len())..end.min(job.tasks.len())
+}
+
+#[derive(Serialize)]
+struct PartOut<'a> {
+    start: u32,
+    specs: &'a [TaskSpec],
+    tasks: &'a [TaskRecord],
+}
+
+#[derive(Deserialize)]
+struct PartIn {
+    start: u32,
+    specs: Vec<TaskSpec>,
+    tasks: Vec<TaskRecord>,
+}
+
+/// The head: the job's own fields (its summary, as `jobs.list` shows it,
+/// which a start-up reads alone for its window of finished jobs) and its
+/// first part.
+#[derive(Serialize)]
+struct HeadOut<'a> {
+    v: u32,
+    seq: u64,
+    spec: JobSpec,
+    job: JobStatus,
+    cancel_requested: bool,
+    gang_broken: &'a Option<String>,
+    tasks_total: u32,
+    parts: &'a [u32],
+    first: PartOut<'a>,
+}
+
+#[derive(Deserialize)]
+struct HeadIn {
+    v: u32,
+    seq: u64,
+    spec: JobSpec,
+    job: JobStatus,
+    #[serde(default)]
+    cancel_requested: bool,
+    #[serde(default)]
+    gang_broken: Option<String>,
+    tasks_total: u32,
+    parts: Vec<u32>,
+    first: PartIn,
+}
+
+/// Every part of a job's record, encoded, in order.
+pub fn encode(job: &JobRecord) -> Result<Vec<Vec<u8>>, String> {
+    let n = job.parts.len().max(1);
+    let mut out = Vec::with_capacity(n);
+    for p in 0..n {
+        let r = part_range(job, p);
+        let part = PartOut {
+            start: r.start as u32,
+            specs: &job.spec.tasks[r.clone()],
+            tasks: &job.tasks[r],
+        };
+        let bytes = if p == 0 {
+            codec::encode(&HeadOut {
+                v: VERSION,
+                seq: job.seq,
+                spec: spec_head(&job.spec),
+                job: job.status(false),
+                cancel_requested: job.cancel_requested,
+                gang_broken: &job.gang_broken,
+                tasks_total: job.tasks.len() as u32,
+                parts: &job.parts,
+                first: part,
+            })
+        } else {
+            codec::encode(&part)
+        };
+        out.push(bytes.map_err(|e| e.to_string())?);
+    }
+    Ok(out)
+}
+
+/// The keys of a record's parts in `set`, in order.
+pub fn keys(job: &JobId, parts: usize, set: JobRecordSet) -> Vec<String> {
+    (0..parts.max(1))
+        .map(|p| subjects::job_record_key(set, job, p))
+        .collect()
+}
+
+/// The summary of a job from its head's bytes, for `jobs.list`, with its
+/// place in the submission order.
+pub fn summary(head: &[u8]) -> Result<(u64, JobStatus), String> {
+    codec::decode::<HeadIn>(head)
+        .map(|h| (h.seq, h.job))
+        .map_err(|e| e.to_string())
+}
+
+/// Puts records together from their parts, in whatever order they come.
+#[derive(Default)]
+pub struct Assembler {
+    heads: HashMap<JobId, HeadIn>,
+    parts: HashMap<JobId, BTreeMap<usize, PartIn>>,
+    /// Keys that could not be read, with why.
+    pub unreadable: Vec<(String, String)>,
+}
+
+/// What assembling found.
+pub struct Assembled {
+    pub jobs: Vec<JobRecord>,
+    /// Keys of records that are not whole (a first write cut short, or a
+    /// purge cut short): nothing relies on them; they are to be removed.
+    pub garbage: Vec<String>,
+}
+
+impl Assembler {
+    /// Takes one key of the bucket and its value.
+    pub fn add(&mut self, key: &str, value: &[u8]) {
+        let Some((_, job, part)) = subjects::parse_job_record_key(key) else {
+            return;
+        };
+        let decoded = if part == 0 {
+            codec::decode::<HeadIn>(value).map(|h| {
+                self.heads.insert(job, h);
+            })
+        } else {
+            codec::decode::<PartIn>(value).map(|p| {
+                self.parts.entry(job).or_default().insert(part, p);
+            })
+        };
+        if let Err(e) = decoded {
+            self.unreadable.push((key.to_string(), e.to_string()));
+        }
+    }
+
+    /// The whole records, and the keys of what is not whole, in `set`.
+    pub fn finish(mut self, set: JobRecordSet) -> Assembled {
+        let mut jobs = Vec::new();
+        let mut garbage = Vec::new();
+        for (id, head) in std::mem::take(&mut self.heads) {
+            let parts = self.parts.remove(&id).unwrap_or_default();
+            let n = head.parts.len().max(1);
+            match assemble(head, parts) {
+                Ok(job) => jobs.push(job),
+                Err(why) => {
+                    tracing::warn!(job_id = %id, why, "dropping a job record that was never whole");
+                    garbage.extend(keys(&id, n, set));
+                }
+            }
+        }
+        for (id, parts) in self.parts {
+            for p in parts.keys() {
+                garbage.push(subjects::job_record_key(set, &id, *p));
+            }
+        }
+        Assembled { jobs, garbage }
+    }
+}
+
+fn assemble(head: HeadIn, mut parts: BTreeMap<usize, PartIn>) -> Result<JobRecord, String> {
+    let HeadIn {
+        v,
+        seq,
+        mut spec,
+        job,
+        cancel_requested,
+        gang_broken,
+        tasks_total,
+        parts: mut starts,
+        first,
+    } = head;
+    if v > VERSION {
+        return Err(format!("written by a newer coordinator (format {v})"));
+    }
+    if starts.is_empty() {
+        starts.push(0);
+    }
+    let total = tasks_total as usize;
+    let mut specs = Vec::with_capacity(total);
+    let mut tasks = Vec::with_capacity(total);
+    let mut first = Some(first);
+    for (p, &start) in starts.iter().enumerate() {
+        let part = if p == 0 {
+            first.take()
+        } else {
+            parts.remove(&p)
+        };
+        let part = part.ok_or_else(|| format!("part {p} is missing"))?;
+        let end = starts.get(p + 1).map_or(total, |&s| s as usize);
+        if part.start != start
+            || part.specs.len() != part.tasks.len()
+            || start as usize + part.tasks.len() != end
+        {
+            return Err(format!("part {p} does not hold tasks {start}..{end}"));
+        }
+        specs.extend(part.specs);
+        tasks.extend(part.tasks);
+    }
+    if tasks.len() != total {
+        return Err(format!("{} of {total} tasks found", tasks.len()));
+    }
+    spec.tasks = specs;
+    Ok(JobRecord {
+        id: job.job_id,
+        owner: job.owner,
+        seq,
+        spec,
+        status: job.status,
+        reason: job.reason,
+        submitted_at: job.submitted_at,
+        started_at: job.started_at,
+        finished_at: job.finished_at,
+        cancel_requested,
+        gang_broken,
+        tasks,
+        parts: starts,
+        stored: true,
+        verify: false,
+    })
+}
+
+/// Reads a job's whole record from `set`; `None` if there is none.
+pub async fn read(
+    kv: &gpufleet_natsutil::RawKv,
+    set: JobRecordSet,
+    job: &JobId,
+) -> Result<Option<JobRecord>, String> {
+    let Some(head) = kv
+        .get(&subjects::job_record_key(set, job, 0))
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    let decoded: HeadIn = codec::decode(&head.value).map_err(|e| e.to_string())?;
+    let n = decoded.parts.len().max(1);
+    let mut parts = BTreeMap::new();
+    for p in 1..n {
+        let Some(e) = kv
+            .get(&subjects::job_record_key(set, job, p))
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Err(format!("part {p} of the record of job {job} is missing"));
+        };
+        parts.insert(
+            p,
+            codec::decode::<PartIn>(&e.value).map_err(|e| e.to_string())?,
+        );
+    }
+    assemble(decoded, parts).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpufleet_schema::{Encoding, GpuGrant, Grant, TaskState, WorkerId};
+    use time::OffsetDateTime;
+
+    const BUDGET: usize = 256 * 1024;
+
+    fn spec(n: usize, command: &str) -> JobSpec {
+        let task = format!(r#"{{"command": ["{command}"]}}"#);
+        let tasks = (0..n)
+            .map(|_| Encoding::Json.decode(task.as_bytes()).unwrap())
+            .collect();
+        JobSpec {
+            id: None,
+            name: Some("big".into()),
+            priority: 0,
+            max_retries: 2,
+            gang: false,
+            min_tasks: None,
+            constraints: Default::default(),
+            tasks,
+        }
+    }
+
+    fn job(spec: JobSpec) -> JobRecord {
+        let parts = plan_parts(&spec, BUDGET).unwrap();
+        let at = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let mut j = JobRecord::new(JobId::new("j").unwrap(), 1, spec, at);
+        j.parts = parts;
+        j
+    }
+
+    /// Every task grown as large as its record may get.
+    fn grow(j: &mut JobRecord) {
+        let at = j.submitted_at;
+        j.owner = gpufleet_schema::UserId::new("u".repeat(128)).unwrap();
+        for t in &mut j.tasks {
+            t.reserve(
+                WorkerId::new("w".repeat(128)).unwrap(),
+                Grant {
+                    gpus: vec![GpuGrant {
+                        index: 7,
+                        uuid: ("GPU-".to_string() + &"f".repeat(120)).into(),
+                        memory: gpufleet_schema::ByteSize(u64::MAX),
+                    }],
+                    ..Grant::default()
+                },
+                gpufleet_schema::lease::new_token(),
+            );
+            t.start(at, u64::MAX);
+            t.record_report(
+                Some(serde_json::json!({"x": "y".repeat(INLINE_RESULT_BYTES - 20)})),
+                u64::MAX,
+                Some(at),
+                Some(gpufleet_schema::TaskUsage {
+                    peak_rss: gpufleet_schema::ByteSize(u64::MAX),
+                    cpu_seconds: f64::MAX,
+                    gpu_memory_peak: Some(gpufleet_schema::ByteSize(u64::MAX)),
+                    gpu_utilization_mean: Some(f64::MAX),
+                    gpu_simulated: true,
+                    samples: u32::MAX,
+                }),
+            );
+            t.end(TaskState::Failed, Some(-1), Some("r".repeat(100_000)), at);
+        }
+        j.reason = Some("q".repeat(100_000));
+        j.derive_status(at);
+    }
+
+    #[test]
+    fn the_largest_job_fits_in_parts_however_its_tasks_grow() {
+        let mut j = job(spec(gpufleet_schema::spec::MAX_TASKS_PER_JOB, "true"));
+        assert!(j.parts.len() > 1);
+        grow(&mut j);
+        let parts = encode(&j).unwrap();
+        assert_eq!(parts.len(), j.parts.len());
+        for (i, p) in parts.iter().enumerate() {
+            assert!(p.len() <= BUDGET, "part {i} is {} bytes", p.len());
+        }
+        let mut a = Assembler::default();
+        for (i, p) in parts.iter().enumerate() {
+            a.add(&subjects::job_record_key(JobRecordSet::Active, &j.id, i), p);
+        }
+        let out = a.finish(JobRecordSet::Active);
+        assert!(out.garbage.is_empty());
+        j.stored = true;
+        // Not assert_eq: a difference would print megabytes.
+        assert!(out.jobs == vec![j], "the record read back differs");
+    }
+
+    #[test]
+    fn a_small_job_is_one_part() {
+        let j = job(spec(3, "true"));
+        assert_eq!(j.parts, vec![0]);
+        let parts = encode(&j).unwrap();
+        assert_eq!(parts.len(), 1);
+        assert_eq!(summary(&parts[0]).unwrap().1.counts.queued, 3);
+    }
+
+    #[test]
+    fn a_task_too_large_for_one_message_is_named() {
+        let s = spec(2, &"x".repeat(300_000));
+        let e = plan_parts(&s, BUDGET).unwrap_err();
+        assert_eq!(e.what, "task 0");
+        assert!(e.to_string().contains("max_payload"), "{e}");
+    }
+
+    #[test]
+    fn a_record_missing_a_part_is_garbage_not_a_job() {
+        let j = job(spec(gpufleet_schema::spec::MAX_TASKS_PER_JOB, "true"));
+        let parts = encode(&j).unwrap();
+        let mut a = Assembler::default();
+        for (i, p) in parts.iter().enumerate().filter(|(i, _)| *i != 1) {
+            a.add(&subjects::job_record_key(JobRecordSet::Active, &j.id, i), p);
+        }
+        // A stray part of a job whose head is gone.
+        let other = JobId::new("k").unwrap();
+        a.add(
+            &subjects::job_record_key(JobRecordSet::Active, &other, 3),
+            &parts[2],
+        );
+        let out = a.finish(JobRecordSet::Active);
+        assert!(out.jobs.is_empty());
+        assert_eq!(out.garbage.len(), parts.len() + 1);
+    }
+}
