@@ -273,7 +273,11 @@ fn check_task_events(
     let mut newest = 0u32;
     for e in evs {
         match &e.body {
-            EventBody::State { state, holder: named, .. } => {
+            EventBody::State {
+                state,
+                holder: named,
+                ..
+            } => {
                 let a = e.attempt;
                 // The coordinator's RESERVED and RUNNING name the holder; a
                 // worker's own RUNNING is signed by its sender.
