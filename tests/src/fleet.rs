@@ -40,6 +40,9 @@ metrics_addr = "127.0.0.1:0"
 
 pub struct Fleet {
     pub server: NatsServer,
+    /// The other nodes of the cluster, for a fleet on a 3-node cluster
+    /// ([`Fleet::start_clustered`]); none otherwise.
+    pub nodes: Vec<NatsServer>,
     pub coordinator: Option<Proc>,
     pub workers: Vec<(String, Proc)>,
     dir: TempDir,
@@ -132,7 +135,22 @@ impl Fleet {
 
     /// [`Fleet::start`] with some coordinator settings changed.
     pub async fn start_with(overrides: &[(&str, &str)]) -> Fleet {
-        let server = NatsServer::start();
+        Self::start_on(NatsServer::start(), vec![], overrides).await
+    }
+
+    /// [`Fleet::start_with`] on a 3-node cluster: `server` is its first
+    /// node, `nodes` the others, and every program is given all three.
+    pub async fn start_clustered(overrides: &[(&str, &str)]) -> Fleet {
+        let mut nodes = crate::server::NatsCluster::start().nodes;
+        let server = nodes.remove(0);
+        Self::start_on(server, nodes, overrides).await
+    }
+
+    async fn start_on(
+        server: NatsServer,
+        nodes: Vec<NatsServer>,
+        overrides: &[(&str, &str)],
+    ) -> Fleet {
         let dir = tempfile::Builder::new()
             .prefix("gpufleet-fleet-")
             .tempdir()
@@ -148,6 +166,7 @@ impl Fleet {
         .expect("write config");
         let mut fleet = Fleet {
             server,
+            nodes,
             coordinator: None,
             workers: vec![],
             dir,
@@ -156,8 +175,13 @@ impl Fleet {
         fleet
     }
 
+    /// The server's URL, or on a cluster every node's, comma-separated.
     pub fn url(&self) -> String {
-        self.server.url()
+        std::iter::once(&self.server)
+            .chain(&self.nodes)
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     pub fn dir(&self) -> &std::path::Path {
@@ -248,9 +272,7 @@ impl Fleet {
     }
 
     pub async fn client(&self) -> Client {
-        async_nats::connect(self.url())
-            .await
-            .expect("connect to the test server")
+        connect(&self.url()).await
     }
 
     /// Submits a job as JSON and returns its id.
@@ -342,9 +364,21 @@ impl Fleet {
         let js = jetstream::new(self.client().await);
         let job = JobId::new(job).expect("a job id");
         let filters = vec![subjects::job_events(&UserId::default_user(), &job)];
-        Replay::start(&js, subjects::EVENTS_STREAM, filters, 1, until)
-            .await
-            .expect("the events stream")
+        // The stream may have no leader for a while (a node of a cluster
+        // lost, a server restarting).
+        eventually(READ_EVENTS, "the events stream to be read", || {
+            let (js, filters) = (&js, filters.clone());
+            async move {
+                match Replay::start(js, subjects::EVENTS_STREAM, filters, 1, until).await {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        eprintln!("reading the events stream: {e}");
+                        None
+                    }
+                }
+            }
+        })
+        .await
     }
 
     /// Every event of a job stored so far, in stream order.
@@ -398,6 +432,14 @@ impl Fleet {
         })
         .await
     }
+}
+
+/// A client of the server at `url`, or of any of the nodes a
+/// comma-separated `url` lists (it fails over between them).
+pub async fn connect(url: &str) -> Client {
+    async_nats::connect(url.split(',').collect::<Vec<_>>())
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
 }
 
 /// A test worker's flags beside how it reaches NATS: quick heartbeats, its

@@ -61,6 +61,7 @@ with open(os.environ["GPUFLEET_RESULT"], "w") as f:
 "#;
 
 /// The shared file probe tasks record their lives in.
+#[derive(Debug, Clone)]
 pub struct Ledger {
     path: PathBuf,
 }
@@ -124,6 +125,16 @@ impl Ledger {
             .collect()
     }
 
+    /// When an attempt of `task` numbered `from` or later first recorded
+    /// its start (nanoseconds since the epoch).
+    pub fn started_at(&self, task: &str, from: u32) -> Option<i128> {
+        self.read()
+            .into_iter()
+            .filter(|r| r.task == task && r.attempt >= from && r.mark == Mark::Start)
+            .map(|r| r.at)
+            .min()
+    }
+
     /// The tasks that recorded a start of `attempt` (in order of their
     /// first record).
     pub fn started(&self, attempt: u32) -> Vec<String> {
@@ -171,6 +182,8 @@ pub struct Report {
     pub attempts: usize,
     /// Attempts that ended LOST or INTERRUPTED.
     pub retried: usize,
+    /// Those attempts: task, attempt, how and why they ended.
+    pub retries: Vec<String>,
     /// Attempts the ledger saw start.
     pub ran: usize,
     pub violations: Vec<String>,
@@ -241,10 +254,9 @@ pub fn check_history(statuses: &[JobStatus], events: &[Vec<Event>], ledger: &[Re
             v.push(format!("events of task {task}, which no job has"));
             continue;
         };
-        let counts = check_task_events(status, evs, v);
-        r.attempts += counts.0;
-        r.retried += counts.1;
+        r.attempts += check_task_events(status, evs, v, &mut r.retries);
     }
+    r.retried = r.retries.len();
     for task in by_task.keys().filter(|t| !per_task.contains_key(*t)) {
         v.push(format!("task {task} has no events"));
     }
@@ -252,13 +264,14 @@ pub fn check_history(statuses: &[JobStatus], events: &[Vec<Event>], ledger: &[Re
     r
 }
 
-/// The events of one task, in stream order. Returns (attempts placed,
-/// attempts that ended LOST or INTERRUPTED).
+/// The events of one task, in stream order. Returns how many attempts
+/// were placed; adds those that ended LOST or INTERRUPTED to `retries`.
 fn check_task_events(
     status: &gpufleet_schema::TaskStatus,
     evs: &[&Event],
     v: &mut Vec<String>,
-) -> (usize, usize) {
+    retries: &mut Vec<String>,
+) -> usize {
     let task = status.task_id.as_str();
     // attempt -> the worker holding it: the one the coordinator's
     // RESERVED names, else the sender of its RUNNING.
@@ -276,7 +289,7 @@ fn check_task_events(
             EventBody::State {
                 state,
                 holder: named,
-                ..
+                reason,
             } => {
                 let a = e.attempt;
                 // The coordinator's RESERVED and RUNNING name the holder; a
@@ -322,6 +335,12 @@ fn check_task_events(
                     }
                     end => {
                         ends.entry(a).or_default().push(*end);
+                        if end.is_retryable() {
+                            retries.push(format!(
+                                "{task} attempt {a} {end}: {}",
+                                reason.as_deref().unwrap_or("no reason")
+                            ));
+                        }
                         if open == Some(a) {
                             open = None;
                         }
@@ -420,8 +439,7 @@ fn check_task_events(
             }
         }
     }
-    let retried = ends.values().flatten().filter(|s| s.is_retryable()).count();
-    (holder.len(), retried)
+    holder.len()
 }
 
 /// A task's id and an attempt of it.
@@ -585,9 +603,7 @@ impl LeaseWatch {
     pub async fn start(url: &str) -> LeaseWatch {
         let violations = Arc::new(Mutex::new(Vec::new()));
         let restarts = Arc::new(Mutex::new(0));
-        let client = async_nats::connect(url)
-            .await
-            .expect("connect to watch the leases");
+        let client = crate::fleet::connect(url).await;
         let (synced_tx, synced) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(watch_leases(
             client,
