@@ -187,6 +187,9 @@ pub struct Report {
     /// Attempts the ledger saw start.
     pub ran: usize,
     pub violations: Vec<String>,
+    /// The state and result events of each task a violation names, to
+    /// tell what happened.
+    pub histories: Vec<String>,
 }
 
 impl Report {
@@ -194,11 +197,12 @@ impl Report {
     pub fn assert_holds(&self) {
         assert!(
             self.violations.is_empty(),
-            "{} invariant violation(s) in {} job(s), {} task(s):\n  {}",
+            "{} invariant violation(s) in {} job(s), {} task(s):\n  {}\nthe events of those tasks:\n{}",
             self.violations.len(),
             self.jobs,
             self.tasks,
-            self.violations.join("\n  ")
+            self.violations.join("\n  "),
+            self.histories.join("\n")
         );
     }
 
@@ -261,7 +265,41 @@ pub fn check_history(statuses: &[JobStatus], events: &[Vec<Event>], ledger: &[Re
         v.push(format!("task {task} has no events"));
     }
     r.ran = check_ledger(&by_task, ledger, v);
+    for (task, evs) in &per_task {
+        let named = format!("task {task}:");
+        if r.violations.iter().any(|m| m.starts_with(&named)) {
+            r.histories.push(history(task, evs));
+        }
+    }
     r
+}
+
+/// A task's state and result events, one a line.
+fn history(task: &str, evs: &[&Event]) -> String {
+    let mut out = format!("  task {task}:");
+    let first = evs.first().map(|e| e.at);
+    for e in evs {
+        let what = match &e.body {
+            EventBody::State {
+                state,
+                reason,
+                holder,
+            } => format!(
+                "{state} holder {:?} reason {:?}",
+                holder.as_ref().map(|h| h.as_str()),
+                reason
+            ),
+            EventBody::Result(o) => format!("result {} {:?}", o.state, o.result),
+            EventBody::Log { .. } | EventBody::Progress { .. } => continue,
+        };
+        let ms = first.map_or(0.0, |f| (e.at - f).as_seconds_f64() * 1e3);
+        let from = e.worker.as_ref().map_or("coordinator", |w| w.as_str());
+        out.push_str(&format!(
+            "\n    {ms:8.1} ms  attempt {} from {from}: {what}",
+            e.attempt
+        ));
+    }
+    out
 }
 
 /// The events of one task, in stream order. Returns how many attempts
@@ -329,6 +367,9 @@ fn check_task_events(
                         newest = newest.max(a);
                     }
                     TaskState::Queued => {
+                        // A reservation taken back before it was claimed:
+                        // the attempt's number goes to the next holder.
+                        holder.remove(&a);
                         if open == Some(a) {
                             open = None;
                         }
@@ -977,6 +1018,32 @@ mod tests {
         assert!(
             v.iter()
                 .any(|m| m.contains("attempt 2 RUNNING from w1, held by w2")),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_reservation_taken_back_may_go_to_another_worker_under_its_number() {
+        let s = status(TaskState::Succeeded, 1, Some(probe_result(1)));
+        let evs = vec![
+            reserved(1, "w1"),
+            state(1, None, TaskState::Queued),
+            reserved(1, "w2"),
+            state(1, Some("w2"), TaskState::Running),
+            result(1, "w2"),
+            state(1, None, TaskState::Succeeded),
+        ];
+        let ledger = [rec(1, Mark::Start, 0, "g1"), rec(1, Mark::Stop, 50, "g1")];
+        let v = violations(&s, evs.clone(), &ledger);
+        assert!(v.is_empty(), "{v:?}");
+
+        // Not without the coordinator taking it back first.
+        let mut evs = evs;
+        evs.remove(1);
+        let v = violations(&s, evs, &ledger);
+        assert!(
+            v.iter()
+                .any(|m| m.contains("attempt 1 RESERVED from w2, held by w1")),
             "{v:?}"
         );
     }
