@@ -124,13 +124,13 @@ impl Trial {
     }
 
     /// Waits until each of `tasks` runs as a later attempt than the first,
-    /// and returns how long after `fault` the last of them started.
-    async fn running_again(&self, tasks: &[String], fault: OffsetDateTime) -> Duration {
+    /// and says how long after `fault` the last of them started.
+    async fn running_again(&self, tasks: &[String], fault: OffsetDateTime) {
         let mut latest = Duration::ZERO;
         for task in tasks {
             latest = latest.max(self.started(task, 2, fault).await);
         }
-        latest
+        self.recovery("its tasks RUNNING elsewhere", latest);
     }
 
     /// Submits a one-task probe job and returns how long after `fault` its
@@ -142,6 +142,55 @@ impl Trial {
                          "tasks": [self.ledger.task("p0", Duration::from_millis(300), 0)]});
         let job = self.submit(job).await;
         self.started(&format!("{job}-0"), 1, fault).await
+    }
+
+    /// Keeps every GPU of the two first workers busy for `run`.
+    async fn busy(&mut self, run: Duration) -> String {
+        let job = self.probe_job("busy", 4, run);
+        let busy = self.submit(job).await;
+        self.wait_running(&busy, 4).await;
+        busy
+    }
+
+    /// Queues work behind the busy job, to be placed by whoever leads
+    /// after the fault.
+    async fn queued(&mut self) {
+        let job = self.probe_job("queued", 4, Duration::from_secs(1));
+        self.submit(job).await;
+    }
+
+    /// [`Trial::busy`] on w1 and w2, then a third worker, w3, to take over
+    /// w1's tasks: returns them.
+    async fn busy_on_w1(&mut self, run: Duration) -> Vec<String> {
+        let busy = self.busy(run).await;
+        let on_w1 = self.tasks_on(&busy, "w1").await;
+        assert!(!on_w1.is_empty(), "w1 runs none of the tasks");
+        self.fleet.add_worker(gpu_worker("w3")).await;
+        on_w1
+    }
+
+    /// Measures how long after the fault (at `at`, `wall` on the wall
+    /// clock) the API answered again and new work ran.
+    async fn recovered(&mut self, at: Instant, wall: OffsetDateTime) {
+        let api = api_back(&self.client, at, 20).await;
+        self.recovery("API answering (20 calls in a row)", api);
+        let placed = self.new_work_runs("after-fault", wall).await;
+        self.recovery("a new task RUNNING", placed);
+    }
+
+    fn recovery(&self, what: &str, took: Duration) {
+        eprintln!(
+            "RECOVERY: {}: {what} after {:.1} s",
+            self.name,
+            took.as_secs_f64()
+        );
+    }
+
+    /// [`Trial::check`], and no task needed a second attempt: the fault
+    /// touched nothing that ran.
+    async fn check_without_retries(self) {
+        let report = self.check().await;
+        assert_eq!(report.retried, 0, "{}", report.summary());
     }
 
     /// Every job ended and the invariants hold.
@@ -163,13 +212,6 @@ impl Trial {
 /// A worker with two simulated GPUs.
 fn gpu_worker(name: &str) -> WorkerSpec {
     WorkerSpec::new(name).gpus("2x24GiB:L4").cpus(4.0)
-}
-
-fn recovery(fault: &str, what: &str, took: Duration) {
-    eprintln!(
-        "RECOVERY: {fault}: {what} after {:.1} s",
-        took.as_secs_f64()
-    );
 }
 
 /// Submits until the fleet accepts: through a failover the API may not
@@ -239,26 +281,19 @@ async fn standby(fleet: &Fleet) -> Proc {
 async fn a_leader_frozen_then_resumed() {
     let mut t = Trial::start("leader SIGSTOP", &["w1", "w2"]).await;
     let standby = standby(&t.fleet).await;
-    let job = t.probe_job("busy", 4, Duration::from_secs(6));
-    let busy = t.submit(job).await;
-    t.wait_running(&busy, 4).await;
+    t.busy(Duration::from_secs(6)).await;
 
     let leader = t.fleet.coordinator.as_ref().unwrap();
     leader.sigstop();
-    let (at, wall) = (Instant::now(), OffsetDateTime::now_utc());
-    let api = api_back(&t.client, at, 20).await;
-    recovery("leader SIGSTOP", "API answering (20 calls in a row)", api);
-    let placed = t.new_work_runs("after-freeze", wall).await;
-    recovery("leader SIGSTOP", "a new task RUNNING", placed);
+    t.recovered(Instant::now(), OffsetDateTime::now_utc()).await;
 
     // Thawed, it finds itself replaced and stops without writing.
     let old = t.fleet.coordinator.as_mut().unwrap();
     old.sigcont();
     let exit = old.wait_exit(T).expect("the thawed leader to stop");
     assert!(!exit.success(), "{}", old.output());
-    let report = t.check().await;
     // Nothing ran on the coordinator: no task needed a second attempt.
-    assert_eq!(report.retried, 0, "{}", report.summary());
+    t.check_without_retries().await;
     drop(standby);
 }
 
@@ -266,18 +301,11 @@ async fn a_leader_frozen_then_resumed() {
 async fn a_leader_killed() {
     let mut t = Trial::start("leader kill -9", &["w1", "w2"]).await;
     let standby = standby(&t.fleet).await;
-    let job = t.probe_job("busy", 4, Duration::from_secs(6));
-    let busy = t.submit(job).await;
-    t.wait_running(&busy, 4).await;
+    t.busy(Duration::from_secs(6)).await;
 
     t.fleet.coordinator.as_mut().unwrap().kill9();
-    let (at, wall) = (Instant::now(), OffsetDateTime::now_utc());
-    let api = api_back(&t.client, at, 20).await;
-    recovery("leader kill -9", "API answering", api);
-    let placed = t.new_work_runs("after-kill", wall).await;
-    recovery("leader kill -9", "a new task RUNNING", placed);
-    let report = t.check().await;
-    assert_eq!(report.retried, 0, "{}", report.summary());
+    t.recovered(Instant::now(), OffsetDateTime::now_utc()).await;
+    t.check_without_retries().await;
     drop(standby);
 }
 
@@ -285,24 +313,16 @@ async fn a_leader_killed() {
 async fn both_coordinators_restarted() {
     let mut t = Trial::start("both coordinators restarted", &["w1", "w2"]).await;
     let mut second = standby(&t.fleet).await;
-    let job = t.probe_job("busy", 4, Duration::from_secs(6));
-    let busy = t.submit(job).await;
-    t.wait_running(&busy, 4).await;
-    // Queued behind the running ones: placed by whichever leads next.
-    let job = t.probe_job("queued", 4, Duration::from_secs(1));
-    t.submit(job).await;
+    t.busy(Duration::from_secs(6)).await;
+    t.queued().await;
 
     t.fleet.coordinator.as_mut().unwrap().kill9();
     second.kill9();
     let (at, wall) = (Instant::now(), OffsetDateTime::now_utc());
     t.fleet.start_coordinator().await;
     let second = standby(&t.fleet).await;
-    let api = api_back(&t.client, at, 20).await;
-    recovery("both coordinators restarted", "API answering", api);
-    let placed = t.new_work_runs("after-restart", wall).await;
-    recovery("both coordinators restarted", "a new task RUNNING", placed);
-    let report = t.check().await;
-    assert_eq!(report.retried, 0, "{}", report.summary());
+    t.recovered(at, wall).await;
+    t.check_without_retries().await;
     drop(second);
 }
 
@@ -314,17 +334,10 @@ async fn a_worker_frozen_past_its_lease_then_resumed() {
     let mut t = Trial::start("worker SIGSTOP", &["w1", "w2"]).await;
     // Long enough that the frozen worker's tasks still run when they are
     // placed again.
-    let job = t.probe_job("busy", 4, Duration::from_secs(10));
-    let busy = t.submit(job).await;
-    t.wait_running(&busy, 4).await;
-    let frozen = t.tasks_on(&busy, "w1").await;
-    assert!(!frozen.is_empty(), "w1 runs none of the tasks");
-    t.fleet.add_worker(gpu_worker("w3")).await;
+    let frozen = t.busy_on_w1(Duration::from_secs(10)).await;
 
     t.fleet.worker("w1").sigstop();
-    let wall = OffsetDateTime::now_utc();
-    let again = t.running_again(&frozen, wall).await;
-    recovery("worker SIGSTOP", "its tasks RUNNING elsewhere", again);
+    t.running_again(&frozen, OffsetDateTime::now_utc()).await;
     // Frozen a while longer (the fault's length, not a wait for
     // anything): while the worker cannot act, only something outside it
     // can keep its tasks from running beside their retries.
@@ -338,18 +351,11 @@ async fn a_worker_cut_off_from_nats_then_reconnected() {
     let mut t = Trial::start("worker cut off", &["w2"]).await;
     let proxy = Proxy::to_nats(&t.fleet.url()).await.unwrap();
     t.fleet.add_worker(gpu_worker("w1").via(&proxy.url())).await;
-    let job = t.probe_job("busy", 4, Duration::from_secs(8));
-    let busy = t.submit(job).await;
-    t.wait_running(&busy, 4).await;
-    let cut = t.tasks_on(&busy, "w1").await;
-    assert!(!cut.is_empty(), "w1 runs none of the tasks");
-    t.fleet.add_worker(gpu_worker("w3")).await;
+    let cut = t.busy_on_w1(Duration::from_secs(8)).await;
 
     // A partition: the connection stays open and nothing crosses it.
     proxy.partition();
-    let wall = OffsetDateTime::now_utc();
-    let again = t.running_again(&cut, wall).await;
-    recovery("worker cut off", "its tasks RUNNING elsewhere", again);
+    t.running_again(&cut, OffsetDateTime::now_utc()).await;
 
     // Back in touch, it takes work again; what it could not report of the
     // attempts it gave up must not count.
@@ -359,28 +365,17 @@ async fn a_worker_cut_off_from_nats_then_reconnected() {
     job["constraints"] = json!({"workers": ["w1"]});
     let on_w1 = t.submit(job).await;
     t.fleet.wait_finished(&on_w1, T).await;
-    recovery(
-        "worker cut off",
-        "the reconnected worker's next task done",
-        back.elapsed(),
-    );
+    t.recovery("the reconnected worker's next task done", back.elapsed());
     t.check().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed() {
     let mut t = Trial::start("worker kill -9", &["w1", "w2"]).await;
-    let job = t.probe_job("busy", 4, Duration::from_secs(6));
-    let busy = t.submit(job).await;
-    t.wait_running(&busy, 4).await;
-    let lost = t.tasks_on(&busy, "w1").await;
-    assert!(!lost.is_empty(), "w1 runs none of the tasks");
-    t.fleet.add_worker(gpu_worker("w3")).await;
+    let lost = t.busy_on_w1(Duration::from_secs(6)).await;
 
     t.fleet.worker("w1").kill9();
-    let wall = OffsetDateTime::now_utc();
-    let again = t.running_again(&lost, wall).await;
-    recovery("worker kill -9", "its tasks RUNNING elsewhere", again);
+    t.running_again(&lost, OffsetDateTime::now_utc()).await;
     t.check().await;
 }
 
@@ -389,22 +384,12 @@ async fn a_worker_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nats_server_killed_and_restarted_on_its_store() {
     let mut t = Trial::start("nats-server kill -9 and restart", &["w1", "w2"]).await;
-    let job = t.probe_job("busy", 4, Duration::from_secs(6));
-    let busy = t.submit(job).await;
-    t.wait_running(&busy, 4).await;
-    let job = t.probe_job("queued", 4, Duration::from_secs(1));
-    t.submit(job).await;
+    t.busy(Duration::from_secs(6)).await;
+    t.queued().await;
 
     let (at, wall) = (Instant::now(), OffsetDateTime::now_utc());
     t.fleet.server.restart();
-    let api = api_back(&t.client, at, 20).await;
-    recovery("nats-server kill -9 and restart", "API answering", api);
-    let placed = t.new_work_runs("after-restart", wall).await;
-    recovery(
-        "nats-server kill -9 and restart",
-        "a new task RUNNING",
-        placed,
-    );
+    t.recovered(at, wall).await;
     t.check().await;
 }
 
@@ -414,21 +399,14 @@ async fn a_node_of_a_three_node_cluster_lost() {
     // worker that was fine must keep its task.
     let fleet = Fleet::start_clustered(&[("replicas", "3"), ("lease_ttl", "\"15s\"")]).await;
     let mut t = Trial::on(fleet, "cluster node lost", &["w1", "w2"]).await;
-    let job = t.probe_job("busy", 4, Duration::from_secs(10));
-    let busy = t.submit(job).await;
-    t.wait_running(&busy, 4).await;
-    let job = t.probe_job("queued", 4, Duration::from_secs(1));
-    t.submit(job).await;
+    t.busy(Duration::from_secs(10)).await;
+    t.queued().await;
 
     // Node 0 is in every program's list; some stream leaders go with it.
     let (at, wall) = (Instant::now(), OffsetDateTime::now_utc());
     t.fleet.server.kill();
-    let api = api_back(&t.client, at, 20).await;
-    recovery("cluster node lost", "API answering", api);
-    let placed = t.new_work_runs("after-loss", wall).await;
-    recovery("cluster node lost", "a new task RUNNING", placed);
-    let report = t.check().await;
-    assert_eq!(report.retried, 0, "{}", report.summary());
+    t.recovered(at, wall).await;
+    t.check_without_retries().await;
 }
 
 // ----- the soak -----
