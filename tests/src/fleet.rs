@@ -445,11 +445,14 @@ pub async fn connect(url: &str) -> Client {
 /// A test worker's flags beside how it reaches NATS: quick heartbeats, its
 /// own work directory under `dir`, rendezvous on loopback, and `spec`'s.
 pub fn worker_test_args(dir: &std::path::Path, spec: &WorkerSpec) -> Vec<String> {
-    let mut args = vec![
-        "--heartbeat".to_string(),
-        "500ms".into(),
-        "--advert-ttl".into(),
-        "2s".into(),
+    let mut args = vec![];
+    // Quick heartbeats, unless `spec.extra` sets its own.
+    for (flag, value) in [("--heartbeat", "500ms"), ("--advert-ttl", "2s")] {
+        if !spec.extra.iter().any(|a| a == flag) {
+            args.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    args.extend([
         "--work-dir".into(),
         dir.join(format!("work-{}", spec.name))
             .display()
@@ -460,7 +463,7 @@ pub fn worker_test_args(dir: &std::path::Path, spec: &WorkerSpec) -> Vec<String>
         // Any free port: test workers run side by side.
         "--metrics-addr".into(),
         "127.0.0.1:0".into(),
-    ];
+    ]);
     if let Some(g) = &spec.gpus {
         args.push("--simulate-gpus".into());
         args.push(g.clone());

@@ -187,6 +187,9 @@ pub struct Report {
     /// Attempts the ledger saw start.
     pub ran: usize,
     pub violations: Vec<String>,
+    /// What is not a violation but is not as it should be either: a task's
+    /// history with events missing, say.
+    pub notes: Vec<String>,
     /// The state and result events of each task a violation names, to
     /// tell what happened.
     pub histories: Vec<String>,
@@ -258,7 +261,7 @@ pub fn check_history(statuses: &[JobStatus], events: &[Vec<Event>], ledger: &[Re
             v.push(format!("events of task {task}, which no job has"));
             continue;
         };
-        r.attempts += check_task_events(status, evs, v, &mut r.retries);
+        r.attempts += check_task_events(status, evs, v, &mut r.retries, &mut r.notes);
     }
     r.retried = r.retries.len();
     for task in by_task.keys().filter(|t| !per_task.contains_key(*t)) {
@@ -309,6 +312,7 @@ fn check_task_events(
     evs: &[&Event],
     v: &mut Vec<String>,
     retries: &mut Vec<String>,
+    notes: &mut Vec<String>,
 ) -> usize {
     let task = status.task_id.as_str();
     // attempt -> the worker holding it: the one the coordinator's
@@ -444,7 +448,18 @@ fn check_task_events(
     ) {
         let a = status.attempt;
         let rs = results.get(&a).map(Vec::as_slice).unwrap_or_default();
-        let held_by = holder.get(&a).cloned().flatten();
+        // The stream's witness of the holder, else the coordinator's record:
+        // a state event may be lost while the stream has no leader.
+        let held_by = match holder.get(&a).cloned().flatten() {
+            Some(h) => Some(h),
+            None => {
+                let recorded = status.worker.as_ref().map(|w| w.to_string());
+                notes.push(format!(
+                    "task {task}: no event in the stream names the holder of attempt {a} (its RESERVED and RUNNING were not stored); the status names {recorded:?}"
+                ));
+                recorded
+            }
+        };
         match rs {
             [(sender, outcome)] => {
                 if held_by.is_none() || *sender != held_by {
@@ -1046,6 +1061,29 @@ mod tests {
                 .any(|m| m.contains("attempt 1 RESERVED from w2, held by w1")),
             "{v:?}"
         );
+    }
+
+    #[test]
+    fn a_holder_no_event_names_is_taken_from_the_status_and_noted() {
+        let mut s = status(TaskState::Succeeded, 1, Some(probe_result(1)));
+        let evs = vec![result(1, "w1"), state(1, None, TaskState::Succeeded)];
+        let ledger = [rec(1, Mark::Start, 0, "g1"), rec(1, Mark::Stop, 50, "g1")];
+        let r = check_history(
+            std::slice::from_ref(&s),
+            std::slice::from_ref(&evs),
+            &ledger,
+        );
+        assert!(
+            r.violations
+                .iter()
+                .any(|m| m.contains("came from Some(\"w1\")")),
+            "{:?}",
+            r.violations
+        );
+        s.tasks[0].worker = Some(WorkerId::new("w1").unwrap());
+        let r = check_history(&[s], &[evs], &ledger);
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert!(r.notes[0].contains("no event in the stream names the holder"));
     }
 
     #[test]
