@@ -165,6 +165,10 @@ impl Engine {
             if self.jobs[&job].tasks[i].state == TaskState::Reserved {
                 self.metrics.reservation(Reservation::Failed);
                 self.requeue_same_attempt(&job, i, &format!("reservation failed: {error}"));
+                // The store refused it (its stream has no leader, say):
+                // again after a pause, not on every pass until it is back.
+                let until = self.now.mono + self.cfg.retry_backoff.0;
+                self.queue.retry_later(&live.lease.task_id, until, None);
             }
         }
     }

@@ -171,6 +171,33 @@ fn a_released_lease_waits_for_its_result_while_the_follower_lags() {
 }
 
 #[test]
+fn a_reservation_the_store_refused_is_made_again_after_a_pause_not_at_once() {
+    let mut e = ready_engine(&[advert("w1", 4, 0)]);
+    let (id, _rx) = submit(&mut e, r#"{"tasks": [{"command": ["true"]}]}"#);
+    let (key, _) = e.take_effects().create_leases[0].clone();
+    e.handle(Input::LeaseCreateFailed {
+        key,
+        error: "no responders".into(),
+    });
+    assert_eq!(task_state(&e, &id, 0), (TaskState::Queued, 1));
+    e.schedule_if_needed();
+    assert!(
+        e.take_effects().create_leases.is_empty(),
+        "reserved again at once"
+    );
+    let pause = e.config().retry_backoff.0;
+    e.advance(pause);
+    e.handle(Input::Tick);
+    e.schedule_if_needed();
+    assert_eq!(
+        e.take_effects().create_leases.len(),
+        1,
+        "not after the pause"
+    );
+    assert_eq!(task_state(&e, &id, 0), (TaskState::Reserved, 1));
+}
+
+#[test]
 fn retry_pauses_double_with_jitter_up_to_the_cap() {
     let mut e = ready_engine(&[]);
     let cfg = e.config().clone();
