@@ -30,6 +30,7 @@
 //! client asks ([`Fetch`]).
 
 use gpufleet_schema::api::{code, SubmitReply};
+use gpufleet_schema::policy::SchedPolicy;
 use gpufleet_schema::{
     subjects, Encoding, Event, EventBody, JobId, JobSpec, JobState, JobStatus, Lease, LeaseKey,
     Sender, TaskState, UserId, WorkerAdvert, WorkerId,
@@ -38,6 +39,7 @@ use std::collections::BTreeSet;
 use tokio::sync::oneshot;
 
 mod clock;
+mod fairshare;
 mod health;
 mod jobs;
 mod leases;
@@ -202,6 +204,9 @@ pub enum Input {
     Tick,
     /// A retry's pause has ended: time to place again.
     Wake,
+    /// The scheduling policy key was written (a checked policy), or
+    /// removed (`None`: back to the settings').
+    Policy(Option<Box<SchedPolicy>>),
     /// Prometheus scrapes: set the state-derived gauges, then say so.
     Observe(oneshot::Sender<()>),
 }
@@ -272,6 +277,8 @@ pub struct Engine {
     jobs: JobTable,
     book: LeaseBook,
     queue: QueuePolicy,
+    /// Fair-share weights and quotas in force.
+    shares: fairshare::Shares,
     fx: Effects,
     /// Highest result sequence applied to the in-memory table.
     applied_seq: u64,
@@ -298,6 +305,7 @@ impl Engine {
         let cfg_lease_ttl = cfg.lease_ttl.0;
         Engine {
             queue: QueuePolicy::new(&cfg),
+            shares: fairshare::Shares::new(cfg.scheduling.clone()),
             cfg,
             jobs: JobTable::new(),
             book: LeaseBook::default(),
@@ -311,6 +319,17 @@ impl Engine {
             rng: Rng::new(seed),
             part_budget: PART_BUDGET,
             health: Health::new(cfg_lease_ttl),
+        }
+    }
+
+    /// Fair share and quotas follow `policy` from now on (the settings'
+    /// for `None`); work already running stays.
+    pub fn set_policy(&mut self, policy: Option<SchedPolicy>) {
+        let policy = policy.unwrap_or_else(|| self.cfg.scheduling.clone());
+        if &policy != self.shares.policy() {
+            tracing::info!(?policy, "the scheduling policy changed");
+            self.shares = fairshare::Shares::new(policy);
+            self.wants_schedule = true;
         }
     }
 
@@ -471,6 +490,7 @@ impl Engine {
             }),
             Input::Tick => self.tick(),
             Input::Wake => self.wants_schedule = true,
+            Input::Policy(p) => self.set_policy(p.map(|p| *p)),
             Input::Observe(done) => {
                 self.metrics.observed(&self.observe());
                 let _ = done.send(());

@@ -10,6 +10,7 @@
 //! - [`api`]: request and reply bodies of the `gpufleet` micro service.
 //! - [`capacity`]: what a worker has free and whether a grant fits: the one
 //!   model the coordinator places by and the worker checks by.
+//! - [`policy`]: fair-share weights and quotas per user and group.
 //! - [`subjects`]: every subject, bucket and key name.
 //! - [`roles`]: the NATS permission set of each role, built from those
 //!   names.
@@ -27,6 +28,7 @@ pub mod codec;
 pub mod event;
 pub mod ids;
 pub mod lease;
+pub mod policy;
 pub mod roles;
 pub mod spec;
 pub mod status;

@@ -1,7 +1,9 @@
 //! The queue policy: which waiting work goes first, and what keeps that
 //! fair.
 //!
-//! - **Order**: priority (high first), then submission order.
+//! - **Order**: each user's work by priority (high first), then
+//!   submission order; between users, fair share decides (see
+//!   `fairshare.rs`): a pass asks for each user's jobs apart.
 //! - **Backfill with a starvation hold**: work that does not fit does not
 //!   block what is behind it, except that once the first waiting task or
 //!   gang that could fit somewhere has waited `starvation_after`, the
@@ -18,11 +20,11 @@
 //!   well within its timeout; the next pass follows at once.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
-use gpufleet_schema::{GpuRequest, JobId, TaskId, WorkerId};
+use gpufleet_schema::{GpuRequest, JobId, TaskId, UserId, WorkerId};
 
 use crate::config::CoordinatorConfig;
 use crate::placement::{self, TaskRequest, WorkerView};
@@ -31,8 +33,8 @@ use crate::state::JobRecord;
 /// How long a task keeps away from a worker that refused it.
 pub const AVOID_FOR: Duration = Duration::from_secs(30);
 
-/// Queue order: priority (high first), then submission.
-type QueueKey = (Reverse<i32>, u64, JobId);
+/// Queue order within a user: priority (high first), then submission.
+pub type QueueKey = (Reverse<i32>, u64, JobId);
 
 fn queue_key(j: &JobRecord) -> QueueKey {
     (Reverse(j.spec.priority), j.seq, j.id.clone())
@@ -48,8 +50,8 @@ pub struct Hold {
 }
 
 pub struct QueuePolicy {
-    /// Unfinished jobs, in queue order.
-    order: BTreeSet<QueueKey>,
+    /// Unfinished jobs, by owner, each owner's in queue order.
+    order: BTreeMap<UserId, BTreeSet<QueueKey>>,
     /// When each waiting task joined the queue (for the starvation hold).
     queued_since: HashMap<TaskId, Instant>,
     /// Workers a task keeps away from, each until when.
@@ -67,7 +69,7 @@ pub struct QueuePolicy {
 impl QueuePolicy {
     pub fn new(cfg: &CoordinatorConfig) -> QueuePolicy {
         QueuePolicy {
-            order: BTreeSet::new(),
+            order: BTreeMap::new(),
             queued_since: HashMap::new(),
             avoid: HashMap::new(),
             paused: HashMap::new(),
@@ -81,12 +83,20 @@ impl QueuePolicy {
     // ----- order -----
 
     pub fn enqueue(&mut self, job: &JobRecord) {
-        self.order.insert(queue_key(job));
+        self.order
+            .entry(job.owner.clone())
+            .or_default()
+            .insert(queue_key(job));
     }
 
     /// A job ended: off the queue, and its tasks' clocks and windows go.
     pub fn dequeue(&mut self, job: &JobRecord) {
-        self.order.remove(&queue_key(job));
+        if let Some(jobs) = self.order.get_mut(&job.owner) {
+            jobs.remove(&queue_key(job));
+            if jobs.is_empty() {
+                self.order.remove(&job.owner);
+            }
+        }
         for t in &job.tasks {
             self.queued_since.remove(&t.id);
             self.avoid.remove(&t.id);
@@ -95,9 +105,14 @@ impl QueuePolicy {
         }
     }
 
-    /// Unfinished jobs, first in line first.
+    /// Unfinished jobs, each user's first in line first.
     pub fn jobs(&self) -> impl Iterator<Item = &JobId> {
-        self.order.iter().map(|(_, _, id)| id)
+        self.order.values().flatten().map(|(_, _, id)| id)
+    }
+
+    /// The users with unfinished jobs, each with its jobs in queue order.
+    pub fn by_owner(&self) -> impl Iterator<Item = (&UserId, &BTreeSet<QueueKey>)> {
+        self.order.iter()
     }
 
     // ----- the starvation clock -----

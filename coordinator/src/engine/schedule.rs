@@ -2,21 +2,26 @@
 //!
 //! 1. **collect**: the snapshot of the fleet (from the lease book) and the
 //!    queue policy's part of the pass (the hold it carries, its budget);
-//! 2. **place**: each job in queue order; a gang as one unit, a plain job
-//!    task by task (see the queue policy for holds and the budget);
+//! 2. **place**: a unit of work at a time (a plain job's task, or a
+//!    gang), from the user furthest below its fair share, each user's in
+//!    queue order; work over a quota waits (see `fairshare.rs`, and the
+//!    queue policy for holds and the budget);
 //! 3. **explain**: what still waits says why; gang members left out by
 //!    `min_tasks` are dropped from the run;
 //! 4. **reserve**: a reservation for each placement, with a rendezvous
 //!    for a gang's members.
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{btree_set, BinaryHeap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::iter::Peekable;
 
 use gpufleet_schema::{
-    subjects, GpuRequest, Grant, JobId, Lease, LeaseState, Rendezvous, TaskState, WorkerId,
+    subjects, GpuRequest, Grant, JobId, Lease, LeaseState, Rendezvous, TaskState, UserId, WorkerId,
 };
 
-use super::queue::{gang_hold_candidates, hold_candidate, Hold, PassPolicy};
+use super::fairshare::{Ledger, Usage};
+use super::queue::{gang_hold_candidates, hold_candidate, Hold, PassPolicy, QueueKey};
 use super::Engine;
 use crate::metrics::Reservation;
 use crate::placement::{self, TaskRequest, WorkerView};
@@ -51,16 +56,65 @@ struct Pass {
     waiting: Vec<(JobId, usize, String)>,
     /// Gang members left out of this run by `min_tasks`, and why.
     dropped: Vec<(JobId, usize, String)>,
+    /// What each user and group holds, with this pass's placements.
+    ledger: Ledger,
+    /// The fleet's capacity, shares are fractions of.
+    capacity: Usage,
 }
 
-impl Engine {
-    /// Places queued work in queue order (see the queue policy).
-    pub(super) fn schedule(&mut self) {
-        let timer = self.metrics.pass_started();
-        let mut pass = self.collect();
-        let now = self.now.mono;
-        for id in self.queue.jobs() {
-            let job = &self.jobs[id];
+/// A weighted share, ordered (shares are finite: see `Usage::dominant`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Share(f64);
+
+impl Eq for Share {}
+
+impl PartialOrd for Share {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Share {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// One unit of a user's waiting work: a plain job's task (with its job's
+/// part of the signature), or a gang's queued members together.
+enum Work<'a> {
+    Task(&'a JobRecord, usize, u64),
+    Gang(&'a JobRecord, Vec<usize>),
+}
+
+/// One user's waiting work in queue order, taken a unit at a time.
+struct UserQueue<'a> {
+    user: &'a UserId,
+    jobs: Peekable<btree_set::Iter<'a, QueueKey>>,
+    /// The plain job being gone through: its tasks left to try.
+    current: Option<(&'a JobRecord, u64, std::vec::IntoIter<usize>)>,
+}
+
+impl<'a> UserQueue<'a> {
+    /// The submission order of the job it is at.
+    fn head_seq(&mut self) -> u64 {
+        match &self.current {
+            Some((job, _, _)) => job.seq,
+            None => self.jobs.peek().map_or(u64::MAX, |(_, seq, _)| *seq),
+        }
+    }
+
+    /// The next unit to try, if any is left.
+    fn next_work(&mut self, engine: &'a Engine, now: std::time::Instant) -> Option<Work<'a>> {
+        loop {
+            if let Some((job, job_part, tasks)) = &mut self.current {
+                if let Some(i) = tasks.next() {
+                    return Some(Work::Task(job, i, *job_part));
+                }
+                self.current = None;
+            }
+            let (_, _, id) = self.jobs.next()?;
+            let job = &engine.jobs[id];
             let queued: Vec<usize> = (0..job.tasks.len())
                 .filter(|&i| job.tasks[i].state == TaskState::Queued)
                 .collect();
@@ -68,7 +122,7 @@ impl Engine {
                 continue;
             }
             // A task pausing before its retry waits; a gang waits whole.
-            let paused = |i: &usize| self.queue.is_paused(&job.tasks[*i].id, now);
+            let paused = |i: &usize| engine.queue.is_paused(&job.tasks[*i].id, now);
             if job.spec.gang && queued.iter().any(paused) {
                 continue;
             }
@@ -77,13 +131,53 @@ impl Engine {
                 continue;
             }
             if job.spec.gang {
-                self.place_gang(job, &queued, &mut pass);
-            } else {
-                self.place_tasks(job, &queued, &mut pass);
+                return Some(Work::Gang(job, queued));
+            }
+            self.current = Some((job, job_signature(job), queued.into_iter()));
+        }
+    }
+}
+
+impl Engine {
+    /// Places queued work: the user furthest below its fair share first,
+    /// each user's own work in queue order (see the queue policy and
+    /// `fairshare.rs`).
+    pub(super) fn schedule(&mut self) {
+        let timer = self.metrics.pass_started();
+        let mut pass = self.collect();
+        let now = self.now.mono;
+        let mut users: Vec<UserQueue> = self
+            .queue
+            .by_owner()
+            .map(|(user, jobs)| UserQueue {
+                user,
+                jobs: jobs.iter().peekable(),
+                current: None,
+            })
+            .collect();
+        // The user to serve next: the smallest share, then the oldest
+        // waiting job, then the name.
+        let mut next: BinaryHeap<Reverse<(Share, u64, usize)>> = BinaryHeap::new();
+        for (i, u) in users.iter_mut().enumerate() {
+            let share = Share(self.shares.share(u.user, &pass.ledger, &pass.capacity));
+            next.push(Reverse((share, u.head_seq(), i)));
+        }
+        while let Some(Reverse((_, _, i))) = next.pop() {
+            let Some(work) = users[i].next_work(self, now) else {
+                continue;
+            };
+            match work {
+                Work::Gang(job, queued) => self.place_gang(job, &queued, &mut pass),
+                Work::Task(job, index, job_part) => {
+                    self.place_task(job, index, job_part, &mut pass)
+                }
             }
             if pass.policy.out_of_budget() {
                 break;
             }
+            let u = &mut users[i];
+            let share = Share(self.shares.share(u.user, &pass.ledger, &pass.capacity));
+            next.push(Reverse((share, u.head_seq(), i)));
         }
         let Pass {
             views,
@@ -109,7 +203,16 @@ impl Engine {
     fn collect(&mut self) -> Pass {
         let views = self.book.snapshot();
         let policy = self.queue.begin_pass(&views, self.now.mono);
+        let mut ledger = self.shares.ledger();
+        for (_, live) in self.book.iter() {
+            let l = &live.lease;
+            if !matches!(l.state, LeaseState::Rejected | LeaseState::Abandoned) {
+                ledger.add(&self.shares, &l.owner, &Usage::of(&l.task.resources));
+            }
+        }
         Pass {
+            capacity: Usage::capacity(&views),
+            ledger,
             views,
             policy,
             failed: HashMap::new(),
@@ -124,6 +227,17 @@ impl Engine {
     fn place_gang(&self, job: &JobRecord, queued: &[usize], pass: &mut Pass) {
         // A gang goes only when none of it still holds resources.
         if job.tasks.iter().any(|t| t.holds_worker()) || !pass.policy.may_reserve() {
+            return;
+        }
+        // Its quota counts every queued member.
+        let mut ask = Usage::default();
+        for &i in queued {
+            ask.add(&Usage::of(&job.spec.tasks[i].resources));
+        }
+        if let Some(why) = self.shares.over_quota(&job.owner, &pass.ledger, &ask) {
+            for &i in queued {
+                pass.waiting.push((job.id.clone(), i, why.clone()));
+            }
             return;
         }
         let is_holder = pass.policy.is_holder(&job.id, None);
@@ -157,6 +271,10 @@ impl Engine {
         let p = p.expect("placement ran");
         if !p.assigned.is_empty() {
             pass.policy.spend(p.assigned.len());
+            for a in &p.assigned {
+                let held = Usage::of(&job.spec.tasks[queued[a.task]].resources);
+                pass.ledger.add(&self.shares, &job.owner, &held);
+            }
             if is_holder {
                 tracing::info!(job_id = %job.id, "the held gang fits now");
             }
@@ -209,80 +327,82 @@ impl Engine {
         }
     }
 
-    /// Phase 2, for a plain job: each queued task on its own, while the
-    /// pass has budget.
-    fn place_tasks(&self, job: &JobRecord, queued: &[usize], pass: &mut Pass) {
-        let job_part = job_signature(job);
-        for &i in queued {
-            if !pass.policy.may_reserve() {
+    /// Phase 2, for a task of a plain job, while the pass has budget.
+    fn place_task(&self, job: &JobRecord, i: usize, job_part: u64, pass: &mut Pass) {
+        if !pass.policy.may_reserve() {
+            return;
+        }
+        let ask = Usage::of(&job.spec.tasks[i].resources);
+        if let Some(why) = self.shares.over_quota(&job.owner, &pass.ledger, &ask) {
+            pass.waiting.push((job.id.clone(), i, why));
+            return;
+        }
+        let is_holder = pass.policy.is_holder(&job.id, Some(i));
+        let sig = self.task_signature(job, i, job_part);
+        if !is_holder {
+            if let Some(reason) = pass.failed.get(&sig) {
+                if job.tasks[i].reason.as_deref() != Some(reason.as_str()) {
+                    pass.waiting.push((job.id.clone(), i, reason.clone()));
+                }
                 return;
             }
-            let is_holder = pass.policy.is_holder(&job.id, Some(i));
-            let sig = self.task_signature(job, i, job_part);
-            if !is_holder {
-                if let Some(reason) = pass.failed.get(&sig) {
-                    if job.tasks[i].reason.as_deref() != Some(reason.as_str()) {
-                        pass.waiting.push((job.id.clone(), i, reason.clone()));
-                    }
-                    continue;
-                }
-            }
-            let mut req = self.request(job, i, true);
-            let mut p = pass
+        }
+        let mut req = self.request(job, i, true);
+        let mut p = pass
+            .policy
+            .with_held_closed(&mut pass.views, is_holder, |views| {
+                self.metrics
+                    .time_placement(|| placement::place(std::slice::from_ref(&req), views))
+            });
+        // A retry goes back to a worker it was tried on only if no
+        // other fits.
+        if p.assigned.is_empty() && !self.queue.tried(&job.tasks[i].id).is_empty() {
+            req = self.request(job, i, false);
+            p = pass
                 .policy
                 .with_held_closed(&mut pass.views, is_holder, |views| {
                     self.metrics
                         .time_placement(|| placement::place(std::slice::from_ref(&req), views))
                 });
-            // A retry goes back to a worker it was tried on only if no
-            // other fits.
-            if p.assigned.is_empty() && !self.queue.tried(&job.tasks[i].id).is_empty() {
-                req = self.request(job, i, false);
-                p = pass
-                    .policy
-                    .with_held_closed(&mut pass.views, is_holder, |views| {
-                        self.metrics
-                            .time_placement(|| placement::place(std::slice::from_ref(&req), views))
-                    });
-            }
-            if let Some(a) = p.assigned.into_iter().next() {
-                pass.policy.spend(1);
-                pass.placed.push(Placed::Task {
-                    job: job.id.clone(),
-                    index: i,
-                    worker: a.worker,
-                    grant: a.grant,
-                });
-                continue;
-            }
-            let u = p
-                .unplaced
-                .into_iter()
-                .next()
-                .expect("one task, one outcome");
-            let mut reason = u.reason.clone();
-            if is_holder {
-                reason.push_str("; a worker is held for it");
-                pass.policy.keep_hold();
-            } else {
-                let task = &job.tasks[i];
-                if pass
-                    .policy
-                    .starving(u.never_fits, || self.queue.waiting_since([&task.id]))
-                {
-                    if let Some(w) = hold_candidate(&req, &pass.views) {
-                        tracing::info!(task_id = %task.id, worker = %w, "holding a worker for a starving task");
-                        pass.policy.hold(Hold {
-                            job: job.id.clone(),
-                            task: Some(i),
-                            workers: vec![w],
-                        });
-                    }
-                }
-                pass.failed.insert(sig, u.reason);
-            }
-            pass.waiting.push((job.id.clone(), i, reason));
         }
+        if let Some(a) = p.assigned.into_iter().next() {
+            pass.policy.spend(1);
+            pass.ledger.add(&self.shares, &job.owner, &ask);
+            pass.placed.push(Placed::Task {
+                job: job.id.clone(),
+                index: i,
+                worker: a.worker,
+                grant: a.grant,
+            });
+            return;
+        }
+        let u = p
+            .unplaced
+            .into_iter()
+            .next()
+            .expect("one task, one outcome");
+        let mut reason = u.reason.clone();
+        if is_holder {
+            reason.push_str("; a worker is held for it");
+            pass.policy.keep_hold();
+        } else {
+            let task = &job.tasks[i];
+            if pass
+                .policy
+                .starving(u.never_fits, || self.queue.waiting_since([&task.id]))
+            {
+                if let Some(w) = hold_candidate(&req, &pass.views) {
+                    tracing::info!(task_id = %task.id, worker = %w, "holding a worker for a starving task");
+                    pass.policy.hold(Hold {
+                        job: job.id.clone(),
+                        task: Some(i),
+                        workers: vec![w],
+                    });
+                }
+            }
+            pass.failed.insert(sig, u.reason);
+        }
+        pass.waiting.push((job.id.clone(), i, reason));
     }
 
     /// Phase 3: records why waiting tasks wait and drops the gang members

@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 mod budget;
 mod cancel;
 mod failures;
+mod fairshare;
 mod gangs;
 mod holds;
 mod observe;
