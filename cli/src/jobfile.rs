@@ -156,6 +156,7 @@ pub fn one_off(o: OneOff) -> anyhow::Result<JobSpec> {
         max_retries: o.max_retries.unwrap_or(2),
         gang: false,
         min_tasks: None,
+        max_parallel: None,
         constraints,
         tasks: vec![TaskSpec {
             name: Some(o.name.unwrap_or(program)),
@@ -164,6 +165,7 @@ pub fn one_off(o: OneOff) -> anyhow::Result<JobSpec> {
             resources,
             timeout,
             artifacts: o.artifacts,
+            array: None,
         }],
     };
     // Field paths mean little to someone who typed flags: say which flag.

@@ -616,11 +616,16 @@ impl Engine {
     }
 
     fn submit(&mut self, mut spec: JobSpec, caller: Caller, tx: ReplyTx) {
-        if let Err(e) = spec.validate() {
-            self.fx
-                .replies
-                .push((tx, Reply::error(code::BAD_REQUEST, e.to_string()), None));
-            return;
+        // Array templates become their tasks here: the job stored and run
+        // is plain tasks (a resubmit compares the same way).
+        match spec.validate().and_then(|()| spec.expand()) {
+            Ok(expanded) => spec = expanded,
+            Err(e) => {
+                self.fx
+                    .replies
+                    .push((tx, Reply::error(code::BAD_REQUEST, e.to_string()), None));
+                return;
+            }
         }
         let Some(id) = spec.id.clone() else {
             // A fresh id is nobody's yet.

@@ -538,6 +538,7 @@ mod tests {
             max_retries: 0,
             gang: false,
             min_tasks: None,
+            max_parallel: None,
             constraints: Default::default(),
             tasks,
         }

@@ -80,6 +80,7 @@ fn spec_head(spec: &JobSpec) -> JobSpec {
         max_retries: spec.max_retries,
         gang: spec.gang,
         min_tasks: spec.min_tasks,
+        max_parallel: spec.max_parallel,
         constraints: spec.constraints.clone(),
         tasks: Vec::new(),
     }
@@ -400,6 +401,7 @@ mod tests {
             max_retries: 2,
             gang: false,
             min_tasks: None,
+            max_parallel: None,
             constraints: Default::default(),
             tasks,
         }

@@ -2,7 +2,7 @@
 //! other languages (see the README's API section).
 //!
 //! - [`spec`]: what clients submit (jobs, tasks, resources), with validation
-//!   whose errors name the field.
+//!   whose errors name the field; [`array`]: task templates with parameters.
 //! - [`status`]: job and task states and the status replies.
 //! - [`worker`], [`lease`], [`event`], [`artifact`]: what workers
 //!   advertise, the (signed) reservations they claim, and the events and
@@ -22,6 +22,7 @@
 //! on; no NATS client, no runtime.
 
 pub mod api;
+pub mod array;
 pub mod artifact;
 pub mod capacity;
 pub mod codec;

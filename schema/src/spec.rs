@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::array::ArraySpec;
 use crate::ids::{JobId, WorkerId};
 use crate::units::{ByteSize, Dur};
 
@@ -68,6 +69,9 @@ pub struct JobSpec {
     /// With `gang`, the smallest number of tasks that may start together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_tasks: Option<u32>,
+    /// The most of the job's tasks that may hold a worker at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel: Option<u32>,
     #[serde(default, skip_serializing_if = "Constraints::is_empty")]
     pub constraints: Constraints,
     pub tasks: Vec<TaskSpec>,
@@ -106,6 +110,10 @@ pub struct TaskSpec {
     /// Globs, relative to `GPUFLEET_OUTPUT_DIR`, of files to upload.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<String>,
+    /// Parameters: this template stands for one task per combination
+    /// (see [`crate::array`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array: Option<ArraySpec>,
 }
 
 fn default_cpus() -> f64 {
@@ -228,6 +236,24 @@ impl JobSpec {
         if self.max_retries > 100 {
             return Err(err("max_retries", "at most 100"));
         }
+        let expanded = self.tasks.iter().try_fold(0usize, |n, t| {
+            let len = t.array.as_ref().map_or(Some(1), ArraySpec::len)?;
+            Some(n + len).filter(|&n| n <= MAX_TASKS_PER_JOB)
+        });
+        if expanded.is_none() {
+            return Err(err(
+                "tasks",
+                format!("its arrays stand for more than the {MAX_TASKS_PER_JOB} tasks one job may hold; split the job"),
+            ));
+        }
+        if let Some(m) = self.max_parallel {
+            if m == 0 {
+                return Err(err("max_parallel", "at least 1"));
+            }
+            if self.gang {
+                return Err(err("max_parallel", "a gang's tasks all run at once"));
+            }
+        }
         if let Some(min) = self.min_tasks {
             if !self.gang {
                 return Err(err("min_tasks", "only applies with \"gang\": true"));
@@ -266,8 +292,27 @@ impl JobSpec {
     }
 }
 
+impl JobSpec {
+    /// The job with each array template replaced by its tasks (see
+    /// [`crate::array`]); for a spec that [`JobSpec::validate`] accepted.
+    pub fn expand(mut self) -> Result<JobSpec, SpecError> {
+        if self.tasks.iter().all(|t| t.array.is_none()) {
+            return Ok(self);
+        }
+        let mut tasks = Vec::new();
+        for (i, t) in std::mem::take(&mut self.tasks).into_iter().enumerate() {
+            tasks.extend(crate::array::expand_task(t, &format!("tasks[{i}]"))?);
+        }
+        self.tasks = tasks;
+        Ok(self)
+    }
+}
+
 impl TaskSpec {
     pub fn validate(&self, at: &str) -> Result<(), SpecError> {
+        if let Some(a) = &self.array {
+            a.validate(&format!("{at}.array"))?;
+        }
         if let Some(name) = &self.name {
             if name.len() > MAX_NAME_BYTES {
                 return Err(err(
@@ -400,6 +445,7 @@ mod tests {
             resources: Resources::default(),
             timeout: None,
             artifacts: vec![],
+            array: None,
         }
     }
 
@@ -411,6 +457,7 @@ mod tests {
             max_retries: 2,
             gang: false,
             min_tasks: None,
+            max_parallel: None,
             constraints: Constraints::default(),
             tasks,
         }

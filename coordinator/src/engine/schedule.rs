@@ -105,7 +105,12 @@ impl<'a> UserQueue<'a> {
     }
 
     /// The next unit to try, if any is left.
-    fn next_work(&mut self, engine: &'a Engine, now: std::time::Instant) -> Option<Work<'a>> {
+    fn next_work(
+        &mut self,
+        engine: &'a Engine,
+        now: std::time::Instant,
+        waiting: &mut Vec<(JobId, usize, String)>,
+    ) -> Option<Work<'a>> {
         loop {
             if let Some((job, job_part, tasks)) = &mut self.current {
                 if let Some(i) = tasks.next() {
@@ -133,6 +138,7 @@ impl<'a> UserQueue<'a> {
             if job.spec.gang {
                 return Some(Work::Gang(job, queued));
             }
+            let queued = Engine::within_max_parallel(job, queued, waiting);
             self.current = Some((job, job_signature(job), queued.into_iter()));
         }
     }
@@ -163,7 +169,7 @@ impl Engine {
             next.push(Reverse((share, u.head_seq(), i)));
         }
         while let Some(Reverse((_, _, i))) = next.pop() {
-            let Some(work) = users[i].next_work(self, now) else {
+            let Some(work) = users[i].next_work(self, now, &mut pass.waiting) else {
                 continue;
             };
             match work {
@@ -403,6 +409,31 @@ impl Engine {
             pass.failed.insert(sig, u.reason);
         }
         pass.waiting.push((job.id.clone(), i, reason));
+    }
+
+    /// Of a plain job's `queued` tasks, those `max_parallel` lets this
+    /// pass try; the rest wait, saying so (only when that is news: an
+    /// array of thousands costs a pass nothing per waiting task).
+    fn within_max_parallel(
+        job: &JobRecord,
+        mut queued: Vec<usize>,
+        waiting: &mut Vec<(JobId, usize, String)>,
+    ) -> Vec<usize> {
+        let Some(max) = job.spec.max_parallel else {
+            return queued;
+        };
+        let holding = job.tasks.iter().filter(|t| t.holds_worker()).count();
+        let room = (max as usize).saturating_sub(holding);
+        if queued.len() > room {
+            let why = format!("max_parallel: {max} of the job's tasks run at once");
+            let wait = queued.split_off(room);
+            waiting.extend(
+                wait.into_iter()
+                    .filter(|&i| job.tasks[i].reason.as_deref() != Some(why.as_str()))
+                    .map(|i| (job.id.clone(), i, why.clone())),
+            );
+        }
+        queued
     }
 
     /// Phase 3: records why waiting tasks wait and drops the gang members
