@@ -156,3 +156,55 @@ async fn a_quota_written_to_the_policy_key_applies_without_a_restart() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_array_of_six_runs_each_combination_at_most_two_at_once() {
+    let fleet = fleet_of(&["2x24GiB:L4"]).await;
+    // Each task reports what it was given: its environment, and the
+    // command's substitutions.
+    let script = r#"printf '{"lr": "%s", "seed": "%s", "index": %s, "arg": "%s"}' "$lr" "$seed" "$GPUFLEET_ARRAY_INDEX" "$1" > "$GPUFLEET_RESULT""#;
+    let job = fleet
+        .submit(&json!({
+            "max_parallel": 2,
+            "tasks": [{
+                "name": "lr{lr}-seed{seed}",
+                "command": ["sh", "-c", script, "sh", "--lr={lr}"],
+                "resources": {"cpus": 0.1},
+                "array": {"lr": ["0.1", "0.01"], "seed": [1, 2, 3]},
+            }],
+        }))
+        .await;
+    let done = fleet.wait_finished(&job, Duration::from_secs(120)).await;
+    assert_eq!(done["status"], "FINISHED:COMPLETED", "{done}");
+    let tasks = done["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 6);
+    let mut i = 0;
+    for lr in ["0.1", "0.01"] {
+        for seed in ["1", "2", "3"] {
+            let t = &tasks[i];
+            assert_eq!(t["name"], format!("lr{lr}-seed{seed}"));
+            assert_eq!(
+                t["result"],
+                json!({"lr": lr, "seed": seed, "index": i, "arg": format!("--lr={lr}")}),
+            );
+            i += 1;
+        }
+    }
+    // max_parallel 2: at no moment did three run (the tasks' own start
+    // and end times say so).
+    let span = |t: &Value, k: &str| {
+        time::OffsetDateTime::parse(
+            t[k].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    for t in tasks {
+        let start = span(t, "started_at");
+        let overlapping = tasks
+            .iter()
+            .filter(|o| span(o, "started_at") <= start && start < span(o, "finished_at"))
+            .count();
+        assert!(overlapping <= 2, "{overlapping} tasks ran at once");
+    }
+}
