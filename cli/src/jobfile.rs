@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
 use gpufleet_schema::array::ArraySpec;
-use gpufleet_schema::{Constraints, Encoding, JobSpec, Resources, TaskSpec, WorkerId};
+use gpufleet_schema::{Constraints, Encoding, JobId, JobSpec, Resources, TaskSpec, WorkerId};
 
 /// Parses a job file; the error names the file and the field.
 pub fn read(path: &str) -> anyhow::Result<JobSpec> {
@@ -91,6 +91,15 @@ pub struct OneOff {
     /// `NAME=V1,V2,…`: one task per combination of the values.
     pub array: Vec<String>,
     pub max_parallel: Option<u32>,
+    /// Jobs that must complete first, and jobs that must finish first.
+    pub after_ok: Vec<String>,
+    pub after_any: Vec<String>,
+}
+
+fn job_ids(flag: &str, ids: Vec<String>) -> anyhow::Result<Vec<JobId>> {
+    ids.into_iter()
+        .map(|id| JobId::new(id.clone()).map_err(|e| anyhow::anyhow!("{flag} {id:?}: {e}")))
+        .collect()
 }
 
 /// The product of `--array NAME=V1,V2,…` flags; values stay the text
@@ -190,6 +199,8 @@ pub fn one_off(o: OneOff) -> anyhow::Result<JobSpec> {
         gang: false,
         min_tasks: None,
         max_parallel: o.max_parallel,
+        after_ok: job_ids("--after-ok", o.after_ok)?,
+        after_any: job_ids("--after-any", o.after_any)?,
         constraints,
         tasks: vec![TaskSpec {
             name: Some(task_name),
@@ -294,6 +305,8 @@ timeout = "2h"
             workers: vec![],
             array: vec![],
             max_parallel: None,
+            after_ok: vec![],
+            after_any: vec![],
         };
         let spec = one_off(OneOff {
             command: vec!["/usr/bin/python3".into(), "train.py".into()],

@@ -146,6 +146,13 @@ struct RunArgs {
     /// The most of the job's tasks that run at once
     #[arg(long)]
     max_parallel: Option<u32>,
+    /// Start only after this job completed; if it ends otherwise, so does this one
+    /// (repeatable)
+    #[arg(long = "after-ok", value_name = "JOB")]
+    after_ok: Vec<String>,
+    /// Start only after this job finished, however it ended (repeatable)
+    #[arg(long = "after-any", value_name = "JOB")]
+    after_any: Vec<String>,
     /// Submit, print the job id and return at once
     #[arg(long, conflicts_with_all = ["wait", "follow"])]
     no_wait: bool,
@@ -337,6 +344,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 workers: r.workers,
                 array: r.array,
                 max_parallel: r.max_parallel,
+                after_ok: r.after_ok,
+                after_any: r.after_any,
             })?;
             let wait = WaitFlags {
                 wait: !r.no_wait,

@@ -39,6 +39,7 @@ use std::collections::BTreeSet;
 use tokio::sync::oneshot;
 
 mod clock;
+mod deps;
 mod fairshare;
 mod health;
 mod jobs;
@@ -623,12 +624,17 @@ impl Engine {
     fn submit(&mut self, mut spec: JobSpec, caller: Caller, tx: ReplyTx) {
         // Array templates become their tasks here: the job stored and run
         // is plain tasks (a resubmit compares the same way).
-        match spec.validate().and_then(|()| spec.expand()) {
+        let checked = spec
+            .validate()
+            .and_then(|()| spec.expand())
+            .map_err(|e| e.to_string())
+            .and_then(|s| self.check_deps(&s, &caller).map(|()| s));
+        match checked {
             Ok(expanded) => spec = expanded,
             Err(e) => {
                 self.fx
                     .replies
-                    .push((tx, Reply::error(code::BAD_REQUEST, e.to_string()), None));
+                    .push((tx, Reply::error(code::BAD_REQUEST, e), None));
                 return;
             }
         }

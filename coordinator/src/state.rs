@@ -539,6 +539,8 @@ mod tests {
             gang: false,
             min_tasks: None,
             max_parallel: None,
+            after_ok: vec![],
+            after_any: vec![],
             constraints: Default::default(),
             tasks,
         }

@@ -81,6 +81,8 @@ fn spec_head(spec: &JobSpec) -> JobSpec {
         gang: spec.gang,
         min_tasks: spec.min_tasks,
         max_parallel: spec.max_parallel,
+        after_ok: spec.after_ok.clone(),
+        after_any: spec.after_any.clone(),
         constraints: spec.constraints.clone(),
         tasks: Vec::new(),
     }
@@ -402,6 +404,8 @@ mod tests {
             gang: false,
             min_tasks: None,
             max_parallel: None,
+            after_ok: vec![],
+            after_any: vec![],
             constraints: Default::default(),
             tasks,
         }

@@ -72,6 +72,13 @@ pub struct JobSpec {
     /// The most of the job's tasks that may hold a worker at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_parallel: Option<u32>,
+    /// Jobs that must complete (`FINISHED:COMPLETED`) before this one
+    /// starts; if one ends otherwise, this one ends without running.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after_ok: Vec<JobId>,
+    /// Jobs that must finish, however, before this one starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after_any: Vec<JobId>,
     #[serde(default, skip_serializing_if = "Constraints::is_empty")]
     pub constraints: Constraints,
     pub tasks: Vec<TaskSpec>,
@@ -245,6 +252,14 @@ impl JobSpec {
                 "tasks",
                 format!("its arrays stand for more than the {MAX_TASKS_PER_JOB} tasks one job may hold; split the job"),
             ));
+        }
+        for (field, deps) in [("after_ok", &self.after_ok), ("after_any", &self.after_any)] {
+            if deps.len() > MAX_LIST {
+                return Err(err(field, format!("at most {MAX_LIST} jobs")));
+            }
+            if self.id.as_ref().is_some_and(|id| deps.contains(id)) {
+                return Err(err(field, "a job cannot wait for itself"));
+            }
         }
         if let Some(m) = self.max_parallel {
             if m == 0 {
@@ -458,6 +473,8 @@ mod tests {
             gang: false,
             min_tasks: None,
             max_parallel: None,
+            after_ok: vec![],
+            after_any: vec![],
             constraints: Constraints::default(),
             tasks,
         }

@@ -208,3 +208,34 @@ async fn an_array_of_six_runs_each_combination_at_most_two_at_once() {
         assert!(overlapping <= 2, "{overlapping} tasks ran at once");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_three_jobs_runs_in_order() {
+    let fleet = fleet_of(&["1x24GiB:L4", "1x24GiB:L4"]).await;
+    let job = |after: Option<&str>| {
+        let mut j = json!({"tasks": [{"command": ["sleep", "1"], "resources": {"cpus": 0.1}}]});
+        if let Some(a) = after {
+            j["after_ok"] = json!([a]);
+        }
+        j
+    };
+    let a = fleet.submit(&job(None)).await;
+    let b = fleet.submit(&job(Some(&a))).await;
+    let c = fleet.submit(&job(Some(&b))).await;
+    let waiting = fleet.get(&c).await;
+    assert_eq!(waiting["status"], "QUEUED");
+    let done = fleet.wait_finished(&c, Duration::from_secs(120)).await;
+    assert_eq!(done["status"], "FINISHED:COMPLETED", "{done}");
+    let at = |s: &Value, k: &str| {
+        time::OffsetDateTime::parse(
+            s["tasks"][0][k].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    let (sa, sb) = (fleet.get(&a).await, fleet.get(&b).await);
+    // Room for all three at once, yet each started after the one before
+    // it had ended.
+    assert!(at(&sb, "started_at") >= at(&sa, "finished_at"));
+    assert!(at(&done, "started_at") >= at(&sb, "finished_at"));
+}

@@ -20,7 +20,7 @@
 //!   well within its timeout; the next pass follows at once.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
@@ -62,6 +62,8 @@ pub struct QueuePolicy {
     /// if it can.
     tried: HashMap<TaskId, Vec<WorkerId>>,
     hold: Option<Hold>,
+    /// Jobs whose dependencies are met: not asked again.
+    deps_met: HashSet<JobId>,
     starvation_after: Duration,
     max_per_pass: usize,
 }
@@ -75,6 +77,7 @@ impl QueuePolicy {
             paused: HashMap::new(),
             tried: HashMap::new(),
             hold: None,
+            deps_met: HashSet::new(),
             starvation_after: cfg.starvation_after.0,
             max_per_pass: cfg.max_reservations_per_pass.max(1),
         }
@@ -91,6 +94,7 @@ impl QueuePolicy {
 
     /// A job ended: off the queue, and its tasks' clocks and windows go.
     pub fn dequeue(&mut self, job: &JobRecord) {
+        self.deps_met.remove(&job.id);
         if let Some(jobs) = self.order.get_mut(&job.owner) {
             jobs.remove(&queue_key(job));
             if jobs.is_empty() {
@@ -113,6 +117,17 @@ impl QueuePolicy {
     /// The users with unfinished jobs, each with its jobs in queue order.
     pub fn by_owner(&self) -> impl Iterator<Item = (&UserId, &BTreeSet<QueueKey>)> {
         self.order.iter()
+    }
+
+    // ----- dependencies -----
+
+    /// Whether the job's dependencies were found met (they stay met).
+    pub fn deps_met(&self, job: &JobId) -> bool {
+        self.deps_met.contains(job)
+    }
+
+    pub fn set_deps_met(&mut self, job: JobId) {
+        self.deps_met.insert(job);
     }
 
     // ----- the starvation clock -----

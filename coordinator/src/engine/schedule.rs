@@ -20,6 +20,7 @@ use gpufleet_schema::{
     subjects, GpuRequest, Grant, JobId, Lease, LeaseState, Rendezvous, TaskState, UserId, WorkerId,
 };
 
+use super::deps::Deps;
 use super::fairshare::{Ledger, Usage};
 use super::queue::{gang_hold_candidates, hold_candidate, Hold, PassPolicy, QueueKey};
 use super::Engine;
@@ -56,6 +57,10 @@ struct Pass {
     waiting: Vec<(JobId, usize, String)>,
     /// Gang members left out of this run by `min_tasks`, and why.
     dropped: Vec<(JobId, usize, String)>,
+    /// Jobs found free of their dependencies in this pass.
+    deps_met: Vec<JobId>,
+    /// Jobs a dependency failed, and why: they end.
+    deps_failed: Vec<(JobId, String)>,
     /// What each user and group holds, with this pass's placements.
     ledger: Ledger,
     /// The fleet's capacity, shares are fractions of.
@@ -109,7 +114,7 @@ impl<'a> UserQueue<'a> {
         &mut self,
         engine: &'a Engine,
         now: std::time::Instant,
-        waiting: &mut Vec<(JobId, usize, String)>,
+        pass: &mut Pass,
     ) -> Option<Work<'a>> {
         loop {
             if let Some((job, job_part, tasks)) = &mut self.current {
@@ -126,6 +131,24 @@ impl<'a> UserQueue<'a> {
             if queued.is_empty() {
                 continue;
             }
+            if !engine.queue.deps_met(id) {
+                match engine.deps(job) {
+                    Deps::Met => pass.deps_met.push(id.clone()),
+                    Deps::Wait(why) => {
+                        pass.waiting.extend(
+                            queued
+                                .into_iter()
+                                .filter(|&i| job.tasks[i].reason.as_deref() != Some(why.as_str()))
+                                .map(|i| (id.clone(), i, why.clone())),
+                        );
+                        continue;
+                    }
+                    Deps::Failed(why) => {
+                        pass.deps_failed.push((id.clone(), why));
+                        continue;
+                    }
+                }
+            }
             // A task pausing before its retry waits; a gang waits whole.
             let paused = |i: &usize| engine.queue.is_paused(&job.tasks[*i].id, now);
             if job.spec.gang && queued.iter().any(paused) {
@@ -138,7 +161,7 @@ impl<'a> UserQueue<'a> {
             if job.spec.gang {
                 return Some(Work::Gang(job, queued));
             }
-            let queued = Engine::within_max_parallel(job, queued, waiting);
+            let queued = Engine::within_max_parallel(job, queued, &mut pass.waiting);
             self.current = Some((job, job_signature(job), queued.into_iter()));
         }
     }
@@ -169,7 +192,7 @@ impl Engine {
             next.push(Reverse((share, u.head_seq(), i)));
         }
         while let Some(Reverse((_, _, i))) = next.pop() {
-            let Some(work) = users[i].next_work(self, now, &mut pass.waiting) else {
+            let Some(work) = users[i].next_work(self, now, &mut pass) else {
                 continue;
             };
             match work {
@@ -191,10 +214,16 @@ impl Engine {
             placed,
             waiting,
             dropped,
+            deps_met,
+            deps_failed,
             ..
         } = pass;
         let count = placed.len();
+        for job in deps_met {
+            self.queue.set_deps_met(job);
+        }
         let mut touched = self.explain(waiting, dropped);
+        touched.extend(self.end_for_deps(deps_failed));
         touched.extend(self.reserve_placed(placed, &views));
         for job in touched {
             self.touch(&job);
@@ -217,6 +246,8 @@ impl Engine {
             }
         }
         Pass {
+            deps_met: Vec::new(),
+            deps_failed: Vec::new(),
             capacity: Usage::capacity(&views),
             ledger,
             views,
@@ -454,6 +485,25 @@ impl Engine {
                 .task_mut(&job, i)
                 .drop_from_run(reason, self.now.wall);
             self.emit_state(&job, i);
+            touched.insert(job);
+        }
+        touched
+    }
+
+    /// Phase 3, for jobs a dependency failed: what of them waits ends,
+    /// saying why; returns the jobs that changed.
+    fn end_for_deps(&mut self, failed: Vec<(JobId, String)>) -> HashSet<JobId> {
+        let mut touched = HashSet::new();
+        for (job, why) in failed {
+            let queued: Vec<usize> = (0..self.jobs[&job].tasks.len())
+                .filter(|&i| self.jobs[&job].tasks[i].state == TaskState::Queued)
+                .collect();
+            for i in queued {
+                self.jobs
+                    .task_mut(&job, i)
+                    .cancel(why.clone(), self.now.wall);
+                self.emit_state(&job, i);
+            }
             touched.insert(job);
         }
         touched

@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 mod arrays;
 mod budget;
 mod cancel;
+mod deps;
 mod failures;
 mod fairshare;
 mod gangs;
