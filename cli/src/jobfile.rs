@@ -201,6 +201,7 @@ pub fn one_off(o: OneOff) -> anyhow::Result<JobSpec> {
         max_parallel: o.max_parallel,
         after_ok: job_ids("--after-ok", o.after_ok)?,
         after_any: job_ids("--after-any", o.after_any)?,
+        unschedulable_after: None,
         constraints,
         tasks: vec![TaskSpec {
             name: Some(task_name),

@@ -541,6 +541,7 @@ mod tests {
             max_parallel: None,
             after_ok: vec![],
             after_any: vec![],
+            unschedulable_after: None,
             constraints: Default::default(),
             tasks,
         }

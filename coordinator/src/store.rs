@@ -83,6 +83,7 @@ fn spec_head(spec: &JobSpec) -> JobSpec {
         max_parallel: spec.max_parallel,
         after_ok: spec.after_ok.clone(),
         after_any: spec.after_any.clone(),
+        unschedulable_after: spec.unschedulable_after,
         constraints: spec.constraints.clone(),
         tasks: Vec::new(),
     }
@@ -406,6 +407,7 @@ mod tests {
             max_parallel: None,
             after_ok: vec![],
             after_any: vec![],
+            unschedulable_after: None,
             constraints: Default::default(),
             tasks,
         }

@@ -79,6 +79,10 @@ pub struct JobSpec {
     /// Jobs that must finish, however, before this one starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after_any: Vec<JobId>,
+    /// Once a task of the job has waited this long for a worker that no
+    /// worker in the fleet could ever fit, the job ends `FAILED_TO_RUN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unschedulable_after: Option<Dur>,
     #[serde(default, skip_serializing_if = "Constraints::is_empty")]
     pub constraints: Constraints,
     pub tasks: Vec<TaskSpec>,
@@ -259,6 +263,11 @@ impl JobSpec {
             }
             if self.id.as_ref().is_some_and(|id| deps.contains(id)) {
                 return Err(err(field, "a job cannot wait for itself"));
+            }
+        }
+        if let Some(d) = self.unschedulable_after {
+            if d.0.is_zero() || d.0 > MAX_TIMEOUT {
+                return Err(err("unschedulable_after", "more than 0, at most 366 days"));
             }
         }
         if let Some(m) = self.max_parallel {
@@ -475,6 +484,7 @@ mod tests {
             max_parallel: None,
             after_ok: vec![],
             after_any: vec![],
+            unschedulable_after: None,
             constraints: Constraints::default(),
             tasks,
         }

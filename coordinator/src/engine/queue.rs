@@ -64,6 +64,9 @@ pub struct QueuePolicy {
     hold: Option<Hold>,
     /// Jobs whose dependencies are met: not asked again.
     deps_met: HashSet<JobId>,
+    /// Since when each task (of a job with `unschedulable_after`) has
+    /// been found to fit no worker in the fleet.
+    unschedulable: HashMap<TaskId, Instant>,
     starvation_after: Duration,
     max_per_pass: usize,
 }
@@ -78,6 +81,7 @@ impl QueuePolicy {
             tried: HashMap::new(),
             hold: None,
             deps_met: HashSet::new(),
+            unschedulable: HashMap::new(),
             starvation_after: cfg.starvation_after.0,
             max_per_pass: cfg.max_reservations_per_pass.max(1),
         }
@@ -102,6 +106,7 @@ impl QueuePolicy {
             }
         }
         for t in &job.tasks {
+            self.unschedulable.remove(&t.id);
             self.queued_since.remove(&t.id);
             self.avoid.remove(&t.id);
             self.paused.remove(&t.id);
@@ -128,6 +133,21 @@ impl QueuePolicy {
 
     pub fn set_deps_met(&mut self, job: JobId) {
         self.deps_met.insert(job);
+    }
+
+    // ----- unschedulable work -----
+
+    /// Since when the task has fitted no worker in the fleet, counting
+    /// from `now` if this is the first time.
+    pub fn unschedulable_since(&mut self, task: &TaskId, now: Instant) -> Instant {
+        *self.unschedulable.entry(task.clone()).or_insert(now)
+    }
+
+    /// The task could fit some worker (busy or not): its clock stops.
+    pub fn fits_somewhere(&mut self, task: &TaskId) {
+        if !self.unschedulable.is_empty() {
+            self.unschedulable.remove(task);
+        }
     }
 
     // ----- the starvation clock -----

@@ -17,7 +17,8 @@ use std::hash::{Hash, Hasher};
 use std::iter::Peekable;
 
 use gpufleet_schema::{
-    subjects, GpuRequest, Grant, JobId, Lease, LeaseState, Rendezvous, TaskState, UserId, WorkerId,
+    subjects, GpuRequest, Grant, JobId, Lease, LeaseState, Rendezvous, TaskId, TaskState, UserId,
+    WorkerId,
 };
 
 use super::deps::Deps;
@@ -51,7 +52,7 @@ struct Pass {
     /// Reasons of requests that failed in this pass, by signature. They
     /// fail again (the snapshot only shrinks), so their reason is reused:
     /// cheap with many alike tasks.
-    failed: HashMap<u64, String>,
+    failed: HashMap<u64, (String, bool)>,
     placed: Vec<Placed>,
     /// Tasks that still wait, and why.
     waiting: Vec<(JobId, usize, String)>,
@@ -61,10 +62,23 @@ struct Pass {
     deps_met: Vec<JobId>,
     /// Jobs a dependency failed, and why: they end.
     deps_failed: Vec<(JobId, String)>,
+    /// Tasks of jobs with `unschedulable_after` that no worker in the
+    /// fleet could ever fit.
+    unschedulable: Vec<(JobId, usize)>,
     /// What each user and group holds, with this pass's placements.
     ledger: Ledger,
     /// The fleet's capacity, shares are fractions of.
     capacity: Usage,
+}
+
+impl Pass {
+    /// No worker in the fleet could ever fit this task: noted, for a job
+    /// that gives up on such tasks.
+    fn unschedulable(&mut self, job: &JobRecord, i: usize) {
+        if job.spec.unschedulable_after.is_some() {
+            self.unschedulable.push((job.id.clone(), i));
+        }
+    }
 }
 
 /// A weighted share, ordered (shares are finite: see `Usage::dominant`).
@@ -215,15 +229,17 @@ impl Engine {
             waiting,
             dropped,
             deps_met,
-            deps_failed,
+            mut deps_failed,
+            unschedulable,
             ..
         } = pass;
         let count = placed.len();
         for job in deps_met {
             self.queue.set_deps_met(job);
         }
+        deps_failed.extend(self.given_up(&waiting, unschedulable));
         let mut touched = self.explain(waiting, dropped);
-        touched.extend(self.end_for_deps(deps_failed));
+        touched.extend(self.end_waiting(deps_failed));
         touched.extend(self.reserve_placed(placed, &views));
         for job in touched {
             self.touch(&job);
@@ -248,6 +264,7 @@ impl Engine {
         Pass {
             deps_met: Vec::new(),
             deps_failed: Vec::new(),
+            unschedulable: Vec::new(),
             capacity: Usage::capacity(&views),
             ledger,
             views,
@@ -337,6 +354,11 @@ impl Engine {
             return;
         }
         let never_fits = p.unplaced.iter().any(|u| u.never_fits);
+        if never_fits {
+            for &i in queued {
+                pass.unschedulable(job, i);
+            }
+        }
         let mut reason = p
             .unplaced
             .first()
@@ -377,9 +399,17 @@ impl Engine {
         let is_holder = pass.policy.is_holder(&job.id, Some(i));
         let sig = self.task_signature(job, i, job_part);
         if !is_holder {
-            if let Some(reason) = pass.failed.get(&sig) {
-                if job.tasks[i].reason.as_deref() != Some(reason.as_str()) {
-                    pass.waiting.push((job.id.clone(), i, reason.clone()));
+            if let Some((reason, never_fits)) = pass.failed.get(&sig) {
+                let never_fits = *never_fits;
+                // Cloned only when it is news: most tasks alike wait for
+                // the same reason pass after pass.
+                let news = (job.tasks[i].reason.as_deref() != Some(reason.as_str()))
+                    .then(|| reason.clone());
+                if never_fits {
+                    pass.unschedulable(job, i);
+                }
+                if let Some(reason) = news {
+                    pass.waiting.push((job.id.clone(), i, reason));
                 }
                 return;
             }
@@ -437,7 +467,10 @@ impl Engine {
                     });
                 }
             }
-            pass.failed.insert(sig, u.reason);
+            if u.never_fits {
+                pass.unschedulable(job, i);
+            }
+            pass.failed.insert(sig, (u.reason, u.never_fits));
         }
         pass.waiting.push((job.id.clone(), i, reason));
     }
@@ -490,9 +523,55 @@ impl Engine {
         touched
     }
 
-    /// Phase 3, for jobs a dependency failed: what of them waits ends,
-    /// saying why; returns the jobs that changed.
-    fn end_for_deps(&mut self, failed: Vec<(JobId, String)>) -> HashSet<JobId> {
+    /// Phase 3, for `unschedulable_after`: starts the clock of each task
+    /// first found unschedulable, stops it for one that could fit again,
+    /// and returns the jobs whose task has been unschedulable too long,
+    /// with why they end.
+    fn given_up(
+        &mut self,
+        waiting: &[(JobId, usize, String)],
+        unschedulable: Vec<(JobId, usize)>,
+    ) -> Vec<(JobId, String)> {
+        let now = self.now.mono;
+        let never: HashSet<TaskId> = unschedulable
+            .iter()
+            .map(|(j, i)| self.jobs[j].tasks[*i].id.clone())
+            .collect();
+        for (job, i, _) in waiting {
+            let task = &self.jobs[job].tasks[*i].id;
+            if !never.contains(task) {
+                self.queue.fits_somewhere(task);
+            }
+        }
+        let mut out: Vec<(JobId, String)> = Vec::new();
+        for (job, i) in unschedulable {
+            let j = &self.jobs[&job];
+            let Some(after) = j.spec.unschedulable_after else {
+                continue;
+            };
+            let since = self.queue.unschedulable_since(&j.tasks[i].id, now);
+            if now.saturating_duration_since(since) >= after.0
+                && !out.iter().any(|(o, _)| o == &job)
+            {
+                let reason = waiting
+                    .iter()
+                    .find(|(w, k, _)| w == &job && *k == i)
+                    .map(|(_, _, r)| r.clone())
+                    .or_else(|| j.tasks[i].reason.clone())
+                    .unwrap_or_default();
+                out.push((
+                    job,
+                    format!("unschedulable for {after} (unschedulable_after): {reason}"),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Phase 3, for jobs a dependency failed or that gave up on a task no
+    /// worker fits: what of them waits ends, saying why; returns the jobs
+    /// that changed.
+    fn end_waiting(&mut self, failed: Vec<(JobId, String)>) -> HashSet<JobId> {
         let mut touched = HashSet::new();
         for (job, why) in failed {
             let queued: Vec<usize> = (0..self.jobs[&job].tasks.len())
@@ -591,6 +670,7 @@ impl Engine {
             signature: None,
             claim_rev: None,
         };
+        self.queue.fits_somewhere(&lease.task_id);
         self.metrics.reservation(Reservation::Made);
         if let Some(since) = self.queue.waiting_since([&lease.task_id]) {
             self.metrics
