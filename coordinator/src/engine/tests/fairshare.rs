@@ -148,3 +148,42 @@ fn one_user_keeps_priority_then_submission_order() {
     assert_eq!(next[0].1.job_id, urgent);
     assert_eq!(e.jobs[&later].status, JobState::Queued);
 }
+
+#[test]
+fn a_big_ask_is_not_starved_by_another_users_stream_of_small_ones() {
+    let mut e = ready_engine(&[advert("w1", 64, 4)]);
+    let mut rev = 0;
+    let small = one_gpu_tasks(1);
+    for _ in 0..4 {
+        submit_as(&mut e, &user("alice"), &small);
+    }
+    let mut running = claim_all(&mut e, &mut rev);
+    let big = submit_as(
+        &mut e,
+        &user("bob"),
+        r#"{"tasks": [{"command": ["big"], "resources": {"gpus": 4}}]}"#,
+    );
+    // Alice's tasks end every 5 s and she submits more, faster than they
+    // end: one GPU is free now and then, never four, unless held.
+    let starvation = CoordinatorConfig::default().starvation_after.0.as_secs();
+    let mut seq = 0;
+    let mut steps = 0;
+    while e.jobs[&big].status == JobState::Queued {
+        steps += 1;
+        assert!(
+            steps * 5 <= starvation + 4 * 5 + 5,
+            "bob's big task still waits after {} s: {:?}",
+            steps * 5,
+            e.jobs[&big].reason
+        );
+        submit_as(&mut e, &user("alice"), &small);
+        submit_as(&mut e, &user("alice"), &small);
+        let (key, lease) = running.remove(0);
+        seq += 1;
+        finish(&mut e, &key, &lease, TaskState::Succeeded, seq);
+        tick_after(&mut e, 5);
+        running.extend(claim_all(&mut e, &mut rev));
+        running.retain(|(_, l)| l.job_id != big);
+    }
+    assert_eq!(e.jobs[&big].status, JobState::Running);
+}
