@@ -624,17 +624,12 @@ impl Engine {
     fn submit(&mut self, mut spec: JobSpec, caller: Caller, tx: ReplyTx) {
         // Array templates become their tasks here: the job stored and run
         // is plain tasks (a resubmit compares the same way).
-        let checked = spec
-            .validate()
-            .and_then(|()| spec.expand())
-            .map_err(|e| e.to_string())
-            .and_then(|s| self.check_deps(&s, &caller).map(|()| s));
-        match checked {
+        match spec.validate().and_then(|()| spec.expand()) {
             Ok(expanded) => spec = expanded,
             Err(e) => {
                 self.fx
                     .replies
-                    .push((tx, Reply::error(code::BAD_REQUEST, e), None));
+                    .push((tx, Reply::error(code::BAD_REQUEST, e.to_string()), None));
                 return;
             }
         }
@@ -687,6 +682,14 @@ impl Engine {
     /// it runs before its record is stored (and, for a client-chosen id,
     /// before the id is known to be nobody's: `verify`).
     fn create(&mut self, spec: JobSpec, caller: Caller, tx: ReplyTx, verify: bool) {
+        // Checked for a new job only: a resubmit of one that exists is
+        // answered from it, even once what it waited for is forgotten.
+        if let Err(e) = self.check_deps(&spec, &caller) {
+            self.fx
+                .replies
+                .push((tx, Reply::error(code::BAD_REQUEST, e), None));
+            return;
+        }
         let id = spec.id.clone().expect("an id was chosen");
         let parts = match crate::store::plan_parts(&spec, self.part_budget) {
             Ok(p) => p,
