@@ -16,14 +16,14 @@ use gpufleet_coordinator::engine::{ApiCall, Caller, Engine, Feed, Input, LeaseCh
 use gpufleet_coordinator::CoordinatorConfig;
 use gpufleet_schema::policy::{SchedPolicy, UserPolicy};
 use gpufleet_schema::{
-    ByteSize, Dur, Encoding, Event, EventBody, GpuAdvert, JobId, JobSpec, Lease, LeaseState,
-    Sender, TaskOutcome, TaskState, UserId, WorkerAdvert, WorkerId,
+    Encoding, Event, EventBody, JobId, JobSpec, Lease, LeaseState, Sender, TaskOutcome, TaskState,
+    UserId,
 };
 use time::OffsetDateTime;
 
 pub struct Settings {
-    pub workers: u32,
-    pub gpus_per_worker: u32,
+    /// Workers of 8 GPUs each (as the scale scenario's).
+    pub workers: usize,
     /// alice's weight, bob's.
     pub weights: (f64, f64),
     /// Each task runs this long, give or take a third (so that they do
@@ -49,45 +49,6 @@ pub struct Outcome {
     pub gpus: u64,
     /// The GPUs each would hold by the weights, while both wait.
     pub fair: (f64, f64),
-}
-
-fn advert(name: &str, gpus: u32, at: OffsetDateTime) -> WorkerAdvert {
-    WorkerAdvert {
-        name: WorkerId::new(name).expect("a worker name"),
-        instance: format!("i-{name}"),
-        version: gpufleet_schema::VERSION.into(),
-        labels: Default::default(),
-        addr: Some("127.0.0.1".into()),
-        cpus_milli: 64_000,
-        memory_total: ByteSize::gib(256),
-        memory_available: ByteSize::gib(256),
-        load_avg: None,
-        driver_version: None,
-        gpus: (0..gpus)
-            .map(|i| GpuAdvert {
-                index: i,
-                uuid: format!("GPU-{name}-{i}").into(),
-                model: "sim".into(),
-                memory_total: ByteSize::gib(80),
-                memory_used: ByteSize(0),
-                memory_free: ByteSize::gib(80),
-                memory_unmanaged: ByteSize(0),
-                utilization: None,
-                temperature: None,
-                simulated: true,
-                held_by: vec![],
-            })
-            .collect(),
-        running: vec![],
-        rendezvous_ports: None,
-        draining: false,
-        held: false,
-        usage: Default::default(),
-        metrics_addr: None,
-        ttl: Dur::secs(3600),
-        started_at: at,
-        sent_at: at,
-    }
 }
 
 /// `n` one-GPU tasks as one job, from `who`.
@@ -137,8 +98,10 @@ pub fn run(s: &Settings) -> anyhow::Result<Outcome> {
         ..Default::default()
     };
     let mut engine = Engine::new(cfg, start, 7);
+    let mut gpus = 0;
     for i in 0..s.workers {
-        let a = advert(&format!("w{i}"), s.gpus_per_worker, start.wall);
+        let a = crate::scale::advert(i, start.wall);
+        gpus += a.gpus.len() as u64;
         engine.handle(Input::Advert(Box::new(a)), start);
     }
     for f in [Feed::Workers, Feed::Leases, Feed::Events] {
@@ -235,7 +198,6 @@ pub fn run(s: &Settings) -> anyhow::Result<Outcome> {
         }
         t += step;
     }
-    let gpus = u64::from(s.workers * s.gpus_per_worker);
     let sum = s.weights.0 + s.weights.1;
     Ok(Outcome {
         samples,

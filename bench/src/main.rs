@@ -273,7 +273,6 @@ async fn main() -> anyhow::Result<()> {
         let minute = Duration::from_secs(60);
         let settings = fairshare::Settings {
             workers: 3,
-            gpus_per_worker: 8,
             weights: (2.0, 1.0),
             task: minute,
             bob_at: 2 * minute,

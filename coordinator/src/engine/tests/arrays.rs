@@ -1,6 +1,7 @@
 //! Job arrays: a template becomes its tasks at submit, and `max_parallel`
 //! caps how many hold a worker at once.
 
+use super::owners::call;
 use super::*;
 use gpufleet_schema::array::ARRAY_INDEX_ENV;
 
@@ -39,19 +40,9 @@ fn an_array_runs_as_its_tasks_at_most_max_parallel_at_once() {
 #[test]
 fn a_bad_array_is_refused_naming_the_field() {
     let mut e = ready_engine(&[advert("w1", 4, 0)]);
-    let (tx, mut rx) = oneshot::channel();
-    e.handle(Input::Api(
-        ApiCall::Submit(Box::new(spec(
-            r#"{"tasks": [{"command": ["x"], "array": {"lr": []}}]}"#,
-        ))),
-        Caller::everyone(),
-        tx,
-    ));
-    for (tx, reply, _) in e.take_effects().replies {
-        let _ = tx.send(reply);
-    }
-    match rx.try_recv() {
-        Ok(Reply::Error { code: 400, message }) => {
+    let bad = spec(r#"{"tasks": [{"command": ["x"], "array": {"lr": []}}]}"#);
+    match call(&mut e, ApiCall::Submit(Box::new(bad)), &Caller::everyone()) {
+        Reply::Error { code: 400, message } => {
             assert!(message.starts_with("tasks[0].array:"), "{message}")
         }
         other => panic!("{other:?}"),

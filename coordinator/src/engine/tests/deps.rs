@@ -1,6 +1,7 @@
 //! Dependencies: `after_ok` waits for completion and ends with a failed
 //! dependency; `after_any` waits for any end.
 
+use super::owners::call;
 use super::*;
 
 fn after(kind: &str, deps: &[&JobId]) -> String {
@@ -71,23 +72,17 @@ fn a_failed_dependency_ends_the_chain_and_after_any_runs_anyway() {
 #[test]
 fn a_dependency_must_exist_for_the_submitter() {
     let mut e = ready_engine(&[advert("w1", 16, 0)]);
-    let (tx, mut rx) = oneshot::channel();
     let ghost = JobId::new("ghost").unwrap();
-    e.handle(Input::Api(
-        ApiCall::Submit(Box::new(spec(&after("after_ok", &[&ghost])))),
-        Caller::everyone(),
-        tx,
-    ));
-    for (tx, reply, _) in e.take_effects().replies {
-        let _ = tx.send(reply);
-    }
-    match rx.try_recv() {
-        Ok(Reply::Error { code: 400, message }) => {
-            assert!(
-                message.starts_with("after_ok: job ghost not found"),
-                "{message}"
-            )
-        }
+    let waits = spec(&after("after_ok", &[&ghost]));
+    match call(
+        &mut e,
+        ApiCall::Submit(Box::new(waits)),
+        &Caller::everyone(),
+    ) {
+        Reply::Error { code: 400, message } => assert!(
+            message.starts_with("after_ok: job ghost not found"),
+            "{message}"
+        ),
         other => panic!("{other:?}"),
     }
 }
