@@ -3,6 +3,7 @@
 //! figures from our machines.
 
 mod control;
+mod fairshare;
 mod floor;
 mod history;
 mod scale;
@@ -48,6 +49,8 @@ enum What {
     Scale,
     /// A coordinator restarted over 100,000 finished and 10,000 waiting jobs
     History,
+    /// Two users (weights 2:1) on 24 GPUs on simulated time: the share each gets over time
+    Fairshare,
 }
 
 fn ms(d: Duration) -> String {
@@ -265,6 +268,35 @@ async fn main() -> anyhow::Result<()> {
             "history: jobs held in memory after restart",
             format!("{}", r.held),
         );
+    }
+    if matches!(cli.what, What::All | What::Fairshare) {
+        let minute = Duration::from_secs(60);
+        let settings = fairshare::Settings {
+            workers: 3,
+            weights: (2.0, 1.0),
+            task: minute,
+            bob_at: 2 * minute,
+            tasks: (2_000, 60),
+            until: if cli.smoke { 4 * minute } else { 11 * minute },
+            sample_every: Duration::from_secs(30),
+        };
+        let o = fairshare::run(&settings)?;
+        // Once every task running when bob came has ended (they run up
+        // to 4/3 of a task length).
+        let settled = (settings.bob_at + settings.task.mul_f64(4.0 / 3.0)).as_secs();
+        let s = o
+            .samples
+            .iter()
+            .find(|s| s.at >= settled)
+            .expect("a sample after bob came");
+        row(
+            "fairshare: alice / bob GPUs 80 s after bob came (fair)",
+            format!(
+                "{} / {} ({:.0} / {:.0})",
+                s.alice, s.bob, o.fair.0, o.fair.1
+            ),
+        );
+        println!("\n{}", fairshare::chart(&o));
     }
     if let (Some(par), Some(rate)) = (&floor_par, control_rate) {
         row(

@@ -30,7 +30,8 @@ pub struct ScaleResult {
     pub pass_p99_ms: f64,
 }
 
-fn advert(i: usize, started: time::OffsetDateTime) -> WorkerAdvert {
+/// A simulated worker of 8 GPUs and 64 CPUs.
+pub(crate) fn advert(i: usize, started: time::OffsetDateTime) -> WorkerAdvert {
     let name = WorkerId::new(format!("sim-{i:04}")).expect("valid name");
     WorkerAdvert {
         instance: format!("bench-{i}"),

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
-use gpufleet_schema::{Constraints, Encoding, JobSpec, Resources, TaskSpec, WorkerId};
+use gpufleet_schema::array::ArraySpec;
+use gpufleet_schema::{Constraints, Encoding, JobId, JobSpec, Resources, TaskSpec, WorkerId};
 
 /// Parses a job file; the error names the file and the field.
 pub fn read(path: &str) -> anyhow::Result<JobSpec> {
@@ -87,9 +88,43 @@ pub struct OneOff {
     pub priority: i32,
     pub labels: Vec<String>,
     pub workers: Vec<String>,
+    /// `NAME=V1,V2,…`: one task per combination of the values.
+    pub array: Vec<String>,
+    pub max_parallel: Option<u32>,
+    /// Jobs that must complete first, and jobs that must finish first.
+    pub after_ok: Vec<String>,
+    pub after_any: Vec<String>,
 }
 
-/// A one-task job for `gpufleet run`; errors name the flag.
+fn job_ids(flag: &str, ids: Vec<String>) -> anyhow::Result<Vec<JobId>> {
+    ids.into_iter()
+        .map(|id| JobId::new(id.clone()).map_err(|e| anyhow::anyhow!("{flag} {id:?}: {e}")))
+        .collect()
+}
+
+/// The product of `--array NAME=V1,V2,…` flags; values stay the text
+/// typed (`1e-3` is not made `0.001`).
+fn array_flags(flags: Vec<String>) -> anyhow::Result<Option<ArraySpec>> {
+    if flags.is_empty() {
+        return Ok(None);
+    }
+    let mut params = BTreeMap::new();
+    for f in flags {
+        let (name, values) = f
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--array {f:?}: expected NAME=V1,V2,..."))?;
+        let values = values
+            .split(',')
+            .map(|v| serde_json::Value::String(v.to_string()))
+            .collect();
+        if params.insert(name.to_string(), values).is_some() {
+            bail!("--array {name}: given twice");
+        }
+    }
+    Ok(Some(ArraySpec::Product(params)))
+}
+
+/// A one-task job (or one array) for `gpufleet run`; errors name the flag.
 pub fn one_off(o: OneOff) -> anyhow::Result<JobSpec> {
     if o.command.is_empty() {
         bail!("give the command after --, e.g. gpufleet run -- python3 train.py");
@@ -149,6 +184,13 @@ pub fn one_off(o: OneOff) -> anyhow::Result<JobSpec> {
         .name
         .clone()
         .unwrap_or_else(|| shorten(&o.command.join(" "), 64));
+    let array = array_flags(o.array)?;
+    // Each task of an array is told apart by its index.
+    let task_name = match (o.name, &array) {
+        (Some(n), _) => n,
+        (None, None) => program,
+        (None, Some(_)) => format!("{program}[{{index}}]"),
+    };
     let spec = JobSpec {
         id: None,
         name: Some(job_name),
@@ -156,14 +198,19 @@ pub fn one_off(o: OneOff) -> anyhow::Result<JobSpec> {
         max_retries: o.max_retries.unwrap_or(2),
         gang: false,
         min_tasks: None,
+        max_parallel: o.max_parallel,
+        after_ok: job_ids("--after-ok", o.after_ok)?,
+        after_any: job_ids("--after-any", o.after_any)?,
+        unschedulable_after: None,
         constraints,
         tasks: vec![TaskSpec {
-            name: Some(o.name.unwrap_or(program)),
+            name: Some(task_name),
             command: o.command,
             env,
             resources,
             timeout,
             artifacts: o.artifacts,
+            array,
         }],
     };
     // Field paths mean little to someone who typed flags: say which flag.
@@ -179,6 +226,10 @@ pub fn one_off(o: OneOff) -> anyhow::Result<JobSpec> {
             format!("--label {l}")
         } else if field.starts_with("command") {
             "the command".into()
+        } else if let Some(a) = field.strip_prefix("array") {
+            format!("--array {}", a.trim_start_matches('.'))
+                .trim_end()
+                .to_string()
         } else {
             format!("--{}", field.replace('_', "-"))
         };
@@ -253,6 +304,10 @@ timeout = "2h"
             priority: 0,
             labels: vec![],
             workers: vec![],
+            array: vec![],
+            max_parallel: None,
+            after_ok: vec![],
+            after_any: vec![],
         };
         let spec = one_off(OneOff {
             command: vec!["/usr/bin/python3".into(), "train.py".into()],
@@ -262,6 +317,29 @@ timeout = "2h"
         assert_eq!(spec.name.as_deref(), Some("/usr/bin/python3 train.py"));
         assert_eq!(spec.tasks[0].name.as_deref(), Some("python3"));
         let err = |o: OneOff| one_off(o).unwrap_err().to_string();
+        // A sweep from flags: one task per combination, told apart by index.
+        let sweep = one_off(OneOff {
+            array: vec!["lr=0.1,1e-3".into(), "seed=1,2,3".into()],
+            max_parallel: Some(2),
+            ..base()
+        })
+        .unwrap()
+        .expand()
+        .unwrap();
+        assert_eq!(sweep.tasks.len(), 6);
+        assert_eq!(sweep.tasks[3].env["lr"], "1e-3");
+        assert_eq!(sweep.tasks[3].name.as_deref(), Some("true[3]"));
+        assert_eq!(sweep.max_parallel, Some(2));
+        assert!(err(OneOff {
+            array: vec!["1x=a".into()],
+            ..base()
+        })
+        .starts_with("--array 1x: "));
+        assert!(err(OneOff {
+            max_parallel: Some(0),
+            ..base()
+        })
+        .starts_with("--max-parallel: "));
         assert!(err(OneOff {
             cpus: Some(-1.0),
             ..base()

@@ -138,6 +138,21 @@ struct RunArgs {
     /// Only on this worker, repeatable
     #[arg(long = "worker", value_name = "NAME")]
     workers: Vec<String>,
+    /// A sweep: NAME=V1,V2,... runs one task per combination of the values given
+    /// (repeatable); each task finds them in its environment and {NAME} in the command
+    /// is replaced by the value, {index} by GPUFLEET_ARRAY_INDEX
+    #[arg(long = "array", value_name = "NAME=V1,V2,...")]
+    array: Vec<String>,
+    /// The most of the job's tasks that run at once
+    #[arg(long)]
+    max_parallel: Option<u32>,
+    /// Start only after this job completed; if it ends otherwise, so does this one
+    /// (repeatable)
+    #[arg(long = "after-ok", value_name = "JOB")]
+    after_ok: Vec<String>,
+    /// Start only after this job finished, however it ended (repeatable)
+    #[arg(long = "after-any", value_name = "JOB")]
+    after_any: Vec<String>,
     /// Submit, print the job id and return at once
     #[arg(long, conflicts_with_all = ["wait", "follow"])]
     no_wait: bool,
@@ -327,6 +342,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 priority: r.priority,
                 labels: r.labels,
                 workers: r.workers,
+                array: r.array,
+                max_parallel: r.max_parallel,
+                after_ok: r.after_ok,
+                after_any: r.after_any,
             })?;
             let wait = WaitFlags {
                 wait: !r.no_wait,

@@ -1,6 +1,6 @@
 //! Tables for people; `--json` prints the API's own JSON instead.
 
-use gpufleet_schema::{JobStatus, TaskUsage, WorkerAdvert};
+use gpufleet_schema::{JobStatus, TaskCounts, TaskState, TaskStatus, TaskUsage, WorkerAdvert};
 use time::OffsetDateTime;
 
 /// Left-aligned columns sized to their widest cell.
@@ -117,8 +117,28 @@ pub fn job(s: &JobStatus) -> String {
         ));
     }
     out.push_str(&format!("{when}\n\n"));
-    let rows: Vec<Vec<String>> = s
-        .tasks
+    // A big array is summed up: counts by state, then only the tasks
+    // worth a look (running, or ended other than succeeded).
+    let big = s.tasks.len() > SUMMARY_OVER;
+    let shown: Vec<&TaskStatus> = if big {
+        out.push_str(&format!("tasks: {}\n", counts(&s.counts)));
+        s.tasks
+            .iter()
+            .filter(|t| !matches!(t.state, TaskState::Queued | TaskState::Succeeded))
+            .collect()
+    } else {
+        s.tasks.iter().collect()
+    };
+    let more = shown.len().saturating_sub(SUMMARY_ROWS);
+    let shown = if big {
+        &shown[..shown.len() - more]
+    } else {
+        &shown[..]
+    };
+    if big && shown.is_empty() {
+        return out;
+    }
+    let rows: Vec<Vec<String>> = shown
         .iter()
         .map(|t| {
             vec![
@@ -152,7 +172,37 @@ pub fn job(s: &JobStatus) -> String {
         ],
         &rows,
     ));
+    if more > 0 {
+        out.push_str(&format!(
+            "\n... and {more} more (--json lists every task)\n"
+        ));
+    }
     out
+}
+
+/// Beyond this many tasks, `status` sums a job's tasks up by state.
+const SUMMARY_OVER: usize = 50;
+/// The most task rows a summed-up job shows.
+const SUMMARY_ROWS: usize = 20;
+
+/// `6 tasks: 3 succeeded, 1 running, 2 queued`: the states that have any.
+fn counts(c: &TaskCounts) -> String {
+    let parts: Vec<String> = [
+        ("succeeded", c.succeeded),
+        ("running", c.running),
+        ("reserved", c.reserved),
+        ("queued", c.queued),
+        ("failed", c.failed),
+        ("interrupted", c.interrupted),
+        ("timed out", c.timed_out),
+        ("lost", c.lost),
+        ("cancelled", c.cancelled),
+    ]
+    .iter()
+    .filter(|(_, n)| *n > 0)
+    .map(|(what, n)| format!("{n} {what}"))
+    .collect();
+    format!("{} in all: {}", c.total(), parts.join(", "))
 }
 
 /// What a task used, in a few words: `peak 212 MiB, 1.3s CPU, GPU 3 GiB
@@ -335,6 +385,58 @@ fn truncate(s: &str, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_big_array_is_summed_up() {
+        use gpufleet_schema::{JobId, JobState, TaskId, UserId};
+        let id = JobId::new("j").unwrap();
+        let mut counts = TaskCounts::default();
+        let tasks: Vec<TaskStatus> = (0..1000)
+            .map(|i| {
+                let state = match i {
+                    0..=899 => TaskState::Succeeded,
+                    900..=929 => TaskState::Running,
+                    930 => TaskState::Failed,
+                    _ => TaskState::Queued,
+                };
+                counts.add(state);
+                TaskStatus {
+                    task_id: TaskId::for_index(&id, i),
+                    name: format!("train[{i}]"),
+                    state,
+                    attempt: 1,
+                    worker: None,
+                    gpus: vec![],
+                    exit_code: None,
+                    result: None,
+                    reason: None,
+                    started_at: None,
+                    finished_at: None,
+                    usage: None,
+                }
+            })
+            .collect();
+        let s = JobStatus {
+            job_id: id,
+            owner: UserId::default_user(),
+            name: None,
+            status: JobState::Running,
+            reason: None,
+            priority: 0,
+            submitted_at: OffsetDateTime::now_utc(),
+            started_at: None,
+            finished_at: None,
+            counts,
+            tasks,
+        };
+        let out = job(&s);
+        assert!(
+            out.contains("tasks: 1000 in all: 900 succeeded, 30 running, 69 queued, 1 failed\n")
+        );
+        // 31 worth a look, 20 shown.
+        assert_eq!(out.matches("train[").count(), 20);
+        assert!(out.contains("... and 11 more"));
+    }
 
     #[test]
     fn tables_align() {

@@ -7,6 +7,7 @@ use gpufleet_natsutil::telemetry::LogFormat;
 use gpufleet_natsutil::Setup;
 use std::path::PathBuf;
 
+use gpufleet_schema::policy::SchedPolicy;
 use gpufleet_schema::{ByteSize, Dur, UserId};
 use serde::{Deserialize, Serialize};
 
@@ -83,6 +84,10 @@ pub struct CoordinatorConfig {
     pub log_format: LogFormat,
     /// Where Prometheus metrics are served (`/metrics`), or `off`.
     pub metrics_addr: MetricsAddr,
+    /// Fair-share weights and quotas; the jobs bucket's `meta.policy` key
+    /// replaces them while it exists (see the README's "Fair share and
+    /// quotas").
+    pub scheduling: SchedPolicy,
 }
 
 impl Default for CoordinatorConfig {
@@ -117,6 +122,7 @@ impl Default for CoordinatorConfig {
             connect_patience: Dur::secs(60),
             log_format: LogFormat::Text,
             metrics_addr: MetricsAddr::Listen(DEFAULT_METRICS_ADDR.into()),
+            scheduling: SchedPolicy::default(),
         }
     }
 }
@@ -191,6 +197,9 @@ impl CoordinatorConfig {
         if self.job_retention.0 < Duration::from_secs(1) {
             return Err("job_retention: at least 1s (NATS TTLs are whole seconds)".into());
         }
+        self.scheduling
+            .validate()
+            .map_err(|e| format!("scheduling.{e}"))?;
         if self.retry_backoff_max.0 < self.retry_backoff.0 {
             return Err("retry_backoff_max: at least retry_backoff".into());
         }

@@ -30,6 +30,7 @@
 //! client asks ([`Fetch`]).
 
 use gpufleet_schema::api::{code, SubmitReply};
+use gpufleet_schema::policy::SchedPolicy;
 use gpufleet_schema::{
     subjects, Encoding, Event, EventBody, JobId, JobSpec, JobState, JobStatus, Lease, LeaseKey,
     Sender, TaskState, UserId, WorkerAdvert, WorkerId,
@@ -38,6 +39,8 @@ use std::collections::BTreeSet;
 use tokio::sync::oneshot;
 
 mod clock;
+mod deps;
+mod fairshare;
 mod health;
 mod jobs;
 mod leases;
@@ -205,6 +208,9 @@ pub enum Input {
     Tick,
     /// A retry's pause has ended: time to place again.
     Wake,
+    /// The scheduling policy key was written (a checked policy), or
+    /// removed (`None`: back to the settings').
+    Policy(Option<Box<SchedPolicy>>),
     /// Prometheus scrapes: set the state-derived gauges, then say so.
     Observe(oneshot::Sender<()>),
 }
@@ -275,6 +281,8 @@ pub struct Engine {
     jobs: JobTable,
     book: LeaseBook,
     queue: QueuePolicy,
+    /// Fair-share weights and quotas in force.
+    shares: fairshare::Shares,
     fx: Effects,
     /// Highest result sequence applied to the in-memory table.
     applied_seq: u64,
@@ -301,6 +309,7 @@ impl Engine {
         let cfg_lease_ttl = cfg.lease_ttl.0;
         Engine {
             queue: QueuePolicy::new(&cfg),
+            shares: fairshare::Shares::new(cfg.scheduling.clone()),
             cfg,
             jobs: JobTable::new(),
             book: LeaseBook::default(),
@@ -314,6 +323,17 @@ impl Engine {
             rng: Rng::new(seed),
             part_budget: PART_BUDGET,
             health: Health::new(cfg_lease_ttl),
+        }
+    }
+
+    /// Fair share and quotas follow `policy` from now on (the settings'
+    /// for `None`); work already running stays.
+    pub fn set_policy(&mut self, policy: Option<SchedPolicy>) {
+        let policy = policy.unwrap_or_else(|| self.cfg.scheduling.clone());
+        if &policy != self.shares.policy() {
+            tracing::info!(?policy, "the scheduling policy changed");
+            self.shares = fairshare::Shares::new(policy);
+            self.wants_schedule = true;
         }
     }
 
@@ -475,6 +495,7 @@ impl Engine {
             }),
             Input::Tick => self.tick(),
             Input::Wake => self.wants_schedule = true,
+            Input::Policy(p) => self.set_policy(p.map(|p| *p)),
             Input::Observe(done) => {
                 self.metrics.observed(&self.observe());
                 let _ = done.send(());
@@ -605,11 +626,16 @@ impl Engine {
     }
 
     fn submit(&mut self, mut spec: JobSpec, caller: Caller, tx: ReplyTx) {
-        if let Err(e) = spec.validate() {
-            self.fx
-                .replies
-                .push((tx, Reply::error(code::BAD_REQUEST, e.to_string()), None));
-            return;
+        // Array templates become their tasks here: the job stored and run
+        // is plain tasks (a resubmit compares the same way).
+        match spec.validate().and_then(|()| spec.expand()) {
+            Ok(expanded) => spec = expanded,
+            Err(e) => {
+                self.fx
+                    .replies
+                    .push((tx, Reply::error(code::BAD_REQUEST, e.to_string()), None));
+                return;
+            }
         }
         let Some(id) = spec.id.clone() else {
             // A fresh id is nobody's yet.
@@ -660,6 +686,14 @@ impl Engine {
     /// it runs before its record is stored (and, for a client-chosen id,
     /// before the id is known to be nobody's: `verify`).
     fn create(&mut self, spec: JobSpec, caller: Caller, tx: ReplyTx, verify: bool) {
+        // Checked for a new job only: a resubmit of one that exists is
+        // answered from it, even once what it waited for is forgotten.
+        if let Err(e) = self.check_deps(&spec, &caller) {
+            self.fx
+                .replies
+                .push((tx, Reply::error(code::BAD_REQUEST, e), None));
+            return;
+        }
         let id = spec.id.clone().expect("an id was chosen");
         let parts = match crate::store::plan_parts(&spec, self.part_budget) {
             Ok(p) => p,

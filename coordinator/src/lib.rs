@@ -27,6 +27,7 @@ pub mod engine;
 pub mod leader;
 pub mod metrics;
 pub mod placement;
+pub mod policy;
 pub mod runtime;
 pub mod state;
 pub mod store;

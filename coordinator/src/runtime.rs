@@ -169,6 +169,9 @@ pub async fn run(
     let mut engine = Engine::new(cfg.clone(), now(), random_seed()).with_metrics(metrics.clone());
     let max_payload = client.server_info().max_payload;
     engine.set_part_budget(PART_BUDGET.min(max_payload / 2));
+    if let Some(policy) = crate::policy::read(&io.jobs).await {
+        engine.set_policy(Some(policy));
+    }
     let started = std::time::Instant::now();
     let mut records = Records::default();
     let restored = restore(&io, &mut engine, &mut records).await?;
@@ -194,6 +197,10 @@ pub async fn run(
         follow_results(js.clone(), engine.applied_seq(), tx.clone()),
     );
     feeders.spawn("ticker", ticker(cfg.tick.0, tx.clone()));
+    feeders.spawn(
+        "scheduling policy watch",
+        crate::policy::follow(io.jobs.clone(), tx.clone()),
+    );
     // Reads of jobs the engine no longer holds; each ends with an input
     // for the engine, or none.
     let mut fetches: JoinSet<Option<Input>> = JoinSet::new();
@@ -1018,16 +1025,7 @@ async fn forward_kv(
     tx: mpsc::Sender<Input>,
     map: impl Fn(gpufleet_natsutil::KvChange) -> Option<Input>,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-    let mut watch = loop {
-        match kv.watch(">").await {
-            Ok(w) => break w,
-            Err(e) => {
-                tracing::warn!(bucket = kv.bucket(), error = %e, "cannot watch; retrying");
-                backoff.wait().await;
-            }
-        }
-    };
+    let mut watch = open_watch(&kv, ">").await;
     let mut announced = false;
     let mut down = false;
     // The watch goes on after a failure (it resumes after the last change).
@@ -1057,6 +1055,20 @@ async fn forward_kv(
         };
         if tx.send(input).await.is_err() {
             return;
+        }
+    }
+}
+
+/// A watch of `filter` in `kv`, tried until it opens.
+pub(crate) async fn open_watch(kv: &RawKv, filter: &str) -> gpufleet_natsutil::KvWatcher {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        match kv.watch(filter).await {
+            Ok(w) => return w,
+            Err(e) => {
+                tracing::warn!(bucket = kv.bucket(), error = %e, "cannot watch; retrying");
+                backoff.wait().await;
+            }
         }
     }
 }

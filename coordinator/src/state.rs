@@ -538,6 +538,10 @@ mod tests {
             max_retries: 0,
             gang: false,
             min_tasks: None,
+            max_parallel: None,
+            after_ok: vec![],
+            after_any: vec![],
+            unschedulable_after: None,
             constraints: Default::default(),
             tasks,
         }

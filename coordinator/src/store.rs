@@ -80,6 +80,10 @@ fn spec_head(spec: &JobSpec) -> JobSpec {
         max_retries: spec.max_retries,
         gang: spec.gang,
         min_tasks: spec.min_tasks,
+        max_parallel: spec.max_parallel,
+        after_ok: spec.after_ok.clone(),
+        after_any: spec.after_any.clone(),
+        unschedulable_after: spec.unschedulable_after,
         constraints: spec.constraints.clone(),
         tasks: Vec::new(),
     }
@@ -400,6 +404,10 @@ mod tests {
             max_retries: 2,
             gang: false,
             min_tasks: None,
+            max_parallel: None,
+            after_ok: vec![],
+            after_any: vec![],
+            unschedulable_after: None,
             constraints: Default::default(),
             tasks,
         }

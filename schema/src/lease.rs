@@ -220,6 +220,7 @@ mod tests {
                 },
                 timeout: Some(Dur(Duration::from_nanos(timeout_ns))),
                 artifacts: vec!["out/*".into()],
+                array: None,
             },
             grant: Grant {
                 gpus: vec![GpuGrant {

@@ -2,7 +2,7 @@
 //! other languages (see the README's API section).
 //!
 //! - [`spec`]: what clients submit (jobs, tasks, resources), with validation
-//!   whose errors name the field.
+//!   whose errors name the field; [`array`]: task templates with parameters.
 //! - [`status`]: job and task states and the status replies.
 //! - [`worker`], [`lease`], [`event`], [`artifact`]: what workers
 //!   advertise, the (signed) reservations they claim, and the events and
@@ -10,6 +10,7 @@
 //! - [`api`]: request and reply bodies of the `gpufleet` micro service.
 //! - [`capacity`]: what a worker has free and whether a grant fits: the one
 //!   model the coordinator places by and the worker checks by.
+//! - [`policy`]: fair-share weights and quotas per user and group.
 //! - [`subjects`]: every subject, bucket and key name.
 //! - [`roles`]: the NATS permission set of each role, built from those
 //!   names.
@@ -21,12 +22,14 @@
 //! on; no NATS client, no runtime.
 
 pub mod api;
+pub mod array;
 pub mod artifact;
 pub mod capacity;
 pub mod codec;
 pub mod event;
 pub mod ids;
 pub mod lease;
+pub mod policy;
 pub mod roles;
 pub mod spec;
 pub mod status;

@@ -120,14 +120,23 @@ fn reader(user: &UserId, owner: Option<&UserId>, inbox: String) -> Permissions {
             subjects::ARTIFACTS_ALL.to_string(),
         ),
     };
+    let mut publish = vec![
+        subjects::api(user, ">"),
+        js_api::consumer_create_filtered(subjects::EVENTS_STREAM, &events),
+        js_api::consumer_create_filtered(subjects::ARTIFACTS_STREAM, &artifacts),
+        js_api::flow_control(subjects::EVENTS_STREAM),
+        js_api::flow_control(subjects::ARTIFACTS_STREAM),
+    ];
+    if owner.is_none() {
+        // An admin sets the scheduling policy (that one key, nothing else
+        // of the bucket).
+        publish.push(subjects::kv_subject(
+            subjects::JOBS_BUCKET,
+            subjects::POLICY_KEY,
+        ));
+    }
     Permissions {
-        publish: vec![
-            subjects::api(user, ">"),
-            js_api::consumer_create_filtered(subjects::EVENTS_STREAM, &events),
-            js_api::consumer_create_filtered(subjects::ARTIFACTS_STREAM, &artifacts),
-            js_api::flow_control(subjects::EVENTS_STREAM),
-            js_api::flow_control(subjects::ARTIFACTS_STREAM),
-        ],
+        publish,
         subscribe: vec![inbox],
     }
 }
@@ -171,6 +180,9 @@ mod tests {
         ));
         // Direct gets are the coordinator's alone (see the module's notes).
         assert!(!a.publish.iter().any(|s| s.contains("DIRECT")));
+        // Of the records' bucket, an admin writes the policy alone.
+        let kv: Vec<&String> = a.publish.iter().filter(|s| s.starts_with("$KV.")).collect();
+        assert_eq!(kv, vec!["$KV.gpufleet-jobs.meta.policy"]);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::array::ArraySpec;
 use crate::ids::{JobId, WorkerId};
 use crate::units::{ByteSize, Dur};
 
@@ -68,6 +69,20 @@ pub struct JobSpec {
     /// With `gang`, the smallest number of tasks that may start together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_tasks: Option<u32>,
+    /// The most of the job's tasks that may hold a worker at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel: Option<u32>,
+    /// Jobs that must complete (`FINISHED:COMPLETED`) before this one
+    /// starts; if one ends otherwise, this one ends without running.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after_ok: Vec<JobId>,
+    /// Jobs that must finish, however, before this one starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after_any: Vec<JobId>,
+    /// Once a task of the job has waited this long for a worker that no
+    /// worker in the fleet could ever fit, the job ends `FAILED_TO_RUN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unschedulable_after: Option<Dur>,
     #[serde(default, skip_serializing_if = "Constraints::is_empty")]
     pub constraints: Constraints,
     pub tasks: Vec<TaskSpec>,
@@ -106,6 +121,10 @@ pub struct TaskSpec {
     /// Globs, relative to `GPUFLEET_OUTPUT_DIR`, of files to upload.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<String>,
+    /// Parameters: this template stands for one task per combination
+    /// (see [`crate::array`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array: Option<ArraySpec>,
 }
 
 fn default_cpus() -> f64 {
@@ -186,7 +205,7 @@ pub struct SpecError {
     pub message: String,
 }
 
-fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+pub(crate) fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
     SpecError {
         field: field.into(),
         message: message.into(),
@@ -228,6 +247,37 @@ impl JobSpec {
         if self.max_retries > 100 {
             return Err(err("max_retries", "at most 100"));
         }
+        let expanded = self.tasks.iter().try_fold(0usize, |n, t| {
+            let len = t.array.as_ref().map_or(Some(1), ArraySpec::len)?;
+            Some(n + len).filter(|&n| n <= MAX_TASKS_PER_JOB)
+        });
+        if expanded.is_none() {
+            return Err(err(
+                "tasks",
+                format!("its arrays stand for more than the {MAX_TASKS_PER_JOB} tasks one job may hold; split the job"),
+            ));
+        }
+        for (field, deps) in [("after_ok", &self.after_ok), ("after_any", &self.after_any)] {
+            if deps.len() > MAX_LIST {
+                return Err(err(field, format!("at most {MAX_LIST} jobs")));
+            }
+            if self.id.as_ref().is_some_and(|id| deps.contains(id)) {
+                return Err(err(field, "a job cannot wait for itself"));
+            }
+        }
+        if let Some(d) = self.unschedulable_after {
+            if d.0.is_zero() || d.0 > MAX_TIMEOUT {
+                return Err(err("unschedulable_after", "more than 0, at most 366 days"));
+            }
+        }
+        if let Some(m) = self.max_parallel {
+            if m == 0 {
+                return Err(err("max_parallel", "at least 1"));
+            }
+            if self.gang {
+                return Err(err("max_parallel", "a gang's tasks all run at once"));
+            }
+        }
         if let Some(min) = self.min_tasks {
             if !self.gang {
                 return Err(err("min_tasks", "only applies with \"gang\": true"));
@@ -266,8 +316,27 @@ impl JobSpec {
     }
 }
 
+impl JobSpec {
+    /// The job with each array template replaced by its tasks (see
+    /// [`crate::array`]); for a spec that [`JobSpec::validate`] accepted.
+    pub fn expand(mut self) -> Result<JobSpec, SpecError> {
+        if self.tasks.iter().all(|t| t.array.is_none()) {
+            return Ok(self);
+        }
+        let mut tasks = Vec::new();
+        for (i, t) in std::mem::take(&mut self.tasks).into_iter().enumerate() {
+            tasks.extend(crate::array::expand_task(t, &format!("tasks[{i}]"))?);
+        }
+        self.tasks = tasks;
+        Ok(self)
+    }
+}
+
 impl TaskSpec {
     pub fn validate(&self, at: &str) -> Result<(), SpecError> {
+        if let Some(a) = &self.array {
+            a.validate(&format!("{at}.array"))?;
+        }
         if let Some(name) = &self.name {
             if name.len() > MAX_NAME_BYTES {
                 return Err(err(
@@ -400,6 +469,7 @@ mod tests {
             resources: Resources::default(),
             timeout: None,
             artifacts: vec![],
+            array: None,
         }
     }
 
@@ -411,6 +481,10 @@ mod tests {
             max_retries: 2,
             gang: false,
             min_tasks: None,
+            max_parallel: None,
+            after_ok: vec![],
+            after_any: vec![],
+            unschedulable_after: None,
             constraints: Constraints::default(),
             tasks,
         }

@@ -79,6 +79,9 @@ pub const LEADER_KEY: &str = "meta.leader";
 /// The key in [`JOBS_BUCKET`] holding the events stream sequence up to
 /// which the coordinator has stored every result.
 pub const CHECKPOINT_KEY: &str = "meta.checkpoint";
+/// The key in [`JOBS_BUCKET`] holding the scheduling policy (JSON), which
+/// replaces the coordinator's `[scheduling]` settings while it exists.
+pub const POLICY_KEY: &str = "meta.policy";
 
 /// Where a job's record is in [`JOBS_BUCKET`]: unfinished jobs under
 /// `active.`, finished ones under `done.`, so that a coordinator starting up

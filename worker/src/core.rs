@@ -370,6 +370,7 @@ mod tests {
                 resources: Default::default(),
                 timeout: None,
                 artifacts: vec![],
+                array: None,
             },
             grant: Grant {
                 gpus: gpu_share

@@ -1,7 +1,9 @@
 //! The queue policy: which waiting work goes first, and what keeps that
 //! fair.
 //!
-//! - **Order**: priority (high first), then submission order.
+//! - **Order**: each user's work by priority (high first), then
+//!   submission order; between users, fair share decides (see
+//!   `fairshare.rs`): a pass asks for each user's jobs apart.
 //! - **Backfill with a starvation hold**: work that does not fit does not
 //!   block what is behind it, except that once the first waiting task or
 //!   gang that could fit somewhere has waited `starvation_after`, the
@@ -18,11 +20,11 @@
 //!   well within its timeout; the next pass follows at once.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
-use gpufleet_schema::{GpuRequest, JobId, TaskId, WorkerId};
+use gpufleet_schema::{GpuRequest, JobId, TaskId, UserId, WorkerId};
 
 use crate::config::CoordinatorConfig;
 use crate::placement::{self, TaskRequest, WorkerView};
@@ -31,8 +33,8 @@ use crate::state::JobRecord;
 /// How long a task keeps away from a worker that refused it.
 pub const AVOID_FOR: Duration = Duration::from_secs(30);
 
-/// Queue order: priority (high first), then submission.
-type QueueKey = (Reverse<i32>, u64, JobId);
+/// Queue order within a user: priority (high first), then submission.
+pub type QueueKey = (Reverse<i32>, u64, JobId);
 
 fn queue_key(j: &JobRecord) -> QueueKey {
     (Reverse(j.spec.priority), j.seq, j.id.clone())
@@ -48,8 +50,8 @@ pub struct Hold {
 }
 
 pub struct QueuePolicy {
-    /// Unfinished jobs, in queue order.
-    order: BTreeSet<QueueKey>,
+    /// Unfinished jobs, by owner, each owner's in queue order.
+    order: BTreeMap<UserId, BTreeSet<QueueKey>>,
     /// When each waiting task joined the queue (for the starvation hold).
     queued_since: HashMap<TaskId, Instant>,
     /// Workers a task keeps away from, each until when.
@@ -60,6 +62,11 @@ pub struct QueuePolicy {
     /// if it can.
     tried: HashMap<TaskId, Vec<WorkerId>>,
     hold: Option<Hold>,
+    /// Jobs whose dependencies are met: not asked again.
+    deps_met: HashSet<JobId>,
+    /// Since when each task (of a job with `unschedulable_after`) has
+    /// been found to fit no worker in the fleet.
+    unschedulable: HashMap<TaskId, Instant>,
     starvation_after: Duration,
     max_per_pass: usize,
 }
@@ -67,12 +74,14 @@ pub struct QueuePolicy {
 impl QueuePolicy {
     pub fn new(cfg: &CoordinatorConfig) -> QueuePolicy {
         QueuePolicy {
-            order: BTreeSet::new(),
+            order: BTreeMap::new(),
             queued_since: HashMap::new(),
             avoid: HashMap::new(),
             paused: HashMap::new(),
             tried: HashMap::new(),
             hold: None,
+            deps_met: HashSet::new(),
+            unschedulable: HashMap::new(),
             starvation_after: cfg.starvation_after.0,
             max_per_pass: cfg.max_reservations_per_pass.max(1),
         }
@@ -81,13 +90,23 @@ impl QueuePolicy {
     // ----- order -----
 
     pub fn enqueue(&mut self, job: &JobRecord) {
-        self.order.insert(queue_key(job));
+        self.order
+            .entry(job.owner.clone())
+            .or_default()
+            .insert(queue_key(job));
     }
 
     /// A job ended: off the queue, and its tasks' clocks and windows go.
     pub fn dequeue(&mut self, job: &JobRecord) {
-        self.order.remove(&queue_key(job));
+        self.deps_met.remove(&job.id);
+        if let Some(jobs) = self.order.get_mut(&job.owner) {
+            jobs.remove(&queue_key(job));
+            if jobs.is_empty() {
+                self.order.remove(&job.owner);
+            }
+        }
         for t in &job.tasks {
+            self.unschedulable.remove(&t.id);
             self.queued_since.remove(&t.id);
             self.avoid.remove(&t.id);
             self.paused.remove(&t.id);
@@ -95,9 +114,40 @@ impl QueuePolicy {
         }
     }
 
-    /// Unfinished jobs, first in line first.
+    /// Unfinished jobs, each user's first in line first.
     pub fn jobs(&self) -> impl Iterator<Item = &JobId> {
-        self.order.iter().map(|(_, _, id)| id)
+        self.order.values().flatten().map(|(_, _, id)| id)
+    }
+
+    /// The users with unfinished jobs, each with its jobs in queue order.
+    pub fn by_owner(&self) -> impl Iterator<Item = (&UserId, &BTreeSet<QueueKey>)> {
+        self.order.iter()
+    }
+
+    // ----- dependencies -----
+
+    /// Whether the job's dependencies were found met (they stay met).
+    pub fn deps_met(&self, job: &JobId) -> bool {
+        self.deps_met.contains(job)
+    }
+
+    pub fn set_deps_met(&mut self, job: JobId) {
+        self.deps_met.insert(job);
+    }
+
+    // ----- unschedulable work -----
+
+    /// Since when the task has fitted no worker in the fleet, counting
+    /// from `now` if this is the first time.
+    pub fn unschedulable_since(&mut self, task: &TaskId, now: Instant) -> Instant {
+        *self.unschedulable.entry(task.clone()).or_insert(now)
+    }
+
+    /// The task could fit some worker (busy or not): its clock stops.
+    pub fn fits_somewhere(&mut self, task: &TaskId) {
+        if !self.unschedulable.is_empty() {
+            self.unschedulable.remove(task);
+        }
     }
 
     // ----- the starvation clock -----

@@ -2,21 +2,28 @@
 //!
 //! 1. **collect**: the snapshot of the fleet (from the lease book) and the
 //!    queue policy's part of the pass (the hold it carries, its budget);
-//! 2. **place**: each job in queue order; a gang as one unit, a plain job
-//!    task by task (see the queue policy for holds and the budget);
+//! 2. **place**: a unit of work at a time (a plain job's task, or a
+//!    gang), from the user furthest below its fair share, each user's in
+//!    queue order; work over a quota waits (see `fairshare.rs`, and the
+//!    queue policy for holds and the budget);
 //! 3. **explain**: what still waits says why; gang members left out by
 //!    `min_tasks` are dropped from the run;
 //! 4. **reserve**: a reservation for each placement, with a rendezvous
 //!    for a gang's members.
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{btree_set, BinaryHeap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::iter::Peekable;
 
 use gpufleet_schema::{
-    subjects, GpuRequest, Grant, JobId, Lease, LeaseState, Rendezvous, TaskState, WorkerId,
+    subjects, GpuRequest, Grant, JobId, Lease, LeaseState, Rendezvous, TaskId, TaskState, UserId,
+    WorkerId,
 };
 
-use super::queue::{gang_hold_candidates, hold_candidate, Hold, PassPolicy};
+use super::deps::Deps;
+use super::fairshare::{Ledger, Usage};
+use super::queue::{gang_hold_candidates, hold_candidate, Hold, PassPolicy, QueueKey};
 use super::Engine;
 use crate::metrics::Reservation;
 use crate::placement::{self, TaskRequest, WorkerView};
@@ -45,30 +52,119 @@ struct Pass {
     /// Reasons of requests that failed in this pass, by signature. They
     /// fail again (the snapshot only shrinks), so their reason is reused:
     /// cheap with many alike tasks.
-    failed: HashMap<u64, String>,
+    failed: HashMap<u64, (String, bool)>,
     placed: Vec<Placed>,
     /// Tasks that still wait, and why.
     waiting: Vec<(JobId, usize, String)>,
     /// Gang members left out of this run by `min_tasks`, and why.
     dropped: Vec<(JobId, usize, String)>,
+    /// Jobs found free of their dependencies in this pass.
+    deps_met: Vec<JobId>,
+    /// Jobs a dependency failed, and why: they end.
+    deps_failed: Vec<(JobId, String)>,
+    /// Tasks of jobs with `unschedulable_after` that no worker in the
+    /// fleet could ever fit.
+    unschedulable: Vec<(JobId, usize)>,
+    /// What each user and group holds, with this pass's placements.
+    ledger: Ledger,
+    /// The fleet's capacity, shares are fractions of.
+    capacity: Usage,
 }
 
-impl Engine {
-    /// Places queued work in queue order (see the queue policy).
-    pub(super) fn schedule(&mut self) {
-        let timer = self.metrics.pass_started();
-        let mut pass = self.collect();
-        let now = self.now.mono;
-        for id in self.queue.jobs() {
-            let job = &self.jobs[id];
+impl Pass {
+    /// No worker in the fleet could ever fit this task: noted, for a job
+    /// that gives up on such tasks.
+    fn unschedulable(&mut self, job: &JobRecord, i: usize) {
+        if job.spec.unschedulable_after.is_some() {
+            self.unschedulable.push((job.id.clone(), i));
+        }
+    }
+}
+
+/// A weighted share, ordered (shares are finite: see `Usage::dominant`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Share(f64);
+
+impl Eq for Share {}
+
+impl PartialOrd for Share {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Share {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// One unit of a user's waiting work: a plain job's task (with its job's
+/// part of the signature), or a gang's queued members together.
+enum Work<'a> {
+    Task(&'a JobRecord, usize, u64),
+    Gang(&'a JobRecord, Vec<usize>),
+}
+
+/// One user's waiting work in queue order, taken a unit at a time.
+struct UserQueue<'a> {
+    user: &'a UserId,
+    jobs: Peekable<btree_set::Iter<'a, QueueKey>>,
+    /// The plain job being gone through: its tasks left to try.
+    current: Option<(&'a JobRecord, u64, std::vec::IntoIter<usize>)>,
+}
+
+impl<'a> UserQueue<'a> {
+    /// The submission order of the job it is at.
+    fn head_seq(&mut self) -> u64 {
+        match &self.current {
+            Some((job, _, _)) => job.seq,
+            None => self.jobs.peek().map_or(u64::MAX, |(_, seq, _)| *seq),
+        }
+    }
+
+    /// The next unit to try, if any is left.
+    fn next_work(
+        &mut self,
+        engine: &'a Engine,
+        now: std::time::Instant,
+        pass: &mut Pass,
+    ) -> Option<Work<'a>> {
+        loop {
+            if let Some((job, job_part, tasks)) = &mut self.current {
+                if let Some(i) = tasks.next() {
+                    return Some(Work::Task(job, i, *job_part));
+                }
+                self.current = None;
+            }
+            let (_, _, id) = self.jobs.next()?;
+            let job = &engine.jobs[id];
             let queued: Vec<usize> = (0..job.tasks.len())
                 .filter(|&i| job.tasks[i].state == TaskState::Queued)
                 .collect();
             if queued.is_empty() {
                 continue;
             }
+            if !engine.queue.deps_met(id) {
+                match engine.deps(job) {
+                    Deps::Met => pass.deps_met.push(id.clone()),
+                    Deps::Wait(why) => {
+                        pass.waiting.extend(
+                            queued
+                                .into_iter()
+                                .filter(|&i| job.tasks[i].reason.as_deref() != Some(why.as_str()))
+                                .map(|i| (id.clone(), i, why.clone())),
+                        );
+                        continue;
+                    }
+                    Deps::Failed(why) => {
+                        pass.deps_failed.push((id.clone(), why));
+                        continue;
+                    }
+                }
+            }
             // A task pausing before its retry waits; a gang waits whole.
-            let paused = |i: &usize| self.queue.is_paused(&job.tasks[*i].id, now);
+            let paused = |i: &usize| engine.queue.is_paused(&job.tasks[*i].id, now);
             if job.spec.gang && queued.iter().any(paused) {
                 continue;
             }
@@ -77,13 +173,54 @@ impl Engine {
                 continue;
             }
             if job.spec.gang {
-                self.place_gang(job, &queued, &mut pass);
-            } else {
-                self.place_tasks(job, &queued, &mut pass);
+                return Some(Work::Gang(job, queued));
+            }
+            let queued = Engine::within_max_parallel(job, queued, &mut pass.waiting);
+            self.current = Some((job, job_signature(job), queued.into_iter()));
+        }
+    }
+}
+
+impl Engine {
+    /// Places queued work: the user furthest below its fair share first,
+    /// each user's own work in queue order (see the queue policy and
+    /// `fairshare.rs`).
+    pub(super) fn schedule(&mut self) {
+        let timer = self.metrics.pass_started();
+        let mut pass = self.collect();
+        let now = self.now.mono;
+        let mut users: Vec<UserQueue> = self
+            .queue
+            .by_owner()
+            .map(|(user, jobs)| UserQueue {
+                user,
+                jobs: jobs.iter().peekable(),
+                current: None,
+            })
+            .collect();
+        // The user to serve next: the smallest share, then the oldest
+        // waiting job, then the name.
+        let mut next: BinaryHeap<Reverse<(Share, u64, usize)>> = BinaryHeap::new();
+        for (i, u) in users.iter_mut().enumerate() {
+            let share = Share(self.shares.share(u.user, &pass.ledger, &pass.capacity));
+            next.push(Reverse((share, u.head_seq(), i)));
+        }
+        while let Some(Reverse((_, _, i))) = next.pop() {
+            let Some(work) = users[i].next_work(self, now, &mut pass) else {
+                continue;
+            };
+            match work {
+                Work::Gang(job, queued) => self.place_gang(job, &queued, &mut pass),
+                Work::Task(job, index, job_part) => {
+                    self.place_task(job, index, job_part, &mut pass)
+                }
             }
             if pass.policy.out_of_budget() {
                 break;
             }
+            let u = &mut users[i];
+            let share = Share(self.shares.share(u.user, &pass.ledger, &pass.capacity));
+            next.push(Reverse((share, u.head_seq(), i)));
         }
         let Pass {
             views,
@@ -91,10 +228,18 @@ impl Engine {
             placed,
             waiting,
             dropped,
+            deps_met,
+            mut deps_failed,
+            unschedulable,
             ..
         } = pass;
         let count = placed.len();
+        for job in deps_met {
+            self.queue.set_deps_met(job);
+        }
+        deps_failed.extend(self.given_up(&waiting, unschedulable));
         let mut touched = self.explain(waiting, dropped);
+        touched.extend(self.end_waiting(deps_failed));
         touched.extend(self.reserve_placed(placed, &views));
         for job in touched {
             self.touch(&job);
@@ -109,7 +254,19 @@ impl Engine {
     fn collect(&mut self) -> Pass {
         let views = self.book.snapshot();
         let policy = self.queue.begin_pass(&views, self.now.mono);
+        let mut ledger = self.shares.ledger();
+        for (_, live) in self.book.iter() {
+            let l = &live.lease;
+            if !matches!(l.state, LeaseState::Rejected | LeaseState::Abandoned) {
+                ledger.add(&self.shares, &l.owner, &Usage::of(&l.task.resources));
+            }
+        }
         Pass {
+            deps_met: Vec::new(),
+            deps_failed: Vec::new(),
+            unschedulable: Vec::new(),
+            capacity: Usage::capacity(&views),
+            ledger,
             views,
             policy,
             failed: HashMap::new(),
@@ -124,6 +281,17 @@ impl Engine {
     fn place_gang(&self, job: &JobRecord, queued: &[usize], pass: &mut Pass) {
         // A gang goes only when none of it still holds resources.
         if job.tasks.iter().any(|t| t.holds_worker()) || !pass.policy.may_reserve() {
+            return;
+        }
+        // Its quota counts every queued member.
+        let mut ask = Usage::default();
+        for &i in queued {
+            ask.add(&Usage::of(&job.spec.tasks[i].resources));
+        }
+        if let Some(why) = self.shares.over_quota(&job.owner, &pass.ledger, &ask) {
+            for &i in queued {
+                pass.waiting.push((job.id.clone(), i, why.clone()));
+            }
             return;
         }
         let is_holder = pass.policy.is_holder(&job.id, None);
@@ -157,6 +325,10 @@ impl Engine {
         let p = p.expect("placement ran");
         if !p.assigned.is_empty() {
             pass.policy.spend(p.assigned.len());
+            for a in &p.assigned {
+                let held = Usage::of(&job.spec.tasks[queued[a.task]].resources);
+                pass.ledger.add(&self.shares, &job.owner, &held);
+            }
             if is_holder {
                 tracing::info!(job_id = %job.id, "the held gang fits now");
             }
@@ -182,6 +354,11 @@ impl Engine {
             return;
         }
         let never_fits = p.unplaced.iter().any(|u| u.never_fits);
+        if never_fits {
+            for &i in queued {
+                pass.unschedulable(job, i);
+            }
+        }
         let mut reason = p
             .unplaced
             .first()
@@ -209,80 +386,118 @@ impl Engine {
         }
     }
 
-    /// Phase 2, for a plain job: each queued task on its own, while the
-    /// pass has budget.
-    fn place_tasks(&self, job: &JobRecord, queued: &[usize], pass: &mut Pass) {
-        let job_part = job_signature(job);
-        for &i in queued {
-            if !pass.policy.may_reserve() {
+    /// Phase 2, for a task of a plain job, while the pass has budget.
+    fn place_task(&self, job: &JobRecord, i: usize, job_part: u64, pass: &mut Pass) {
+        if !pass.policy.may_reserve() {
+            return;
+        }
+        let ask = Usage::of(&job.spec.tasks[i].resources);
+        if let Some(why) = self.shares.over_quota(&job.owner, &pass.ledger, &ask) {
+            pass.waiting.push((job.id.clone(), i, why));
+            return;
+        }
+        let is_holder = pass.policy.is_holder(&job.id, Some(i));
+        let sig = self.task_signature(job, i, job_part);
+        if !is_holder {
+            if let Some((reason, never_fits)) = pass.failed.get(&sig) {
+                let never_fits = *never_fits;
+                // Cloned only when it is news: most tasks alike wait for
+                // the same reason pass after pass.
+                let news = (job.tasks[i].reason.as_deref() != Some(reason.as_str()))
+                    .then(|| reason.clone());
+                if never_fits {
+                    pass.unschedulable(job, i);
+                }
+                if let Some(reason) = news {
+                    pass.waiting.push((job.id.clone(), i, reason));
+                }
                 return;
             }
-            let is_holder = pass.policy.is_holder(&job.id, Some(i));
-            let sig = self.task_signature(job, i, job_part);
-            if !is_holder {
-                if let Some(reason) = pass.failed.get(&sig) {
-                    if job.tasks[i].reason.as_deref() != Some(reason.as_str()) {
-                        pass.waiting.push((job.id.clone(), i, reason.clone()));
-                    }
-                    continue;
-                }
-            }
-            let mut req = self.request(job, i, true);
-            let mut p = pass
+        }
+        let mut req = self.request(job, i, true);
+        let mut p = pass
+            .policy
+            .with_held_closed(&mut pass.views, is_holder, |views| {
+                self.metrics
+                    .time_placement(|| placement::place(std::slice::from_ref(&req), views))
+            });
+        // A retry goes back to a worker it was tried on only if no
+        // other fits.
+        if p.assigned.is_empty() && !self.queue.tried(&job.tasks[i].id).is_empty() {
+            req = self.request(job, i, false);
+            p = pass
                 .policy
                 .with_held_closed(&mut pass.views, is_holder, |views| {
                     self.metrics
                         .time_placement(|| placement::place(std::slice::from_ref(&req), views))
                 });
-            // A retry goes back to a worker it was tried on only if no
-            // other fits.
-            if p.assigned.is_empty() && !self.queue.tried(&job.tasks[i].id).is_empty() {
-                req = self.request(job, i, false);
-                p = pass
-                    .policy
-                    .with_held_closed(&mut pass.views, is_holder, |views| {
-                        self.metrics
-                            .time_placement(|| placement::place(std::slice::from_ref(&req), views))
-                    });
-            }
-            if let Some(a) = p.assigned.into_iter().next() {
-                pass.policy.spend(1);
-                pass.placed.push(Placed::Task {
-                    job: job.id.clone(),
-                    index: i,
-                    worker: a.worker,
-                    grant: a.grant,
-                });
-                continue;
-            }
-            let u = p
-                .unplaced
-                .into_iter()
-                .next()
-                .expect("one task, one outcome");
-            let mut reason = u.reason.clone();
-            if is_holder {
-                reason.push_str("; a worker is held for it");
-                pass.policy.keep_hold();
-            } else {
-                let task = &job.tasks[i];
-                if pass
-                    .policy
-                    .starving(u.never_fits, || self.queue.waiting_since([&task.id]))
-                {
-                    if let Some(w) = hold_candidate(&req, &pass.views) {
-                        tracing::info!(task_id = %task.id, worker = %w, "holding a worker for a starving task");
-                        pass.policy.hold(Hold {
-                            job: job.id.clone(),
-                            task: Some(i),
-                            workers: vec![w],
-                        });
-                    }
-                }
-                pass.failed.insert(sig, u.reason);
-            }
-            pass.waiting.push((job.id.clone(), i, reason));
         }
+        if let Some(a) = p.assigned.into_iter().next() {
+            pass.policy.spend(1);
+            pass.ledger.add(&self.shares, &job.owner, &ask);
+            pass.placed.push(Placed::Task {
+                job: job.id.clone(),
+                index: i,
+                worker: a.worker,
+                grant: a.grant,
+            });
+            return;
+        }
+        let u = p
+            .unplaced
+            .into_iter()
+            .next()
+            .expect("one task, one outcome");
+        let mut reason = u.reason.clone();
+        if is_holder {
+            reason.push_str("; a worker is held for it");
+            pass.policy.keep_hold();
+        } else {
+            let task = &job.tasks[i];
+            if pass
+                .policy
+                .starving(u.never_fits, || self.queue.waiting_since([&task.id]))
+            {
+                if let Some(w) = hold_candidate(&req, &pass.views) {
+                    tracing::info!(task_id = %task.id, worker = %w, "holding a worker for a starving task");
+                    pass.policy.hold(Hold {
+                        job: job.id.clone(),
+                        task: Some(i),
+                        workers: vec![w],
+                    });
+                }
+            }
+            if u.never_fits {
+                pass.unschedulable(job, i);
+            }
+            pass.failed.insert(sig, (u.reason, u.never_fits));
+        }
+        pass.waiting.push((job.id.clone(), i, reason));
+    }
+
+    /// Of a plain job's `queued` tasks, those `max_parallel` lets this
+    /// pass try; the rest wait, saying so (only when that is news: an
+    /// array of thousands costs a pass nothing per waiting task).
+    fn within_max_parallel(
+        job: &JobRecord,
+        mut queued: Vec<usize>,
+        waiting: &mut Vec<(JobId, usize, String)>,
+    ) -> Vec<usize> {
+        let Some(max) = job.spec.max_parallel else {
+            return queued;
+        };
+        let holding = job.tasks.iter().filter(|t| t.holds_worker()).count();
+        let room = (max as usize).saturating_sub(holding);
+        if queued.len() > room {
+            let why = format!("max_parallel: {max} of the job's tasks run at once");
+            let wait = queued.split_off(room);
+            waiting.extend(
+                wait.into_iter()
+                    .filter(|&i| job.tasks[i].reason.as_deref() != Some(why.as_str()))
+                    .map(|i| (job.id.clone(), i, why.clone())),
+            );
+        }
+        queued
     }
 
     /// Phase 3: records why waiting tasks wait and drops the gang members
@@ -303,6 +518,71 @@ impl Engine {
                 .task_mut(&job, i)
                 .drop_from_run(reason, self.now.wall);
             self.emit_state(&job, i);
+            touched.insert(job);
+        }
+        touched
+    }
+
+    /// Phase 3, for `unschedulable_after`: starts the clock of each task
+    /// first found unschedulable, stops it for one that could fit again,
+    /// and returns the jobs whose task has been unschedulable too long,
+    /// with why they end.
+    fn given_up(
+        &mut self,
+        waiting: &[(JobId, usize, String)],
+        unschedulable: Vec<(JobId, usize)>,
+    ) -> Vec<(JobId, String)> {
+        let now = self.now.mono;
+        let never: HashSet<TaskId> = unschedulable
+            .iter()
+            .map(|(j, i)| self.jobs[j].tasks[*i].id.clone())
+            .collect();
+        for (job, i, _) in waiting {
+            let task = &self.jobs[job].tasks[*i].id;
+            if !never.contains(task) {
+                self.queue.fits_somewhere(task);
+            }
+        }
+        let mut out: Vec<(JobId, String)> = Vec::new();
+        for (job, i) in unschedulable {
+            let j = &self.jobs[&job];
+            let Some(after) = j.spec.unschedulable_after else {
+                continue;
+            };
+            let since = self.queue.unschedulable_since(&j.tasks[i].id, now);
+            if now.saturating_duration_since(since) >= after.0
+                && !out.iter().any(|(o, _)| o == &job)
+            {
+                let reason = waiting
+                    .iter()
+                    .find(|(w, k, _)| w == &job && *k == i)
+                    .map(|(_, _, r)| r.clone())
+                    .or_else(|| j.tasks[i].reason.clone())
+                    .unwrap_or_default();
+                out.push((
+                    job,
+                    format!("unschedulable for {after} (unschedulable_after): {reason}"),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Phase 3, for jobs a dependency failed or that gave up on a task no
+    /// worker fits: what of them waits ends, saying why; returns the jobs
+    /// that changed.
+    fn end_waiting(&mut self, failed: Vec<(JobId, String)>) -> HashSet<JobId> {
+        let mut touched = HashSet::new();
+        for (job, why) in failed {
+            let queued: Vec<usize> = (0..self.jobs[&job].tasks.len())
+                .filter(|&i| self.jobs[&job].tasks[i].state == TaskState::Queued)
+                .collect();
+            for i in queued {
+                self.jobs
+                    .task_mut(&job, i)
+                    .cancel(why.clone(), self.now.wall);
+                self.emit_state(&job, i);
+            }
             touched.insert(job);
         }
         touched
@@ -390,6 +670,7 @@ impl Engine {
             signature: None,
             claim_rev: None,
         };
+        self.queue.fits_somewhere(&lease.task_id);
         self.metrics.reservation(Reservation::Made);
         if let Some(since) = self.queue.waiting_since([&lease.task_id]) {
             self.metrics

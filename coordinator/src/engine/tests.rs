@@ -10,14 +10,18 @@ use std::ops::{Deref, DerefMut};
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
+mod arrays;
 mod budget;
 mod cancel;
+mod deps;
 mod failures;
+mod fairshare;
 mod gangs;
 mod holds;
 mod observe;
 mod owners;
 mod refusals;
+mod unschedulable;
 
 /// An engine with its own clock, which moves only when a test says so.
 struct Sim {

@@ -23,6 +23,7 @@ fn spec(cmd: &[&str]) -> TaskSpec {
         resources: Resources::default(),
         timeout: None,
         artifacts: vec![],
+        array: None,
     }
 }
 

@@ -5,7 +5,7 @@
 use super::*;
 use gpufleet_schema::TaskId;
 
-fn call(e: &mut Sim, call: ApiCall, caller: &Caller) -> Reply {
+pub(super) fn call(e: &mut Sim, call: ApiCall, caller: &Caller) -> Reply {
     let (tx, mut rx) = oneshot::channel();
     e.handle(Input::Api(call, caller.clone(), tx));
     for (tx, reply, _) in e.take_effects().replies {
@@ -14,14 +14,14 @@ fn call(e: &mut Sim, call: ApiCall, caller: &Caller) -> Reply {
     rx.try_recv().expect("a reply")
 }
 
-fn user(name: &str) -> Caller {
+pub(super) fn user(name: &str) -> Caller {
     Caller {
         user: UserId::new(name).unwrap(),
         admin: false,
     }
 }
 
-fn submit_as(e: &mut Sim, caller: &Caller, json: &str) -> JobId {
+pub(super) fn submit_as(e: &mut Sim, caller: &Caller, json: &str) -> JobId {
     let id = match call(e, ApiCall::Submit(Box::new(spec(json))), caller) {
         Reply::Submit(r) => r.job_id,
         other => panic!("{other:?}"),
