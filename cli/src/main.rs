@@ -187,6 +187,14 @@ enum Cmd {
     /// Delete a finished job: its record and its events (an unfinished one
     /// must be cancelled first)
     Delete { job: String },
+    /// List a job's errors: every attempt that failed, was interrupted, lost
+    /// or timed out since the last reset
+    Errors {
+        job: String,
+        /// Clear them (after listing them)
+        #[arg(long)]
+        reset: bool,
+    },
     /// Print a job's output so far (one task's with TASK)
     Logs {
         job: String,
@@ -399,6 +407,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 print_json(&s);
             } else {
                 println!("deleted job {id} ({})", s.status);
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Errors { job, reset } => {
+            let id = job_id(&job)?;
+            let r = connect().await?.errors(&id, reset).await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!("{}", show::errors(&r));
             }
             Ok(exit::OK)
         }

@@ -116,6 +116,14 @@ pub fn job(s: &JobStatus) -> String {
             }
         ));
     }
+    if s.error_count > 0 {
+        when.push_str(&format!(
+            "\n{} error{} (`gpufleet errors {}`)",
+            s.error_count,
+            if s.error_count == 1 { "" } else { "s" },
+            s.job_id
+        ));
+    }
     out.push_str(&format!("{when}\n\n"));
     let rows: Vec<Vec<String>> = s
         .tasks
@@ -152,6 +160,47 @@ pub fn job(s: &JobStatus) -> String {
         ],
         &rows,
     ));
+    out
+}
+
+/// A job's errors, oldest first, and whether they were cleared.
+pub fn errors(r: &gpufleet_schema::api::ErrorsReply) -> String {
+    let rows: Vec<Vec<String>> = r
+        .errors
+        .iter()
+        .map(|e| {
+            vec![
+                e.at.format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+                e.task.clone(),
+                e.attempt.to_string(),
+                or_dash(e.worker.as_ref().map(|w| w.to_string())),
+                e.state.to_string(),
+                or_dash(e.exit_code.map(|c| c.to_string())),
+                e.reason.clone(),
+            ]
+        })
+        .collect();
+    let mut out = if rows.is_empty() {
+        format!("job {} has no errors", r.job_id)
+    } else {
+        table(
+            &["TIME", "TASK", "TRY", "WORKER", "STATE", "EXIT", "REASON"],
+            &rows,
+        )
+    };
+    let unlisted = r.error_count as usize - r.errors.len().min(r.error_count as usize);
+    if unlisted > 0 {
+        out.push_str(&format!("\n({unlisted} older errors not listed)"));
+    }
+    if r.reset {
+        out.push_str(&format!(
+            "\ncleared {} error{} of job {}",
+            r.error_count,
+            if r.error_count == 1 { "" } else { "s" },
+            r.job_id
+        ));
+    }
     out
 }
 

@@ -29,7 +29,7 @@
 //! what it no longer holds, the runtime reads from the jobs bucket when a
 //! client asks ([`Fetch`]).
 
-use gpufleet_schema::api::{code, SubmitReply};
+use gpufleet_schema::api::{code, ErrorsReply, SubmitReply};
 use gpufleet_schema::{
     subjects, Encoding, Event, EventBody, JobId, JobSpec, JobState, JobStatus, Lease, LeaseKey,
     Sender, TaskState, UserId, WorkerAdvert, WorkerId,
@@ -44,6 +44,7 @@ mod leases;
 mod lifecycle;
 mod queue;
 mod schedule;
+mod talk;
 
 pub use clock::{Now, Rng};
 pub use queue::AVOID_FOR;
@@ -63,6 +64,7 @@ pub enum Reply {
     Job(Box<JobStatus>),
     Jobs(Vec<JobStatus>),
     Workers(Vec<WorkerAdvert>),
+    Errors(Box<ErrorsReply>),
     Error { code: u16, message: String },
 }
 
@@ -119,6 +121,11 @@ pub enum ApiCall {
         after: Option<WorkerId>,
         limit: usize,
     },
+    /// A job's errors; `reset` clears them.
+    Errors {
+        job: JobId,
+        reset: bool,
+    },
 }
 
 /// What to do with a job the engine no longer holds, once its done record
@@ -135,6 +142,8 @@ pub enum Fetch {
     Cancel(ReplyTx),
     /// Delete it and its events (404 if there is none).
     Delete(ReplyTx),
+    /// Answer `jobs.errors` (and with `reset`, clear them in the record).
+    Errors { reset: bool, tx: ReplyTx },
 }
 
 /// A change in `gpufleet-leases`, as the watcher saw it. Keys come as the
@@ -562,6 +571,7 @@ impl Engine {
             }
             ApiCall::Cancel(id) => self.cancel(id, caller, tx),
             ApiCall::Delete(id) => self.delete(id, caller, tx),
+            ApiCall::Errors { job, reset } => self.errors(job, reset, caller, tx),
             ApiCall::Workers { after, limit } => {
                 let mut list = self.book.workers_page(after, limit);
                 // What runs where is only the caller's business for its
@@ -832,6 +842,7 @@ pub fn encode_reply(reply: &Reply, enc: Encoding) -> (Option<u16>, Vec<u8>) {
         Reply::Job(r) => enc.encode(r),
         Reply::Jobs(r) => enc.encode(r),
         Reply::Workers(r) => enc.encode(r),
+        Reply::Errors(r) => enc.encode(r),
         Reply::Error { code, message } => {
             let body = enc.encode(&gpufleet_schema::api::ErrorBody {
                 error: message.clone(),

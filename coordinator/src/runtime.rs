@@ -277,6 +277,7 @@ pub async fn run(
         for (job, caller, fetch) in std::mem::take(&mut fx.fetches) {
             fetches.spawn(fetch_stored(
                 io.jobs.clone(),
+                io.retention,
                 [io.events.clone(), io.artifacts.clone()],
                 job,
                 caller,
@@ -919,10 +920,56 @@ async fn publish_events(io: &Io, metrics: &Metrics, events: Vec<(String, Event)>
     }
 }
 
+/// A finished job's errors, from its done record; with `reset`, the
+/// record is written again without them (every part, so that they keep
+/// expiring together).
+async fn reset_stored_errors(
+    jobs: &RawKv,
+    retention: Option<Duration>,
+    mut job: JobRecord,
+    reset: bool,
+) -> Reply {
+    let (errors, error_count) = if reset {
+        job.reset_errors()
+    } else {
+        (job.errors.clone(), job.error_count)
+    };
+    if reset {
+        let written = match store::encode(&job) {
+            Ok(parts) => {
+                let keys = store::keys(&job.id, parts.len(), JobRecordSet::Done);
+                let puts = join_all(
+                    keys.iter()
+                        .zip(parts)
+                        .map(|(k, b)| jobs.put(k, Bytes::from(b), retention)),
+                )
+                .await;
+                puts.into_iter()
+                    .find_map(Result::err)
+                    .map_or(Ok(()), |e| Err(e.to_string()))
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            return Reply::error(
+                code::UNAVAILABLE,
+                format!("cannot reset the errors of job {}, try again: {e}", job.id),
+            );
+        }
+    }
+    Reply::Errors(Box::new(gpufleet_schema::api::ErrorsReply {
+        job_id: job.id,
+        errors,
+        error_count,
+        reset,
+    }))
+}
+
 /// Answers from a job's stored done record, for a job the engine no
 /// longer holds.
 async fn fetch_stored(
     jobs: RawKv,
+    retention: Option<Duration>,
     [events, artifacts]: [jetstream::stream::Stream; 2],
     id: JobId,
     caller: Caller,
@@ -952,6 +999,15 @@ async fn fetch_stored(
         Fetch::Cancel(tx) => {
             let reply = match read {
                 Ok(Some(j)) => Reply::Job(Box::new(j.page(0, MAX_TASKS_PER_PAGE as usize))),
+                Ok(None) => not_found(),
+                Err(e) => unavailable(&e),
+            };
+            let _ = tx.send(reply);
+            None
+        }
+        Fetch::Errors { reset, tx } => {
+            let reply = match read {
+                Ok(Some(j)) => reset_stored_errors(&jobs, retention, j, reset).await,
                 Ok(None) => not_found(),
                 Err(e) => unavailable(&e),
             };

@@ -41,7 +41,7 @@ pub use event::{Artifact, Event, EventBody, EventKind, LogStream, TaskOutcome};
 pub use ids::{GpuUuid, JobId, TaskId, UserId, WorkerId};
 pub use lease::{GpuGrant, Grant, Lease, LeaseState, Rendezvous, SealError};
 pub use spec::{Constraints, GpuRequest, JobSpec, Resources, SpecError, TaskSpec};
-pub use status::{JobState, JobStatus, TaskCounts, TaskState, TaskStatus};
+pub use status::{AttemptError, JobState, JobStatus, TaskCounts, TaskState, TaskStatus};
 pub use subjects::{LeaseKey, Sender};
 pub use units::{ByteSize, Dur};
 pub use usage::TaskUsage;

@@ -24,6 +24,8 @@ pub mod endpoint {
     pub const JOBS_CANCEL: &str = "jobs.cancel";
     pub const JOBS_DELETE: &str = "jobs.delete";
     pub const WORKERS_LIST: &str = "workers.list";
+    pub const JOBS_ERRORS: &str = "jobs.errors";
+    pub const JOBS_SEND: &str = "jobs.send";
 }
 
 /// The subjects without a user token, served (as user `default`) only

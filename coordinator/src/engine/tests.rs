@@ -18,6 +18,7 @@ mod holds;
 mod observe;
 mod owners;
 mod refusals;
+mod talk;
 
 /// An engine with its own clock, which moves only when a test says so.
 struct Sim {

@@ -1,0 +1,116 @@
+//! Talking to a job: its errors, listed and reset.
+
+use super::*;
+
+fn errors(e: &mut Sim, id: &JobId, reset: bool, caller: Caller) -> (Reply, Option<JobId>) {
+    let (tx, _rx) = oneshot::channel();
+    e.handle(Input::Api(
+        ApiCall::Errors {
+            job: id.clone(),
+            reset,
+        },
+        caller,
+        tx,
+    ));
+    let fx = e.take_effects();
+    let (_, reply, depends) = fx.replies.into_iter().next().expect("a reply");
+    (reply, depends)
+}
+
+#[test]
+fn every_bad_attempt_is_an_error_until_reset_and_a_cancel_is_none() {
+    let mut e = ready_engine(&[advert("w1", 4, 0)]);
+    let (id, _rx) = submit(
+        &mut e,
+        r#"{"max_retries": 2, "tasks": [{"name": "t", "command": ["true"]}]}"#,
+    );
+    let (key, lease) = e.take_effects().create_leases[0].clone();
+    claim(&mut e, &key, &lease, 3);
+    finish(&mut e, &key, &lease, TaskState::Interrupted, 10);
+    assert_eq!(task_state(&e, &id, 0), (TaskState::Queued, 2));
+    after_pause(&mut e);
+    let (key, lease) = pass(&mut e)[0].clone();
+    claim(&mut e, &key, &lease, 7);
+    // The second attempt's worker vanishes: LOST.
+    e.handle(Input::Lease(LeaseChange::Expired { key: key.clone() }));
+    after_pause(&mut e);
+    let (key, lease) = pass(&mut e)[0].clone();
+    claim(&mut e, &key, &lease, 9);
+    finish(&mut e, &key, &lease, TaskState::Succeeded, 11);
+    assert_eq!(e.jobs[&id].status, JobState::Completed);
+
+    let (reply, depends) = errors(&mut e, &id, false, Caller::everyone());
+    assert_eq!(depends, None, "a listing waits for nothing");
+    let Reply::Errors(r) = reply else {
+        panic!("{reply:?}")
+    };
+    let got: Vec<(u32, TaskState, Option<&str>)> = r
+        .errors
+        .iter()
+        .map(|x| (x.attempt, x.state, x.worker.as_ref().map(|w| w.as_str())))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, TaskState::Interrupted, Some("w1")),
+            (2, TaskState::Lost, Some("w1")),
+        ]
+    );
+    assert_eq!(r.errors[0].exit_code, Some(1));
+    assert_eq!(r.errors[0].task, "t");
+    assert_eq!(r.error_count, 2);
+    assert!(!r.reset);
+    // jobs.get shows them too; a list summary does not.
+    assert_eq!(e.jobs[&id].page(0, 10).errors.len(), 2);
+    assert!(e.jobs[&id].status(false).errors.is_empty());
+
+    // Another user's job is not found.
+    let bob = Caller {
+        user: UserId::new("bob").unwrap(),
+        admin: false,
+    };
+    let (reply, _) = errors(&mut e, &id, true, bob);
+    assert!(matches!(reply, Reply::Error { code: 404, .. }), "{reply:?}");
+    assert_eq!(e.jobs[&id].error_count, 2);
+
+    // A reset answers with what it cleared, once the record is stored.
+    let (reply, depends) = errors(&mut e, &id, true, Caller::everyone());
+    assert_eq!(depends, Some(id.clone()));
+    assert!(matches!(&reply, Reply::Errors(r) if r.reset && r.error_count == 2));
+    let (reply, _) = errors(&mut e, &id, false, Caller::everyone());
+    assert!(matches!(&reply, Reply::Errors(r) if r.errors.is_empty() && r.error_count == 0));
+
+    // What a cancel stops is no error.
+    let (id, _rx) = submit(&mut e, r#"{"tasks": [{"command": ["true"]}]}"#);
+    let (key, lease) = e.take_effects().create_leases[0].clone();
+    claim(&mut e, &key, &lease, 20);
+    let (tx, _rx) = oneshot::channel();
+    e.handle(Input::Api(
+        ApiCall::Cancel(id.clone()),
+        Caller::everyone(),
+        tx,
+    ));
+    finish(&mut e, &key, &lease, TaskState::Interrupted, 21);
+    assert_eq!(e.jobs[&id].status, JobState::Aborted);
+    assert_eq!(e.jobs[&id].error_count, 0);
+}
+
+#[test]
+fn a_job_keeps_its_newest_errors_and_counts_them_all() {
+    let mut e = ready_engine(&[advert("w1", 4, 0)]);
+    let (id, _rx) = submit(&mut e, r#"{"tasks": [{"command": ["true"]}]}"#);
+    let j = e.jobs.job_mut(&id);
+    let max = gpufleet_schema::status::MAX_JOB_ERRORS;
+    for n in 0..max + 5 {
+        j.tasks[0].attempt = n as u32 + 1;
+        j.note_end(0, TaskState::Failed, Some(1), &"x".repeat(10_000), now());
+    }
+    assert_eq!(j.errors.len(), max);
+    assert_eq!(j.error_count as usize, max + 5);
+    assert_eq!(j.errors[0].attempt, 6, "the oldest went first");
+    assert!(j.errors[0].reason.len() <= crate::state::MAX_ERROR_REASON_BYTES);
+    // Neither success nor a cancel is an error.
+    j.note_end(0, TaskState::Succeeded, Some(0), "", now());
+    j.note_end(0, TaskState::Cancelled, None, "", now());
+    assert_eq!(j.error_count as usize, max + 5);
+}
