@@ -225,6 +225,14 @@ impl Api {
         .await
     }
 
+    /// Sends a message to a job's running tasks (one, with `task`).
+    pub async fn send(
+        &self,
+        req: &gpufleet_schema::message::SendRequest,
+    ) -> Result<gpufleet_schema::message::SendReply, ApiError> {
+        self.call(endpoint::JOBS_SEND, req).await
+    }
+
     /// A job's errors; `reset` clears them (the reply lists what they were).
     pub async fn errors(&self, job: &JobId, reset: bool) -> Result<ErrorsReply, ApiError> {
         let req = ErrorsRequest {

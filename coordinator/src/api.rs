@@ -74,11 +74,12 @@ pub(crate) enum Kind {
     Delete,
     Workers,
     Errors,
+    Send,
 }
 
 /// Each endpoint: its name in the micro service, the same for the old
 /// subject without a user, its subject's tail, and its kind.
-const ENDPOINTS: [(&str, &str, &str, Kind); 7] = [
+const ENDPOINTS: [(&str, &str, &str, Kind); 8] = [
     (
         "jobs-submit",
         "jobs-submit-any",
@@ -115,6 +116,12 @@ const ENDPOINTS: [(&str, &str, &str, Kind); 7] = [
         "jobs-errors-any",
         endpoint::JOBS_ERRORS,
         Kind::Errors,
+    ),
+    (
+        "jobs-send",
+        "jobs-send-any",
+        endpoint::JOBS_SEND,
+        Kind::Send,
     ),
 ];
 
@@ -266,7 +273,7 @@ pub async fn start(
         .unwrap_or_default();
     let service = client
         .service_builder()
-        .description("gpufleet job API: submit, get, list, cancel and delete jobs, list and reset their errors; list workers")
+        .description("gpufleet job API: submit, get, list, cancel and delete jobs, list and reset their errors, send messages to their running tasks; list workers")
         .metadata(metadata)
         // A group of its own: see the module's header.
         .queue_group(format!("gpufleet-{instance}"))
@@ -418,6 +425,11 @@ pub(crate) fn decode(kind: Kind, enc: Encoding, body: &[u8]) -> Result<ApiCall, 
         }
         Kind::Cancel => ApiCall::Cancel(enc.decode::<JobRef>(body).map_err(bad)?.job_id),
         Kind::Delete => ApiCall::Delete(enc.decode::<JobRef>(body).map_err(bad)?.job_id),
+        Kind::Send => {
+            let r: gpufleet_schema::message::SendRequest = enc.decode(body).map_err(bad)?;
+            gpufleet_schema::message::check(&r.topic, &r.data).map_err(bounded)?;
+            ApiCall::Send(Box::new(r))
+        }
         Kind::Errors => {
             let r: ErrorsRequest = enc.decode(body).map_err(bad)?;
             ApiCall::Errors {

@@ -48,6 +48,7 @@ mod talk;
 
 pub use clock::{Now, Rng};
 pub use queue::AVOID_FOR;
+pub use talk::{sent as talk_sent, AfterPost, Post};
 
 use crate::config::CoordinatorConfig;
 use crate::metrics::{job_state_index, task_state_index, InputKind, Metrics, Observed};
@@ -65,6 +66,7 @@ pub enum Reply {
     Jobs(Vec<JobStatus>),
     Workers(Vec<WorkerAdvert>),
     Errors(Box<ErrorsReply>),
+    Sent(Box<gpufleet_schema::message::SendReply>),
     Error { code: u16, message: String },
 }
 
@@ -126,6 +128,8 @@ pub enum ApiCall {
         job: JobId,
         reset: bool,
     },
+    /// A message to a job's running tasks (checked on decoding).
+    Send(Box<gpufleet_schema::message::SendRequest>),
 }
 
 /// What to do with a job the engine no longer holds, once its done record
@@ -144,6 +148,9 @@ pub enum Fetch {
     Delete(ReplyTx),
     /// Answer `jobs.errors` (and with `reset`, clear them in the record).
     Errors { reset: bool, tx: ReplyTx },
+    /// Answer `jobs.send`: a finished job runs nothing (404 if there is
+    /// none).
+    Send(ReplyTx),
 }
 
 /// A change in `gpufleet-leases`, as the watcher saw it. Keys come as the
@@ -240,6 +247,8 @@ pub struct Effects {
     pub fetches: Vec<(JobId, Caller, Fetch)>,
     /// The result sequence the records reflect, to store once they are.
     pub checkpoint: Option<u64>,
+    /// Messages for running tasks, to hand their workers (see `talk`).
+    pub posts: Vec<talk::Post>,
 }
 
 impl Effects {
@@ -259,6 +268,7 @@ impl Effects {
             && self.replies.is_empty()
             && self.fetches.is_empty()
             && self.checkpoint.is_none()
+            && self.posts.is_empty()
     }
 }
 
@@ -572,6 +582,7 @@ impl Engine {
             ApiCall::Cancel(id) => self.cancel(id, caller, tx),
             ApiCall::Delete(id) => self.delete(id, caller, tx),
             ApiCall::Errors { job, reset } => self.errors(job, reset, caller, tx),
+            ApiCall::Send(req) => self.send(*req, caller, tx),
             ApiCall::Workers { after, limit } => {
                 let mut list = self.book.workers_page(after, limit);
                 // What runs where is only the caller's business for its
@@ -843,6 +854,7 @@ pub fn encode_reply(reply: &Reply, enc: Encoding) -> (Option<u16>, Vec<u8>) {
         Reply::Jobs(r) => enc.encode(r),
         Reply::Workers(r) => enc.encode(r),
         Reply::Errors(r) => enc.encode(r),
+        Reply::Sent(r) => enc.encode(r),
         Reply::Error { code, message } => {
             let body = enc.encode(&gpufleet_schema::api::ErrorBody {
                 error: message.clone(),

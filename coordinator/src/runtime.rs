@@ -194,6 +194,8 @@ pub async fn run(
         follow_results(js.clone(), engine.applied_seq(), tx.clone()),
     );
     feeders.spawn("ticker", ticker(cfg.tick.0, tx.clone()));
+    let (post_tx, post_rx) = mpsc::channel(POSTS_WAITING);
+    feeders.spawn("postman", crate::post::run(client.clone(), post_rx));
     // Reads of jobs the engine no longer holds; each ends with an input
     // for the engine, or none.
     let mut fetches: JoinSet<Option<Input>> = JoinSet::new();
@@ -274,6 +276,8 @@ pub async fn run(
             tracing::info!(took = ?started.elapsed(), "coordinator ready: serving the gpufleet API");
         }
         let mut fx = engine.take_effects();
+        // Handed over after this batch's events (their audit) are stored.
+        let posts = std::mem::take(&mut fx.posts);
         for (job, caller, fetch) in std::mem::take(&mut fx.fetches) {
             fetches.spawn(fetch_stored(
                 io.jobs.clone(),
@@ -285,6 +289,7 @@ pub async fn run(
             ));
         }
         if fx.is_empty() && records.purges.is_empty() {
+            hand_over(&post_tx, posts);
             continue;
         }
         // Nothing is written unless we still lead (a frozen process wakes
@@ -294,6 +299,7 @@ pub async fn run(
             break;
         }
         let feedback = execute(fx, &engine, &io, &mut records).await;
+        hand_over(&post_tx, posts);
         let after = now();
         for input in feedback {
             engine.handle(input, after);
@@ -630,6 +636,7 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
         replies,
         fetches: _,
         checkpoint,
+        posts: _,
     } = fx;
     let started = std::time::Instant::now();
     let metrics = &engine.metrics();
@@ -820,6 +827,27 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
     feedback
 }
 
+/// Posts waiting for the postman; past it, a send is answered 503.
+const POSTS_WAITING: usize = 4096;
+
+/// Gives the postman what a batch posted; a post it has no room for is
+/// refused (its sender hears so).
+fn hand_over(postman: &mpsc::Sender<crate::engine::Post>, posts: Vec<crate::engine::Post>) {
+    for post in posts {
+        let Err(mpsc::error::TrySendError::Full(post)) = postman.try_send(post) else {
+            continue;
+        };
+        match post.then {
+            crate::engine::AfterPost::Reply { tx, .. } => {
+                let _ = tx.send(Reply::error(
+                    code::UNAVAILABLE,
+                    "too many messages waiting to be delivered; try again",
+                ));
+            }
+        }
+    }
+}
+
 /// The answer to a submit whose id turned out to be a finished job's
 /// (`same`: with the same spec), in place of `reply`.
 fn answer_taken(id: &JobId, (same, status): (bool, JobState), reply: Reply) -> Reply {
@@ -999,6 +1027,16 @@ async fn fetch_stored(
         Fetch::Cancel(tx) => {
             let reply = match read {
                 Ok(Some(j)) => Reply::Job(Box::new(j.page(0, MAX_TASKS_PER_PAGE as usize))),
+                Ok(None) => not_found(),
+                Err(e) => unavailable(&e),
+            };
+            let _ = tx.send(reply);
+            None
+        }
+        Fetch::Send(tx) => {
+            let reply = match read {
+                // Finished: nothing runs to receive it.
+                Ok(Some(j)) => crate::engine::talk_sent(&j.id, vec![]),
                 Ok(None) => not_found(),
                 Err(e) => unavailable(&e),
             };

@@ -8,6 +8,8 @@
 //!   advertise, the (signed) reservations they claim, and the events and
 //!   artifacts they stream.
 //! - [`api`]: request and reply bodies of the `gpufleet` micro service.
+//! - [`message`]: messages to running tasks, and the inbox lines a worker
+//!   writes for them.
 //! - [`capacity`]: what a worker has free and whether a grant fits: the one
 //!   model the coordinator places by and the worker checks by.
 //! - [`subjects`]: every subject, bucket and key name.
@@ -27,6 +29,7 @@ pub mod codec;
 pub mod event;
 pub mod ids;
 pub mod lease;
+pub mod message;
 pub mod roles;
 pub mod spec;
 pub mod status;

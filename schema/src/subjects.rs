@@ -291,6 +291,15 @@ pub fn parse_event_subject(subject: &str) -> Option<EventSubject> {
     })
 }
 
+/// Where the coordinator asks `worker` to deliver a message to a task it
+/// runs (a request; the worker answers whether it did).
+pub fn deliver(worker: &WorkerId) -> String {
+    format!("gpufleet.deliver.{worker}")
+}
+
+/// Every worker's delivery subject: what the coordinator may publish to.
+pub const DELIVER_ALL: &str = "gpufleet.deliver.*";
+
 /// A key in [`LEASES_BUCKET`], `<worker>.<task>.<attempt>`: one key per
 /// attempt, so a key is never reused by a later attempt (see the KV notes
 /// in the README). Made only by [`lease_key`] and [`parse_lease_key`], so

@@ -8,6 +8,8 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use gpufleet_schema::{EventBody, TaskState};
+use gpufleet_testkit::server::workspace_root;
 use gpufleet_testkit::{bin, Fleet, WorkerSpec};
 use serde_json::{json, Value};
 
@@ -77,4 +79,143 @@ async fn errors_are_listed_after_a_retried_failure_and_cleared_by_reset() {
     let out = gpufleet(&fleet, &["errors", "nope"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("job nope not found"));
+}
+
+/// The README's Python example of a task that follows its inbox.
+fn inbox_example() -> String {
+    std::fs::read_to_string(workspace_root().join("examples/inbox_log_level.py"))
+        .expect("examples/inbox_log_level.py")
+}
+
+/// Waits for a line of the job's output containing `needle`.
+async fn wait_output(fleet: &Fleet, job: &str, needle: &str) {
+    fleet
+        .wait_event(
+            job,
+            STEP,
+            &format!("output {needle:?}"),
+            |e| matches!(&e.body, EventBody::Log { text, .. } if text.contains(needle)),
+        )
+        .await;
+}
+
+/// All of the job's stdout so far.
+async fn output(fleet: &Fleet, job: &str) -> String {
+    fleet
+        .events(job)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.body {
+            EventBody::Log { text, .. } => Some(text),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_reaches_a_running_task_and_log_level_changes_its_logging() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_worker(WorkerSpec::new("msg-w1")).await;
+    let job = fleet
+        .submit(&json!({"tasks": [
+            {"name": "follower", "command": ["python3", "-c", inbox_example()]},
+            {"name": "quick", "command": ["true"]}]}))
+        .await;
+    wait_output(&fleet, &job, "INFO step 0").await;
+    fleet
+        .wait_job(&job, STEP, "quick to end", |s| {
+            s["tasks"][1]["state"] == "SUCCEEDED"
+        })
+        .await;
+
+    // To the job: only the running task gets it.
+    let sent: Value = serde_json::from_str(&ok(
+        &fleet,
+        &[
+            "--json",
+            "send",
+            &job,
+            "--topic",
+            "greeting",
+            r#"{"hello": 1}"#,
+        ],
+    ))
+    .unwrap();
+    assert_eq!(sent["delivered"], 1, "{sent}");
+    assert_eq!(sent["tasks"], json!([format!("{job}-0")]), "{sent}");
+    wait_output(
+        &fleet,
+        &job,
+        r#"message greeting from user:default: {"hello": 1}"#,
+    )
+    .await;
+
+    // The convention: log_level, to the task by name, with a signal to
+    // look at once.
+    assert!(!output(&fleet, &job).await.contains("DEBUG step"));
+    let said = ok(
+        &fleet,
+        &[
+            "send",
+            &job,
+            "follower",
+            "--topic",
+            "log_level",
+            "--signal",
+            "DEBUG",
+        ],
+    );
+    assert!(said.contains("delivered to 1 running task"), "{said}");
+    wait_output(&fleet, &job, "log level now DEBUG (from user:default)").await;
+    wait_output(&fleet, &job, "DEBUG step").await;
+
+    // A task that has ended receives nothing; an unknown one is an error.
+    let none = ok(&fleet, &["send", &job, "quick", "--topic", "t", "1"]);
+    assert!(none.contains("delivered to 0 running tasks"), "{none}");
+    let out = gpufleet(&fleet, &["send", &job, "nobody", "--topic", "t", "1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no task nobody"));
+    // A reserved topic is refused before anything is sent.
+    let out = gpufleet(&fleet, &["send", &job, "--topic", "gpufleet.gpus", "1"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    ok(&fleet, &["send", &job, "--topic", "stop", "null"]);
+    let status = fleet.wait_finished(&job, STEP).await;
+    assert_eq!(status["status"], "FINISHED:COMPLETED", "{status}");
+    assert!(output(&fleet, &job).await.contains("stopping at step"));
+
+    // Each message is in the job's events, for audit and replay.
+    let messages: Vec<(String, String, String)> = fleet
+        .events(&job)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.body {
+            EventBody::Message {
+                from, to, topic, ..
+            } => Some((from, to, topic)),
+            _ => None,
+        })
+        .collect();
+    let topics: Vec<&str> = messages.iter().map(|m| m.2.as_str()).collect();
+    assert_eq!(
+        topics,
+        ["greeting", "log_level", "t", "stop"],
+        "{messages:?}"
+    );
+    assert!(messages.iter().all(|m| m.0 == "user:default"));
+    assert_eq!(messages[1].1, "follower");
+    // After the end, a send reaches nothing and stores nothing.
+    let after = ok(&fleet, &["send", &job, "--topic", "late", "1"]);
+    assert!(after.contains("delivered to 0"), "{after}");
+    let states = fleet.events(&job).await;
+    assert!(!states
+        .iter()
+        .any(|e| matches!(&e.body, EventBody::Message { topic, .. } if topic == "late")));
+    assert!(states.iter().any(|e| matches!(
+        &e.body,
+        EventBody::State {
+            state: TaskState::Succeeded,
+            ..
+        }
+    )));
 }

@@ -49,12 +49,7 @@ impl Source {
     /// The event and its subject; `lease_rev` is the claim's revision, the
     /// fencing token the coordinator checks.
     pub fn event(&self, body: EventBody, lease_rev: u64) -> (String, Event) {
-        let kind = match body {
-            EventBody::State { .. } => EventKind::State,
-            EventBody::Log { .. } => EventKind::Log,
-            EventBody::Progress { .. } => EventKind::Progress,
-            EventBody::Result(_) => EventKind::Result,
-        };
+        let kind = body.kind();
         (
             subjects::events(
                 &self.owner,

@@ -46,6 +46,7 @@ fn task(dir: &Path, cmd: &[&str]) -> TaskRun {
             ..Limits::default()
         },
         usage: Some(crate::usage::Meter::new(vec![])),
+        pid: None,
     }
 }
 

@@ -114,3 +114,91 @@ fn a_job_keeps_its_newest_errors_and_counts_them_all() {
     j.note_end(0, TaskState::Cancelled, None, "", now());
     assert_eq!(j.error_count as usize, max + 5);
 }
+
+fn send(
+    e: &mut Sim,
+    json: serde_json::Value,
+    caller: Caller,
+) -> (Vec<Post>, Vec<(String, Event)>, Option<Reply>) {
+    let (tx, mut rx) = oneshot::channel();
+    let req = serde_json::from_value(json).unwrap();
+    e.handle(Input::Api(ApiCall::Send(Box::new(req)), caller, tx));
+    let fx = e.take_effects();
+    for (tx, reply, _) in fx.replies {
+        let _ = tx.send(reply);
+    }
+    (fx.posts, fx.events, rx.try_recv().ok())
+}
+
+#[test]
+fn a_message_goes_to_the_running_tasks_only_and_is_kept_for_each_addressed_one() {
+    let mut e = ready_engine(&[advert("w1", 4, 0), advert("w2", 4, 0)]);
+    let (id, _rx) = submit(
+        &mut e,
+        r#"{"tasks": [{"name": "a", "command": ["true"]}, {"name": "b", "command": ["true"]},
+                      {"name": "c", "command": ["true"], "resources": {"cpus": 64}}]}"#,
+    );
+    let leases = e.take_effects().create_leases;
+    assert_eq!(leases.len(), 2, "c fits nowhere and waits");
+    for (n, (key, lease)) in leases.iter().enumerate() {
+        claim(&mut e, key, lease, 3 + n as u64);
+    }
+    let (key_b, lease_b) = leases
+        .iter()
+        .find(|(_, l)| l.task_id.as_str().ends_with("-1"))
+        .unwrap()
+        .clone();
+    finish(&mut e, &key_b, &lease_b, TaskState::Succeeded, 9);
+    e.take_effects();
+
+    // To the job: task a alone runs.
+    let (posts, events, reply) = send(
+        &mut e,
+        serde_json::json!({"job_id": id, "topic": "t", "data": {"x": 1}, "signal": true}),
+        Caller::everyone(),
+    );
+    assert!(reply.is_none(), "answered once delivered");
+    assert_eq!(posts.len(), 1);
+    let parcels = &posts[0].parcels;
+    assert_eq!(parcels.len(), 1);
+    let (worker, d) = &parcels[0];
+    assert_eq!(d.task_id.as_str(), format!("{id}-0"));
+    assert_eq!(Some(worker), e.jobs[&id].tasks[0].worker.as_ref());
+    assert_eq!((d.attempt, d.signal), (1, true));
+    assert_eq!(d.message.from, "user:default");
+    assert_eq!(d.message.data, serde_json::json!({"x": 1}));
+    assert_eq!(events.len(), 1);
+    assert!(
+        events[0].0.ends_with(&format!("{id}-0.message._c")),
+        "{}",
+        events[0].0
+    );
+    assert!(matches!(&events[0].1.body, EventBody::Message { to, .. } if to == "*"));
+
+    // To a task by name that does not run: kept, delivered to nobody.
+    let (posts, events, _) = send(
+        &mut e,
+        serde_json::json!({"job_id": id, "task": "c", "topic": "t"}),
+        Caller::everyone(),
+    );
+    assert!(posts[0].parcels.is_empty());
+    assert_eq!(events.len(), 1);
+
+    // An unknown task, and someone else's job, are not found.
+    let (posts, _, reply) = send(
+        &mut e,
+        serde_json::json!({"job_id": id, "task": "zz", "topic": "t"}),
+        Caller::everyone(),
+    );
+    assert!(posts.is_empty());
+    assert!(
+        matches!(reply, Some(Reply::Error { code: 404, message }) if message.contains("no task zz"))
+    );
+    let bob = Caller {
+        user: UserId::new("bob").unwrap(),
+        admin: false,
+    };
+    let (posts, events, reply) = send(&mut e, serde_json::json!({"job_id": id, "topic": "t"}), bob);
+    assert!(posts.is_empty() && events.is_empty());
+    assert!(matches!(reply, Some(Reply::Error { code: 404, .. })));
+}
