@@ -199,6 +199,8 @@ impl Fleet {
                 work_dir: Some(
                     std::env::temp_dir().join(format!("gpufleet-bench-{}-{i}", std::process::id())),
                 ),
+                // Many workers in one process: one port would not do.
+                metrics_addr: gpufleet_natsutil::metrics::MetricsAddr::Off,
                 ..access.worker_config(&worker_name(i))?
             };
             let mut rx = stop_rx.clone();

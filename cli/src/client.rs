@@ -368,6 +368,16 @@ impl HoldersOf {
         }
     }
 
+    /// Takes the holders a job's status names (the current attempt of each
+    /// task), for a replay that starts after their state events.
+    pub fn learn(&mut self, status: &JobStatus) {
+        for t in &status.tasks {
+            if let Some(w) = &t.worker {
+                self.0.insert((t.task_id.clone(), t.attempt), w.clone());
+            }
+        }
+    }
+
     pub fn holder(&self, task: &TaskId, attempt: u32) -> Option<&WorkerId> {
         self.0.get(&(task.clone(), attempt))
     }
@@ -436,6 +446,11 @@ impl EventStream {
             .stored_tail()
             .await
             .context("reading the events stream")
+    }
+
+    /// See [`HoldersOf::learn`].
+    pub fn learn_holders(&mut self, status: &JobStatus) {
+        self.holders.learn(status);
     }
 
     /// Who held each attempt, as far as the events seen so far say.

@@ -220,22 +220,13 @@ async fn events(
     headers: HeaderMap,
 ) -> Answer {
     let id = job_id(&id)?;
-    // Its events are under its owner's name.
-    let owner = dash.api.get(&id).await?.owner;
-    let filter = subjects::job_events(&owner, &id);
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let from = match (resume, q.from.as_deref()) {
-        (Some(seen), _) => seen + 1,
-        (None, None | Some("start")) => 1,
-        // The newest stored event and what follows it.
-        (None, Some("tail")) => match dash.api.newest_event(&filter).await {
-            Ok(Some(seq)) => seq,
-            Ok(None) => 1,
-            Err(e) => return Err(Failure(StatusCode::BAD_GATEWAY, format!("{e:#}"))),
-        },
+    let tail = match (resume, q.from.as_deref()) {
+        (Some(_), _) | (None, None | Some("start")) => false,
+        (None, Some("tail")) => true,
         (None, Some(other)) => {
             return Err(Failure(
                 StatusCode::BAD_REQUEST,
@@ -243,11 +234,27 @@ async fn events(
             ))
         }
     };
-    let stream = dash
+    // Its events are under its owner's name.
+    let status = dash.api.get(&id).await?;
+    let filter = subjects::job_events(&status.owner, &id);
+    let from = match resume {
+        Some(seen) => seen + 1,
+        // The newest stored event and what follows it.
+        None if tail => match dash.api.newest_event(&filter).await {
+            Ok(Some(seq)) => seq,
+            Ok(None) => 1,
+            Err(e) => return Err(Failure(StatusCode::BAD_GATEWAY, format!("{e:#}"))),
+        },
+        None => 1,
+    };
+    let mut stream = dash
         .api
         .events_from(filter, from, Until::Live)
         .await
         .map_err(|e| Failure(StatusCode::BAD_GATEWAY, format!("{e:#}")))?;
+    // From the tail, the state events that name who holds each running
+    // attempt are behind us: the status names them.
+    stream.learn_holders(&status);
     Ok(Sse::new(sse(stream))
         .keep_alive(KeepAlive::default())
         .into_response())

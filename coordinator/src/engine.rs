@@ -512,6 +512,11 @@ impl Engine {
                 }
             }
         }
+        // Finished jobs leave the table once stored; those of the window
+        // still count, so that a job's end shows in its status series.
+        for s in self.jobs.recent() {
+            o.jobs[job_state_index(s.status)] += 1;
+        }
         o.queue_length = waiting.len() as i64;
         o.oldest_wait = self
             .queue

@@ -469,7 +469,7 @@ impl Metrics {
         let mut r = Registry::with_prefix("gpufleet");
         r.register(
             "jobs",
-            "Jobs the coordinator holds, by status",
+            "Jobs by status: every unfinished job and the newest 1,000 finished ones",
             p.jobs.clone(),
         );
         r.register("tasks", "Tasks of those jobs, by state", p.tasks.clone());

@@ -75,6 +75,11 @@ impl JobTable {
             .retain(|(_, s)| s.finished_at.is_none_or(|f| f >= before));
     }
 
+    /// The summaries in the window of newest finished jobs.
+    pub fn recent(&self) -> impl Iterator<Item = &JobStatus> {
+        self.recent.iter().map(|(_, s)| s)
+    }
+
     /// How many jobs the table holds (the window not counted).
     pub fn len(&self) -> usize {
         self.jobs.len()
