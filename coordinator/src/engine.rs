@@ -48,7 +48,7 @@ mod talk;
 
 pub use clock::{Now, Rng};
 pub use queue::AVOID_FOR;
-pub use talk::{sent as talk_sent, AfterPost, Post};
+pub use talk::{sent as talk_sent, undeliverable, AfterPost, Post};
 
 use crate::config::CoordinatorConfig;
 use crate::metrics::{job_state_index, task_state_index, InputKind, Metrics, Observed};
@@ -184,6 +184,12 @@ pub enum Input {
     /// against the subject).
     Result {
         seq: u64,
+        event: Box<Event>,
+        sender: Sender,
+    },
+    /// A message a task wrote to its outbox (a `message` event), with who
+    /// sent it (from its subject; the body was checked against it).
+    Message {
         event: Box<Event>,
         sender: Sender,
     },
@@ -455,6 +461,7 @@ impl Engine {
                 self.result(*event, &sender, seq);
                 self.applied_seq = self.applied_seq.max(seq);
             }
+            Input::Message { event, sender } => self.route(*event, &sender),
             Input::LeaseCreateFailed { key, error } => self.lease_create_failed(&key, &error),
             Input::Persist(job) => {
                 if self.jobs.get(&job).is_some() {

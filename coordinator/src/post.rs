@@ -20,7 +20,7 @@ use gpufleet_schema::{codec, subjects, WorkerId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::engine::{talk_sent, AfterPost, Post};
+use crate::engine::{talk_sent, undeliverable, AfterPost, Post};
 
 /// How long a worker has to answer one delivery.
 pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,36 +34,66 @@ type Parcel = (Delivery, oneshot::Sender<bool>);
 
 /// Carries every post that comes on `posts` until the channel closes.
 pub async fn run(client: async_nats::Client, mut posts: mpsc::Receiver<Post>) {
-    let mut couriers: HashMap<WorkerId, mpsc::Sender<Parcel>> = HashMap::new();
-    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut post_office = PostOffice {
+        client,
+        couriers: HashMap::new(),
+        tasks: JoinSet::new(),
+    };
+    // Each post's outcome, once all its parcels arrived or did not: the
+    // notices of what did not, for the sender.
+    let mut settling: JoinSet<Vec<(WorkerId, Delivery)>> = JoinSet::new();
     loop {
         tokio::select! {
             post = posts.recv() => {
                 let Some(post) = post else { break };
-                let mut arrivals = Vec::with_capacity(post.parcels.len());
-                for (worker, delivery) in post.parcels {
-                    let (tx, rx) = oneshot::channel();
-                    let task = delivery.task_id.clone();
-                    let courier = couriers.entry(worker.clone()).or_insert_with(|| {
-                        courier(&client, &mut tasks, worker.clone())
-                    });
-                    if courier.is_closed() {
-                        *courier = self::courier(&client, &mut tasks, worker.clone());
-                    }
-                    if courier.try_send((delivery, tx)).is_err() {
-                        tracing::warn!(%worker, "too many messages waiting for one worker; dropping one");
-                    }
-                    arrivals.push((task, rx));
-                }
-                couriers.retain(|_, c| !c.is_closed());
-                tasks.spawn(settle(arrivals, post.then));
+                let arrivals = post
+                    .parcels
+                    .into_iter()
+                    .map(|(worker, d)| (d.task_id.clone(), post_office.send(worker, d)))
+                    .collect();
+                settling.spawn(settle(arrivals, post.then));
             }
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+            Some(done) = settling.join_next(), if !settling.is_empty() => match done {
+                Ok(notices) => {
+                    for (worker, d) in notices {
+                        drop(post_office.send(worker, d));
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "settling a post of messages failed"),
+            },
+            Some(done) = post_office.tasks.join_next(), if !post_office.tasks.is_empty() => {
                 if let Err(e) = done {
                     tracing::error!(error = %e, "a courier of messages failed");
                 }
             }
         }
+    }
+}
+
+/// The couriers, one per worker with parcels to carry.
+struct PostOffice {
+    client: async_nats::Client,
+    couriers: HashMap<WorkerId, mpsc::Sender<Parcel>>,
+    tasks: JoinSet<()>,
+}
+
+impl PostOffice {
+    /// Gives `worker`'s courier a parcel; says whether it arrived.
+    fn send(&mut self, worker: WorkerId, delivery: Delivery) -> oneshot::Receiver<bool> {
+        let (tx, rx) = oneshot::channel();
+        let courier = match self.couriers.get(&worker) {
+            Some(c) if !c.is_closed() => c.clone(),
+            _ => {
+                self.couriers.retain(|_, c| !c.is_closed());
+                let c = courier(&self.client, &mut self.tasks, worker.clone());
+                self.couriers.insert(worker.clone(), c.clone());
+                c
+            }
+        };
+        if courier.try_send((delivery, tx)).is_err() {
+            tracing::warn!(%worker, "too many messages waiting for one worker; dropping one");
+        }
+        rx
     }
 }
 
@@ -118,11 +148,12 @@ async fn deliver(client: &async_nats::Client, subject: &str, delivery: &Delivery
     }
 }
 
-/// Once every parcel of a post has arrived or not, does what follows.
+/// Once every parcel of a post has arrived or not, does what follows;
+/// returns the notices for a sender of what did not arrive.
 async fn settle(
     arrivals: Vec<(gpufleet_schema::TaskId, oneshot::Receiver<bool>)>,
     then: AfterPost,
-) {
+) -> Vec<(WorkerId, Delivery)> {
     let outcomes = join_all(
         arrivals
             .into_iter()
@@ -136,6 +167,22 @@ async fn settle(
                 .filter_map(|(task, ok)| ok.then_some(task))
                 .collect();
             let _ = tx.send(talk_sent(&job, got));
+            Vec::new()
+        }
+        AfterPost::Bounce {
+            sender: (worker, back),
+            to,
+            refused,
+        } => {
+            let missed = outcomes
+                .into_iter()
+                .filter(|(_, ok)| !ok)
+                .map(|(task, _)| (task.to_string(), "its worker did not take it".to_string()));
+            refused
+                .into_iter()
+                .chain(missed)
+                .map(|(receiver, why)| (worker.clone(), undeliverable(&back, &to, &receiver, &why)))
+                .collect()
         }
     }
 }

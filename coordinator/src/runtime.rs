@@ -194,6 +194,10 @@ pub async fn run(
         follow_results(js.clone(), engine.applied_seq(), tx.clone()),
     );
     feeders.spawn("ticker", ticker(cfg.tick.0, tx.clone()));
+    feeders.spawn(
+        "messages follower",
+        follow_messages(js.clone(), stores.events.clone(), tx.clone()),
+    );
     let (post_tx, post_rx) = mpsc::channel(POSTS_WAITING);
     feeders.spawn("postman", crate::post::run(client.clone(), post_rx));
     // Reads of jobs the engine no longer holds; each ends with an input
@@ -844,6 +848,9 @@ fn hand_over(postman: &mpsc::Sender<crate::engine::Post>, posts: Vec<crate::engi
                     "too many messages waiting to be delivered; try again",
                 ));
             }
+            crate::engine::AfterPost::Bounce { sender, .. } => {
+                tracing::warn!(task_id = %sender.1.task_id, "too many messages waiting to be delivered; dropped one of a task's");
+            }
         }
     }
 }
@@ -1287,8 +1294,9 @@ async fn follow_results(js: jetstream::Context, after: u64, tx: mpsc::Sender<Inp
     }
 }
 
-/// A result event as the engine takes it: its sender from the subject
-/// (which the server vouches for), and only if its body agrees with it.
+/// A result (or message) event as the engine takes it: its sender from
+/// the subject (which the server vouches for), and only if its body agrees
+/// with it.
 fn result_input(subject: &str, payload: &[u8], seq: u64) -> Result<Input, String> {
     let subject =
         subjects::parse_event_subject(subject).ok_or_else(|| "not an event subject".to_string())?;
@@ -1296,11 +1304,56 @@ fn result_input(subject: &str, payload: &[u8], seq: u64) -> Result<Input, String
     if !event.matches_subject(&subject) {
         return Err("its body names another job, task, kind or sender than its subject".into());
     }
-    Ok(Input::Result {
-        seq,
-        event: Box::new(event),
-        sender: subject.sender,
+    let (event, sender) = (Box::new(event), subject.sender);
+    Ok(match event.kind() {
+        EventKind::Message => Input::Message { event, sender },
+        _ => Input::Result { seq, event, sender },
     })
+}
+
+/// Follows the messages tasks write to their outboxes (`message` events
+/// from workers), from those stored after this coordinator began to lead:
+/// delivery is at most once, and a message sent while no coordinator led
+/// is not delivered.
+async fn follow_messages(
+    js: jetstream::Context,
+    mut stream: jetstream::stream::Stream,
+    tx: mpsc::Sender<Input>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    let mut replay = loop {
+        let from = match stream.info().await {
+            Ok(info) => info.state.last_sequence + 1,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow messages; retrying");
+                backoff.wait().await;
+                continue;
+            }
+        };
+        let filters = vec![subjects::events_of_kind(EventKind::Message)];
+        match Replay::start(&js, subjects::EVENTS_STREAM, filters, from, Until::Live).await {
+            Ok(r) => break r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow messages; retrying");
+                backoff.wait().await;
+            }
+        }
+    };
+    while let Some(event) = replay.next_event().await {
+        let ReplayEvent::Message(r) = event else {
+            continue;
+        };
+        let subject = r.message.subject.as_str();
+        match result_input(subject, &r.message.payload, r.sequence) {
+            Ok(input @ Input::Message { .. }) => {
+                if tx.send(input).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(subject, error = %e, "ignoring an unreadable message"),
+        }
+    }
 }
 
 async fn ticker(every: Duration, tx: mpsc::Sender<Input>) {

@@ -138,6 +138,9 @@ pub enum EventBody {
         topic: String,
         #[serde(default)]
         data: serde_json::Value,
+        /// The receivers are to be sent `SIGUSR1` too.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        signal: bool,
     },
 }
 

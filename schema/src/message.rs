@@ -91,6 +91,40 @@ pub struct DeliveryReply {
     pub why: Option<String>,
 }
 
+/// The longest `to` of an outbox line.
+pub const MAX_TO: usize = 256;
+/// `to` for every other running task of the job.
+pub const TO_ALL: &str = "*";
+
+/// One line a task appends to its outbox file (`GPUFLEET_OUTBOX`): a
+/// message for another task of its job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxLine {
+    /// A task of the same job, by name or id, or [`TO_ALL`].
+    pub to: String,
+    pub topic: String,
+    #[serde(default)]
+    pub data: serde_json::Value,
+    /// Also send the receivers [`SIGNAL_NAME`].
+    #[serde(default)]
+    pub signal: bool,
+}
+
+impl OutboxLine {
+    /// A line as the task wrote it, checked; the error says what is wrong.
+    pub fn parse(line: &[u8]) -> Result<OutboxLine, String> {
+        let l: OutboxLine = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+        if l.to.is_empty() || l.to.len() > MAX_TO || l.to.chars().any(char::is_control) {
+            return Err(format!(
+                "to: must be a task's name or id, or \"*\" (1 to {MAX_TO} bytes)"
+            ));
+        }
+        check(&l.topic, &l.data)?;
+        Ok(l)
+    }
+}
+
 /// Checks a topic and data a sender chose; the error says what is wrong.
 pub fn check(topic: &str, data: &serde_json::Value) -> Result<(), String> {
     if topic.is_empty() || topic.len() > MAX_TOPIC {
@@ -129,6 +163,22 @@ mod tests {
             .starts_with("topic:"));
         let big = json!("x".repeat(MAX_DATA));
         assert!(check("t", &big).unwrap_err().starts_with("data:"));
+    }
+
+    #[test]
+    fn an_outbox_line_is_checked() {
+        let ok = OutboxLine::parse(br#"{"to": "*", "topic": "t", "data": [1]}"#).unwrap();
+        assert_eq!((ok.to.as_str(), ok.signal), ("*", false));
+        for (bad, field) in [
+            (&br#"{"to": "", "topic": "t"}"#[..], "to:"),
+            (br#"{"to": "a", "topic": ""}"#, "topic:"),
+            (br#"{"to": "a", "topic": "t", "x": 1}"#, "unknown field"),
+            (br#"{"topic": "t"}"#, "missing field `to`"),
+            (b"not json", "expected"),
+        ] {
+            let e = OutboxLine::parse(bad).unwrap_err();
+            assert!(e.contains(field), "{e}");
+        }
     }
 
     #[test]

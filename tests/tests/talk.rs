@@ -219,3 +219,140 @@ async fn a_message_reaches_a_running_task_and_log_level_changes_its_logging() {
         }
     )));
 }
+
+/// A gang member: says hello to all until it has heard from both others,
+/// then sends five numbered messages to `NEXT` and "done" to all, and ends
+/// once it has its predecessor's five and both others' "done".
+const GANG_MEMBER: &str = r#"
+import json, os, time
+me, nxt = os.environ["ME"], os.environ["NEXT"]
+inbox, outbox = os.environ["GPUFLEET_INBOX"], os.environ["GPUFLEET_OUTBOX"]
+offset = 0
+
+def send(to, topic, data=None):
+    with open(outbox, "a") as f:
+        f.write(json.dumps({"to": to, "topic": topic, "data": data}) + "\n")
+
+def read():
+    global offset
+    try:
+        with open(inbox, "rb") as f:
+            f.seek(offset)
+            d = f.read()
+    except FileNotFoundError:
+        return []
+    whole = d[:d.rfind(b"\n") + 1]
+    offset += len(whole)
+    return [json.loads(l) for l in whole.splitlines() if l.strip()]
+
+alive, seqs, done, said_hello, sent = set(), [], set(), 0, False
+while not (len(seqs) == 5 and len(done) == 2):
+    for m in read():
+        if m["topic"] == "gpufleet.undeliverable":
+            continue
+        alive.add(m["from"])
+        if m["topic"] == "seq":
+            seqs.append([m["from"], m["data"]])
+        elif m["topic"] == "done":
+            done.add(m["from"])
+        elif m["topic"] != "hello":
+            print("unexpected", json.dumps(m), flush=True)
+    if not sent and len(alive) == 2:
+        for i in range(5):
+            send(nxt, "seq", i)
+        send("*", "done")
+        sent = True
+    if not sent and time.time() - said_hello > 0.3:
+        send("*", "hello")
+        said_hello = time.time()
+    time.sleep(0.05)
+print(me, "got", json.dumps(seqs), "done from", json.dumps(sorted(done)), flush=True)
+"#;
+
+/// A task of another job: writes to a task of the gang's job, by its id
+/// and by its name, and ends once both came back undeliverable.
+const INTRUDER: &str = r#"
+import json, os, time
+target = os.environ["TARGET"]
+with open(os.environ["GPUFLEET_OUTBOX"], "a") as f:
+    f.write(json.dumps({"to": target, "topic": "psst", "data": 1}) + "\n")
+    f.write(json.dumps({"to": "t0", "topic": "psst", "data": 2}) + "\n")
+    f.write("this is not json\n")
+bounced = []
+while len(bounced) < 2:
+    try:
+        lines = open(os.environ["GPUFLEET_INBOX"]).read().splitlines()
+    except FileNotFoundError:
+        lines = []
+    bounced = [json.loads(l) for l in lines if l.strip()]
+    time.sleep(0.05)
+for m in bounced:
+    print("bounced", m["topic"], m["from"], json.dumps(m["data"]), flush=True)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gang_exchanges_targeted_and_multicast_messages_and_another_job_cannot_reach_it() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_worker(WorkerSpec::new("gang-w1").cpus(4.0)).await;
+    let member = |me: &str, next: &str| {
+        json!({"name": me, "command": ["python3", "-c", GANG_MEMBER],
+               "env": {"ME": me, "NEXT": next}, "resources": {"cpus": 1}})
+    };
+    let gang = fleet
+        .submit(&json!({"gang": true, "max_retries": 0, "tasks": [
+            member("t0", "t1"), member("t1", "t2"), member("t2", "t0")]}))
+        .await;
+    let intruder = fleet
+        .submit(
+            &json!({"tasks": [{"name": "intruder", "resources": {"cpus": 1},
+            "command": ["python3", "-c", INTRUDER], "env": {"TARGET": format!("{gang}-0")}}]}),
+        )
+        .await;
+
+    let status = fleet.wait_finished(&gang, STEP).await;
+    assert_eq!(status["status"], "FINISHED:COMPLETED", "{status}");
+    let out = output(&fleet, &gang).await;
+    for (me, from) in [("t0", "t2"), ("t1", "t0"), ("t2", "t1")] {
+        // Targeted, in the order sent; the multicast "done" from both.
+        let seqs: Vec<Value> = (0..5).map(|i| json!([from, i])).collect();
+        let others: Vec<&str> = ["t0", "t1", "t2"]
+            .into_iter()
+            .filter(|t| *t != me)
+            .collect();
+        let line = format!(
+            "{me} got {} done from {}",
+            serde_json::to_string(&seqs).unwrap().replace(",", ", "),
+            serde_json::to_string(&others).unwrap().replace(",", ", ")
+        );
+        assert!(out.contains(&line), "{line:?} not in:\n{out}");
+    }
+    assert!(!out.contains("unexpected"), "{out}");
+
+    let status = fleet.wait_finished(&intruder, STEP).await;
+    assert_eq!(status["status"], "FINISHED:COMPLETED", "{status}");
+    let out = output(&fleet, &intruder).await;
+    assert!(
+        out.contains(&format!(r#""to": "{gang}-0""#)) && out.contains(r#""to": "t0""#),
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("bounced gpufleet.undeliverable gpufleet")
+            .count(),
+        2,
+        "{out}"
+    );
+    assert!(out.contains(&format!("has no task {gang}-0")), "{out}");
+    assert!(
+        out.contains("ignored an outbox line"),
+        "a bad line is said: {out}"
+    );
+
+    // The gang's messages are in its events, from the worker that ran each.
+    let sent = fleet
+        .events(&gang)
+        .await
+        .into_iter()
+        .filter(|e| matches!(&e.body, EventBody::Message { topic, .. } if topic == "seq"))
+        .count();
+    assert_eq!(sent, 15);
+}

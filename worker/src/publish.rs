@@ -98,6 +98,15 @@ pub(crate) async fn ship_output(
                 dropped_bytes,
             },
             Output::Progress(data) => EventBody::Progress { data },
+            // From the task (by its id; the coordinator names it), to
+            // whoever it says: the coordinator routes it.
+            Output::Message(m) => EventBody::Message {
+                from: source.task_id.to_string(),
+                to: m.to,
+                topic: m.topic,
+                data: m.data,
+                signal: m.signal,
+            },
         };
         let (subject, ev) = source.event(body, lease_rev);
         if let Some(ack) = send_event(&js, subject, &ev).await {

@@ -208,6 +208,8 @@ pub enum Output {
         dropped_bytes: u64,
     },
     Progress(serde_json::Value),
+    /// A message the task wrote to its outbox, checked.
+    Message(gpufleet_schema::message::OutboxLine),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -244,11 +246,15 @@ pub struct TaskPaths {
     /// Messages to the task, one JSON line each (`GPUFLEET_INBOX`): the
     /// worker appends, the task reads. Made with the first message.
     pub inbox: PathBuf,
+    /// Messages from the task to others of its job, one JSON line each
+    /// (`GPUFLEET_OUTBOX`): the task appends, the worker reads.
+    pub outbox: PathBuf,
 }
 
 /// The files of `meta/` a task or the worker may make; a spare directory
 /// holds none of them (see `dirs.rs`).
-pub(crate) const META_FILES: [&str; 3] = ["events.jsonl", "result.json", "inbox.jsonl"];
+pub(crate) const META_FILES: [&str; 4] =
+    ["events.jsonl", "result.json", "inbox.jsonl", "outbox.jsonl"];
 
 impl TaskPaths {
     pub fn new(dir: &Path) -> TaskPaths {
@@ -259,6 +265,7 @@ impl TaskPaths {
             result: meta.join(META_FILES[1]),
             events: meta.join(META_FILES[0]),
             inbox: meta.join(META_FILES[2]),
+            outbox: meta.join(META_FILES[3]),
         }
     }
 
@@ -394,7 +401,14 @@ pub async fn run(
     let progress_done = CancellationToken::new();
     let _progress_done_on_drop = progress_done.clone().drop_guard();
     let progress = tokio::spawn(progress::follow(
-        paths.events.clone(),
+        progress::EventsTail::new(paths.events.clone()),
+        limits.progress_poll,
+        hub_tx.clone(),
+        progress_done.clone(),
+        capped.clone(),
+    ));
+    let outbox = tokio::spawn(progress::follow(
+        progress::EventsTail::outbox(paths.outbox.clone()),
         limits.progress_poll,
         hub_tx.clone(),
         progress_done.clone(),
@@ -468,6 +482,7 @@ pub async fn run(
 
     progress_done.cancel();
     let _ = progress.await;
+    let _ = outbox.await;
     let log_dropped_bytes = hub.await.unwrap_or(0);
 
     let (mut state, exit_code, signal, mut error) =
@@ -785,6 +800,7 @@ fn process_spec(task: &TaskRun, paths: &TaskPaths, cgroup: Option<&TaskCgroup>) 
         ("GPUFLEET_RESULT", &paths.result),
         ("GPUFLEET_EVENTS", &paths.events),
         ("GPUFLEET_INBOX", &paths.inbox),
+        ("GPUFLEET_OUTBOX", &paths.outbox),
         ("GPUFLEET_OUTPUT_DIR", &paths.work),
     ] {
         env.insert(k.into(), p.clone().into_os_string());

@@ -10,7 +10,9 @@
 //! answers with how many received it.
 
 use gpufleet_schema::api::{code, ErrorsReply};
-use gpufleet_schema::message::{Delivery, InboxMessage, SendRequest};
+use gpufleet_schema::message::{
+    Delivery, InboxMessage, SendRequest, FROM_GPUFLEET, TO_ALL, UNDELIVERABLE_TOPIC,
+};
 use gpufleet_schema::{subjects, Event, EventBody, EventKind, JobId, TaskState, WorkerId};
 
 use super::{not_found, Caller, Engine, Fetch, Reply, ReplyTx};
@@ -30,6 +32,33 @@ pub struct Post {
 pub enum AfterPost {
     /// Answer `jobs.send` with how many received it.
     Reply { tx: ReplyTx, job: JobId },
+    /// A task's message: tell it, in its own inbox, of every receiver it
+    /// did not reach (those the engine already knows of in `refused`, as
+    /// `(receiver, why)`; then each copy not delivered).
+    Bounce {
+        sender: (WorkerId, Delivery),
+        /// Whom the message was for, as the sender put it.
+        to: String,
+        refused: Vec<(String, String)>,
+    },
+}
+
+/// The notice a sender gets, in its inbox, for a message that did not
+/// reach `receiver`: `sender` addresses the sending attempt and holds the
+/// message itself.
+pub fn undeliverable(sender: &Delivery, to: &str, receiver: &str, why: &str) -> Delivery {
+    Delivery {
+        message: InboxMessage {
+            at: sender.message.at,
+            from: FROM_GPUFLEET.into(),
+            topic: UNDELIVERABLE_TOPIC.into(),
+            data: serde_json::json!({
+                "to": to, "task": receiver, "topic": sender.message.topic, "reason": why,
+            }),
+        },
+        signal: false,
+        ..sender.clone()
+    }
 }
 
 impl Engine {
@@ -123,6 +152,7 @@ impl Engine {
                     to: to.clone(),
                     topic: message.topic.clone(),
                     data: message.data.clone(),
+                    signal: req.signal,
                 },
                 token: None,
             };
@@ -148,6 +178,108 @@ impl Engine {
             }
         }
         self.fx.posts.push(post);
+    }
+}
+
+impl Engine {
+    /// Routes a message a task wrote to its outbox (a `message` event its
+    /// worker published) to the tasks of the same job it names: one by
+    /// name or id, or every other running one for `*`. It counts only from
+    /// the worker holding the sending attempt's claim; a receiver that is
+    /// not running is reported back to the sender.
+    pub(super) fn route(&mut self, event: Event, sender: &subjects::Sender) {
+        let Some(worker) = sender.worker() else {
+            // The coordinator's own audit of a client's message.
+            return;
+        };
+        let EventBody::Message {
+            to,
+            topic,
+            data,
+            signal,
+            ..
+        } = event.body
+        else {
+            return;
+        };
+        let Some(job) = self.jobs.get(&event.job_id).filter(|j| j.stored) else {
+            return;
+        };
+        let Some(i) = job.task_index(&event.task_id) else {
+            return;
+        };
+        let t = &job.tasks[i];
+        // The attempt may have ended since (the results come on another
+        // feed); it must be the current one, and this worker's claim.
+        if t.attempt != event.attempt
+            || t.worker.as_ref() != Some(worker)
+            || t.claim_rev.is_none()
+            || event.lease_rev != t.claim_rev
+        {
+            tracing::info!(task_id = %event.task_id, attempt = event.attempt, sender = %worker, "ignored a message not from the attempt's claim");
+            return;
+        }
+        let message = InboxMessage {
+            at: self.now.wall,
+            from: t.name.clone(),
+            topic,
+            data,
+        };
+        let back = Delivery {
+            job_id: event.job_id.clone(),
+            task_id: t.id.clone(),
+            attempt: t.attempt,
+            message: message.clone(),
+            signal: false,
+        };
+        let mut refused = Vec::new();
+        let receivers: Vec<usize> = if to == TO_ALL {
+            let others: Vec<usize> = (0..job.tasks.len())
+                .filter(|&k| k != i && job.tasks[k].state == TaskState::Running)
+                .collect();
+            if others.is_empty() {
+                refused.push((to.clone(), "no other task of the job is running".into()));
+            }
+            others
+        } else {
+            match find_task(job, &to) {
+                Some(k) if job.tasks[k].state == TaskState::Running => vec![k],
+                Some(k) => {
+                    let r = &job.tasks[k];
+                    refused.push((r.name.clone(), format!("it is not running ({})", r.state)));
+                    vec![]
+                }
+                None => {
+                    refused.push((to.clone(), format!("job {} has no task {to}", job.id)));
+                    vec![]
+                }
+            }
+        };
+        let parcels = receivers
+            .into_iter()
+            .filter_map(|k| {
+                let r = &job.tasks[k];
+                let w = r.worker.clone()?;
+                Some((
+                    w,
+                    Delivery {
+                        job_id: job.id.clone(),
+                        task_id: r.id.clone(),
+                        attempt: r.attempt,
+                        message: message.clone(),
+                        signal,
+                    },
+                ))
+            })
+            .collect();
+        self.fx.posts.push(Post {
+            parcels,
+            then: AfterPost::Bounce {
+                sender: (worker.clone(), back),
+                to,
+                refused,
+            },
+        });
     }
 }
 

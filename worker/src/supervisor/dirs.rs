@@ -165,7 +165,7 @@ fn is_pristine(paths: &TaskPaths, work_mode: u32) -> bool {
             return false;
         }
     }
-    for file in [&paths.result, &paths.inbox] {
+    for file in [&paths.result, &paths.inbox, &paths.outbox] {
         match std::fs::remove_file(file) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return false,
             _ => {}

@@ -202,3 +202,109 @@ fn a_message_goes_to_the_running_tasks_only_and_is_kept_for_each_addressed_one()
     assert!(posts.is_empty() && events.is_empty());
     assert!(matches!(reply, Some(Reply::Error { code: 404, .. })));
 }
+
+/// A task's outbox message as its worker publishes it.
+fn outbox(lease: &Lease, rev: Option<u64>, to: &str) -> Input {
+    Input::Message {
+        sender: Sender::Worker(lease.worker.clone()),
+        event: Box::new(Event {
+            job_id: lease.job_id.clone(),
+            task_id: lease.task_id.clone(),
+            attempt: lease.attempt,
+            worker: Some(lease.worker.clone()),
+            lease_rev: rev,
+            at: now(),
+            body: EventBody::Message {
+                from: lease.task_id.to_string(),
+                to: to.into(),
+                topic: "t".into(),
+                data: serde_json::json!(7),
+                signal: false,
+            },
+            token: None,
+        }),
+    }
+}
+
+#[test]
+fn a_task_s_message_reaches_its_own_job_s_running_tasks_and_the_rest_bounces() {
+    let mut e = ready_engine(&[advert("w1", 4, 0), advert("w2", 4, 0)]);
+    let (id, _rx) = submit(
+        &mut e,
+        r#"{"tasks": [{"name": "a", "command": ["true"]}, {"name": "b", "command": ["true"]},
+                      {"name": "c", "command": ["true"], "resources": {"cpus": 64}}]}"#,
+    );
+    let (other, _rx) = submit(&mut e, r#"{"tasks": [{"name": "x", "command": ["true"]}]}"#);
+    let mut leases = e.take_effects().create_leases;
+    leases.sort_by(|a, b| a.1.task_id.cmp(&b.1.task_id));
+    for (n, (key, lease)) in leases.iter().enumerate() {
+        claim(&mut e, key, lease, 10 + n as u64);
+    }
+    e.take_effects();
+    let a = leases
+        .iter()
+        .find(|(_, l)| l.task_id.as_str() == format!("{id}-0"))
+        .unwrap()
+        .1
+        .clone();
+    let rev = e.jobs[&id].tasks[0].claim_rev;
+    let route = |e: &mut Sim, input: Input| {
+        e.handle(input);
+        e.take_effects().posts
+    };
+
+    // By name: to b, from "a" by name.
+    let posts = route(&mut e, outbox(&a, rev, "b"));
+    let AfterPost::Bounce { refused, .. } = &posts[0].then else {
+        panic!()
+    };
+    assert!(refused.is_empty());
+    assert_eq!(posts[0].parcels.len(), 1);
+    let d = &posts[0].parcels[0].1;
+    assert_eq!(
+        (d.task_id.as_str(), d.message.from.as_str()),
+        (format!("{id}-1").as_str(), "a")
+    );
+
+    // To all: every other running task of its job, not itself, not c
+    // (waiting), not the other job's.
+    let posts = route(&mut e, outbox(&a, rev, "*"));
+    let to: Vec<&str> = posts[0]
+        .parcels
+        .iter()
+        .map(|(_, d)| d.task_id.as_str())
+        .collect();
+    assert_eq!(to, [format!("{id}-1")]);
+
+    // A task that is not running, and one of another job, bounce.
+    for (target, why) in [
+        ("c", "not running (QUEUED)"),
+        (&format!("{other}-0")[..], "has no task"),
+    ] {
+        let posts = route(&mut e, outbox(&a, rev, target));
+        assert!(posts[0].parcels.is_empty(), "{target}");
+        let AfterPost::Bounce {
+            sender,
+            refused,
+            to,
+        } = &posts[0].then
+        else {
+            panic!()
+        };
+        assert_eq!(to, target);
+        assert!(refused[0].1.contains(why), "{refused:?}");
+        assert_eq!(sender.1.task_id, a.task_id, "reported to the sender");
+        let notice = undeliverable(&sender.1, to, &refused[0].0, &refused[0].1);
+        assert_eq!(notice.message.topic, "gpufleet.undeliverable");
+        assert_eq!(notice.message.data["topic"], "t");
+    }
+
+    // Not from the claim: another worker, an old revision, another attempt.
+    let mut forged = a.clone();
+    forged.worker = WorkerId::new("w9").unwrap();
+    assert!(route(&mut e, outbox(&forged, rev, "b")).is_empty());
+    assert!(route(&mut e, outbox(&a, Some(999), "b")).is_empty());
+    let mut old = a.clone();
+    old.attempt = 7;
+    assert!(route(&mut e, outbox(&old, rev, "b")).is_empty());
+}
