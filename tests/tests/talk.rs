@@ -81,10 +81,17 @@ async fn errors_are_listed_after_a_retried_failure_and_cleared_by_reset() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("job nope not found"));
 }
 
-/// The README's Python example of a task that follows its inbox.
+/// The README's Python example of a task that follows its inbox: the
+/// README shows this file whole.
 fn inbox_example() -> String {
-    std::fs::read_to_string(workspace_root().join("examples/inbox_log_level.py"))
-        .expect("examples/inbox_log_level.py")
+    let example = std::fs::read_to_string(workspace_root().join("examples/inbox_log_level.py"))
+        .expect("examples/inbox_log_level.py");
+    let shown = gpufleet_testkit::readme_python("\"\"\"A gpufleet task that follows its inbox");
+    assert_eq!(
+        shown, example,
+        "README's inbox example differs from examples/inbox_log_level.py"
+    );
+    example
 }
 
 /// Waits for a line of the job's output containing `needle`.
