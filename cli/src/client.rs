@@ -9,7 +9,8 @@ use gpufleet_natsutil::events::{Replay, Until};
 use gpufleet_natsutil::Backoff;
 use gpufleet_schema::api::code;
 use gpufleet_schema::api::{
-    ErrorBody, GetRequest, JobRef, ListRequest, SubmitReply, WorkersRequest,
+    ErrorBody, ErrorsReply, ErrorsRequest, GetRequest, JobRef, ListRequest, SubmitReply,
+    WorkersRequest,
 };
 use gpufleet_schema::codec::{self, CONTENT_TYPE, MSGPACK};
 use gpufleet_schema::subjects::{self, endpoint, Sender};
@@ -222,6 +223,23 @@ impl Api {
             },
         )
         .await
+    }
+
+    /// Sends a message to a job's running tasks (one, with `task`).
+    pub async fn send(
+        &self,
+        req: &gpufleet_schema::message::SendRequest,
+    ) -> Result<gpufleet_schema::message::SendReply, ApiError> {
+        self.call(endpoint::JOBS_SEND, req).await
+    }
+
+    /// A job's errors; `reset` clears them (the reply lists what they were).
+    pub async fn errors(&self, job: &JobId, reset: bool) -> Result<ErrorsReply, ApiError> {
+        let req = ErrorsRequest {
+            job_id: job.clone(),
+            reset,
+        };
+        self.call(endpoint::JOBS_ERRORS, &req).await
     }
 
     pub async fn cancel(&self, job: &JobId) -> Result<JobStatus, ApiError> {

@@ -202,6 +202,30 @@ enum Cmd {
     /// Delete a finished job: its record and its events (an unfinished one
     /// must be cancelled first)
     Delete { job: String },
+    /// Send a message to a job's running tasks (to one with TASK): a JSON line
+    /// in each one's inbox file ($GPUFLEET_INBOX); prints how many got it
+    Send {
+        job: String,
+        /// [TASK] DATA: a task id or name, then the data: JSON (anything else
+        /// is sent as a JSON string), or @FILE to read it from a file
+        #[arg(required = true, num_args = 1..=2, value_name = "[TASK] DATA")]
+        args: Vec<String>,
+        /// The message's topic, e.g. log_level
+        #[arg(long)]
+        topic: String,
+        /// Also send the task SIGUSR1 (only to a task that handles it: by
+        /// default it ends a process)
+        #[arg(long)]
+        signal: bool,
+    },
+    /// List a job's errors: every attempt that failed, was interrupted, lost
+    /// or timed out since the last reset
+    Errors {
+        job: String,
+        /// Clear them (after listing them)
+        #[arg(long)]
+        reset: bool,
+    },
     /// Print a job's output so far (one task's with TASK)
     Logs {
         job: String,
@@ -249,6 +273,18 @@ enum ArtifactsCmd {
 
 fn print_json<T: Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
+/// A message's data from the command line: JSON, `@FILE` for a file's
+/// JSON, or else the text as a JSON string (`DEBUG` is `"DEBUG"`).
+fn message_data(arg: &str) -> anyhow::Result<serde_json::Value> {
+    if let Some(path) = arg.strip_prefix('@') {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("DATA: {path}: {e}"))?;
+        return serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("DATA: {path} is not JSON: {e}"));
+    }
+    Ok(serde_json::from_str(arg).unwrap_or_else(|_| serde_json::Value::String(arg.into())))
 }
 
 fn job_id(s: &str) -> anyhow::Result<JobId> {
@@ -418,6 +454,45 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 print_json(&s);
             } else {
                 println!("deleted job {id} ({})", s.status);
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Send {
+            job,
+            mut args,
+            topic,
+            signal,
+        } => {
+            let id = job_id(&job)?;
+            let data = message_data(&args.pop().expect("clap requires DATA"))?;
+            let req = gpufleet_schema::message::SendRequest {
+                job_id: id.clone(),
+                task: args.pop(),
+                topic,
+                data,
+                signal,
+            };
+            gpufleet_schema::message::check(&req.topic, &req.data)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let r = connect().await?.send(&req).await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "delivered to {} running task{} of job {id}",
+                    r.delivered,
+                    if r.delivered == 1 { "" } else { "s" }
+                );
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Errors { job, reset } => {
+            let id = job_id(&job)?;
+            let r = connect().await?.errors(&id, reset).await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!("{}", show::errors(&r));
             }
             Ok(exit::OK)
         }

@@ -116,6 +116,14 @@ pub fn job(s: &JobStatus) -> String {
             }
         ));
     }
+    if s.error_count > 0 {
+        when.push_str(&format!(
+            "\n{} error{} (`gpufleet errors {}`)",
+            s.error_count,
+            if s.error_count == 1 { "" } else { "s" },
+            s.job_id
+        ));
+    }
     out.push_str(&format!("{when}\n\n"));
     // A big array is summed up: counts by state, then only the tasks
     // worth a look (running, or ended other than succeeded).
@@ -203,6 +211,47 @@ fn counts(c: &TaskCounts) -> String {
     .map(|(what, n)| format!("{n} {what}"))
     .collect();
     format!("{} in all: {}", c.total(), parts.join(", "))
+}
+
+/// A job's errors, oldest first, and whether they were cleared.
+pub fn errors(r: &gpufleet_schema::api::ErrorsReply) -> String {
+    let rows: Vec<Vec<String>> = r
+        .errors
+        .iter()
+        .map(|e| {
+            vec![
+                e.at.format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+                e.task.clone(),
+                e.attempt.to_string(),
+                or_dash(e.worker.as_ref().map(|w| w.to_string())),
+                e.state.to_string(),
+                or_dash(e.exit_code.map(|c| c.to_string())),
+                e.reason.clone(),
+            ]
+        })
+        .collect();
+    let mut out = if rows.is_empty() {
+        format!("job {} has no errors", r.job_id)
+    } else {
+        table(
+            &["TIME", "TASK", "TRY", "WORKER", "STATE", "EXIT", "REASON"],
+            &rows,
+        )
+    };
+    let unlisted = r.error_count as usize - r.errors.len().min(r.error_count as usize);
+    if unlisted > 0 {
+        out.push_str(&format!("\n({unlisted} older errors not listed)"));
+    }
+    if r.reset {
+        out.push_str(&format!(
+            "\ncleared {} error{} of job {}",
+            r.error_count,
+            if r.error_count == 1 { "" } else { "s" },
+            r.job_id
+        ));
+    }
+    out
 }
 
 /// What a task used, in a few words: `peak 212 MiB, 1.3s CPU, GPU 3 GiB
@@ -428,6 +477,8 @@ mod tests {
             finished_at: None,
             counts,
             tasks,
+            errors: Vec::new(),
+            error_count: 0,
         };
         let out = job(&s);
         assert!(

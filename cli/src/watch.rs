@@ -425,7 +425,7 @@ fn show_event(ev: &Event, names: &Names, opts: &WaitOptions, bars: &mut Option<B
             EventKind::Log => opts.follow,
             EventKind::Progress => opts.follow && opts.progress,
             EventKind::State => opts.follow && opts.states,
-            EventKind::Result => opts.follow && opts.states,
+            EventKind::Result | EventKind::Message => opts.follow && opts.states,
         };
         if wanted {
             println!(

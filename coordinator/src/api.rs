@@ -45,7 +45,8 @@ use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use gpufleet_schema::api::{
-    code, GetRequest, JobRef, ListRequest, WorkersRequest, MAX_TASKS_PER_PAGE, MAX_WORKERS_PER_PAGE,
+    code, ErrorsRequest, GetRequest, JobRef, ListRequest, WorkersRequest, MAX_TASKS_PER_PAGE,
+    MAX_WORKERS_PER_PAGE,
 };
 use gpufleet_schema::codec::CONTENT_TYPE;
 use gpufleet_schema::subjects::{self, endpoint};
@@ -72,11 +73,13 @@ pub(crate) enum Kind {
     Cancel,
     Delete,
     Workers,
+    Errors,
+    Send,
 }
 
 /// Each endpoint: its name in the micro service, the same for the old
 /// subject without a user, its subject's tail, and its kind.
-const ENDPOINTS: [(&str, &str, &str, Kind); 6] = [
+const ENDPOINTS: [(&str, &str, &str, Kind); 8] = [
     (
         "jobs-submit",
         "jobs-submit-any",
@@ -107,6 +110,18 @@ const ENDPOINTS: [(&str, &str, &str, Kind); 6] = [
         "workers-list-any",
         endpoint::WORKERS_LIST,
         Kind::Workers,
+    ),
+    (
+        "jobs-errors",
+        "jobs-errors-any",
+        endpoint::JOBS_ERRORS,
+        Kind::Errors,
+    ),
+    (
+        "jobs-send",
+        "jobs-send-any",
+        endpoint::JOBS_SEND,
+        Kind::Send,
     ),
 ];
 
@@ -258,7 +273,7 @@ pub async fn start(
         .unwrap_or_default();
     let service = client
         .service_builder()
-        .description("gpufleet job API: submit, get, list, cancel and delete jobs; list workers")
+        .description("gpufleet job API: submit, get, list, cancel and delete jobs, list and reset their errors, send messages to their running tasks; list workers")
         .metadata(metadata)
         // A group of its own: see the module's header.
         .queue_group(format!("gpufleet-{instance}"))
@@ -410,6 +425,18 @@ pub(crate) fn decode(kind: Kind, enc: Encoding, body: &[u8]) -> Result<ApiCall, 
         }
         Kind::Cancel => ApiCall::Cancel(enc.decode::<JobRef>(body).map_err(bad)?.job_id),
         Kind::Delete => ApiCall::Delete(enc.decode::<JobRef>(body).map_err(bad)?.job_id),
+        Kind::Send => {
+            let r: gpufleet_schema::message::SendRequest = enc.decode(body).map_err(bad)?;
+            gpufleet_schema::message::check(&r.topic, &r.data).map_err(bounded)?;
+            ApiCall::Send(Box::new(r))
+        }
+        Kind::Errors => {
+            let r: ErrorsRequest = enc.decode(body).map_err(bad)?;
+            ApiCall::Errors {
+                job: r.job_id,
+                reset: r.reset,
+            }
+        }
         Kind::List => {
             let r: ListRequest = enc.decode(body).map_err(bad)?;
             ApiCall::List {

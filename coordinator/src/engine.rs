@@ -29,7 +29,7 @@
 //! what it no longer holds, the runtime reads from the jobs bucket when a
 //! client asks ([`Fetch`]).
 
-use gpufleet_schema::api::{code, SubmitReply};
+use gpufleet_schema::api::{code, ErrorsReply, SubmitReply};
 use gpufleet_schema::policy::SchedPolicy;
 use gpufleet_schema::{
     subjects, Encoding, Event, EventBody, JobId, JobSpec, JobState, JobStatus, Lease, LeaseKey,
@@ -47,9 +47,11 @@ mod leases;
 mod lifecycle;
 mod queue;
 mod schedule;
+mod talk;
 
 pub use clock::{Now, Rng};
 pub use queue::AVOID_FOR;
+pub use talk::{sent as talk_sent, undeliverable, AfterPost, Post};
 
 use crate::config::CoordinatorConfig;
 use crate::metrics::{job_state_index, task_state_index, InputKind, Metrics, Observed};
@@ -66,6 +68,8 @@ pub enum Reply {
     Job(Box<JobStatus>),
     Jobs(Vec<JobStatus>),
     Workers(Vec<WorkerAdvert>),
+    Errors(Box<ErrorsReply>),
+    Sent(Box<gpufleet_schema::message::SendReply>),
     Error { code: u16, message: String },
 }
 
@@ -122,6 +126,13 @@ pub enum ApiCall {
         after: Option<WorkerId>,
         limit: usize,
     },
+    /// A job's errors; `reset` clears them.
+    Errors {
+        job: JobId,
+        reset: bool,
+    },
+    /// A message to a job's running tasks (checked on decoding).
+    Send(Box<gpufleet_schema::message::SendRequest>),
 }
 
 /// What to do with a job the engine no longer holds, once its done record
@@ -138,6 +149,11 @@ pub enum Fetch {
     Cancel(ReplyTx),
     /// Delete it and its events (404 if there is none).
     Delete(ReplyTx),
+    /// Answer `jobs.errors` (and with `reset`, clear them in the record).
+    Errors { reset: bool, tx: ReplyTx },
+    /// Answer `jobs.send`: a finished job runs nothing (404 if there is
+    /// none).
+    Send(ReplyTx),
 }
 
 /// A change in `gpufleet-leases`, as the watcher saw it. Keys come as the
@@ -171,6 +187,12 @@ pub enum Input {
     /// against the subject).
     Result {
         seq: u64,
+        event: Box<Event>,
+        sender: Sender,
+    },
+    /// A message a task wrote to its outbox (a `message` event), with who
+    /// sent it (from its subject; the body was checked against it).
+    Message {
         event: Box<Event>,
         sender: Sender,
     },
@@ -240,6 +262,8 @@ pub struct Effects {
     pub fetches: Vec<(JobId, Caller, Fetch)>,
     /// The result sequence the records reflect, to store once they are.
     pub checkpoint: Option<u64>,
+    /// Messages for running tasks, to hand their workers (see `talk`).
+    pub posts: Vec<talk::Post>,
 }
 
 impl Effects {
@@ -259,6 +283,7 @@ impl Effects {
             && self.replies.is_empty()
             && self.fetches.is_empty()
             && self.checkpoint.is_none()
+            && self.posts.is_empty()
     }
 }
 
@@ -459,6 +484,7 @@ impl Engine {
                 self.result(*event, &sender, seq);
                 self.applied_seq = self.applied_seq.max(seq);
             }
+            Input::Message { event, sender } => self.route(*event, &sender),
             Input::LeaseCreateFailed { key, error } => self.lease_create_failed(&key, &error),
             Input::Persist(job) => {
                 if self.jobs.get(&job).is_some() {
@@ -592,6 +618,8 @@ impl Engine {
             }
             ApiCall::Cancel(id) => self.cancel(id, caller, tx),
             ApiCall::Delete(id) => self.delete(id, caller, tx),
+            ApiCall::Errors { job, reset } => self.errors(job, reset, caller, tx),
+            ApiCall::Send(req) => self.send(*req, caller, tx),
             ApiCall::Workers { after, limit } => {
                 let mut list = self.book.workers_page(after, limit);
                 // What runs where is only the caller's business for its
@@ -875,6 +903,8 @@ pub fn encode_reply(reply: &Reply, enc: Encoding) -> (Option<u16>, Vec<u8>) {
         Reply::Job(r) => enc.encode(r),
         Reply::Jobs(r) => enc.encode(r),
         Reply::Workers(r) => enc.encode(r),
+        Reply::Errors(r) => enc.encode(r),
+        Reply::Sent(r) => enc.encode(r),
         Reply::Error { code, message } => {
             let body = enc.encode(&gpufleet_schema::api::ErrorBody {
                 error: message.clone(),

@@ -17,6 +17,7 @@
 //!   feed the engine (a feeder that stops stops the coordinator), supplies
 //!   the clock, and carries out the engine's effects in batches.
 //! - [`api`]: the `gpufleet` micro service.
+//! - [`post`]: hands messages for running tasks to their workers.
 //! - [`leader`]: one coordinator leads, others stand by.
 //! - [`metrics`]: counters and timings served in `$SRV.STATS`.
 //! - [`config`]: settings and their defaults.
@@ -28,6 +29,7 @@ pub mod leader;
 pub mod metrics;
 pub mod placement;
 pub mod policy;
+pub mod post;
 pub mod runtime;
 pub mod state;
 pub mod store;

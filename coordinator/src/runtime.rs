@@ -201,6 +201,12 @@ pub async fn run(
         "scheduling policy watch",
         crate::policy::follow(io.jobs.clone(), tx.clone()),
     );
+    feeders.spawn(
+        "messages follower",
+        follow_messages(js.clone(), stores.events.clone(), tx.clone()),
+    );
+    let (post_tx, post_rx) = mpsc::channel(POSTS_WAITING);
+    feeders.spawn("postman", crate::post::run(client.clone(), post_rx));
     // Reads of jobs the engine no longer holds; each ends with an input
     // for the engine, or none.
     let mut fetches: JoinSet<Option<Input>> = JoinSet::new();
@@ -281,9 +287,12 @@ pub async fn run(
             tracing::info!(took = ?started.elapsed(), "coordinator ready: serving the gpufleet API");
         }
         let mut fx = engine.take_effects();
+        // Handed over after this batch's events (their audit) are stored.
+        let posts = std::mem::take(&mut fx.posts);
         for (job, caller, fetch) in std::mem::take(&mut fx.fetches) {
             fetches.spawn(fetch_stored(
                 io.jobs.clone(),
+                io.retention,
                 [io.events.clone(), io.artifacts.clone()],
                 job,
                 caller,
@@ -291,6 +300,7 @@ pub async fn run(
             ));
         }
         if fx.is_empty() && records.purges.is_empty() {
+            hand_over(&post_tx, posts);
             continue;
         }
         // Nothing is written unless we still lead (a frozen process wakes
@@ -300,6 +310,7 @@ pub async fn run(
             break;
         }
         let feedback = execute(fx, &engine, &io, &mut records).await;
+        hand_over(&post_tx, posts);
         let after = now();
         for input in feedback {
             engine.handle(input, after);
@@ -636,6 +647,7 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
         replies,
         fetches: _,
         checkpoint,
+        posts: _,
     } = fx;
     let started = std::time::Instant::now();
     let metrics = &engine.metrics();
@@ -826,6 +838,30 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
     feedback
 }
 
+/// Posts waiting for the postman; past it, a send is answered 503.
+const POSTS_WAITING: usize = 4096;
+
+/// Gives the postman what a batch posted; a post it has no room for is
+/// refused (its sender hears so).
+fn hand_over(postman: &mpsc::Sender<crate::engine::Post>, posts: Vec<crate::engine::Post>) {
+    for post in posts {
+        let Err(mpsc::error::TrySendError::Full(post)) = postman.try_send(post) else {
+            continue;
+        };
+        match post.then {
+            crate::engine::AfterPost::Reply { tx, .. } => {
+                let _ = tx.send(Reply::error(
+                    code::UNAVAILABLE,
+                    "too many messages waiting to be delivered; try again",
+                ));
+            }
+            crate::engine::AfterPost::Bounce { sender, .. } => {
+                tracing::warn!(task_id = %sender.1.task_id, "too many messages waiting to be delivered; dropped one of a task's");
+            }
+        }
+    }
+}
+
 /// The answer to a submit whose id turned out to be a finished job's
 /// (`same`: with the same spec), in place of `reply`.
 fn answer_taken(id: &JobId, (same, status): (bool, JobState), reply: Reply) -> Reply {
@@ -926,10 +962,56 @@ async fn publish_events(io: &Io, metrics: &Metrics, events: Vec<(String, Event)>
     }
 }
 
+/// A finished job's errors, from its done record; with `reset`, the
+/// record is written again without them (every part, so that they keep
+/// expiring together).
+async fn reset_stored_errors(
+    jobs: &RawKv,
+    retention: Option<Duration>,
+    mut job: JobRecord,
+    reset: bool,
+) -> Reply {
+    let (errors, error_count) = if reset {
+        job.reset_errors()
+    } else {
+        (job.errors.clone(), job.error_count)
+    };
+    if reset {
+        let written = match store::encode(&job) {
+            Ok(parts) => {
+                let keys = store::keys(&job.id, parts.len(), JobRecordSet::Done);
+                let puts = join_all(
+                    keys.iter()
+                        .zip(parts)
+                        .map(|(k, b)| jobs.put(k, Bytes::from(b), retention)),
+                )
+                .await;
+                puts.into_iter()
+                    .find_map(Result::err)
+                    .map_or(Ok(()), |e| Err(e.to_string()))
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            return Reply::error(
+                code::UNAVAILABLE,
+                format!("cannot reset the errors of job {}, try again: {e}", job.id),
+            );
+        }
+    }
+    Reply::Errors(Box::new(gpufleet_schema::api::ErrorsReply {
+        job_id: job.id,
+        errors,
+        error_count,
+        reset,
+    }))
+}
+
 /// Answers from a job's stored done record, for a job the engine no
 /// longer holds.
 async fn fetch_stored(
     jobs: RawKv,
+    retention: Option<Duration>,
     [events, artifacts]: [jetstream::stream::Stream; 2],
     id: JobId,
     caller: Caller,
@@ -959,6 +1041,25 @@ async fn fetch_stored(
         Fetch::Cancel(tx) => {
             let reply = match read {
                 Ok(Some(j)) => Reply::Job(Box::new(j.page(0, MAX_TASKS_PER_PAGE as usize))),
+                Ok(None) => not_found(),
+                Err(e) => unavailable(&e),
+            };
+            let _ = tx.send(reply);
+            None
+        }
+        Fetch::Send(tx) => {
+            let reply = match read {
+                // Finished: nothing runs to receive it.
+                Ok(Some(j)) => crate::engine::talk_sent(&j.id, vec![]),
+                Ok(None) => not_found(),
+                Err(e) => unavailable(&e),
+            };
+            let _ = tx.send(reply);
+            None
+        }
+        Fetch::Errors { reset, tx } => {
+            let reply = match read {
+                Ok(Some(j)) => reset_stored_errors(&jobs, retention, j, reset).await,
                 Ok(None) => not_found(),
                 Err(e) => unavailable(&e),
             };
@@ -1228,8 +1329,9 @@ async fn follow_results(js: jetstream::Context, after: u64, tx: mpsc::Sender<Inp
     }
 }
 
-/// A result event as the engine takes it: its sender from the subject
-/// (which the server vouches for), and only if its body agrees with it.
+/// A result (or message) event as the engine takes it: its sender from
+/// the subject (which the server vouches for), and only if its body agrees
+/// with it.
 fn result_input(subject: &str, payload: &[u8], seq: u64) -> Result<Input, String> {
     let subject =
         subjects::parse_event_subject(subject).ok_or_else(|| "not an event subject".to_string())?;
@@ -1237,11 +1339,56 @@ fn result_input(subject: &str, payload: &[u8], seq: u64) -> Result<Input, String
     if !event.matches_subject(&subject) {
         return Err("its body names another job, task, kind or sender than its subject".into());
     }
-    Ok(Input::Result {
-        seq,
-        event: Box::new(event),
-        sender: subject.sender,
+    let (event, sender) = (Box::new(event), subject.sender);
+    Ok(match event.kind() {
+        EventKind::Message => Input::Message { event, sender },
+        _ => Input::Result { seq, event, sender },
     })
+}
+
+/// Follows the messages tasks write to their outboxes (`message` events
+/// from workers), from those stored after this coordinator began to lead:
+/// delivery is at most once, and a message sent while no coordinator led
+/// is not delivered.
+async fn follow_messages(
+    js: jetstream::Context,
+    mut stream: jetstream::stream::Stream,
+    tx: mpsc::Sender<Input>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    let mut replay = loop {
+        let from = match stream.info().await {
+            Ok(info) => info.state.last_sequence + 1,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow messages; retrying");
+                backoff.wait().await;
+                continue;
+            }
+        };
+        let filters = vec![subjects::events_of_kind(EventKind::Message)];
+        match Replay::start(&js, subjects::EVENTS_STREAM, filters, from, Until::Live).await {
+            Ok(r) => break r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow messages; retrying");
+                backoff.wait().await;
+            }
+        }
+    };
+    while let Some(event) = replay.next_event().await {
+        let ReplayEvent::Message(r) = event else {
+            continue;
+        };
+        let subject = r.message.subject.as_str();
+        match result_input(subject, &r.message.payload, r.sequence) {
+            Ok(input @ Input::Message { .. }) => {
+                if tx.send(input).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(subject, error = %e, "ignoring an unreadable message"),
+        }
+    }
 }
 
 async fn ticker(every: Duration, tx: mpsc::Sender<Input>) {

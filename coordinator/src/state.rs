@@ -4,9 +4,10 @@
 //! The records are the coordinator's own format (not part of the public
 //! contract): clients read jobs through the API, never from the bucket.
 
+use gpufleet_schema::status::MAX_JOB_ERRORS;
 use gpufleet_schema::{
-    Grant, JobId, JobSpec, JobState, JobStatus, TaskCounts, TaskId, TaskState, TaskStatus,
-    TaskUsage, UserId, WorkerId,
+    AttemptError, Grant, JobId, JobSpec, JobState, JobStatus, TaskCounts, TaskId, TaskState,
+    TaskStatus, TaskUsage, UserId, WorkerId,
 };
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -17,6 +18,10 @@ pub const INLINE_RESULT_BYTES: usize = 4096;
 /// The longest reason a record keeps (reasons quote workers and tasks);
 /// what is longer is cut, so that a record's size stays bounded.
 pub const MAX_REASON_BYTES: usize = 1024;
+
+/// The longest reason an error keeps: a job keeps up to
+/// [`MAX_JOB_ERRORS`] of them in its record's head.
+pub const MAX_ERROR_REASON_BYTES: usize = 256;
 
 /// `why`, cut to [`MAX_REASON_BYTES`].
 pub fn bounded_reason(why: String) -> String {
@@ -50,6 +55,12 @@ pub struct JobRecord {
     #[serde(default)]
     pub gang_broken: Option<String>,
     pub tasks: Vec<TaskRecord>,
+    /// Attempts that ended badly since the last reset, the newest
+    /// [`MAX_JOB_ERRORS`]; `error_count` counts them all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<AttemptError>,
+    #[serde(default)]
+    pub error_count: u32,
     /// Where each part of the stored record starts (see `store.rs`).
     #[serde(skip)]
     pub parts: Vec<u32>,
@@ -304,6 +315,8 @@ impl JobRecord {
             cancel_requested: false,
             gang_broken: None,
             tasks,
+            errors: Vec::new(),
+            error_count: 0,
             parts: vec![0],
             stored: false,
             verify: false,
@@ -317,6 +330,43 @@ impl JobRecord {
         }
         self.cancel_requested = true;
         true
+    }
+
+    /// Notes that task `i`'s current attempt ended in `state` (an error
+    /// if [`AttemptError::counts`] says so) at `at`.
+    pub fn note_end(
+        &mut self,
+        i: usize,
+        state: TaskState,
+        exit_code: Option<i32>,
+        why: &str,
+        at: OffsetDateTime,
+    ) {
+        if !AttemptError::counts(state) {
+            return;
+        }
+        let t = &self.tasks[i];
+        if self.errors.len() >= MAX_JOB_ERRORS {
+            self.errors.remove(0);
+        }
+        self.errors.push(AttemptError {
+            at,
+            task_id: t.id.clone(),
+            task: t.name.clone(),
+            attempt: t.attempt,
+            worker: t.worker.clone(),
+            state,
+            reason: gpufleet_schema::text::cut(why, MAX_ERROR_REASON_BYTES),
+            exit_code,
+        });
+        self.error_count = self.error_count.saturating_add(1);
+    }
+
+    /// Clears the errors (`gpufleet errors --reset`); returns what they
+    /// were and how many.
+    pub fn reset_errors(&mut self) -> (Vec<AttemptError>, u32) {
+        let count = std::mem::take(&mut self.error_count);
+        (std::mem::take(&mut self.errors), count)
     }
 
     /// Marks the gang's current run as failing; the first reason stays.
@@ -451,6 +501,8 @@ impl JobRecord {
     /// would not fit one reply (see [`PAGE_BYTES`]).
     pub fn page(&self, offset: usize, limit: usize) -> JobStatus {
         let mut status = self.status(false);
+        status.errors = self.errors.clone();
+        status.error_count = self.error_count;
         let mut used = 0;
         for t in self.tasks.iter().skip(offset).take(limit) {
             let size = t.status_size();
@@ -480,6 +532,8 @@ impl JobRecord {
             } else {
                 vec![]
             },
+            errors: Vec::new(),
+            error_count: 0,
         }
     }
 }

@@ -31,7 +31,10 @@ use gpufleet_schema::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::state::{JobRecord, TaskRecord, INLINE_RESULT_BYTES, MAX_REASON_BYTES};
+use crate::state::{
+    JobRecord, TaskRecord, INLINE_RESULT_BYTES, MAX_ERROR_REASON_BYTES, MAX_REASON_BYTES,
+};
+use gpufleet_schema::status::MAX_JOB_ERRORS;
 
 /// The format of the parts below; a newer coordinator may read older ones.
 const VERSION: u32 = 2;
@@ -42,8 +45,11 @@ const VERSION: u32 = 2;
 const TASK_RESERVE: usize = 1024 + MAX_REASON_BYTES + INLINE_RESULT_BYTES;
 const GPU_RESERVE: usize = 256;
 /// What the head may take beyond the job's spec: status, reasons, times,
-/// counts, where the parts start.
-const HEAD_RESERVE: usize = 2048 + 2 * MAX_REASON_BYTES;
+/// counts, where the parts start, and the errors.
+const HEAD_RESERVE: usize = 2048 + 2 * MAX_REASON_BYTES + MAX_JOB_ERRORS * ERROR_RESERVE;
+/// What one of a job's errors may take: a task's id and name (256 bytes at
+/// most), a worker's name, the reason, times and numbers.
+const ERROR_RESERVE: usize = 768 + MAX_ERROR_REASON_BYTES;
 /// A part's own framing.
 const PART_OVERHEAD: usize = 64;
 
@@ -166,6 +172,9 @@ struct HeadOut<'a> {
     tasks_total: u32,
     parts: &'a [u32],
     first: PartOut<'a>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    errors: &'a [gpufleet_schema::AttemptError],
+    error_count: u32,
 }
 
 #[derive(Deserialize)]
@@ -181,6 +190,10 @@ struct HeadIn {
     tasks_total: u32,
     parts: Vec<u32>,
     first: PartIn,
+    #[serde(default)]
+    errors: Vec<gpufleet_schema::AttemptError>,
+    #[serde(default)]
+    error_count: u32,
 }
 
 /// Every part of a job's record, encoded, in order.
@@ -205,6 +218,8 @@ pub fn encode(job: &JobRecord) -> Result<Vec<Vec<u8>>, String> {
                 tasks_total: job.tasks.len() as u32,
                 parts: &job.parts,
                 first: part,
+                errors: &job.errors,
+                error_count: job.error_count,
             })
         } else {
             codec::encode(&part)
@@ -301,6 +316,8 @@ fn assemble(head: HeadIn, mut parts: BTreeMap<usize, PartIn>) -> Result<JobRecor
         tasks_total,
         parts: mut starts,
         first,
+        errors,
+        error_count,
     } = head;
     if v > VERSION {
         return Err(format!("written by a newer coordinator (format {v})"));
@@ -346,6 +363,8 @@ fn assemble(head: HeadIn, mut parts: BTreeMap<usize, PartIn>) -> Result<JobRecor
         cancel_requested,
         gang_broken,
         tasks,
+        errors,
+        error_count,
         parts: starts,
         stored: true,
         verify: false,

@@ -34,8 +34,13 @@ fn list(items: &[String]) -> String {
 }
 
 fn permissions_block(p: &Permissions) -> String {
+    let responses = if p.allow_responses {
+        "\n        allow_responses: true"
+    } else {
+        ""
+    };
     format!(
-        "permissions: {{\n        publish: {{ allow: [{}] }}\n        subscribe: {{ allow: [{}] }}\n      }}",
+        "permissions: {{\n        publish: {{ allow: [{}] }}\n        subscribe: {{ allow: [{}] }}{responses}\n      }}",
         list(&p.publish),
         list(&p.subscribe)
     )

@@ -531,3 +531,76 @@ async fn a_deliver_subject_is_not_held_to_its_creators_permissions() {
         .await
     );
 }
+
+/// Messages for running tasks: only the coordinator may ask a worker to
+/// deliver one, the worker answers that request (once, `allow_responses`)
+/// but cannot otherwise publish into the coordinator's inbox, and no other
+/// worker can take the first one's deliveries.
+#[tokio::test]
+async fn only_the_coordinator_sends_deliveries_and_only_their_worker_answers() {
+    let alice = user("alice");
+    let (w1, w2) = (worker("w1"), worker("w2"));
+    let fleet = Secured::start(vec![
+        Role::Coordinator,
+        Role::Worker(w1.clone()),
+        Role::Worker(w2.clone()),
+        Role::User(alice.clone()),
+    ]);
+    let coordinator = fleet.connect(&Role::Coordinator).await;
+    let w1_client = fleet.connect(&Role::Worker(w1.clone())).await;
+    let w2_client = fleet.connect(&Role::Worker(w2.clone())).await;
+    let alice_client = fleet.connect(&Role::User(alice)).await;
+
+    let mut stolen = w2_client.subscribe(subjects::deliver(&w1)).await.unwrap();
+    w2_client.flush().await.unwrap();
+    let mut deliveries = w1_client.subscribe(subjects::deliver(&w1)).await.unwrap();
+    w1_client.flush().await.unwrap();
+    // Not a delivery: the worker may not publish into the coordinator's
+    // inbox unasked.
+    let mut coordinator_inbox = coordinator
+        .subscribe("_INBOX._coordinator.x")
+        .await
+        .unwrap();
+    coordinator.flush().await.unwrap();
+    publish_core(&w1_client, "_INBOX._coordinator.x".into()).await;
+    publish_core(&alice_client, subjects::deliver(&w1)).await;
+
+    let answering = tokio::spawn(async move {
+        let d = deliveries.next().await.unwrap();
+        w1_client
+            .publish(d.reply.unwrap(), Bytes::from_static(b"delivered"))
+            .await
+            .unwrap();
+        w1_client.flush().await.unwrap();
+        d.payload
+    });
+    let answer = gpufleet_testkit::with_deadline(PATIENCE, "an answer", async {
+        loop {
+            match coordinator
+                .request(subjects::deliver(&w1), Bytes::from_static(b"msg"))
+                .await
+            {
+                Ok(r) => break r,
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(answer.payload.as_ref(), b"delivered");
+    assert_eq!(
+        answering.await.unwrap().as_ref(),
+        b"msg",
+        "the worker's first delivery is the coordinator's, not alice's"
+    );
+    assert!(
+        tokio::time::timeout(DENIED, coordinator_inbox.next())
+            .await
+            .is_err(),
+        "a worker published into the coordinator's inbox"
+    );
+    assert!(
+        tokio::time::timeout(DENIED, stolen.next()).await.is_err(),
+        "another worker took w1's deliveries"
+    );
+}

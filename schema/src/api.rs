@@ -26,6 +26,29 @@ pub struct JobRef {
     pub job_id: JobId,
 }
 
+/// Request of `jobs.errors`: a job's errors, and with `reset` clears
+/// them (the reply lists what was cleared).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorsRequest {
+    pub job_id: JobId,
+    #[serde(default)]
+    pub reset: bool,
+}
+
+/// Reply to `jobs.errors`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorsReply {
+    pub job_id: JobId,
+    /// Oldest first, at most [`crate::status::MAX_JOB_ERRORS`].
+    pub errors: Vec<crate::status::AttemptError>,
+    /// How many errors there were since the last reset, also those no
+    /// longer listed.
+    pub error_count: u32,
+    /// Whether they were cleared.
+    pub reset: bool,
+}
+
 /// Request of `jobs.list`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

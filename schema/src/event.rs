@@ -20,6 +20,9 @@ pub enum EventKind {
     Log,
     Progress,
     Result,
+    /// A message to a running task (`jobs.send`), or one a task sent
+    /// another through its outbox: kept for audit and replay.
+    Message,
 }
 
 impl EventKind {
@@ -29,6 +32,7 @@ impl EventKind {
             EventKind::Log => "log",
             EventKind::Progress => "progress",
             EventKind::Result => "result",
+            EventKind::Message => "message",
         }
     }
 
@@ -38,6 +42,7 @@ impl EventKind {
             "log" => EventKind::Log,
             "progress" => EventKind::Progress,
             "result" => EventKind::Result,
+            "message" => EventKind::Message,
             _ => return None,
         })
     }
@@ -75,11 +80,18 @@ impl Event {
     }
 
     pub fn kind(&self) -> EventKind {
-        match self.body {
+        self.body.kind()
+    }
+}
+
+impl EventBody {
+    pub fn kind(&self) -> EventKind {
+        match self {
             EventBody::State { .. } => EventKind::State,
             EventBody::Log { .. } => EventKind::Log,
             EventBody::Progress { .. } => EventKind::Progress,
             EventBody::Result(_) => EventKind::Result,
+            EventBody::Message { .. } => EventKind::Message,
         }
     }
 }
@@ -117,6 +129,19 @@ pub enum EventBody {
         data: serde_json::Value,
     },
     Result(TaskOutcome),
+    /// A message: from a client to the task of this event's subject (sent
+    /// by the coordinator), or from that task to `to` (sent by its worker).
+    Message {
+        from: String,
+        /// A task's name or id, or `*`: every other running task of the job.
+        to: String,
+        topic: String,
+        #[serde(default)]
+        data: serde_json::Value,
+        /// The receivers are to be sent `SIGUSR1` too.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        signal: bool,
+    },
 }
 
 /// How an attempt ended. Published after every log line of the attempt.

@@ -8,6 +8,8 @@
 //!   advertise, the (signed) reservations they claim, and the events and
 //!   artifacts they stream.
 //! - [`api`]: request and reply bodies of the `gpufleet` micro service.
+//! - [`message`]: messages to running tasks, and the inbox lines a worker
+//!   writes for them.
 //! - [`capacity`]: what a worker has free and whether a grant fits: the one
 //!   model the coordinator places by and the worker checks by.
 //! - [`policy`]: fair-share weights and quotas per user and group.
@@ -29,6 +31,7 @@ pub mod codec;
 pub mod event;
 pub mod ids;
 pub mod lease;
+pub mod message;
 pub mod policy;
 pub mod roles;
 pub mod spec;
@@ -44,7 +47,7 @@ pub use event::{Artifact, Event, EventBody, EventKind, LogStream, TaskOutcome};
 pub use ids::{GpuUuid, JobId, TaskId, UserId, WorkerId};
 pub use lease::{GpuGrant, Grant, Lease, LeaseState, Rendezvous, SealError};
 pub use spec::{Constraints, GpuRequest, JobSpec, Resources, SpecError, TaskSpec};
-pub use status::{JobState, JobStatus, TaskCounts, TaskState, TaskStatus};
+pub use status::{AttemptError, JobState, JobStatus, TaskCounts, TaskState, TaskStatus};
 pub use subjects::{LeaseKey, Sender};
 pub use units::{ByteSize, Dur};
 pub use usage::TaskUsage;

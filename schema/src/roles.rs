@@ -38,6 +38,11 @@ pub enum Role {
 pub struct Permissions {
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
+    /// May answer each request it receives once (the server's
+    /// `allow_responses`), whatever the reply subject: a worker answers the
+    /// coordinator's deliveries, without any right to publish to the
+    /// coordinator's inbox otherwise.
+    pub allow_responses: bool,
 }
 
 /// The identity the coordinator's inbox is named after; `_` keeps it apart
@@ -75,6 +80,8 @@ impl Role {
                     subjects::kv_subject(subjects::LEASES_BUCKET, ">"),
                     subjects::kv_subject(subjects::JOBS_BUCKET, ">"),
                     subjects::events_from(&Sender::Coordinator),
+                    // Messages for running tasks, through their workers.
+                    subjects::DELIVER_ALL.into(),
                     // Replies to every user's requests.
                     format!("{}.>", inbox_prefix("*")),
                 ],
@@ -84,6 +91,7 @@ impl Role {
                 // subject (the micro service's discovery replies it cannot
                 // check are off under roles).
                 subscribe: vec![subjects::api_any_user(">"), inbox],
+                allow_responses: false,
             },
             Role::Worker(w) => {
                 let leases = subjects::kv_subject(subjects::LEASES_BUCKET, &format!("{w}.>"));
@@ -101,7 +109,10 @@ impl Role {
                         js_api::flow_control(&leases_stream),
                         js_api::flow_control(&workers_stream),
                     ],
-                    subscribe: vec![inbox],
+                    // Messages for the tasks it runs, from the coordinator
+                    // (the only one that may publish there).
+                    subscribe: vec![inbox, subjects::deliver(w)],
+                    allow_responses: true,
                 }
             }
             Role::User(u) => reader(u, Some(u), inbox),
@@ -138,6 +149,7 @@ fn reader(user: &UserId, owner: Option<&UserId>, inbox: String) -> Permissions {
     Permissions {
         publish,
         subscribe: vec![inbox],
+        allow_responses: false,
     }
 }
 
@@ -162,7 +174,14 @@ mod tests {
             &"$JS.API.CONSUMER.CREATE.KV_gpufleet-leases.*.$KV.gpufleet-leases.gpu-1.>".to_string()
         ));
         assert!(!p.publish.iter().any(|s| s.contains("gpufleet-jobs")));
-        assert_eq!(p.subscribe, vec!["_INBOX.gpu-1.>".to_string()]);
+        assert_eq!(
+            p.subscribe,
+            vec![
+                "_INBOX.gpu-1.>".to_string(),
+                "gpufleet.deliver.gpu-1".to_string()
+            ]
+        );
+        assert!(p.allow_responses);
     }
 
     #[test]

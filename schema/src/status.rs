@@ -208,6 +208,52 @@ pub struct JobStatus {
     /// Every task in `jobs.get`; empty in `jobs.list` summaries.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<TaskStatus>,
+    /// In `jobs.get`: the attempts that failed, were interrupted, lost or
+    /// timed out since the errors were last reset, oldest first (the newest
+    /// [`MAX_JOB_ERRORS`]); `error_count` counts them all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<AttemptError>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub error_count: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// How many of a job's errors its record keeps: the newest; older ones are
+/// only counted, so that a task failing over and over cannot grow the
+/// record without bound.
+pub const MAX_JOB_ERRORS: usize = 50;
+
+/// One attempt that did not end well: FAILED, INTERRUPTED, LOST or
+/// TIMED_OUT (what FLARE's `get_errors` reports).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptError {
+    /// When the coordinator learned of the end.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub task_id: TaskId,
+    /// The task's name.
+    pub task: String,
+    pub attempt: u32,
+    /// The worker it ran on (none if it never got one).
+    #[serde(default)]
+    pub worker: Option<WorkerId>,
+    pub state: TaskState,
+    pub reason: String,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+}
+
+impl AttemptError {
+    /// Whether an attempt that ended in `state` is an error.
+    pub fn counts(state: TaskState) -> bool {
+        matches!(
+            state,
+            TaskState::Failed | TaskState::Interrupted | TaskState::Lost | TaskState::TimedOut
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

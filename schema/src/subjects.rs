@@ -24,6 +24,8 @@ pub mod endpoint {
     pub const JOBS_CANCEL: &str = "jobs.cancel";
     pub const JOBS_DELETE: &str = "jobs.delete";
     pub const WORKERS_LIST: &str = "workers.list";
+    pub const JOBS_ERRORS: &str = "jobs.errors";
+    pub const JOBS_SEND: &str = "jobs.send";
 }
 
 /// The subjects without a user token, served (as user `default`) only
@@ -291,6 +293,15 @@ pub fn parse_event_subject(subject: &str) -> Option<EventSubject> {
         sender,
     })
 }
+
+/// Where the coordinator asks `worker` to deliver a message to a task it
+/// runs (a request; the worker answers whether it did).
+pub fn deliver(worker: &WorkerId) -> String {
+    format!("gpufleet.deliver.{worker}")
+}
+
+/// Every worker's delivery subject: what the coordinator may publish to.
+pub const DELIVER_ALL: &str = "gpufleet.deliver.*";
 
 /// A key in [`LEASES_BUCKET`], `<worker>.<task>.<attempt>`: one key per
 /// attempt, so a key is never reused by a later attempt (see the KV notes

@@ -293,7 +293,9 @@ fn history(task: &str, evs: &[&Event]) -> String {
                 reason
             ),
             EventBody::Result(o) => format!("result {} {:?}", o.state, o.result),
-            EventBody::Log { .. } | EventBody::Progress { .. } => continue,
+            EventBody::Log { .. } | EventBody::Progress { .. } | EventBody::Message { .. } => {
+                continue
+            }
         };
         let ms = first.map_or(0.0, |f| (e.at - f).as_seconds_f64() * 1e3);
         let from = e.worker.as_ref().map_or("coordinator", |w| w.as_str());
@@ -399,7 +401,7 @@ fn check_task_events(
                     .or_default()
                     .push((sender, outcome));
             }
-            EventBody::Log { .. } | EventBody::Progress { .. } => {}
+            EventBody::Log { .. } | EventBody::Progress { .. } | EventBody::Message { .. } => {}
         }
     }
     for (a, es) in &ends {
@@ -853,6 +855,8 @@ mod tests {
             started_at: None,
             finished_at: None,
             counts: TaskCounts::default(),
+            errors: Vec::new(),
+            error_count: 0,
             tasks: vec![TaskStatus {
                 task_id: TaskId::new(TASK).unwrap(),
                 name: "t".into(),

@@ -28,3 +28,18 @@ pub use fleet::{
 pub use procs::{bin, Proc};
 pub use server::{nats_server_bin, NatsCluster, NatsServer};
 pub use wait::{eventually, with_deadline};
+
+/// The README's Python block that starts with `start` (an example's
+/// docstring): the README shows each example whole, and its tests check
+/// that it is the tested file.
+pub fn readme_python(start: &str) -> String {
+    let readme =
+        std::fs::read_to_string(server::workspace_root().join("README.md")).expect("README.md");
+    readme
+        .split("```python\n")
+        .skip(1)
+        .filter_map(|rest| rest.split("```\n").next())
+        .find(|block| block.starts_with(start))
+        .unwrap_or_else(|| panic!("no python block in the README starts with {start:?}"))
+        .to_string()
+}

@@ -1176,12 +1176,7 @@ async fn the_python_example_submits_a_job_and_follows_it_to_the_end() {
     // The README shows the example whole; it must be this tested file.
     let root = workspace_root();
     let example = std::fs::read_to_string(root.join("examples/submit_and_follow.py")).unwrap();
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let shown = readme
-        .split("```python\n")
-        .nth(1)
-        .and_then(|rest| rest.split("```\n").next())
-        .expect("a python block in the README");
+    let shown = gpufleet_testkit::readme_python("\"\"\"Submit a job");
     assert_eq!(
         shown, example,
         "README's Python example differs from examples/submit_and_follow.py"

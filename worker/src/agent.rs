@@ -68,6 +68,8 @@ pub(crate) struct Ctx {
     pub metrics: WorkerMetrics,
     /// What each running attempt uses, for the advert.
     pub usage: usage::Board,
+    /// Where messages for the running attempts go.
+    pub mail: crate::mail::Mailboxes,
 }
 
 /// How the main loop reaches an attempt it runs.
@@ -194,7 +196,17 @@ pub async fn run_with(
         advert_confirmed: advert_confirmed.clone(),
         metrics: metrics.clone(),
         usage: usage::Board::default(),
+        mail: crate::mail::Mailboxes::default(),
     });
+    let deliveries = client
+        .subscribe(subjects::deliver(&worker))
+        .await
+        .map_err(|e| WorkerError::Nats(format!("cannot take messages for tasks: {e}")))?;
+    let mail_task = tokio::spawn(take_deliveries(
+        client.clone(),
+        deliveries,
+        ctx.mail.clone(),
+    ));
 
     let unmanaged: Arc<Mutex<HashMap<GpuUuid, u64>>> = Arc::default();
     let (advert_tx, advert_rx) = watch::channel(AdvertInputs::default());
@@ -307,6 +319,7 @@ pub async fn run_with(
     }
 
     advert_task.abort();
+    mail_task.abort();
     // Leave at once rather than when the TTL runs out.
     if let Err(e) = adverts
         .purge(worker.as_str(), Duration::from_secs(60))
@@ -318,6 +331,31 @@ pub async fn run_with(
     let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Answers the coordinator's deliveries of messages to the tasks running
+/// here, one at a time, in the order they come (each sender's order).
+async fn take_deliveries(
+    client: async_nats::Client,
+    mut deliveries: async_nats::Subscriber,
+    mail: crate::mail::Mailboxes,
+) {
+    use futures::StreamExt;
+    while let Some(msg) = deliveries.next().await {
+        let Some(reply) = msg.reply else { continue };
+        let answer = match codec::decode::<gpufleet_schema::message::Delivery>(&msg.payload) {
+            Ok(d) => mail.deliver(&d).await,
+            Err(e) => gpufleet_schema::message::DeliveryReply {
+                delivered: false,
+                why: Some(format!("unreadable: {e}")),
+            },
+        };
+        if let Ok(body) = codec::encode(&answer) {
+            if let Err(e) = client.publish(reply, body.into()).await {
+                tracing::info!(error = %e, "cannot answer a delivery");
+            }
+        }
+    }
 }
 
 /// Starts the watch on this worker's lease keys, retrying (the

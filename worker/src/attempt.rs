@@ -153,6 +153,9 @@ impl Attempt {
         let meter = usage::Meter::new(self.lease.grant.gpus.clone());
         let attempt = (self.lease.task_id.clone(), self.lease.attempt);
         ctx.usage.add(attempt.clone(), meter.clone());
+        let pid = ctx
+            .mail
+            .open(&attempt.0, attempt.1, TaskPaths::new(&dir).inbox);
         let run = TaskRun {
             job_id: self.lease.job_id.clone(),
             task_id: self.lease.task_id.clone(),
@@ -164,6 +167,7 @@ impl Attempt {
             limits,
             isolation: ctx.isolation.clone(),
             usage: Some(meter),
+            pid: Some(pid),
         };
         let output_dir = TaskPaths::new(&dir).work;
         // Its own task: should the supervisor panic, the attempt still
@@ -178,6 +182,7 @@ impl Attempt {
             }
         };
         ctx.usage.remove(&attempt);
+        ctx.mail.close(&attempt.0, attempt.1);
         ctx.metrics.log(0, finished.log_dropped_bytes);
         // Every log line is in the stream before the result.
         let _ = shipper.await;

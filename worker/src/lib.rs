@@ -37,6 +37,7 @@
 //! - [`gpu`], [`host`]: what the machine has (NVML or simulated GPUs).
 //! - [`procs`]: everything read from `/proc`.
 //! - [`artifacts`]: uploads of a task's output files.
+//! - [`mail`]: messages for running tasks, appended to their inbox files.
 //! - [`config`]: settings and their defaults.
 
 pub mod advert;
@@ -51,6 +52,7 @@ pub mod host;
 pub mod isolation;
 pub mod launcher;
 pub mod ledger;
+pub mod mail;
 pub mod metrics;
 pub mod procs;
 mod publish;

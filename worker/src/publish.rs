@@ -49,12 +49,7 @@ impl Source {
     /// The event and its subject; `lease_rev` is the claim's revision, the
     /// fencing token the coordinator checks.
     pub fn event(&self, body: EventBody, lease_rev: u64) -> (String, Event) {
-        let kind = match body {
-            EventBody::State { .. } => EventKind::State,
-            EventBody::Log { .. } => EventKind::Log,
-            EventBody::Progress { .. } => EventKind::Progress,
-            EventBody::Result(_) => EventKind::Result,
-        };
+        let kind = body.kind();
         (
             subjects::events(
                 &self.owner,
@@ -103,6 +98,15 @@ pub(crate) async fn ship_output(
                 dropped_bytes,
             },
             Output::Progress(data) => EventBody::Progress { data },
+            // From the task (by its id; the coordinator names it), to
+            // whoever it says: the coordinator routes it.
+            Output::Message(m) => EventBody::Message {
+                from: source.task_id.to_string(),
+                to: m.to,
+                topic: m.topic,
+                data: m.data,
+                signal: m.signal,
+            },
         };
         let (subject, ev) = source.event(body, lease_rev);
         if let Some(ack) = send_event(&js, subject, &ev).await {

@@ -88,7 +88,7 @@ use crate::config::WorkerConfig;
 use crate::isolation::cgroup::{SharedOomCounter, TaskCgroup};
 use crate::isolation::Isolation;
 use crate::procs;
-pub use dirs::{open_task_file, DirPool};
+pub use dirs::{open_task_file, open_task_file_with, DirPool};
 
 /// How long the pipes may stay open after the main process exited, before
 /// the rest of the group is killed.
@@ -180,6 +180,10 @@ pub struct TaskRun {
     pub isolation: Arc<Isolation>,
     /// Where what the task uses is counted, if anywhere.
     pub usage: Option<crate::usage::Meter>,
+    /// Filled with the main process's pid while it runs (cleared before it
+    /// is reaped, so the pid is never one reused by another process), for
+    /// whoever signals it about a message (`crate::mail`).
+    pub pid: Option<crate::mail::PidSlot>,
 }
 
 /// Why the caller wants the task stopped.
@@ -204,6 +208,8 @@ pub enum Output {
         dropped_bytes: u64,
     },
     Progress(serde_json::Value),
+    /// A message the task wrote to its outbox, checked.
+    Message(gpufleet_schema::message::OutboxLine),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -237,7 +243,18 @@ pub struct TaskPaths {
     pub work: PathBuf,
     pub result: PathBuf,
     pub events: PathBuf,
+    /// Messages to the task, one JSON line each (`GPUFLEET_INBOX`): the
+    /// worker appends, the task reads. Made with the first message.
+    pub inbox: PathBuf,
+    /// Messages from the task to others of its job, one JSON line each
+    /// (`GPUFLEET_OUTBOX`): the task appends, the worker reads.
+    pub outbox: PathBuf,
 }
+
+/// The files of `meta/` a task or the worker may make; a spare directory
+/// holds none of them (see `dirs.rs`).
+pub(crate) const META_FILES: [&str; 4] =
+    ["events.jsonl", "result.json", "inbox.jsonl", "outbox.jsonl"];
 
 impl TaskPaths {
     pub fn new(dir: &Path) -> TaskPaths {
@@ -245,8 +262,10 @@ impl TaskPaths {
         TaskPaths {
             root: dir.to_path_buf(),
             work: dir.join("work"),
-            result: meta.join("result.json"),
-            events: meta.join("events.jsonl"),
+            result: meta.join(META_FILES[1]),
+            events: meta.join(META_FILES[0]),
+            inbox: meta.join(META_FILES[2]),
+            outbox: meta.join(META_FILES[3]),
         }
     }
 
@@ -337,6 +356,9 @@ pub async fn run(
     let mut leader = spawn::Leader::new(started.pid);
     let pid = leader.pid();
     exit_watch.attach(pid);
+    if let Some(slot) = &task.pid {
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(pid);
+    }
     let pgid = Pid::from_raw(pid);
     let mut group = Group {
         pgid,
@@ -379,7 +401,14 @@ pub async fn run(
     let progress_done = CancellationToken::new();
     let _progress_done_on_drop = progress_done.clone().drop_guard();
     let progress = tokio::spawn(progress::follow(
-        paths.events.clone(),
+        progress::EventsTail::new(paths.events.clone()),
+        limits.progress_poll,
+        hub_tx.clone(),
+        progress_done.clone(),
+        capped.clone(),
+    ));
+    let outbox = tokio::spawn(progress::follow(
+        progress::EventsTail::outbox(paths.outbox.clone()),
         limits.progress_poll,
         hub_tx.clone(),
         progress_done.clone(),
@@ -408,6 +437,9 @@ pub async fn run(
         exit_watch,
     )
     .await;
+    if let Some(slot) = &task.pid {
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 
     // The main process has exited and is still a zombie. Let what is left
     // of its group finish writing, but not for long.
@@ -450,6 +482,7 @@ pub async fn run(
 
     progress_done.cancel();
     let _ = progress.await;
+    let _ = outbox.await;
     let log_dropped_bytes = hub.await.unwrap_or(0);
 
     let (mut state, exit_code, signal, mut error) =
@@ -766,6 +799,8 @@ fn process_spec(task: &TaskRun, paths: &TaskPaths, cgroup: Option<&TaskCgroup>) 
     for (k, p) in [
         ("GPUFLEET_RESULT", &paths.result),
         ("GPUFLEET_EVENTS", &paths.events),
+        ("GPUFLEET_INBOX", &paths.inbox),
+        ("GPUFLEET_OUTBOX", &paths.outbox),
         ("GPUFLEET_OUTPUT_DIR", &paths.work),
     ] {
         env.insert(k.into(), p.clone().into_os_string());

@@ -230,6 +230,11 @@ impl Engine {
     /// left queues the next attempt instead.
     fn end_attempt(&mut self, job: &JobId, i: usize, ended: Ended) {
         self.book.settled(&self.jobs[job].tasks[i].id);
+        let j = self.jobs.job_mut(job);
+        // What a cancel ends is no error of the job's.
+        if !j.cancel_requested {
+            j.note_end(i, ended.state, ended.exit_code, &ended.why, self.now.wall);
+        }
         if self.jobs[job].spec.gang {
             return self.end_gang_member(job, i, ended);
         }

@@ -21,6 +21,7 @@ mod holds;
 mod observe;
 mod owners;
 mod refusals;
+mod talk;
 mod unschedulable;
 
 /// An engine with its own clock, which moves only when a test says so.

@@ -160,14 +160,16 @@ fn is_pristine(paths: &TaskPaths, work_mode: u32) -> bool {
             return false;
         };
         let name = entry.file_name();
-        let known = name == "events.jsonl" || name == "result.json";
+        let known = super::META_FILES.iter().any(|f| name == *f);
         if !known || !kind.is_file() {
             return false;
         }
     }
-    match std::fs::remove_file(&paths.result) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return false,
-        _ => {}
+    for file in [&paths.result, &paths.inbox, &paths.outbox] {
+        match std::fs::remove_file(file) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return false,
+            _ => {}
+        }
     }
     match std::fs::symlink_metadata(&paths.events) {
         Ok(m) if m.len() > 0 => std::fs::OpenOptions::new()
@@ -187,9 +189,17 @@ fn is_pristine(paths: &TaskPaths, work_mode: u32) -> bool {
 /// another hard link (made to a file the task could not read itself), so
 /// that the worker reads nothing of its own for the task. Blocking.
 pub fn open_task_file(path: &Path) -> io::Result<std::fs::File> {
+    open_task_file_with(std::fs::OpenOptions::new().read(true), path)
+}
+
+/// [`open_task_file`] with other `options` (to append to a task's file,
+/// say), under the same checks. Blocking.
+pub fn open_task_file_with(
+    options: &mut std::fs::OpenOptions,
+    path: &Path,
+) -> io::Result<std::fs::File> {
     let refused = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why.to_string());
-    let file = std::fs::OpenOptions::new()
-        .read(true)
+    let file = options
         // Non-blocking: opening a FIFO would wait for a writer.
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)

@@ -39,6 +39,8 @@ pub(super) enum HubMsg {
     Progress(serde_json::Value, usize),
     /// A line of our own for the task's stderr stream.
     Notice(String),
+    /// A message from the task's outbox, and the size of its line.
+    Message(gpufleet_schema::message::OutboxLine, usize),
 }
 
 fn slot(stream: LogStream) -> usize {
@@ -114,13 +116,8 @@ impl Hub {
         match msg {
             HubMsg::Bytes(stream, bytes) => self.push(stream, &bytes, now),
             HubMsg::Eof(stream) => self.finish(stream),
-            HubMsg::Progress(value, size) => {
-                if self.over_cap(size) {
-                    self.drop_progress();
-                } else {
-                    self.enqueue_extra(Output::Progress(value), size);
-                }
-            }
+            HubMsg::Progress(value, size) => self.extra(Output::Progress(value), size),
+            HubMsg::Message(line, size) => self.extra(Output::Message(line), size),
             HubMsg::Notice(text) => {
                 let size = text.len();
                 if self.over_cap(size) {
@@ -133,6 +130,15 @@ impl Hub {
                 };
                 self.enqueue_extra(item, size);
             }
+        }
+    }
+
+    /// Progress or a message, counted toward `max_log_bytes` as output is.
+    fn extra(&mut self, item: Output, size: usize) {
+        if self.over_cap(size) {
+            self.drop_progress();
+        } else {
+            self.enqueue_extra(item, size);
         }
     }
 
@@ -151,7 +157,7 @@ impl Hub {
         self.progress_dropped += 1;
         if self.progress_dropped == 1 {
             let text = format!(
-                "[gpufleet] this task reached max_log_size ({} bytes of output and progress): further progress is dropped\n",
+                "[gpufleet] this task reached max_log_size ({} bytes of output and progress): further progress and messages are dropped\n",
                 self.max_log
             );
             let size = text.len();

@@ -1,4 +1,8 @@
-//! Following the `GPUFLEET_EVENTS` file: one JSON value per line.
+//! Following the files a task appends JSON lines to: `GPUFLEET_EVENTS`
+//! (progress, one JSON value per line) and `GPUFLEET_OUTBOX` (messages to
+//! other tasks of its job, each checked, and at most
+//! [`OUTBOX_RATE`] a second after a burst of [`OUTBOX_BURST`]: a task that
+//! floods its outbox gets its excess dropped, with a notice on its stderr).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -6,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use gpufleet_schema::message::OutboxLine;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::output::HubMsg;
@@ -20,6 +26,10 @@ const MAX_READ_PER_POLL: u64 = 4 << 20;
 const MAX_LINE: usize = 256 << 10;
 /// How much of a bad line the notice quotes.
 const QUOTE_CHARS: usize = 200;
+/// Messages a task may send per second from its outbox, on average...
+pub const OUTBOX_RATE: f64 = 100.0;
+/// ... and at once.
+pub const OUTBOX_BURST: f64 = 200.0;
 
 /// What was appended to `path` after `offset`, at most
 /// `MAX_READ_PER_POLL` bytes; true if the file was truncated or replaced,
@@ -50,15 +60,66 @@ pub(super) struct EventsTail {
     partial: Vec<u8>,
     /// Inside a line that was too long; drop bytes until its newline.
     skipping: bool,
+    /// For an outbox: its rate limit.
+    outbox: Option<Bucket>,
+}
+
+/// A token bucket: what may still be sent now, when that was counted, and
+/// how many were dropped since the last notice.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    dropped: u64,
 }
 
 impl EventsTail {
+    /// The progress file.
     pub(super) fn new(path: PathBuf) -> EventsTail {
         EventsTail {
             path,
             offset: 0,
             partial: Vec::new(),
             skipping: false,
+            outbox: None,
+        }
+    }
+
+    /// The outbox file.
+    pub(super) fn outbox(path: PathBuf) -> EventsTail {
+        EventsTail {
+            outbox: Some(Bucket {
+                tokens: OUTBOX_BURST,
+                at: Instant::now(),
+                dropped: 0,
+            }),
+            ..EventsTail::new(path)
+        }
+    }
+
+    /// One complete line's message, if it is one.
+    fn line(&mut self, line: &[u8], msgs: &mut Vec<HubMsg>) {
+        let Some(bucket) = &mut self.outbox else {
+            return line_message(line, msgs);
+        };
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(|b| b.is_ascii_whitespace()) {
+            return;
+        }
+        let now = Instant::now();
+        let refill = now.duration_since(bucket.at).as_secs_f64() * OUTBOX_RATE;
+        bucket.tokens = (bucket.tokens + refill).min(OUTBOX_BURST);
+        bucket.at = now;
+        if bucket.tokens < 1.0 {
+            bucket.dropped += 1;
+            return;
+        }
+        bucket.tokens -= 1.0;
+        match OutboxLine::parse(line) {
+            Ok(m) => msgs.push(HubMsg::Message(m, line.len())),
+            Err(e) => msgs.push(HubMsg::Notice(format!(
+                "[gpufleet] ignored an outbox line: {}\n",
+                quote(e.as_bytes())
+            ))),
         }
     }
 
@@ -84,7 +145,13 @@ impl EventsTail {
         }
         if last && !self.partial.is_empty() && !self.skipping {
             let line = std::mem::take(&mut self.partial);
-            line_message(&line, &mut msgs);
+            self.line(&line, &mut msgs);
+        }
+        if let Some(b) = self.outbox.as_mut().filter(|b| b.dropped > 0) {
+            msgs.push(HubMsg::Notice(format!(
+                "[gpufleet] dropped {} outbox messages: more than {OUTBOX_RATE} a second\n",
+                std::mem::take(&mut b.dropped)
+            )));
         }
         msgs
     }
@@ -115,11 +182,11 @@ impl EventsTail {
                 continue;
             }
             if self.partial.is_empty() {
-                line_message(head, msgs);
+                self.line(head, msgs);
             } else {
                 self.partial.extend_from_slice(head);
                 let line = std::mem::take(&mut self.partial);
-                line_message(&line, msgs);
+                self.line(&line, msgs);
             }
         }
         if self.skipping {
@@ -129,8 +196,13 @@ impl EventsTail {
         if self.partial.len() > MAX_LINE {
             self.partial = Vec::new();
             self.skipping = true;
+            let what = if self.outbox.is_some() {
+                "an outbox"
+            } else {
+                "a progress"
+            };
             msgs.push(HubMsg::Notice(format!(
-                "[gpufleet] ignored a progress line longer than {MAX_LINE} bytes\n"
+                "[gpufleet] ignored {what} line longer than {MAX_LINE} bytes\n"
             )));
         }
     }
@@ -149,30 +221,33 @@ fn line_message(line: &[u8], msgs: &mut Vec<HubMsg>) {
     }
     match serde_json::from_slice(line) {
         Ok(value) => msgs.push(HubMsg::Progress(value, line.len())),
-        Err(_) => {
-            let text = String::from_utf8_lossy(line);
-            let mut quoted: String = text.chars().take(QUOTE_CHARS).collect();
-            if quoted.len() < text.len() {
-                quoted.push_str("...");
-            }
-            msgs.push(HubMsg::Notice(format!(
-                "[gpufleet] ignored progress line that is not JSON: {quoted}\n"
-            )));
-        }
+        Err(_) => msgs.push(HubMsg::Notice(format!(
+            "[gpufleet] ignored progress line that is not JSON: {}\n",
+            quote(line)
+        ))),
     }
+}
+
+/// The start of `text`, for a notice.
+fn quote(text: &[u8]) -> String {
+    let text = String::from_utf8_lossy(text);
+    let mut quoted: String = text.chars().take(QUOTE_CHARS).collect();
+    if quoted.len() < text.len() {
+        quoted.push_str("...");
+    }
+    quoted
 }
 
 /// Polls every `every` until `done`, then once more for the rest; stops
 /// reading once `capped` (the task's output and progress reached their
 /// limit, so what it writes now would be dropped anyway).
 pub(super) async fn follow(
-    path: PathBuf,
+    mut tail: EventsTail,
     every: Duration,
     hub: mpsc::Sender<HubMsg>,
     done: CancellationToken,
     capped: Arc<AtomicBool>,
 ) {
-    let mut tail = EventsTail::new(path);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -253,6 +328,48 @@ mod tests {
         assert_eq!(got.len(), 2, "{got:?}");
         assert!(got[0].contains("longer than"), "{}", got[0]);
         assert_eq!(got[1], "{\"b\":2}");
+    }
+
+    #[tokio::test]
+    async fn an_outbox_takes_checked_messages_and_drops_a_flood_past_its_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.jsonl");
+        let mut tail = EventsTail::outbox(path.clone());
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(b"{\"to\": \"b\", \"topic\": \"t\", \"data\": 1}\n\x00\xff garbage\n{\"to\": \"\", \"topic\": \"t\"}\n")
+            .unwrap();
+        let got = tail.poll(false).await;
+        assert!(matches!(&got[0], HubMsg::Message(m, _) if m.to == "b" && m.data == 1));
+        assert!(matches!(&got[1], HubMsg::Notice(t) if t.contains("ignored an outbox line")));
+        assert!(matches!(&got[2], HubMsg::Notice(t) if t.contains("to:")));
+        assert_eq!(got.len(), 3);
+        // A flood: the burst goes, the rest is dropped, each drop said.
+        let line = b"{\"to\": \"*\", \"topic\": \"t\"}\n";
+        for _ in 0..1000 {
+            f.write_all(line).unwrap();
+        }
+        let got = tail.poll(false).await;
+        let sent = got
+            .iter()
+            .filter(|m| matches!(m, HubMsg::Message(..)))
+            .count();
+        let notices: Vec<&String> = got
+            .iter()
+            .filter_map(|m| match m {
+                HubMsg::Notice(t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(notices.len(), 1, "one notice per read: {notices:?}");
+        let dropped = 1000 - sent;
+        assert!(
+            notices[0].contains(&format!("dropped {dropped} outbox")),
+            "{notices:?}"
+        );
+        assert!(
+            (OUTBOX_BURST as usize - 3..OUTBOX_BURST as usize + 20).contains(&sent),
+            "{sent} sent"
+        );
     }
 
     #[test]

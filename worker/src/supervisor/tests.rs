@@ -47,6 +47,7 @@ fn task(dir: &Path, cmd: &[&str]) -> TaskRun {
             ..Limits::default()
         },
         usage: Some(crate::usage::Meter::new(vec![])),
+        pid: None,
     }
 }
 
