@@ -67,6 +67,13 @@ const GRACE: Duration = Duration::from_secs(10);
 /// Local workers drain quickly, so that `up` stops within seconds.
 const LOCAL_DRAIN_TIMEOUT: &str = "5s";
 const LOCAL_KILL_GRACE: &str = "2s";
+/// The store limits of a local fleet (unless the user's environment or
+/// `--coordinator-config` says otherwise).
+const LOCAL_STORE_LIMITS: [(&str, &str); 3] = [
+    ("events_max_bytes", "256MiB"),
+    ("jobs_max_bytes", "256MiB"),
+    ("artifacts_max_bytes", "1GiB"),
+];
 
 /// A program `up` started.
 struct Member {
@@ -397,6 +404,17 @@ async fn start(args: &UpArgs, log_format: Option<LogFormat>) -> anyhow::Result<L
         .or(auth.as_ref().map(|a| &a.coordinator))
     {
         cmd.arg("--config").arg(c);
+    }
+    if args.coordinator_config.is_none() {
+        // The server reserves every store's limit at once; a local fleet
+        // on a laptop's disk gets 1.5 GiB, not the production 6 GiB (the
+        // coordinator would refuse to start where JetStream has less room).
+        for (setting, value) in LOCAL_STORE_LIMITS {
+            let name = gpufleet_natsutil::settings::env_name(setting);
+            if std::env::var_os(&name).is_none() {
+                cmd.env(name, value);
+            }
+        }
     }
     let m = spawn("coordinator", cmd, &dir.join("coordinator.log"))?;
     eprintln!("  coordinator  pid {:<7} log coordinator.log", m.pid());
