@@ -199,6 +199,9 @@ pub enum Input {
     /// node died) or is back.
     FeedDown(Feed),
     FeedUp(Feed),
+    /// The results follower now lags behind the stream (results were
+    /// stored after the one it last delivered), or has caught up.
+    ResultsBehind(bool),
     /// A start-up feed has delivered everything that existed. Sent through
     /// the same channel as the feed's changes, so it comes after them.
     Synced(Feed),
@@ -476,6 +479,7 @@ impl Engine {
             Input::Deleted(job) => self.jobs.forget(&job),
             Input::Duplicate(job) => self.not_stored(&job),
             Input::FeedDown(feed) => self.health.down(feed, self.now.mono),
+            Input::ResultsBehind(behind) => self.health.set_results_behind(behind),
             Input::FeedUp(feed) => {
                 self.health.up(feed, self.now.mono);
                 if feed == Feed::Events {

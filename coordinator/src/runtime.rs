@@ -1159,6 +1159,7 @@ async fn follow_results(js: jetstream::Context, after: u64, tx: mpsc::Sender<Inp
     };
     let mut announced = false;
     let mut down = false;
+    let mut behind = false;
     loop {
         if !announced && replay.caught_up() {
             announced = true;
@@ -1169,6 +1170,9 @@ async fn follow_results(js: jetstream::Context, after: u64, tx: mpsc::Sender<Inp
         let Some(event) = replay.next_event().await else {
             return;
         };
+        // Sent after the input, so that "caught up" follows the last
+        // result of a backlog.
+        let mut after = None;
         let input = match event {
             ReplayEvent::Message(r) => {
                 let back = std::mem::take(&mut down).then_some(Input::FeedUp(Feed::Events));
@@ -1177,11 +1181,25 @@ async fn follow_results(js: jetstream::Context, after: u64, tx: mpsc::Sender<Inp
                         return;
                     }
                 }
+                // Said on changes only: lagging before this result, caught
+                // up after it.
+                let lags = r.pending > 0;
+                if lags && !behind {
+                    if tx.send(Input::ResultsBehind(true)).await.is_err() {
+                        return;
+                    }
+                } else if !lags && behind {
+                    after = Some(Input::ResultsBehind(false));
+                }
+                behind = lags;
                 match result_input(r.message.subject.as_str(), &r.message.payload, r.sequence) {
                     Ok(input) => input,
                     Err(e) => {
                         tracing::warn!(subject = %r.message.subject, error = %e, "ignoring an unreadable result");
-                        continue;
+                        match after.take() {
+                            Some(caught_up) => caught_up,
+                            None => continue,
+                        }
                     }
                 }
             }
@@ -1201,6 +1219,11 @@ async fn follow_results(js: jetstream::Context, after: u64, tx: mpsc::Sender<Inp
         };
         if tx.send(input).await.is_err() {
             return;
+        }
+        if let Some(after) = after {
+            if tx.send(after).await.is_err() {
+                return;
+            }
         }
     }
 }

@@ -40,6 +40,9 @@ metrics_addr = "127.0.0.1:0"
 
 pub struct Fleet {
     pub server: NatsServer,
+    /// The other nodes of the cluster, for a fleet on a 3-node cluster
+    /// ([`Fleet::start_clustered`]); none otherwise.
+    pub nodes: Vec<NatsServer>,
     pub coordinator: Option<Proc>,
     pub workers: Vec<(String, Proc)>,
     dir: TempDir,
@@ -101,6 +104,15 @@ impl WorkerSpec {
         self
     }
 
+    /// A longer advert TTL than the test kit's 2 s, for a worker that may
+    /// be too busy to confirm a heartbeat within its fence's margin
+    /// (about 1.5 s of a 2 s TTL) and would then stop its tasks.
+    pub fn advert_ttl(mut self, ttl: &str) -> Self {
+        self.extra
+            .extend(["--advert-ttl".to_string(), ttl.to_string()]);
+        self
+    }
+
     pub fn as_user(mut self, user: &str) -> Self {
         self.user = Some(user.into());
         self
@@ -132,7 +144,22 @@ impl Fleet {
 
     /// [`Fleet::start`] with some coordinator settings changed.
     pub async fn start_with(overrides: &[(&str, &str)]) -> Fleet {
-        let server = NatsServer::start();
+        Self::start_on(NatsServer::start(), vec![], overrides).await
+    }
+
+    /// [`Fleet::start_with`] on a 3-node cluster: `server` is its first
+    /// node, `nodes` the others, and every program is given all three.
+    pub async fn start_clustered(overrides: &[(&str, &str)]) -> Fleet {
+        let mut nodes = crate::server::NatsCluster::start().nodes;
+        let server = nodes.remove(0);
+        Self::start_on(server, nodes, overrides).await
+    }
+
+    async fn start_on(
+        server: NatsServer,
+        nodes: Vec<NatsServer>,
+        overrides: &[(&str, &str)],
+    ) -> Fleet {
         let dir = tempfile::Builder::new()
             .prefix("gpufleet-fleet-")
             .tempdir()
@@ -148,6 +175,7 @@ impl Fleet {
         .expect("write config");
         let mut fleet = Fleet {
             server,
+            nodes,
             coordinator: None,
             workers: vec![],
             dir,
@@ -156,8 +184,13 @@ impl Fleet {
         fleet
     }
 
+    /// The server's URL, or on a cluster every node's, comma-separated.
     pub fn url(&self) -> String {
-        self.server.url()
+        std::iter::once(&self.server)
+            .chain(&self.nodes)
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     pub fn dir(&self) -> &std::path::Path {
@@ -248,29 +281,20 @@ impl Fleet {
     }
 
     pub async fn client(&self) -> Client {
-        async_nats::connect(self.url())
-            .await
-            .expect("connect to the test server")
+        connect(&self.url()).await
     }
 
     /// Submits a job as JSON and returns its id.
     pub async fn submit(&self, job: &Value) -> String {
-        let client = self.client().await;
-        let reply = api(&client, subjects::JOBS_SUBMIT, job)
+        submit_job(&self.client().await, job)
             .await
-            .unwrap_or_else(|e| panic!("submit failed: {e}"));
-        reply["job_id"].as_str().expect("job_id").to_string()
+            .unwrap_or_else(|e| panic!("submit failed: {e}"))
     }
 
     pub async fn get(&self, job_id: &str) -> Value {
-        let client = self.client().await;
-        api(
-            &client,
-            subjects::JOBS_GET,
-            &serde_json::json!({"job_id": job_id}),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("get {job_id} failed: {e}"))
+        get_job(&self.client().await, job_id)
+            .await
+            .unwrap_or_else(|e| panic!("get {job_id} failed: {e}"))
     }
 
     /// Re-runs `check` whenever a message arrives on `subject`, and a
@@ -349,9 +373,21 @@ impl Fleet {
         let js = jetstream::new(self.client().await);
         let job = JobId::new(job).expect("a job id");
         let filters = vec![subjects::job_events(&UserId::default_user(), &job)];
-        Replay::start(&js, subjects::EVENTS_STREAM, filters, 1, until)
-            .await
-            .expect("the events stream")
+        // The stream may have no leader for a while (a node of a cluster
+        // lost, a server restarting).
+        eventually(READ_EVENTS, "the events stream to be read", || {
+            let (js, filters) = (&js, filters.clone());
+            async move {
+                match Replay::start(js, subjects::EVENTS_STREAM, filters, 1, until).await {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        eprintln!("reading the events stream: {e}");
+                        None
+                    }
+                }
+            }
+        })
+        .await
     }
 
     /// Every event of a job stored so far, in stream order.
@@ -407,14 +443,25 @@ impl Fleet {
     }
 }
 
+/// A client of the server at `url`, or of any of the nodes a
+/// comma-separated `url` lists (it fails over between them).
+pub async fn connect(url: &str) -> Client {
+    async_nats::connect(url.split(',').collect::<Vec<_>>())
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
 /// A test worker's flags beside how it reaches NATS: quick heartbeats, its
 /// own work directory under `dir`, rendezvous on loopback, and `spec`'s.
 pub fn worker_test_args(dir: &std::path::Path, spec: &WorkerSpec) -> Vec<String> {
-    let mut args = vec![
-        "--heartbeat".to_string(),
-        "500ms".into(),
-        "--advert-ttl".into(),
-        "2s".into(),
+    let mut args = vec![];
+    // Quick heartbeats, unless `spec.extra` sets its own.
+    for (flag, value) in [("--heartbeat", "500ms"), ("--advert-ttl", "2s")] {
+        if !spec.extra.iter().any(|a| a == flag) {
+            args.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    args.extend([
         "--work-dir".into(),
         dir.join(format!("work-{}", spec.name))
             .display()
@@ -425,7 +472,7 @@ pub fn worker_test_args(dir: &std::path::Path, spec: &WorkerSpec) -> Vec<String>
         // Any free port: test workers run side by side.
         "--metrics-addr".into(),
         "127.0.0.1:0".into(),
-    ];
+    ]);
     if let Some(g) = &spec.gpus {
         args.push("--simulate-gpus".into());
         args.push(g.clone());
@@ -520,6 +567,26 @@ pub fn state_events(evs: &[Event]) -> Vec<(u32, TaskState, Option<String>)> {
             _ => None,
         })
         .collect()
+}
+
+/// Submits a job (JSON) through `client` and returns its id; `Err` says
+/// why not, for tests whose fleet may not answer right now.
+pub async fn submit_job(client: &Client, job: &Value) -> Result<String, String> {
+    let reply = api(client, subjects::JOBS_SUBMIT, job).await?;
+    reply["job_id"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("a submit reply without a job_id: {reply}"))
+}
+
+/// A job's status (JSON) through `client`.
+pub async fn get_job(client: &Client, job_id: &str) -> Result<Value, String> {
+    api(
+        client,
+        subjects::JOBS_GET,
+        &serde_json::json!({"job_id": job_id}),
+    )
+    .await
 }
 
 /// A JSON API request; `Err` carries the error code and message.

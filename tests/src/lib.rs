@@ -1,7 +1,8 @@
 //! gpufleet's test kit: real `nats-server` processes ([`server`]), the real
 //! binaries ([`procs`]) and what `/proc` says of a pid ([`pids`]), a whole
 //! fleet with the reads the suites share (a job's events and its tasks'
-//! states, [`fleet`]), a stand-in NVML library ([`nvml`]), a fleet with
+//! states, [`fleet`]), the invariants every fault must leave intact
+//! ([`invariants`]), a stand-in NVML library ([`nvml`]), a fleet with
 //! roles made by `gpufleet auth` ([`secure`]), a private CA for mutual TLS
 //! ([`tls`]), a TCP proxy that cuts a program off from its server
 //! ([`proxy`]), a plain HTTP client ([`http`]) and waiting with deadlines
@@ -10,6 +11,7 @@
 
 pub mod fleet;
 pub mod http;
+pub mod invariants;
 pub mod nvml;
 pub mod pids;
 pub mod procs;
@@ -20,8 +22,8 @@ pub mod tls;
 pub mod wait;
 
 pub use fleet::{
-    api, coordinator_config, open_to_tasks, spawn_coordinator, spawn_plain_worker, spawn_worker,
-    state_events, task_states, wait_workers_listed, Fleet, WorkerSpec,
+    api, coordinator_config, get_job, open_to_tasks, spawn_coordinator, spawn_plain_worker,
+    spawn_worker, state_events, submit_job, task_states, wait_workers_listed, Fleet, WorkerSpec,
 };
 pub use procs::{bin, Proc};
 pub use server::{nats_server_bin, NatsCluster, NatsServer};

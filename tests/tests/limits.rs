@@ -161,9 +161,15 @@ async fn attempts(fleet: &Fleet, job: &str) -> Vec<(String, u32, TaskState)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_largest_job_runs_and_a_restart_reruns_nothing() {
-    let mut fleet = Fleet::start().await;
+    // Hundreds of tasks at once on each worker, each renewing its lease:
+    // the production lease and advert TTLs keep a write confirmed late on
+    // a loaded machine from fencing them (a retry would then be the
+    // fence's doing, not the restart's).
+    let mut fleet = Fleet::start_with(&[("lease_ttl", "\"30s\"")]).await;
     for w in ["w1", "w2"] {
-        fleet.add_worker(WorkerSpec::new(w).cpus(64.0)).await;
+        fleet
+            .add_worker(WorkerSpec::new(w).cpus(64.0).advert_ttl("10s"))
+            .await;
     }
     let tasks: Vec<Value> = (0..MAX_TASKS_PER_JOB)
         .map(|_| json!({"command": ["true"], "resources": {"cpus": 0.1}}))
@@ -235,9 +241,15 @@ async fn a_worker_started_first_creates_no_store_and_waits_for_the_coordinator()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_says_where_existing_stores_differ_from_its_settings() {
     let server = NatsServer::start();
-    // Made earlier with other limits (1 GiB of events).
+    // Made earlier with other limits (1 GiB of events; the rest small, as
+    // the server reserves what every store may hold).
     let js = jetstream::new(async_nats::connect(server.url()).await.unwrap());
-    with_deadline(T, "the stores", create_stores(&js, &Setup::default()))
+    let earlier = Setup {
+        jobs_max_bytes: 256 << 20,
+        artifacts_max_bytes: 512 << 20,
+        ..Setup::default()
+    };
+    with_deadline(T, "the stores", create_stores(&js, &earlier))
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();

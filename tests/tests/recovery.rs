@@ -157,7 +157,10 @@ async fn a_lost_node_of_a_cluster_costs_no_task_and_work_resumes_soon_after() {
     let dir = tempfile::tempdir().unwrap();
     let config = coordinator_config(&[("replicas", "3"), ("lease_ttl", "\"15s\"")]);
     let _coordinator = spawn_coordinator(&url, dir.path(), &config);
-    let flags = ["--heartbeat", "500ms", "--advert-ttl", "2s", "--cpus", "8"];
+    // The production advert TTL: a stream election longer than the test
+    // kit's 2 s TTL allows would have the workers fence their tasks (they
+    // cannot tell an election from being cut off, and must not guess).
+    let flags = ["--heartbeat", "500ms", "--advert-ttl", "10s", "--cpus", "8"];
     let workers: Vec<Proc> = ["w1", "w2"]
         .iter()
         .map(|w| spawn_plain_worker(&url, w, dir.path(), &flags))

@@ -27,6 +27,9 @@ pub struct Health {
     calm_at: Option<Instant>,
     /// The grace's upper bound (`lease_ttl`).
     max_grace: Duration,
+    /// Whether the results follower, at its last delivery, had more stored
+    /// after it: it lags behind the stream.
+    results_behind: bool,
 }
 
 /// `Feed` as a set member.
@@ -79,6 +82,19 @@ impl Health {
     /// Whether the results feed is down (results cannot arrive).
     pub fn results_down(&self) -> bool {
         self.down.contains(&Feed::Events.into())
+    }
+
+    /// What the results follower said of its lag at its last delivery.
+    pub fn set_results_behind(&mut self, behind: bool) {
+        self.results_behind = behind;
+    }
+
+    /// Whether a result stored by now may still be on its way to the
+    /// engine: its feed is down, or its follower lags behind the stream. A
+    /// worker stores its result before it releases the lease, so the
+    /// result of a released lease is overdue only while neither holds.
+    pub fn results_unsettled(&self) -> bool {
+        self.results_down() || self.results_behind
     }
 }
 

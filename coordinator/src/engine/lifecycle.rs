@@ -165,6 +165,10 @@ impl Engine {
             if self.jobs[&job].tasks[i].state == TaskState::Reserved {
                 self.metrics.reservation(Reservation::Failed);
                 self.requeue_same_attempt(&job, i, &format!("reservation failed: {error}"));
+                // The store refused it (its stream has no leader, say):
+                // again after a pause, not on every pass until it is back.
+                let until = self.now.mono + self.cfg.retry_backoff.0;
+                self.queue.retry_later(&live.lease.task_id, until, None);
             }
         }
     }
@@ -521,9 +525,11 @@ impl Engine {
         self.jobs.expire_recent(self.now.wall - retention);
         // A released lease whose result never came: the worker lost it.
         // Not while results cannot arrive (the clocks start again when
-        // they can).
+        // they can), nor while the follower lags: the result may be in the
+        // stream, not yet read (a restarted coordinator replaying a
+        // backlog under load).
         let grace = self.cfg.result_grace.0;
-        let overdue = if self.health.results_down() {
+        let overdue = if self.health.results_unsettled() {
             Vec::new()
         } else {
             self.book.take_overdue(self.now.mono, grace)

@@ -130,6 +130,74 @@ fn a_released_lease_waits_for_its_result_while_results_cannot_arrive() {
 }
 
 #[test]
+fn a_released_lease_waits_for_its_result_while_the_follower_lags() {
+    // A restarted coordinator replaying a backlog of results under load:
+    // the lease watch may see a release long before the follower reaches
+    // the result, which the worker stored before it released.
+    let mut e = Sim::new(CoordinatorConfig {
+        result_grace: Dur(5 * S),
+        ..Default::default()
+    });
+    e.handle(Input::Advert(Box::new(advert("w1", 4, 0))));
+    for f in [Feed::Workers, Feed::Leases, Feed::Events] {
+        e.handle(Input::Synced(f));
+    }
+    let (id, _rx) = submit(
+        &mut e,
+        r#"{"tasks": [{"command": ["true"]}, {"command": ["true"]}]}"#,
+    );
+    let leases = e.take_effects().create_leases;
+    for (key, lease) in &leases {
+        claim(&mut e, key, lease, 3);
+    }
+    for (key, _) in &leases {
+        e.handle(Input::Lease(LeaseChange::Released { key: key.clone() }));
+    }
+    e.handle(Input::ResultsBehind(true));
+    tick_after(&mut e, 20);
+    assert_eq!(task_state(&e, &id, 0), (TaskState::Running, 1));
+    // The backlog's last result, then the follower is caught up.
+    e.handle(result(&e, &leases[0].1, TaskState::Succeeded, 9));
+    e.handle(Input::ResultsBehind(false));
+    assert_eq!(task_state(&e, &id, 0).0, TaskState::Succeeded);
+    // The other result never came: once caught up, it is overdue (lost,
+    // and queued again as attempt 2).
+    tick_after(&mut e, 1);
+    assert_eq!(
+        task_state(&e, &id, 1),
+        (TaskState::Queued, 2),
+        "caught up, a result that is not there is lost"
+    );
+}
+
+#[test]
+fn a_reservation_the_store_refused_is_made_again_after_a_pause_not_at_once() {
+    let mut e = ready_engine(&[advert("w1", 4, 0)]);
+    let (id, _rx) = submit(&mut e, r#"{"tasks": [{"command": ["true"]}]}"#);
+    let (key, _) = e.take_effects().create_leases[0].clone();
+    e.handle(Input::LeaseCreateFailed {
+        key,
+        error: "no responders".into(),
+    });
+    assert_eq!(task_state(&e, &id, 0), (TaskState::Queued, 1));
+    e.schedule_if_needed();
+    assert!(
+        e.take_effects().create_leases.is_empty(),
+        "reserved again at once"
+    );
+    let pause = e.config().retry_backoff.0;
+    e.advance(pause);
+    e.handle(Input::Tick);
+    e.schedule_if_needed();
+    assert_eq!(
+        e.take_effects().create_leases.len(),
+        1,
+        "not after the pause"
+    );
+    assert_eq!(task_state(&e, &id, 0), (TaskState::Reserved, 1));
+}
+
+#[test]
 fn retry_pauses_double_with_jitter_up_to_the_cap() {
     let mut e = ready_engine(&[]);
     let cfg = e.config().clone();

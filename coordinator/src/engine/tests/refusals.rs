@@ -96,7 +96,10 @@ fn refusal_expiry_and_a_failed_write_requeue_the_same_attempt() {
     assert_eq!((t.state, t.attempt), (TaskState::Queued, 1));
     assert_eq!(t.reason.as_deref(), Some("reservation failed: timed out"));
 
-    // The first real run is still attempt 1, and may succeed.
+    // The first real run (after the pause a failed write waits) is still
+    // attempt 1, and may succeed.
+    let pause = e.config().retry_backoff.0;
+    e.advance(pause);
     e.handle(Input::Tick);
     let (key4, lease4) = pass(&mut e).remove(0);
     assert_eq!(lease4.attempt, 1);
