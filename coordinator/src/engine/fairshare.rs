@@ -146,6 +146,9 @@ impl Shares {
                 return Some(format!("over quota: user {user} {why}"));
             }
         }
+        if self.groups_of.is_empty() {
+            return None;
+        }
         for &g in self.groups_of.get(user).map_or(&[][..], Vec::as_slice) {
             let quota = &self.policy.groups[&self.groups[g]].quota;
             if let Some(why) = exceeds(quota, &ledger.groups[g], ask) {
@@ -219,6 +222,9 @@ impl Ledger {
             None => {
                 self.users.insert(user.clone(), *u);
             }
+        }
+        if shares.groups_of.is_empty() {
+            return;
         }
         for &g in shares.groups_of.get(user).map_or(&[][..], Vec::as_slice) {
             self.groups[g].add(u);

@@ -201,9 +201,17 @@ impl Engine {
         // The user to serve next: the smallest share, then the oldest
         // waiting job, then the name.
         let mut next: BinaryHeap<Reverse<(Share, u64, usize)>> = BinaryHeap::new();
+        // With one user waiting there is nobody to share with.
+        let shared = users.len() > 1;
+        let share = |u: &UserQueue, pass: &Pass| {
+            Share(if shared {
+                self.shares.share(u.user, &pass.ledger, &pass.capacity)
+            } else {
+                0.0
+            })
+        };
         for (i, u) in users.iter_mut().enumerate() {
-            let share = Share(self.shares.share(u.user, &pass.ledger, &pass.capacity));
-            next.push(Reverse((share, u.head_seq(), i)));
+            next.push(Reverse((share(u, &pass), u.head_seq(), i)));
         }
         while let Some(Reverse((_, _, i))) = next.pop() {
             let Some(work) = users[i].next_work(self, now, &mut pass) else {
@@ -219,8 +227,7 @@ impl Engine {
                 break;
             }
             let u = &mut users[i];
-            let share = Share(self.shares.share(u.user, &pass.ledger, &pass.capacity));
-            next.push(Reverse((share, u.head_seq(), i)));
+            next.push(Reverse((share(u, &pass), u.head_seq(), i)));
         }
         let Pass {
             views,
