@@ -400,15 +400,12 @@ pub async fn run(
     });
     let progress_done = CancellationToken::new();
     let _progress_done_on_drop = progress_done.clone().drop_guard();
+    // The progress file and the outbox, read together.
     let progress = tokio::spawn(progress::follow(
-        progress::EventsTail::new(paths.events.clone()),
-        limits.progress_poll,
-        hub_tx.clone(),
-        progress_done.clone(),
-        capped.clone(),
-    ));
-    let outbox = tokio::spawn(progress::follow(
-        progress::EventsTail::outbox(paths.outbox.clone()),
+        vec![
+            progress::EventsTail::new(paths.events.clone()),
+            progress::EventsTail::outbox(paths.outbox.clone()),
+        ],
         limits.progress_poll,
         hub_tx.clone(),
         progress_done.clone(),
@@ -482,7 +479,6 @@ pub async fn run(
 
     progress_done.cancel();
     let _ = progress.await;
-    let _ = outbox.await;
     let log_dropped_bytes = hub.await.unwrap_or(0);
 
     let (mut state, exit_code, signal, mut error) =

@@ -126,26 +126,39 @@ impl EventsTail {
     /// Reads what was appended since the last poll and returns the messages
     /// for its complete lines; at the end (`last`), a final line without its
     /// newline counts too.
+    #[cfg(test)]
     pub(super) async fn poll(&mut self, last: bool) -> Vec<HubMsg> {
-        let mut msgs = Vec::new();
-        loop {
-            let got = match self.read_more().await {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    tracing::debug!(path = %self.path.display(), error = %e, "cannot read the events file");
-                    Vec::new()
+        poll_all(std::slice::from_mut(self), last).await
+    }
+
+    /// Takes what one read found; true if there may be more to read now.
+    fn apply(&mut self, got: std::io::Result<(bool, Vec<u8>)>, msgs: &mut Vec<HubMsg>) -> bool {
+        let bytes = match got {
+            Ok((restarted, bytes)) => {
+                if restarted {
+                    self.offset = 0;
+                    self.partial.clear();
+                    self.skipping = false;
                 }
-            };
-            let more = got.len() as u64 == MAX_READ_PER_POLL;
-            self.take_lines(&got, &mut msgs);
-            // At the end read everything; otherwise the next poll goes on.
-            if !(last && more) {
-                break;
+                self.offset += bytes.len() as u64;
+                bytes
             }
-        }
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), error = %e, "cannot read a task's file");
+                Vec::new()
+            }
+        };
+        let more = bytes.len() as u64 == MAX_READ_PER_POLL;
+        self.take_lines(&bytes, msgs);
+        more
+    }
+
+    /// After a poll: the last line without its newline (at the end), and
+    /// how many outbox messages were dropped.
+    fn close_poll(&mut self, last: bool, msgs: &mut Vec<HubMsg>) {
         if last && !self.partial.is_empty() && !self.skipping {
             let line = std::mem::take(&mut self.partial);
-            self.line(&line, &mut msgs);
+            self.line(&line, msgs);
         }
         if let Some(b) = self.outbox.as_mut().filter(|b| b.dropped > 0) {
             msgs.push(HubMsg::Notice(format!(
@@ -153,23 +166,6 @@ impl EventsTail {
                 std::mem::take(&mut b.dropped)
             )));
         }
-        msgs
-    }
-
-    async fn read_more(&mut self) -> std::io::Result<Vec<u8>> {
-        let path = self.path.clone();
-        let offset = self.offset;
-        // One trip to the blocking pool, not one per file operation.
-        let (restarted, bytes) = tokio::task::spawn_blocking(move || read_appended(&path, offset))
-            .await
-            .map_err(std::io::Error::other)??;
-        if restarted {
-            self.offset = 0;
-            self.partial.clear();
-            self.skipping = false;
-        }
-        self.offset += bytes.len() as u64;
-        Ok(bytes)
     }
 
     fn take_lines(&mut self, bytes: &[u8], msgs: &mut Vec<HubMsg>) {
@@ -238,11 +234,49 @@ fn quote(text: &[u8]) -> String {
     quoted
 }
 
+/// Reads what was appended to each of `tails` since the last poll, in one
+/// trip to the blocking pool for all of them (a worker running hundreds of
+/// tasks polls each one's files ten times a second), and returns the
+/// messages of their complete lines; at the end (`last`), everything, and
+/// a final line without its newline too.
+pub(super) async fn poll_all(tails: &mut [EventsTail], last: bool) -> Vec<HubMsg> {
+    let mut msgs = Vec::new();
+    loop {
+        let wanted: Vec<(PathBuf, u64)> =
+            tails.iter().map(|t| (t.path.clone(), t.offset)).collect();
+        let n = wanted.len();
+        let got = tokio::task::spawn_blocking(move || {
+            wanted
+                .iter()
+                .map(|(path, offset)| read_appended(path, *offset))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_else(|e| {
+            (0..n)
+                .map(|_| Err(std::io::Error::other(e.to_string())))
+                .collect()
+        });
+        let mut more = false;
+        for (tail, got) in tails.iter_mut().zip(got) {
+            more |= tail.apply(got, &mut msgs);
+        }
+        // At the end read everything; otherwise the next poll goes on.
+        if !(last && more) {
+            break;
+        }
+    }
+    for tail in tails.iter_mut() {
+        tail.close_poll(last, &mut msgs);
+    }
+    msgs
+}
+
 /// Polls every `every` until `done`, then once more for the rest; stops
 /// reading once `capped` (the task's output and progress reached their
 /// limit, so what it writes now would be dropped anyway).
 pub(super) async fn follow(
-    mut tail: EventsTail,
+    mut tails: Vec<EventsTail>,
     every: Duration,
     hub: mpsc::Sender<HubMsg>,
     done: CancellationToken,
@@ -258,7 +292,7 @@ pub(super) async fn follow(
         if capped.load(Ordering::Relaxed) {
             return;
         }
-        for msg in tail.poll(last).await {
+        for msg in poll_all(&mut tails, last).await {
             if hub.send(msg).await.is_err() {
                 return;
             }
