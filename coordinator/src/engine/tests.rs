@@ -625,20 +625,12 @@ fn finished_jobs_leave_memory_once_stored_and_stay_listed_in_the_window() {
 
 /// What `jobs.list` answers now.
 fn list(e: &mut Sim) -> Vec<JobStatus> {
-    let (tx, mut rx) = oneshot::channel();
-    e.handle(Input::Api(
-        ApiCall::List {
-            status: None,
-            limit: 10,
-        },
-        Caller::everyone(),
-        tx,
-    ));
-    for (tx, r, _) in e.take_effects().replies {
-        tx.send(r).unwrap();
-    }
-    match rx.try_recv() {
-        Ok(Reply::Jobs(list)) => list,
+    let all = ApiCall::List {
+        status: None,
+        limit: 10,
+    };
+    match owners::call(e, all, &Caller::everyone()) {
+        Reply::Jobs(list) => list,
         other => panic!("not a list: {other:?}"),
     }
 }

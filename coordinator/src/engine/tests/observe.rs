@@ -31,21 +31,13 @@ fn a_running_tasks_usage_comes_from_its_advert_and_an_ended_ones_from_its_result
     let (key, lease) = e.take_effects().create_leases[0].clone();
     claim(&mut e, &key, &lease, 3);
     let get = |e: &mut Sim| {
-        let (tx, mut rx) = oneshot::channel();
-        e.handle(Input::Api(
-            ApiCall::Get {
-                job: id.clone(),
-                offset: 0,
-                limit: 10,
-            },
-            Caller::everyone(),
-            tx,
-        ));
-        for (tx, reply, _) in e.take_effects().replies {
-            tx.send(reply).unwrap();
-        }
-        match rx.try_recv() {
-            Ok(Reply::Job(s)) => s.tasks[0].usage.clone(),
+        let job = ApiCall::Get {
+            job: id.clone(),
+            offset: 0,
+            limit: 10,
+        };
+        match super::owners::call(e, job, &Caller::everyone()) {
+            Reply::Job(s) => s.tasks[0].usage.clone(),
             _ => panic!("no job status"),
         }
     };
@@ -155,19 +147,11 @@ fn a_held_worker_is_marked_in_workers_list_and_counted() {
     tick_after(&mut e, secs + 1);
     e.schedule_if_needed();
     assert!(e.queue.hold().is_some(), "the big task starves");
-    let (tx, mut rx) = oneshot::channel();
-    e.handle(Input::Api(
-        ApiCall::Workers {
-            after: None,
-            limit: 10,
-        },
-        Caller::everyone(),
-        tx,
-    ));
-    for (tx, reply, _) in e.take_effects().replies {
-        tx.send(reply).unwrap();
-    }
-    let Ok(Reply::Workers(list)) = rx.try_recv() else {
+    let workers = ApiCall::Workers {
+        after: None,
+        limit: 10,
+    };
+    let Reply::Workers(list) = super::owners::call(&mut e, workers, &Caller::everyone()) else {
         panic!("no workers reply");
     };
     assert!(list[0].held, "{:?}", list[0]);
