@@ -182,8 +182,10 @@ pub async fn run(
         let _ = coord.kill();
         let _ = coord.wait();
     });
-    // Ready when it serves and sees every worker.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    // Ready when it serves and sees every worker (10,000 adverts take a
+    // while to be written and read at start).
+    let wait = Duration::from_secs(60) + Duration::from_millis(10 * workers as u64);
+    let deadline = tokio::time::Instant::now() + wait;
     let mut pace = Backoff::fixed(Duration::from_millis(200));
     loop {
         if count_workers(&client, subjects::WORKERS_LIST)
@@ -199,7 +201,7 @@ pub async fn run(
         );
         anyhow::ensure!(
             pace.wait_before(deadline).await,
-            "the coordinator did not see {workers} workers in 60s"
+            "the coordinator did not see {workers} workers in {wait:?}"
         );
     }
     // Queue the tasks as jobs of 100 one-GPU tasks.
