@@ -31,6 +31,9 @@ struct Cli {
     /// Simulated workers in the scale scenario
     #[arg(long, global = true, default_value_t = 1_000)]
     scale_workers: usize,
+    /// GPUs per simulated worker in the scale scenario
+    #[arg(long, global = true, default_value_t = 8)]
+    scale_gpus: u32,
     /// Queued one-GPU tasks in the scale scenario
     #[arg(long, global = true, default_value_t = 100_000)]
     scale_tasks: usize,
@@ -166,9 +169,12 @@ async fn main() -> anyhow::Result<()> {
             (cli.scale_workers, cli.scale_tasks, Duration::from_secs(30))
         };
         let (_server, url) = fresh();
-        let r = scale::run(&url, workers, tasks, window).await?;
+        let r = scale::run(&url, workers, cli.scale_gpus, tasks, window).await?;
         row(
-            &format!("scale: {} workers, {} queued tasks", r.workers, r.tasks),
+            &format!(
+                "scale: {} workers x {} GPUs, {} queued tasks",
+                r.workers, cli.scale_gpus, r.tasks
+            ),
             format!("{:.0} s window", r.window.as_secs_f64()),
         );
         row("scale: coordinator CPU", format!("{:.0} %", r.cpu_percent));
