@@ -15,6 +15,21 @@
 //! Latency is submit to result (step 1 to 8); gpufleet's own path has the
 //! same hops and writes, so the ratio of the two is what gpufleet's logic
 //! costs.
+//!
+//! [`run_five`] is a barer floor, the one the performance targets are set
+//! against: five NATS operations per cycle, passed between three actors
+//! the way a task's control flow passes (client → coordinator → worker →
+//! client), with no record, watch or consumer:
+//!
+//! | step | who | operation |
+//! |---|---|---|
+//! | 1 | client → coordinator | request/reply |
+//! | 2 | coordinator | KV create with a TTL (the lease), before the reply |
+//! | 3 | coordinator → worker | core publish (the assignment) |
+//! | 4 | worker → client | stream publish (the result), seen by the client's subscription |
+//! | 5 | worker | KV delete (the release) |
+//!
+//! A cycle ends when the client has both the reply and the result.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -162,53 +177,110 @@ async fn worker(client: async_nats::Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `cycles` jobs through the floor with `in_flight` at a time.
-pub async fn run(url: &str, cycles: u64, in_flight: usize) -> anyhow::Result<FloorResult> {
+const FIVE_KV: &str = "floor5-leases";
+const FIVE_STREAM: &str = "FLOOR5_EVENTS";
+
+/// Runs `cycles` five-operation cycles with `in_flight` at a time.
+pub async fn run_five(url: &str, cycles: u64, in_flight: usize) -> anyhow::Result<FloorResult> {
     let client = async_nats::connect(url).await?;
     let js = jetstream::new(client.clone());
-    setup(&js).await?;
-    coordinator(async_nats::connect(url).await?).await?;
-    worker(async_nats::connect(url).await?).await?;
+    let _ = js.delete_key_value(FIVE_KV).await;
+    js.create_key_value(kv::Config {
+        bucket: FIVE_KV.into(),
+        history: 1,
+        limit_markers: Some(Duration::from_secs(60)),
+        ..Default::default()
+    })
+    .await?;
+    let _ = js.delete_stream(FIVE_STREAM).await;
+    js.create_stream(stream::Config {
+        name: FIVE_STREAM.into(),
+        subjects: vec!["floor5.events.>".into()],
+        ..Default::default()
+    })
+    .await?;
 
-    let waiting: Arc<Mutex<HashMap<String, oneshot::Sender<()>>>> = Arc::default();
-    let mut sub = client.subscribe("floor.events.*.*.result").await?;
-    let w = waiting.clone();
+    // The worker: publishes the result, then releases the lease.
+    let wc = async_nats::connect(url).await?;
+    let wjs = jetstream::new(wc.clone());
+    let wkv = RawKv::open(&wjs, FIVE_KV).await?;
+    let mut assignments = wc.subscribe("floor5.go.*").await?;
     tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            let id = m.subject.split('.').nth(2).unwrap_or_default().to_string();
-            if let Some(tx) = w.lock().expect("lock").remove(&id) {
-                let _ = tx.send(());
-            }
+        while let Some(m) = assignments.next().await {
+            let (wjs, wkv) = (wjs.clone(), wkv.clone());
+            tokio::spawn(async move {
+                let id = m.subject.split('.').nth(2).unwrap_or_default().to_string();
+                let _ = publish(&wjs, format!("floor5.events.{id}"), payload(300)).await;
+                let _ = wkv
+                    .purge(&format!("w.{id}.1"), Duration::from_secs(60))
+                    .await;
+            });
+        }
+    });
+    wc.flush().await?;
+
+    // The coordinator: makes the lease, assigns, answers.
+    let cc = async_nats::connect(url).await?;
+    let ckv = RawKv::open(&jetstream::new(cc.clone()), FIVE_KV).await?;
+    let mut requests = cc.subscribe("floor5.submit").await?;
+    cc.flush().await?;
+    tokio::spawn(async move {
+        while let Some(m) = requests.next().await {
+            let (cc, ckv) = (cc.clone(), ckv.clone());
+            tokio::spawn(async move {
+                let id = String::from_utf8_lossy(&m.payload).to_string();
+                let leased = ckv
+                    .create(
+                        &format!("w.{id}.1"),
+                        payload(600),
+                        Some(Duration::from_secs(30)),
+                    )
+                    .await;
+                if leased.is_ok()
+                    && cc
+                        .publish(format!("floor5.go.{id}"), payload(200))
+                        .await
+                        .is_ok()
+                {
+                    if let Some(reply) = m.reply {
+                        let _ = cc.publish(reply, Bytes::from_static(b"{}")).await;
+                    }
+                }
+            });
         }
     });
 
+    drive(
+        client,
+        "floor5.submit",
+        "floor5.events.*",
+        cycles,
+        in_flight,
+    )
+    .await
+}
+
+/// Runs `cycle(n)` for n in 0..cycles, `in_flight` at a time, and times
+/// each.
+async fn timed<F, Fut>(cycles: u64, in_flight: usize, cycle: F) -> anyhow::Result<FloorResult>
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
     let latency = Arc::new(Mutex::new(Histogram::default()));
     let started = Instant::now();
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut runners = Vec::new();
     for _ in 0..in_flight {
-        let (client, waiting, latency, next) = (
-            client.clone(),
-            waiting.clone(),
-            latency.clone(),
-            next.clone(),
-        );
+        let (latency, next, cycle) = (latency.clone(), next.clone(), cycle.clone());
         runners.push(tokio::spawn(async move {
             loop {
                 let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if n >= cycles {
                     return Ok::<(), anyhow::Error>(());
                 }
-                let id = format!("j{n}");
-                let (tx, rx) = oneshot::channel();
-                waiting.lock().expect("lock").insert(id.clone(), tx);
                 let t0 = Instant::now();
-                client
-                    .request("floor.submit", Bytes::from(id.clone()))
-                    .await?;
-                tokio::time::timeout(Duration::from_secs(30), rx)
-                    .await
-                    .map_err(|_| anyhow::anyhow!("floor cycle {id} timed out"))??;
+                cycle(n).await?;
                 latency.lock().expect("lock").record(t0.elapsed());
             }
         }));
@@ -223,4 +295,59 @@ pub async fn run(url: &str, cycles: u64, in_flight: usize) -> anyhow::Result<Flo
         elapsed,
         latency,
     })
+}
+
+/// Runs `cycles` jobs through the floor with `in_flight` at a time.
+pub async fn run(url: &str, cycles: u64, in_flight: usize) -> anyhow::Result<FloorResult> {
+    let client = async_nats::connect(url).await?;
+    let js = jetstream::new(client.clone());
+    setup(&js).await?;
+    coordinator(async_nats::connect(url).await?).await?;
+    worker(async_nats::connect(url).await?).await?;
+
+    drive(
+        client,
+        "floor.submit",
+        "floor.events.*.*.result",
+        cycles,
+        in_flight,
+    )
+    .await
+}
+
+/// Submits job ids `j<n>` on `submit` and ends each cycle when a message
+/// for it arrives on `results` (whose third token is the id).
+async fn drive(
+    client: async_nats::Client,
+    submit: &'static str,
+    results: &'static str,
+    cycles: u64,
+    in_flight: usize,
+) -> anyhow::Result<FloorResult> {
+    let waiting: Arc<Mutex<HashMap<String, oneshot::Sender<()>>>> = Arc::default();
+    let mut sub = client.subscribe(results).await?;
+    client.flush().await?;
+    let w = waiting.clone();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let id = m.subject.split('.').nth(2).unwrap_or_default().to_string();
+            if let Some(tx) = w.lock().expect("lock").remove(&id) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    timed(cycles, in_flight, move |n| {
+        let (client, waiting) = (client.clone(), waiting.clone());
+        async move {
+            let id = format!("j{n}");
+            let (tx, rx) = oneshot::channel();
+            waiting.lock().expect("lock").insert(id.clone(), tx);
+            client.request(submit, Bytes::from(id.clone())).await?;
+            tokio::time::timeout(Duration::from_secs(30), rx)
+                .await
+                .map_err(|_| anyhow::anyhow!("cycle {id} on {submit} timed out"))??;
+            Ok(())
+        }
+    })
+    .await
 }

@@ -23,11 +23,20 @@ struct Cli {
     /// How many single-task jobs the control scenario runs (100,000)
     #[arg(long, global = true)]
     single_jobs: Option<usize>,
-    /// Run the control scenario with roles and signed reservations: every
-    /// member with its own key and least privilege, as `gpufleet auth`
-    /// writes them
+    /// Also run the control scenario with roles and signed reservations
+    /// (every member with its own key and least privilege, as `gpufleet
+    /// auth` writes them), and print the secure / open ratios
     #[arg(long, global = true)]
     secure: bool,
+    /// Simulated workers in the scale scenario
+    #[arg(long, global = true, default_value_t = 1_000)]
+    scale_workers: usize,
+    /// GPUs per simulated worker in the scale scenario
+    #[arg(long, global = true, default_value_t = 8)]
+    scale_gpus: u32,
+    /// Queued one-GPU tasks in the scale scenario
+    #[arg(long, global = true, default_value_t = 100_000)]
+    scale_tasks: usize,
     /// Log lines as `text` or `json`
     #[arg(long, global = true, env = "GPUFLEET_LOG_FORMAT", default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -61,6 +70,18 @@ fn row(name: &str, value: String) {
     println!("| {name:<52} | {value:>20} |");
 }
 
+fn floor_rows(name: &str, mode: &str, r: &floor::FloorResult) {
+    row(
+        &format!("{name}, {mode}: cycles/s"),
+        format!("{:.0}", r.rate()),
+    );
+    row(&format!("{name}, {mode}: p50"), ms(r.latency.quantile(0.5)));
+    row(
+        &format!("{name}, {mode}: p99"),
+        ms(r.latency.quantile(0.99)),
+    );
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -78,26 +99,30 @@ async fn main() -> anyhow::Result<()> {
     println!("|{}|{}|", "-".repeat(54), "-".repeat(22));
     let mut floor_seq = None;
     let mut floor_par = None;
+    let mut five_seq = None;
+    let mut five_par = None;
     if matches!(cli.what, What::All | What::Floor) {
         let (_server, url) = fresh();
-        let n = if cli.smoke { 50 } else { 2_000 };
-        let seq = floor::run(&url, n, 1).await?;
-        row("floor, sequential: cycles/s", format!("{:.0}", seq.rate()));
-        row("floor, sequential: p50", ms(seq.latency.quantile(0.5)));
-        row("floor, sequential: p99", ms(seq.latency.quantile(0.99)));
-        let n = if cli.smoke { 200 } else { 20_000 };
-        let par = floor::run(&url, n, 64).await?;
-        row(
-            "floor, 64 in flight: cycles/s",
-            format!("{:.0}", par.rate()),
-        );
-        row("floor, 64 in flight: p50", ms(par.latency.quantile(0.5)));
-        row("floor, 64 in flight: p99", ms(par.latency.quantile(0.99)));
+        let (n_seq, n_par) = if cli.smoke {
+            (50, 200)
+        } else {
+            (2_000, 20_000)
+        };
+        let seq = floor::run(&url, n_seq, 1).await?;
+        floor_rows("floor", "sequential", &seq);
+        let par = floor::run(&url, n_par, 64).await?;
+        floor_rows("floor", "64 in flight", &par);
+        let five = floor::run_five(&url, n_seq, 1).await?;
+        floor_rows("five-op floor", "sequential", &five);
+        let five64 = floor::run_five(&url, n_par * 2, 64).await?;
+        floor_rows("five-op floor", "64 in flight", &five64);
         floor_seq = Some(seq);
         floor_par = Some(par);
+        five_seq = Some(five);
+        five_par = Some(five64);
     }
-    let mut control_rate = None;
-    let mut control_p50 = None;
+    let mut control = None;
+    let mut control_secure = None;
     if matches!(cli.what, What::All | What::Control) {
         let (mut single, jobs, per_job, seq) = if cli.smoke {
             (200, 5, 20, 20)
@@ -107,79 +132,16 @@ async fn main() -> anyhow::Result<()> {
         if let Some(n) = cli.single_jobs {
             single = n;
         }
-        let workers = 100;
-        let dir = tempfile::tempdir()?;
-        let (_server, access) = if cli.secure {
-            control::Access::secure(workers, dir.path())?
-        } else {
-            let (server, url) = fresh();
-            (server, control::Access::open(&url))
+        let sizes = ControlSizes {
+            single,
+            jobs,
+            per_job,
+            seq,
         };
-        let fleet = control::Fleet::start(
-            &access,
-            workers,
-            8.0,
-            std::sync::Arc::new(gpufleet_worker::launcher::Instant),
-        )
-        .await?;
-        // With roles the coordinator serves no `$SRV` statistics.
-        let stats_client = if access.is_secure() {
-            None
-        } else {
-            Some(async_nats::connect(access.url.as_str()).await?)
-        };
-        let stats = |c: &Option<async_nats::Client>| {
-            let c = c.clone();
-            async move {
-                match c {
-                    Some(c) => scale::coordinator_stats(&c).await.map(Some),
-                    None => Ok(None),
-                }
-            }
-        };
-        let lat = control::latency(&access, seq).await?;
-        for (to, h) in [("running", &lat.to_running), ("result", &lat.to_result)] {
-            for (p, q) in [("p50", 0.5), ("p99", 0.99)] {
-                row(&format!("control: submit to {to} {p}"), ms(h.quantile(q)));
-            }
+        control = Some(control_scenario(&sizes, false).await?);
+        if cli.secure {
+            control_secure = Some(control_scenario(&sizes, true).await?);
         }
-        let s0 = stats(&stats_client).await?;
-        let one = control::throughput(&access, single, 1, 1.0).await?;
-        let s1 = stats(&stats_client).await?;
-        row(
-            &format!("control: {single} single-task jobs, tasks/s"),
-            format!("{:.0}", one.rate()),
-        );
-        let writes = |s: &serde_json::Value| {
-            ["job", "lease", "event", "checkpoint"]
-                .iter()
-                .map(|k| s["writes"][k].as_f64().unwrap_or(0.0))
-                .sum::<f64>()
-        };
-        if let (Some(s0), Some(s1)) = (&s0, &s1) {
-            row(
-                "control: coordinator JetStream writes per task",
-                format!("{:.2}", (writes(s1) - writes(s0)) / single as f64),
-            );
-        }
-        let many = control::throughput(&access, jobs, per_job, 1.0).await?;
-        row(
-            &format!("control: {jobs} jobs x {per_job} tasks, tasks/s"),
-            format!("{:.0}", many.rate()),
-        );
-        if let Some(s2) = stats(&stats_client).await? {
-            row(
-                "control: placement per task p50 / p99",
-                format!(
-                    "{:.1} / {:.1} us",
-                    s2["placement_us"]["p50"].as_f64().unwrap_or(0.0),
-                    s2["placement_us"]["p99"].as_f64().unwrap_or(0.0)
-                ),
-            );
-        }
-        fleet.stop().await;
-        control_rate = Some(one.rate());
-        control_p50 = Some(lat.to_result.quantile(0.5));
     }
     if matches!(cli.what, What::All | What::Processes) {
         let (jobs, per_job) = if cli.smoke { (1, 50) } else { (50, 100) };
@@ -204,12 +166,15 @@ async fn main() -> anyhow::Result<()> {
         let (workers, tasks, window) = if cli.smoke {
             (20, 200, Duration::from_secs(3))
         } else {
-            (1_000, 100_000, Duration::from_secs(30))
+            (cli.scale_workers, cli.scale_tasks, Duration::from_secs(30))
         };
         let (_server, url) = fresh();
-        let r = scale::run(&url, workers, tasks, window).await?;
+        let r = scale::run(&url, workers, cli.scale_gpus, tasks, window).await?;
         row(
-            &format!("scale: {} workers, {} queued tasks", r.workers, r.tasks),
+            &format!(
+                "scale: {} workers x {} GPUs, {} queued tasks",
+                r.workers, cli.scale_gpus, r.tasks
+            ),
             format!("{:.0} s window", r.window.as_secs_f64()),
         );
         row("scale: coordinator CPU", format!("{:.0} %", r.cpu_percent));
@@ -298,20 +263,149 @@ async fn main() -> anyhow::Result<()> {
         );
         println!("\n{}", fairshare::chart(&o));
     }
-    if let (Some(par), Some(rate)) = (&floor_par, control_rate) {
-        row(
-            "ratio: control tasks/s / floor cycles/s (64 in flight)",
-            format!("{:.2}", rate / par.rate()),
-        );
+    if let Some(c) = &control {
+        for (name, floor) in [("floor", &floor_par), ("five-op floor", &five_par)] {
+            if let Some(f) = floor {
+                row(
+                    &format!("ratio: control tasks/s / {name} cycles/s (64)"),
+                    format!("{:.2}", c.rate / f.rate()),
+                );
+            }
+        }
+        for (name, floor) in [("floor", &floor_seq), ("five-op floor", &five_seq)] {
+            if let Some(f) = floor {
+                row(
+                    &format!("ratio: control result p50 / {name} p50 (seq)"),
+                    format!(
+                        "{:.2}",
+                        c.p50.as_secs_f64() / f.latency.quantile(0.5).as_secs_f64()
+                    ),
+                );
+            }
+        }
     }
-    if let (Some(seq), Some(p50)) = (&floor_seq, control_p50) {
+    if let (Some(open), Some(secure)) = (&control, &control_secure) {
         row(
-            "ratio: control submit-to-result p50 / floor p50",
-            format!(
-                "{:.2}",
-                p50.as_secs_f64() / seq.latency.quantile(0.5).as_secs_f64()
-            ),
+            "ratio: secure / open, single-task jobs/s",
+            format!("{:.2}", secure.rate / open.rate),
+        );
+        row(
+            "ratio: secure / open, 100-task jobs tasks/s",
+            format!("{:.2}", secure.many_rate / open.many_rate),
+        );
+        row(
+            "ratio: secure / open, submit-to-result p50",
+            format!("{:.2}", secure.p50.as_secs_f64() / open.p50.as_secs_f64()),
         );
     }
     Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct ControlSizes {
+    single: usize,
+    jobs: usize,
+    per_job: usize,
+    seq: usize,
+}
+
+/// The control scenario's figures, for the ratios at the end.
+struct ControlFigures {
+    rate: f64,
+    many_rate: f64,
+    p50: Duration,
+}
+
+/// The real coordinator and 100 in-process workers; with `secure`, every
+/// member has its own key and least privilege and reservations are
+/// signed, as `gpufleet auth` sets them up.
+async fn control_scenario(sizes: &ControlSizes, secure: bool) -> anyhow::Result<ControlFigures> {
+    let ControlSizes {
+        single,
+        jobs,
+        per_job,
+        seq,
+    } = *sizes;
+    let tag = if secure {
+        "control (secure)"
+    } else {
+        "control"
+    };
+    let workers = 100;
+    let dir = tempfile::tempdir()?;
+    let (_server, access) = if secure {
+        control::Access::secure(workers, dir.path())?
+    } else {
+        let server = NatsServer::start();
+        let url = server.url();
+        (server, control::Access::open(&url))
+    };
+    let fleet = control::Fleet::start(
+        &access,
+        workers,
+        8.0,
+        std::sync::Arc::new(gpufleet_worker::launcher::Instant),
+    )
+    .await?;
+    // With roles the coordinator serves no `$SRV` statistics.
+    let stats_client = if access.is_secure() {
+        None
+    } else {
+        Some(async_nats::connect(access.url.as_str()).await?)
+    };
+    let stats = |c: &Option<async_nats::Client>| {
+        let c = c.clone();
+        async move {
+            match c {
+                Some(c) => scale::coordinator_stats(&c).await.map(Some),
+                None => Ok(None),
+            }
+        }
+    };
+    let lat = control::latency(&access, seq).await?;
+    for (to, h) in [("running", &lat.to_running), ("result", &lat.to_result)] {
+        for (p, q) in [("p50", 0.5), ("p99", 0.99)] {
+            row(&format!("{tag}: submit to {to} {p}"), ms(h.quantile(q)));
+        }
+    }
+    let s0 = stats(&stats_client).await?;
+    let one = control::throughput(&access, single, 1, 1.0).await?;
+    let s1 = stats(&stats_client).await?;
+    row(
+        &format!("{tag}: {single} single-task jobs, tasks/s"),
+        format!("{:.0}", one.rate()),
+    );
+    let writes = |s: &serde_json::Value| {
+        ["job", "lease", "event", "checkpoint"]
+            .iter()
+            .map(|k| s["writes"][k].as_f64().unwrap_or(0.0))
+            .sum::<f64>()
+    };
+    if let (Some(s0), Some(s1)) = (&s0, &s1) {
+        row(
+            "control: coordinator JetStream writes per task",
+            format!("{:.2}", (writes(s1) - writes(s0)) / single as f64),
+        );
+    }
+    let many = control::throughput(&access, jobs, per_job, 1.0).await?;
+    row(
+        &format!("{tag}: {jobs} jobs x {per_job} tasks, tasks/s"),
+        format!("{:.0}", many.rate()),
+    );
+    if let Some(s2) = stats(&stats_client).await? {
+        row(
+            "control: placement per task p50 / p99",
+            format!(
+                "{:.1} / {:.1} us",
+                s2["placement_us"]["p50"].as_f64().unwrap_or(0.0),
+                s2["placement_us"]["p99"].as_f64().unwrap_or(0.0)
+            ),
+        );
+    }
+    fleet.stop().await;
+    Ok(ControlFigures {
+        rate: one.rate(),
+        many_rate: many.rate(),
+        p50: lat.to_result.quantile(0.5),
+    })
 }

@@ -32,6 +32,11 @@ pub struct ScaleResult {
 
 /// A simulated worker of 8 GPUs and 64 CPUs.
 pub(crate) fn advert(i: usize, started: time::OffsetDateTime) -> WorkerAdvert {
+    advert_with(i, 8, started)
+}
+
+/// A simulated worker of `gpus` GPUs and 64 CPUs.
+fn advert_with(i: usize, gpus: u32, started: time::OffsetDateTime) -> WorkerAdvert {
     let name = WorkerId::new(format!("sim-{i:04}")).expect("valid name");
     WorkerAdvert {
         instance: format!("bench-{i}"),
@@ -43,7 +48,7 @@ pub(crate) fn advert(i: usize, started: time::OffsetDateTime) -> WorkerAdvert {
         memory_available: ByteSize::gib(500),
         load_avg: None,
         driver_version: Some("simulated".into()),
-        gpus: (0..8)
+        gpus: (0..gpus)
             .map(|g| GpuAdvert {
                 index: g,
                 uuid: format!("GPU-{name}-{g}").into(),
@@ -75,13 +80,14 @@ pub(crate) fn advert(i: usize, started: time::OffsetDateTime) -> WorkerAdvert {
 async fn heartbeats(
     kv: RawKv,
     workers: usize,
+    gpus: u32,
     period: Duration,
     stop: tokio::sync::watch::Receiver<bool>,
     sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) {
     let started = time::OffsetDateTime::now_utc();
     let bodies: Vec<Bytes> = (0..workers)
-        .map(|i| Bytes::from(codec::encode(&advert(i, started)).expect("encodes")))
+        .map(|i| Bytes::from(codec::encode(&advert_with(i, gpus, started)).expect("encodes")))
         .collect();
     let mut tick = tokio::time::interval(period / workers as u32);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -155,6 +161,7 @@ pub fn sibling(name: &str) -> PathBuf {
 pub async fn run(
     url: &str,
     workers: usize,
+    gpus: u32,
     tasks: usize,
     window: Duration,
 ) -> anyhow::Result<ScaleResult> {
@@ -167,6 +174,7 @@ pub async fn run(
     let beats = tokio::spawn(heartbeats(
         kv,
         workers,
+        gpus,
         Duration::from_secs(2),
         stop_rx,
         sent.clone(),
@@ -182,8 +190,10 @@ pub async fn run(
         let _ = coord.kill();
         let _ = coord.wait();
     });
-    // Ready when it serves and sees every worker.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    // Ready when it serves and sees every worker (10,000 adverts take a
+    // while to be written and read at start).
+    let wait = Duration::from_secs(60) + Duration::from_millis(10 * workers as u64);
+    let deadline = tokio::time::Instant::now() + wait;
     let mut pace = Backoff::fixed(Duration::from_millis(200));
     loop {
         if count_workers(&client, subjects::WORKERS_LIST)
@@ -199,20 +209,22 @@ pub async fn run(
         );
         anyhow::ensure!(
             pace.wait_before(deadline).await,
-            "the coordinator did not see {workers} workers in 60s"
+            "the coordinator did not see {workers} workers in {wait:?}"
         );
     }
-    // Queue the tasks as jobs of 100 one-GPU tasks.
+    // Queue the tasks as jobs of 100 one-GPU tasks, each under its own id,
+    // so that a submit that timed out while the coordinator was busy can
+    // be sent again (a 409 for the same spec means it was taken).
     let per_job = 100;
     for j in 0..tasks.div_ceil(per_job) {
         let n = per_job.min(tasks - j * per_job);
-        let job = json!({"name": format!("scale-{j}"), "tasks": (0..n).map(|_| json!({"command": ["true"], "resources": {"gpus": 1}})).collect::<Vec<_>>()});
-        client
-            .request(
-                subjects::JOBS_SUBMIT,
-                Bytes::from(serde_json::to_vec(&job)?),
-            )
-            .await?;
+        let job = json!({"id": format!("scale-{j}"), "name": format!("scale-{j}"), "tasks": (0..n).map(|_| json!({"command": ["true"], "resources": {"gpus": 1}})).collect::<Vec<_>>()});
+        let body = Bytes::from(serde_json::to_vec(&job)?);
+        let mut tries = 0;
+        while let Err(e) = client.request(subjects::JOBS_SUBMIT, body.clone()).await {
+            tries += 1;
+            anyhow::ensure!(tries < 5, "submitting job scale-{j}: {e}");
+        }
     }
     let s0 = coordinator_stats(&client).await?;
     let (t0, _, _) = proc_stat(pid).ok_or_else(|| anyhow::anyhow!("coordinator gone"))?;
