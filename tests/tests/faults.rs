@@ -332,7 +332,6 @@ async fn both_coordinators_restarted() {
 // ----- workers -----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a frozen worker cannot fence its tasks: they run on beside their retries elsewhere until SIGCONT (see the faults branch's report)"]
 async fn a_worker_frozen_past_its_lease_then_resumed() {
     let mut t = Trial::start("worker SIGSTOP", &["w1", "w2"]).await;
     // Long enough that the frozen worker's tasks still run when they are
