@@ -167,3 +167,40 @@ fn a_lapsed_advert_stops_every_task_whatever_its_lease_says() {
     assert_eq!(status.signal(), Some(libc::SIGKILL), "no grace: killed");
     assert!(at - start >= Duration::from_millis(280), "{:?}", at - start);
 }
+
+#[test]
+fn a_task_that_ended_on_its_own_before_its_deadline_is_not_called_stopped_by_the_watchdog() {
+    let (_dog, mut to, mut from) = watchdog();
+    // Exited, not reaped (as the worker leaves a leader until the
+    // watchdog has forgotten it).
+    let mut done = Command::new("true").process_group(0).spawn().unwrap();
+    // SAFETY: waitid on our own child, without reaping it.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(
+            libc::P_PID,
+            done.id(),
+            &mut info,
+            libc::WEXITED | libc::WNOWAIT,
+        );
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    }
+    let mut live = task();
+    // Both past their deadlines: signalled on the watchdog's next pass.
+    let past = monotonic_now() - 1;
+    send(
+        &mut to,
+        format!("W 1 {} {past} 0\nW 2 {} {past} 0\n", done.id(), live.id()).as_bytes(),
+    );
+    let (status, _) = exit_within(&mut live, Duration::from_secs(10)).expect("the task killed");
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    send(&mut to, b"F 1\nF 2\n");
+    let mut answers = String::new();
+    from.read_line(&mut answers).unwrap();
+    from.read_line(&mut answers).unwrap();
+    assert_eq!(
+        answers, "F 1 0\nF 2 1\n",
+        "only the live one was the watchdog's"
+    );
+    done.wait().unwrap();
+}

@@ -22,6 +22,10 @@ struct Target {
     /// counts), the worker has not reaped the leader, so the group id and
     /// the cgroup are still this task's and not reused by another.
     leader: Option<OwnedFd>,
+    /// Whether a signal of ours reached the leader while it still ran:
+    /// only then did the watchdog end the task (one that had exited on
+    /// its own just before its deadline did not).
+    ended: bool,
 }
 
 /// Now on `CLOCK_MONOTONIC`, in nanoseconds.
@@ -163,6 +167,7 @@ fn handle(table: &mut Table<Target>, msg: Msg) {
                 pgid,
                 cgroup,
                 leader,
+                ended: false,
             };
             if !table.watch(id, until, grace, target) {
                 log(format_args!(
@@ -172,7 +177,12 @@ fn handle(table: &mut Table<Target>, msg: Msg) {
             }
         }
         Msg::Forget { id } => {
-            let signalled = table.forget(id).is_some_and(|(_, s)| s);
+            let signalled = match table.forget(id) {
+                // Without a pidfd (an older kernel) whether it still ran is
+                // unknown: it counts as ended by the watchdog if signalled.
+                Some((t, signalled)) => t.ended || (signalled && t.leader.is_none()),
+                None => false,
+            };
             // Dropped if the pipe is full: the worker stops waiting.
             let answer = wire::encode_forgotten(id, signalled);
             // SAFETY: writing our own buffer to our own stdout.
@@ -191,6 +201,17 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// Whether the process `pidfd` names has exited (a zombie has).
+fn exited(pidfd: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+}
+
 /// Whether the process `pidfd` names has not been reaped.
 fn unreaped(pidfd: &OwnedFd) -> bool {
     // SAFETY: signal 0 checks without sending; a NULL info is allowed.
@@ -206,10 +227,13 @@ fn unreaped(pidfd: &OwnedFd) -> bool {
     r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
-fn signal(target: &Target, act: Act) {
-    if target.leader.as_ref().is_some_and(|l| !unreaped(l)) {
-        // The task ended and was reaped while its forget was on its way.
-        return;
+fn signal(target: &mut Target, act: Act) {
+    if let Some(leader) = &target.leader {
+        if !unreaped(leader) {
+            // The task ended and was reaped while its forget was on its way.
+            return;
+        }
+        target.ended |= !exited(leader);
     }
     let sig = match act {
         Act::Term => libc::SIGTERM,

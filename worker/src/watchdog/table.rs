@@ -134,7 +134,7 @@ impl<T> Table<T> {
 
     /// What is due at `now`, each task advanced past it. A task whose
     /// deadline has come without its stop begun is killed at once.
-    pub fn due(&mut self, now: u64) -> Vec<(Act, &T)> {
+    pub fn due(&mut self, now: u64) -> Vec<(Act, &mut T)> {
         let advert = self.advert;
         let mut acts = Vec::new();
         for e in &mut self.tasks {
@@ -149,18 +149,18 @@ impl<T> Table<T> {
                 Act::Term => Stage::Termed,
                 Act::Kill => Stage::Killed,
             };
-            acts.push((act, &e.target));
+            acts.push((act, &mut e.target));
         }
         acts
     }
 
     /// Every task, marked killed: the worker is gone, and nobody is left
     /// to renew their leases or stop them.
-    pub fn kill_all(&mut self) -> Vec<&T> {
+    pub fn kill_all(&mut self) -> Vec<&mut T> {
         for e in &mut self.tasks {
             e.stage = Stage::Killed;
         }
-        self.tasks.iter().map(|e| &e.target).collect()
+        self.tasks.iter_mut().map(|e| &mut e.target).collect()
     }
 }
 
@@ -256,7 +256,7 @@ mod tests {
         let mut t = Table::default();
         t.watch(1, 10 * S, S, "a");
         t.watch(2, 20 * S, S, "b");
-        let mut all: Vec<_> = t.kill_all().into_iter().copied().collect();
+        let mut all: Vec<_> = t.kill_all().into_iter().map(|n| *n).collect();
         all.sort();
         assert_eq!(all, vec!["a", "b"]);
         assert_eq!(t.next_due(), None);
