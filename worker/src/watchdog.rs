@@ -54,6 +54,10 @@ use wire::Msg;
 /// The argument that makes the worker's binary a watchdog.
 const ARG: &str = "--gpufleet-watchdog";
 
+/// The watchdog's process name (`comm`, at most 15 bytes), as `ps` and
+/// `top` show it.
+pub const NAME: &str = "worker-watchdog";
+
 /// Lines waiting for the watchdog. Only a watchdog that stopped reading
 /// fills it; what does not fit then is dropped.
 const QUEUE: usize = 4096;
@@ -136,6 +140,7 @@ impl Watchdog {
     fn start(advert: Arc<Confirmed>, advert_ttl: Duration) -> std::io::Result<Watchdog> {
         // /proc/self/exe: the binary running now, even if replaced on disk.
         let mut child = tokio::process::Command::new("/proc/self/exe")
+            .arg0("gpufleet-worker")
             .arg(ARG)
             .env_clear()
             .stdin(Stdio::piped())

@@ -51,6 +51,11 @@ pub fn serve() -> i32 {
     // Nothing here is secret, but a task of the worker's user has no
     // business reading it either.
     let _ = crate::isolation::make_non_dumpable();
+    // Named for `ps`, rather than after `/proc/self/exe`.
+    if let Ok(name) = std::ffi::CString::new(super::NAME) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of ours.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
+    }
     // Answers must never block the watchdog: one the worker cannot take
     // now is dropped (the worker then stops waiting for it).
     // SAFETY: fcntl on our own stdout.
