@@ -135,6 +135,16 @@ impl Ledger {
             .min()
     }
 
+    /// When `attempt` of `task` last recorded anything (nanoseconds since
+    /// the epoch): the last moment it is known to have run.
+    pub fn last_record(&self, task: &str, attempt: u32) -> Option<i128> {
+        self.read()
+            .into_iter()
+            .filter(|r| r.task == task && r.attempt == attempt)
+            .map(|r| r.at)
+            .max()
+    }
+
     /// The tasks that recorded a start of `attempt` (in order of their
     /// first record).
     pub fn started(&self, attempt: u32) -> Vec<String> {

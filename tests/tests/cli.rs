@@ -863,8 +863,14 @@ async fn up_killed_with_sigkill_takes_its_fleet_and_tasks_down_too() {
     .await;
     assert_eq!(
         procs.len(),
-        4,
-        "nats-server, coordinator, worker, task: {procs:?}"
+        5,
+        "nats-server, coordinator, worker, its watchdog, task: {procs:?}"
+    );
+    assert!(
+        procs
+            .iter()
+            .any(|(_, n)| n == gpufleet_worker::watchdog::NAME),
+        "{procs:?}"
     );
 
     up.start_kill().unwrap(); // SIGKILL: `up` cleans nothing up itself.

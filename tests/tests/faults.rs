@@ -332,7 +332,6 @@ async fn both_coordinators_restarted() {
 // ----- workers -----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a frozen worker cannot fence its tasks: they run on beside their retries elsewhere until SIGCONT (see the faults branch's report)"]
 async fn a_worker_frozen_past_its_lease_then_resumed() {
     let mut t = Trial::start("worker SIGSTOP", &["w1", "w2"]).await;
     // Long enough that the frozen worker's tasks still run when they are
@@ -340,11 +339,22 @@ async fn a_worker_frozen_past_its_lease_then_resumed() {
     let frozen = t.busy_on_w1(Duration::from_secs(10)).await;
 
     t.fleet.worker("w1").sigstop();
-    t.running_again(&frozen, OffsetDateTime::now_utc()).await;
+    let fault = OffsetDateTime::now_utc();
+    t.running_again(&frozen, fault).await;
     // Frozen a while longer (the fault's length, not a wait for
     // anything): while the worker cannot act, only something outside it
-    // can keep its tasks from running beside their retries.
+    // (its watchdog) can keep its tasks from running beside their retries.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let last = frozen
+        .iter()
+        .filter_map(|task| t.ledger.last_record(task, 1))
+        .max()
+        .expect("the frozen worker's tasks recorded their lives");
+    let stopped = u64::try_from(last - fault.unix_timestamp_nanos()).unwrap_or_default();
+    t.recovery(
+        "its tasks' last record (stopped by the watchdog)",
+        Duration::from_nanos(stopped),
+    );
     t.fleet.worker("w1").sigcont();
     t.check().await;
 }
@@ -456,11 +466,9 @@ const FAULTS: [(&str, Fault); 6] = [
     ("server-restarted", Fault::ServerRestarted),
 ];
 
-/// Every fault but a frozen worker's, whose tasks run on beside their
-/// retries until it resumes (`a_worker_frozen_past_its_lease_then_resumed`
-/// is ignored for it): add `worker-frozen` to the list to include it.
+/// Every fault.
 const SOAK_FAULTS: &str =
-    "leader-frozen,coordinator-killed,worker-cut-off,worker-killed,server-restarted";
+    "leader-frozen,coordinator-killed,worker-frozen,worker-cut-off,worker-killed,server-restarted";
 
 /// How long a fault with a length lasts: past a lease, an advert and the
 /// leadership (3 s, 2 s and 3 s in the test fleet).

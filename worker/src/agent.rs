@@ -70,6 +70,8 @@ pub(crate) struct Ctx {
     pub usage: usage::Board,
     /// Where messages for the running attempts go.
     pub mail: crate::mail::Mailboxes,
+    /// The process that stops tasks should the worker freeze.
+    pub watchdog: Option<crate::watchdog::Watchdog>,
 }
 
 /// How the main loop reaches an attempt it runs.
@@ -197,6 +199,10 @@ pub async fn run_with(
         metrics: metrics.clone(),
         usage: usage::Board::default(),
         mail: crate::mail::Mailboxes::default(),
+        watchdog: crate::watchdog::Watchdog::start_if_available(
+            advert_confirmed.clone(),
+            cfg.advert_ttl.0,
+        ),
     });
     let deliveries = client
         .subscribe(subjects::deliver(&worker))

@@ -88,6 +88,10 @@ impl Attempt {
         let claimed = core::with_claim_rev(claimed, claim_rev);
         let confirmed = Arc::new(Confirmed::now());
         confirmed.mark(sent);
+        let fence = ctx
+            .watchdog
+            .as_ref()
+            .map(|w| Arc::new(w.fence(confirmed.clone(), ttl, grace)));
         tracing::info!(task_id = %self.lease.task_id, attempt = self.lease.attempt, "task claimed");
 
         // Both end with the attempt, however it ends.
@@ -168,6 +172,7 @@ impl Attempt {
             isolation: ctx.isolation.clone(),
             usage: Some(meter),
             pid: Some(pid),
+            fence: fence.clone(),
         };
         let output_dir = TaskPaths::new(&dir).work;
         // Its own task: should the supervisor panic, the attempt still

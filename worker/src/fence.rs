@@ -48,10 +48,26 @@ impl Confirmed {
         self.marked.notify_waiters();
     }
 
+    /// When the last confirmed write was sent.
+    pub fn last(&self) -> Instant {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// How long ago the last confirmed write was sent.
     pub fn age(&self) -> Duration {
-        let last = *self.last.lock().unwrap_or_else(|e| e.into_inner());
-        Instant::now().saturating_duration_since(last)
+        Instant::now().saturating_duration_since(self.last())
+    }
+
+    /// Calls `f` with [`Confirmed::last`] now and after every new
+    /// confirmation, for ever (the watchdog's deadlines follow it).
+    pub async fn follow(&self, mut f: impl FnMut(Instant)) {
+        loop {
+            let marked = self.marked.notified();
+            tokio::pin!(marked);
+            marked.as_mut().enable();
+            f(self.last());
+            marked.await;
+        }
     }
 
     /// Whether a write younger than `max_age` is confirmed now or within

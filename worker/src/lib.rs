@@ -18,6 +18,8 @@
 //!   resources are free and when it is done.
 //! - [`fence`]: self-fencing: each attempt's watchdog stops its task when
 //!   the worker cannot write its lease or advert for nearly their TTL.
+//! - [`watchdog`]: the process outside the worker that stops the tasks of
+//!   a frozen (or dead) worker by their deadlines.
 //! - `publish`: the one place events are put on the stream (RUNNING,
 //!   output, result).
 //! - [`ledger`]: the worker's own check against overcommit, by the shared
@@ -58,6 +60,7 @@ pub mod procs;
 mod publish;
 pub mod supervisor;
 pub mod usage;
+pub mod watchdog;
 
 pub use agent::{run, run_with, WorkerError};
 pub use config::WorkerConfig;

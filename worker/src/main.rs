@@ -61,6 +61,8 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before anything else: this binary is also the worker's watchdog.
+    gpufleet_worker::watchdog::serve_if_asked();
     let args = Args::parse();
     let labels = match args
         .labels

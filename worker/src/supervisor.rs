@@ -184,6 +184,9 @@ pub struct TaskRun {
     /// is reaped, so the pid is never one reused by another process), for
     /// whoever signals it about a message (`crate::mail`).
     pub pid: Option<crate::mail::PidSlot>,
+    /// The watchdog outside the worker that stops the task by its
+    /// deadline should the worker freeze (see `crate::watchdog`).
+    pub fence: Option<Arc<crate::watchdog::Fence>>,
 }
 
 /// Why the caller wants the task stopped.
@@ -285,7 +288,13 @@ impl TaskPaths {
 enum Ender {
     Timeout(Duration),
     Stop(StopReason),
-    Memory { used: u64, limit: u64 },
+    Memory {
+        used: u64,
+        limit: u64,
+    },
+    /// The watchdog outside the worker: the worker did not confirm a
+    /// renewal in time and could not stop the task itself (frozen).
+    Watchdog,
 }
 
 /// Runs the attempt to its end. Never panics on anything the task does.
@@ -368,6 +377,9 @@ pub async fn run(
         }),
         armed: true,
     };
+    if let Some(fence) = &task.fence {
+        fence.watch(pid, group.cgroup.as_deref().map(TaskCgroup::dir));
+    }
     tracing::debug!(task_id = %task.task_id, attempt = task.attempt, pid, "task started");
 
     let capped = Arc::new(AtomicBool::new(false));
@@ -461,6 +473,11 @@ pub async fn run(
         }
     };
     group.signal(Signal::SIGKILL);
+    // Before the reap, while the group id is still this task's.
+    let ender = match &task.fence {
+        Some(fence) if fence.forget().await && ender.is_none() => Some(Ender::Watchdog),
+        _ => ender,
+    };
     // Reaping the leader only now keeps its pid (the group's id) from
     // being reused while the group is signalled.
     let status = leader.wait().await;
@@ -1133,6 +1150,10 @@ fn describe_end(ender: &Ender) -> (TaskState, String) {
         Ender::Stop(StopReason::LostContact) => (
             TaskState::Interrupted,
             "the worker lost contact with NATS and could not renew the lease, so it stopped the task before the lease could lapse".into(),
+        ),
+        Ender::Watchdog => (
+            TaskState::Interrupted,
+            "the worker did not renew the lease in time (it was frozen, or cut off from NATS), so its watchdog stopped the task before the lease could lapse".into(),
         ),
         Ender::Memory { used, limit } => (
             TaskState::Interrupted,

@@ -48,6 +48,7 @@ fn task(dir: &Path, cmd: &[&str]) -> TaskRun {
         },
         usage: Some(crate::usage::Meter::new(vec![])),
         pid: None,
+        fence: None,
     }
 }
 
