@@ -41,6 +41,7 @@ pub(crate) fn advert(i: usize, started: time::OffsetDateTime) -> WorkerAdvert {
         cpus_milli: 64_000,
         memory_total: ByteSize::gib(512),
         memory_available: ByteSize::gib(500),
+        load_memory_cap: None,
         load_avg: None,
         driver_version: Some("simulated".into()),
         gpus: (0..8)

@@ -343,6 +343,7 @@ mod tests {
         Capacity {
             cpus_milli: 4000,
             memory: 16 * GIB,
+            load_memory_cap: 8 * GIB,
             gpus: vec![("GPU-0".into(), 24 * GIB)],
         }
     }
@@ -371,6 +372,7 @@ mod tests {
                 timeout: None,
                 artifacts: vec![],
                 array: None,
+                load: None,
             },
             grant: Grant {
                 gpus: gpu_share
@@ -384,6 +386,7 @@ mod tests {
                 exclusive: false,
                 cpus_milli,
                 memory: ByteSize(0),
+                loading: false,
             },
             rendezvous: None,
             lease_ttl: Dur::secs(30),
@@ -394,6 +397,8 @@ mod tests {
             signer: None,
             signature: None,
             claim_rev: None,
+            ready: false,
+            gpu_grant: None,
         };
         (key, lease)
     }
