@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use gpufleet_schema::EventBody;
+use gpufleet_testkit::server::workspace_root;
 use gpufleet_testkit::{Fleet, WorkerSpec};
 use serde_json::{json, Value};
 
@@ -118,4 +119,71 @@ async fn a_task_that_never_says_ready_runs_its_load_phase_to_the_end() {
     assert_eq!(status["status"], "FINISHED:COMPLETED", "{status}");
     assert_eq!(t["result"], json!({"loaded": "nothing"}));
     assert_eq!(t["gpus"], json!([]), "it never held a GPU: {t}");
+}
+
+/// The README's Python example, run as a two-phase task: it loads, gets
+/// the GPU, and sets CUDA_VISIBLE_DEVICES from its control file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_python_example_sets_its_gpu_from_the_control_file() {
+    let example = std::fs::read_to_string(workspace_root().join("examples/two_phase.py"))
+        .expect("examples/two_phase.py");
+    let shown = gpufleet_testkit::readme_python("\"\"\"A gpufleet two-phase task");
+    assert_eq!(
+        shown, example,
+        "README's two-phase example differs from examples/two_phase.py"
+    );
+    let mut fleet = Fleet::start().await;
+    fleet
+        .add_worker(WorkerSpec::new("tp-w3").gpus("1x24GiB"))
+        .await;
+    let job = fleet
+        .submit(&json!({"tasks": [{
+            "command": ["python3", "-c", example],
+            "resources": {"gpus": 1},
+            "load": {"cpus": 1},
+        }]}))
+        .await;
+    let line = fleet
+        .wait_event(&job, STEP, "the example's training line", |e| {
+            matches!(&e.body, EventBody::Log { text, .. } if text.contains("training on 1000 items"))
+        })
+        .await;
+    let EventBody::Log { text, .. } = line.body else {
+        unreachable!()
+    };
+    assert!(
+        text.contains("CUDA_VISIBLE_DEVICES=0 (GPU-sim-tp-w3-0)"),
+        "{text}"
+    );
+    let status = fleet.wait_finished(&job, STEP).await;
+    assert_eq!(status["status"], "FINISHED:COMPLETED", "{status}");
+}
+
+/// With roles, the worker trusts only the coordinator's key: a GPU grant
+/// it did not sign would be refused and the task would wait to its
+/// deadline; the coordinator's is held, and the task trains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_roles_the_signed_gpu_grant_is_taken() {
+    use gpufleet_testkit::secure::SecureFleet;
+    let mut fleet = SecureFleet::start(&["tp-s1"], &["alice"], &[]).await;
+    fleet.add_worker(WorkerSpec::new("tp-s1").gpus("1x24GiB"));
+    fleet.wait_worker_listed("alice", "tp-s1").await;
+    let file = fleet.dir().join("two_phase.json");
+    std::fs::write(&file, json!({"tasks": [two_phase("t", 0, 0)]}).to_string()).unwrap();
+    let reply = fleet
+        .json("alice", &["submit", file.to_str().unwrap()])
+        .await;
+    let job = reply["job_id"].as_str().expect("a job id").to_string();
+    let s = gpufleet_testkit::eventually(STEP, "the job to finish", || async {
+        let s = fleet.json("alice", &["status", &job]).await;
+        s["status"]
+            .as_str()
+            .is_some_and(|st| st.starts_with("FINISHED"))
+            .then_some(s)
+    })
+    .await;
+    assert_eq!(s["status"], "FINISHED:COMPLETED", "{s}");
+    let r = &s["tasks"][0]["result"];
+    assert_eq!(r["control"]["cuda_visible_devices"], "0", "{r}");
+    assert_eq!(s["tasks"][0]["gpus"], json!(["GPU-sim-tp-s1-0"]), "{s}");
 }
