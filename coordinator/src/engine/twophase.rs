@@ -24,6 +24,7 @@
 //! leases themselves (`ready`, `gpu_grant`), so a coordinator that takes
 //! over finds it there.
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -157,9 +158,9 @@ impl Engine {
             return;
         }
         let shared = self.queue.by_owner().nth(1).is_some();
-        // (-priority, share, since, job seq, task): the order they go in.
+        // (priority, share, since, job seq, task): the order they go in.
         type Waiting<'a> = (
-            i32,
+            Reverse<i32>,
             f64,
             Instant,
             u64,
@@ -189,7 +190,16 @@ impl Engine {
             } else {
                 0.0
             };
-            order.push((-j.spec.priority, share, *since, j.seq, i, key, l, job));
+            order.push((
+                Reverse(j.spec.priority),
+                share,
+                *since,
+                j.seq,
+                i,
+                key,
+                l,
+                job,
+            ));
         }
         order.sort_by(|a, b| {
             a.0.cmp(&b.0)

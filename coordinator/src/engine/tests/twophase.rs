@@ -172,7 +172,11 @@ fn a_loaded_task_goes_before_new_work_on_its_worker() {
 #[test]
 fn loaded_tasks_get_the_gpu_by_priority_then_by_when_they_loaded() {
     let mut e = ready_engine(&[advert("w1", 16, 1)]);
-    let (low, _rx) = submit(&mut e, &job_of(&[TWO_PHASE, TWO_PHASE], ""));
+    // The lowest priority there is: ordering by it must not overflow.
+    let (low, _rx) = submit(
+        &mut e,
+        &job_of(&[TWO_PHASE, TWO_PHASE], r#""priority": -2147483648, "#),
+    );
     let (high, _rx) = submit(&mut e, &job_of(&[TWO_PHASE], r#""priority": 5, "#));
     let leases = e.take_effects().create_leases;
     assert_eq!(leases.len(), 3, "all three load at once");
