@@ -1500,6 +1500,78 @@ mod tests {
         assert!(matches!(other, Reply::Error { code: 409, .. }));
     }
 
+    /// A worker can write its own leases, so it could write a GPU grant
+    /// into one: only a grant signed with our key is taken.
+    #[test]
+    fn a_gpu_grant_counts_only_with_our_signature() {
+        let job = JobId::new("j").unwrap();
+        let task_id = gpufleet_schema::TaskId::for_index(&job, 0);
+        let worker = gpufleet_schema::WorkerId::new("w1").unwrap();
+        let key = subjects::lease_key(&worker, &task_id, 1).to_string();
+        let task: gpufleet_schema::TaskSpec = serde_json::from_str(
+            r#"{"command": ["t"], "resources": {"gpus": 1}, "load": {"cpus": 1}}"#,
+        )
+        .unwrap();
+        let load = gpufleet_schema::Grant {
+            cpus_milli: 1000,
+            loading: true,
+            ..Default::default()
+        };
+        let mut lease = Lease {
+            owner: gpufleet_schema::UserId::default_user(),
+            job_id: job,
+            task_id,
+            attempt: 1,
+            worker,
+            state: gpufleet_schema::LeaseState::Running,
+            reason: None,
+            task,
+            grant: load.clone(),
+            rendezvous: None,
+            lease_ttl: gpufleet_schema::Dur::secs(30),
+            instance: Some("i".into()),
+            reserved_at: time::OffsetDateTime::UNIX_EPOCH,
+            token: gpufleet_schema::lease::new_token(),
+            signer: None,
+            signature: None,
+            claim_rev: Some(3),
+            ready: true,
+            gpu_grant: Some(gpufleet_schema::GpuUpgrade {
+                grant: gpufleet_schema::Grant {
+                    loading: false,
+                    ..load
+                },
+                signer: None,
+                signature: None,
+            }),
+        };
+        let ours = KeyPair::new_account();
+        let public = own_key(&Some(KeyPair::from_seed(&ours.seed().unwrap()).unwrap()));
+        let seen = |lease: &Lease, ours: Option<&KeyPair>| {
+            let change = gpufleet_natsutil::KvChange {
+                key: key.clone(),
+                revision: 4,
+                op: KvOp::Put,
+                ttl: None,
+                value: Bytes::from(codec::encode(lease).unwrap()),
+                published: time::OffsetDateTime::UNIX_EPOCH,
+            };
+            match lease_input(change, ours) {
+                Some(Input::Lease(LeaseChange::Put { lease, .. })) => lease.gpu_grant.is_some(),
+                _ => panic!("the lease was not passed on"),
+            }
+        };
+        assert!(!seen(&lease, public.as_ref()), "unsigned");
+        lease.sign_upgrade(&KeyPair::new_account()).unwrap();
+        assert!(!seen(&lease, public.as_ref()), "signed by another key");
+        lease.sign_upgrade(&ours).unwrap();
+        assert!(seen(&lease, public.as_ref()), "signed by us");
+        lease.gpu_grant.as_mut().unwrap().grant.cpus_milli = 2000;
+        assert!(!seen(&lease, public.as_ref()), "changed after signing");
+        // Without roles nothing is signed, and nothing is checked.
+        assert!(seen(&lease, None));
+    }
+
     #[tokio::test]
     async fn running_feeders_are_not_reported() {
         let mut feeders = Feeders::default();
