@@ -189,12 +189,25 @@ impl Fleet {
         cpus: f64,
         launcher: Arc<dyn Launcher>,
     ) -> anyhow::Result<Fleet> {
+        Self::start_with(access, workers, launcher, |cfg| WorkerConfig {
+            cpus: Some(cpus),
+            ..cfg
+        })
+        .await
+    }
+
+    /// [`Fleet::start`] with each worker's settings as `tune` makes them.
+    pub async fn start_with(
+        access: &Access,
+        workers: usize,
+        launcher: Arc<dyn Launcher>,
+        tune: impl Fn(WorkerConfig) -> WorkerConfig,
+    ) -> anyhow::Result<Fleet> {
         let coordinator = spawn_coordinator(access)?;
         let (stop, stop_rx) = watch::channel(false);
         let mut handles = Vec::new();
         for i in 0..workers {
-            let cfg = WorkerConfig {
-                cpus: Some(cpus),
+            let cfg = tune(WorkerConfig {
                 addr: Some("127.0.0.1".into()),
                 work_dir: Some(
                     std::env::temp_dir().join(format!("gpufleet-bench-{}-{i}", std::process::id())),
@@ -202,7 +215,7 @@ impl Fleet {
                 // Many workers in one process: one port would not do.
                 metrics_addr: gpufleet_natsutil::metrics::MetricsAddr::Off,
                 ..access.worker_config(&worker_name(i))?
-            };
+            });
             let mut rx = stop_rx.clone();
             let launcher = launcher.clone();
             handles.push(tokio::spawn(async move {

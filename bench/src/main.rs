@@ -7,6 +7,7 @@ mod fairshare;
 mod floor;
 mod history;
 mod scale;
+mod twophase;
 
 use std::time::Duration;
 
@@ -60,6 +61,8 @@ enum What {
     History,
     /// Two users (weights 2:1) on 24 GPUs on simulated time: the share each gets over time
     Fairshare,
+    /// 4 tasks that load 2 s, then train 2 s on one GPU: two-phase and plain
+    Twophase,
 }
 
 fn ms(d: Duration) -> String {
@@ -262,6 +265,30 @@ async fn main() -> anyhow::Result<()> {
             ),
         );
         println!("\n{}", fairshare::chart(&o));
+    }
+    if matches!(cli.what, What::All | What::Twophase) {
+        let (tasks, load, train) = if cli.smoke {
+            (2, Duration::from_millis(300), Duration::from_millis(300))
+        } else {
+            (4, Duration::from_secs(2), Duration::from_secs(2))
+        };
+        let (_server, url) = fresh();
+        let o = twophase::run(&url, tasks, load, train).await?;
+        let n = tasks as u32;
+        row(
+            &format!(
+                "twophase: {tasks} tasks, 1 GPU, two-phase (ideal {:.1} s)",
+                (load + train * n).as_secs_f64()
+            ),
+            format!("{:.1} s", o.two_phase.as_secs_f64()),
+        );
+        row(
+            &format!(
+                "twophase: {tasks} tasks, 1 GPU, plain (ideal {:.1} s)",
+                ((load + train) * n).as_secs_f64()
+            ),
+            format!("{:.1} s", o.plain.as_secs_f64()),
+        );
     }
     if let Some(c) = &control {
         for (name, floor) in [("floor", &floor_par), ("five-op floor", &five_par)] {

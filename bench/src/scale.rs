@@ -46,6 +46,7 @@ fn advert_with(i: usize, gpus: u32, started: time::OffsetDateTime) -> WorkerAdve
         cpus_milli: 64_000,
         memory_total: ByteSize::gib(512),
         memory_available: ByteSize::gib(500),
+        load_memory_cap: None,
         load_avg: None,
         driver_version: Some("simulated".into()),
         gpus: (0..gpus)

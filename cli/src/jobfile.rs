@@ -211,6 +211,7 @@ pub fn one_off(o: OneOff) -> anyhow::Result<JobSpec> {
             timeout,
             artifacts: o.artifacts,
             array,
+            load: None,
         }],
     };
     // Field paths mean little to someone who typed flags: say which flag.

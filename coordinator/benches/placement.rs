@@ -60,6 +60,7 @@ fn requests(n: usize) -> Vec<TaskRequest> {
                 labels,
                 workers: vec![],
                 avoid: vec![],
+                load: None,
             }
         })
         .collect()

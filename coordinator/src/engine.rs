@@ -48,6 +48,7 @@ mod lifecycle;
 mod queue;
 mod schedule;
 mod talk;
+mod twophase;
 
 pub use clock::{Now, Rng};
 pub use queue::AVOID_FOR;
@@ -264,6 +265,9 @@ pub struct Effects {
     pub checkpoint: Option<u64>,
     /// Messages for running tasks, to hand their workers (see `talk`).
     pub posts: Vec<talk::Post>,
+    /// Loaded two-phase tasks' GPU grants: compare-and-set the lease (key,
+    /// new value, expected rev), signing its `gpu_grant` (see `twophase`).
+    pub grant_leases: Vec<(String, Lease, u64)>,
 }
 
 impl Effects {
@@ -284,6 +288,7 @@ impl Effects {
             && self.fetches.is_empty()
             && self.checkpoint.is_none()
             && self.posts.is_empty()
+            && self.grant_leases.is_empty()
     }
 }
 
@@ -322,6 +327,8 @@ pub struct Engine {
     /// The most bytes one part of a stored record may take.
     part_budget: usize,
     health: Health,
+    /// Loaded two-phase tasks waiting for their GPUs.
+    waits: twophase::GpuWaits,
 }
 
 /// Parts of stored records are at most this large unless the server's
@@ -348,6 +355,7 @@ impl Engine {
             rng: Rng::new(seed),
             part_budget: PART_BUDGET,
             health: Health::new(cfg_lease_ttl),
+            waits: twophase::GpuWaits::default(),
         }
     }
 

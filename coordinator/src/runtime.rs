@@ -190,7 +190,10 @@ pub async fn run(
     );
     feeders.spawn(
         "leases watch",
-        forward_kv(io.leases.clone(), Feed::Leases, tx.clone(), lease_input),
+        forward_kv(io.leases.clone(), Feed::Leases, tx.clone(), {
+            let ours = own_key(&io.signer);
+            move |c| lease_input(c, ours.as_ref())
+        }),
     );
     feeders.spawn(
         "results follower",
@@ -648,6 +651,7 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
         fetches: _,
         checkpoint,
         posts: _,
+        grant_leases,
     } = fx;
     let started = std::time::Instant::now();
     let metrics = &engine.metrics();
@@ -677,8 +681,11 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
         .partition(|(_, e)| new.contains(&e.job_id));
     let mut writes = Writes {
         job: plans.iter().map(|p| p.parts.len() as u64).sum(),
-        lease: (now_leases.len() + later_leases.len() + cancel_leases.len() + purge_leases.len())
-            as u64,
+        lease: (now_leases.len()
+            + later_leases.len()
+            + cancel_leases.len()
+            + grant_leases.len()
+            + purge_leases.len()) as u64,
         event: (now_events.len() + later_events.len()) as u64,
         checkpoint: 0,
     };
@@ -718,7 +725,8 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
         publish_events(io, metrics, now_events),
         record_writes,
         create_leases_now(io, engine, now_leases),
-        cancel_leases_now(io, metrics, cancel_leases),
+        update_leases_now(io, metrics, cancel_leases),
+        update_leases_now(io, metrics, signed_grants(io, grant_leases)),
         purge_leases_now(io, metrics, purge_leases),
     );
 
@@ -913,19 +921,40 @@ async fn create_leases_now(io: &Io, engine: &Engine, leases: Vec<(String, Lease)
         .collect()
 }
 
-async fn cancel_leases_now(io: &Io, metrics: &Metrics, cancels: Vec<(String, Lease, u64)>) {
-    join_all(cancels.into_iter().map(|(key, lease, rev)| async move {
+/// Compare-and-sets leases over the revision the engine saw (a cancel, a
+/// GPU grant).
+async fn update_leases_now(io: &Io, metrics: &Metrics, updates: Vec<(String, Lease, u64)>) {
+    join_all(updates.into_iter().map(|(key, lease, rev)| async move {
         let ttl = lease.lease_ttl.0;
         if let Ok(b) = codec::encode(&lease) {
-            // Losing the race to a renewal is fine: the next tick sees the
-            // new revision and the cancel is asked again by the engine.
+            // Losing the race to a renewal is fine: the engine sees the
+            // new revision and asks again (a cancel on the next tick, a
+            // GPU grant in the next pass).
             let update = io.leases.update(&key, Bytes::from(b), Some(ttl), rev);
             if let Err(e) = timed(metrics, WriteKind::Lease, update).await {
-                tracing::info!(key, error = %e, "cancel of a lease did not apply");
+                tracing::info!(key, error = %e, "an update of a lease did not apply");
             }
         }
     }))
     .await;
+}
+
+/// GPU grants with their signature; one that cannot be signed is not
+/// written (its task waits, and the error is logged).
+fn signed_grants(io: &Io, grants: Vec<(String, Lease, u64)>) -> Vec<(String, Lease, u64)> {
+    let Some(signer) = &io.signer else {
+        return grants;
+    };
+    grants
+        .into_iter()
+        .filter_map(|(key, mut lease, rev)| match lease.sign_upgrade(signer) {
+            Ok(()) => Some((key, lease, rev)),
+            Err(e) => {
+                tracing::error!(key, error = %e, "cannot sign a GPU grant");
+                None
+            }
+        })
+        .collect()
 }
 
 async fn purge_leases_now(io: &Io, metrics: &Metrics, keys: Vec<String>) {
@@ -1200,10 +1229,17 @@ fn advert_input(c: gpufleet_natsutil::KvChange) -> Option<Input> {
     }
 }
 
+/// The public half of the signing key, to check GPU grants by.
+fn own_key(signer: &Option<KeyPair>) -> Option<KeyPair> {
+    KeyPair::from_public_key(&signer.as_ref()?.public_key()).ok()
+}
+
 /// A lease counts only under its own key: the worker, task and attempt it
 /// names must be those of the key, which (with roles on) only that worker
-/// and the coordinator may write.
-fn lease_input(c: gpufleet_natsutil::KvChange) -> Option<Input> {
+/// and the coordinator may write. A GPU grant counts only with our
+/// signature: a worker cannot give itself a GPU (`ours`: the key we sign
+/// with, when we sign).
+fn lease_input(c: gpufleet_natsutil::KvChange, ours: Option<&KeyPair>) -> Option<Input> {
     let change = match c.op {
         KvOp::Put => match codec::decode::<Lease>(&c.value) {
             Ok(lease)
@@ -1219,11 +1255,19 @@ fn lease_input(c: gpufleet_natsutil::KvChange) -> Option<Input> {
                 tracing::warn!(key = %c.key, "ignoring a lease that names another key's attempt");
                 return None;
             }
-            Ok(lease) => LeaseChange::Put {
-                key: c.key,
-                rev: c.revision,
-                lease: Box::new(lease),
-            },
+            Ok(mut lease) => {
+                if let (Some(key), Some(_)) = (ours, &lease.gpu_grant) {
+                    if let Err(e) = lease.verify_upgrade(std::slice::from_ref(key)) {
+                        tracing::warn!(key = %c.key, error = %e, "ignoring a GPU grant we did not make");
+                        lease.gpu_grant = None;
+                    }
+                }
+                LeaseChange::Put {
+                    key: c.key,
+                    rev: c.revision,
+                    lease: Box::new(lease),
+                }
+            }
             Err(e) => {
                 tracing::warn!(key = %c.key, error = %e, "ignoring an unreadable lease");
                 return None;
@@ -1454,6 +1498,78 @@ mod tests {
         assert!(matches!(same, Reply::Submit(r) if !r.created && r.status == JobState::Completed));
         let other = answer_taken(&id, (false, JobState::Completed), created());
         assert!(matches!(other, Reply::Error { code: 409, .. }));
+    }
+
+    /// A worker can write its own leases, so it could write a GPU grant
+    /// into one: only a grant signed with our key is taken.
+    #[test]
+    fn a_gpu_grant_counts_only_with_our_signature() {
+        let job = JobId::new("j").unwrap();
+        let task_id = gpufleet_schema::TaskId::for_index(&job, 0);
+        let worker = gpufleet_schema::WorkerId::new("w1").unwrap();
+        let key = subjects::lease_key(&worker, &task_id, 1).to_string();
+        let task: gpufleet_schema::TaskSpec = serde_json::from_str(
+            r#"{"command": ["t"], "resources": {"gpus": 1}, "load": {"cpus": 1}}"#,
+        )
+        .unwrap();
+        let load = gpufleet_schema::Grant {
+            cpus_milli: 1000,
+            loading: true,
+            ..Default::default()
+        };
+        let mut lease = Lease {
+            owner: gpufleet_schema::UserId::default_user(),
+            job_id: job,
+            task_id,
+            attempt: 1,
+            worker,
+            state: gpufleet_schema::LeaseState::Running,
+            reason: None,
+            task,
+            grant: load.clone(),
+            rendezvous: None,
+            lease_ttl: gpufleet_schema::Dur::secs(30),
+            instance: Some("i".into()),
+            reserved_at: time::OffsetDateTime::UNIX_EPOCH,
+            token: gpufleet_schema::lease::new_token(),
+            signer: None,
+            signature: None,
+            claim_rev: Some(3),
+            ready: true,
+            gpu_grant: Some(gpufleet_schema::GpuUpgrade {
+                grant: gpufleet_schema::Grant {
+                    loading: false,
+                    ..load
+                },
+                signer: None,
+                signature: None,
+            }),
+        };
+        let ours = KeyPair::new_account();
+        let public = own_key(&Some(KeyPair::from_seed(&ours.seed().unwrap()).unwrap()));
+        let seen = |lease: &Lease, ours: Option<&KeyPair>| {
+            let change = gpufleet_natsutil::KvChange {
+                key: key.clone(),
+                revision: 4,
+                op: KvOp::Put,
+                ttl: None,
+                value: Bytes::from(codec::encode(lease).unwrap()),
+                published: time::OffsetDateTime::UNIX_EPOCH,
+            };
+            match lease_input(change, ours) {
+                Some(Input::Lease(LeaseChange::Put { lease, .. })) => lease.gpu_grant.is_some(),
+                _ => panic!("the lease was not passed on"),
+            }
+        };
+        assert!(!seen(&lease, public.as_ref()), "unsigned");
+        lease.sign_upgrade(&KeyPair::new_account()).unwrap();
+        assert!(!seen(&lease, public.as_ref()), "signed by another key");
+        lease.sign_upgrade(&ours).unwrap();
+        assert!(seen(&lease, public.as_ref()), "signed by us");
+        lease.gpu_grant.as_mut().unwrap().grant.cpus_milli = 2000;
+        assert!(!seen(&lease, public.as_ref()), "changed after signing");
+        // Without roles nothing is signed, and nothing is checked.
+        assert!(seen(&lease, None));
     }
 
     #[tokio::test]

@@ -9,7 +9,10 @@
 //! Rules: a whole GPU is held by one task and has nothing left for others;
 //! a share sets its memory aside on a GPU that nobody holds whole. Holding
 //! saturates (a snapshot built from stale leases may be overcommitted and
-//! must not panic); checking never overflows.
+//! must not panic); checking never overflows. The load phases of
+//! two-phase tasks (`loading` grants) hold memory under a cap of their own
+//! as well, the worker's `load_memory_cap`, so that loading tasks can never
+//! take so much memory that a free GPU there could not be given out.
 
 use crate::ids::GpuUuid;
 use crate::lease::{GpuGrant, Grant};
@@ -90,6 +93,10 @@ pub struct WorkerCapacity {
     pub memory_total: u64,
     pub memory_free: u64,
     pub gpus: Vec<GpuCapacity>,
+    /// The most memory load phases may hold together.
+    pub load_memory_cap: u64,
+    /// What of that cap is still free.
+    pub load_memory_free: u64,
 }
 
 /// Why a grant does not fit; the text is the reason a worker gives when it
@@ -110,6 +117,13 @@ pub enum Shortfall {
         ByteSize(*asked)
     )]
     Memory { held: u64, total: u64, asked: u64 },
+    #[error(
+        "not enough memory under the load-phase cap: {} held by loading tasks of {}, {} asked",
+        ByteSize(*held),
+        ByteSize(*cap),
+        ByteSize(*asked)
+    )]
+    LoadMemory { held: u64, cap: u64, asked: u64 },
     #[error("no GPU {uuid} on this worker")]
     NoSuchGpu { uuid: GpuUuid },
     #[error("GPU {uuid} is given twice in one grant")]
@@ -143,7 +157,16 @@ impl WorkerCapacity {
             memory_total: memory,
             memory_free: memory,
             gpus,
+            load_memory_cap: memory,
+            load_memory_free: memory,
         }
+    }
+
+    /// Load phases may hold at most `cap` of memory together.
+    pub fn with_load_cap(mut self, cap: u64) -> Self {
+        self.load_memory_cap = cap;
+        self.load_memory_free = cap;
+        self
     }
 
     /// What a worker's advert offers, before any lease is counted.
@@ -163,6 +186,7 @@ impl WorkerCapacity {
                 })
                 .collect(),
         )
+        .with_load_cap(a.load_memory_cap.map_or(a.memory_total.0, |c| c.0))
     }
 
     /// Whether `cpus_milli` are free now.
@@ -180,6 +204,9 @@ impl WorkerCapacity {
     pub fn hold(&mut self, grant: &Grant) {
         self.cpus_free_milli = self.cpus_free_milli.saturating_sub(grant.cpus_milli);
         self.memory_free = self.memory_free.saturating_sub(grant.memory.0);
+        if grant.loading {
+            self.load_memory_free = self.load_memory_free.saturating_sub(grant.memory.0);
+        }
         for g in &grant.gpus {
             if let Some(gpu) = self.gpus.iter_mut().find(|x| x.uuid == g.uuid) {
                 if grant.exclusive {
@@ -204,6 +231,13 @@ impl WorkerCapacity {
             return Err(Shortfall::Memory {
                 held: self.memory_total.saturating_sub(self.memory_free),
                 total: self.memory_total,
+                asked: grant.memory.0,
+            });
+        }
+        if grant.loading && self.load_memory_free < grant.memory.0 {
+            return Err(Shortfall::LoadMemory {
+                held: self.load_memory_cap.saturating_sub(self.load_memory_free),
+                cap: self.load_memory_cap,
                 asked: grant.memory.0,
             });
         }
@@ -275,9 +309,28 @@ impl WorkerCapacity {
             exclusive,
             cpus_milli,
             memory: ByteSize(memory),
+            loading: false,
         };
         self.hold(&grant);
         grant
+    }
+
+    /// Grants a load phase `cpus_milli` and `memory` (no GPU) and holds
+    /// it. The caller has checked that it fits.
+    pub fn take_loading(&mut self, cpus_milli: u64, memory: u64) -> Grant {
+        let grant = Grant {
+            cpus_milli,
+            memory: ByteSize(memory),
+            loading: true,
+            ..Grant::default()
+        };
+        self.hold(&grant);
+        grant
+    }
+
+    /// Whether a load phase of `memory` fits under the load-phase cap now.
+    pub fn fits_loading(&self, memory: u64) -> bool {
+        self.load_memory_free >= memory
     }
 }
 
@@ -357,6 +410,7 @@ mod tests {
             exclusive: false,
             cpus_milli: 0,
             memory: ByteSize(0),
+            loading: false,
         };
         w.hold(&share("g0", 12));
         assert_eq!(
@@ -391,6 +445,34 @@ mod tests {
     }
 
     #[test]
+    fn load_phases_hold_memory_under_their_own_cap() {
+        let mut w = worker().with_load_cap(6 * GIB);
+        let load = w.take_loading(1000, 4 * GIB);
+        assert!(load.loading && load.gpus.is_empty());
+        assert_eq!((w.memory_free, w.load_memory_free), (12 * GIB, 2 * GIB));
+        let more = Grant {
+            memory: ByteSize(3 * GIB),
+            loading: true,
+            ..Grant::default()
+        };
+        assert_eq!(
+            w.check(&more).unwrap_err().to_string(),
+            "not enough memory under the load-phase cap: 4GiB held by loading tasks of 6GiB, 3GiB asked"
+        );
+        // Memory outside the load phase is not capped.
+        assert!(w
+            .check(&Grant {
+                loading: false,
+                ..more.clone()
+            })
+            .is_ok());
+        assert!(w.fits_loading(2 * GIB) && !w.fits_loading(2 * GIB + 1));
+        let mut again = worker().with_load_cap(6 * GIB);
+        again.hold(&load);
+        assert_eq!(again, w);
+    }
+
+    #[test]
     fn a_snapshot_holding_more_than_there_is_saturates() {
         let mut w = worker();
         let big = Grant {
@@ -402,6 +484,7 @@ mod tests {
             exclusive: false,
             cpus_milli: 10_000,
             memory: ByteSize(100 * GIB),
+            loading: false,
         };
         w.hold(&big);
         w.hold(&big);

@@ -11,6 +11,13 @@
 //! fixed part: who owns it, what runs, where, with what, and the attempt's
 //! random `token`. A worker configured with trusted keys runs nothing whose
 //! signature does not check, whoever managed to write it.
+//!
+//! A two-phase task (one with a `load` phase) is reserved with only its
+//! load phase's CPUs and memory (a `loading` grant). The worker marks the
+//! lease `ready` once the task says it has loaded; the coordinator then
+//! writes a [`GpuUpgrade`] into the same lease: the whole grant, GPUs
+//! included, signed over the reservation's identity and token, so that
+//! only a coordinator can give an attempt its GPUs.
 
 use data_encoding::BASE64URL_NOPAD;
 use serde::{Deserialize, Serialize};
@@ -74,6 +81,41 @@ pub struct Lease {
     /// must name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_rev: Option<u64>,
+    /// Written by the worker: the task (a two-phase one) has loaded and
+    /// waits for its GPUs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ready: bool,
+    /// Written by the coordinator: the GPU phase's grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_grant: Option<GpuUpgrade>,
+}
+
+/// The second phase's grant of a two-phase task: what the attempt holds
+/// from then on (its load phase's grant grown by its GPUs, CPUs and
+/// memory), with the coordinator's signature.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuUpgrade {
+    pub grant: Grant,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+/// What an upgrade's signature covers: which attempt (by its random
+/// token too, so that it cannot be moved to another attempt of the same
+/// task) and the grant. `purpose` keeps these bytes apart from any
+/// reservation's.
+#[derive(Serialize)]
+struct SignedUpgrade<'a> {
+    purpose: &'static str,
+    owner: &'a UserId,
+    job_id: &'a JobId,
+    task_id: &'a TaskId,
+    attempt: u32,
+    worker: &'a WorkerId,
+    token: &'a str,
+    grant: &'a Grant,
 }
 
 /// Why a reservation's signature does not check.
@@ -139,19 +181,79 @@ impl Lease {
 
     /// Checks the signature against the trusted public keys.
     pub fn verify(&self, trusted: &[nkeys::KeyPair]) -> Result<(), SealError> {
-        let (Some(signer), Some(signature)) = (&self.signer, &self.signature) else {
+        check_seal(&self.signer, &self.signature, &self.signed_bytes(), trusted)
+    }
+
+    /// What the attempt holds now: its GPU phase's grant once it has one,
+    /// else its reservation's.
+    pub fn held(&self) -> &Grant {
+        self.gpu_grant.as_ref().map_or(&self.grant, |u| &u.grant)
+    }
+
+    /// The bytes an upgrade to `grant` is signed over.
+    fn upgrade_bytes(&self, grant: &Grant) -> Vec<u8> {
+        let part = SignedUpgrade {
+            purpose: "gpufleet gpu grant",
+            owner: &self.owner,
+            job_id: &self.job_id,
+            task_id: &self.task_id,
+            attempt: self.attempt,
+            worker: &self.worker,
+            token: &self.token,
+            grant,
+        };
+        rmp_serde::to_vec_named(&part).unwrap_or_default()
+    }
+
+    /// Signs the GPU grant the lease carries, if any.
+    pub fn sign_upgrade(&mut self, key: &nkeys::KeyPair) -> Result<(), SealError> {
+        let Some(grant) = self.gpu_grant.as_ref().map(|u| u.grant.clone()) else {
+            return Ok(());
+        };
+        let signature = key
+            .sign(&self.upgrade_bytes(&grant))
+            .map_err(|e| SealError::Key(e.to_string()))?;
+        if let Some(u) = &mut self.gpu_grant {
+            u.signer = Some(key.public_key());
+            u.signature = Some(BASE64URL_NOPAD.encode(&signature));
+        }
+        Ok(())
+    }
+
+    /// Checks the GPU grant's signature against the trusted public keys
+    /// ([`SealError::Missing`] without a grant).
+    pub fn verify_upgrade(&self, trusted: &[nkeys::KeyPair]) -> Result<(), SealError> {
+        let Some(u) = &self.gpu_grant else {
             return Err(SealError::Missing);
         };
-        let key = trusted
-            .iter()
-            .find(|k| &k.public_key() == signer)
-            .ok_or_else(|| SealError::Untrusted(signer.clone()))?;
-        let signature = BASE64URL_NOPAD
-            .decode(signature.as_bytes())
-            .map_err(|_| SealError::Mismatch)?;
-        key.verify(&self.signed_bytes(), &signature)
-            .map_err(|_| SealError::Mismatch)
+        check_seal(
+            &u.signer,
+            &u.signature,
+            &self.upgrade_bytes(&u.grant),
+            trusted,
+        )
     }
+}
+
+/// Whether `signature`, by `signer`, one of `trusted`, signs `bytes`.
+fn check_seal(
+    signer: &Option<String>,
+    signature: &Option<String>,
+    bytes: &[u8],
+    trusted: &[nkeys::KeyPair],
+) -> Result<(), SealError> {
+    let (Some(signer), Some(signature)) = (signer, signature) else {
+        return Err(SealError::Missing);
+    };
+    let key = trusted
+        .iter()
+        .find(|k| &k.public_key() == signer)
+        .ok_or_else(|| SealError::Untrusted(signer.clone()))?;
+    let signature = BASE64URL_NOPAD
+        .decode(signature.as_bytes())
+        .map_err(|_| SealError::Mismatch)?;
+    key.verify(bytes, &signature)
+        .map_err(|_| SealError::Mismatch)
 }
 
 /// A fresh per-attempt token: 128 random bits, base64url.
@@ -169,6 +271,24 @@ pub struct Grant {
     pub exclusive: bool,
     pub cpus_milli: u64,
     pub memory: ByteSize,
+    /// A two-phase task's load phase: its memory counts against the
+    /// worker's load-phase cap (see [`crate::capacity`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub loading: bool,
+}
+
+impl Grant {
+    /// The load phase's grant grown by `more` (the GPU phase's GPUs and the
+    /// CPUs and memory the whole task holds beyond its load phase's).
+    pub fn upgraded(&self, more: &Grant) -> Grant {
+        Grant {
+            gpus: more.gpus.clone(),
+            exclusive: more.exclusive,
+            cpus_milli: self.cpus_milli.saturating_add(more.cpus_milli),
+            memory: ByteSize(self.memory.0.saturating_add(more.memory.0)),
+            loading: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,6 +341,7 @@ mod tests {
                 timeout: Some(Dur(Duration::from_nanos(timeout_ns))),
                 artifacts: vec!["out/*".into()],
                 array: None,
+                load: None,
             },
             grant: Grant {
                 gpus: vec![GpuGrant {
@@ -231,6 +352,7 @@ mod tests {
                 exclusive: true,
                 cpus_milli: 1500,
                 memory: ByteSize::mib(512),
+                loading: false,
             },
             rendezvous: None,
             lease_ttl: Dur::secs(30),
@@ -241,6 +363,8 @@ mod tests {
             signer: None,
             signature: None,
             claim_rev: None,
+            ready: false,
+            gpu_grant: None,
         }
     }
 
@@ -307,5 +431,65 @@ mod tests {
         assert_eq!(forged.verify(&trusted), Err(SealError::Mismatch));
         forged.signature = Some("not base64!".into());
         assert_eq!(forged.verify(&trusted), Err(SealError::Mismatch));
+    }
+
+    /// Only a coordinator's key gives an attempt its GPUs: a grant signed
+    /// by anyone else, moved to another attempt, or changed, is refused;
+    /// the worker's own marks (ready, its renewals) do not break it.
+    #[test]
+    fn a_gpu_grant_checks_only_as_signed_for_its_attempt() {
+        let key = nkeys::KeyPair::new_account();
+        let trusted = [nkeys::KeyPair::from_public_key(&key.public_key()).unwrap()];
+        let mut l = reservation(1_000_000_000, 1.0, BTreeMap::new());
+        l.sign(&key).unwrap();
+        assert_eq!(l.verify_upgrade(&trusted), Err(SealError::Missing));
+        let gpus = l.grant.clone();
+        l.grant = Grant {
+            gpus: vec![],
+            exclusive: false,
+            loading: true,
+            ..gpus.clone()
+        };
+        l.ready = true;
+        l.gpu_grant = Some(GpuUpgrade {
+            grant: l.grant.upgraded(&gpus),
+            signer: None,
+            signature: None,
+        });
+        assert_eq!(l.verify_upgrade(&trusted), Err(SealError::Missing));
+        l.sign_upgrade(&key).unwrap();
+        let got = decoded(&l);
+        assert_eq!(got.verify_upgrade(&trusted), Ok(()));
+        assert_eq!(got.held().gpus, gpus.gpus);
+        assert!(!got.held().loading);
+
+        let mut renewed = got.clone();
+        renewed.state = LeaseState::Running;
+        renewed.claim_rev = Some(9);
+        assert_eq!(renewed.verify_upgrade(&trusted), Ok(()));
+
+        // A worker that grants itself more, or the same grant for
+        // another attempt.
+        let mut more = got.clone();
+        more.gpu_grant.as_mut().unwrap().grant.cpus_milli += 1;
+        assert_eq!(more.verify_upgrade(&trusted), Err(SealError::Mismatch));
+        let mut other = got.clone();
+        other.token = new_token();
+        assert_eq!(other.verify_upgrade(&trusted), Err(SealError::Mismatch));
+        let mut other = got.clone();
+        other.attempt = 2;
+        assert_eq!(other.verify_upgrade(&trusted), Err(SealError::Mismatch));
+        let mut forged = got.clone();
+        forged.sign_upgrade(&nkeys::KeyPair::new_account()).unwrap();
+        assert!(matches!(
+            forged.verify_upgrade(&trusted),
+            Err(SealError::Untrusted(_))
+        ));
+        // A reservation's signature is no grant's.
+        let mut copied = got.clone();
+        let u = copied.gpu_grant.as_mut().unwrap();
+        u.signer = l.signer.clone();
+        u.signature = l.signature.clone();
+        assert_eq!(copied.verify_upgrade(&trusted), Err(SealError::Mismatch));
     }
 }

@@ -125,6 +125,33 @@ pub struct TaskSpec {
     /// (see [`crate::array`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub array: Option<ArraySpec>,
+    /// A load phase: the task starts with only these CPUs and memory, and
+    /// gets its GPUs (on the same worker) once it writes that it is ready
+    /// to its control file (`GPUFLEET_CONTROL`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadSpec>,
+}
+
+/// What a task holds while it loads, before its GPUs: CPUs and memory
+/// only, each at most what the whole task asks for, so that the GPU phase
+/// only adds to what the load phase holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadSpec {
+    #[serde(default = "default_cpus")]
+    pub cpus: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ByteSize>,
+}
+
+impl LoadSpec {
+    pub fn cpus_milli(&self) -> u64 {
+        (self.cpus * 1000.0).round() as u64
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.map_or(0, |m| m.0)
+    }
 }
 
 fn default_cpus() -> f64 {
@@ -311,6 +338,12 @@ impl JobSpec {
         }
         for (i, task) in self.tasks.iter().enumerate() {
             task.validate(&format!("tasks[{i}]"))?;
+            if self.gang && task.load.is_some() {
+                return Err(err(
+                    format!("tasks[{i}].load"),
+                    "a gang's tasks start together: a load phase is for tasks that run alone",
+                ));
+            }
         }
         Ok(())
     }
@@ -422,6 +455,9 @@ impl TaskSpec {
                 ));
             }
         }
+        if let Some(load) = &self.load {
+            validate_load(load, r, &format!("{at}.load"))?;
+        }
         if let Some(t) = self.timeout {
             if t.0.is_zero() {
                 return Err(err(format!("{at}.timeout"), "must be more than 0"));
@@ -457,6 +493,36 @@ impl TaskSpec {
     }
 }
 
+/// A load phase makes sense only before a GPU, and holds at most what the
+/// whole task holds.
+fn validate_load(load: &LoadSpec, r: &Resources, at: &str) -> Result<(), SpecError> {
+    if r.gpu_request() == GpuRequest::None {
+        return Err(err(
+            at,
+            "a load phase waits for a GPU: the task must ask for one (resources.gpus or resources.gpu_memory)",
+        ));
+    }
+    if !load.cpus.is_finite() || load.cpus_milli() == 0 || load.cpus_milli() > r.cpus_milli() {
+        return Err(err(
+            format!("{at}.cpus"),
+            format!(
+                "must be a number from 0.001 to the task's resources.cpus ({})",
+                r.cpus
+            ),
+        ));
+    }
+    if load.memory_bytes() > r.memory_bytes() {
+        return Err(err(
+            format!("{at}.memory"),
+            format!(
+                "at most the task's resources.memory ({})",
+                ByteSize(r.memory_bytes())
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,6 +536,7 @@ mod tests {
             timeout: None,
             artifacts: vec![],
             array: None,
+            load: None,
         }
     }
 
@@ -558,6 +625,60 @@ mod tests {
         t.env.insert("A".repeat(300_000), "1".into());
         let e = job(vec![t]).validate().unwrap_err().to_string();
         assert!(e.len() < 300, "{}", e.len());
+    }
+
+    #[test]
+    fn a_load_phase_is_checked_naming_its_field() {
+        let with = |f: fn(&mut TaskSpec)| {
+            let mut t = task(&["true"]);
+            t.resources.gpus = 1;
+            t.resources.cpus = 4.0;
+            t.resources.memory = Some(ByteSize::gib(8));
+            t.load = Some(LoadSpec {
+                cpus: 2.0,
+                memory: Some(ByteSize::gib(4)),
+            });
+            f(&mut t);
+            job(vec![t]).validate().map_err(|e| e.field)
+        };
+        assert_eq!(with(|_| {}), Ok(()));
+        assert_eq!(
+            with(|t| t.resources.gpus = 0).unwrap_err(),
+            "tasks[0].load",
+            "no GPU to wait for"
+        );
+        assert_eq!(
+            with(|t| t.resources.gpu_memory = Some(ByteSize::gib(1))),
+            Ok(())
+        );
+        for bad in [
+            with(|t| t.load.as_mut().unwrap().cpus = 0.0),
+            with(|t| t.load.as_mut().unwrap().cpus = 4.5),
+            with(|t| t.load.as_mut().unwrap().cpus = f64::NAN),
+            with(|t| t.load.as_mut().unwrap().cpus = f64::INFINITY),
+        ] {
+            assert_eq!(bad.unwrap_err(), "tasks[0].load.cpus");
+        }
+        assert_eq!(
+            with(|t| t.load.as_mut().unwrap().memory = Some(ByteSize::gib(9))).unwrap_err(),
+            "tasks[0].load.memory"
+        );
+        assert_eq!(
+            with(|t| t.resources.memory = None).unwrap_err(),
+            "tasks[0].load.memory"
+        );
+        let mut t = task(&["true"]);
+        t.resources.gpus = 1;
+        t.load = Some(LoadSpec {
+            cpus: 1.0,
+            memory: None,
+        });
+        let mut j = job(vec![t]);
+        j.gang = true;
+        assert_eq!(j.validate().unwrap_err().field, "tasks[0].load");
+        // Unknown fields are refused (a typo must not pass silently).
+        let e = serde_json::from_str::<LoadSpec>(r#"{"cpus": 1, "gpus": 1}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `gpus`"), "{e}");
     }
 
     #[test]

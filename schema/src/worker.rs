@@ -41,6 +41,10 @@ pub struct WorkerAdvert {
     /// runs here, `[low, high]`.
     #[serde(default)]
     pub rendezvous_ports: Option<(u16, u16)>,
+    /// The most memory the load phases of two-phase tasks may hold here
+    /// together (the worker's `load_memory_cap`); none: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_memory_cap: Option<ByteSize>,
     /// Draining workers take no new work.
     #[serde(default)]
     pub draining: bool,

@@ -336,6 +336,8 @@ fn rogue_lease(worker_field: &str, task: &str, grant: Grant, spec: Value) -> Lea
         signer: None,
         signature: None,
         claim_rev: None,
+        ready: false,
+        gpu_grant: None,
     }
 }
 
@@ -353,6 +355,7 @@ fn grant(cpus_milli: u64, memory: u64, gpus: &[(&str, u64)], exclusive: bool) ->
         exclusive,
         cpus_milli,
         memory: ByteSize(memory),
+        loading: false,
     }
 }
 

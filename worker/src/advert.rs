@@ -60,11 +60,13 @@ pub async fn initial_capacity(
 ) -> (Capacity, Box<dyn GpuProbe>) {
     let (probe, snap) = probe_gpus(probe, vec![]).await;
     let host = HostProbe::default().probe();
+    let memory = cfg.memory.map_or(host.memory_total, |m| m.0);
     let cap = Capacity {
         cpus_milli: cfg
             .cpus
             .map_or(host.cpus_milli, |c| (c * 1000.0).round() as u64),
-        memory: cfg.memory.map_or(host.memory_total, |m| m.0),
+        memory,
+        load_memory_cap: cfg.load_memory_cap(memory),
         gpus: snap
             .gpus
             .iter()
@@ -137,6 +139,7 @@ pub async fn heartbeat(
             addr: addr.clone(),
             cpus_milli: capacity.cpus_milli,
             memory_total: ByteSize(capacity.memory),
+            load_memory_cap: Some(ByteSize(capacity.load_memory_cap)),
             memory_available: ByteSize(h.memory_available.min(capacity.memory)),
             load_avg: Some(h.load_avg),
             driver_version: snap.driver_version.clone(),
@@ -355,6 +358,7 @@ mod tests {
             exclusive: false,
             cpus_milli: 0,
             memory: ByteSize(0),
+            loading: false,
         };
         let mut ledger = Ledger::default();
         // 24 GiB less the stranger's 10: 14 GiB can be shared out.

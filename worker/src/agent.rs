@@ -24,7 +24,7 @@ use gpufleet_schema::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::advert::{self, AdvertInputs};
-use crate::attempt::Attempt;
+use crate::attempt::{Attempt, Phases};
 use crate::config::WorkerConfig;
 use crate::core::{self, OnLease, WorkerState};
 use crate::fence::Confirmed;
@@ -82,6 +82,8 @@ struct Held {
     released: Arc<AtomicBool>,
     /// The lease's latest revision, shared with its renewal timer.
     rev: Arc<AtomicU64>,
+    /// A two-phase task's phases.
+    phases: Arc<Phases>,
 }
 
 /// What an attempt's task tells the main loop.
@@ -459,8 +461,14 @@ async fn act(
 ) -> bool {
     match decision {
         OnLease::Ignore => false,
-        OnLease::Ours { cancel } => {
+        OnLease::Ours { cancel, upgrade } => {
             if let Some(h) = state.attempt(&key) {
+                if let Some(checked) = upgrade {
+                    if let Err(why) = &checked {
+                        tracing::warn!(%key, why, "refusing a GPU grant");
+                    }
+                    h.phases.grant_checked(lease.gpu_grant.as_ref(), checked);
+                }
                 h.rev.fetch_max(rev, Ordering::SeqCst);
                 if cancel {
                     h.stop.send_replace(Some(StopReason::Cancel));
@@ -484,6 +492,7 @@ async fn act(
                 stop: Arc::new(stop_tx),
                 released: Arc::new(AtomicBool::new(false)),
                 rev: Arc::new(AtomicU64::new(rev)),
+                phases: Arc::default(),
             };
             let attempt = Attempt {
                 ctx: ctx.clone(),
@@ -495,6 +504,7 @@ async fn act(
                 stop_rx,
                 rev: h.rev.clone(),
                 main: done_tx.clone(),
+                phases: h.phases.clone(),
             };
             state.admit(key.clone(), h);
             let done_tx = done_tx.clone();

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gpufleet_natsutil::{Backoff, KvError};
-use gpufleet_schema::{codec, EventBody, Lease, LeaseKey, LeaseState, TaskOutcome, TaskState};
+use gpufleet_schema::message::{Delivery, InboxMessage, FROM_GPUFLEET};
+use gpufleet_schema::{
+    codec, EventBody, GpuUpgrade, Grant, Lease, LeaseKey, LeaseState, TaskOutcome, TaskState,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::agent::{AttemptMsg, Ctx};
@@ -28,6 +31,63 @@ use tokio_util::task::AbortOnDropHandle;
 /// the worker hold: 4 MiB plus about 80 batches (5 MiB at 64 KiB a batch).
 const OUTPUT_CHANNEL: usize = 16;
 
+/// A two-phase task's phases as its lease shows them, shared by the main
+/// loop (which checks GPU grants), the attempt's renewals (which write its
+/// marks into the lease) and its second phase (which follows the task's
+/// control file and hands it its GPUs).
+#[derive(Default)]
+pub(crate) struct Phases {
+    marks: watch::Sender<Marks>,
+    /// Renew at once: a mark changed.
+    renew_now: tokio::sync::Notify,
+}
+
+/// What the worker writes of a two-phase task's phases in its lease.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Marks {
+    /// The task has loaded.
+    ready: bool,
+    /// The GPU grant the worker holds for it (checked and in the ledger).
+    gpu_grant: Option<GpuUpgrade>,
+    /// Why the last GPU grant was refused.
+    refused: Option<String>,
+}
+
+impl Phases {
+    /// The main loop's answer to a lease that carried `offered`: held
+    /// (`Ok`) or refused. Written before the lease's revision is noted, so
+    /// that a renewal over that revision carries it.
+    pub fn grant_checked(&self, offered: Option<&GpuUpgrade>, checked: Result<Grant, String>) {
+        let changed = self.marks.send_if_modified(|m| match checked {
+            Ok(_) if m.gpu_grant.as_ref() == offered => false,
+            Ok(_) => {
+                m.gpu_grant = offered.cloned();
+                m.refused = None;
+                true
+            }
+            Err(why) => {
+                let news = m.refused.as_ref() != Some(&why) || m.gpu_grant.is_some();
+                m.gpu_grant = None;
+                m.refused = Some(why);
+                news
+            }
+        });
+        if changed {
+            self.renew_now.notify_one();
+        }
+    }
+
+    /// Writes the marks into the lease a renewal is about to write.
+    fn mark(&self, lease: &mut Lease) {
+        let m = self.marks.borrow();
+        lease.ready = m.ready;
+        lease.gpu_grant = m.gpu_grant.clone();
+        if let Some(why) = &m.refused {
+            lease.reason = Some(why.clone());
+        }
+    }
+}
+
 /// One claimed (or about to be claimed) attempt.
 pub(crate) struct Attempt {
     pub ctx: Arc<Ctx>,
@@ -40,6 +100,7 @@ pub(crate) struct Attempt {
     pub rev: Arc<AtomicU64>,
     /// The main loop, which owns the ledger.
     pub main: mpsc::Sender<AttemptMsg>,
+    pub phases: Arc<Phases>,
 }
 
 impl Attempt {
@@ -103,6 +164,7 @@ impl Attempt {
             self.rev.clone(),
             self.stop.clone(),
             confirmed.clone(),
+            self.phases.clone(),
         )));
         let deadlines = vec![
             Deadline {
@@ -157,6 +219,7 @@ impl Attempt {
         let meter = usage::Meter::new(self.lease.grant.gpus.clone());
         let attempt = (self.lease.task_id.clone(), self.lease.attempt);
         ctx.usage.add(attempt.clone(), meter.clone());
+        let meter_for_gpus = meter.clone();
         let pid = ctx
             .mail
             .open(&attempt.0, attempt.1, TaskPaths::new(&dir).inbox);
@@ -175,6 +238,16 @@ impl Attempt {
             fence: fence.clone(),
         };
         let output_dir = TaskPaths::new(&dir).work;
+        // A two-phase task's second phase follows it, and ends with it.
+        let _second_phase = self.lease.task.load.is_some().then(|| {
+            AbortOnDropHandle::new(tokio::spawn(second_phase(
+                ctx.clone(),
+                self.lease.clone(),
+                TaskPaths::new(&dir).control,
+                self.phases.clone(),
+                meter_for_gpus,
+            )))
+        });
         // Its own task: should the supervisor panic, the attempt still
         // ends, FAILED with the reason, and its resources are freed.
         let launch = ctx.launcher.launch(run, out_tx, self.stop_rx.clone());
@@ -186,6 +259,7 @@ impl Attempt {
                 supervisor_failed(why, output_dir)
             }
         };
+        drop(_second_phase);
         ctx.usage.remove(&attempt);
         ctx.mail.close(&attempt.0, attempt.1);
         ctx.metrics.log(0, finished.log_dropped_bytes);
@@ -366,6 +440,93 @@ impl Attempt {
     }
 }
 
+/// How often a two-phase task's control file is read while it loads.
+const CONTROL_POLL: Duration = Duration::from_millis(100);
+
+/// A two-phase task's second phase: follows its control file until it
+/// says it has loaded, marks the lease ready, waits for the GPU grant the
+/// main loop has checked and held, then tells the task its GPUs (control
+/// file and inbox) and counts them as its own. A task that
+/// never says it is ready just runs to its end without a GPU.
+async fn second_phase(
+    ctx: Arc<Ctx>,
+    lease: Lease,
+    control: std::path::PathBuf,
+    phases: Arc<Phases>,
+    meter: usage::Meter,
+) {
+    let mut watch = crate::control::ReadyWatch::default();
+    let mut tick = tokio::time::interval(CONTROL_POLL);
+    while let Some(offset) = watch.offset() {
+        tick.tick().await;
+        let path = control.clone();
+        let read = tokio::task::spawn_blocking(move || crate::control::read_from(&path, offset))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        match read {
+            Ok(bytes) => {
+                watch.take(&bytes);
+            }
+            Err(e) => {
+                // The task put something else there (a link, a FIFO): it
+                // can still make it right.
+                tracing::debug!(task_id = %lease.task_id, error = %e, "cannot read the control file");
+            }
+        }
+    }
+    if watch.given_up() {
+        tracing::info!(task_id = %lease.task_id, "no ready line in the control file's first 64KiB; the task keeps its load phase");
+        return;
+    }
+    tracing::info!(task_id = %lease.task_id, attempt = lease.attempt, "the task has loaded; waiting for its GPU");
+    phases.marks.send_modify(|m| m.ready = true);
+    phases.renew_now.notify_one();
+    let mut marks = phases.marks.subscribe();
+    let grant = loop {
+        if let Some(u) = &marks.borrow_and_update().gpu_grant {
+            break u.grant.clone();
+        }
+        if marks.changed().await.is_err() {
+            return;
+        }
+    };
+    tracing::info!(task_id = %lease.task_id, attempt = lease.attempt, gpus = ?grant.gpus, "the task has its GPU");
+    ctx.usage.add(
+        (lease.task_id.clone(), lease.attempt),
+        meter.with_gpus(grant.gpus.clone()),
+    );
+    let line = crate::control::gpus_line(&grant.gpus);
+    let path = control.clone();
+    let written = tokio::task::spawn_blocking(move || crate::mail::append(&path, &line))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+    if let Err(e) = written {
+        tracing::warn!(task_id = %lease.task_id, error = %e, "cannot write the task's control file; its inbox has the GPUs");
+    }
+    let told = ctx
+        .mail
+        .deliver(&Delivery {
+            job_id: lease.job_id.clone(),
+            task_id: lease.task_id.clone(),
+            attempt: lease.attempt,
+            message: InboxMessage {
+                at: time::OffsetDateTime::now_utc(),
+                from: FROM_GPUFLEET.into(),
+                topic: "gpus".into(),
+                data: crate::control::gpus_message(&grant.gpus),
+            },
+            // Not signalled: SIGUSR1 would end a task that does not
+            // handle it, and the control file says the same.
+            signal: false,
+        })
+        .await;
+    if !told.delivered {
+        tracing::warn!(task_id = %lease.task_id, why = ?told.why, "cannot tell the task its GPUs through its inbox");
+    }
+}
+
 /// What a panic said, for the task's reason.
 fn panic_message(e: tokio::task::JoinError) -> String {
     if !e.is_panic() {
@@ -464,7 +625,8 @@ fn fit_outcome(
 /// renewal it tries again soon ([`core::renewal_retry`]) rather than a
 /// period later. A lost race is looked into ([`core::after_conflict`]): the
 /// coordinator asking to cancel is obeyed; anything else means the lease is
-/// no longer ours.
+/// no longer ours. A two-phase task's marks go out at once when they change.
+#[allow(clippy::too_many_arguments)]
 async fn renew(
     ctx: Arc<Ctx>,
     key: LeaseKey,
@@ -473,6 +635,7 @@ async fn renew(
     rev: Arc<AtomicU64>,
     stop: Arc<watch::Sender<Option<StopReason>>>,
     confirmed: Arc<Confirmed>,
+    phases: Arc<Phases>,
 ) {
     let attempt = lease.attempt;
     let mut current = lease;
@@ -480,14 +643,19 @@ async fn renew(
     let retry = core::renewal_retry(ttl);
     let mut next = tokio::time::Instant::now() + period;
     loop {
-        tokio::time::sleep_until(next).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = phases.renew_now.notified() => {}
+        }
         next = tokio::time::Instant::now() + retry;
         // A cancel the lease watch saw (its revision is already ours).
         core::renewal(&mut current, *stop.borrow());
+        let expected = rev.load(Ordering::SeqCst);
+        // After the revision: a GPU grant noted with it is in the marks.
+        phases.mark(&mut current);
         let Ok(bytes) = codec::encode(&current) else {
             return;
         };
-        let expected = rev.load(Ordering::SeqCst);
         let sent = tokio::time::Instant::now();
         let renewed = ctx
             .leases

@@ -48,6 +48,11 @@ pub struct WorkerConfig {
     pub cpus: Option<f64>,
     /// Override the memory offered (default: the machine's total).
     pub memory: Option<ByteSize>,
+    /// The most memory the load phases of two-phase tasks may hold here
+    /// together (default: half the memory offered), so that tasks waiting
+    /// for a GPU can never fill the machine and leave a GPU that nothing
+    /// could use.
+    pub load_memory_cap: Option<ByteSize>,
     /// The address other workers reach this one at (gang rendezvous).
     pub addr: Option<String>,
     /// Ports handed out as `MASTER_PORT` for gangs whose rank 0 runs here.
@@ -108,6 +113,7 @@ impl Default for WorkerConfig {
             keep_task_dirs: false,
             cpus: None,
             memory: None,
+            load_memory_cap: None,
             addr: None,
             rendezvous_ports: capacity::DEFAULT_RENDEZVOUS_PORTS,
             kill_grace: Dur::secs(10),
@@ -204,6 +210,12 @@ impl WorkerConfig {
                 return Err("cpus: must be more than 0".into());
             }
         }
+        if self.load_memory_cap.is_some_and(|c| c.0 == 0) {
+            return Err(
+                "load_memory_cap: more than 0 (leave it unset for the default, half the memory)"
+                    .into(),
+            );
+        }
         if self.rendezvous_ports.0 == 0 || self.rendezvous_ports.0 > self.rendezvous_ports.1 {
             return Err("rendezvous_ports: a range [low, high] with 0 < low <= high".into());
         }
@@ -222,6 +234,11 @@ impl WorkerConfig {
             );
         }
         Ok(())
+    }
+
+    /// The load-phase memory cap for a worker offering `memory`.
+    pub fn load_memory_cap(&self, memory: u64) -> u64 {
+        self.load_memory_cap.map_or(memory / 2, |c| c.0.min(memory))
     }
 
     pub fn work_dir(&self, worker: &WorkerId) -> PathBuf {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use gpufleet_natsutil::kv::Entry;
 use gpufleet_natsutil::KvOp;
-use gpufleet_schema::{codec, GpuUuid, Lease, LeaseKey, LeaseState};
+use gpufleet_schema::{codec, GpuUuid, Grant, Lease, LeaseKey, LeaseState};
 
 use crate::advert::AdvertInputs;
 use crate::ledger::{Capacity, Ledger};
@@ -24,7 +24,12 @@ pub const REFUSAL_TTL: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OnLease {
     /// One of ours: note its revision, and stop the task if `cancel`.
-    Ours { cancel: bool },
+    /// `upgrade`: it carries a two-phase task's GPU grant, held in the
+    /// ledger, or why it is refused (see [`WorkerState::upgrade`]).
+    Ours {
+        cancel: bool,
+        upgrade: Option<Result<Grant, String>>,
+    },
     /// Claim it. Its resources are held; start the attempt and
     /// [`WorkerState::admit`] it.
     Claim,
@@ -79,6 +84,10 @@ impl<H> WorkerState<H> {
         if self.attempts.contains_key(key) {
             return OnLease::Ours {
                 cancel: lease.state == LeaseState::Cancelling,
+                upgrade: lease
+                    .gpu_grant
+                    .is_some()
+                    .then(|| self.upgrade(key, lease, unmanaged)),
             };
         }
         match lease.state {
@@ -127,6 +136,34 @@ impl<H> WorkerState<H> {
         }
         self.ledger
             .try_hold(key, &lease.grant, &self.capacity, unmanaged)
+    }
+
+    /// Holds a two-phase task's GPU grant in place of its load phase: only
+    /// one signed by a trusted coordinator for this very attempt (a worker
+    /// cannot give itself a GPU), for a running task, that fits beside what
+    /// else is held here. Asked again with the same grant, it changes
+    /// nothing.
+    fn upgrade(
+        &mut self,
+        key: &LeaseKey,
+        lease: &Lease,
+        unmanaged: &HashMap<GpuUuid, u64>,
+    ) -> Result<Grant, String> {
+        let Some(u) = &lease.gpu_grant else {
+            return Err("no GPU grant".into());
+        };
+        if !self.trusted.is_empty() {
+            lease
+                .verify_upgrade(&self.trusted)
+                .map_err(|e| format!("GPU grant: {e}"))?;
+        }
+        if lease.state != LeaseState::Running || lease.task.load.is_none() {
+            return Err("a GPU grant is only for a two-phase task that runs".into());
+        }
+        self.ledger
+            .try_upgrade(key, &u.grant, &self.capacity, unmanaged)
+            .map_err(|e| format!("GPU grant: {e}"))?;
+        Ok(u.grant.clone())
     }
 
     /// Registers the attempt started for a lease [`OnLease::Claim`] took.
@@ -343,6 +380,7 @@ mod tests {
         Capacity {
             cpus_milli: 4000,
             memory: 16 * GIB,
+            load_memory_cap: 8 * GIB,
             gpus: vec![("GPU-0".into(), 24 * GIB)],
         }
     }
@@ -371,6 +409,7 @@ mod tests {
                 timeout: None,
                 artifacts: vec![],
                 array: None,
+                load: None,
             },
             grant: Grant {
                 gpus: gpu_share
@@ -384,6 +423,7 @@ mod tests {
                 exclusive: false,
                 cpus_milli,
                 memory: ByteSize(0),
+                loading: false,
             },
             rendezvous: None,
             lease_ttl: Dur::secs(30),
@@ -394,6 +434,8 @@ mod tests {
             signer: None,
             signature: None,
             claim_rev: None,
+            ready: false,
+            gpu_grant: None,
         };
         (key, lease)
     }
@@ -408,6 +450,77 @@ mod tests {
             s.admit(key.clone(), ());
         }
         d
+    }
+
+    /// A two-phase task's lease as the coordinator grants its GPU: the
+    /// load phase (1 CPU, no GPU) grown by `more`, signed by `key`.
+    fn granted(lease: &Lease, more: &Grant, key: Option<&nkeys::KeyPair>) -> Lease {
+        let mut l = lease.clone();
+        l.state = LeaseState::Running;
+        l.instance = Some(ME.into());
+        l.ready = true;
+        l.gpu_grant = Some(gpufleet_schema::GpuUpgrade {
+            grant: l.grant.upgraded(more),
+            signer: None,
+            signature: None,
+        });
+        if let Some(k) = key {
+            l.sign_upgrade(k).unwrap();
+        }
+        l
+    }
+
+    #[test]
+    fn only_a_coordinators_gpu_grant_that_fits_is_held() {
+        let coordinator = nkeys::KeyPair::new_account();
+        let trusted = nkeys::KeyPair::from_public_key(&coordinator.public_key()).unwrap();
+        let mut s = state().trusting(vec![trusted]);
+        let (a, mut la) = lease(0, 1000, None);
+        la.task.resources.gpus = 1;
+        la.task.load = Some(gpufleet_schema::LoadSpec {
+            cpus: 1.0,
+            memory: None,
+        });
+        la.grant.loading = true;
+        la.sign(&coordinator).unwrap();
+        assert_eq!(claim(&mut s, &a, &la), OnLease::Claim);
+        let whole = Grant {
+            gpus: vec![GpuGrant {
+                index: 0,
+                uuid: "GPU-0".into(),
+                memory: ByteSize(24 * GIB),
+            }],
+            exclusive: true,
+            cpus_milli: 1000,
+            ..Grant::default()
+        };
+        let upgrade = |s: &mut WorkerState<()>, l: &Lease| match claim(s, &a, l) {
+            OnLease::Ours { upgrade, .. } => upgrade.expect("a grant was looked at"),
+            other => panic!("{other:?}"),
+        };
+        // The worker (or anyone but the coordinator) cannot grant it.
+        let err = upgrade(&mut s, &granted(&la, &whole, None)).unwrap_err();
+        assert!(err.contains("not signed"), "{err}");
+        let stranger = nkeys::KeyPair::new_account();
+        let err = upgrade(&mut s, &granted(&la, &whole, Some(&stranger))).unwrap_err();
+        assert!(err.contains("does not trust"), "{err}");
+        assert_eq!(s.advert_inputs().reserved_gpu, vec![], "nothing held");
+        // The coordinator's is held, in place of the load phase.
+        let good = granted(&la, &whole, Some(&coordinator));
+        assert_eq!(upgrade(&mut s, &good), Ok(good.held().clone()));
+        assert_eq!(s.advert_inputs().held_cpus_milli, 2000);
+        assert_eq!(s.advert_inputs().reserved_gpu.len(), 1);
+        // Seen again (its own renewal): the same, nothing more held.
+        assert_eq!(upgrade(&mut s, &good), Ok(good.held().clone()));
+        assert_eq!(s.advert_inputs().held_cpus_milli, 2000);
+        // A grant past what the worker has is refused; the first stays.
+        let too_much = Grant {
+            cpus_milli: 9000,
+            ..whole.clone()
+        };
+        let err = upgrade(&mut s, &granted(&la, &too_much, Some(&coordinator))).unwrap_err();
+        assert!(err.contains("not enough CPUs"), "{err}");
+        assert_eq!(s.advert_inputs().held_cpus_milli, 2000);
     }
 
     #[test]
@@ -455,7 +568,13 @@ mod tests {
         let (a, la) = lease(0, 3000, Some(10 * GIB));
         assert_eq!(claim(&mut s, &a, &la), OnLease::Claim);
         // The same lease again (a renewal, say) is ours, not a new claim.
-        assert_eq!(claim(&mut s, &a, &la), OnLease::Ours { cancel: false });
+        assert_eq!(
+            claim(&mut s, &a, &la),
+            OnLease::Ours {
+                cancel: false,
+                upgrade: None
+            }
+        );
         let (b, lb) = lease(1, 2000, None);
         let OnLease::Refuse { state, reason } = claim(&mut s, &b, &lb) else {
             panic!("an overcommit was not refused");
@@ -499,7 +618,13 @@ mod tests {
         assert_eq!(claim(&mut s, &a, &la), OnLease::Claim);
         la.state = LeaseState::Cancelling;
         la.instance = Some(ME.into());
-        assert_eq!(claim(&mut s, &a, &la), OnLease::Ours { cancel: true });
+        assert_eq!(
+            claim(&mut s, &a, &la),
+            OnLease::Ours {
+                cancel: true,
+                upgrade: None
+            }
+        );
     }
 
     #[test]

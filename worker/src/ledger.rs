@@ -16,6 +16,8 @@ use gpufleet_schema::{GpuUuid, Grant, LeaseKey};
 pub struct Capacity {
     pub cpus_milli: u64,
     pub memory: u64,
+    /// The most memory load phases may hold together.
+    pub load_memory_cap: u64,
     /// uuid and total memory of each GPU.
     pub gpus: Vec<(GpuUuid, u64)>,
 }
@@ -36,6 +38,7 @@ impl Capacity {
                 })
                 .collect(),
         )
+        .with_load_cap(self.load_memory_cap)
     }
 
     fn gpu_total(&self, uuid: &GpuUuid) -> Option<u64> {
@@ -61,8 +64,36 @@ impl Ledger {
         if self.held.contains_key(key) {
             return Ok(());
         }
+        self.hold_if_it_fits(key, grant, cap, unmanaged)
+    }
+
+    /// Holds `grant` under `key` instead of what it held (a two-phase
+    /// task's GPU phase replacing its load phase), if it fits next to
+    /// everything else held; else what it held stays.
+    pub fn try_upgrade(
+        &mut self,
+        key: &LeaseKey,
+        grant: &Grant,
+        cap: &Capacity,
+        unmanaged: &HashMap<GpuUuid, u64>,
+    ) -> Result<(), String> {
+        if self.held.get(key) == Some(grant) {
+            return Ok(());
+        }
+        self.hold_if_it_fits(key, grant, cap, unmanaged)
+    }
+
+    /// Holds `grant` under `key` if it fits next to everything held under
+    /// other keys.
+    fn hold_if_it_fits(
+        &mut self,
+        key: &LeaseKey,
+        grant: &Grant,
+        cap: &Capacity,
+        unmanaged: &HashMap<GpuUuid, u64>,
+    ) -> Result<(), String> {
         let mut free = cap.model(unmanaged);
-        for h in self.held.values() {
+        for (_, h) in self.held.iter().filter(|(k, _)| *k != key) {
             free.hold(h);
         }
         free.check(grant).map_err(|e| e.to_string())?;
@@ -112,6 +143,7 @@ mod tests {
         Capacity {
             cpus_milli: 4000,
             memory: 16 << 30,
+            load_memory_cap: 8 << 30,
             gpus: vec![("g0".into(), 24 << 30), ("g1".into(), 24 << 30)],
         }
     }
@@ -129,6 +161,7 @@ mod tests {
             exclusive,
             cpus_milli: cpus,
             memory: ByteSize(0),
+            loading: false,
         }
     }
 
@@ -210,6 +243,44 @@ mod tests {
         assert!(err.contains("no GPU gX"), "{err}");
     }
 
+    #[test]
+    fn an_upgrade_replaces_the_load_phase_only_if_the_whole_fits() {
+        let mut l = Ledger::default();
+        let none = HashMap::new();
+        let load = Grant {
+            cpus_milli: 1000,
+            memory: ByteSize(4 << 30),
+            loading: true,
+            ..Grant::default()
+        };
+        l.try_hold(&test_key("a"), &load, &cap(), &none).unwrap();
+        l.try_hold(
+            &test_key("b"),
+            &grant(2000, &[("g0", 0)], true),
+            &cap(),
+            &none,
+        )
+        .unwrap();
+        // g0 is held whole by b.
+        let on_g0 = load.upgraded(&grant(1000, &[("g0", 0)], true));
+        let err = l
+            .try_upgrade(&test_key("a"), &on_g0, &cap(), &none)
+            .unwrap_err();
+        assert!(err.contains("cannot be given whole"), "{err}");
+        assert_eq!(l.held(), (3000, 4 << 30), "the load phase still held");
+        // Its own load phase does not count against it: 2 CPUs of 4 are
+        // b's, and the whole task takes the other 2.
+        let on_g1 = load.upgraded(&grant(1000, &[("g1", 0)], true));
+        l.try_upgrade(&test_key("a"), &on_g1, &cap(), &none)
+            .unwrap();
+        assert_eq!(l.held(), (4000, 4 << 30));
+        assert_eq!(l.reserved_gpu_memory(&cap()).len(), 2);
+        // Again: nothing changes.
+        l.try_upgrade(&test_key("a"), &on_g1, &cap(), &none)
+            .unwrap();
+        assert_eq!(l.held(), (4000, 4 << 30));
+    }
+
     fn arb_grant() -> impl Strategy<Value = Grant> {
         (
             0u64..3000,
@@ -217,8 +288,9 @@ mod tests {
             any::<bool>(),
             // Indexes into cap()'s GPUs; 2 is a GPU the worker lacks.
             prop::collection::vec((0usize..3, 0u64..30), 0..3),
+            any::<bool>(),
         )
-            .prop_map(|(cpus, mem, exclusive, gpus)| Grant {
+            .prop_map(|(cpus, mem, exclusive, gpus, loading)| Grant {
                 gpus: gpus
                     .into_iter()
                     .map(|(g, gib)| GpuGrant {
@@ -230,6 +302,7 @@ mod tests {
                 exclusive,
                 cpus_milli: cpus,
                 memory: ByteSize(mem << 30),
+                loading,
             })
     }
 
@@ -256,6 +329,10 @@ mod tests {
                 let held: Vec<&Grant> = l.held.values().collect();
                 prop_assert!(held.iter().map(|g| g.cpus_milli).sum::<u64>() <= cap.cpus_milli);
                 prop_assert!(held.iter().map(|g| g.memory.0).sum::<u64>() <= cap.memory);
+                prop_assert!(
+                    held.iter().filter(|g| g.loading).map(|g| g.memory.0).sum::<u64>()
+                        <= cap.load_memory_cap
+                );
                 for (uuid, total) in &cap.gpus {
                     let on_it: Vec<&&Grant> =
                         held.iter().filter(|g| g.gpus.iter().any(|x| &x.uuid == uuid)).collect();

@@ -40,6 +40,9 @@
 //! - [`procs`]: everything read from `/proc`.
 //! - [`artifacts`]: uploads of a task's output files.
 //! - [`mail`]: messages for running tasks, appended to their inbox files.
+//! - [`control`]: a two-phase task's control file (its ready line, its
+//!   GPUs); the attempt's second phase follows it, and `core` checks the
+//!   coordinator's GPU grant (signature, ledger) before the task sees it.
 //! - [`config`]: settings and their defaults.
 
 pub mod advert;
@@ -47,6 +50,7 @@ pub mod agent;
 pub mod artifacts;
 mod attempt;
 pub mod config;
+pub mod control;
 pub mod core;
 pub mod fence;
 pub mod gpu;

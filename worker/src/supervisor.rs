@@ -252,12 +252,20 @@ pub struct TaskPaths {
     /// Messages from the task to others of its job, one JSON line each
     /// (`GPUFLEET_OUTBOX`): the task appends, the worker reads.
     pub outbox: PathBuf,
+    /// A two-phase task's control file (`GPUFLEET_CONTROL`): the task
+    /// appends that it is ready, the worker its GPUs (see `control.rs`).
+    pub control: PathBuf,
 }
 
 /// The files of `meta/` a task or the worker may make; a spare directory
 /// holds none of them (see `dirs.rs`).
-pub(crate) const META_FILES: [&str; 4] =
-    ["events.jsonl", "result.json", "inbox.jsonl", "outbox.jsonl"];
+pub(crate) const META_FILES: [&str; 5] = [
+    "events.jsonl",
+    "result.json",
+    "inbox.jsonl",
+    "outbox.jsonl",
+    "control.jsonl",
+];
 
 impl TaskPaths {
     pub fn new(dir: &Path) -> TaskPaths {
@@ -269,6 +277,7 @@ impl TaskPaths {
             events: meta.join(META_FILES[0]),
             inbox: meta.join(META_FILES[2]),
             outbox: meta.join(META_FILES[3]),
+            control: meta.join(META_FILES[4]),
         }
     }
 
@@ -814,6 +823,7 @@ fn process_spec(task: &TaskRun, paths: &TaskPaths, cgroup: Option<&TaskCgroup>) 
         ("GPUFLEET_EVENTS", &paths.events),
         ("GPUFLEET_INBOX", &paths.inbox),
         ("GPUFLEET_OUTBOX", &paths.outbox),
+        ("GPUFLEET_CONTROL", &paths.control),
         ("GPUFLEET_OUTPUT_DIR", &paths.work),
     ] {
         env.insert(k.into(), p.clone().into_os_string());

@@ -104,6 +104,15 @@ impl Meter {
         f(&mut g)
     }
 
+    /// The same attempt's meter, granted `gpus` from now on (a two-phase
+    /// task's GPU phase): its figures are shared with this one's.
+    pub fn with_gpus(&self, gpus: Vec<GpuGrant>) -> Meter {
+        Meter {
+            figures: self.figures.clone(),
+            gpus: gpus.into(),
+        }
+    }
+
     /// A reading of the task's process group.
     pub fn host(&self, s: GroupUsage) {
         self.with(|f| {

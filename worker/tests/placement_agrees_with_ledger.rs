@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use gpufleet_coordinator::placement::{place, place_gang, TaskRequest, WorkerView};
+use gpufleet_coordinator::placement::{place, place_gang, LoadAsk, TaskRequest, WorkerView};
 use gpufleet_schema::capacity::WorkerCapacity;
 use gpufleet_schema::{
     subjects, ByteSize, Dur, GpuAdvert, GpuRequest, GpuUuid, Grant, LeaseKey, TaskId, WorkerAdvert,
@@ -30,6 +30,8 @@ fn advert(i: usize, cpus_milli: u64, memory: u64, gpus: Vec<(u64, u64)>) -> Work
         cpus_milli,
         memory_total: ByteSize(memory),
         memory_available: ByteSize(memory),
+        // Half for load phases, as a worker offers by default.
+        load_memory_cap: Some(ByteSize(memory / 2)),
         load_avg: None,
         driver_version: None,
         gpus: gpus
@@ -68,6 +70,7 @@ fn ledger_inputs(a: &WorkerAdvert) -> (Capacity, HashMap<GpuUuid, u64>) {
     let cap = Capacity {
         cpus_milli: a.cpus_milli,
         memory: a.memory_total.0,
+        load_memory_cap: a.load_memory_cap.map_or(a.memory_total.0, |c| c.0),
         gpus: a
             .gpus
             .iter()
@@ -145,14 +148,22 @@ fn arb_task() -> impl Strategy<Value = TaskRequest> {
             }),
             (1u64..40 * 1024).prop_map(|mib| GpuRequest::Share { memory: mib * MIB }),
         ],
+        prop::option::of((0u64..=100, 0u64..=100)),
     )
-        .prop_map(|(cpus_milli, mem, gpu)| TaskRequest {
+        .prop_map(|(cpus_milli, mem, gpu, load)| TaskRequest {
             cpus_milli,
             memory: mem * GIB,
             gpu,
             labels: BTreeMap::new(),
             workers: vec![],
             avoid: vec![],
+            // A two-phase task's load phase, under the load-phase cap.
+            load: load
+                .filter(|_| gpu != GpuRequest::None)
+                .map(|(c, m)| LoadAsk {
+                    cpus_milli: cpus_milli * c / 100,
+                    memory: mem * GIB * m / 100,
+                }),
         })
 }
 
@@ -240,6 +251,7 @@ fn a_whole_gpu_others_report_more_memory_on_than_it_has_is_placed_and_accepted()
         labels: BTreeMap::new(),
         workers: vec![],
         avoid: vec![],
+        load: None,
     };
     let mut views = snapshot(&adverts, &[]);
     let p = place(&[task], &mut views);

@@ -123,7 +123,7 @@ impl LeaseBook {
             {
                 continue;
             }
-            for g in &l.grant.gpus {
+            for g in &l.held().gpus {
                 held.entry((l.worker.clone(), g.uuid.clone()))
                     .or_default()
                     .push(l.task_id.clone());
@@ -235,7 +235,7 @@ impl LeaseBook {
             let Some(&w) = index.get(&l.worker) else {
                 continue;
             };
-            views[w].capacity.hold(&l.grant);
+            views[w].capacity.hold(l.held());
         }
         views
     }

@@ -63,8 +63,12 @@ impl Engine {
                     return;
                 }
                 match lease.state {
-                    LeaseState::Reserved | LeaseState::Cancelling => {}
-                    LeaseState::Running => self.claimed(&lease),
+                    LeaseState::Reserved => {}
+                    LeaseState::Cancelling => self.second_phase_seen(&key, &lease),
+                    LeaseState::Running => {
+                        self.claimed(&lease);
+                        self.second_phase_seen(&key, &lease);
+                    }
                     LeaseState::Rejected => self.rejected(&key, &lease),
                     LeaseState::Abandoned => {
                         self.purge_lease(&key);
@@ -111,6 +115,7 @@ impl Engine {
     /// task still waits on this attempt (and start-up is over).
     fn lease_gone(&mut self, key: &LeaseKey) -> Option<(Lease, JobId, usize)> {
         let live = self.book.remove(key)?;
+        self.waits.remove(key);
         self.wants_schedule = true;
         if !self.ready {
             return None;
@@ -624,6 +629,8 @@ impl Engine {
                     if t.state != TaskState::Running {
                         t.start(self.now.wall, l.claim_rev.unwrap_or(live.rev));
                     }
+                    // A loaded task waits for its GPU again, or has it.
+                    self.second_phase_seen(&key, l);
                 }
                 LeaseState::Rejected => self.rejected(&key, l),
                 LeaseState::Abandoned => {

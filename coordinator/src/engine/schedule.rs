@@ -24,9 +24,10 @@ use gpufleet_schema::{
 use super::deps::Deps;
 use super::fairshare::{Ledger, Usage};
 use super::queue::{gang_hold_candidates, hold_candidate, Hold, PassPolicy, QueueKey};
+use super::twophase::Upgrade;
 use super::Engine;
 use crate::metrics::Reservation;
-use crate::placement::{self, TaskRequest, WorkerView};
+use crate::placement::{self, LoadAsk, TaskRequest, WorkerView};
 use crate::state::JobRecord;
 
 /// What one pass decided to reserve.
@@ -45,17 +46,19 @@ enum Placed {
 }
 
 /// One scheduling pass in progress.
-struct Pass {
+pub(super) struct Pass {
     /// What placement sees; it shrinks as the pass places.
-    views: Vec<WorkerView>,
-    policy: PassPolicy,
+    pub(super) views: Vec<WorkerView>,
+    pub(super) policy: PassPolicy,
     /// Reasons of requests that failed in this pass, by signature. They
     /// fail again (the snapshot only shrinks), so their reason is reused:
     /// cheap with many alike tasks.
     failed: HashMap<u64, (String, bool)>,
     placed: Vec<Placed>,
+    /// Loaded two-phase tasks given their GPUs (see `twophase.rs`).
+    pub(super) upgrades: Vec<Upgrade>,
     /// Tasks that still wait, and why.
-    waiting: Vec<(JobId, usize, String)>,
+    pub(super) waiting: Vec<(JobId, usize, String)>,
     /// Gang members left out of this run by `min_tasks`, and why.
     dropped: Vec<(JobId, usize, String)>,
     /// Jobs found free of their dependencies in this pass.
@@ -66,9 +69,9 @@ struct Pass {
     /// fleet could ever fit.
     unschedulable: Vec<(JobId, usize)>,
     /// What each user and group holds, with this pass's placements.
-    ledger: Ledger,
+    pub(super) ledger: Ledger,
     /// The fleet's capacity, shares are fractions of.
-    capacity: Usage,
+    pub(super) capacity: Usage,
 }
 
 impl Pass {
@@ -188,6 +191,7 @@ impl Engine {
     pub(super) fn schedule(&mut self) {
         let timer = self.metrics.pass_started();
         let mut pass = self.collect();
+        self.place_second_phases(&mut pass);
         let now = self.now.mono;
         let mut users: Vec<UserQueue> = self
             .queue
@@ -233,6 +237,7 @@ impl Engine {
             views,
             policy,
             placed,
+            upgrades,
             waiting,
             dropped,
             deps_met,
@@ -248,6 +253,7 @@ impl Engine {
         let mut touched = self.explain(waiting, dropped);
         touched.extend(self.end_waiting(deps_failed));
         touched.extend(self.reserve_placed(placed, &views));
+        self.grant_placed(upgrades);
         for job in touched {
             self.touch(&job);
         }
@@ -278,6 +284,7 @@ impl Engine {
             policy,
             failed: HashMap::new(),
             placed: Vec::new(),
+            upgrades: Vec::new(),
             waiting: Vec::new(),
             dropped: Vec::new(),
         }
@@ -676,6 +683,8 @@ impl Engine {
             signer: None,
             signature: None,
             claim_rev: None,
+            ready: false,
+            gpu_grant: None,
         };
         self.queue.fits_somewhere(&lease.task_id);
         self.metrics.reservation(Reservation::Made);
@@ -704,6 +713,10 @@ impl Engine {
             labels: job.spec.constraints.labels.clone(),
             workers: job.spec.constraints.workers.clone(),
             avoid,
+            load: spec.load.as_ref().map(|l| LoadAsk {
+                cpus_milli: l.cpus_milli(),
+                memory: l.memory_bytes(),
+            }),
         }
     }
 

@@ -22,6 +22,7 @@ mod observe;
 mod owners;
 mod refusals;
 mod talk;
+mod twophase;
 mod unschedulable;
 
 /// An engine with its own clock, which moves only when a test says so.
@@ -83,6 +84,7 @@ fn advert(name: &str, cpus: u64, gpus: u32) -> WorkerAdvert {
         cpus_milli: cpus * 1000,
         memory_total: ByteSize::gib(64),
         memory_available: ByteSize::gib(64),
+        load_memory_cap: None,
         load_avg: None,
         driver_version: None,
         gpus: (0..gpus)
@@ -420,6 +422,8 @@ fn start_up_adopts_unrecorded_leases_and_requeues_lapsed_reservations() {
         signer: None,
         signature: None,
         claim_rev: None,
+        ready: false,
+        gpu_grant: None,
     };
     e.handle(Input::Lease(LeaseChange::Put {
         key: "w1.j-1.1".into(),

@@ -51,6 +51,16 @@ pub struct TaskRequest {
     pub workers: Vec<WorkerId>,
     /// Workers that recently refused this task.
     pub avoid: Vec<WorkerId>,
+    /// A two-phase task's load phase: it holds only this now (no GPU), on
+    /// a worker that could hold the whole request above later.
+    pub load: Option<LoadAsk>,
+}
+
+/// What a load phase holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadAsk {
+    pub cpus_milli: u64,
+    pub memory: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -89,10 +99,12 @@ enum Reject {
     GpuMemory { largest: u64 },
     CpusTotal { has: u64 },
     MemoryTotal { has: u64 },
+    LoadCap { cap: u64 },
     GpusBusy { free: usize },
     GpuMemoryBusy { most_free: u64 },
     CpusBusy,
     MemoryBusy,
+    LoadCapBusy,
 }
 
 impl Reject {
@@ -103,6 +115,7 @@ impl Reject {
                 | Reject::GpuMemoryBusy { .. }
                 | Reject::CpusBusy
                 | Reject::MemoryBusy
+                | Reject::LoadCapBusy
                 | Reject::Avoided
         )
     }
@@ -172,6 +185,9 @@ fn fit(task: &TaskRequest, w: &WorkerView) -> Result<Fit, Reject> {
         return Err(Reject::MemoryTotal {
             has: w.memory_total,
         });
+    }
+    if let Some(load) = task.load {
+        return fit_load(task, load, w);
     }
     if !w.fits_cpus(task.cpus_milli) {
         return Err(Reject::CpusBusy);
@@ -264,6 +280,47 @@ fn fit(task: &TaskRequest, w: &WorkerView) -> Result<Fit, Reject> {
     }
 }
 
+/// The rest of [`fit`] for a load phase, on a worker that could hold the
+/// whole task: what the load phase holds must fit now, under the
+/// worker's load-phase memory cap too.
+fn fit_load(task: &TaskRequest, load: LoadAsk, w: &WorkerView) -> Result<Fit, Reject> {
+    if w.load_memory_cap < load.memory {
+        return Err(Reject::LoadCap {
+            cap: w.load_memory_cap,
+        });
+    }
+    if !w.fits_cpus(load.cpus_milli) {
+        return Err(Reject::CpusBusy);
+    }
+    if !w.fits_memory(load.memory) {
+        return Err(Reject::MemoryBusy);
+    }
+    if !w.fits_loading(load.memory) {
+        return Err(Reject::LoadCapBusy);
+    }
+    // Where its GPU is free now, it may have it as soon as it has loaded.
+    let gpu_now = gpu_fits_now(task.gpu, w);
+    let after = w.cpus_free_milli - load.cpus_milli;
+    let pack = (100 * (w.cpus_total_milli - after))
+        .checked_div(w.cpus_total_milli)
+        .unwrap_or(0) as u32;
+    Ok(Fit {
+        score: if gpu_now { 50 } else { 0 } + pack / 2,
+        gpus: vec![],
+    })
+}
+
+/// Whether `gpu` could be given on `w` now.
+pub fn gpu_fits_now(gpu: GpuRequest, w: &WorkerCapacity) -> bool {
+    match gpu {
+        GpuRequest::None => true,
+        GpuRequest::Whole { count, memory } => {
+            w.gpus.iter().filter(|g| g.fits_whole(memory)).count() >= count as usize
+        }
+        GpuRequest::Share { memory } => w.gpus.iter().any(|g| g.fits_share(memory)),
+    }
+}
+
 /// Best worker for one task, or the reasons none fits.
 fn choose(task: &TaskRequest, workers: &[WorkerView]) -> Result<(usize, Fit), Vec<Reject>> {
     let mut best: Option<(usize, Fit)> = None;
@@ -289,7 +346,10 @@ pub fn place(tasks: &[TaskRequest], workers: &mut [WorkerView]) -> Placement {
     for (t, task) in tasks.iter().enumerate() {
         match choose(task, workers) {
             Ok((w, f)) => {
-                let grant = workers[w].take(task.cpus_milli, task.memory, task.gpu, &f.gpus);
+                let grant = match task.load {
+                    Some(load) => workers[w].take_loading(load.cpus_milli, load.memory),
+                    None => workers[w].take(task.cpus_milli, task.memory, task.gpu, &f.gpus),
+                };
                 out.assigned.push(Assignment {
                     task: t,
                     worker: w,
@@ -411,6 +471,14 @@ fn explain(t: usize, task: &TaskRequest, rejects: &[Reject], workers: &[WorkerVi
                     fmt_cpus(largest)
                 )
             }
+            Reject::LoadCap { .. } => {
+                let largest = workers.iter().map(|w| w.load_memory_cap).max().unwrap_or(0);
+                format!(
+                    "no worker lets a load phase hold {} (load_memory_cap); the largest cap is {}",
+                    fmt_bytes(task.load.map_or(0, |l| l.memory)),
+                    fmt_bytes(largest)
+                )
+            }
             Reject::MemoryTotal { .. } => {
                 let largest = workers.iter().map(|w| w.memory_total).max().unwrap_or(0);
                 format!(
@@ -430,6 +498,7 @@ fn explain(t: usize, task: &TaskRequest, rejects: &[Reject], workers: &[WorkerVi
                 Reject::GpuMemoryBusy { .. } => "free GPU memory",
                 Reject::CpusBusy => "free CPUs",
                 Reject::MemoryBusy => "free memory",
+                Reject::LoadCapBusy => "room under the load-phase memory cap",
                 Reject::Avoided => "a worker that accepts it (refused recently)",
                 _ => "capacity",
             })

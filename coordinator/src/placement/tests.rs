@@ -30,6 +30,7 @@ fn task(gpu: GpuRequest) -> TaskRequest {
         labels: BTreeMap::new(),
         workers: vec![],
         avoid: vec![],
+        load: None,
     }
 }
 
@@ -170,16 +171,59 @@ fn gang_with_min_tasks_takes_what_fits() {
     assert_eq!(p.unplaced.len(), 2);
 }
 
+#[test]
+fn a_load_phase_takes_no_gpu_where_its_gpu_phase_could_run() {
+    let mut ws = vec![worker("small", 8, &[16]), worker("big", 8, &[80])];
+    for w in &mut ws {
+        w.capacity = w.capacity.clone().with_load_cap(10 * GIB);
+    }
+    let mut t = whole(1, 40);
+    t.cpus_milli = 4000;
+    t.memory = 16 * GIB;
+    t.load = Some(LoadAsk {
+        cpus_milli: 1000,
+        memory: 6 * GIB,
+    });
+    let p = place(std::slice::from_ref(&t), &mut ws);
+    let a = &p.assigned[0];
+    assert_eq!(ws[a.worker].name.as_str(), "big", "only there can it train");
+    assert!(a.grant.loading && a.grant.gpus.is_empty());
+    assert_eq!((a.grant.cpus_milli, a.grant.memory.0), (1000, 6 * GIB));
+    assert!(ws[1].gpus[0].is_idle(), "its GPU stays free while it loads");
+    assert_eq!(ws[1].load_memory_free, 4 * GIB);
+    // The cap holds: a second load of 6 GiB waits, saying why.
+    let p = place(std::slice::from_ref(&t), &mut ws);
+    assert!(p.assigned.is_empty());
+    assert_eq!(
+        p.unplaced[0].reason,
+        "waiting for room under the load-phase memory cap: 1 of 2 workers could run it once busy resources free up"
+    );
+    // A load larger than any cap never fits.
+    t.load = Some(LoadAsk {
+        cpus_milli: 1000,
+        memory: 12 * GIB,
+    });
+    t.memory = 16 * GIB;
+    let p = place(std::slice::from_ref(&t), &mut ws);
+    assert!(p.unplaced[0].never_fits);
+    assert_eq!(
+        p.unplaced[0].reason,
+        "no worker lets a load phase hold 12GiB (load_memory_cap); the largest cap is 10GiB"
+    );
+}
+
 fn arb_worker() -> impl Strategy<Value = WorkerView> {
     (
         1u64..16,
         prop::collection::vec(prop::sample::select(vec![16u64, 24, 40, 80]), 0..8),
         0u64..64,
+        0u64..64,
     )
-        .prop_map(|(cpus, gpus, mem)| {
+        .prop_map(|(cpus, gpus, mem, cap)| {
             let mut w = worker("w", cpus, &gpus);
             w.memory_total = mem * GIB;
             w.memory_free = mem * GIB;
+            w.capacity = w.capacity.clone().with_load_cap(cap.min(mem) * GIB);
             w
         })
 }
@@ -196,14 +240,22 @@ fn arb_task() -> impl Strategy<Value = TaskRequest> {
             }),
             (1u64..40).prop_map(|m| GpuRequest::Share { memory: m * GIB }),
         ],
+        prop::option::of((0u64..=100, 0u64..=100)),
     )
-        .prop_map(|(cpus, mem, gpu)| TaskRequest {
+        .prop_map(|(cpus, mem, gpu, load)| TaskRequest {
             cpus_milli: cpus,
             memory: mem * GIB,
             gpu,
             labels: BTreeMap::new(),
             workers: vec![],
             avoid: vec![],
+            // A load phase: a part of the whole task's CPUs and memory.
+            load: load
+                .filter(|_| gpu != GpuRequest::None)
+                .map(|(c, m)| LoadAsk {
+                    cpus_milli: cpus * c / 100,
+                    memory: mem * GIB * m / 100,
+                }),
         })
 }
 
@@ -226,10 +278,22 @@ proptest! {
         let mut gpu_mem: BTreeMap<(usize, u32), u64> = BTreeMap::new();
         let mut gpu_excl: BTreeMap<(usize, u32), u32> = BTreeMap::new();
         let mut gpu_users: BTreeMap<(usize, u32), u32> = BTreeMap::new();
+        let mut loading = vec![0u64; original.len()];
         for a in &p.assigned {
             let t = &tasks[a.task];
             cpus[a.worker] += a.grant.cpus_milli;
             mem[a.worker] += a.grant.memory.0;
+            if let Some(load) = t.load {
+                // A load phase holds its own part, no GPU, on a worker
+                // whose totals could hold the whole task.
+                prop_assert!(a.grant.loading && a.grant.gpus.is_empty());
+                prop_assert_eq!((a.grant.cpus_milli, a.grant.memory.0), (load.cpus_milli, load.memory));
+                prop_assert!(original[a.worker].cpus_total_milli >= t.cpus_milli);
+                prop_assert!(original[a.worker].memory_total >= t.memory);
+                loading[a.worker] += load.memory;
+                continue;
+            }
+            prop_assert!(!a.grant.loading);
             prop_assert_eq!(a.grant.cpus_milli, t.cpus_milli);
             match t.gpu {
                 GpuRequest::None => prop_assert!(a.grant.gpus.is_empty()),
@@ -252,6 +316,7 @@ proptest! {
         for (i, w) in original.iter().enumerate() {
             prop_assert!(cpus[i] <= w.cpus_total_milli);
             prop_assert!(mem[i] <= w.memory_total);
+            prop_assert!(loading[i] <= w.load_memory_cap, "the load-phase cap holds");
         }
         for ((w, g), used) in &gpu_mem {
             prop_assert!(*used <= original[*w].gpus[*g as usize].memory_free);

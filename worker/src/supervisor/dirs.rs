@@ -165,7 +165,7 @@ fn is_pristine(paths: &TaskPaths, work_mode: u32) -> bool {
             return false;
         }
     }
-    for file in [&paths.result, &paths.inbox, &paths.outbox] {
+    for file in [&paths.result, &paths.inbox, &paths.outbox, &paths.control] {
         match std::fs::remove_file(file) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return false,
             _ => {}
@@ -269,6 +269,26 @@ mod tests {
         assert!(!paths.result.exists());
         assert_eq!(std::fs::read(&paths.events).unwrap(), b"");
         assert_eq!(std::fs::read_to_string(paths.owner()).unwrap(), "w1");
+    }
+
+    /// A spare once kept the last task's control file: the next task
+    /// there read the old GPU line, and the worker its old `ready`.
+    #[tokio::test]
+    async fn a_reused_spare_holds_no_message_or_control_file_of_the_task_before() {
+        let (tmp, pool, a) = pool_with_one().await;
+        let paths = TaskPaths::new(&a);
+        for f in [&paths.inbox, &paths.outbox, &paths.control] {
+            std::fs::write(f, b"ready\n").unwrap();
+        }
+        pool.give_back(&a).await.unwrap();
+        assert_eq!(pool.spares(), 1);
+        let b = tmp.path().join("b-1");
+        pool.take(&b).await.unwrap();
+        assert_eq!(pool.spares(), 0, "the spare was reused");
+        let paths = TaskPaths::new(&b);
+        for f in [&paths.inbox, &paths.outbox, &paths.control] {
+            assert!(!f.exists(), "{}", f.display());
+        }
     }
 
     #[tokio::test]

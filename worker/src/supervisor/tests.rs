@@ -24,6 +24,7 @@ fn spec(cmd: &[&str]) -> TaskSpec {
         timeout: None,
         artifacts: vec![],
         array: None,
+        load: None,
     }
 }
 
