@@ -74,6 +74,21 @@ pub struct Lease {
     /// must name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_rev: Option<u64>,
+    /// With CANCELLING: the attempt is preempted, not cancelled (see
+    /// [`Preempt`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preempt: Option<Preempt>,
+}
+
+/// A running attempt stopped for waiting work of a higher class: the
+/// worker tells the task (a line with topic
+/// [`crate::message::PREEMPTED_TOPIC`] in its inbox, then SIGTERM) and
+/// gives it `grace` to save its work before SIGKILL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preempt {
+    /// The job it makes room for.
+    pub by: JobId,
+    pub grace: Dur,
 }
 
 /// Why a reservation's signature does not check.
@@ -241,6 +256,7 @@ mod tests {
             signer: None,
             signature: None,
             claim_rev: None,
+            preempt: None,
         }
     }
 

@@ -340,6 +340,7 @@ fn rogue_lease(worker_field: &str, task: &str, grant: Grant, spec: Value) -> Lea
         signer: None,
         signature: None,
         claim_rev: None,
+        preempt: None,
     }
 }
 

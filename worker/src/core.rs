@@ -394,6 +394,7 @@ mod tests {
             signer: None,
             signature: None,
             claim_rev: None,
+            preempt: None,
         };
         (key, lease)
     }

@@ -676,6 +676,7 @@ impl Engine {
             signer: None,
             signature: None,
             claim_rev: None,
+            preempt: None,
         };
         self.queue.fits_somewhere(&lease.task_id);
         self.metrics.reservation(Reservation::Made);

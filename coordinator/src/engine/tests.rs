@@ -21,6 +21,7 @@ mod holds;
 mod observe;
 mod owners;
 mod refusals;
+mod retry;
 mod talk;
 mod unschedulable;
 
@@ -420,6 +421,7 @@ fn start_up_adopts_unrecorded_leases_and_requeues_lapsed_reservations() {
         signer: None,
         signature: None,
         claim_rev: None,
+        preempt: None,
     };
     e.handle(Input::Lease(LeaseChange::Put {
         key: "w1.j-1.1".into(),
