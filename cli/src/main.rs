@@ -153,6 +153,10 @@ struct RunArgs {
     /// Start only after this job finished, however it ended (repeatable)
     #[arg(long = "after-any", value_name = "JOB")]
     after_any: Vec<String>,
+    /// Its task may be stopped (SIGTERM, a grace, then SIGKILL) for waiting
+    /// work of a higher priority, and run again later
+    #[arg(long)]
+    preemptible: bool,
     /// Submit, print the job id and return at once
     #[arg(long, conflicts_with_all = ["wait", "follow"])]
     no_wait: bool,
@@ -395,6 +399,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 max_parallel: r.max_parallel,
                 after_ok: r.after_ok,
                 after_any: r.after_any,
+                preemptible: r.preemptible,
             })?;
             let wait = WaitFlags {
                 wait: !r.no_wait,

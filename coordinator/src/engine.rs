@@ -45,6 +45,7 @@ mod health;
 mod jobs;
 mod leases;
 mod lifecycle;
+mod preempt;
 mod queue;
 mod retry;
 mod schedule;

@@ -666,6 +666,7 @@ mod tests {
             after_ok: vec![],
             after_any: vec![],
             unschedulable_after: None,
+            preemptible: false,
             constraints: Default::default(),
             tasks,
         }

@@ -23,6 +23,7 @@ use gpufleet_schema::{
 
 use super::deps::Deps;
 use super::fairshare::{Ledger, Usage};
+use super::preempt::Preemptor;
 use super::queue::{gang_hold_candidates, hold_candidate, Hold, PassPolicy, QueueKey};
 use super::Engine;
 use crate::metrics::Reservation;
@@ -42,6 +43,16 @@ enum Placed {
         job: JobId,
         members: Vec<(usize, usize, Grant)>,
     },
+}
+
+impl Placed {
+    /// What it holds: (worker index, grant) of each task.
+    fn grants(&self) -> Vec<(usize, &Grant)> {
+        match self {
+            Placed::Task { worker, grant, .. } => vec![(*worker, grant)],
+            Placed::Gang { members, .. } => members.iter().map(|(_, w, g)| (*w, g)).collect(),
+        }
+    }
 }
 
 /// One scheduling pass in progress.
@@ -69,6 +80,10 @@ struct Pass {
     ledger: Ledger,
     /// The fleet's capacity, shares are fractions of.
     capacity: Usage,
+    /// Whether the policy lets anybody preempt, and the work that did
+    /// not fit and may (see `preempt.rs`).
+    preempts: bool,
+    preemptors: Vec<Preemptor>,
 }
 
 impl Pass {
@@ -233,7 +248,8 @@ impl Engine {
             views,
             policy,
             placed,
-            waiting,
+            mut waiting,
+            preemptors,
             dropped,
             deps_met,
             mut deps_failed,
@@ -245,7 +261,13 @@ impl Engine {
             self.queue.set_deps_met(job);
         }
         deps_failed.extend(self.given_up(&waiting, unschedulable));
-        let mut touched = self.explain(waiting, dropped);
+        let mut touched = if preemptors.is_empty() {
+            HashSet::new()
+        } else {
+            let reserved: Vec<(usize, &Grant)> = placed.iter().flat_map(Placed::grants).collect();
+            self.preempt(preemptors, &reserved, &mut waiting)
+        };
+        touched.extend(self.explain(waiting, dropped));
         touched.extend(self.end_waiting(deps_failed));
         touched.extend(self.reserve_placed(placed, &views));
         for job in touched {
@@ -269,6 +291,8 @@ impl Engine {
             }
         }
         Pass {
+            preempts: self.shares.policy().preempts(),
+            preemptors: Vec::new(),
             deps_met: Vec::new(),
             deps_failed: Vec::new(),
             unschedulable: Vec::new(),
@@ -317,12 +341,15 @@ impl Engine {
                 .map(|&i| self.request(job, i, elsewhere))
                 .collect();
             let tried = p.is_some();
-            let placed = pass
-                .policy
-                .with_held_closed(&mut pass.views, is_holder, |views| {
+            let placed = pass.policy.with_held_closed(
+                &mut pass.views,
+                is_holder,
+                (&job.id, None),
+                |views| {
                     self.metrics
                         .time_placement(|| placement::place_gang(&reqs, min, views))
-                });
+                },
+            );
             let fits = !placed.assigned.is_empty();
             p = Some(placed);
             if fits || tried || !self.has_tried(job, queued) {
@@ -365,6 +392,8 @@ impl Engine {
             for &i in queued {
                 pass.unschedulable(job, i);
             }
+        } else if pass.preempts {
+            self.may_preempt_for(job, queued, min, &mut pass.preemptors);
         }
         let mut reason = p
             .unplaced
@@ -414,6 +443,8 @@ impl Engine {
                     .then(|| reason.clone());
                 if never_fits {
                     pass.unschedulable(job, i);
+                } else if pass.preempts {
+                    self.may_preempt_for(job, &[i], 1, &mut pass.preemptors);
                 }
                 if let Some(reason) = news {
                     pass.waiting.push((job.id.clone(), i, reason));
@@ -422,9 +453,10 @@ impl Engine {
             }
         }
         let mut req = self.request(job, i, true);
+        let me = (&job.id, Some(i));
         let mut p = pass
             .policy
-            .with_held_closed(&mut pass.views, is_holder, |views| {
+            .with_held_closed(&mut pass.views, is_holder, me, |views| {
                 self.metrics
                     .time_placement(|| placement::place(std::slice::from_ref(&req), views))
             });
@@ -434,7 +466,7 @@ impl Engine {
             req = self.request(job, i, false);
             p = pass
                 .policy
-                .with_held_closed(&mut pass.views, is_holder, |views| {
+                .with_held_closed(&mut pass.views, is_holder, me, |views| {
                     self.metrics
                         .time_placement(|| placement::place(std::slice::from_ref(&req), views))
                 });
@@ -476,6 +508,8 @@ impl Engine {
             }
             if u.never_fits {
                 pass.unschedulable(job, i);
+            } else if pass.preempts {
+                self.may_preempt_for(job, &[i], 1, &mut pass.preemptors);
             }
             pass.failed.insert(sig, (u.reason, u.never_fits));
         }
@@ -607,10 +641,12 @@ impl Engine {
                     worker,
                     grant,
                 } => {
+                    self.queue.preemptor_placed(&job, Some(index));
                     self.reserve(&job, index, views[worker].name.clone(), grant, None);
                     touched.insert(job);
                 }
                 Placed::Gang { job, mut members } => {
+                    self.queue.preemptor_placed(&job, None);
                     members.sort_by_key(|(i, _, _)| *i);
                     let master = views[members[0].1].name.clone();
                     let addr = self
@@ -691,7 +727,7 @@ impl Engine {
 
     /// What placement is asked for one task; `elsewhere` keeps it off the
     /// workers its earlier attempts ran on.
-    fn request(&self, job: &JobRecord, i: usize, elsewhere: bool) -> TaskRequest {
+    pub(super) fn request(&self, job: &JobRecord, i: usize, elsewhere: bool) -> TaskRequest {
         let spec = &job.spec.tasks[i];
         let task = &job.tasks[i].id;
         let mut avoid = self.queue.avoided(task, self.now.mono);

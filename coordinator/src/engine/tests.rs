@@ -20,6 +20,7 @@ mod gangs;
 mod holds;
 mod observe;
 mod owners;
+mod preempt;
 mod refusals;
 mod retry;
 mod talk;
