@@ -1,13 +1,15 @@
-//! Stopping and restarting single tasks, end to end (real nats-server,
-//! real coordinator and workers, simulated GPUs): one task cancelled while
-//! the rest of its job runs on, and tasks run again by hand (`jobs.retry`),
-//! also of a job that had finished.
+//! Stopping and restarting tasks, end to end (real nats-server, real
+//! coordinator and workers, simulated GPUs): an urgent job preempts a
+//! preemptible one, which saves its work and resumes from it; one task
+//! cancelled while the rest of its job runs on; tasks run again by hand
+//! (`jobs.retry`), also of a job that had finished.
 
 use std::time::Duration;
 
 use gpufleet_schema::subjects::{self, endpoint};
+use gpufleet_schema::TaskState;
 use gpufleet_testkit::wait::eventually;
-use gpufleet_testkit::{api, open_to_tasks, task_states, Fleet, WorkerSpec};
+use gpufleet_testkit::{api, open_to_tasks, state_events, task_states, Fleet, WorkerSpec};
 use serde_json::{json, Value};
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -20,6 +22,84 @@ async fn call(fleet: &Fleet, endpoint: &str, body: &Value) -> Result<Value, Stri
         body,
     )
     .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_urgent_job_preempts_one_that_checkpoints_and_resumes_without_spending_a_retry() {
+    // Anyone (roles are off: user `default`) may preempt up to priority 10.
+    let mut fleet = Fleet::start_with(&[("scheduling.users.default.preempt_priority", "10")]).await;
+    fleet
+        .add_worker(WorkerSpec::new("w0").gpus("1x24GiB:L4").cpus(4.0))
+        .await;
+    let dir = fleet.dir().join("shared");
+    std::fs::create_dir_all(&dir).unwrap();
+    open_to_tasks(&dir);
+    // Told to stop, it saves its work (and the inbox line that said so),
+    // takes a moment over it, and exits; run again, it resumes from it.
+    let train = format!(
+        r#"d={d}
+if [ -e $d/ckpt ]; then cp $d/ckpt $d/resumed; echo resumed; exit 0; fi
+trap 'grep gpufleet.preempted "$GPUFLEET_INBOX" > $d/ckpt; echo step=42 >> $d/ckpt; sleep 1; exit 0' TERM
+echo training
+while :; do sleep 0.1; done"#,
+        d = dir.display()
+    );
+    let low = fleet
+        .submit(&json!({
+            "name": "low", "priority": 0, "preemptible": true, "max_retries": 0,
+            "tasks": [{"command": ["sh", "-c", train], "resources": {"gpus": 1, "cpus": 0.1}}],
+        }))
+        .await;
+    fleet
+        .wait_job(&low, DEADLINE, "the preemptible job to run", |s| {
+            task_states(s) == ["RUNNING"]
+        })
+        .await;
+    let urgent = fleet
+        .submit(&json!({
+            "name": "urgent", "priority": 5,
+            "tasks": [{"command": ["true"], "resources": {"gpus": 1, "cpus": 0.1}}],
+        }))
+        .await;
+    // While the victim saves its work, the urgent job says why it waits,
+    // and the victim why it stops.
+    let (waiting, stopping) = eventually(DEADLINE, "the preemption to be under way", || async {
+        let u = fleet.get(&urgent).await;
+        let l = fleet.get(&low).await;
+        let why = |s: &Value| s["tasks"][0]["reason"].as_str().unwrap_or("").to_string();
+        (why(&u).starts_with("waiting for preemption") && why(&l).contains("preempted by"))
+            .then(|| (why(&u), why(&l)))
+    })
+    .await;
+    assert!(
+        waiting.contains(&low) && waiting.contains("w0"),
+        "{waiting}"
+    );
+    assert!(
+        stopping.contains(&format!("preempted by {urgent}")),
+        "{stopping}"
+    );
+
+    let done = fleet.wait_finished(&urgent, DEADLINE).await;
+    assert_eq!(done["status"], "FINISHED:COMPLETED", "{done}");
+    let done = fleet.wait_finished(&low, DEADLINE).await;
+    assert_eq!(done["status"], "FINISHED:COMPLETED", "{done}");
+    // Attempt 2, with max_retries 0: the preemption spent no retry, and
+    // is no error of the job's.
+    assert_eq!(done["tasks"][0]["attempt"], 2, "{done}");
+    assert_eq!(done["error_count"].as_u64().unwrap_or(0), 0, "{done}");
+    let resumed = std::fs::read_to_string(dir.join("resumed")).expect("attempt 2 resumed");
+    assert!(resumed.contains("step=42"), "{resumed}");
+    assert!(
+        resumed.contains(r#""topic":"gpufleet.preempted""#) && resumed.contains(&urgent),
+        "the inbox said who preempted it: {resumed}"
+    );
+    // The first attempt ended INTERRUPTED, saying by whom.
+    let ended = state_events(&fleet.events(&low).await)
+        .into_iter()
+        .find(|(attempt, state, _)| *attempt == 1 && *state == TaskState::Interrupted)
+        .expect("attempt 1 ended INTERRUPTED");
+    assert_eq!(ended.2, Some(format!("preempted by {urgent}")));
 }
 
 async fn cpu_fleet() -> Fleet {

@@ -457,7 +457,7 @@ async fn act(
             if let Some(h) = state.attempt(&key) {
                 h.rev.fetch_max(rev, Ordering::SeqCst);
                 if cancel {
-                    h.stop.send_replace(Some(StopReason::Cancel));
+                    ctx.mail.stop_as_asked(&h.stop, &lease).await;
                 }
             }
             false
