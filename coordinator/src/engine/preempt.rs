@@ -212,6 +212,16 @@ impl Engine {
         });
     }
 
+    /// The jobs for which running tasks are being preempted.
+    fn stopping_for(&self) -> HashSet<JobId> {
+        self.queue
+            .jobs()
+            .flat_map(|id| self.jobs[id].tasks.iter())
+            .filter(|t| t.holds_worker())
+            .filter_map(|t| t.preempted_by().cloned())
+            .collect()
+    }
+
     /// The running units that may be preempted, with the view index of
     /// each worker by name.
     fn victims(&self, index: &HashMap<&gpufleet_schema::WorkerId, usize>) -> Vec<Victim> {
@@ -290,6 +300,7 @@ impl Engine {
         // Built on the first preemptor that needs them.
         let mut fleet: Option<(Vec<WorkerView>, Vec<Victim>)> = None;
         let mut taken: HashSet<usize> = HashSet::new();
+        let mut stopping: Option<HashSet<JobId>> = None;
         for p in preemptors {
             let pending = self
                 .queue
@@ -297,6 +308,14 @@ impl Engine {
                 .iter()
                 .find(|h| h.job == p.job && (h.task.is_none() || h.task == p.task))
                 .map(|h| h.why.clone());
+            // Its victims may be stopping with no hold for it: the hold is
+            // not stored, and a coordinator that took over has none.
+            let pending = pending.or_else(|| {
+                stopping
+                    .get_or_insert_with(|| self.stopping_for())
+                    .contains(&p.job)
+                    .then(|| "waiting for preemption: its victims are stopping".to_string())
+            });
             if let Some(why) = pending {
                 for &i in &p.tasks {
                     why_waiting.insert((p.job.clone(), i), why.clone());

@@ -176,3 +176,35 @@ fn a_gang_is_preempted_whole_and_reruns_without_spending_a_retry() {
     let placed = pass(&mut e);
     assert_eq!(placed[0].1.job_id, urgent, "{placed:?}");
 }
+
+#[test]
+fn a_preemptor_whose_hold_is_gone_waits_for_its_victims_rather_than_take_more() {
+    let mut e = ready_engine(&[advert("w1", 8, 1), advert("w2", 8, 1)]);
+    may_preempt(&mut e, 10);
+    let (_, key, lease) = running(&mut e, &one_gpu(0, true), 10);
+    let (other, _, _) = running(&mut e, &one_gpu(0, true), 11);
+    let (urgent, _) = submit(&mut e, &one_gpu(5, false));
+    assert_eq!(e.take_effects().cancel_leases.len(), 1);
+    // The hold is in memory only: as after a coordinator took over.
+    let victim_worker = lease.worker.clone();
+    e.handle(Input::WorkerGone {
+        name: victim_worker.clone(),
+        expired: false,
+    });
+    e.handle(Input::Advert(Box::new(advert(
+        victim_worker.as_str(),
+        8,
+        1,
+    ))));
+    assert!(e.queue.preempting().is_empty());
+    tick_after(&mut e, 1);
+    pass(&mut e);
+    let fx = e.take_effects();
+    assert!(
+        fx.cancel_leases.iter().all(|(k, _, _)| *k == key),
+        "the other job is not preempted as well"
+    );
+    assert_eq!(e.jobs[&other].tasks[0].stopping, None);
+    let why = e.jobs[&urgent].tasks[0].reason.clone().unwrap();
+    assert!(why.starts_with("waiting for preemption"), "{why}");
+}
