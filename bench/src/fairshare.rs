@@ -90,6 +90,7 @@ pub fn run(s: &Settings) -> anyhow::Result<Outcome> {
             UserPolicy {
                 weight: Some(w),
                 quota: Default::default(),
+                preempt_priority: None,
             },
         );
     }

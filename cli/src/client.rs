@@ -9,7 +9,7 @@ use gpufleet_natsutil::events::{Replay, Until};
 use gpufleet_natsutil::Backoff;
 use gpufleet_schema::api::code;
 use gpufleet_schema::api::{
-    ErrorBody, ErrorsReply, ErrorsRequest, GetRequest, JobRef, ListRequest, SubmitReply,
+    ErrorBody, ErrorsReply, ErrorsRequest, GetRequest, JobRef, ListRequest, SubmitReply, TaskRef,
     WorkersRequest,
 };
 use gpufleet_schema::codec::{self, CONTENT_TYPE, MSGPACK};
@@ -243,13 +243,30 @@ impl Api {
     }
 
     pub async fn cancel(&self, job: &JobId) -> Result<JobStatus, ApiError> {
-        self.call(
-            endpoint::JOBS_CANCEL,
-            &JobRef {
-                job_id: job.clone(),
-            },
-        )
-        .await
+        self.cancel_task(job, None).await
+    }
+
+    /// Cancels a job, or with `task` (an id or name) that one task.
+    pub async fn cancel_task(
+        &self,
+        job: &JobId,
+        task: Option<String>,
+    ) -> Result<JobStatus, ApiError> {
+        let req = TaskRef {
+            job_id: job.clone(),
+            task,
+        };
+        self.call(endpoint::JOBS_CANCEL, &req).await
+    }
+
+    /// Runs a job's tasks that ended without succeeding again (with
+    /// `task`, that one), reopening the job if it had finished.
+    pub async fn retry(&self, job: &JobId, task: Option<String>) -> Result<JobStatus, ApiError> {
+        let req = TaskRef {
+            job_id: job.clone(),
+            task,
+        };
+        self.call(endpoint::JOBS_RETRY, &req).await
     }
 
     /// Every worker, page by page.

@@ -94,6 +94,8 @@ pub struct OneOff {
     /// Jobs that must complete first, and jobs that must finish first.
     pub after_ok: Vec<String>,
     pub after_any: Vec<String>,
+    /// Its running task may be preempted by higher-priority work.
+    pub preemptible: bool,
 }
 
 fn job_ids(flag: &str, ids: Vec<String>) -> anyhow::Result<Vec<JobId>> {
@@ -202,6 +204,7 @@ pub fn one_off(o: OneOff) -> anyhow::Result<JobSpec> {
         after_ok: job_ids("--after-ok", o.after_ok)?,
         after_any: job_ids("--after-any", o.after_any)?,
         unschedulable_after: None,
+        preemptible: o.preemptible,
         constraints,
         tasks: vec![TaskSpec {
             name: Some(task_name),
@@ -309,6 +312,7 @@ timeout = "2h"
             max_parallel: None,
             after_ok: vec![],
             after_any: vec![],
+            preemptible: false,
         };
         let spec = one_off(OneOff {
             command: vec!["/usr/bin/python3".into(), "train.py".into()],

@@ -153,6 +153,10 @@ struct RunArgs {
     /// Start only after this job finished, however it ended (repeatable)
     #[arg(long = "after-any", value_name = "JOB")]
     after_any: Vec<String>,
+    /// Its task may be stopped (SIGTERM, a grace, then SIGKILL) for waiting
+    /// work of a higher priority, and run again later
+    #[arg(long)]
+    preemptible: bool,
     /// Submit, print the job id and return at once
     #[arg(long, conflicts_with_all = ["wait", "follow"])]
     no_wait: bool,
@@ -192,10 +196,23 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
-    /// Cancel a job: its tasks stop and the job ends FINISHED:ABORTED
+    /// Cancel a job: its tasks stop and the job ends FINISHED:ABORTED; with
+    /// TASK (an id or name), only that task stops (CANCELLED) and the rest
+    /// of the job goes on
     Cancel {
         job: String,
-        /// Wait until its tasks have stopped
+        task: Option<String>,
+        /// Wait until its tasks have stopped (a whole job's only)
+        #[arg(long, short, conflicts_with = "task")]
+        wait: bool,
+    },
+    /// Run a job's tasks that ended without succeeding again (with TASK,
+    /// that one), each as a new attempt with its retries whole again; a
+    /// finished job is reopened
+    Retry {
+        job: String,
+        task: Option<String>,
+        /// Wait for the job to end, as `status --wait`
         #[arg(long, short)]
         wait: bool,
     },
@@ -382,6 +399,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 max_parallel: r.max_parallel,
                 after_ok: r.after_ok,
                 after_any: r.after_any,
+                preemptible: r.preemptible,
             })?;
             let wait = WaitFlags {
                 wait: !r.no_wait,
@@ -417,7 +435,58 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(exit::OK)
         }
-        Cmd::Cancel { job, wait } => {
+        Cmd::Retry { job, task, wait } => {
+            let id = job_id(&job)?;
+            let api = connect().await?;
+            let s = api.retry(&id, task).await?;
+            if wait {
+                let flags = WaitFlags {
+                    wait: true,
+                    ..Default::default()
+                };
+                return wait_job(&api, &id, &flags, json).await;
+            }
+            if json {
+                print_json(&s);
+            } else {
+                let waiting = s.counts.queued;
+                println!(
+                    "job {id} is {} again: {waiting} task{} to run",
+                    s.status,
+                    if waiting == 1 { "" } else { "s" }
+                );
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Cancel {
+            job,
+            task: Some(task),
+            wait: _,
+        } => {
+            let id = job_id(&job)?;
+            let s = connect()
+                .await?
+                .cancel_task(&id, Some(task.clone()))
+                .await?;
+            if json {
+                print_json(&s);
+            } else {
+                let t = s
+                    .tasks
+                    .iter()
+                    .find(|t| t.name == task || t.task_id.as_str() == task);
+                match t {
+                    Some(t) if t.state.is_end() => println!("task {task} of job {id}: {}", t.state),
+                    _ => println!("cancelling task {task} of job {id}"),
+                }
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Cancel {
+            job,
+            task: None,
+            wait,
+        } => {
             let id = job_id(&job)?;
             let api = connect().await?;
             let s = api.cancel(&id).await?;

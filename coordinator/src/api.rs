@@ -45,8 +45,8 @@ use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use gpufleet_schema::api::{
-    code, ErrorsRequest, GetRequest, JobRef, ListRequest, WorkersRequest, MAX_TASKS_PER_PAGE,
-    MAX_WORKERS_PER_PAGE,
+    code, ErrorsRequest, GetRequest, JobRef, ListRequest, TaskRef, WorkersRequest,
+    MAX_TASKS_PER_PAGE, MAX_WORKERS_PER_PAGE,
 };
 use gpufleet_schema::codec::CONTENT_TYPE;
 use gpufleet_schema::subjects::{self, endpoint};
@@ -75,11 +75,12 @@ pub(crate) enum Kind {
     Workers,
     Errors,
     Send,
+    Retry,
 }
 
 /// Each endpoint: its name in the micro service, the same for the old
 /// subject without a user, its subject's tail, and its kind.
-const ENDPOINTS: [(&str, &str, &str, Kind); 8] = [
+const ENDPOINTS: [(&str, &str, &str, Kind); 9] = [
     (
         "jobs-submit",
         "jobs-submit-any",
@@ -122,6 +123,12 @@ const ENDPOINTS: [(&str, &str, &str, Kind); 8] = [
         "jobs-send-any",
         endpoint::JOBS_SEND,
         Kind::Send,
+    ),
+    (
+        "jobs-retry",
+        "jobs-retry-any",
+        endpoint::JOBS_RETRY,
+        Kind::Retry,
     ),
 ];
 
@@ -273,7 +280,7 @@ pub async fn start(
         .unwrap_or_default();
     let service = client
         .service_builder()
-        .description("gpufleet job API: submit, get, list, cancel and delete jobs, list and reset their errors, send messages to their running tasks; list workers")
+        .description("gpufleet job API: submit, get, list, cancel, retry and delete jobs (cancel and retry also one task), list and reset their errors, send messages to their running tasks; list workers")
         .metadata(metadata)
         // A group of its own: see the module's header.
         .queue_group(format!("gpufleet-{instance}"))
@@ -423,7 +430,23 @@ pub(crate) fn decode(kind: Kind, enc: Encoding, body: &[u8]) -> Result<ApiCall, 
                     .min(MAX_TASKS_PER_PAGE) as usize,
             }
         }
-        Kind::Cancel => ApiCall::Cancel(enc.decode::<JobRef>(body).map_err(bad)?.job_id),
+        Kind::Cancel => {
+            let r: TaskRef = enc.decode(body).map_err(bad)?;
+            match r.task {
+                Some(task) => ApiCall::CancelTask {
+                    job: r.job_id,
+                    task,
+                },
+                None => ApiCall::Cancel(r.job_id),
+            }
+        }
+        Kind::Retry => {
+            let r: TaskRef = enc.decode(body).map_err(bad)?;
+            ApiCall::Retry {
+                job: r.job_id,
+                task: r.task,
+            }
+        }
         Kind::Delete => ApiCall::Delete(enc.decode::<JobRef>(body).map_err(bad)?.job_id),
         Kind::Send => {
             let r: gpufleet_schema::message::SendRequest = enc.decode(body).map_err(bad)?;
@@ -545,7 +568,7 @@ mod fuzz {
 
     const MAX_PAYLOAD: usize = 1 << 20;
 
-    const VALID: [(Kind, &str); 6] = [
+    const VALID: [(Kind, &str); 8] = [
         (
             Kind::Submit,
             r#"{"id": "j-1", "name": "n", "priority": 3, "max_retries": 1, "gang": true, "min_tasks": 1,
@@ -560,6 +583,8 @@ mod fuzz {
         ),
         (Kind::List, r#"{"status": "RUNNING", "limit": 5}"#),
         (Kind::Cancel, r#"{"job_id": "j-1"}"#),
+        (Kind::Cancel, r#"{"job_id": "j-1", "task": "t"}"#),
+        (Kind::Retry, r#"{"job_id": "j-1", "task": "t"}"#),
         (Kind::Delete, r#"{"job_id": "j-1"}"#),
         (Kind::Workers, r#"{"after": "w0", "limit": 2}"#),
     ];
@@ -622,7 +647,7 @@ mod fuzz {
         match (kind, &reply) {
             (_, Reply::Error { code, .. }) => prop_assert!(*code >= 400),
             (Kind::Submit, Reply::Submit(_))
-            | (Kind::Get | Kind::Cancel | Kind::Delete, Reply::Job(_))
+            | (Kind::Get | Kind::Cancel | Kind::Delete | Kind::Retry, Reply::Job(_))
             | (Kind::List, Reply::Jobs(_))
             | (Kind::Workers, Reply::Workers(_)) => {}
             (kind, reply) => prop_assert!(false, "{kind:?} answered {reply:?}"),

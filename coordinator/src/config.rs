@@ -75,6 +75,9 @@ pub struct CoordinatorConfig {
     /// twice as long (with jitter), up to `retry_backoff_max`.
     pub retry_backoff: Dur,
     pub retry_backoff_max: Dur,
+    /// How long a preempted task has, after SIGTERM (and a line in its
+    /// inbox), to save its work before its worker kills it.
+    pub preempt_grace: Dur,
     /// How long the leadership lives without renewal: a coordinator
     /// standing by takes over this long after the leader dies.
     pub leader_ttl: Dur,
@@ -118,6 +121,7 @@ impl Default for CoordinatorConfig {
             job_retention: Dur::secs(7 * 24 * 3600),
             retry_backoff: Dur(Duration::from_millis(500)),
             retry_backoff_max: Dur::secs(60),
+            preempt_grace: Dur::secs(30),
             leader_ttl: Dur::secs(10),
             connect_patience: Dur::secs(60),
             log_format: LogFormat::Text,
@@ -187,6 +191,7 @@ impl CoordinatorConfig {
             ("job_retention", self.job_retention),
             ("retry_backoff", self.retry_backoff),
             ("retry_backoff_max", self.retry_backoff_max),
+            ("preempt_grace", self.preempt_grace),
             ("leader_ttl", self.leader_ttl),
             ("connect_patience", self.connect_patience),
         ] {

@@ -45,7 +45,9 @@ mod health;
 mod jobs;
 mod leases;
 mod lifecycle;
+mod preempt;
 mod queue;
+mod retry;
 mod schedule;
 mod talk;
 mod twophase;
@@ -122,6 +124,17 @@ pub enum ApiCall {
         limit: usize,
     },
     Cancel(JobId),
+    /// Cancels one task of a job (by id or name).
+    CancelTask {
+        job: JobId,
+        task: String,
+    },
+    /// Runs a job's ended tasks again (one, by id or name), reopening a
+    /// finished job (see `retry.rs`).
+    Retry {
+        job: JobId,
+        task: Option<String>,
+    },
     Delete(JobId),
     Workers {
         after: Option<WorkerId>,
@@ -155,6 +168,8 @@ pub enum Fetch {
     /// Answer `jobs.send`: a finished job runs nothing (404 if there is
     /// none).
     Send(ReplyTx),
+    /// Reopen it for `jobs.retry` (`Input::Reopen`).
+    Retry { task: Option<String>, tx: ReplyTx },
 }
 
 /// A change in `gpufleet-leases`, as the watcher saw it. Keys come as the
@@ -214,6 +229,14 @@ pub enum Input {
     Moved(JobId),
     /// A finished job's record was deleted.
     Deleted(JobId),
+    /// A finished job's done record, read for `jobs.retry` (whose caller
+    /// sees it): it runs again.
+    Reopen {
+        job: Box<JobRecord>,
+        task: Option<String>,
+        caller: Caller,
+        tx: ReplyTx,
+    },
     /// A new job's client-chosen id turned out to be a finished job's
     /// (see `JobRecord::verify`): the new one is forgotten, nothing of it
     /// having run, and its submit was answered from the finished one.
@@ -268,6 +291,9 @@ pub struct Effects {
     /// Loaded two-phase tasks' GPU grants: compare-and-set the lease (key,
     /// new value, expected rev), signing its `gpu_grant` (see `twophase`).
     pub grant_leases: Vec<(String, Lease, u64)>,
+    /// Finished jobs reopened by a retry, with how many parts their done
+    /// record has: it is removed once the active record is stored.
+    pub reopened: Vec<(JobId, usize)>,
 }
 
 impl Effects {
@@ -289,6 +315,7 @@ impl Effects {
             && self.checkpoint.is_none()
             && self.posts.is_empty()
             && self.grant_leases.is_empty()
+            && self.reopened.is_empty()
     }
 }
 
@@ -511,6 +538,12 @@ impl Engine {
                 }
             }
             Input::Deleted(job) => self.jobs.forget(&job),
+            Input::Reopen {
+                job,
+                task,
+                caller,
+                tx,
+            } => self.reopen(*job, task, caller, tx),
             Input::Duplicate(job) => self.not_stored(&job),
             Input::FeedDown(feed) => self.health.down(feed, self.now.mono),
             Input::ResultsBehind(behind) => self.health.set_results_behind(behind),
@@ -625,6 +658,8 @@ impl Engine {
                 self.fx.replies.push((tx, Reply::Jobs(list), None));
             }
             ApiCall::Cancel(id) => self.cancel(id, caller, tx),
+            ApiCall::CancelTask { job, task } => self.cancel_task(job, task, caller, tx),
+            ApiCall::Retry { job, task } => self.retry(job, task, caller, tx),
             ApiCall::Delete(id) => self.delete(id, caller, tx),
             ApiCall::Errors { job, reset } => self.errors(job, reset, caller, tx),
             ApiCall::Send(req) => self.send(*req, caller, tx),
@@ -788,19 +823,32 @@ impl Engine {
         JobId::new(uuid.simple().to_string()).expect("32 hex digits are a valid job id")
     }
 
+    /// `tx` back if the engine holds job `id` for `caller`; otherwise
+    /// answers it: 404 for another user's job, and one no longer held is
+    /// read from the store (`fetch`).
+    fn held_for(
+        &mut self,
+        id: &JobId,
+        caller: &Caller,
+        tx: ReplyTx,
+        fetch: impl FnOnce(ReplyTx) -> Fetch,
+    ) -> Option<ReplyTx> {
+        match self.jobs.get(id).filter(|j| j.stored) {
+            Some(j) if caller.sees(&j.owner) => return Some(tx),
+            Some(_) => self.fx.replies.push((tx, not_found(id), None)),
+            None => self
+                .fx
+                .fetches
+                .push((id.clone(), caller.clone(), fetch(tx))),
+        }
+        None
+    }
+
     fn cancel(&mut self, id: JobId, caller: Caller, tx: ReplyTx) {
-        let Some(job) = self
-            .jobs
-            .get_mut(&id)
-            .filter(|j| j.stored && caller.sees(&j.owner))
-        else {
-            if self.jobs.get(&id).is_some_and(|j| j.stored) {
-                self.fx.replies.push((tx, not_found(&id), None));
-            } else {
-                self.fx.fetches.push((id, caller, Fetch::Cancel(tx)));
-            }
+        let Some(tx) = self.held_for(&id, &caller, tx, Fetch::Cancel) else {
             return;
         };
+        let job = self.jobs.job_mut(&id);
         if job.request_cancel() {
             let mut to_stop = Vec::new();
             let mut ended = Vec::new();

@@ -234,6 +234,7 @@ struct Prom {
     tasks_ended: Family<StateLabel, Counter>,
     ended: Vec<Counter>,
     retries: Counter,
+    preempted: Counter,
     leases_lost: Counter,
     reservations: Family<OutcomeLabel, Counter>,
     reservation: Vec<Counter>,
@@ -291,6 +292,7 @@ impl Default for Prom {
             tasks_ended,
             ended,
             retries: Counter::default(),
+            preempted: Counter::default(),
             leases_lost: Counter::default(),
             reservations,
             reservation,
@@ -391,6 +393,11 @@ impl Metrics {
     /// A task queues again for a new attempt.
     pub fn retry(&self) {
         self.prom.retries.inc();
+    }
+
+    /// `tasks` running tasks were asked to stop for waiting work.
+    pub fn preempted(&self, tasks: usize) {
+        self.prom.preempted.inc_by(tasks as u64);
     }
 
     /// A running attempt's lease lapsed, or its worker gave it up.
@@ -503,6 +510,11 @@ impl Metrics {
             "task_retries",
             "Tasks queued again for a new attempt",
             p.retries.clone(),
+        );
+        r.register(
+            "tasks_preempted",
+            "Running tasks asked to stop for waiting work of a higher priority",
+            p.preempted.clone(),
         );
         r.register(
             "leases_lost",

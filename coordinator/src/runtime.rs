@@ -103,6 +103,9 @@ struct Records {
     /// Keys of records an earlier version wrote, removed once their job is
     /// written anew.
     legacy: HashMap<JobId, String>,
+    /// Finished jobs reopened by a retry whose active record is not stored
+    /// yet, with how many parts their done record has.
+    reopened: HashMap<JobId, usize>,
 }
 
 /// Runs the coordinator until `shutdown` resolves.
@@ -652,6 +655,7 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
         checkpoint,
         posts: _,
         grant_leases,
+        reopened,
     } = fx;
     let started = std::time::Instant::now();
     let metrics = &engine.metrics();
@@ -733,8 +737,12 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
     // What stage 1 stored decides stage 2.
     let mut moves = Vec::new();
     let mut taken: HashMap<JobId, (bool, JobState)> = HashMap::new();
+    let mut written = HashSet::new();
     for (plan, result) in plans.into_iter().zip(record_results) {
         let result: Result<Taken, String> = result;
+        if result.is_ok() {
+            written.insert(plan.job.clone());
+        }
         match result {
             Ok(Some((owner, spec, status))) => {
                 // The id is a finished job's: the new record goes, nothing
@@ -771,6 +779,20 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
                 failed_jobs.insert(plan.job, e);
             }
         }
+    }
+    // A reopened job's done record goes once its active one is stored
+    // (a restart would take the active one for the leftover of a move).
+    // (Until then it waits here: the engine writes the record again.)
+    records.reopened.extend(reopened);
+    let stored: Vec<JobId> = records
+        .reopened
+        .keys()
+        .filter(|j| written.contains(*j))
+        .cloned()
+        .collect();
+    for job in stored {
+        let parts = records.reopened.remove(&job).unwrap_or(1);
+        moves.push((None, store::keys(&job, parts, JobRecordSet::Done)));
     }
     let runs = |job: &JobId| !failed_jobs.contains_key(job) && !taken.contains_key(job);
     let later_leases: Vec<_> = later_leases
@@ -1076,6 +1098,22 @@ async fn fetch_stored(
             let _ = tx.send(reply);
             None
         }
+        Fetch::Retry { task, tx } => match read {
+            Ok(Some(j)) => Some(Input::Reopen {
+                job: Box::new(j),
+                task,
+                caller,
+                tx,
+            }),
+            Ok(None) => {
+                let _ = tx.send(not_found());
+                None
+            }
+            Err(e) => {
+                let _ = tx.send(unavailable(&e));
+                None
+            }
+        },
         Fetch::Send(tx) => {
             let reply = match read {
                 // Finished: nothing runs to receive it.
@@ -1535,6 +1573,7 @@ mod tests {
             signer: None,
             signature: None,
             claim_rev: Some(3),
+            preempt: None,
             ready: true,
             gpu_grant: Some(gpufleet_schema::GpuUpgrade {
                 grant: gpufleet_schema::Grant {

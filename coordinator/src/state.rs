@@ -124,6 +124,29 @@ pub struct TaskRecord {
     /// What the current attempt used, as its worker reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<TaskUsage>,
+    /// Why the coordinator asked the current attempt to stop, while it
+    /// stops: decides how its end counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopping: Option<Stop>,
+    /// Attempts that do not count against `max_retries`: preempted ones,
+    /// and those before a retry by hand.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub spared: u32,
+}
+
+/// Why the coordinator stops a task's running attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stop {
+    /// `gpufleet cancel JOB TASK`: the task ends CANCELLED.
+    Cancel,
+    /// For waiting work of a higher class: the attempt ends INTERRUPTED
+    /// and the task waits again without spending a retry.
+    Preempt { by: JobId },
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 fn is_false(b: &bool) -> bool {
@@ -138,6 +161,34 @@ fn is_false(b: &bool) -> bool {
 impl TaskRecord {
     pub fn is_final(&self) -> bool {
         self.state.is_end()
+    }
+
+    /// The attempts that count against `max_retries`, this one included.
+    pub fn counted_attempts(&self) -> u32 {
+        self.attempt.saturating_sub(self.spared)
+    }
+
+    /// Whether its attempt is being preempted, and for which job.
+    pub fn preempted_by(&self) -> Option<&JobId> {
+        match &self.stopping {
+            Some(Stop::Preempt { by }) => Some(by),
+            _ => None,
+        }
+    }
+
+    /// The attempt was preempted: the next waits, and neither counts
+    /// against `max_retries` more than the one before did.
+    pub fn requeue_preempted(&mut self, why: impl Into<String>) {
+        self.spared += 1;
+        self.retry(why);
+    }
+
+    /// A retry asked for by hand: a new attempt with the whole of
+    /// `max_retries` ahead of it.
+    pub fn retry_by_hand(&mut self, why: impl Into<String>) {
+        self.dropped = false;
+        self.retry(why);
+        self.spared = self.attempt - 1;
     }
 
     /// Whether the current attempt holds (or is about to hold) a worker.
@@ -262,6 +313,7 @@ impl TaskRecord {
         self.token = None;
         self.claim_rev = None;
         self.usage = None;
+        self.stopping = None;
     }
 }
 
@@ -270,8 +322,9 @@ impl TaskRecord {
 pub enum GangSettled {
     /// The job was cancelled: every member still in play is cancelled.
     Cancelled,
-    /// The whole gang waits again, as this attempt.
-    Requeued { attempt: u32 },
+    /// The whole gang waits again, as this attempt (at once if its run
+    /// was preempted).
+    Requeued { attempt: u32, preempted: bool },
     /// Its retries are spent: every member still in play is cancelled.
     Failed,
 }
@@ -300,6 +353,8 @@ impl JobRecord {
                 token: None,
                 claim_rev: None,
                 usage: None,
+                stopping: None,
+                spared: 0,
             })
             .collect();
         JobRecord {
@@ -382,15 +437,30 @@ impl JobRecord {
     pub fn settle_gang(&mut self, why: &str, at: OffsetDateTime) -> GangSettled {
         self.gang_broken = None;
         let attempt = self.tasks.iter().map(|t| t.attempt).max().unwrap_or(1);
+        let counted = self.tasks.iter().map(|t| t.counted_attempts()).max();
         let ran = self.tasks.iter().any(|t| t.started_at.is_some());
+        // A preempted run is no failure: it costs no retry.
+        let preempted = self.tasks.iter().any(|t| t.preempted_by().is_some());
         let (settled, reason) = if self.cancel_requested {
             (GangSettled::Cancelled, "cancelled".to_string())
-        } else if !ran || attempt <= self.spec.max_retries {
+        } else if !ran || preempted || counted.unwrap_or(1) <= self.spec.max_retries {
             let next = if ran { attempt + 1 } else { attempt };
+            let why = if preempted {
+                format!("gang run {attempt} was preempted: {why}")
+            } else {
+                format!("gang run {attempt} failed: {why}")
+            };
             for t in &mut self.tasks {
-                t.requeue_with_gang(next, format!("gang run {attempt} failed: {why}"));
+                let before = t.attempt;
+                t.requeue_with_gang(next, why.clone());
+                if preempted {
+                    t.spared += next - before;
+                }
             }
-            return GangSettled::Requeued { attempt: next };
+            return GangSettled::Requeued {
+                attempt: next,
+                preempted,
+            };
         } else {
             (GangSettled::Failed, format!("its gang failed: {why}"))
         };
@@ -596,6 +666,7 @@ mod tests {
             after_ok: vec![],
             after_any: vec![],
             unschedulable_after: None,
+            preemptible: false,
             constraints: Default::default(),
             tasks,
         }

@@ -90,6 +90,7 @@ fn spec_head(spec: &JobSpec) -> JobSpec {
         after_ok: spec.after_ok.clone(),
         after_any: spec.after_any.clone(),
         unschedulable_after: spec.unschedulable_after,
+        preemptible: spec.preemptible,
         constraints: spec.constraints.clone(),
         tasks: Vec::new(),
     }
@@ -427,6 +428,7 @@ mod tests {
             after_ok: vec![],
             after_any: vec![],
             unschedulable_after: None,
+            preemptible: false,
             constraints: Default::default(),
             tasks,
         }

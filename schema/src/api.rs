@@ -19,11 +19,21 @@ fn yes() -> bool {
     true
 }
 
-/// Request of `jobs.cancel`.
+/// Request of `jobs.delete` (and, without a task, `jobs.cancel`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobRef {
     pub job_id: JobId,
+}
+
+/// Request of `jobs.cancel` and `jobs.retry`: a job, or one of its
+/// tasks (by id or name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRef {
+    pub job_id: JobId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
 }
 
 /// Request of `jobs.errors`: a job's errors, and with `reset` clears

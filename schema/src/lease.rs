@@ -88,6 +88,10 @@ pub struct Lease {
     /// Written by the coordinator: the GPU phase's grant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_grant: Option<GpuUpgrade>,
+    /// With CANCELLING: the attempt is preempted, not cancelled (see
+    /// [`Preempt`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preempt: Option<Preempt>,
 }
 
 /// The second phase's grant of a two-phase task: what the attempt holds
@@ -116,6 +120,17 @@ struct SignedUpgrade<'a> {
     worker: &'a WorkerId,
     token: &'a str,
     grant: &'a Grant,
+}
+
+/// A running attempt stopped for waiting work of a higher class: the
+/// worker tells the task (a line with topic
+/// [`crate::message::PREEMPTED_TOPIC`] in its inbox, then SIGTERM) and
+/// gives it `grace` to save its work before SIGKILL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preempt {
+    /// The job it makes room for.
+    pub by: JobId,
+    pub grace: Dur,
 }
 
 /// Why a reservation's signature does not check.
@@ -365,6 +380,7 @@ mod tests {
             claim_rev: None,
             ready: false,
             gpu_grant: None,
+            preempt: None,
         }
     }
 

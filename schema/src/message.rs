@@ -23,6 +23,10 @@ pub const LOG_LEVEL_TOPIC: &str = "log_level";
 pub const RESERVED_TOPIC_PREFIX: &str = "gpufleet.";
 /// Reported to a sender's inbox for a message that reached nobody.
 pub const UNDELIVERABLE_TOPIC: &str = "gpufleet.undeliverable";
+/// The inbox line that tells a running task it is preempted (`data`:
+/// `{"by": JOB, "grace_seconds": n}`); SIGTERM follows, SIGKILL after
+/// the grace.
+pub const PREEMPTED_TOPIC: &str = "gpufleet.preempted";
 /// `from` of what the gpufleet itself writes to an inbox.
 pub const FROM_GPUFLEET: &str = "gpufleet";
 /// The signal a delivery sends with `signal: true`: `SIGUSR1`, whose

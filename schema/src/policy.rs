@@ -50,6 +50,10 @@ pub struct UserPolicy {
     pub weight: Option<f64>,
     #[serde(default, skip_serializing_if = "Quota::is_empty")]
     pub quota: Quota,
+    /// The highest priority at which the user's jobs may preempt
+    /// (`preemptible` work of a lower priority); none: they never do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preempt_priority: Option<i32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -58,6 +62,9 @@ pub struct GroupPolicy {
     pub members: Vec<UserId>,
     #[serde(default, skip_serializing_if = "Quota::is_empty")]
     pub quota: Quota,
+    /// As [`UserPolicy::preempt_priority`], for every member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preempt_priority: Option<i32>,
 }
 
 /// The most that running (and reserved) work may hold at once; a limit
@@ -142,6 +149,26 @@ impl SchedPolicy {
     }
 
     /// A user's weight.
+    /// The highest priority at which `user`'s jobs may preempt: the
+    /// highest its own entry or any of its groups allows; none if none
+    /// does. Set by admins only (the policy is theirs), so that nobody
+    /// stops others' work by declaring its own job urgent.
+    pub fn preempt_priority(&self, user: &UserId) -> Option<i32> {
+        let own = self.users.get(user).and_then(|p| p.preempt_priority);
+        let groups = self
+            .groups
+            .values()
+            .filter(|g| g.members.contains(user))
+            .filter_map(|g| g.preempt_priority);
+        own.into_iter().chain(groups).max()
+    }
+
+    /// Whether anybody may preempt at all.
+    pub fn preempts(&self) -> bool {
+        self.users.values().any(|p| p.preempt_priority.is_some())
+            || self.groups.values().any(|g| g.preempt_priority.is_some())
+    }
+
     pub fn weight(&self, user: &UserId) -> f64 {
         self.users
             .get(user)

@@ -83,6 +83,11 @@ pub struct JobSpec {
     /// worker in the fleet could ever fit, the job ends `FAILED_TO_RUN`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unschedulable_after: Option<Dur>,
+    /// Its running tasks may be stopped (with a grace to save their work)
+    /// for waiting work of a higher priority whose owner may preempt, and
+    /// run again later without spending a retry.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub preemptible: bool,
     #[serde(default, skip_serializing_if = "Constraints::is_empty")]
     pub constraints: Constraints,
     pub tasks: Vec<TaskSpec>,
@@ -552,6 +557,7 @@ mod tests {
             after_ok: vec![],
             after_any: vec![],
             unschedulable_after: None,
+            preemptible: false,
             constraints: Constraints::default(),
             tasks,
         }

@@ -26,6 +26,7 @@ pub mod endpoint {
     pub const WORKERS_LIST: &str = "workers.list";
     pub const JOBS_ERRORS: &str = "jobs.errors";
     pub const JOBS_SEND: &str = "jobs.send";
+    pub const JOBS_RETRY: &str = "jobs.retry";
 }
 
 /// The subjects without a user token, served (as user `default`) only

@@ -338,6 +338,7 @@ fn rogue_lease(worker_field: &str, task: &str, grant: Grant, spec: Value) -> Lea
         claim_rev: None,
         ready: false,
         gpu_grant: None,
+        preempt: None,
     }
 }
 

@@ -471,7 +471,7 @@ async fn act(
                 }
                 h.rev.fetch_max(rev, Ordering::SeqCst);
                 if cancel {
-                    h.stop.send_replace(Some(StopReason::Cancel));
+                    ctx.mail.stop_as_asked(&h.stop, &lease).await;
                 }
             }
             false

@@ -694,7 +694,7 @@ async fn renew(
             } => {
                 rev.fetch_max(revision, Ordering::SeqCst);
                 if cancel {
-                    stop.send_replace(Some(StopReason::Cancel));
+                    ctx.mail.stop_as_asked(&stop, &lease).await;
                 }
                 // Renew at once what we found, so that it does not lapse
                 // while the task is stopped.

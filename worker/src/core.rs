@@ -260,8 +260,17 @@ pub fn with_claim_rev(mut claimed: Lease, claim_rev: u64) -> Lease {
 /// cancel was seen, so that the request stays visible (to a coordinator
 /// that restarts meanwhile, say) until the worker releases the lease.
 pub fn renewal(current: &mut Lease, stop: Option<StopReason>) {
-    if stop == Some(StopReason::Cancel) {
+    if matches!(stop, Some(StopReason::Cancel | StopReason::Preempt { .. })) {
         current.state = LeaseState::Cancelling;
+    }
+}
+
+/// How to stop an attempt whose lease says CANCELLING: as a preemption,
+/// with its grace, when the lease notes one; else as a cancel.
+pub fn stop_asked(lease: &Lease) -> StopReason {
+    match &lease.preempt {
+        Some(p) => StopReason::Preempt { grace: p.grace.0 },
+        None => StopReason::Cancel,
     }
 }
 
@@ -436,6 +445,7 @@ mod tests {
             claim_rev: None,
             ready: false,
             gpu_grant: None,
+            preempt: None,
         };
         (key, lease)
     }
@@ -741,6 +751,29 @@ mod tests {
         renewal(&mut current, Some(StopReason::Drain));
         assert_eq!(current.state, LeaseState::Running);
         renewal(&mut current, Some(StopReason::Cancel));
+        assert_eq!(current.state, LeaseState::Cancelling);
+    }
+
+    #[test]
+    fn a_cancelling_lease_that_notes_a_preemption_stops_with_its_grace() {
+        let (_, mut l) = lease(0, 1000, None);
+        l.state = LeaseState::Cancelling;
+        assert_eq!(stop_asked(&l), StopReason::Cancel);
+        l.preempt = Some(gpufleet_schema::lease::Preempt {
+            by: gpufleet_schema::JobId::new("urgent").unwrap(),
+            grace: gpufleet_schema::Dur::secs(30),
+        });
+        let asked = stop_asked(&l);
+        assert_eq!(
+            asked,
+            StopReason::Preempt {
+                grace: std::time::Duration::from_secs(30)
+            }
+        );
+        // Renewals keep saying CANCELLING, so the request stays visible.
+        let mut current = l.clone();
+        current.state = LeaseState::Running;
+        renewal(&mut current, Some(asked));
         assert_eq!(current.state, LeaseState::Cancelling);
     }
 

@@ -17,8 +17,13 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use gpufleet_schema::message::{Delivery, DeliveryReply, InboxMessage};
-use gpufleet_schema::TaskId;
+use gpufleet_schema::message::{
+    Delivery, DeliveryReply, InboxMessage, FROM_GPUFLEET, PREEMPTED_TOPIC,
+};
+use gpufleet_schema::{Lease, TaskId};
+use tokio::sync::watch;
+
+use crate::supervisor::StopReason;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -114,6 +119,42 @@ impl Mailboxes {
             delivered: true,
             why: None,
         }
+    }
+}
+
+impl Mailboxes {
+    /// Stops an attempt as its CANCELLING `lease` asks (see
+    /// [`crate::core::stop_asked`]); a task being preempted first finds a
+    /// line in its inbox (topic [`PREEMPTED_TOPIC`]), once, before its
+    /// SIGTERM. A stop for a lost lease stays: it outranks any other.
+    pub async fn stop_as_asked(&self, stop: &watch::Sender<Option<StopReason>>, lease: &Lease) {
+        let asked = crate::core::stop_asked(lease);
+        let before = *stop.borrow();
+        if matches!(before, Some(StopReason::Fenced)) {
+            return;
+        }
+        if let (Some(p), false) = (
+            &lease.preempt,
+            matches!(before, Some(StopReason::Preempt { .. })),
+        ) {
+            let note = Delivery {
+                job_id: lease.job_id.clone(),
+                task_id: lease.task_id.clone(),
+                attempt: lease.attempt,
+                message: InboxMessage {
+                    at: time::OffsetDateTime::now_utc(),
+                    from: FROM_GPUFLEET.into(),
+                    topic: PREEMPTED_TOPIC.into(),
+                    data: serde_json::json!({"by": p.by, "grace_seconds": p.grace.0.as_secs_f64()}),
+                },
+                signal: false,
+            };
+            let r = self.deliver(&note).await;
+            if let Some(why) = r.why {
+                tracing::info!(task_id = %lease.task_id, why, "could not tell a task it is preempted");
+            }
+        }
+        stop.send_replace(Some(asked));
     }
 }
 

@@ -200,6 +200,11 @@ pub enum StopReason {
     /// The lease is gone, or may be: a newer attempt may run elsewhere.
     /// Killed at once.
     Fenced,
+    /// Preempted for waiting work of a higher priority: SIGTERM, then
+    /// SIGKILL after `grace` (the coordinator's `preempt_grace`).
+    Preempt {
+        grace: Duration,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -989,9 +994,13 @@ impl Ending<'_> {
         }
         match self.ender {
             None => {}
-            // A cancel is final, unlike a drain that will retry the task.
+            // A cancel is final, unlike a drain that will retry the task;
+            // a preemption says why (the task was already told to stop).
             Some(Ender::Stop(StopReason::Drain))
-                if matches!(why, Ender::Stop(StopReason::Cancel)) =>
+                if matches!(
+                    why,
+                    Ender::Stop(StopReason::Cancel | StopReason::Preempt { .. })
+                ) =>
             {
                 self.ender = Some(why);
                 return;
@@ -999,11 +1008,15 @@ impl Ending<'_> {
             Some(_) => return,
         }
         self.ender = Some(why);
-        if self.grace.is_zero() {
+        let grace = match why {
+            Ender::Stop(StopReason::Preempt { grace }) => grace,
+            _ => self.grace,
+        };
+        if grace.is_zero() {
             self.group.signal(Signal::SIGKILL);
         } else {
             self.group.signal(Signal::SIGTERM);
-            self.kill_at = Instant::now().checked_add(self.grace);
+            self.kill_at = Instant::now().checked_add(grace);
         }
     }
 
@@ -1157,6 +1170,10 @@ fn describe_end(ender: &Ender) -> (TaskState, String) {
         Ender::Stop(StopReason::Cancel) => (TaskState::Cancelled, "cancelled".into()),
         Ender::Stop(StopReason::Drain) => (TaskState::Interrupted, "worker is draining".into()),
         Ender::Stop(StopReason::Fenced) => (TaskState::Cancelled, "lease lost".into()),
+        Ender::Stop(StopReason::Preempt { .. }) => (
+            TaskState::Interrupted,
+            "preempted: stopped for waiting work of a higher priority".into(),
+        ),
         Ender::Stop(StopReason::LostContact) => (
             TaskState::Interrupted,
             "the worker lost contact with NATS and could not renew the lease, so it stopped the task before the lease could lapse".into(),

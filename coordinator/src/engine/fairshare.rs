@@ -316,6 +316,7 @@ mod tests {
                 UserPolicy {
                     weight: Some(*w),
                     quota: Quota::default(),
+                    preempt_priority: None,
                 },
             );
         }
@@ -399,10 +400,12 @@ mod tests {
             p.users.insert(users[0].clone(), UserPolicy {
                 weight: None,
                 quota: Quota { max_gpus: Some(max_gpus), max_running: Some(max_running), ..Default::default() },
+                preempt_priority: None,
             });
             p.groups.insert("g".into(), GroupPolicy {
                 members: vec![users[1].clone(), users[2].clone()],
                 quota: Quota { max_cpus: Some(f64::from(group_cpus)), ..Default::default() },
+                preempt_priority: None,
             });
             let s = Shares::new(p);
             let mut l = s.ledger();

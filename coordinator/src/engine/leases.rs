@@ -212,6 +212,11 @@ impl LeaseBook {
     /// The snapshot placement works on: adverts, less what every live
     /// lease holds.
     pub fn snapshot(&self) -> Vec<WorkerView> {
+        self.snapshot_without(&HashSet::new())
+    }
+
+    /// The snapshot as it would be without the leases `gone`.
+    pub fn snapshot_without(&self, gone: &HashSet<&LeaseKey>) -> Vec<WorkerView> {
         let mut views: Vec<WorkerView> = self
             .workers
             .values()
@@ -227,9 +232,10 @@ impl LeaseBook {
             .enumerate()
             .map(|(i, v)| (v.name.clone(), i))
             .collect();
-        for live in self.live.values() {
+        for (key, live) in &self.live {
             let l = &live.lease;
-            if matches!(l.state, LeaseState::Rejected | LeaseState::Abandoned) {
+            if matches!(l.state, LeaseState::Rejected | LeaseState::Abandoned) || gone.contains(key)
+            {
                 continue;
             }
             let Some(&w) = index.get(&l.worker) else {

@@ -14,7 +14,7 @@ use gpufleet_schema::{
 use super::leases::LiveLease;
 use super::{Engine, LeaseChange};
 use crate::metrics::Reservation;
-use crate::state::GangSettled;
+use crate::state::{GangSettled, Stop};
 
 /// How an attempt ended, as the engine learned it.
 struct Ended {
@@ -31,6 +31,33 @@ impl Ended {
             exit_code: None,
             why: why.to_string(),
         }
+    }
+}
+
+/// How an attempt the coordinator asked to stop ended: a cancel ends it
+/// CANCELLED, a preemption INTERRUPTED "preempted by JOB", whatever the
+/// worker called the stop (or if the attempt was lost meanwhile); an
+/// attempt that succeeded first succeeded.
+fn stopped_as_asked(stopping: Option<&Stop>, ended: Ended) -> Ended {
+    match stopping {
+        _ if ended.state == TaskState::Succeeded => ended,
+        Some(Stop::Cancel) => Ended {
+            state: TaskState::Cancelled,
+            why: "cancelled".into(),
+            ..ended
+        },
+        Some(Stop::Preempt { by }) => {
+            let why = match ended.state {
+                TaskState::Lost => format!("preempted by {by} (then lost: {})", ended.why),
+                _ => format!("preempted by {by}"),
+            };
+            Ended {
+                state: TaskState::Interrupted,
+                why,
+                ..ended
+            }
+        }
+        None => ended,
     }
 }
 
@@ -184,7 +211,19 @@ impl Engine {
     pub(super) fn stop_lease(&mut self, job: &JobId, index: usize, key: &LeaseKey) {
         match self.book.get(key) {
             Some(live) if live.lease.state == LeaseState::Running => {
-                self.fx.cancel_lease(key, live, "job cancelled".into());
+                let preempt = self.jobs[job].tasks[index].preempted_by().map(|by| {
+                    gpufleet_schema::lease::Preempt {
+                        by: by.clone(),
+                        grace: self.cfg.preempt_grace,
+                    }
+                });
+                let reason = match &preempt {
+                    Some(p) => format!("preempted by job {}", p.by),
+                    None => "job cancelled".into(),
+                };
+                let (mut lease, rev) = live.cancelling(reason);
+                lease.preempt = preempt;
+                self.fx.cancel_leases.push((key.to_string(), lease, rev));
             }
             Some(live) if live.lease.state == LeaseState::Cancelling => {}
             _ => {
@@ -235,9 +274,10 @@ impl Engine {
     /// left queues the next attempt instead.
     fn end_attempt(&mut self, job: &JobId, i: usize, ended: Ended) {
         self.book.settled(&self.jobs[job].tasks[i].id);
+        let ended = stopped_as_asked(self.jobs[job].tasks[i].stopping.as_ref(), ended);
         let j = self.jobs.job_mut(job);
-        // What a cancel ends is no error of the job's.
-        if !j.cancel_requested {
+        // What a cancel or a preemption ends is no error of the job's.
+        if !j.cancel_requested && j.tasks[i].stopping.is_none() {
             j.note_end(i, ended.state, ended.exit_code, &ended.why, self.now.wall);
         }
         if self.jobs[job].spec.gang {
@@ -254,6 +294,7 @@ impl Engine {
         let cancelled = j.cancel_requested;
         let t = &mut j.tasks[i];
         let attempt = t.attempt;
+        let preempted = t.preempted_by().is_some();
         if cancelled && state != TaskState::Succeeded {
             t.end(
                 TaskState::Cancelled,
@@ -261,7 +302,15 @@ impl Engine {
                 Some("cancelled".into()),
                 at,
             );
-        } else if state.is_retryable() && attempt <= max_retries {
+        } else if preempted && state != TaskState::Succeeded {
+            // Back to the queue at once, as a new attempt that spends no
+            // retry (the preemptor holds the worker it leaves).
+            t.end(state, exit_code, Some(why.clone()), at);
+            self.emit_state(job, i);
+            let t = self.jobs.task_mut(job, i);
+            t.requeue_preempted(format!("attempt {attempt} {state}: {why}"));
+            self.queue.queued(&t.id, self.now.mono);
+        } else if state.is_retryable() && t.counted_attempts() <= max_retries {
             // Tell listeners how this attempt ended, then queue the next,
             // after a pause, preferring another worker.
             let ran_on = t.worker.clone();
@@ -365,10 +414,11 @@ impl Engine {
         let ran_on: Vec<Option<WorkerId>> = j.tasks.iter().map(|t| t.worker.clone()).collect();
         let before = j.tasks.iter().map(|t| t.attempt).max().unwrap_or(1);
         let changed = match j.settle_gang(&why, self.now.wall) {
-            GangSettled::Requeued { attempt } => {
+            GangSettled::Requeued { attempt, preempted } => {
                 // A run that failed pauses the whole gang; one that never
-                // started (a member refused) goes again at once.
-                let delay = if attempt > before {
+                // started (a member refused), or was preempted, goes again
+                // at once.
+                let delay = if attempt > before && !preempted {
                     self.retry_delay(before)
                 } else {
                     Duration::ZERO
@@ -573,18 +623,24 @@ impl Engine {
         for job in broken {
             self.settle_gang(&job);
         }
+        // Jobs cancelled, and those with a task being cancelled or
+        // preempted.
         let cancelled: Vec<JobId> = self
             .queue
             .jobs()
-            .filter(|id| self.jobs[*id].cancel_requested)
+            .filter(|id| {
+                let j = &self.jobs[*id];
+                j.cancel_requested || j.tasks.iter().any(|t| t.stopping.is_some())
+            })
             .cloned()
             .collect();
         for job in cancelled {
+            let all = self.jobs[&job].cancel_requested;
             let keys: Vec<(usize, LeaseKey)> = self.jobs[&job]
                 .tasks
                 .iter()
                 .enumerate()
-                .filter(|(_, t)| t.state == TaskState::Running)
+                .filter(|(_, t)| t.state == TaskState::Running && (all || t.stopping.is_some()))
                 .filter_map(|(i, t)| {
                     let w = t.worker.as_ref()?;
                     Some((i, subjects::lease_key(w, &t.id, t.attempt)))

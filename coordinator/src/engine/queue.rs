@@ -40,6 +40,22 @@ fn queue_key(j: &JobRecord) -> QueueKey {
     (Reverse(j.spec.priority), j.seq, j.id.clone())
 }
 
+/// Workers held for work that waits for the preemption of tasks there:
+/// nobody else is placed on them, so that what the victims free goes to
+/// the work they were stopped for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreemptHold {
+    pub job: JobId,
+    /// The task, for a plain job; `None` for a gang.
+    pub task: Option<usize>,
+    pub workers: Vec<WorkerId>,
+    /// The hold lapses then (its victims should be long gone: the grace,
+    /// then a lease's lifetime for a worker that froze meanwhile).
+    pub until: Instant,
+    /// What the waiting work says meanwhile.
+    pub why: String,
+}
+
 /// Workers held back for the task or gang at the head of the queue.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hold {
@@ -62,6 +78,8 @@ pub struct QueuePolicy {
     /// if it can.
     tried: HashMap<TaskId, Vec<WorkerId>>,
     hold: Option<Hold>,
+    /// Workers held for work waiting on preemptions there.
+    preempting: Vec<PreemptHold>,
     /// Jobs whose dependencies are met: not asked again.
     deps_met: HashSet<JobId>,
     /// Since when each task (of a job with `unschedulable_after`) has
@@ -80,6 +98,7 @@ impl QueuePolicy {
             paused: HashMap::new(),
             tried: HashMap::new(),
             hold: None,
+            preempting: Vec::new(),
             deps_met: HashSet::new(),
             unschedulable: HashMap::new(),
             starvation_after: cfg.starvation_after.0,
@@ -99,6 +118,9 @@ impl QueuePolicy {
     /// A job ended: off the queue, and its tasks' clocks and windows go.
     pub fn dequeue(&mut self, job: &JobRecord) {
         self.deps_met.remove(&job.id);
+        if !self.preempting.is_empty() {
+            self.preempting.retain(|h| h.job != job.id);
+        }
         if let Some(jobs) = self.order.get_mut(&job.owner) {
             jobs.remove(&queue_key(job));
             if jobs.is_empty() {
@@ -275,8 +297,27 @@ impl QueuePolicy {
         self.hold.as_ref()
     }
 
+    /// The holds for work waiting on preemptions.
+    pub fn preempting(&self) -> &[PreemptHold] {
+        &self.preempting
+    }
+
+    /// Holds workers for work that waits for the preemption of tasks there.
+    pub fn hold_for_preemption(&mut self, hold: PreemptHold) {
+        self.preempting.push(hold);
+    }
+
+    /// The work a preemption was for has its reservation: its hold ends.
+    pub fn preemptor_placed(&mut self, job: &JobId, task: Option<usize>) {
+        if !self.preempting.is_empty() {
+            self.preempting
+                .retain(|h| !(&h.job == job && (h.task.is_none() || h.task == task)));
+        }
+    }
+
     /// A held worker went away: the hold is void.
     pub fn worker_gone(&mut self, worker: &WorkerId) {
+        self.preempting.retain(|h| !h.workers.contains(worker));
         if self
             .hold
             .as_ref()
@@ -289,6 +330,15 @@ impl QueuePolicy {
     /// Starts a scheduling pass over `views`. The hold is dropped unless
     /// its holder is still waiting in this pass.
     pub fn begin_pass(&mut self, views: &[WorkerView], now: Instant) -> PassPolicy {
+        self.preempting.retain(|h| h.until > now);
+        let mut for_preemptors = Vec::new();
+        for h in &self.preempting {
+            for w in &h.workers {
+                if let Some(i) = views.iter().position(|v| &v.name == w) {
+                    for_preemptors.push((i, views[i].draining, h.job.clone(), h.task));
+                }
+            }
+        }
         let carried = self.hold.take();
         let held = carried
             .as_ref()
@@ -303,6 +353,7 @@ impl QueuePolicy {
         PassPolicy {
             carried,
             held,
+            for_preemptors,
             next: None,
             head_seen: false,
             budget: self.max_per_pass,
@@ -327,6 +378,8 @@ pub struct PassPolicy {
     carried: Option<Hold>,
     /// The held workers' places in the snapshot, with their own draining.
     held: Vec<(usize, bool)>,
+    /// Workers held for preemptors: place, own draining, and for whom.
+    for_preemptors: Vec<(usize, bool, JobId, Option<usize>)>,
     /// The hold the next pass starts with.
     next: Option<Hold>,
     /// Whether the first waiting work that could fit somewhere was seen.
@@ -346,22 +399,28 @@ impl PassPolicy {
             .is_some_and(|h| &h.job == job && h.task == task)
     }
 
-    /// Runs `place` with the held workers closed to everyone but their
-    /// holder, then opens them again.
+    /// Runs `place` for the task (`Some(index)`) or gang (`None`) of
+    /// `job` with the held workers closed to everyone but their holder
+    /// (`holder`: the starvation hold's), then opens them again.
     pub fn with_held_closed<R>(
         &self,
         views: &mut [WorkerView],
         holder: bool,
+        (job, task): (&JobId, Option<usize>),
         place: impl FnOnce(&mut [WorkerView]) -> R,
     ) -> R {
-        let mask = |views: &mut [WorkerView], closed: bool| {
+        let mask = |views: &mut [WorkerView], open: bool| {
             for &(i, draining) in &self.held {
-                views[i].draining = draining || closed;
+                views[i].draining = draining || !(open || holder);
+            }
+            for (i, draining, j, t) in &self.for_preemptors {
+                let theirs = j == job && (t.is_none() || *t == task);
+                views[*i].draining = *draining || !(open || theirs);
             }
         };
-        mask(views, !holder);
-        let r = place(views);
         mask(views, false);
+        let r = place(views);
+        mask(views, true);
         r
     }
 

@@ -23,6 +23,7 @@ use gpufleet_schema::{
 
 use super::deps::Deps;
 use super::fairshare::{Ledger, Usage};
+use super::preempt::Preemptor;
 use super::queue::{gang_hold_candidates, hold_candidate, Hold, PassPolicy, QueueKey};
 use super::twophase::Upgrade;
 use super::Engine;
@@ -43,6 +44,16 @@ enum Placed {
         job: JobId,
         members: Vec<(usize, usize, Grant)>,
     },
+}
+
+impl Placed {
+    /// What it holds: (worker index, grant) of each task.
+    fn grants(&self) -> Vec<(usize, &Grant)> {
+        match self {
+            Placed::Task { worker, grant, .. } => vec![(*worker, grant)],
+            Placed::Gang { members, .. } => members.iter().map(|(_, w, g)| (*w, g)).collect(),
+        }
+    }
 }
 
 /// One scheduling pass in progress.
@@ -72,6 +83,10 @@ pub(super) struct Pass {
     pub(super) ledger: Ledger,
     /// The fleet's capacity, shares are fractions of.
     pub(super) capacity: Usage,
+    /// Whether the policy lets anybody preempt, and the work that did
+    /// not fit and may (see `preempt.rs`).
+    preempts: bool,
+    preemptors: Vec<Preemptor>,
 }
 
 impl Pass {
@@ -238,7 +253,8 @@ impl Engine {
             policy,
             placed,
             upgrades,
-            waiting,
+            mut waiting,
+            preemptors,
             dropped,
             deps_met,
             mut deps_failed,
@@ -250,7 +266,13 @@ impl Engine {
             self.queue.set_deps_met(job);
         }
         deps_failed.extend(self.given_up(&waiting, unschedulable));
-        let mut touched = self.explain(waiting, dropped);
+        let mut touched = if preemptors.is_empty() {
+            HashSet::new()
+        } else {
+            let reserved: Vec<(usize, &Grant)> = placed.iter().flat_map(Placed::grants).collect();
+            self.preempt(preemptors, &reserved, &mut waiting)
+        };
+        touched.extend(self.explain(waiting, dropped));
         touched.extend(self.end_waiting(deps_failed));
         touched.extend(self.reserve_placed(placed, &views));
         self.grant_placed(upgrades);
@@ -275,6 +297,8 @@ impl Engine {
             }
         }
         Pass {
+            preempts: self.shares.policy().preempts(),
+            preemptors: Vec::new(),
             deps_met: Vec::new(),
             deps_failed: Vec::new(),
             unschedulable: Vec::new(),
@@ -324,12 +348,15 @@ impl Engine {
                 .map(|&i| self.request(job, i, elsewhere))
                 .collect();
             let tried = p.is_some();
-            let placed = pass
-                .policy
-                .with_held_closed(&mut pass.views, is_holder, |views| {
+            let placed = pass.policy.with_held_closed(
+                &mut pass.views,
+                is_holder,
+                (&job.id, None),
+                |views| {
                     self.metrics
                         .time_placement(|| placement::place_gang(&reqs, min, views))
-                });
+                },
+            );
             let fits = !placed.assigned.is_empty();
             p = Some(placed);
             if fits || tried || !self.has_tried(job, queued) {
@@ -372,6 +399,8 @@ impl Engine {
             for &i in queued {
                 pass.unschedulable(job, i);
             }
+        } else if pass.preempts {
+            self.may_preempt_for(job, queued, min, &mut pass.preemptors);
         }
         let mut reason = p
             .unplaced
@@ -421,6 +450,8 @@ impl Engine {
                     .then(|| reason.clone());
                 if never_fits {
                     pass.unschedulable(job, i);
+                } else if pass.preempts {
+                    self.may_preempt_for(job, &[i], 1, &mut pass.preemptors);
                 }
                 if let Some(reason) = news {
                     pass.waiting.push((job.id.clone(), i, reason));
@@ -429,9 +460,10 @@ impl Engine {
             }
         }
         let mut req = self.request(job, i, true);
+        let me = (&job.id, Some(i));
         let mut p = pass
             .policy
-            .with_held_closed(&mut pass.views, is_holder, |views| {
+            .with_held_closed(&mut pass.views, is_holder, me, |views| {
                 self.metrics
                     .time_placement(|| placement::place(std::slice::from_ref(&req), views))
             });
@@ -441,7 +473,7 @@ impl Engine {
             req = self.request(job, i, false);
             p = pass
                 .policy
-                .with_held_closed(&mut pass.views, is_holder, |views| {
+                .with_held_closed(&mut pass.views, is_holder, me, |views| {
                     self.metrics
                         .time_placement(|| placement::place(std::slice::from_ref(&req), views))
                 });
@@ -483,6 +515,8 @@ impl Engine {
             }
             if u.never_fits {
                 pass.unschedulable(job, i);
+            } else if pass.preempts {
+                self.may_preempt_for(job, &[i], 1, &mut pass.preemptors);
             }
             pass.failed.insert(sig, (u.reason, u.never_fits));
         }
@@ -614,10 +648,12 @@ impl Engine {
                     worker,
                     grant,
                 } => {
+                    self.queue.preemptor_placed(&job, Some(index));
                     self.reserve(&job, index, views[worker].name.clone(), grant, None);
                     touched.insert(job);
                 }
                 Placed::Gang { job, mut members } => {
+                    self.queue.preemptor_placed(&job, None);
                     members.sort_by_key(|(i, _, _)| *i);
                     let master = views[members[0].1].name.clone();
                     let addr = self
@@ -685,6 +721,7 @@ impl Engine {
             claim_rev: None,
             ready: false,
             gpu_grant: None,
+            preempt: None,
         };
         self.queue.fits_somewhere(&lease.task_id);
         self.metrics.reservation(Reservation::Made);
@@ -699,7 +736,7 @@ impl Engine {
 
     /// What placement is asked for one task; `elsewhere` keeps it off the
     /// workers its earlier attempts ran on.
-    fn request(&self, job: &JobRecord, i: usize, elsewhere: bool) -> TaskRequest {
+    pub(super) fn request(&self, job: &JobRecord, i: usize, elsewhere: bool) -> TaskRequest {
         let spec = &job.spec.tasks[i];
         let task = &job.tasks[i].id;
         let mut avoid = self.queue.avoided(task, self.now.mono);

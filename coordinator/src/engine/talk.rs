@@ -293,7 +293,7 @@ pub fn sent(job: &JobId, tasks: Vec<gpufleet_schema::TaskId>) -> Reply {
 }
 
 /// A task of `job` by its id or its name.
-fn find_task(job: &JobRecord, task: &str) -> Option<usize> {
+pub(super) fn find_task(job: &JobRecord, task: &str) -> Option<usize> {
     job.tasks
         .iter()
         .position(|t| t.id.as_str() == task)

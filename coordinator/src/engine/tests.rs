@@ -20,7 +20,9 @@ mod gangs;
 mod holds;
 mod observe;
 mod owners;
+mod preempt;
 mod refusals;
+mod retry;
 mod talk;
 mod twophase;
 mod unschedulable;
@@ -424,6 +426,7 @@ fn start_up_adopts_unrecorded_leases_and_requeues_lapsed_reservations() {
         claim_rev: None,
         ready: false,
         gpu_grant: None,
+        preempt: None,
     };
     e.handle(Input::Lease(LeaseChange::Put {
         key: "w1.j-1.1".into(),

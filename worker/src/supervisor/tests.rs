@@ -376,6 +376,29 @@ async fn drain_interrupts_the_task_and_kills_it_after_the_grace() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preempted_task_gets_sigterm_and_the_preemption_grace_before_sigkill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = start(sh(
+        tmp.path(),
+        "trap 'echo got TERM' TERM; echo ready; while :; do sleep 0.1; done",
+    ));
+    r.wait_for(LogStream::Stdout, "ready").await;
+    let asked = tokio::time::Instant::now();
+    // Longer than the kill grace these tests run with.
+    let grace = Duration::from_millis(1500);
+    r.stop(StopReason::Preempt { grace });
+    let (fin, out) = r.finish().await;
+    assert!(asked.elapsed() >= grace, "{:?}", asked.elapsed());
+    assert!(text_of(&out, LogStream::Stdout).contains("got TERM"));
+    assert_eq!(fin.state, TaskState::Interrupted);
+    assert_eq!(fin.signal, Some(libc::SIGKILL));
+    assert!(
+        fin.error.as_deref().unwrap().starts_with("preempted"),
+        "{fin:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_task_is_cancelled_for_lease_loss() {
     let tmp = tempfile::tempdir().unwrap();
     let mut r = start(sh(tmp.path(), "echo ready; exec sleep 1000"));
