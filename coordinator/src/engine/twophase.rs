@@ -212,6 +212,21 @@ impl Engine {
                 continue;
             };
             let req = second_phase_request(l);
+            // What preemption freed on a worker goes to the work it was
+            // freed for, not to a task that loaded there meanwhile.
+            if let Some(h) = self
+                .queue
+                .preempting()
+                .iter()
+                .find(|h| h.job != job && h.workers.contains(&l.worker))
+            {
+                let why = format!(
+                    "loaded; waiting for a GPU on {}: held for job {}, which preempted work there",
+                    l.worker, h.job
+                );
+                pass.waiting.push((job, i, why));
+                continue;
+            }
             // A draining worker takes no new work, but this task already
             // runs there: with its GPU it may finish before the drain ends.
             let mut one = [pass.views[w].clone()];

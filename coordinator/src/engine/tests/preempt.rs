@@ -208,3 +208,44 @@ fn a_preemptor_whose_hold_is_gone_waits_for_its_victims_rather_than_take_more() 
     let why = e.jobs[&urgent].tasks[0].reason.clone().unwrap();
     assert!(why.starts_with("waiting for preemption"), "{why}");
 }
+
+#[test]
+fn what_a_preemption_frees_goes_to_the_preemptor_not_to_a_task_loaded_there() {
+    let mut e = ready_engine(&[advert("w1", 8, 1)]);
+    may_preempt(&mut e, 10);
+    let (_low, vkey, victim) = running(&mut e, &one_gpu(0, true), 10);
+    // A two-phase task loads on the same worker and waits for its GPU.
+    let (loaded, _) = submit(
+        &mut e,
+        r#"{"tasks": [{"command": ["train"], "resources": {"gpus": 1, "cpus": 2}, "load": {"cpus": 1}}]}"#,
+    );
+    let (lkey, lease) = e.take_effects().create_leases.remove(0);
+    assert!(lease.grant.loading);
+    claim(&mut e, &lkey, &lease, 20);
+    let mut l = lease.clone();
+    l.state = LeaseState::Running;
+    l.instance = Some("inst".into());
+    l.claim_rev = Some(20);
+    l.ready = true;
+    e.handle(Input::Lease(LeaseChange::Put {
+        key: lkey.clone(),
+        rev: 21,
+        lease: Box::new(l),
+    }));
+    e.schedule_if_needed();
+    assert!(e.take_effects().grant_leases.is_empty(), "the GPU is busy");
+
+    let (urgent, _) = submit(&mut e, &one_gpu(5, false));
+    assert_eq!(e.take_effects().cancel_leases.len(), 1);
+    finish(&mut e, &vkey, &victim, TaskState::Cancelled, 1);
+    e.schedule_if_needed();
+    let fx = e.take_effects();
+    assert!(fx.grant_leases.is_empty(), "the loaded task waits");
+    assert_eq!(fx.create_leases.len(), 1);
+    assert_eq!(fx.create_leases[0].1.job_id, urgent);
+    let why = e.jobs[&loaded].tasks[0].reason.clone().unwrap();
+    assert!(
+        why.contains("held for job") && why.contains(urgent.as_str()),
+        "{why}"
+    );
+}
