@@ -27,16 +27,19 @@ use tokio::time::Instant;
 use crate::retry::Backoff;
 
 /// How often the server sends a heartbeat while it has nothing to deliver.
-pub(crate) const HEARTBEAT: Duration = Duration::from_secs(1);
+pub(crate) const HEARTBEAT: Duration = Duration::from_millis(500);
 /// Silence after which the consumer is taken for gone. Three heartbeats:
 /// on a busy machine one may come late, and a false alarm costs only a new
-/// consumer.
-pub(crate) const DEAD_AFTER: Duration = Duration::from_secs(3);
+/// consumer. A consumer dies with its node even when every stream keeps its
+/// leader, and the client hears nothing of it: this silence is then all
+/// that stands between the loss and the resumption (the fleet's target is
+/// work again within 2 s of the streams having leaders).
+pub(crate) const DEAD_AFTER: Duration = Duration::from_millis(1500);
 /// How long creating a consumer may take. A JetStream request sent while a
 /// stream has no leader can hang for the client's whole request timeout
 /// (5 s); giving up sooner lets the next try come soon after a leader is
 /// back.
-const CREATE_TIMEOUT: Duration = Duration::from_secs(2);
+const CREATE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the server keeps a consumer nobody listens to any more.
 const INACTIVE_THRESHOLD: Duration = Duration::from_secs(10);
 
@@ -206,7 +209,7 @@ pub(crate) async fn next_in(
 
 /// Consumers that fail are created again after these delays; the cap is
 /// short so that a reader resumes soon after its stream has a leader again.
-const RESUME_BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+const RESUME_BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
 
 /// How a reader that resumes after failures paces its new consumers.
 pub(crate) struct Resumption {
