@@ -59,8 +59,13 @@ pub fn free_port() -> u16 {
 
 fn wait_for_port(port: u16, child: &mut Child, log: &Path) -> Result<()> {
     let deadline = Instant::now() + START_DEADLINE;
+    // Our server says so once it listens: a bare connect could reach
+    // another process that took the port between probe and bind (seen
+    // once in CI: the port answered, then the client was refused).
+    let ours = format!("Listening for client connections on 127.0.0.1:{port}");
     loop {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        let said = std::fs::read_to_string(log).is_ok_and(|l| l.contains(&ours));
+        if said && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
