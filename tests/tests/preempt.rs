@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use gpufleet_schema::subjects::{self, endpoint};
-use gpufleet_schema::TaskState;
+use gpufleet_schema::{EventBody, TaskState};
 use gpufleet_testkit::wait::eventually;
 use gpufleet_testkit::{api, open_to_tasks, state_events, task_states, Fleet, WorkerSpec};
 use serde_json::{json, Value};
@@ -55,6 +55,18 @@ while :; do sleep 0.1; done"#,
             task_states(s) == ["RUNNING"]
         })
         .await;
+    // RUNNING is the claim; the shell sets its trap a moment later and
+    // says so by printing `training` (a SIGTERM before it ended the task
+    // without a checkpoint, once in CI).
+    eventually(DEADLINE, "the victim to have set its trap", || async {
+        fleet
+            .events(&low)
+            .await
+            .iter()
+            .any(|e| matches!(&e.body, EventBody::Log { text, .. } if text.contains("training")))
+            .then_some(())
+    })
+    .await;
     let urgent = fleet
         .submit(&json!({
             "name": "urgent", "priority": 5,
