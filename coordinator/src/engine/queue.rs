@@ -414,14 +414,26 @@ impl PassPolicy {
                 views[i].draining = draining || !(open || holder);
             }
             for (i, draining, j, t) in &self.for_preemptors {
-                let theirs = j == job && (t.is_none() || *t == task);
-                views[*i].draining = *draining || !(open || theirs);
+                views[*i].draining = *draining || !(open || for_them((j, *t), (job, task)));
             }
         };
         mask(views, false);
         let r = place(views);
         mask(views, true);
         r
+    }
+
+    /// The job a preemption holds worker `i` for, if that is not
+    /// `(job, task)` itself.
+    pub fn held_for_another(
+        &self,
+        i: usize,
+        (job, task): (&JobId, Option<usize>),
+    ) -> Option<&JobId> {
+        self.for_preemptors
+            .iter()
+            .find(|(w, _, j, t)| *w == i && !for_them((j, *t), (job, task)))
+            .map(|(_, _, j, _)| j)
     }
 
     /// The holder did not fit yet: its hold carries on.
@@ -516,4 +528,13 @@ fn emptied(v: &WorkerView) -> WorkerView {
         g.memory_free = g.memory_total;
     }
     e
+}
+
+/// Whether work `(job, task)` is what a preemption hold for `(held_job,
+/// held_task)` keeps its workers for (a gang's hold has no task).
+fn for_them(
+    (held_job, held_task): (&JobId, Option<usize>),
+    (job, task): (&JobId, Option<usize>),
+) -> bool {
+    held_job == job && (held_task.is_none() || held_task == task)
 }

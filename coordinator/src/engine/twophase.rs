@@ -214,15 +214,10 @@ impl Engine {
             let req = second_phase_request(l);
             // What preemption freed on a worker goes to the work it was
             // freed for, not to a task that loaded there meanwhile.
-            if let Some(h) = self
-                .queue
-                .preempting()
-                .iter()
-                .find(|h| h.job != job && h.workers.contains(&l.worker))
-            {
+            if let Some(by) = pass.policy.held_for_another(w, (&job, Some(i))) {
                 let why = format!(
-                    "loaded; waiting for a GPU on {}: held for job {}, which preempted work there",
-                    l.worker, h.job
+                    "loaded; waiting for a GPU on {}: held for job {by}, which preempted work there",
+                    l.worker
                 );
                 pass.waiting.push((job, i, why));
                 continue;
