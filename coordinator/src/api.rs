@@ -159,10 +159,7 @@ impl Access {
     /// Whether a reply to `reply` may go out: with roles on, only to the
     /// caller's own inbox.
     fn may_reply(&self, caller: &Caller, reply: &str) -> bool {
-        !self.roles
-            || reply
-                .strip_prefix(roles::inbox_prefix(caller.user.as_str()).as_str())
-                .is_some_and(|rest| rest.starts_with('.'))
+        !self.roles || roles::in_inbox_of(caller.user.as_str(), reply)
     }
 }
 

@@ -23,7 +23,8 @@
 //! the API; `lifecycle` turns lease changes, results and ticks into task
 //! transitions (gangs break and settle there, and start-up reconciles);
 //! `schedule` runs a placement pass in named phases; `health` keeps track
-//! of JetStream outages, during which nothing is declared lost.
+//! of JetStream outages, during which nothing is declared lost; `alive`
+//! keeps the promises made to workers heard alive over core NATS.
 //!
 //! Finished jobs leave the engine once their record is stored (`Moved`);
 //! what it no longer holds, the runtime reads from the jobs bucket when a
@@ -38,6 +39,7 @@ use gpufleet_schema::{
 use std::collections::BTreeSet;
 use tokio::sync::oneshot;
 
+mod alive;
 mod clock;
 mod deps;
 mod fairshare;
@@ -198,6 +200,13 @@ pub enum Input {
         expired: bool,
     },
     Lease(LeaseChange),
+    /// A worker asked to be heard alive (over core NATS, its advert
+    /// writes failing) and is answered: promised `ttl` from `heard`.
+    Alive {
+        worker: WorkerId,
+        heard: std::time::Instant,
+        ttl: std::time::Duration,
+    },
     /// A result event, with its stream sequence and who sent it (from
     /// its subject, which the server vouches for; its body was checked
     /// against the subject).
@@ -356,6 +365,8 @@ pub struct Engine {
     health: Health,
     /// Loaded two-phase tasks waiting for their GPUs.
     waits: twophase::GpuWaits,
+    /// Workers heard alive while their adverts could not be stored.
+    promises: alive::Promises,
 }
 
 /// Parts of stored records are at most this large unless the server's
@@ -366,6 +377,7 @@ impl Engine {
     /// An empty engine at `now`; `seed` makes all of its random choices.
     pub fn new(cfg: CoordinatorConfig, now: Now, seed: u64) -> Engine {
         let cfg_lease_ttl = cfg.lease_ttl.0;
+        let leader_ttl = cfg.leader_ttl.0;
         Engine {
             queue: QueuePolicy::new(&cfg),
             shares: fairshare::Shares::new(cfg.scheduling.clone()),
@@ -383,6 +395,7 @@ impl Engine {
             part_budget: PART_BUDGET,
             health: Health::new(cfg_lease_ttl),
             waits: twophase::GpuWaits::default(),
+            promises: alive::Promises::new(now.mono, crate::leader::promise_reach(leader_ttl)),
         }
     }
 
@@ -497,7 +510,7 @@ impl Engine {
     pub fn handle(&mut self, input: Input, now: Now) {
         self.now = now;
         self.metrics.input(match &input {
-            Input::Advert(_) | Input::WorkerGone { .. } => InputKind::Advert,
+            Input::Advert(_) | Input::WorkerGone { .. } | Input::Alive { .. } => InputKind::Advert,
             Input::Lease(_) => InputKind::Lease,
             Input::Result { .. } => InputKind::Result,
             Input::Api(..) => InputKind::Api,
@@ -506,6 +519,7 @@ impl Engine {
         match input {
             Input::Api(call, caller, tx) => self.api(call, caller, tx),
             Input::Advert(advert) => {
+                self.promises.advertised(&advert.name);
                 let lifted = self.queue.lift_avoid(&advert.name);
                 // Most heartbeats change nothing placement looks at; only
                 // those that do are worth a pass over the queue.
@@ -514,6 +528,7 @@ impl Engine {
                 }
             }
             Input::WorkerGone { name, expired } => self.worker_gone(&name, expired),
+            Input::Alive { worker, heard, ttl } => self.promises.heard(worker, heard, ttl),
             Input::Lease(change) => self.lease_change(change),
             Input::Result { seq, event, sender } => {
                 self.result(*event, &sender, seq);

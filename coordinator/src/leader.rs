@@ -23,6 +23,36 @@ use tokio::time::Instant;
 
 pub const LEADER_KEY: &str = gpufleet_schema::subjects::LEADER_KEY;
 
+/// How long past its leadership's TTL (from its last confirmed renewal)
+/// a leader still answers workers that ask to be heard alive: a stream
+/// election that holds up its renewals also holds up the workers' adverts,
+/// and they need the answers most then. A new leader keeps what such an
+/// answer promised by giving every worker this long past its own start
+/// (plus the worker's advert TTL) before an advert's expiry counts as a
+/// death (`engine/alive.rs`); it starts no earlier than the old
+/// leadership's TTL after that leader's last confirmed renewal.
+pub fn promise_reach(ttl: Duration) -> Duration {
+    ttl.saturating_mul(2)
+}
+
+/// What the alive responder needs of the leadership: whether it may still
+/// promise anything.
+#[derive(Clone)]
+pub struct Tenure {
+    lost: watch::Receiver<bool>,
+    confirmed: watch::Receiver<Instant>,
+    ttl: Duration,
+}
+
+impl Tenure {
+    /// Whether a promise made at `now` is kept by whoever leads next:
+    /// the leadership is not known lost and was confirmed within its TTL
+    /// and [`promise_reach`] (on our own clock, which counts a freeze).
+    pub fn may_promise(&self, now: Instant) -> bool {
+        !*self.lost.borrow() && now < *self.confirmed.borrow() + self.ttl + promise_reach(self.ttl)
+    }
+}
+
 pub struct Leadership {
     kv: RawKv,
     lost: watch::Receiver<bool>,
@@ -51,6 +81,15 @@ impl Leadership {
         tokio::select! {
             _ = self.lost.wait_for(|l| *l) => false,
             r = self.confirmed.wait_for(|at| Instant::now() < *at + ttl * 3 / 4) => r.is_ok(),
+        }
+    }
+
+    /// What the alive responder watches.
+    pub fn tenure(&self) -> Tenure {
+        Tenure {
+            lost: self.lost.clone(),
+            confirmed: self.confirmed.clone(),
+            ttl: self.ttl,
         }
     }
 

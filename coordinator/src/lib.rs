@@ -19,9 +19,12 @@
 //! - [`api`]: the `gpufleet` micro service.
 //! - [`post`]: hands messages for running tasks to their workers.
 //! - [`leader`]: one coordinator leads, others stand by.
+//! - [`alive`]: the leader hears workers alive over core NATS while their
+//!   adverts cannot be stored (a stream election).
 //! - [`metrics`]: counters and timings served in `$SRV.STATS`.
 //! - [`config`]: settings and their defaults.
 
+pub mod alive;
 pub mod api;
 pub mod config;
 pub mod engine;

@@ -211,6 +211,10 @@ pub async fn run(
         "messages follower",
         follow_messages(js.clone(), stores.events.clone(), tx.clone()),
     );
+    feeders.spawn(
+        "alive responder",
+        crate::alive::serve(client.clone(), tx.clone(), leadership.tenure(), cfg.roles),
+    );
     let (post_tx, post_rx) = mpsc::channel(POSTS_WAITING);
     feeders.spawn("postman", crate::post::run(client.clone(), post_rx));
     // Reads of jobs the engine no longer holds; each ends with an input
@@ -326,6 +330,9 @@ pub async fn run(
     if let Some(s) = service {
         s.stop().await;
     }
+    // Promises no more (the alive responder is one of them) before the
+    // leadership can pass to another, who would not know of them.
+    drop(feeders);
     if replaced {
         // Another coordinator leads now: writing anything more could undo
         // what it decides.

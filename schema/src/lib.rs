@@ -51,7 +51,7 @@ pub use status::{AttemptError, JobState, JobStatus, TaskCounts, TaskState, TaskS
 pub use subjects::{LeaseKey, Sender};
 pub use units::{ByteSize, Dur};
 pub use usage::TaskUsage;
-pub use worker::{GpuAdvert, WorkerAdvert};
+pub use worker::{AliveAsk, AliveHeard, GpuAdvert, WorkerAdvert};
 
 /// The version every program reports and advertises.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

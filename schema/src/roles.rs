@@ -54,6 +54,13 @@ pub fn inbox_prefix(identity: &str) -> String {
     format!("_INBOX.{identity}")
 }
 
+/// Whether `subject` is in `identity`'s inbox (where only it reads).
+pub fn in_inbox_of(identity: &str, subject: &str) -> bool {
+    subject
+        .strip_prefix(inbox_prefix(identity).as_str())
+        .is_some_and(|rest| rest.starts_with('.'))
+}
+
 impl Role {
     /// The name the role acts under (its inbox's).
     pub fn identity(&self) -> &str {
@@ -90,7 +97,13 @@ impl Role {
                 // only on its own endpoints, where it checks the reply
                 // subject (the micro service's discovery replies it cannot
                 // check are off under roles).
-                subscribe: vec![subjects::api_any_user(">"), inbox],
+                // And every worker's alive requests (the leader answers
+                // them, to the requesting worker's inbox only).
+                subscribe: vec![
+                    subjects::api_any_user(">"),
+                    subjects::ALIVE_ALL.into(),
+                    inbox,
+                ],
                 allow_responses: false,
             },
             Role::Worker(w) => {
@@ -104,6 +117,9 @@ impl Role {
                         advert.clone(),
                         subjects::events_from(&Sender::Worker(w.clone())),
                         subjects::worker_artifacts(w),
+                        // Heard alive while JetStream cannot take its
+                        // writes: only for itself.
+                        subjects::alive(w),
                         js_api::consumer_create_filtered(&leases_stream, &leases),
                         js_api::consumer_create_filtered(&workers_stream, &advert),
                         js_api::flow_control(&leases_stream),

@@ -304,6 +304,24 @@ pub fn deliver(worker: &WorkerId) -> String {
 /// Every worker's delivery subject: what the coordinator may publish to.
 pub const DELIVER_ALL: &str = "gpufleet.deliver.*";
 
+/// Where `worker`, while its JetStream writes fail, asks the leading
+/// coordinator to hear it alive over core NATS (a request; see
+/// `worker/src/alive.rs`). Only the worker itself may publish there.
+pub fn alive(worker: &WorkerId) -> String {
+    format!("{ALIVE_PREFIX}.{worker}")
+}
+
+const ALIVE_PREFIX: &str = "gpufleet.alive";
+
+/// Every worker's alive subject: what the coordinator listens on.
+pub const ALIVE_ALL: &str = "gpufleet.alive.*";
+
+/// The worker an alive subject names (none for anything else).
+pub fn parse_alive(subject: &str) -> Option<WorkerId> {
+    let token = subject.strip_prefix(ALIVE_PREFIX)?.strip_prefix('.')?;
+    WorkerId::new(token).ok()
+}
+
 /// A key in [`LEASES_BUCKET`], `<worker>.<task>.<attempt>`: one key per
 /// attempt, so a key is never reused by a later attempt (see the KV notes
 /// in the README). Made only by [`lease_key`] and [`parse_lease_key`], so
@@ -703,6 +721,22 @@ mod tests {
             "gpufleet.artifacts.alice.j1.j1-0.2.w1.YQ",
         ] {
             assert_eq!(parse_artifact_subject(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn alive_subjects_name_one_worker() {
+        let w = WorkerId::new("w-1").unwrap();
+        assert_eq!(alive(&w), "gpufleet.alive.w-1");
+        assert_eq!(parse_alive(&alive(&w)), Some(w));
+        for bad in [
+            "gpufleet.alive",
+            "gpufleet.alive.",
+            "gpufleet.alive.a.b",
+            "gpufleet.alivex.w",
+            "gpufleet.deliver.w",
+        ] {
+            assert_eq!(parse_alive(bad), None, "{bad}");
         }
     }
 

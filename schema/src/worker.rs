@@ -92,3 +92,20 @@ pub struct GpuAdvert {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held_by: Vec<TaskId>,
 }
+
+/// What a worker whose JetStream writes fail sends on its alive subject
+/// (`subjects::alive`), over core NATS, to be heard alive by the leader.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AliveAsk {
+    pub instance: String,
+    /// Its advert's TTL: how long the leader's promise must last.
+    pub ttl: Dur,
+}
+
+/// The leader's answer to an [`AliveAsk`]: it heard the worker alive, and
+/// will not take the expiry of its advert for its death within `ttl` of
+/// hearing it. No answer (from a standby, or nobody) promises nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AliveHeard {
+    pub ttl: Dur,
+}

@@ -218,6 +218,14 @@ pub async fn run_with(
 
     let unmanaged: Arc<Mutex<HashMap<GpuUuid, u64>>> = Arc::default();
     let (advert_tx, advert_rx) = watch::channel(AdvertInputs::default());
+    let alive_task = tokio::spawn(crate::alive::ask(
+        client.clone(),
+        worker.clone(),
+        instance.clone(),
+        (cfg.advert_ttl.0, cfg.heartbeat.0),
+        advert_confirmed.clone(),
+        advert_rx.clone(),
+    ));
     let advert_task = tokio::spawn(advert::heartbeat(
         adverts.clone(),
         cfg.clone(),
@@ -327,6 +335,7 @@ pub async fn run_with(
     }
 
     advert_task.abort();
+    alive_task.abort();
     mail_task.abort();
     // Leave at once rather than when the TTL runs out.
     if let Err(e) = adverts

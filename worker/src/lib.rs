@@ -18,6 +18,9 @@
 //!   resources are free and when it is done.
 //! - [`fence`]: self-fencing: each attempt's watchdog stops its task when
 //!   the worker cannot write its lease or advert for nearly their TTL.
+//! - [`alive`]: while adverts cannot be stored (a stream election), asks
+//!   the leading coordinator over core NATS to hear the worker alive,
+//!   which counts as a stored advert for the fence.
 //! - [`watchdog`]: the process outside the worker that stops the tasks of
 //!   a frozen (or dead) worker by their deadlines.
 //! - `publish`: the one place events are put on the stream (RUNNING,
@@ -47,6 +50,7 @@
 
 pub mod advert;
 pub mod agent;
+pub mod alive;
 pub mod artifacts;
 mod attempt;
 pub mod config;

@@ -539,24 +539,39 @@ impl Engine {
     /// JetStream was calm and the worker was not draining, died: its
     /// leases are lost at once rather than when they expire, and are
     /// removed, so that the worker finds them gone should it come back.
-    /// Any other (a clean exit, or an expiry an outage may have caused)
-    /// only stops new work going there; the leases' own TTLs decide.
+    /// Unless it was promised more time (heard alive over core NATS, see
+    /// `alive.rs`): then it dies when the promise lapses, if it has not
+    /// advertised again by then. Any other (a clean exit, or an expiry an
+    /// outage may have caused) only stops new work going there; the
+    /// leases' own TTLs decide.
     pub(super) fn worker_gone(&mut self, name: &WorkerId, expired: bool) {
-        let died = expired
+        let advert = self.book.worker(name);
+        let ttl = advert.map(|a| a.ttl.0);
+        let mut died = expired
             && self.ready
             && self.health.calm(self.now.mono)
             && self.book.expired_on_time(name, self.now.mono)
-            && self.book.worker(name).is_some_and(|a| !a.draining);
-        if expired && !died {
+            && advert.is_some_and(|a| !a.draining);
+        if let Some(ttl) = ttl.filter(|&ttl| died && self.promises.holds(name, ttl, self.now.mono))
+        {
+            tracing::info!(worker = %name, "a worker's advert expired while it is promised time; it dies when the promise lapses, unless it advertises again");
+            self.promises.wait(name.clone(), ttl);
+            died = false;
+        } else if expired && !died {
             tracing::info!(worker = %name, "a worker's advert expired; its leases expire on their own");
         }
         self.book.worker_gone(name);
         self.queue.worker_gone(name);
         self.wants_schedule = true;
-        if !died {
-            return;
+        if died {
+            self.worker_died(name, "its advert expired");
         }
-        let why = format!("worker {name} stopped heartbeating (its advert expired)");
+    }
+
+    /// A worker is dead: its leases are lost (removed, and their attempts
+    /// tried again).
+    fn worker_died(&mut self, name: &WorkerId, how: &str) {
+        let why = format!("worker {name} stopped heartbeating ({how})");
         tracing::warn!(worker = %name, "worker died: its tasks are lost and tried again");
         for (key, live) in self.book.leases_of(name) {
             self.purge_lease(&key);
@@ -578,6 +593,16 @@ impl Engine {
     // ----- time -----
 
     pub(super) fn tick(&mut self) {
+        // Workers whose advert expired while promised, whose promise has
+        // lapsed without an advert: dead, if nothing else explains it.
+        for name in self.promises.lapsed(self.now.mono) {
+            if self.ready && self.health.calm(self.now.mono) && self.book.worker(&name).is_none() {
+                self.worker_died(
+                    &name,
+                    "its advert expired, and it was not heard alive since",
+                );
+            }
+        }
         self.queue.expire_avoid(self.now.mono);
         self.queue.expire_pauses(self.now.mono);
         let retention =

@@ -20,11 +20,91 @@ fn running_on_w1(e: &mut Sim) -> (JobId, String, Lease) {
     (id, key, lease)
 }
 
+/// What an earlier leader may have promised a worker with the default
+/// settings (`leader_ttl` 10 s, the advert's TTL 10 s): no advert's expiry
+/// is a death within this of an engine's start (see `alive.rs`).
+const INHERITED: Duration = Duration::from_secs(30);
+
 fn two_workers() -> Sim {
+    let mut e = two_workers_at_start();
+    e.advance(INHERITED);
+    // Their heartbeats go on meanwhile.
+    for a in e.book.workers().cloned().collect::<Vec<_>>() {
+        e.handle(Input::Advert(Box::new(a)));
+    }
+    e
+}
+
+fn two_workers_at_start() -> Sim {
     // w2 is busier, so that placement picks w1 first.
     let mut w2 = advert("w2", 8, 0);
     w2.cpus_milli = 8000;
     ready_engine(&[advert("w1", 4, 0), w2])
+}
+
+fn heard(e: &mut Sim, name: &str) {
+    e.handle(Input::Alive {
+        worker: WorkerId::new(name).unwrap(),
+        heard: e.now.mono,
+        ttl: 10 * S,
+    });
+}
+
+fn lost_for_heartbeats(e: &mut Sim) -> bool {
+    e.take_effects().events.iter().any(|(_, ev)| matches!(
+        &ev.body,
+        EventBody::State { state: TaskState::Lost, reason: Some(r), .. } if r.contains("stopped heartbeating")
+    ))
+}
+
+#[test]
+fn a_worker_heard_alive_dies_only_once_the_promise_lapses_without_an_advert() {
+    let mut e = two_workers();
+    let (id, key, _) = running_on_w1(&mut e);
+    // Its adverts cannot be stored (a stream election); it asks to be
+    // heard alive, and is, 5 s after its last advert.
+    e.advance(5 * S);
+    heard(&mut e, "w1");
+    e.advance(5 * S);
+    gone(&mut e, "w1", true);
+    assert_eq!(task_state(&e, &id, 0), (TaskState::Running, 1));
+    tick_after(&mut e, 4);
+    assert_eq!(task_state(&e, &id, 0), (TaskState::Running, 1));
+    // Heard no more: dead when the promise lapses (15 s after its last
+    // advert), its lease removed and its task lost.
+    tick_after(&mut e, 1);
+    assert_eq!(task_state(&e, &id, 0), (TaskState::Queued, 2));
+    let fx = e.take_effects();
+    assert!(fx.purge_leases.contains(&key), "its lease is removed");
+
+    // Heard, then back: alive.
+    let mut e = two_workers();
+    let (id, _, _) = running_on_w1(&mut e);
+    e.advance(5 * S);
+    heard(&mut e, "w1");
+    e.advance(5 * S);
+    gone(&mut e, "w1", true);
+    e.advance(2 * S);
+    e.handle(Input::Advert(Box::new(advert("w1", 4, 0))));
+    tick_after(&mut e, 20);
+    assert_eq!(task_state(&e, &id, 0), (TaskState::Running, 1));
+    assert!(!lost_for_heartbeats(&mut e));
+}
+
+#[test]
+fn a_new_leader_keeps_what_an_earlier_one_may_have_promised() {
+    // Just started: an earlier leader may have heard w1 alive up to 20 s
+    // (`promise_reach`) past our start, and promised it 10 s more.
+    let mut e = two_workers_at_start();
+    let (id, _, _) = running_on_w1(&mut e);
+    e.advance(10 * S);
+    gone(&mut e, "w1", true);
+    tick_after(&mut e, 19);
+    assert_eq!(task_state(&e, &id, 0), (TaskState::Running, 1));
+    // 30 s from our start, and no advert: dead.
+    tick_after(&mut e, 1);
+    assert_eq!(task_state(&e, &id, 0), (TaskState::Queued, 2));
+    assert!(lost_for_heartbeats(&mut e));
 }
 
 fn gone(e: &mut Sim, name: &str, expired: bool) {
