@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::Client;
 use gpufleet_coordinator::engine::Rng;
+use gpufleet_schema::subjects;
 use gpufleet_testkit::invariants::{self, LeaseWatch, Ledger, Report};
 use gpufleet_testkit::proxy::Proxy;
 use gpufleet_testkit::{api, spawn_worker, submit_job, with_deadline, Fleet, Proc, WorkerSpec};
@@ -413,12 +414,60 @@ async fn a_node_of_a_three_node_cluster_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a worker stops its tasks when no advert was confirmed for 80% of advert_ttl, also while the workers' stream elects a leader: an election longer than 8 s (seen under load) costs every task (see the faults branch's report)"]
 async fn a_node_of_a_three_node_cluster_lost_costs_no_task() {
     node_lost("cluster node lost, no task lost")
         .await
         .check_without_retries()
         .await;
+}
+
+/// A JetStream outage only the adverts see, caused at will: the workers'
+/// bucket refuses every advert (they are larger than it now takes), while
+/// core NATS and the other streams work. No advert is stored for longer
+/// than its TTL (2 s) and the fence (1.4 s after the last one): the
+/// workers are heard alive by the leader over core NATS instead, and keep
+/// their tasks; the coordinator, which sees their adverts expire, does not
+/// take them for dead. The mechanism behind the lost-node test, without
+/// its election timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_whose_adverts_cannot_be_stored_are_heard_alive_and_keep_their_tasks() {
+    let mut t = Trial::start("adverts refused", &["w1", "w2"]).await;
+    t.busy(Duration::from_secs(10)).await;
+
+    // An advert with two GPUs is several hundred bytes; the expiry
+    // markers the server writes are a few dozen.
+    adverts_at_most(&t.fleet, 200).await;
+    let cut = Instant::now();
+    t.fleet.wait_worker_listed("w1", false).await;
+    t.fleet.wait_worker_listed("w2", false).await;
+    t.recovery("adverts expired (none stored)", cut.elapsed());
+    // The outage goes on past twice the advert's TTL: the promises are
+    // renewed meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    adverts_at_most(&t.fleet, -1).await;
+    let back = Instant::now();
+    t.fleet.wait_worker_listed("w1", true).await;
+    t.fleet.wait_worker_listed("w2", true).await;
+    t.recovery("adverts back", back.elapsed());
+    eprintln!(
+        "adverts refused: no advert stored for {:.1} s at least",
+        back.duration_since(cut).as_secs_f64()
+    );
+    t.check_without_retries().await;
+}
+
+/// Sets the largest message the workers' bucket takes (-1: any).
+async fn adverts_at_most(fleet: &Fleet, bytes: i32) {
+    let js = async_nats::jetstream::new(fleet.client().await);
+    let stream = js
+        .get_stream(subjects::kv_stream(subjects::WORKERS_BUCKET))
+        .await
+        .expect("the workers' bucket");
+    let mut config = stream.cached_info().config.clone();
+    config.max_message_size = bytes;
+    js.update_stream(config)
+        .await
+        .expect("the workers' bucket takes the new size");
 }
 
 /// A fleet on a 3-node cluster busy with work running and queued, one of
