@@ -31,8 +31,13 @@ pub const LEADER_KEY: &str = gpufleet_schema::subjects::LEADER_KEY;
 /// (plus the worker's advert TTL) before an advert's expiry counts as a
 /// death (`engine/alive.rs`); it starts no earlier than the old
 /// leadership's TTL after that leader's last confirmed renewal.
+/// As long again as the TTL: with the defaults a leader answers up to
+/// 16.7-20 s into an outage of the jobs' stream (which is what stops its
+/// renewals), and a new leader waits 20 s past its start before it takes
+/// an expired advert for a dead worker; longer would make the workers of
+/// a fleet whose leader just changed wait longer to be found dead.
 pub fn promise_reach(ttl: Duration) -> Duration {
-    ttl.saturating_mul(2)
+    ttl
 }
 
 /// What the alive responder needs of the leadership: whether it may still

@@ -604,3 +604,84 @@ async fn only_the_coordinator_sends_deliveries_and_only_their_worker_answers() {
         "another worker took w1's deliveries"
     );
 }
+
+/// Being heard alive (a worker whose adverts cannot be stored keeps its
+/// tasks on the leader's word): only the worker itself may ask on its
+/// alive subject, nobody but the coordinator may listen there (an answer
+/// from anyone else would keep a cut-off worker's tasks running beside
+/// their retries), and the coordinator hears the worker's own asks.
+#[tokio::test]
+async fn only_a_worker_asks_to_be_heard_alive_and_only_the_coordinator_hears_it() {
+    let alice = user("alice");
+    let (w1, w2) = (worker("w1"), worker("w2"));
+    let fleet = Secured::start(vec![
+        Role::Coordinator,
+        Role::Worker(w1.clone()),
+        Role::Worker(w2.clone()),
+        Role::User(alice.clone()),
+    ]);
+    let coordinator = fleet.connect(&Role::Coordinator).await;
+    let w1_client = fleet.connect(&Role::Worker(w1.clone())).await;
+    let w2_client = fleet.connect(&Role::Worker(w2.clone())).await;
+    let alice_client = fleet.connect(&Role::User(alice)).await;
+
+    // Listening on w1's alive subject: refused to another worker and to a
+    // user.
+    let mut w2_listens = w2_client.subscribe(subjects::alive(&w1)).await.unwrap();
+    w2_client.flush().await.unwrap();
+    let mut alice_listens = alice_client
+        .subscribe(subjects::ALIVE_ALL.to_string())
+        .await
+        .unwrap();
+    alice_client.flush().await.unwrap();
+    let mut heard = coordinator
+        .subscribe(subjects::ALIVE_ALL.to_string())
+        .await
+        .unwrap();
+    coordinator.flush().await.unwrap();
+
+    // w1's own ask arrives (asked again until the coordinator's
+    // subscription is live).
+    let ask = |client: &async_nats::Client, who: &'static str| {
+        let client = client.clone();
+        let subject = subjects::alive(&w1);
+        async move {
+            client.publish(subject, Bytes::from(who)).await.unwrap();
+            client.flush().await.unwrap();
+        }
+    };
+    gpufleet_testkit::with_deadline(PATIENCE, "w1's ask", async {
+        loop {
+            ask(&w1_client, "w1").await;
+            if let Ok(m) = tokio::time::timeout(DENIED, heard.next()).await {
+                let m = m.unwrap();
+                assert_eq!(m.subject.as_str(), subjects::alive(&w1));
+                assert_eq!(m.payload.as_ref(), b"w1");
+                break;
+            }
+        }
+    })
+    .await;
+    // Asking for w1: refused to w2 and to alice.
+    ask(&w2_client, "w2").await;
+    ask(&alice_client, "alice").await;
+    while let Ok(m) = tokio::time::timeout(DENIED, heard.next()).await {
+        assert_eq!(
+            m.unwrap().payload.as_ref(),
+            b"w1",
+            "someone but w1 asked for w1"
+        );
+    }
+    assert!(
+        tokio::time::timeout(DENIED, w2_listens.next())
+            .await
+            .is_err(),
+        "another worker heard w1's ask"
+    );
+    assert!(
+        tokio::time::timeout(DENIED, alice_listens.next())
+            .await
+            .is_err(),
+        "a user heard a worker's ask"
+    );
+}

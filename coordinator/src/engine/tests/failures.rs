@@ -23,7 +23,7 @@ fn running_on_w1(e: &mut Sim) -> (JobId, String, Lease) {
 /// What an earlier leader may have promised a worker with the default
 /// settings (`leader_ttl` 10 s, the advert's TTL 10 s): no advert's expiry
 /// is a death within this of an engine's start (see `alive.rs`).
-const INHERITED: Duration = Duration::from_secs(30);
+const INHERITED: Duration = Duration::from_secs(20);
 
 fn two_workers() -> Sim {
     let mut e = two_workers_at_start();
@@ -93,15 +93,15 @@ fn a_worker_heard_alive_dies_only_once_the_promise_lapses_without_an_advert() {
 
 #[test]
 fn a_new_leader_keeps_what_an_earlier_one_may_have_promised() {
-    // Just started: an earlier leader may have heard w1 alive up to 20 s
+    // Just started: an earlier leader may have heard w1 alive up to 10 s
     // (`promise_reach`) past our start, and promised it 10 s more.
     let mut e = two_workers_at_start();
     let (id, _, _) = running_on_w1(&mut e);
     e.advance(10 * S);
     gone(&mut e, "w1", true);
-    tick_after(&mut e, 19);
+    tick_after(&mut e, 9);
     assert_eq!(task_state(&e, &id, 0), (TaskState::Running, 1));
-    // 30 s from our start, and no advert: dead.
+    // 20 s from our start, and no advert: dead.
     tick_after(&mut e, 1);
     assert_eq!(task_state(&e, &id, 0), (TaskState::Queued, 2));
     assert!(lost_for_heartbeats(&mut e));
