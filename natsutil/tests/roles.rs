@@ -532,24 +532,33 @@ async fn a_deliver_subject_is_not_held_to_its_creators_permissions() {
     );
 }
 
+/// A server with a coordinator, workers w1 and w2 and user alice, and a
+/// connection of each (in that order); w1's name.
+async fn coordinator_two_workers_and_alice() -> (Secured, WorkerId, [async_nats::Client; 4]) {
+    let (w1, w2) = (worker("w1"), worker("w2"));
+    let roles = [
+        Role::Coordinator,
+        Role::Worker(w1.clone()),
+        Role::Worker(w2),
+        Role::User(user("alice")),
+    ];
+    let fleet = Secured::start(roles.to_vec());
+    let mut clients = Vec::new();
+    for role in &roles {
+        clients.push(fleet.connect(role).await);
+    }
+    let clients = clients.try_into().unwrap_or_else(|_| unreachable!());
+    (fleet, w1, clients)
+}
+
 /// Messages for running tasks: only the coordinator may ask a worker to
 /// deliver one, the worker answers that request (once, `allow_responses`)
 /// but cannot otherwise publish into the coordinator's inbox, and no other
 /// worker can take the first one's deliveries.
 #[tokio::test]
 async fn only_the_coordinator_sends_deliveries_and_only_their_worker_answers() {
-    let alice = user("alice");
-    let (w1, w2) = (worker("w1"), worker("w2"));
-    let fleet = Secured::start(vec![
-        Role::Coordinator,
-        Role::Worker(w1.clone()),
-        Role::Worker(w2.clone()),
-        Role::User(alice.clone()),
-    ]);
-    let coordinator = fleet.connect(&Role::Coordinator).await;
-    let w1_client = fleet.connect(&Role::Worker(w1.clone())).await;
-    let w2_client = fleet.connect(&Role::Worker(w2.clone())).await;
-    let alice_client = fleet.connect(&Role::User(alice)).await;
+    let (_fleet, w1, [coordinator, w1_client, w2_client, alice_client]) =
+        coordinator_two_workers_and_alice().await;
 
     let mut stolen = w2_client.subscribe(subjects::deliver(&w1)).await.unwrap();
     w2_client.flush().await.unwrap();
@@ -612,18 +621,8 @@ async fn only_the_coordinator_sends_deliveries_and_only_their_worker_answers() {
 /// their retries), and the coordinator hears the worker's own asks.
 #[tokio::test]
 async fn only_a_worker_asks_to_be_heard_alive_and_only_the_coordinator_hears_it() {
-    let alice = user("alice");
-    let (w1, w2) = (worker("w1"), worker("w2"));
-    let fleet = Secured::start(vec![
-        Role::Coordinator,
-        Role::Worker(w1.clone()),
-        Role::Worker(w2.clone()),
-        Role::User(alice.clone()),
-    ]);
-    let coordinator = fleet.connect(&Role::Coordinator).await;
-    let w1_client = fleet.connect(&Role::Worker(w1.clone())).await;
-    let w2_client = fleet.connect(&Role::Worker(w2.clone())).await;
-    let alice_client = fleet.connect(&Role::User(alice)).await;
+    let (_fleet, w1, [coordinator, w1_client, w2_client, alice_client]) =
+        coordinator_two_workers_and_alice().await;
 
     // Listening on w1's alive subject: refused to another worker and to a
     // user.
