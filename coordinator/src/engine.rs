@@ -356,6 +356,10 @@ pub struct Engine {
     health: Health,
     /// Loaded two-phase tasks waiting for their GPUs.
     waits: twophase::GpuWaits,
+    /// Whether a pass lets a job's tasks alike wait as soon as one of
+    /// them did not fit (see `schedule.rs`); off only in the test that
+    /// checks this changes no placement.
+    skip_alike: bool,
 }
 
 /// Parts of stored records are at most this large unless the server's
@@ -383,6 +387,7 @@ impl Engine {
             part_budget: PART_BUDGET,
             health: Health::new(cfg_lease_ttl),
             waits: twophase::GpuWaits::default(),
+            skip_alike: true,
         }
     }
 
@@ -930,7 +935,7 @@ impl Engine {
             at: self.now.wall,
             body: EventBody::State {
                 state: t.state,
-                reason: t.reason.clone(),
+                reason: t.reason.as_ref().map(|r| r.to_string()),
                 // Readers take the attempt's output only from this worker.
                 holder: t.worker.clone().filter(|_| t.holds_worker()),
             },
