@@ -356,10 +356,11 @@ pub struct Engine {
     health: Health,
     /// Loaded two-phase tasks waiting for their GPUs.
     waits: twophase::GpuWaits,
-    /// Whether a pass lets a job's tasks alike wait as soon as one of
-    /// them did not fit (see `schedule.rs`); off only in the test that
-    /// checks this changes no placement.
-    skip_alike: bool,
+    /// Whether a pass takes its shortcuts: a job's tasks alike wait as
+    /// soon as one of them did not fit, and a task is placed through the
+    /// pass's index of workers (see `schedule.rs`). Off only in the test
+    /// that checks they change nothing.
+    shortcuts: bool,
 }
 
 /// Parts of stored records are at most this large unless the server's
@@ -387,7 +388,7 @@ impl Engine {
             part_budget: PART_BUDGET,
             health: Health::new(cfg_lease_ttl),
             waits: twophase::GpuWaits::default(),
-            skip_alike: true,
+            shortcuts: true,
         }
     }
 

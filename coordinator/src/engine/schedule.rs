@@ -29,7 +29,7 @@ use super::queue::{gang_hold_candidates, hold_candidate, Hold, PassPolicy, Queue
 use super::twophase::Upgrade;
 use super::Engine;
 use crate::metrics::Reservation;
-use crate::placement::{self, LoadAsk, TaskRequest, WorkerView};
+use crate::placement::{self, Candidates, LoadAsk, Placement, TaskRequest, WorkerView};
 use crate::state::{JobRecord, Reason};
 
 /// What one pass decided to reserve.
@@ -61,6 +61,8 @@ impl Placed {
 pub(super) struct Pass {
     /// What placement sees; it shrinks as the pass places.
     pub(super) views: Vec<WorkerView>,
+    /// Which of `views` may still fit each shape of request.
+    candidates: Candidates,
     pub(super) policy: PassPolicy,
     /// Reasons of requests that failed in this pass, by signature. They
     /// fail again (the snapshot only shrinks), so their reason is reused:
@@ -300,7 +302,7 @@ impl Engine {
                     let failed = self.place_task(job, index, job_part, &mut pass);
                     // With preemption, each waiting task may be a
                     // preemptor of its own: none is skipped.
-                    if let Some(key) = failed.filter(|_| self.skip_alike && !pass.preempts) {
+                    if let Some(key) = failed.filter(|_| self.shortcuts && !pass.preempts) {
                         if let Some(outcome) = pass.failed.get(&key).cloned() {
                             users[i].skip_alike(self, &key, &outcome, &mut pass);
                         }
@@ -372,6 +374,7 @@ impl Engine {
             views,
             policy,
             failed: HashMap::new(),
+            candidates: Candidates::default(),
             keys: RandomState::new(),
             placed: Vec::new(),
             upgrades: Vec::new(),
@@ -544,7 +547,7 @@ impl Engine {
             .policy
             .with_held_closed(&mut pass.views, is_holder, me, |views| {
                 self.metrics
-                    .time_placement(|| placement::place(std::slice::from_ref(&req), views))
+                    .time_placement(|| self.place_one(&mut pass.candidates, &req, views))
             });
         // A retry goes back to a worker it was tried on only if no
         // other fits.
@@ -554,7 +557,7 @@ impl Engine {
                 .policy
                 .with_held_closed(&mut pass.views, is_holder, me, |views| {
                     self.metrics
-                        .time_placement(|| placement::place(std::slice::from_ref(&req), views))
+                        .time_placement(|| self.place_one(&mut pass.candidates, &req, views))
                 });
         }
         if let Some(a) = p.assigned.into_iter().next() {
@@ -843,6 +846,21 @@ impl Engine {
                 cpus_milli: l.cpus_milli(),
                 memory: l.memory_bytes(),
             }),
+        }
+    }
+
+    /// Places one task on `views`: through the pass's index, or (without
+    /// the shortcuts) by the plain scan it must agree with.
+    fn place_one(
+        &self,
+        candidates: &mut Candidates,
+        req: &TaskRequest,
+        views: &mut [WorkerView],
+    ) -> Placement {
+        if self.shortcuts {
+            candidates.place(req, views)
+        } else {
+            placement::place(std::slice::from_ref(req), views)
         }
     }
 

@@ -7,7 +7,7 @@
 //! engine builds the snapshot and applies the result. See `README.md` beside
 //! this file for the algorithm and its reasons.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::{Deref, DerefMut};
 
 use gpufleet_schema::capacity::WorkerCapacity;
@@ -57,7 +57,7 @@ pub struct TaskRequest {
 }
 
 /// What a load phase holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LoadAsk {
     pub cpus_milli: u64,
     pub memory: u64,
@@ -108,6 +108,17 @@ enum Reject {
 }
 
 impl Reject {
+    /// Whether the worker stays unfit for every request of the same
+    /// resources while capacities only shrink: the reasons that are not
+    /// about who asks (named workers, labels, the avoid window) or about
+    /// a mask that comes and goes (draining, held workers).
+    fn lasts_for_shape(self) -> bool {
+        !matches!(
+            self,
+            Reject::NotNamed | Reject::Labels | Reject::Draining | Reject::Avoided
+        )
+    }
+
     fn is_static(self) -> bool {
         !matches!(
             self,
@@ -339,27 +350,107 @@ fn choose(task: &TaskRequest, workers: &[WorkerView]) -> Result<(usize, Fit), Ve
     best.ok_or(rejects)
 }
 
+/// Gives task `t` what `f` chose on worker `w`.
+fn assign(
+    t: usize,
+    task: &TaskRequest,
+    w: usize,
+    f: Fit,
+    workers: &mut [WorkerView],
+) -> Assignment {
+    let grant = match task.load {
+        Some(load) => workers[w].take_loading(load.cpus_milli, load.memory),
+        None => workers[w].take(task.cpus_milli, task.memory, task.gpu, &f.gpus),
+    };
+    Assignment {
+        task: t,
+        worker: w,
+        grant,
+    }
+}
+
 /// Places `tasks` in the order given (the queue's order) on `workers`,
 /// updating `workers` to what is left.
 pub fn place(tasks: &[TaskRequest], workers: &mut [WorkerView]) -> Placement {
     let mut out = Placement::default();
     for (t, task) in tasks.iter().enumerate() {
         match choose(task, workers) {
-            Ok((w, f)) => {
-                let grant = match task.load {
-                    Some(load) => workers[w].take_loading(load.cpus_milli, load.memory),
-                    None => workers[w].take(task.cpus_milli, task.memory, task.gpu, &f.gpus),
-                };
-                out.assigned.push(Assignment {
-                    task: t,
-                    worker: w,
-                    grant,
-                });
-            }
+            Ok((w, f)) => out.assigned.push(assign(t, task, w, f, workers)),
             Err(rejects) => out.unplaced.push(explain(t, task, &rejects, workers)),
         }
     }
     out
+}
+
+/// The resources of a request: what decides, besides who asks, where it
+/// fits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Shape {
+    cpus_milli: u64,
+    memory: u64,
+    gpu: (u8, u32, u64),
+    load: Option<LoadAsk>,
+}
+
+impl Shape {
+    fn of(task: &TaskRequest) -> Shape {
+        Shape {
+            cpus_milli: task.cpus_milli,
+            memory: task.memory,
+            gpu: match task.gpu {
+                GpuRequest::None => (0, 0, 0),
+                GpuRequest::Whole { count, memory } => (1, count, memory),
+                GpuRequest::Share { memory } => (2, 0, memory),
+            },
+            load: task.load,
+        }
+    }
+}
+
+/// An index for one scheduling pass: for each shape of request, the
+/// workers that may still fit it. A worker found too small or too busy
+/// for a shape leaves that shape's list for good, so that with
+/// thousands of workers, mostly busy, a placement looks at the few that
+/// may fit instead of all of them.
+///
+/// Valid only while capacities only shrink, as in a pass (the snapshot
+/// is taken once and placements only take from it): a worker that could
+/// not hold a shape then never can. [`Candidates::place`] gives what
+/// [`place`] gives for one task (same worker, same grant, same reason),
+/// as the property test `candidates_place_as_the_plain_scan` checks.
+#[derive(Debug, Default)]
+pub struct Candidates {
+    alive: HashMap<Shape, Vec<usize>>,
+}
+
+impl Candidates {
+    /// [`place`] for one task, looking only at the workers that may
+    /// still fit its shape; when none does, the plain scan says why.
+    pub fn place(&mut self, task: &TaskRequest, workers: &mut [WorkerView]) -> Placement {
+        let alive = self
+            .alive
+            .entry(Shape::of(task))
+            .or_insert_with(|| (0..workers.len()).collect());
+        let mut best: Option<(usize, Fit)> = None;
+        // In worker order, so that ties go to the earlier worker as in
+        // `choose`.
+        alive.retain(|&i| match fit(task, &workers[i]) {
+            Ok(f) => {
+                if best.as_ref().is_none_or(|(_, b)| f.score > b.score) {
+                    best = Some((i, f));
+                }
+                true
+            }
+            Err(r) => !r.lasts_for_shape(),
+        });
+        match best {
+            Some((w, f)) => Placement {
+                assigned: vec![assign(0, task, w, f, workers)],
+                unplaced: vec![],
+            },
+            None => place(std::slice::from_ref(task), workers),
+        }
+    }
 }
 
 /// Places a gang: every task or none. With `min` below the task count, as

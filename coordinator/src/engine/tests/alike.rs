@@ -1,7 +1,8 @@
 //! A pass lets the rest of a job's tasks alike wait as soon as one of
-//! them did not fit (`skip_alike`, see `schedule.rs`): that must reserve
-//! exactly what asking placement for each of them does, and leave each
-//! task the same reason.
+//! them did not fit, and places through its index of workers
+//! (`shortcuts`, see `schedule.rs`): that must reserve exactly what
+//! asking the plain scan for each task does, and leave each task the
+//! same reason.
 
 use super::*;
 use gpufleet_schema::{Grant, TaskId};
@@ -66,7 +67,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
-    fn skipping_alike_tasks_places_as_trying_each(
+    fn the_shortcuts_place_as_trying_each_task_on_every_worker(
         workers in proptest::collection::vec((1u64..=8, 0u32..=2, any::<bool>()), 1..6),
         jobs in proptest::collection::vec(
             (
@@ -81,7 +82,7 @@ proptest! {
         let fleet = fleet(&workers);
         let mut skip = ready_engine(&fleet);
         let mut each = ready_engine(&fleet);
-        each.skip_alike = false;
+        each.shortcuts = false;
         for (tasks, labelled, max_parallel) in &jobs {
             let spec = job(tasks, *labelled, *max_parallel);
             let mut made = Vec::new();
