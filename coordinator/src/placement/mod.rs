@@ -135,7 +135,25 @@ impl Reject {
 /// What fits on one worker, with the GPUs it would use.
 struct Fit {
     score: u32,
-    gpus: Vec<usize>,
+    gpus: Chosen,
+}
+
+/// The GPUs a fit would use. A scan computes a fit for every worker that
+/// fits, and most tasks want none or one: those take no allocation.
+enum Chosen {
+    None,
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl Chosen {
+    fn as_slice(&self) -> &[usize] {
+        match self {
+            Chosen::None => &[],
+            Chosen::One(i) => std::slice::from_ref(i),
+            Chosen::Many(v) => v,
+        }
+    }
 }
 
 fn fmt_bytes(b: u64) -> String {
@@ -219,34 +237,43 @@ fn fit(task: &TaskRequest, w: &WorkerView) -> Result<Fit, Reject> {
             let gpu_bonus = if w.gpus.is_empty() { 50 } else { 0 };
             Ok(Fit {
                 score: gpu_bonus + cpu_pack(w.cpus_free_milli - task.cpus_milli) / 2,
-                gpus: vec![],
+                gpus: Chosen::None,
             })
         }
         GpuRequest::Whole { count, memory } => {
-            let mut idle: Vec<usize> = (0..w.gpus.len())
-                .filter(|&i| w.gpus[i].fits_whole(memory))
-                .collect();
-            if idle.len() < count as usize {
+            // Best fit: the smallest GPUs that are big enough, keeping large
+            // ones whole; among equals the one with the most free memory.
+            let best_first = |&i: &usize| {
+                (
+                    w.gpus[i].memory_total,
+                    std::cmp::Reverse(w.gpus[i].memory_free),
+                    i,
+                )
+            };
+            let fitting = (0..w.gpus.len()).filter(|&i| w.gpus[i].fits_whole(memory));
+            let idle = if count == 1 {
+                // The one best GPU, without a list.
+                fitting.min_by_key(best_first).map(Chosen::One)
+            } else {
+                let mut idle: Vec<usize> = fitting.collect();
+                (idle.len() >= count as usize).then(|| {
+                    idle.sort_by_key(best_first);
+                    idle.truncate(count as usize);
+                    Chosen::Many(idle)
+                })
+            };
+            let Some(idle) = idle else {
                 let free = w.gpus.iter().filter(|g| g.is_idle()).count();
                 if free < count as usize {
                     return Err(Reject::GpusBusy { free });
                 }
                 let most_free = w.gpus.iter().map(|g| g.memory_free).max().unwrap_or(0);
                 return Err(Reject::GpuMemoryBusy { most_free });
-            }
-            // Best fit: the smallest GPUs that are big enough, keeping large
-            // ones whole; among equals the one with the most free memory.
-            idle.sort_by_key(|&i| {
-                (
-                    w.gpus[i].memory_total,
-                    std::cmp::Reverse(w.gpus[i].memory_free),
-                    i,
-                )
-            });
-            idle.truncate(count as usize);
-            let used_after = w.gpus.iter().filter(|g| !g.is_idle()).count() + idle.len();
+            };
+            let chosen = idle.as_slice();
+            let used_after = w.gpus.iter().filter(|g| !g.is_idle()).count() + chosen.len();
             let pack = (100 * used_after / w.gpus.len()) as u32;
-            let chosen_total: u64 = idle.iter().map(|&i| w.gpus[i].memory_total).sum();
+            let chosen_total: u64 = chosen.iter().map(|&i| w.gpus[i].memory_total).sum();
             let waste = (100 * (chosen_total - memory * count as u64))
                 .checked_div(chosen_total)
                 .unwrap_or(0) as u32;
@@ -256,16 +283,15 @@ fn fit(task: &TaskRequest, w: &WorkerView) -> Result<Fit, Reject> {
             })
         }
         GpuRequest::Share { memory } => {
-            let candidates: Vec<usize> = (0..w.gpus.len())
-                .filter(|&i| w.gpus[i].fits_share(memory))
-                .collect();
             // A GPU that is already shared first (keep idle GPUs whole for
             // whole-GPU tasks); then the most free memory, as fedflow's
             // assign_cuda does.
-            let best = candidates.iter().copied().max_by_key(|&i| {
-                let g = &w.gpus[i];
-                (g.shares > 0, g.memory_free, std::cmp::Reverse(i))
-            });
+            let best = (0..w.gpus.len())
+                .filter(|&i| w.gpus[i].fits_share(memory))
+                .max_by_key(|&i| {
+                    let g = &w.gpus[i];
+                    (g.shares > 0, g.memory_free, std::cmp::Reverse(i))
+                });
             match best {
                 None => {
                     let most_free = w
@@ -283,7 +309,7 @@ fn fit(task: &TaskRequest, w: &WorkerView) -> Result<Fit, Reject> {
                     let roomy = (50 * (g.memory_free - memory) / g.memory_total.max(1)) as u32;
                     Ok(Fit {
                         score: shared_bonus + roomy,
-                        gpus: vec![i],
+                        gpus: Chosen::One(i),
                     })
                 }
             }
@@ -317,7 +343,7 @@ fn fit_load(task: &TaskRequest, load: LoadAsk, w: &WorkerView) -> Result<Fit, Re
         .unwrap_or(0) as u32;
     Ok(Fit {
         score: if gpu_now { 50 } else { 0 } + pack / 2,
-        gpus: vec![],
+        gpus: Chosen::None,
     })
 }
 
@@ -360,7 +386,7 @@ fn assign(
 ) -> Assignment {
     let grant = match task.load {
         Some(load) => workers[w].take_loading(load.cpus_milli, load.memory),
-        None => workers[w].take(task.cpus_milli, task.memory, task.gpu, &f.gpus),
+        None => workers[w].take(task.cpus_milli, task.memory, task.gpu, f.gpus.as_slice()),
     };
     Assignment {
         task: t,
