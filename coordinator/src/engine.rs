@@ -367,6 +367,11 @@ pub struct Engine {
     waits: twophase::GpuWaits,
     /// Workers heard alive while their adverts could not be stored.
     promises: alive::Promises,
+    /// Whether a pass takes its shortcuts: a job's tasks alike wait as
+    /// soon as one of them did not fit, and a task is placed through the
+    /// pass's index of workers (see `schedule.rs`). Off only in the test
+    /// that checks they change nothing.
+    shortcuts: bool,
 }
 
 /// Parts of stored records are at most this large unless the server's
@@ -396,6 +401,7 @@ impl Engine {
             health: Health::new(cfg_lease_ttl),
             waits: twophase::GpuWaits::default(),
             promises: alive::Promises::new(now.mono, crate::leader::promise_reach(leader_ttl)),
+            shortcuts: true,
         }
     }
 
@@ -945,7 +951,7 @@ impl Engine {
             at: self.now.wall,
             body: EventBody::State {
                 state: t.state,
-                reason: t.reason.clone(),
+                reason: t.reason.as_ref().map(|r| r.to_string()),
                 // Readers take the attempt's output only from this worker.
                 holder: t.worker.clone().filter(|_| t.holds_worker()),
             },

@@ -10,6 +10,7 @@ use gpufleet_schema::{
     TaskStatus, TaskUsage, UserId, WorkerId,
 };
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use time::OffsetDateTime;
 
 /// Results at most this large are kept in the job record; larger ones stay
@@ -29,6 +30,109 @@ pub fn bounded_reason(why: String) -> String {
         return why;
     }
     gpufleet_schema::text::cut(&why, MAX_REASON_BYTES)
+}
+
+/// Why a task waits or ended: a bounded text shared between the tasks
+/// that say the same. A million queued tasks waiting for one reason hold
+/// one copy of it, and a scheduling pass tells that a task's reason is
+/// unchanged by comparing pointers, not text (see `schedule.rs`). Stored
+/// as a plain string.
+#[derive(Clone)]
+pub struct Reason(Arc<str>);
+
+impl Reason {
+    /// `why`, cut to [`MAX_REASON_BYTES`].
+    pub fn new(why: impl Into<String>) -> Reason {
+        Reason(Arc::from(bounded_reason(why.into())))
+    }
+
+    /// `fresh`, as the very `previous` if that says the same: tasks that
+    /// already share `previous` then see this one as unchanged by pointer.
+    pub fn reusing(fresh: impl Into<String>, previous: Option<&Reason>) -> Reason {
+        let fresh = bounded_reason(fresh.into());
+        match previous {
+            Some(p) if *p.0 == *fresh => p.clone(),
+            _ => Reason(Arc::from(fresh)),
+        }
+    }
+
+    /// Whether both are the one shared text (a pointer compare): the
+    /// cheap test that a reason did not change.
+    pub fn is(&self, other: &Reason) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Reason {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq for Reason {
+    fn eq(&self, other: &Reason) -> bool {
+        self.is(other) || self.0 == other.0
+    }
+}
+
+impl PartialEq<str> for Reason {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Reason {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl std::fmt::Debug for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Reason {
+    fn from(why: &str) -> Reason {
+        Reason::new(why)
+    }
+}
+
+impl From<String> for Reason {
+    fn from(why: String) -> Reason {
+        Reason::new(why)
+    }
+}
+
+impl From<Reason> for String {
+    fn from(r: Reason) -> String {
+        r.0.to_string()
+    }
+}
+
+impl Serialize for Reason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Reason {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Reason, D::Error> {
+        String::deserialize(d).map(Reason::new)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,7 +197,7 @@ pub struct TaskRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_seq: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     #[serde(
         default,
         with = "time::serde::rfc3339::option",
@@ -196,13 +300,19 @@ impl TaskRecord {
         matches!(self.state, TaskState::Reserved | TaskState::Running)
     }
 
-    /// Why it waits, while queued; returns whether that changed.
-    pub fn wait_because(&mut self, reason: &str) -> bool {
-        if self.reason.as_deref() == Some(reason) {
-            return false;
-        }
-        self.reason = Some(bounded_reason(reason.to_string()));
-        true
+    /// Whether `reason` is the very text it waits for (a pointer
+    /// compare): then nothing needs writing.
+    pub fn waits_because(&self, reason: &Reason) -> bool {
+        self.reason.as_ref().is_some_and(|r| r.is(reason))
+    }
+
+    /// Why it waits, while queued; returns whether that changed. The same
+    /// words in another copy are taken on too, unchanged, so that the
+    /// next pass finds them by pointer.
+    pub fn wait_because(&mut self, reason: &Reason) -> bool {
+        let same = self.reason.as_ref() == Some(reason);
+        self.reason = Some(reason.clone());
+        !same
     }
 
     /// Placement chose `worker`: the current attempt is reserved there,
@@ -263,7 +373,7 @@ impl TaskRecord {
     ) {
         self.state = state;
         self.exit_code = exit_code;
-        self.reason = reason.map(bounded_reason);
+        self.reason = reason.map(Reason::new);
         self.finished_at = Some(at);
     }
 
@@ -309,7 +419,7 @@ impl TaskRecord {
         self.result_seq = None;
         self.started_at = None;
         self.finished_at = None;
-        self.reason = Some(bounded_reason(why));
+        self.reason = Some(Reason::new(why));
         self.token = None;
         self.claim_rev = None;
         self.usage = None;
@@ -533,7 +643,7 @@ impl JobRecord {
                 .tasks
                 .iter()
                 .find(|t| t.state == TaskState::Queued)
-                .and_then(|t| t.reason.clone());
+                .and_then(|t| t.reason.as_ref().map(|r| r.to_string()));
         }
         self.status != before
     }
@@ -552,7 +662,7 @@ impl JobRecord {
                 let first = bad.first()?;
                 let what = match (first.state, first.exit_code, &first.reason) {
                     (TaskState::Failed, Some(code), _) => format!("exited with code {code}"),
-                    (_, _, Some(r)) => r.clone(),
+                    (_, _, Some(r)) => r.to_string(),
                     (s, _, None) => s.to_string(),
                 };
                 Some(format!(
@@ -616,10 +726,9 @@ impl TaskRecord {
     /// At most what this task's status takes in a reply, in either
     /// encoding.
     fn status_size(&self) -> usize {
-        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
         let gpus = self.grant.as_ref().map_or(0, |g| g.gpus.len());
         512 + self.name.len()
-            + text(&self.reason)
+            + self.reason.as_ref().map_or(0, |r| r.len())
             + gpus * 160
             + self.result.as_ref().map_or(0, |_| INLINE_RESULT_BYTES * 2)
     }
@@ -638,7 +747,7 @@ impl TaskRecord {
                 .unwrap_or_default(),
             exit_code: self.exit_code,
             result: self.result.clone(),
-            reason: self.reason.clone(),
+            reason: self.reason.as_ref().map(|r| r.to_string()),
             started_at: self.started_at,
             finished_at: self.finished_at,
             usage: self.usage.clone(),

@@ -36,7 +36,7 @@ use gpufleet_schema::{subjects, Grant, JobId, LeaseKey, TaskState};
 use super::queue::PreemptHold;
 use super::Engine;
 use crate::placement::{self, TaskRequest, WorkerView};
-use crate::state::{JobRecord, Stop};
+use crate::state::{JobRecord, Reason, Stop};
 
 /// Work that did not fit in a pass and whose class may preempt.
 #[derive(Debug, Clone)]
@@ -292,7 +292,7 @@ impl Engine {
         &mut self,
         mut preemptors: Vec<Preemptor>,
         reserved: &[(usize, &Grant)],
-        waiting: &mut [(JobId, usize, String)],
+        waiting: &mut [(JobId, usize, Reason)],
     ) -> HashSet<JobId> {
         let mut touched = HashSet::new();
         preemptors.sort_by_key(|p| (std::cmp::Reverse(p.class), self.jobs[&p.job].seq));
@@ -383,7 +383,7 @@ impl Engine {
         }
         for (job, i, reason) in waiting.iter_mut() {
             if let Some(why) = why_waiting.remove(&(job.clone(), *i)) {
-                *reason = why;
+                *reason = Reason::new(why);
             }
         }
         touched
@@ -409,10 +409,10 @@ impl Engine {
                 tasks += 1;
                 let t = self.jobs.task_mut(&v.job, *i);
                 t.stopping = Some(Stop::Preempt { by: p.job.clone() });
-                t.reason = Some(format!(
+                t.reason = Some(Reason::new(format!(
                     "preempted by {}: asked to stop (SIGTERM, SIGKILL after {grace})",
                     p.job
-                ));
+                )));
                 self.stop_lease(&v.job, *i, key);
                 self.emit_state(&v.job, *i);
             }

@@ -279,6 +279,12 @@ impl QueuePolicy {
             .unwrap_or_default()
     }
 
+    /// Whether the avoid window or the workers tried say anything of
+    /// `task` (most tasks: nothing, and then nothing is hashed for them).
+    pub fn knows(&self, task: &TaskId) -> bool {
+        self.avoid.contains_key(task) || self.tried.contains_key(task)
+    }
+
     /// Hashes what the avoid window says of `task`, for a signature of
     /// what placement looks at.
     pub fn hash_avoided(&self, task: &TaskId, h: &mut impl Hasher) {

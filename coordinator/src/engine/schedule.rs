@@ -12,8 +12,9 @@
 //!    for a gang's members.
 
 use std::cmp::Reverse;
+use std::collections::hash_map::RandomState;
 use std::collections::{btree_set, BinaryHeap, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::iter::Peekable;
 
 use gpufleet_schema::{
@@ -28,8 +29,8 @@ use super::queue::{gang_hold_candidates, hold_candidate, Hold, PassPolicy, Queue
 use super::twophase::Upgrade;
 use super::Engine;
 use crate::metrics::Reservation;
-use crate::placement::{self, LoadAsk, TaskRequest, WorkerView};
-use crate::state::JobRecord;
+use crate::placement::{self, Candidates, LoadAsk, Placement, TaskRequest, WorkerView};
+use crate::state::{JobRecord, Reason};
 
 /// What one pass decided to reserve.
 enum Placed {
@@ -60,16 +61,22 @@ impl Placed {
 pub(super) struct Pass {
     /// What placement sees; it shrinks as the pass places.
     pub(super) views: Vec<WorkerView>,
+    /// Which of `views` may still fit each shape of request.
+    candidates: Candidates,
     pub(super) policy: PassPolicy,
     /// Reasons of requests that failed in this pass, by signature. They
     /// fail again (the snapshot only shrinks), so their reason is reused:
     /// cheap with many alike tasks.
-    failed: HashMap<u64, (String, bool)>,
+    failed: HashMap<SigKey, (Reason, bool)>,
+    /// Random keys for the hashed parts of a signature (labels, named
+    /// workers, the avoid window: text a user or worker chose), so that
+    /// nobody can make two signatures alike on purpose.
+    keys: RandomState,
     placed: Vec<Placed>,
     /// Loaded two-phase tasks given their GPUs (see `twophase.rs`).
     pub(super) upgrades: Vec<Upgrade>,
-    /// Tasks that still wait, and why.
-    pub(super) waiting: Vec<(JobId, usize, String)>,
+    /// Tasks that still wait, and why (only those whose reason changes).
+    pub(super) waiting: Vec<(JobId, usize, Reason)>,
     /// Gang members left out of this run by `min_tasks`, and why.
     dropped: Vec<(JobId, usize, String)>,
     /// Jobs found free of their dependencies in this pass.
@@ -117,6 +124,21 @@ impl Ord for Share {
     }
 }
 
+/// Everything placement looks at for one task: two tasks with equal keys
+/// fit (or not) in the same places.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct SigKey {
+    /// Its job's labels and named workers, hashed ([`job_signature`]).
+    job: u64,
+    cpus_milli: u64,
+    memory: u64,
+    gpu: (u8, u32, u64),
+    load: Option<(u64, u64)>,
+    /// What the queue says of this task alone (the workers it avoids or
+    /// was tried on), hashed; `None` when it says nothing.
+    task: Option<u64>,
+}
+
 /// One unit of a user's waiting work: a plain job's task (with its job's
 /// part of the signature), or a gang's queued members together.
 enum Work<'a> {
@@ -129,7 +151,7 @@ struct UserQueue<'a> {
     user: &'a UserId,
     jobs: Peekable<btree_set::Iter<'a, QueueKey>>,
     /// The plain job being gone through: its tasks left to try.
-    current: Option<(&'a JobRecord, u64, std::vec::IntoIter<usize>)>,
+    current: Option<(&'a JobRecord, u64, Peekable<std::vec::IntoIter<usize>>)>,
 }
 
 impl<'a> UserQueue<'a> {
@@ -157,6 +179,12 @@ impl<'a> UserQueue<'a> {
             }
             let (_, _, id) = self.jobs.next()?;
             let job = &engine.jobs[id];
+            let first_reason = |queued: &[usize]| {
+                queued
+                    .first()
+                    .and_then(|&i| job.tasks[i].reason.as_ref())
+                    .cloned()
+            };
             let queued: Vec<usize> = (0..job.tasks.len())
                 .filter(|&i| job.tasks[i].state == TaskState::Queued)
                 .collect();
@@ -167,10 +195,11 @@ impl<'a> UserQueue<'a> {
                 match engine.deps(job) {
                     Deps::Met => pass.deps_met.push(id.clone()),
                     Deps::Wait(why) => {
+                        let why = Reason::reusing(why, first_reason(&queued).as_ref());
                         pass.waiting.extend(
                             queued
                                 .into_iter()
-                                .filter(|&i| job.tasks[i].reason.as_deref() != Some(why.as_str()))
+                                .filter(|&i| !job.tasks[i].waits_because(&why))
                                 .map(|i| (id.clone(), i, why.clone())),
                         );
                         continue;
@@ -194,7 +223,38 @@ impl<'a> UserQueue<'a> {
                 return Some(Work::Gang(job, queued));
             }
             let queued = Engine::within_max_parallel(job, queued, &mut pass.waiting);
-            self.current = Some((job, job_signature(job), queued.into_iter()));
+            let job_part = job_signature(job, &pass.keys);
+            self.current = Some((job, job_part, queued.into_iter().peekable()));
+        }
+    }
+
+    /// The plain job's task `failed` did not fit (for `reason`): its next
+    /// tasks alike would not either, so they wait for the same reason
+    /// without placement being asked again. Tasks of one job are mostly
+    /// alike (arrays), so a pass spends little on a long queue.
+    fn skip_alike(
+        &mut self,
+        engine: &Engine,
+        failed: &SigKey,
+        (reason, never_fits): &(Reason, bool),
+        pass: &mut Pass,
+    ) {
+        let Some((job, job_part, tasks)) = &mut self.current else {
+            return;
+        };
+        while let Some(&i) = tasks.peek() {
+            if engine.sig_key(job, i, *job_part, &pass.keys) != *failed
+                || pass.policy.is_holder(&job.id, Some(i))
+            {
+                return;
+            }
+            tasks.next();
+            if *never_fits {
+                pass.unschedulable(job, i);
+            }
+            if !job.tasks[i].waits_because(reason) {
+                pass.waiting.push((job.id.clone(), i, reason.clone()));
+            }
         }
     }
 }
@@ -239,7 +299,14 @@ impl Engine {
             match work {
                 Work::Gang(job, queued) => self.place_gang(job, &queued, &mut pass),
                 Work::Task(job, index, job_part) => {
-                    self.place_task(job, index, job_part, &mut pass)
+                    let failed = self.place_task(job, index, job_part, &mut pass);
+                    // With preemption, each waiting task may be a
+                    // preemptor of its own: none is skipped.
+                    if let Some(key) = failed.filter(|_| self.shortcuts && !pass.preempts) {
+                        if let Some(outcome) = pass.failed.get(&key).cloned() {
+                            users[i].skip_alike(self, &key, &outcome, &mut pass);
+                        }
+                    }
                 }
             }
             if pass.policy.out_of_budget() {
@@ -307,6 +374,8 @@ impl Engine {
             views,
             policy,
             failed: HashMap::new(),
+            candidates: Candidates::default(),
+            keys: RandomState::new(),
             placed: Vec::new(),
             upgrades: Vec::new(),
             waiting: Vec::new(),
@@ -327,6 +396,7 @@ impl Engine {
             ask.add(&Usage::of(&job.spec.tasks[i].resources));
         }
         if let Some(why) = self.shares.over_quota(&job.owner, &pass.ledger, &ask) {
+            let why = Reason::new(why);
             for &i in queued {
                 pass.waiting.push((job.id.clone(), i, why.clone()));
             }
@@ -424,30 +494,42 @@ impl Engine {
                 });
             }
         }
+        let reason = Reason::reusing(reason, job.tasks[queued[0]].reason.as_ref());
         for &i in queued {
             pass.waiting.push((job.id.clone(), i, reason.clone()));
         }
     }
 
     /// Phase 2, for a task of a plain job, while the pass has budget.
-    fn place_task(&self, job: &JobRecord, i: usize, job_part: u64, pass: &mut Pass) {
+    /// Returns its signature if it did not fit and its failure is noted
+    /// for the tasks alike.
+    fn place_task(
+        &self,
+        job: &JobRecord,
+        i: usize,
+        job_part: u64,
+        pass: &mut Pass,
+    ) -> Option<SigKey> {
         if !pass.policy.may_reserve() {
-            return;
+            return None;
         }
         let ask = Usage::of(&job.spec.tasks[i].resources);
         if let Some(why) = self.shares.over_quota(&job.owner, &pass.ledger, &ask) {
-            pass.waiting.push((job.id.clone(), i, why));
-            return;
+            let why = Reason::reusing(why, job.tasks[i].reason.as_ref());
+            if !job.tasks[i].waits_because(&why) {
+                pass.waiting.push((job.id.clone(), i, why));
+            }
+            return None;
         }
         let is_holder = pass.policy.is_holder(&job.id, Some(i));
-        let sig = self.task_signature(job, i, job_part);
+        let sig = self.sig_key(job, i, job_part, &pass.keys);
         if !is_holder {
             if let Some((reason, never_fits)) = pass.failed.get(&sig) {
                 let never_fits = *never_fits;
                 // Cloned only when it is news: most tasks alike wait for
-                // the same reason pass after pass.
-                let news = (job.tasks[i].reason.as_deref() != Some(reason.as_str()))
-                    .then(|| reason.clone());
+                // the same reason pass after pass, one shared text that a
+                // pointer compare tells unchanged.
+                let news = (!job.tasks[i].waits_because(reason)).then(|| reason.clone());
                 if never_fits {
                     pass.unschedulable(job, i);
                 } else if pass.preempts {
@@ -456,7 +538,7 @@ impl Engine {
                 if let Some(reason) = news {
                     pass.waiting.push((job.id.clone(), i, reason));
                 }
-                return;
+                return Some(sig);
             }
         }
         let mut req = self.request(job, i, true);
@@ -465,7 +547,7 @@ impl Engine {
             .policy
             .with_held_closed(&mut pass.views, is_holder, me, |views| {
                 self.metrics
-                    .time_placement(|| placement::place(std::slice::from_ref(&req), views))
+                    .time_placement(|| self.place_one(&mut pass.candidates, &req, views))
             });
         // A retry goes back to a worker it was tried on only if no
         // other fits.
@@ -475,7 +557,7 @@ impl Engine {
                 .policy
                 .with_held_closed(&mut pass.views, is_holder, me, |views| {
                     self.metrics
-                        .time_placement(|| placement::place(std::slice::from_ref(&req), views))
+                        .time_placement(|| self.place_one(&mut pass.candidates, &req, views))
                 });
         }
         if let Some(a) = p.assigned.into_iter().next() {
@@ -487,17 +569,18 @@ impl Engine {
                 worker: a.worker,
                 grant: a.grant,
             });
-            return;
+            return None;
         }
         let u = p
             .unplaced
             .into_iter()
             .next()
             .expect("one task, one outcome");
-        let mut reason = u.reason.clone();
-        if is_holder {
-            reason.push_str("; a worker is held for it");
+        let previous = job.tasks[i].reason.as_ref();
+        let mut failed = None;
+        let reason = if is_holder {
             pass.policy.keep_hold();
+            Reason::reusing(format!("{}; a worker is held for it", u.reason), previous)
         } else {
             let task = &job.tasks[i];
             if pass
@@ -518,9 +601,15 @@ impl Engine {
             } else if pass.preempts {
                 self.may_preempt_for(job, &[i], 1, &mut pass.preemptors);
             }
-            pass.failed.insert(sig, (u.reason, u.never_fits));
+            let reason = Reason::reusing(u.reason, previous);
+            pass.failed.insert(sig, (reason.clone(), u.never_fits));
+            failed = Some(sig);
+            reason
+        };
+        if !job.tasks[i].waits_because(&reason) {
+            pass.waiting.push((job.id.clone(), i, reason));
         }
-        pass.waiting.push((job.id.clone(), i, reason));
+        failed
     }
 
     /// Of a plain job's `queued` tasks, those `max_parallel` lets this
@@ -529,7 +618,7 @@ impl Engine {
     fn within_max_parallel(
         job: &JobRecord,
         mut queued: Vec<usize>,
-        waiting: &mut Vec<(JobId, usize, String)>,
+        waiting: &mut Vec<(JobId, usize, Reason)>,
     ) -> Vec<usize> {
         let Some(max) = job.spec.max_parallel else {
             return queued;
@@ -537,11 +626,14 @@ impl Engine {
         let holding = job.tasks.iter().filter(|t| t.holds_worker()).count();
         let room = (max as usize).saturating_sub(holding);
         if queued.len() > room {
-            let why = format!("max_parallel: {max} of the job's tasks run at once");
             let wait = queued.split_off(room);
+            let why = Reason::reusing(
+                format!("max_parallel: {max} of the job's tasks run at once"),
+                job.tasks[wait[0]].reason.as_ref(),
+            );
             waiting.extend(
                 wait.into_iter()
-                    .filter(|&i| job.tasks[i].reason.as_deref() != Some(why.as_str()))
+                    .filter(|&i| !job.tasks[i].waits_because(&why))
                     .map(|i| (job.id.clone(), i, why.clone())),
             );
         }
@@ -552,7 +644,7 @@ impl Engine {
     /// `min_tasks` left out; returns the jobs that changed.
     fn explain(
         &mut self,
-        waiting: Vec<(JobId, usize, String)>,
+        waiting: Vec<(JobId, usize, Reason)>,
         dropped: Vec<(JobId, usize, String)>,
     ) -> HashSet<JobId> {
         let mut touched = HashSet::new();
@@ -577,7 +669,7 @@ impl Engine {
     /// with why they end.
     fn given_up(
         &mut self,
-        waiting: &[(JobId, usize, String)],
+        waiting: &[(JobId, usize, Reason)],
         unschedulable: Vec<(JobId, usize)>,
     ) -> Vec<(JobId, String)> {
         let now = self.now.mono;
@@ -604,9 +696,9 @@ impl Engine {
                 let reason = waiting
                     .iter()
                     .find(|(w, k, _)| w == &job && *k == i)
-                    .map(|(_, _, r)| r.clone())
-                    .or_else(|| j.tasks[i].reason.clone())
-                    .unwrap_or_default();
+                    .map(|(_, _, r)| r)
+                    .or(j.tasks[i].reason.as_ref())
+                    .map_or_else(String::new, |r| r.to_string());
                 out.push((
                     job,
                     format!("unschedulable for {after} (unschedulable_after): {reason}"),
@@ -757,6 +849,21 @@ impl Engine {
         }
     }
 
+    /// Places one task on `views`: through the pass's index, or (without
+    /// the shortcuts) by the plain scan it must agree with.
+    fn place_one(
+        &self,
+        candidates: &mut Candidates,
+        req: &TaskRequest,
+        views: &mut [WorkerView],
+    ) -> Placement {
+        if self.shortcuts {
+            candidates.place(req, views)
+        } else {
+            placement::place(std::slice::from_ref(req), views)
+        }
+    }
+
     /// Whether any of these tasks was tried on some worker before.
     fn has_tried(&self, job: &JobRecord, tasks: &[usize]) -> bool {
         tasks
@@ -764,28 +871,38 @@ impl Engine {
             .any(|&i| !self.queue.tried(&job.tasks[i].id).is_empty())
     }
 
-    /// A hash of everything placement looks at for one task: two tasks with
-    /// the same signature fit (or not) in the same places. `job_part` is
-    /// [`job_signature`] of its job.
-    fn task_signature(&self, job: &JobRecord, i: usize, job_part: u64) -> u64 {
-        let r = &job.spec.tasks[i].resources;
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        job_part.hash(&mut h);
-        r.cpus_milli().hash(&mut h);
-        r.memory_bytes().hash(&mut h);
-        match r.gpu_request() {
-            GpuRequest::None => 0u8.hash(&mut h),
-            GpuRequest::Whole { count, memory } => (1u8, count, memory).hash(&mut h),
-            GpuRequest::Share { memory } => (2u8, memory).hash(&mut h),
+    /// Everything placement looks at for one task. `job_part` is
+    /// [`job_signature`] of its job; the per-task part is hashed only for
+    /// a task the queue says something of.
+    fn sig_key(&self, job: &JobRecord, i: usize, job_part: u64, keys: &RandomState) -> SigKey {
+        let spec = &job.spec.tasks[i];
+        let r = &spec.resources;
+        let id = &job.tasks[i].id;
+        SigKey {
+            job: job_part,
+            cpus_milli: r.cpus_milli(),
+            memory: r.memory_bytes(),
+            gpu: match r.gpu_request() {
+                GpuRequest::None => (0, 0, 0),
+                GpuRequest::Whole { count, memory } => (1, count, memory),
+                GpuRequest::Share { memory } => (2, 0, memory),
+            },
+            load: spec
+                .load
+                .as_ref()
+                .map(|l| (l.cpus_milli(), l.memory_bytes())),
+            task: self.queue.knows(id).then(|| {
+                let mut h = keys.build_hasher();
+                self.queue.hash_avoided(id, &mut h);
+                h.finish()
+            }),
         }
-        self.queue.hash_avoided(&job.tasks[i].id, &mut h);
-        h.finish()
     }
 }
 
 /// The part of a task's signature its job decides.
-fn job_signature(job: &JobRecord) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+fn job_signature(job: &JobRecord, keys: &RandomState) -> u64 {
+    let mut h = keys.build_hasher();
     job.spec.constraints.labels.hash(&mut h);
     job.spec.constraints.workers.hash(&mut h);
     h.finish()

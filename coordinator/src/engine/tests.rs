@@ -10,6 +10,7 @@ use std::ops::{Deref, DerefMut};
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
+mod alike;
 mod arrays;
 mod budget;
 mod cancel;

@@ -33,6 +33,7 @@ use gpufleet_schema::{GpuUpgrade, Grant, JobId, Lease, LeaseKey, LeaseState, Tas
 use super::schedule::Pass;
 use super::Engine;
 use crate::placement::{self, TaskRequest, WorkerView};
+use crate::state::Reason;
 
 /// The attempts that have loaded and wait for their GPUs, by lease key,
 /// with when they said so.
@@ -139,7 +140,7 @@ impl Engine {
                 t.grant = Some(l.grant.clone());
                 if self.waits.insert(key, self.now.mono) {
                     let why = format!("loaded; waiting for a GPU on {}", l.worker);
-                    self.jobs.task_mut(&job, i).reason = Some(why);
+                    self.jobs.task_mut(&job, i).reason = Some(Reason::new(why));
                     self.emit_state(&job, i);
                     self.touch(&job);
                 } else if reverted {
@@ -219,7 +220,7 @@ impl Engine {
                     "loaded; waiting for a GPU on {}: held for job {by}, which preempted work there",
                     l.worker
                 );
-                pass.waiting.push((job, i, why));
+                pass.waiting.push((job, i, Reason::new(why)));
                 continue;
             }
             // A draining worker takes no new work, but this task already
@@ -245,7 +246,7 @@ impl Engine {
                         busy(&req, &pass.views[w])
                     );
                     close_for(&req, &mut pass.views[w]);
-                    pass.waiting.push((job, i, why));
+                    pass.waiting.push((job, i, Reason::new(why)));
                 }
             }
         }

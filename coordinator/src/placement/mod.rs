@@ -7,7 +7,7 @@
 //! engine builds the snapshot and applies the result. See `README.md` beside
 //! this file for the algorithm and its reasons.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::{Deref, DerefMut};
 
 use gpufleet_schema::capacity::WorkerCapacity;
@@ -57,7 +57,7 @@ pub struct TaskRequest {
 }
 
 /// What a load phase holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LoadAsk {
     pub cpus_milli: u64,
     pub memory: u64,
@@ -108,6 +108,17 @@ enum Reject {
 }
 
 impl Reject {
+    /// Whether the worker stays unfit for every request of the same
+    /// resources while capacities only shrink: the reasons that are not
+    /// about who asks (named workers, labels, the avoid window) or about
+    /// a mask that comes and goes (draining, held workers).
+    fn lasts_for_shape(self) -> bool {
+        !matches!(
+            self,
+            Reject::NotNamed | Reject::Labels | Reject::Draining | Reject::Avoided
+        )
+    }
+
     fn is_static(self) -> bool {
         !matches!(
             self,
@@ -124,7 +135,25 @@ impl Reject {
 /// What fits on one worker, with the GPUs it would use.
 struct Fit {
     score: u32,
-    gpus: Vec<usize>,
+    gpus: Chosen,
+}
+
+/// The GPUs a fit would use. A scan computes a fit for every worker that
+/// fits, and most tasks want none or one: those take no allocation.
+enum Chosen {
+    None,
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl Chosen {
+    fn as_slice(&self) -> &[usize] {
+        match self {
+            Chosen::None => &[],
+            Chosen::One(i) => std::slice::from_ref(i),
+            Chosen::Many(v) => v,
+        }
+    }
 }
 
 fn fmt_bytes(b: u64) -> String {
@@ -208,34 +237,43 @@ fn fit(task: &TaskRequest, w: &WorkerView) -> Result<Fit, Reject> {
             let gpu_bonus = if w.gpus.is_empty() { 50 } else { 0 };
             Ok(Fit {
                 score: gpu_bonus + cpu_pack(w.cpus_free_milli - task.cpus_milli) / 2,
-                gpus: vec![],
+                gpus: Chosen::None,
             })
         }
         GpuRequest::Whole { count, memory } => {
-            let mut idle: Vec<usize> = (0..w.gpus.len())
-                .filter(|&i| w.gpus[i].fits_whole(memory))
-                .collect();
-            if idle.len() < count as usize {
+            // Best fit: the smallest GPUs that are big enough, keeping large
+            // ones whole; among equals the one with the most free memory.
+            let best_first = |&i: &usize| {
+                (
+                    w.gpus[i].memory_total,
+                    std::cmp::Reverse(w.gpus[i].memory_free),
+                    i,
+                )
+            };
+            let fitting = (0..w.gpus.len()).filter(|&i| w.gpus[i].fits_whole(memory));
+            let idle = if count == 1 {
+                // The one best GPU, without a list.
+                fitting.min_by_key(best_first).map(Chosen::One)
+            } else {
+                let mut idle: Vec<usize> = fitting.collect();
+                (idle.len() >= count as usize).then(|| {
+                    idle.sort_by_key(best_first);
+                    idle.truncate(count as usize);
+                    Chosen::Many(idle)
+                })
+            };
+            let Some(idle) = idle else {
                 let free = w.gpus.iter().filter(|g| g.is_idle()).count();
                 if free < count as usize {
                     return Err(Reject::GpusBusy { free });
                 }
                 let most_free = w.gpus.iter().map(|g| g.memory_free).max().unwrap_or(0);
                 return Err(Reject::GpuMemoryBusy { most_free });
-            }
-            // Best fit: the smallest GPUs that are big enough, keeping large
-            // ones whole; among equals the one with the most free memory.
-            idle.sort_by_key(|&i| {
-                (
-                    w.gpus[i].memory_total,
-                    std::cmp::Reverse(w.gpus[i].memory_free),
-                    i,
-                )
-            });
-            idle.truncate(count as usize);
-            let used_after = w.gpus.iter().filter(|g| !g.is_idle()).count() + idle.len();
+            };
+            let chosen = idle.as_slice();
+            let used_after = w.gpus.iter().filter(|g| !g.is_idle()).count() + chosen.len();
             let pack = (100 * used_after / w.gpus.len()) as u32;
-            let chosen_total: u64 = idle.iter().map(|&i| w.gpus[i].memory_total).sum();
+            let chosen_total: u64 = chosen.iter().map(|&i| w.gpus[i].memory_total).sum();
             let waste = (100 * (chosen_total - memory * count as u64))
                 .checked_div(chosen_total)
                 .unwrap_or(0) as u32;
@@ -245,16 +283,15 @@ fn fit(task: &TaskRequest, w: &WorkerView) -> Result<Fit, Reject> {
             })
         }
         GpuRequest::Share { memory } => {
-            let candidates: Vec<usize> = (0..w.gpus.len())
-                .filter(|&i| w.gpus[i].fits_share(memory))
-                .collect();
             // A GPU that is already shared first (keep idle GPUs whole for
             // whole-GPU tasks); then the most free memory, as fedflow's
             // assign_cuda does.
-            let best = candidates.iter().copied().max_by_key(|&i| {
-                let g = &w.gpus[i];
-                (g.shares > 0, g.memory_free, std::cmp::Reverse(i))
-            });
+            let best = (0..w.gpus.len())
+                .filter(|&i| w.gpus[i].fits_share(memory))
+                .max_by_key(|&i| {
+                    let g = &w.gpus[i];
+                    (g.shares > 0, g.memory_free, std::cmp::Reverse(i))
+                });
             match best {
                 None => {
                     let most_free = w
@@ -272,7 +309,7 @@ fn fit(task: &TaskRequest, w: &WorkerView) -> Result<Fit, Reject> {
                     let roomy = (50 * (g.memory_free - memory) / g.memory_total.max(1)) as u32;
                     Ok(Fit {
                         score: shared_bonus + roomy,
-                        gpus: vec![i],
+                        gpus: Chosen::One(i),
                     })
                 }
             }
@@ -306,7 +343,7 @@ fn fit_load(task: &TaskRequest, load: LoadAsk, w: &WorkerView) -> Result<Fit, Re
         .unwrap_or(0) as u32;
     Ok(Fit {
         score: if gpu_now { 50 } else { 0 } + pack / 2,
-        gpus: vec![],
+        gpus: Chosen::None,
     })
 }
 
@@ -339,27 +376,107 @@ fn choose(task: &TaskRequest, workers: &[WorkerView]) -> Result<(usize, Fit), Ve
     best.ok_or(rejects)
 }
 
+/// Gives task `t` what `f` chose on worker `w`.
+fn assign(
+    t: usize,
+    task: &TaskRequest,
+    w: usize,
+    f: Fit,
+    workers: &mut [WorkerView],
+) -> Assignment {
+    let grant = match task.load {
+        Some(load) => workers[w].take_loading(load.cpus_milli, load.memory),
+        None => workers[w].take(task.cpus_milli, task.memory, task.gpu, f.gpus.as_slice()),
+    };
+    Assignment {
+        task: t,
+        worker: w,
+        grant,
+    }
+}
+
 /// Places `tasks` in the order given (the queue's order) on `workers`,
 /// updating `workers` to what is left.
 pub fn place(tasks: &[TaskRequest], workers: &mut [WorkerView]) -> Placement {
     let mut out = Placement::default();
     for (t, task) in tasks.iter().enumerate() {
         match choose(task, workers) {
-            Ok((w, f)) => {
-                let grant = match task.load {
-                    Some(load) => workers[w].take_loading(load.cpus_milli, load.memory),
-                    None => workers[w].take(task.cpus_milli, task.memory, task.gpu, &f.gpus),
-                };
-                out.assigned.push(Assignment {
-                    task: t,
-                    worker: w,
-                    grant,
-                });
-            }
+            Ok((w, f)) => out.assigned.push(assign(t, task, w, f, workers)),
             Err(rejects) => out.unplaced.push(explain(t, task, &rejects, workers)),
         }
     }
     out
+}
+
+/// The resources of a request: what decides, besides who asks, where it
+/// fits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Shape {
+    cpus_milli: u64,
+    memory: u64,
+    gpu: (u8, u32, u64),
+    load: Option<LoadAsk>,
+}
+
+impl Shape {
+    fn of(task: &TaskRequest) -> Shape {
+        Shape {
+            cpus_milli: task.cpus_milli,
+            memory: task.memory,
+            gpu: match task.gpu {
+                GpuRequest::None => (0, 0, 0),
+                GpuRequest::Whole { count, memory } => (1, count, memory),
+                GpuRequest::Share { memory } => (2, 0, memory),
+            },
+            load: task.load,
+        }
+    }
+}
+
+/// An index for one scheduling pass: for each shape of request, the
+/// workers that may still fit it. A worker found too small or too busy
+/// for a shape leaves that shape's list for good, so that with
+/// thousands of workers, mostly busy, a placement looks at the few that
+/// may fit instead of all of them.
+///
+/// Valid only while capacities only shrink, as in a pass (the snapshot
+/// is taken once and placements only take from it): a worker that could
+/// not hold a shape then never can. [`Candidates::place`] gives what
+/// [`place`] gives for one task (same worker, same grant, same reason),
+/// as the property test `candidates_place_as_the_plain_scan` checks.
+#[derive(Debug, Default)]
+pub struct Candidates {
+    alive: HashMap<Shape, Vec<usize>>,
+}
+
+impl Candidates {
+    /// [`place`] for one task, looking only at the workers that may
+    /// still fit its shape; when none does, the plain scan says why.
+    pub fn place(&mut self, task: &TaskRequest, workers: &mut [WorkerView]) -> Placement {
+        let alive = self
+            .alive
+            .entry(Shape::of(task))
+            .or_insert_with(|| (0..workers.len()).collect());
+        let mut best: Option<(usize, Fit)> = None;
+        // In worker order, so that ties go to the earlier worker as in
+        // `choose`.
+        alive.retain(|&i| match fit(task, &workers[i]) {
+            Ok(f) => {
+                if best.as_ref().is_none_or(|(_, b)| f.score > b.score) {
+                    best = Some((i, f));
+                }
+                true
+            }
+            Err(r) => !r.lasts_for_shape(),
+        });
+        match best {
+            Some((w, f)) => Placement {
+                assigned: vec![assign(0, task, w, f, workers)],
+                unplaced: vec![],
+            },
+            None => place(std::slice::from_ref(task), workers),
+        }
+    }
 }
 
 /// Places a gang: every task or none. With `min` below the task count, as

@@ -345,4 +345,56 @@ proptest! {
             prop_assert!(alone.assigned.is_empty(), "a task that did not fit fits on the leftovers alone");
         }
     }
+
+    /// The pass's index places as the plain scan does, task after task:
+    /// the same worker, grant and reason, and the same leftovers, with
+    /// shapes that repeat, labels, named and avoided workers, and workers
+    /// masked as draining for one placement (as held workers are).
+    #[test]
+    fn candidates_place_as_the_plain_scan(
+        workers in prop::collection::vec((arb_worker(), any::<bool>()), 1..12),
+        pool in prop::collection::vec(arb_task(), 1..4),
+        steps in prop::collection::vec(
+            (0usize..4, any::<bool>(), prop::option::of(0usize..12), prop::option::of(0usize..12), prop::option::of(0usize..12)),
+            0..60,
+        ),
+    ) {
+        let mut plain: Vec<WorkerView> = workers
+            .into_iter()
+            .enumerate()
+            .map(|(i, (mut w, labelled))| {
+                w.name = WorkerId::new(format!("w{i}")).unwrap();
+                if labelled {
+                    w.labels.insert("zone".into(), "a".into());
+                }
+                w
+            })
+            .collect();
+        let mut indexed = plain.clone();
+        let mut candidates = Candidates::default();
+        let name = |i: usize| WorkerId::new(format!("w{i}")).unwrap();
+        for (pick, labelled, named, avoided, masked) in steps {
+            let mut t = pool[pick % pool.len()].clone();
+            if labelled {
+                t.labels.insert("zone".into(), "a".into());
+            }
+            t.workers.extend(named.map(name));
+            t.avoid.extend(avoided.map(name));
+            let masked = masked.filter(|&m| m < plain.len());
+            for ws in [&mut plain, &mut indexed] {
+                if let Some(m) = masked {
+                    ws[m].draining = true;
+                }
+            }
+            let want = place(std::slice::from_ref(&t), &mut plain);
+            let got = candidates.place(&t, &mut indexed);
+            for ws in [&mut plain, &mut indexed] {
+                if let Some(m) = masked {
+                    ws[m].draining = false;
+                }
+            }
+            prop_assert_eq!(&got, &want);
+            prop_assert_eq!(&indexed, &plain);
+        }
+    }
 }

@@ -111,7 +111,7 @@ fn a_quota_holds_work_back_with_its_reason_and_a_new_policy_lifts_it() {
         .filter(|(id, _)| *id != &a)
         .flat_map(|(_, j)| &j.tasks)
         .filter(|t| t.state == TaskState::Queued)
-        .filter_map(|t| t.reason.clone())
+        .filter_map(|t| t.reason.as_deref().map(String::from))
         .collect();
     assert_eq!(lab_waits.len(), 1);
     assert!(
