@@ -292,7 +292,6 @@ struct Watcher {
 
 #[derive(Default)]
 struct Waiter {
-    running: Option<oneshot::Sender<Instant>>,
     result: Option<oneshot::Sender<Instant>>,
 }
 
@@ -309,19 +308,6 @@ impl Watcher {
                     continue;
                 };
                 match ev.body {
-                    EventBody::State {
-                        state: TaskState::Running,
-                        ..
-                    } => {
-                        if let Some(tx) = w
-                            .lock()
-                            .expect("lock")
-                            .get_mut(ev.job_id.as_str())
-                            .and_then(|x| x.running.take())
-                        {
-                            let _ = tx.send(at);
-                        }
-                    }
                     EventBody::Result(_) => {
                         if let Some(tx) = w
                             .lock()
@@ -425,29 +411,24 @@ pub async fn submit_many(
 }
 
 pub struct Latency {
-    pub to_running: Histogram,
     pub to_result: Histogram,
 }
 
-/// One single-task job at a time: submit to RUNNING, submit to result.
+/// One single-task job at a time: submit to result.
 pub async fn latency(access: &Access, jobs: usize) -> anyhow::Result<Latency> {
     let client = access.client(SUBMITTER).await?;
     let watcher = Watcher::start(access).await?;
     let mut out = Latency {
-        to_running: Histogram::default(),
         to_result: Histogram::default(),
     };
     for n in 0..jobs {
         let id = format!("lat-{}-{n}", std::process::id());
-        let (rtx, rrx) = oneshot::channel();
         let (dtx, drx) = oneshot::channel();
-        watcher.waiting.lock().expect("lock").insert(
-            id.clone(),
-            Waiter {
-                running: Some(rtx),
-                result: Some(dtx),
-            },
-        );
+        watcher
+            .waiting
+            .lock()
+            .expect("lock")
+            .insert(id.clone(), Waiter { result: Some(dtx) });
         let body = serde_json::to_vec(
             &json!({"id": id, "tasks": [{"command": ["true"], "resources": {"cpus": 0.01}}]}),
         )?;
@@ -455,9 +436,7 @@ pub async fn latency(access: &Access, jobs: usize) -> anyhow::Result<Latency> {
         client
             .request(access.api(endpoint::JOBS_SUBMIT), Bytes::from(body))
             .await?;
-        let ran = tokio::time::timeout(Duration::from_secs(30), rrx).await??;
         let done = tokio::time::timeout(Duration::from_secs(30), drx).await??;
-        out.to_running.record(ran - t0);
         out.to_result.record(done - t0);
         watcher.waiting.lock().expect("lock").remove(&id);
     }

@@ -73,6 +73,42 @@ fn row(name: &str, value: String) {
     println!("| {name:<52} | {value:>20} |");
 }
 
+/// The JetStream writes of the workers in this process, by kind.
+struct WorkerWrites(Vec<(&'static str, u64)>);
+
+impl WorkerWrites {
+    fn now() -> WorkerWrites {
+        WorkerWrites(gpufleet_worker::metrics::writes_in_process())
+    }
+
+    /// Rows for the writes since `before`, per task of `tasks`: the tasks'
+    /// own, then the adverts (per worker, sent when its work changes).
+    fn rows(&self, tag: &str, before: &WorkerWrites, tasks: usize) {
+        let since: Vec<(&str, u64)> = self
+            .0
+            .iter()
+            .zip(&before.0)
+            .map(|((k, n), (_, b))| (*k, n - b))
+            .collect();
+        let per_task = |n: u64| n as f64 / tasks.max(1) as f64;
+        let (adverts, own): (Vec<_>, Vec<_>) = since.iter().partition(|(k, _)| *k == "advert");
+        row(
+            &format!("{tag}: worker JetStream writes per task"),
+            format!("{:.2}", per_task(own.iter().map(|(_, n)| n).sum())),
+        );
+        let kinds: Vec<String> = own
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{k} {:.2}", per_task(*n)))
+            .collect();
+        row(&format!("{tag}: ... of which"), kinds.join(", "));
+        row(
+            &format!("{tag}: worker adverts per task"),
+            format!("{:.2}", per_task(adverts.iter().map(|(_, n)| n).sum())),
+        );
+    }
+}
+
 fn floor_rows(name: &str, mode: &str, r: &floor::FloorResult) {
     row(
         &format!("{name}, {mode}: cycles/s"),
@@ -158,11 +194,13 @@ async fn main() -> anyhow::Result<()> {
             std::sync::Arc::new(gpufleet_worker::launcher::Processes),
         )
         .await?;
+        let w0 = WorkerWrites::now();
         let r = control::throughput(&access, jobs, per_job, 0.1).await?;
         row(
             &format!("real processes: {n} /bin/true tasks on 2 workers, tasks/s"),
             format!("{:.0}", r.rate()),
         );
+        WorkerWrites::now().rows("real processes", &w0, n);
         fleet.stop().await;
     }
     if matches!(cli.what, What::All | What::Scale) {
@@ -390,14 +428,18 @@ async fn control_scenario(sizes: &ControlSizes, secure: bool) -> anyhow::Result<
         }
     };
     let lat = control::latency(&access, seq).await?;
-    for (to, h) in [("running", &lat.to_running), ("result", &lat.to_result)] {
-        for (p, q) in [("p50", 0.5), ("p99", 0.99)] {
-            row(&format!("{tag}: submit to {to} {p}"), ms(h.quantile(q)));
-        }
+    // No "submit to RUNNING": a task that ends at once sends none.
+    for (p, q) in [("p50", 0.5), ("p99", 0.99)] {
+        row(
+            &format!("{tag}: submit to result {p}"),
+            ms(lat.to_result.quantile(q)),
+        );
     }
     let s0 = stats(&stats_client).await?;
+    let w0 = WorkerWrites::now();
     let one = control::throughput(&access, single, 1, 1.0).await?;
     let s1 = stats(&stats_client).await?;
+    WorkerWrites::now().rows("control", &w0, single);
     row(
         &format!("{tag}: {single} single-task jobs, tasks/s"),
         format!("{:.0}", one.rate()),

@@ -15,7 +15,9 @@
 //! A fourth, the **lease book** ([`LeaseWatch`]), follows `gpufleet-leases`
 //! throughout the test and records any moment at which a worker's live
 //! leases hold more than it has (a whole GPU granted twice, more CPUs or
-//! GPU memory than exist).
+//! GPU memory than exist). A lease ends when its key expires or is
+//! removed, or when its holder's result for its attempt is stored (the
+//! worker then leaves the key to expire).
 //!
 //! The checks are pure functions over what was read ([`check_history`]),
 //! unit-tested below with histories that break each invariant.
@@ -738,6 +740,8 @@ async fn watch_leases(
         };
         // A new watch replays every live key: start from nothing.
         let mut live: BTreeMap<String, Lease> = BTreeMap::new();
+        // Keys whose attempt has reported, until they go.
+        let mut reported: std::collections::HashSet<String> = Default::default();
         let mut adverts_synced = false;
         let mut leases_synced = false;
         loop {
@@ -759,6 +763,7 @@ async fn watch_leases(
                                 Ok(l) if matches!(l.state, LeaseState::Rejected | LeaseState::Abandoned) => {
                                     live.remove(&c.key);
                                 }
+                                Ok(_) if reported.contains(&c.key) => {}
                                 Ok(l) => {
                                     live.insert(c.key.clone(), l);
                                 }
@@ -766,9 +771,21 @@ async fn watch_leases(
                             },
                             _ => {
                                 live.remove(&c.key);
+                                reported.remove(&c.key);
                             }
                         }
-                        for problem in overcommitted(&caps, &live) {
+                        let mut problems = overcommitted(&caps, &live);
+                        if !problems.is_empty() {
+                            // Leases whose attempt reported hold nothing:
+                            // asked of the events stream only when they
+                            // would make a difference.
+                            for key in ended_by_result(&js, &live).await {
+                                live.remove(&key);
+                                reported.insert(key);
+                            }
+                            problems = overcommitted(&caps, &live);
+                        }
+                        for problem in problems {
                             push(&out, problem);
                         }
                     }
@@ -783,6 +800,34 @@ async fn watch_leases(
             }
         }
     }
+}
+
+/// The keys of claimed leases in `live` whose holder's result for their
+/// attempt is in the events stream.
+async fn ended_by_result(js: &jetstream::Context, live: &BTreeMap<String, Lease>) -> Vec<String> {
+    let Ok(stream) = js.get_stream(subjects::EVENTS_STREAM).await else {
+        return Vec::new();
+    };
+    let mut ended = Vec::new();
+    for (key, l) in live {
+        if !matches!(l.state, LeaseState::Running | LeaseState::Cancelling) {
+            continue;
+        }
+        let subject = subjects::events(
+            &l.owner,
+            &l.job_id,
+            &l.task_id,
+            gpufleet_schema::EventKind::Result,
+            &gpufleet_schema::Sender::Worker(l.worker.clone()),
+        );
+        let Ok(m) = stream.get_last_raw_message_by_subject(&subject).await else {
+            continue;
+        };
+        if codec::decode::<Event>(&m.payload).is_ok_and(|e| e.attempt >= l.attempt) {
+            ended.push(key.clone());
+        }
+    }
+    ended
 }
 
 fn push(out: &Mutex<Vec<String>>, problem: String) {

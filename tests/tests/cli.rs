@@ -12,9 +12,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
+use gpufleet_schema::{EventBody, TaskState};
 use gpufleet_testkit::server::workspace_root;
 use gpufleet_testkit::{
-    api, bin, eventually, pids, with_deadline, Fleet, NatsServer, Proc, WorkerSpec,
+    api, bin, eventually, pids, state_events, with_deadline, Fleet, NatsServer, Proc, WorkerSpec,
 };
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -1190,8 +1191,14 @@ async fn the_python_example_submits_a_job_and_follows_it_to_the_end() {
 
     let pythonpath = tokio::task::spawn_blocking(python_path).await.unwrap();
     let mut fleet = Fleet::start().await;
+    // Its tasks send no RUNNING (they end sooner): the example must not
+    // need one.
     fleet
-        .add_worker(WorkerSpec::new("w1").gpus("2x24GiB:L4"))
+        .add_worker(
+            WorkerSpec::new("w1")
+                .gpus("2x24GiB:L4")
+                .env([("GPUFLEET_RUNNING_EVENT_AFTER".into(), "60s".into())]),
+        )
         .await;
     let out = with_deadline(
         T,
@@ -1233,4 +1240,64 @@ async fn the_python_example_submits_a_job_and_follows_it_to_the_end() {
         "{stderr}"
     );
     assert!(stderr.contains("FINISHED:COMPLETED"), "{stderr}");
+    let job = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("submitted job "))
+        .expect("the job's id");
+    let states: Vec<TaskState> = state_events(&fleet.events(job).await)
+        .into_iter()
+        .map(|(_, s, _)| s)
+        .collect();
+    assert!(!states.contains(&TaskState::Running), "{states:?}");
+}
+
+/// A task that ends before its worker's `running_event_after` sends no
+/// RUNNING event (one write less): its result says when it started, and
+/// `run`, `status --wait` and `logs` follow it to the end all the same
+/// (output counts from the holder the coordinator's RESERVED names).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_task_sends_no_running_event_and_every_reader_follows_it_to_the_end() {
+    let mut fleet = Fleet::start().await;
+    fleet
+        .add_worker(
+            WorkerSpec::new("w1").env([("GPUFLEET_RUNNING_EVENT_AFTER".into(), "60s".into())]),
+        )
+        .await;
+    let url = fleet.url();
+    let out = gpufleet(
+        &url,
+        &[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo short-lived; echo '{\"ok\": 1}' > \"$GPUFLEET_RESULT\"",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert_eq!(out.stdout.trim(), "short-lived", "{out:#?}");
+    let job = out.submitted();
+    let done = gpufleet(&url, &["status", &job, "--wait", "--json"])
+        .await
+        .json();
+    assert_eq!(done["status"], "FINISHED:COMPLETED", "{done:#}");
+    assert_eq!(done["tasks"][0]["result"], json!({"ok": 1}));
+    let logs = gpufleet(&url, &["logs", &job]).await;
+    assert_eq!(logs.stdout.trim(), "short-lived", "{logs:#?}");
+
+    let evs = fleet.events(&job).await;
+    let states: Vec<TaskState> = state_events(&evs).into_iter().map(|(_, s, _)| s).collect();
+    assert!(
+        !states.contains(&TaskState::Running),
+        "no RUNNING for a task that ended at once: {states:?}"
+    );
+    let started = evs.iter().find_map(|e| match &e.body {
+        EventBody::Result(o) => Some(o.started_at),
+        _ => None,
+    });
+    assert!(
+        matches!(started, Some(Some(_))),
+        "the result says when it started: {evs:?}"
+    );
 }

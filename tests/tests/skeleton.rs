@@ -63,11 +63,13 @@ async fn a_json_job_completes_with_its_logs_and_result_in_the_stream() {
         .position(|e| matches!(e.body, EventBody::Result(_)))
         .unwrap();
     assert!(last_log < result_at);
+    // RUNNING only if the task outlived the worker's `running_event_after`.
     let states: Vec<String> = state_events(&evs)
         .iter()
         .map(|(_, state, _)| state.to_string())
+        .filter(|s| s != "RUNNING")
         .collect();
-    assert_eq!(states, vec!["RESERVED", "RUNNING", "SUCCEEDED"]);
+    assert_eq!(states, vec!["RESERVED", "SUCCEEDED"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

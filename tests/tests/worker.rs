@@ -691,20 +691,20 @@ async fn a_cancel_stops_the_process_frees_the_lease_and_aborts_the_job() {
     assert_eq!(status["tasks"][0]["state"], "CANCELLED");
     wait_gone(pid, "the cancelled task's process to be gone").await;
     // While the task is stopped the worker keeps the lease alive, and the
-    // coordinator's request visible; then it releases it (a purge, not an
-    // expiry).
+    // coordinator's request visible; once it has reported, it leaves the
+    // lease to expire (the result ended it; nobody writes it again).
     next_change(&mut watch, T, "the coordinator's cancel request", |c| {
         decode_lease(c).is_some_and(|l| l.state == LeaseState::Cancelling)
     })
     .await;
     let released = loop {
-        let c = next_change(&mut watch, T, "the lease to be released", |_| true).await;
+        let c = next_change(&mut watch, T, "the lease to expire", |_| true).await;
         match decode_lease(&c) {
             Some(l) => assert_eq!(l.state, LeaseState::Cancelling, "renewed as it was"),
             None => break c,
         }
     };
-    assert_eq!(released.op, KvOp::Purge);
+    assert_eq!(released.op, KvOp::Expired);
     let evs = fleet.events(&id).await;
     let outs = outcomes(&evs);
     assert_eq!(outs.len(), 1);
@@ -1531,12 +1531,9 @@ async fn a_timeout_too_long_for_the_clock_neither_panics_the_worker_nor_stops_th
     let mut watch = leases.watch("w1.huge-0.1").await.unwrap();
     let answer = reserve_directly(&leases, "w1.huge-0.1", &lease).await;
     assert_eq!(answer.state, LeaseState::Running);
-    // Released once the task ended and its result was stored.
-    let released = next_change(&mut watch, T, "the lease to be released", |c| {
-        c.op != KvOp::Put
-    })
-    .await;
-    assert_eq!(released.op, KvOp::Purge);
+    // Left to expire once the task ended and its result was stored.
+    let released = next_change(&mut watch, T, "the lease to expire", |c| c.op != KvOp::Put).await;
+    assert_eq!(released.op, KvOp::Expired);
     let evs = fleet.events("huge").await;
     let outs = outcomes(&evs);
     assert_eq!(outs.len(), 1, "{evs:?}");

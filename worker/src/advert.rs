@@ -16,7 +16,7 @@ use crate::fence::Confirmed;
 use crate::gpu::{self, GpuProbe, GpuSnapshot};
 use crate::host::HostProbe;
 use crate::ledger::Capacity;
-use crate::metrics::{Held, WorkerMetrics};
+use crate::metrics::{Held, WorkerMetrics, Write};
 use crate::usage::Board;
 
 /// What the main loop tells the heartbeat.
@@ -158,6 +158,7 @@ pub async fn heartbeat(
             continue;
         };
         let sent = tokio::time::Instant::now();
+        observed.metrics.wrote(Write::Advert);
         match kv
             .put(worker.as_str(), Bytes::from(bytes), Some(cfg.advert_ttl.0))
             .await

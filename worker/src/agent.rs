@@ -31,7 +31,7 @@ use crate::fence::Confirmed;
 use crate::gpu;
 use crate::isolation::{self, Isolation};
 use crate::launcher::{Launcher, Processes};
-use crate::metrics::WorkerMetrics;
+use crate::metrics::{WorkerMetrics, Write};
 use crate::publish::Source;
 use crate::supervisor::{self, StopReason};
 use crate::usage;
@@ -535,6 +535,7 @@ pub(crate) async fn refuse(ctx: &Ctx, key: &LeaseKey, rev: u64, answer: Lease) {
     let Ok(bytes) = codec::encode(&answer) else {
         return;
     };
+    ctx.metrics.wrote(Write::Refusal);
     match ctx
         .leases
         .update(

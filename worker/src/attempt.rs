@@ -1,6 +1,7 @@
-//! One attempt, from claim to release, as its own tokio task: claims the
+//! One attempt, from claim to result, as its own tokio task: claims the
 //! reservation, renews the lease on a timer of its own, runs the task,
-//! ships its output, reports its result and lets the lease go. What each
+//! ships its output and reports its result (which ends the lease for the
+//! coordinator; the key then expires on its own). What each
 //! step writes and what a lost race means are decided in [`crate::core`];
 //! this is the IO around those decisions.
 
@@ -8,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishAckFuture;
 use bytes::Bytes;
 use gpufleet_natsutil::{Backoff, KvError};
 use gpufleet_schema::message::{Delivery, InboxMessage, FROM_GPUFLEET};
@@ -20,6 +22,7 @@ use crate::agent::{AttemptMsg, Ctx};
 use crate::artifacts;
 use crate::core::{self, AfterConflict, Finish};
 use crate::fence::{self, Confirmed, Deadline};
+use crate::metrics::Write;
 use crate::publish::{self, Source};
 use crate::supervisor::{Finished, Limits, Output, StopReason, TaskPaths, TaskRun};
 use crate::usage;
@@ -132,6 +135,7 @@ impl Attempt {
         };
         let expected = self.rev.load(Ordering::SeqCst);
         let sent = tokio::time::Instant::now();
+        ctx.metrics.wrote(Write::Claim);
         let claim_rev = match ctx
             .leases
             .update(&self.key, Bytes::from(bytes), Some(ttl), expected)
@@ -184,19 +188,19 @@ impl Attempt {
             self.stop.clone(),
         )));
 
-        let (subject, ev) = self.source.event(
-            EventBody::State {
-                state: TaskState::Running,
-                reason: None,
-                holder: None,
-            },
-            claim_rev,
-        );
-        // Sent now (so it is stored before any output, which follows on the
-        // same connection), its ack awaited before the result: the task
-        // does not wait a round trip to start.
-        let running_ack = publish::send_event(&ctx.js, subject, &ev).await;
-
+        // RUNNING goes out only once the task has run for a while: a task
+        // that ends sooner is told by its result alone (which says when it
+        // started), one write less. The coordinator learns of the claim
+        // from the lease; readers take output from the holder its RESERVED
+        // event names, whether or not RUNNING came.
+        let running_after = ctx.cfg.running_event_after.0;
+        let mut running_ack = if running_after.is_zero() {
+            // At once, so that it is stored before any output (which
+            // follows on the same connection).
+            self.send_running(claim_rev).await
+        } else {
+            None
+        };
         let (out_tx, out_rx) = mpsc::channel::<Output>(OUTPUT_CHANNEL);
         let shipper = tokio::spawn(publish::ship_output(
             ctx.js.clone(),
@@ -251,7 +255,19 @@ impl Attempt {
         // Its own task: should the supervisor panic, the attempt still
         // ends, FAILED with the reason, and its resources are freed.
         let launch = ctx.launcher.launch(run, out_tx, self.stop_rx.clone());
-        let finished = match tokio::spawn(launch).await {
+        let mut launched = tokio::spawn(launch);
+        let joined = if running_after.is_zero() {
+            launched.await
+        } else {
+            tokio::select! {
+                joined = &mut launched => joined,
+                _ = tokio::time::sleep(running_after) => {
+                    running_ack = self.send_running(claim_rev).await;
+                    launched.await
+                }
+            }
+        };
+        let finished = match joined {
             Ok(finished) => finished,
             Err(e) => {
                 let why = panic_message(e);
@@ -293,22 +309,37 @@ impl Attempt {
             tracing::warn!(task_id = %self.lease.task_id, attempt = self.lease.attempt, "attempt fenced: its result is not reported");
         } else {
             let outcome = self.outcome(finished).await;
+            // Free before the result goes: the coordinator frees what the
+            // lease held as soon as it takes the result, and may place new
+            // work here at once, which must find it free.
+            self.free_resources().await;
             self.report(outcome, claim_rev, ttl, &confirmed).await;
         }
         drop(_watchdog);
         drop(_renewal);
+        // The lease is not removed: the result ended it for the
+        // coordinator, and the key expires on its own (one write less).
+        // Its expiry must not be taken for a fence.
         self.released.store(true, Ordering::SeqCst);
-        if !fenced {
-            self.free_resources().await;
-            if let Err(e) = ctx.leases.purge(&self.key, Duration::from_secs(60)).await {
-                tracing::warn!(key = %self.key, error = %e, "could not release a lease; it will expire");
-            }
-        }
         if !ctx.cfg.keep_task_dirs && ctx.launcher.uses_dir() {
             if let Err(e) = ctx.dirs.give_back(&dir).await {
                 tracing::warn!(dir = %dir.display(), error = %e, "could not remove a task directory");
             }
         }
+    }
+
+    /// Sends the attempt's RUNNING event; its ack is awaited before the
+    /// result, so that nobody sees the result followed by a RUNNING.
+    async fn send_running(&self, claim_rev: u64) -> Option<PublishAckFuture> {
+        let (subject, ev) = self.source.event(
+            EventBody::State {
+                state: TaskState::Running,
+                reason: None,
+                holder: None,
+            },
+            claim_rev,
+        );
+        publish::send_event(&self.ctx.js, &self.ctx.metrics, subject, &ev).await
     }
 
     /// Whether the lease is still this attempt's ([`core::still_ours`]).
@@ -425,6 +456,7 @@ impl Attempt {
         );
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
+            self.ctx.metrics.wrote(Write::Result);
             if publish::publish(&self.ctx.js, subject.clone(), &ev, Some(&msg_id)).await {
                 return;
             }
@@ -657,6 +689,7 @@ async fn renew(
             return;
         };
         let sent = tokio::time::Instant::now();
+        ctx.metrics.wrote(Write::Renewal);
         let renewed = ctx
             .leases
             .update(&key, Bytes::from(bytes), Some(ttl), expected)
@@ -701,6 +734,7 @@ async fn renew(
                 current = *lease;
                 if let Ok(b) = codec::encode(&current) {
                     let sent = tokio::time::Instant::now();
+                    ctx.metrics.wrote(Write::Renewal);
                     if let Ok(r) = ctx
                         .leases
                         .update(&key, Bytes::from(b), Some(ttl), revision)

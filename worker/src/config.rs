@@ -57,6 +57,10 @@ pub struct WorkerConfig {
     pub addr: Option<String>,
     /// Ports handed out as `MASTER_PORT` for gangs whose rank 0 runs here.
     pub rendezvous_ports: (u16, u16),
+    /// How long a task runs before its RUNNING event is sent; a task that
+    /// ends sooner sends only its result (which says when it started), one
+    /// JetStream write less. `0s`: at once, before the task starts.
+    pub running_event_after: Dur,
     /// SIGTERM-to-SIGKILL grace when a task is stopped.
     pub kill_grace: Dur,
     /// How long a draining worker lets its tasks run before stopping them.
@@ -116,6 +120,7 @@ impl Default for WorkerConfig {
             load_memory_cap: None,
             addr: None,
             rendezvous_ports: capacity::DEFAULT_RENDEZVOUS_PORTS,
+            running_event_after: Dur(Duration::from_millis(50)),
             kill_grace: Dur::secs(10),
             drain_timeout: Dur::secs(300),
             max_result_size: ByteSize::mib(1),
@@ -204,6 +209,9 @@ impl WorkerConfig {
                 "advert_ttl: at least 1s and more than two heartbeats, so one lost heartbeat does not drop the worker"
                     .into(),
             );
+        }
+        if self.running_event_after.0 > Duration::from_secs(60) {
+            return Err("running_event_after: at most 1m (watchers show a task that ran this long as still RESERVED)".into());
         }
         if let Some(c) = self.cpus {
             if !c.is_finite() || c <= 0.0 {

@@ -720,6 +720,34 @@ mod tests {
         assert_eq!(s.running(), 0);
     }
 
+    /// The coordinator frees an attempt's share as soon as it takes its
+    /// result, and may place new work here at once: the attempt frees it
+    /// here first (before its result goes). Its key, left to expire, is
+    /// then neither run again nor counted.
+    #[test]
+    fn an_attempt_frees_its_share_before_its_result_and_its_lingering_key_holds_nothing() {
+        let mut s = state();
+        let (a, la) = lease(0, 4000, None);
+        assert_eq!(claim(&mut s, &a, &la), OnLease::Claim);
+        let (b, lb) = lease(1, 4000, None);
+        assert!(
+            matches!(claim(&mut s, &b, &lb), OnLease::Refuse { .. }),
+            "every CPU is held"
+        );
+        // The task is over: freed, then its result goes out.
+        s.releasing(&a);
+        let (c, lc) = lease(2, 4000, None);
+        assert_eq!(claim(&mut s, &c, &lc), OnLease::Claim, "placed at once");
+        assert!(!s.done(&a));
+        // The key of the ended attempt, seen again (a late renewal in the
+        // watch), is neither claimed nor held.
+        let mut again = claimed(&la, ME);
+        again.claim_rev = Some(3);
+        assert_eq!(claim(&mut s, &a, &again), OnLease::Ignore);
+        assert_eq!(s.running(), 1);
+        assert_eq!(s.advert_inputs().held_cpus_milli, 4000, "only task 2's");
+    }
+
     #[test]
     fn the_advert_lists_running_tasks_and_gpu_memory_set_aside() {
         let mut s = state();

@@ -6,7 +6,7 @@
 //! renewal histogram where things happen. Labels are the worker and, for
 //! GPUs, the GPU's index and uuid: bounded by the hardware, never by tasks.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +35,64 @@ struct GpuOwnerLabel {
     owner: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WriteLabel {
+    kind: &'static str,
+}
+
+/// A JetStream write of the worker's, by what it writes (artifact uploads,
+/// one per chunk, are not counted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// The compare-and-set that claims a reservation.
+    Claim,
+    /// A lease renewal (or a cancel adopted into the lease).
+    Renewal,
+    /// A reservation answered REJECTED or ABANDONED.
+    Refusal,
+    /// A RUNNING state event, output, progress or a message.
+    Event,
+    /// A result event (each try).
+    Result,
+    /// The worker's advert (per worker, not per task).
+    Advert,
+}
+
+impl Write {
+    pub const ALL: [Write; 6] = [
+        Write::Claim,
+        Write::Renewal,
+        Write::Refusal,
+        Write::Event,
+        Write::Result,
+        Write::Advert,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Write::Claim => "claim",
+            Write::Renewal => "renewal",
+            Write::Refusal => "refusal",
+            Write::Event => "event",
+            Write::Result => "result",
+            Write::Advert => "advert",
+        }
+    }
+}
+
+/// Every worker's writes in this process, by [`Write`]: what a program
+/// running workers in its own process (the benchmarks) reads, since their
+/// metrics endpoints are off.
+static IN_PROCESS: [AtomicU64; Write::ALL.len()] = [const { AtomicU64::new(0) }; Write::ALL.len()];
+
+/// The JetStream writes of every worker in this process so far, by kind.
+pub fn writes_in_process() -> Vec<(&'static str, u64)> {
+    Write::ALL
+        .iter()
+        .map(|w| (w.name(), IN_PROCESS[*w as usize].load(Ordering::Relaxed)))
+        .collect()
+}
+
 struct Inner {
     running: Gauge,
     cpus: FloatGauge,
@@ -47,6 +105,7 @@ struct Inner {
     log_shipped: Counter,
     log_dropped: Counter,
     renewal: Histogram,
+    writes: Family<WriteLabel, Counter>,
 }
 
 /// Shared by the heartbeat, the attempts and the metrics endpoint.
@@ -67,6 +126,7 @@ impl Default for WorkerMetrics {
             log_shipped: Counter::default(),
             log_dropped: Counter::default(),
             renewal: Histogram::new(latency_buckets()),
+            writes: Family::default(),
         }))
     }
 }
@@ -129,6 +189,15 @@ impl WorkerMetrics {
         self.0.renewal.observe(d.as_secs_f64());
     }
 
+    /// One JetStream write was sent.
+    pub fn wrote(&self, w: Write) {
+        IN_PROCESS[w as usize].fetch_add(1, Ordering::Relaxed);
+        self.0
+            .writes
+            .get_or_create(&WriteLabel { kind: w.name() })
+            .inc();
+    }
+
     /// A registry of every metric, labelled with `worker`.
     pub fn registry(&self, worker: &WorkerId) -> Registry {
         let m = &self.0;
@@ -186,6 +255,11 @@ impl WorkerMetrics {
             Unit::Seconds,
             m.renewal.clone(),
         );
+        r.register(
+            "jetstream_writes",
+            "JetStream writes sent, by kind (claim, renewal, refusal, event, result, advert)",
+            m.writes.clone(),
+        );
         r
     }
 }
@@ -222,6 +296,9 @@ mod tests {
         );
         m.log(100, 7);
         m.renewal(Duration::from_millis(3));
+        m.wrote(Write::Claim);
+        m.wrote(Write::Result);
+        m.wrote(Write::Result);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(
             &mut text,
@@ -236,6 +313,8 @@ mod tests {
             r#"gpufleet_worker_gpu_utilization_ratio{worker="w1",gpu="0",uuid="GPU-a"} 0.75"#,
             r#"gpufleet_worker_log_shipped_bytes_total{worker="w1"} 100"#,
             r#"gpufleet_worker_lease_renewal_seconds_count{worker="w1"} 1"#,
+            r#"gpufleet_worker_jetstream_writes_total{worker="w1",kind="claim"} 1"#,
+            r#"gpufleet_worker_jetstream_writes_total{worker="w1",kind="result"} 2"#,
         ] {
             assert!(
                 text.lines().any(|l| l == line),

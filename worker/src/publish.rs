@@ -14,7 +14,7 @@ use gpufleet_schema::{
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-use crate::metrics::WorkerMetrics;
+use crate::metrics::{WorkerMetrics, Write};
 use crate::supervisor::Output;
 
 /// Output events published and not yet acknowledged, per task.
@@ -109,7 +109,7 @@ pub(crate) async fn ship_output(
             },
         };
         let (subject, ev) = source.event(body, lease_rev);
-        if let Some(ack) = send_event(&js, subject, &ev).await {
+        if let Some(ack) = send_event(&js, &metrics, subject, &ev).await {
             acks.push(std::future::IntoFuture::into_future(ack));
         }
         // Bound what is in flight; the supervisor counts what it must drop
@@ -131,10 +131,12 @@ pub(crate) async fn ship_output(
 /// back as a future.
 pub(crate) async fn send_event(
     js: &jetstream::Context,
+    metrics: &WorkerMetrics,
     subject: String,
     ev: &Event,
 ) -> Option<PublishAckFuture> {
     let bytes = codec::encode(ev).ok()?;
+    metrics.wrote(Write::Event);
     match events::send(js, subject, bytes.into(), None).await {
         Ok(ack) => Some(ack),
         Err(e) => {

@@ -46,6 +46,34 @@ pub struct LeaseBook {
     live: HashMap<LeaseKey, LiveLease>,
     /// Tasks whose lease was released before their result came, and when.
     released: HashMap<TaskId, Instant>,
+    /// Lease keys whose attempt has ended, until the key expires: their
+    /// worker does not remove them (one write less per task), so what the
+    /// watch still shows of them is no live lease and holds nothing.
+    finished: HashMap<LeaseKey, Finished>,
+}
+
+/// A lease key whose attempt has ended.
+#[derive(Debug, Clone, Copy)]
+struct Finished {
+    /// A RUNNING value written after this revision means something still
+    /// runs under the key; `u64::MAX` when its holder's own result ended
+    /// it (sent once its process was gone).
+    after: u64,
+    /// When it is forgotten, should its expiry never reach us.
+    until: Instant,
+}
+
+/// How a lease key that outlives its attempt is answered when the watch
+/// shows it again ([`LeaseBook::finished_put`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum FinishedPut {
+    /// Not a finished key: take it as usual.
+    Live,
+    /// A value of the ended attempt (its claim, a renewal sent before its
+    /// result, our own cancel, a restarted worker's ABANDONED): nothing.
+    Ignore,
+    /// Renewed after it was taken for ended: ask what runs there to stop.
+    StillRuns,
 }
 
 impl LeaseBook {
@@ -172,6 +200,51 @@ impl LeaseBook {
 
     pub fn remove(&mut self, key: &LeaseKey) -> Option<LiveLease> {
         self.live.remove(key)
+    }
+
+    // ----- finished: ended attempts whose key has not expired -----
+
+    /// The attempt under `key` has ended: it holds nothing from now on,
+    /// and the watch's later values of the key are not taken as live (see
+    /// [`FinishedPut`]). `after`: the revision past which a RUNNING value
+    /// means the attempt still runs (`u64::MAX`: never, for an attempt
+    /// ended by its holder's result). Forgotten when the key expires or
+    /// is removed, or at `now + ttl` at the latest.
+    pub fn finish(&mut self, key: &LeaseKey, after: u64, now: Instant, ttl: Duration) {
+        self.live.remove(key);
+        self.finished.insert(
+            key.clone(),
+            Finished {
+                after,
+                until: now + ttl,
+            },
+        );
+    }
+
+    /// What to make of a value written under `key` at `rev`.
+    pub fn finished_put(&self, key: &LeaseKey, rev: u64, state: LeaseState) -> FinishedPut {
+        match self.finished.get(key) {
+            None => FinishedPut::Live,
+            Some(f) if rev > f.after && state == LeaseState::Running => FinishedPut::StillRuns,
+            Some(_) => FinishedPut::Ignore,
+        }
+    }
+
+    /// The key expired or was removed.
+    pub fn forget_finished(&mut self, key: &LeaseKey) {
+        self.finished.remove(key);
+    }
+
+    /// Forgets the finished keys whose expiry is overdue (a watch that
+    /// missed it), so that the set stays bounded.
+    pub fn expire_finished(&mut self, now: Instant) {
+        self.finished.retain(|_, f| f.until > now);
+    }
+
+    /// How many keys are finished but not yet expired.
+    #[cfg(test)]
+    pub fn finished_len(&self) -> usize {
+        self.finished.len()
     }
 
     // ----- released, awaiting the result -----

@@ -11,7 +11,7 @@ use gpufleet_schema::{
     WorkerId,
 };
 
-use super::leases::LiveLease;
+use super::leases::{FinishedPut, LiveLease, EXPIRY_SLACK};
 use super::{Engine, LeaseChange};
 use crate::metrics::Reservation;
 use crate::state::{GangSettled, Stop};
@@ -77,6 +77,19 @@ impl Engine {
         };
         match change {
             LeaseChange::Put { rev, mut lease, .. } => {
+                match self.book.finished_put(&key, rev, lease.state) {
+                    FinishedPut::Live => {}
+                    FinishedPut::Ignore => return,
+                    FinishedPut::StillRuns => {
+                        // Taken for ended at start-up, yet renewed since.
+                        if self.ready {
+                            let live = LiveLease { rev, lease: *lease };
+                            let reason = "no job wants this attempt any more".to_string();
+                            self.fx.cancel_lease(&key, &live, reason);
+                        }
+                        return;
+                    }
+                }
                 if lease.state == LeaseState::Running && lease.claim_rev.is_none() {
                     // The claim itself: its revision is what the attempt's
                     // results name, and what our CANCELLING write carries.
@@ -141,6 +154,8 @@ impl Engine {
     /// Forgets a lease key that is gone; returns it with its task when the
     /// task still waits on this attempt (and start-up is over).
     fn lease_gone(&mut self, key: &LeaseKey) -> Option<(Lease, JobId, usize)> {
+        // An ended attempt's key, expiring on its own: nothing to do.
+        self.book.forget_finished(key);
         let live = self.book.remove(key)?;
         self.waits.remove(key);
         self.wants_schedule = true;
@@ -456,6 +471,10 @@ impl Engine {
             return;
         };
         let t = &job.tasks[i];
+        // The key of the lease the sender held for this attempt.
+        let key = sender
+            .worker()
+            .map(|w| subjects::lease_key(w, &event.task_id, event.attempt));
         // Fencing: only the current attempt may end a task; anything else
         // is a superseded attempt's report.
         if t.attempt != event.attempt || t.is_final() {
@@ -465,6 +484,18 @@ impl Engine {
                 current = t.attempt,
                 "refused a result from a superseded attempt"
             );
+            // Its process is gone all the same: a lease its sender still
+            // holds for it (the token says it is the sender's) holds
+            // nothing more.
+            if let Some(key) = key {
+                if self
+                    .book
+                    .get(&key)
+                    .is_some_and(|l| event.token.as_deref() == Some(l.lease.token.as_str()))
+                {
+                    self.lease_finished(&key);
+                }
+            }
             return;
         }
         // And only from the worker holding its live claim: sent by it (the
@@ -502,6 +533,9 @@ impl Engine {
             ..
         } = outcome;
         let job = event.job_id;
+        if let Some(key) = key {
+            self.lease_finished(&key);
+        }
         self.jobs
             .task_mut(&job, i)
             .record_report(result, seq, started_at, usage);
@@ -515,6 +549,21 @@ impl Engine {
             why,
         };
         self.end_attempt(&job, i, ended);
+    }
+
+    /// The holder of the lease under `key` reported its attempt's end: its
+    /// process is gone, so the lease holds nothing from now on (placement
+    /// may use its capacity at once). The worker leaves the key to expire.
+    fn lease_finished(&mut self, key: &LeaseKey) {
+        let ttl = self
+            .book
+            .get(key)
+            .map_or(self.cfg.lease_ttl.0, |l| l.lease.lease_ttl.0)
+            .max(self.cfg.lease_ttl.0);
+        self.book
+            .finish(key, u64::MAX, self.now.mono, ttl + EXPIRY_SLACK);
+        self.waits.remove(key);
+        self.wants_schedule = true;
     }
 
     /// How long a task waits before attempt `failed + 1`: `retry_backoff`
@@ -604,6 +653,7 @@ impl Engine {
             }
         }
         self.queue.expire_avoid(self.now.mono);
+        self.book.expire_finished(self.now.mono);
         self.queue.expire_pauses(self.now.mono);
         let retention =
             time::Duration::try_from(self.cfg.job_retention.0).unwrap_or(time::Duration::MAX);
@@ -759,14 +809,19 @@ impl Engine {
         }
     }
 
+    /// A lease no record wants at start-up. A claimed one is, almost
+    /// always, that of an attempt that ended with its result (its worker
+    /// leaves the key to expire): it holds nothing, and is not asked to
+    /// stop, costing nothing. Should its worker renew it after all,
+    /// something runs that nothing wants, and is asked to stop then
+    /// ([`FinishedPut::StillRuns`]).
     fn orphan_lease(&mut self, key: &LeaseKey, live: &LiveLease) {
         match live.lease.state {
-            // Something runs that no record wants: ask its worker to stop.
-            LeaseState::Running => {
-                let reason = "no job wants this attempt any more".to_string();
-                self.fx.cancel_lease(key, live, reason);
+            LeaseState::Running | LeaseState::Cancelling => {
+                let ttl = live.lease.lease_ttl.0.max(self.cfg.lease_ttl.0);
+                self.book
+                    .finish(key, live.rev, self.now.mono, ttl + EXPIRY_SLACK);
             }
-            LeaseState::Cancelling => {}
             _ => self.purge_lease(key),
         }
     }

@@ -24,6 +24,7 @@ mod owners;
 mod preempt;
 mod refusals;
 mod retry;
+mod settle;
 mod talk;
 mod twophase;
 mod unschedulable;
@@ -187,11 +188,10 @@ fn refuse(e: &mut Sim, key: &str, lease: &Lease, rev: u64, why: &str) {
     }));
 }
 
-/// A claimed attempt ends as a worker ends it: the result, then the
-/// release of its lease.
-fn finish(e: &mut Sim, key: &str, lease: &Lease, state: TaskState, seq: u64) {
+/// A claimed attempt ends as a worker ends it: with its result alone; the
+/// worker leaves the lease under `_key` to expire (see `settle.rs`).
+fn finish(e: &mut Sim, _key: &str, lease: &Lease, state: TaskState, seq: u64) {
     e.handle(result(e, lease, state, seq));
-    e.handle(Input::Lease(LeaseChange::Released { key: key.into() }));
 }
 
 /// Moves the clock on by `secs` and lets a tick happen.
