@@ -71,6 +71,11 @@ pub struct CoordinatorConfig {
     /// How long a finished job's record is kept (then it is gone, as if
     /// `gpufleet delete` had removed it).
     pub job_retention: Dur,
+    /// The TTL of an unfinished job's record: written again at half of it
+    /// while the job lives, so that a finished job's record needs no
+    /// removal (it expires), and a start-up reads the records of jobs
+    /// finished within it at most.
+    pub active_record_ttl: Dur,
     /// The pause before a task's first retry; each further retry waits
     /// twice as long (with jitter), up to `retry_backoff_max`.
     pub retry_backoff: Dur,
@@ -119,6 +124,7 @@ impl Default for CoordinatorConfig {
             artifacts_max_age: Dur::secs(30 * 24 * 3600),
             artifacts_max_bytes: ByteSize(4 << 30),
             job_retention: Dur::secs(7 * 24 * 3600),
+            active_record_ttl: Dur::secs(600),
             retry_backoff: Dur(Duration::from_millis(500)),
             retry_backoff_max: Dur::secs(60),
             preempt_grace: Dur::secs(30),
@@ -189,6 +195,7 @@ impl CoordinatorConfig {
             ("events_max_age", self.events_max_age),
             ("artifacts_max_age", self.artifacts_max_age),
             ("job_retention", self.job_retention),
+            ("active_record_ttl", self.active_record_ttl),
             ("retry_backoff", self.retry_backoff),
             ("retry_backoff_max", self.retry_backoff_max),
             ("preempt_grace", self.preempt_grace),
@@ -201,6 +208,9 @@ impl CoordinatorConfig {
         }
         if self.job_retention.0 < Duration::from_secs(1) {
             return Err("job_retention: at least 1s (NATS TTLs are whole seconds)".into());
+        }
+        if self.active_record_ttl.0 < Duration::from_secs(10) {
+            return Err("active_record_ttl: at least 10s (it is refreshed at half of it)".into());
         }
         self.scheduling
             .validate()

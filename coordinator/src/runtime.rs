@@ -12,10 +12,13 @@
 //! 1. job records, and the reservations and events of jobs already stored;
 //! 2. the reservations and events of jobs stored in stage 1 (nothing of a
 //!    job runs before its record is stored: a submit whose record cannot
-//!    be written is answered 503 and forgotten), and the removal of the
-//!    active records of jobs whose done record stage 1 stored;
-//! 3. the checkpoint, when nothing of the above failed (see `store.rs` on
-//!    why its revision is a clean point).
+//!    be written is answered 503 and forgotten), and removals of records
+//!    (a reopened job's done record once its active one is stored);
+//! 3. the checkpoint, when nothing of the above failed.
+//!
+//! Active records of unfinished jobs are written again before their TTL
+//! ends, a few per batch (`store::Written`), so that a finished job's
+//! expires without a write (see `store.rs`).
 //!
 //! The loop also fences itself: it writes nothing while its leadership is
 //! not recently confirmed (see `leader.rs`).
@@ -87,19 +90,19 @@ struct Io {
     marker_ttl: Duration,
     /// The TTL of done records, if the bucket allows per-message TTLs.
     retention: Option<Duration>,
+    /// The TTL of active records, likewise: without it, a finished job's
+    /// active record is removed once its done record is stored.
+    active_ttl: Option<Duration>,
 }
 
 /// What the runtime remembers of the stored records between batches.
-#[derive(Default)]
 struct Records {
-    /// A hash of each part of each unfinished job as last stored.
-    written: HashMap<JobId, Vec<u64>>,
+    /// Each part of each unfinished job as last stored.
+    written: store::Written,
     /// Active record keys still to remove, with the job whose move they
     /// finish (none for leftovers found at start).
     purges: Vec<(Option<JobId>, Vec<String>)>,
     last_checkpoint: u64,
-    /// A job moved since the checkpoint was last written.
-    moved: bool,
     /// Keys of records an earlier version wrote, removed once their job is
     /// written anew.
     legacy: HashMap<JobId, String>,
@@ -107,6 +110,22 @@ struct Records {
     /// yet, with how many parts their done record has.
     reopened: HashMap<JobId, usize>,
 }
+
+impl Records {
+    fn new(active_ttl: Option<Duration>) -> Self {
+        Records {
+            written: store::Written::new(active_ttl),
+            purges: Vec::new(),
+            last_checkpoint: 0,
+            legacy: HashMap::new(),
+            reopened: HashMap::new(),
+        }
+    }
+}
+
+/// Active records renewed per batch at most, so that renewals never
+/// crowd out a batch's own writes.
+const MAX_RENEWALS: usize = 256;
 
 /// Runs the coordinator until `shutdown` resolves.
 pub async fn run(
@@ -146,6 +165,7 @@ pub async fn run(
         signer,
         marker_ttl: Duration::from_secs(60),
         retention: msg_ttl.then_some(cfg.job_retention.0),
+        active_ttl: msg_ttl.then_some(cfg.active_record_ttl.0),
     };
 
     // The engine's inputs. Made before leadership, so that a scrape of a
@@ -176,7 +196,7 @@ pub async fn run(
         engine.set_policy(Some(policy));
     }
     let started = std::time::Instant::now();
-    let mut records = Records::default();
+    let mut records = Records::new(io.active_ttl);
     let restored = restore(&io, &mut engine, &mut records).await?;
     records.last_checkpoint = engine.applied_seq();
     tracing::info!(
@@ -227,8 +247,10 @@ pub async fn run(
     loop {
         // A pass cut short by its budget goes on at once; otherwise wait
         // for something to happen (or a retry's pause to end).
-        let wake = engine
-            .next_wakeup()
+        let wake = [engine.next_wakeup(), records.written.next_due()]
+            .into_iter()
+            .flatten()
+            .min()
             .map(tokio::time::Instant::from_std)
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         let first = if engine.schedule_pending() {
@@ -297,6 +319,8 @@ pub async fn run(
             tracing::info!(took = ?started.elapsed(), "coordinator ready: serving the gpufleet API");
         }
         let mut fx = engine.take_effects();
+        fx.put_jobs
+            .extend(records.written.due(std::time::Instant::now(), MAX_RENEWALS));
         // Handed over after this batch's events (their audit) are stored.
         let posts = std::mem::take(&mut fx.posts);
         for (job, caller, fetch) in std::mem::take(&mut fx.fetches) {
@@ -470,28 +494,92 @@ async fn read_all(
 
 /// Loads the unfinished jobs, the events checkpoint and the newest
 /// finished jobs (for `jobs.list`); returns how many jobs it loaded.
+///
+/// First the done records written since the oldest active record (those
+/// that may outdate one: see `store.rs`), then the active records, skipping
+/// every one outdated.
 async fn restore(
     io: &Io,
     engine: &mut Engine,
     records: &mut Records,
 ) -> Result<usize, CoordinatorError> {
-    // The checkpoint's revision is the clean point: every done record
-    // before it has no active twin.
-    let clean = match io.jobs.get(subjects::CHECKPOINT_KEY).await? {
-        Some(e) => {
-            let seq = std::str::from_utf8(&e.value)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            engine.restore_checkpoint(seq);
-            e.revision
+    if let Some(e) = io.jobs.get(subjects::CHECKPOINT_KEY).await? {
+        let seq = std::str::from_utf8(&e.value)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        engine.restore_checkpoint(seq);
+    }
+
+    // Done records since the oldest active record may outdate one; the
+    // newest ones are also what `jobs.list` shows.
+    let kv_stream = subjects::kv_stream(subjects::JOBS_BUCKET);
+    let stream = io
+        .js
+        .get_stream(&kv_stream)
+        .await
+        .map_err(|e| CoordinatorError::Nats(e.to_string()))?;
+    let end = stream.cached_info().state.last_sequence;
+    let active_filter = subjects::kv_subject(subjects::JOBS_BUCKET, &JobRecordSet::Active.all());
+    let oldest_active = match stream
+        .get_first_raw_message_by_subject(&active_filter, 1)
+        .await
+    {
+        Ok(m) => m.sequence,
+        Err(e)
+            if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+        {
+            end + 1
         }
-        None => 0,
+        Err(e) => return Err(CoordinatorError::Nats(e.to_string())),
     };
+    let from = oldest_active.min(end.saturating_sub(RECENT_SCAN)).max(1);
+    let filter = subjects::kv_subject(subjects::JOBS_BUCKET, &JobRecordSet::Done.heads());
+    let mut replay = Replay::start(&io.js, &kv_stream, vec![filter], from, Until::CaughtUp)
+        .await
+        .map_err(|e| CoordinatorError::Nats(e.to_string()))?;
+    let mut shadows = store::Shadows::default();
+    while let Some(r) = replay.next().await {
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the finished jobs; resuming");
+                continue;
+            }
+        };
+        let Some((_, job, _)) = subjects::kv_key(subjects::JOBS_BUCKET, r.message.subject.as_str())
+            .and_then(subjects::parse_job_record_key)
+        else {
+            continue;
+        };
+        let removed = r.message.payload.is_empty();
+        if r.sequence >= oldest_active {
+            shadows.done(job.clone(), r.sequence, removed);
+        }
+        if removed {
+            // Deleted (or expired) since.
+            engine.forget_finished(&job);
+            continue;
+        }
+        match store::summary(&r.message.payload) {
+            Ok((seq, summary)) => engine.restore_finished(seq, summary),
+            Err(e) => {
+                tracing::warn!(job_id = %job, error = %e, "skipping an unreadable done record")
+            }
+        }
+    }
+
     let mut parts = store::Assembler::default();
+    // When each job's oldest part was written, to renew it in time.
+    let mut written_at: HashMap<JobId, time::OffsetDateTime> = HashMap::new();
     read_all(&io.jobs, &JobRecordSet::Active.all(), |c| {
-        if c.op == KvOp::Put {
-            parts.add(&c.key, &c.value);
+        if c.op != KvOp::Put {
+            return;
+        }
+        parts.add(&c.key, c.revision, &c.value, &shadows);
+        if let Some((_, job, _)) = subjects::parse_job_record_key(&c.key) {
+            let oldest = written_at.entry(job).or_insert(c.published);
+            *oldest = (*oldest).min(c.published);
         }
     })
     .await?;
@@ -506,6 +594,19 @@ async fn restore(
         .collect();
     if !assembled.garbage.is_empty() {
         records.purges.push((None, assembled.garbage));
+    }
+    let (mono, wall) = (std::time::Instant::now(), time::OffsetDateTime::now_utc());
+    for job in active.values() {
+        // A record older than this host's clock can go back to has no
+        // TTL (an earlier version's): renewing it later is harmless.
+        let age = written_at
+            .get(&job.id)
+            .and_then(|&at| Duration::try_from(wall - at).ok())
+            .unwrap_or_default();
+        let at = mono.checked_sub(age).unwrap_or(mono);
+        records
+            .written
+            .restored(job.id.clone(), job.parts.len(), at);
     }
 
     // Records as versions before the active/done split kept them: each is
@@ -534,53 +635,6 @@ async fn restore(
         );
     }
 
-    // Done records since the clean point may have an active twin left by a
-    // move cut short; the newest ones are also what `jobs.list` shows.
-    let kv_stream = subjects::kv_stream(subjects::JOBS_BUCKET);
-    let end = io
-        .js
-        .get_stream(&kv_stream)
-        .await
-        .map_err(|e| CoordinatorError::Nats(e.to_string()))?
-        .cached_info()
-        .state
-        .last_sequence;
-    let from = (clean + 1).min(end.saturating_sub(RECENT_SCAN).max(1));
-    let filter = subjects::kv_subject(subjects::JOBS_BUCKET, &JobRecordSet::Done.heads());
-    let mut replay = Replay::start(&io.js, &kv_stream, vec![filter], from, Until::CaughtUp)
-        .await
-        .map_err(|e| CoordinatorError::Nats(e.to_string()))?;
-    while let Some(r) = replay.next().await {
-        let r = match r {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the finished jobs; resuming");
-                continue;
-            }
-        };
-        let Some((_, job, _)) = subjects::kv_key(subjects::JOBS_BUCKET, r.message.subject.as_str())
-            .and_then(subjects::parse_job_record_key)
-        else {
-            continue;
-        };
-        if r.message.payload.is_empty() {
-            // Deleted (or expired) since.
-            engine.forget_finished(&job);
-            continue;
-        }
-        if let Some(stale) = active.remove(&job) {
-            records.purges.push((
-                None,
-                store::keys(&job, stale.parts.len(), JobRecordSet::Active),
-            ));
-        }
-        match store::summary(&r.message.payload) {
-            Ok((seq, summary)) => engine.restore_finished(seq, summary),
-            Err(e) => {
-                tracing::warn!(job_id = %job, error = %e, "skipping an unreadable done record")
-            }
-        }
-    }
     let n = active.len();
     for job in active.into_values() {
         let id = job.id.clone();
@@ -605,12 +659,17 @@ fn part_hash(bytes: &[u8]) -> u64 {
 struct RecordWrite {
     job: JobId,
     new: bool,
+    finished: bool,
     /// A new job under a client's id (its owner and spec): the id may be a
     /// finished job's.
     verify: Option<(UserId, JobSpec)>,
     parts: Vec<(String, Bytes, u64)>,
-    /// For an unfinished job: the hash of every part, to remember.
+    /// For an unfinished job: the hash of every part, to remember, and
+    /// which parts are sent.
     hashes: Vec<u64>,
+    sent: Vec<bool>,
+    /// For a finished job in a bucket without TTLs: its active keys, to
+    /// remove once its done record is stored.
     moves: Option<Vec<String>>,
 }
 
@@ -618,7 +677,12 @@ struct RecordWrite {
 /// finished job with that id: its owner, spec and status.
 type Taken = Option<(UserId, JobSpec, JobState)>;
 
-fn plan_write(job: &JobRecord, records: &Records) -> Result<RecordWrite, String> {
+fn plan_write(
+    job: &JobRecord,
+    records: &Records,
+    io: &Io,
+    now: std::time::Instant,
+) -> Result<RecordWrite, String> {
     let encoded = store::encode(job)?;
     let finished = job.status.is_finished();
     let set = if finished {
@@ -627,13 +691,14 @@ fn plan_write(job: &JobRecord, records: &Records) -> Result<RecordWrite, String>
         JobRecordSet::Active
     };
     let keys = store::keys(&job.id, encoded.len(), set);
-    let before = records.written.get(&job.id);
     let mut parts = Vec::new();
     let mut hashes = Vec::new();
+    let mut sent = Vec::new();
     for (p, (key, bytes)) in keys.into_iter().zip(encoded).enumerate() {
         let h = part_hash(&bytes);
         hashes.push(h);
-        let same = !finished && before.and_then(|b| b.get(p)) == Some(&h);
+        let same = !finished && records.written.same(&job.id, p, h, now);
+        sent.push(!same);
         if !same {
             parts.push((key, Bytes::from(bytes), h));
         }
@@ -642,9 +707,12 @@ fn plan_write(job: &JobRecord, records: &Records) -> Result<RecordWrite, String>
         job: job.id.clone(),
         new: !job.stored,
         verify: (!job.stored && job.verify).then(|| (job.owner.clone(), job.spec.clone())),
+        finished,
         parts,
         hashes,
-        moves: finished.then(|| store::keys(&job.id, job.parts.len(), JobRecordSet::Active)),
+        sent,
+        moves: (finished && io.active_ttl.is_none())
+            .then(|| store::keys(&job.id, job.parts.len(), JobRecordSet::Active)),
     })
 }
 
@@ -669,9 +737,13 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
     let mut feedback = Vec::new();
     let mut failed_jobs: HashMap<JobId, String> = HashMap::new();
     let mut plans = Vec::new();
+    let planned = std::time::Instant::now();
     for id in put_jobs {
-        let Some(job) = engine.job(&id) else { continue };
-        match plan_write(job, records) {
+        let Some(job) = engine.job(&id) else {
+            records.written.forget(&id);
+            continue;
+        };
+        match plan_write(job, records, io, planned) {
             Ok(p) => plans.push(p),
             Err(e) => {
                 tracing::error!(job_id = %id, error = %e, "cannot encode a job record");
@@ -702,9 +774,12 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
     };
 
     // Stage 1.
-    let retention = io.retention;
     let record_writes = join_all(plans.iter().map(|p| async move {
-        let ttl = p.moves.as_ref().and(retention);
+        let ttl = if p.finished {
+            io.retention
+        } else {
+            io.active_ttl
+        };
         let puts = join_all(p.parts.iter().map(|(key, bytes, _)| {
             timed(
                 metrics,
@@ -767,17 +842,22 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
                 if let Some(key) = records.legacy.remove(&plan.job) {
                     moves.push((None, vec![key]));
                 }
-                match plan.moves {
-                    Some(keys) => moves.push((Some(plan.job), keys)),
-                    None => {
-                        records.written.insert(plan.job, plan.hashes);
-                    }
+                if !plan.finished {
+                    records
+                        .written
+                        .stored(&plan.job, &plan.hashes, &plan.sent, planned);
+                } else if let Some(keys) = plan.moves {
+                    moves.push((Some(plan.job), keys));
+                } else {
+                    // Its done record is the finish; the active one expires.
+                    records.written.forget(&plan.job);
+                    feedback.push(Input::Moved(plan.job));
                 }
             }
             Err(e) => {
                 tracing::error!(job_id = %plan.job, error = %e, "could not write a job record");
                 // What was stored of it may differ from what we hold now.
-                records.written.remove(&plan.job);
+                records.written.forget(&plan.job);
                 feedback.push(if plan.new {
                     Input::NotStored(plan.job.clone())
                 } else {
@@ -829,8 +909,7 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
     for (job, keys, ok) in purged {
         if ok {
             if let Some(job) = job {
-                records.written.remove(&job);
-                records.moved = true;
+                records.written.forget(&job);
                 feedback.push(Input::Moved(job));
             }
         } else {
@@ -857,14 +936,13 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
 
     // Stage 3.
     if failed_jobs.is_empty() && records.purges.is_empty() {
-        if let Some(seq) = checkpoint.filter(|s| *s > records.last_checkpoint || records.moved) {
+        if let Some(seq) = checkpoint.filter(|s| *s > records.last_checkpoint) {
             let put = io
                 .jobs
                 .put(subjects::CHECKPOINT_KEY, Bytes::from(seq.to_string()), None);
             match timed(metrics, WriteKind::Checkpoint, put).await {
                 Ok(_) => {
                     records.last_checkpoint = seq;
-                    records.moved = false;
                     writes.checkpoint = 1;
                 }
                 Err(e) => tracing::warn!(error = %e, "could not write the events checkpoint"),
@@ -1171,9 +1249,20 @@ async fn fetch_stored(
             let purged = events_purged
                 .and(artifacts_purged)
                 .map_err(|e| e.to_string());
-            let keys = store::keys(&id, job.parts.len(), JobRecordSet::Done);
-            let removed =
-                join_all(keys.iter().map(|k| jobs.purge(k, Duration::from_secs(60)))).await;
+            // Its active record first: until it expires, it would make a
+            // start-up take the job for an unfinished one once the done
+            // record is gone.
+            let purge = |set| {
+                let keys = store::keys(&id, job.parts.len(), set);
+                let jobs = &jobs;
+                async move {
+                    join_all(keys.iter().map(|k| jobs.purge(k, Duration::from_secs(60)))).await
+                }
+            };
+            let mut removed = purge(JobRecordSet::Active).await;
+            if removed.iter().all(Result::is_ok) {
+                removed = purge(JobRecordSet::Done).await;
+            }
             let reply = match (purged, removed.into_iter().find_map(Result::err)) {
                 (Ok(_), None) => {
                     tracing::info!(job_id = %id, "deleted a finished job, its events and artifacts");

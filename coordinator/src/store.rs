@@ -19,12 +19,18 @@
 //! **Active and done.** Unfinished jobs live under `active.`, finished ones
 //! under `done.` (with a TTL of `job_retention`), so that a coordinator
 //! taking over reads only the unfinished ones, however long the history.
-//! A job moves when it finishes: its done record is written, then its
-//! active one purged. The checkpoint is written only when no move is half
-//! done, so its revision is a clean point: a restart looks for done records
-//! newer than it, the only ones whose active twin may still be there.
+//! A job finishes in one write, its done record: its active record is not
+//! removed but expires, having been written with a TTL (`active_record_ttl`)
+//! that the coordinator renews while the job lives ([`Written`]). Until it
+//! expires, the newer record wins: an active record with a done record of
+//! a higher revision is a finished job's ([`Shadows`]); a job reopened by a
+//! retry writes its active record anew, above its done one, then removes
+//! that. A bucket without per-message TTLs (none made by this version)
+//! falls back to removing the active record after the done one is stored.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
 
 use gpufleet_schema::{
     codec, subjects, subjects::JobRecordSet, JobId, JobSpec, JobStatus, TaskSpec,
@@ -263,11 +269,17 @@ pub struct Assembled {
 }
 
 impl Assembler {
-    /// Takes one key of the bucket and its value.
-    pub fn add(&mut self, key: &str, value: &[u8]) {
+    /// Takes one key of the bucket and its value, unless it is the head of
+    /// a finished job's active record (`shadows`): that is skipped
+    /// undecoded, so that jobs finished since it was written cost a start-up
+    /// no memory. (Its other parts, if any, end up as garbage.)
+    pub fn add(&mut self, key: &str, revision: u64, value: &[u8], shadows: &Shadows) {
         let Some((_, job, part)) = subjects::parse_job_record_key(key) else {
             return;
         };
+        if part == 0 && shadows.finished(&job, revision) {
+            return;
+        }
         let decoded = if part == 0 {
             codec::decode::<HeadIn>(value).map(|h| {
                 self.heads.insert(job, h);
@@ -370,6 +382,148 @@ fn assemble(head: HeadIn, mut parts: BTreeMap<usize, PartIn>) -> Result<JobRecor
         stored: true,
         verify: false,
     })
+}
+
+/// The newest done record of each job seen by a start-up's scan, by
+/// revision: an active record older than its job's done record is left
+/// over from the job's finish (it expires on its own).
+#[derive(Default)]
+pub struct Shadows {
+    done: HashMap<JobId, u64>,
+}
+
+impl Shadows {
+    /// A done record's head written (or, `removed`, deleted or expired) at
+    /// `revision`; the scan goes in revision order.
+    pub fn done(&mut self, job: JobId, revision: u64, removed: bool) {
+        if removed {
+            self.done.remove(&job);
+        } else {
+            self.done.insert(job, revision);
+        }
+    }
+
+    /// Whether an active record written at `revision` is of a job that has
+    /// finished since.
+    pub fn finished(&self, job: &JobId, revision: u64) -> bool {
+        self.done.get(job).is_some_and(|&d| d > revision)
+    }
+}
+
+/// What was last stored of each unfinished job's active record: the hash
+/// of each part and when it was written, so that a write sends only the
+/// parts that changed, and each part is written again before its TTL ends
+/// (at half of it, off the hot path: [`Written::due`]).
+pub struct Written {
+    /// `None`: the parts' TTL is not used (the bucket has none): nothing
+    /// is renewed.
+    ttl: Option<Duration>,
+    parts: HashMap<JobId, Vec<(Option<u64>, Instant)>>,
+    /// Each job with when its oldest part was written, soonest first; an
+    /// entry may be out of date (the job was written or forgotten since).
+    renew: BinaryHeap<Reverse<(Instant, JobId)>>,
+}
+
+impl Written {
+    pub fn new(ttl: Option<Duration>) -> Self {
+        Written {
+            ttl,
+            parts: HashMap::new(),
+            renew: BinaryHeap::new(),
+        }
+    }
+
+    /// How long after its write a part is written again.
+    fn renew_after(&self) -> Option<Duration> {
+        self.ttl.map(|t| t / 2)
+    }
+
+    /// Whether part `part` of `job` is stored as `hash` and needs no
+    /// renewal yet.
+    pub fn same(&self, job: &JobId, part: usize, hash: u64, now: Instant) -> bool {
+        let Some(&(stored, at)) = self.parts.get(job).and_then(|p| p.get(part)) else {
+            return false;
+        };
+        stored == Some(hash)
+            && self
+                .renew_after()
+                .is_none_or(|r| now.saturating_duration_since(at) < r)
+    }
+
+    /// The parts of `job` (all of them, by hash) are stored; those `sent`
+    /// were written at `now`, the others kept what they had.
+    pub fn stored(&mut self, job: &JobId, hashes: &[u64], sent: &[bool], now: Instant) {
+        let before = self.parts.get(job);
+        let parts: Vec<(Option<u64>, Instant)> = hashes
+            .iter()
+            .enumerate()
+            .map(|(p, &h)| match before.and_then(|b| b.get(p)) {
+                Some(&(_, at)) if !sent.get(p).copied().unwrap_or(true) => (Some(h), at),
+                _ => (Some(h), now),
+            })
+            .collect();
+        self.track(job.clone(), parts);
+    }
+
+    /// A job read at start-up whose record's oldest part was written at
+    /// `at` (by what this process cannot tell: its parts' hashes are
+    /// unknown, so its next write sends them all).
+    pub fn restored(&mut self, job: JobId, parts: usize, at: Instant) {
+        self.track(job, vec![(None, at); parts.max(1)]);
+    }
+
+    fn track(&mut self, job: JobId, parts: Vec<(Option<u64>, Instant)>) {
+        let oldest = parts.iter().map(|&(_, at)| at).min();
+        let new = self.parts.insert(job.clone(), parts).is_none();
+        if let (true, Some(oldest), Some(_)) = (new, oldest, self.ttl) {
+            self.renew.push(Reverse((oldest, job)));
+        }
+    }
+
+    /// The job is finished (or gone): nothing of it is renewed.
+    pub fn forget(&mut self, job: &JobId) {
+        self.parts.remove(job);
+    }
+
+    /// Up to `max` jobs with a part due to be written again, oldest first.
+    /// One whose write fails is due again a quarter TTL later, still
+    /// before its record expires.
+    pub fn due(&mut self, now: Instant, max: usize) -> Vec<JobId> {
+        let Some(after) = self.renew_after() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(Reverse((at, _))) = self.renew.peek() else {
+                break;
+            };
+            if now.saturating_duration_since(*at) < after {
+                break;
+            }
+            let Some(Reverse((_, job))) = self.renew.pop() else {
+                break;
+            };
+            let Some(parts) = self.parts.get_mut(&job) else {
+                continue;
+            };
+            let oldest = parts.iter().map(|&(_, at)| at).min().unwrap_or(now);
+            if now.saturating_duration_since(oldest) < after {
+                self.renew.push(Reverse((oldest, job)));
+                continue;
+            }
+            // Looked at again a quarter TTL on, in case the write fails.
+            let retry = now.checked_sub(after / 2).unwrap_or(now);
+            self.renew.push(Reverse((retry, job.clone())));
+            out.push(job);
+        }
+        out
+    }
+
+    /// When the next renewal is due, if any.
+    pub fn next_due(&self) -> Option<Instant> {
+        let after = self.renew_after()?;
+        self.renew.peek().map(|Reverse((at, _))| *at + after)
+    }
 }
 
 /// Reads a job's whole record from `set`; `None` if there is none.
@@ -491,7 +645,12 @@ mod tests {
         }
         let mut a = Assembler::default();
         for (i, p) in parts.iter().enumerate() {
-            a.add(&subjects::job_record_key(JobRecordSet::Active, &j.id, i), p);
+            a.add(
+                &subjects::job_record_key(JobRecordSet::Active, &j.id, i),
+                1,
+                p,
+                &Shadows::default(),
+            );
         }
         let out = a.finish(JobRecordSet::Active);
         assert!(out.garbage.is_empty());
@@ -523,16 +682,137 @@ mod tests {
         let parts = encode(&j).unwrap();
         let mut a = Assembler::default();
         for (i, p) in parts.iter().enumerate().filter(|(i, _)| *i != 1) {
-            a.add(&subjects::job_record_key(JobRecordSet::Active, &j.id, i), p);
+            a.add(
+                &subjects::job_record_key(JobRecordSet::Active, &j.id, i),
+                1,
+                p,
+                &Shadows::default(),
+            );
         }
         // A stray part of a job whose head is gone.
         let other = JobId::new("k").unwrap();
         a.add(
             &subjects::job_record_key(JobRecordSet::Active, &other, 3),
+            1,
             &parts[2],
+            &Shadows::default(),
         );
         let out = a.finish(JobRecordSet::Active);
         assert!(out.jobs.is_empty());
         assert_eq!(out.garbage.len(), parts.len() + 1);
+    }
+
+    fn one_head(id: &str) -> (JobRecord, Vec<u8>) {
+        let mut j = job(spec(1, "true"));
+        j.id = JobId::new(id).unwrap();
+        let head = encode(&j).unwrap().remove(0);
+        (j, head)
+    }
+
+    fn assemble_active(heads: &[(&JobRecord, u64, &[u8])], shadows: &Shadows) -> Vec<JobId> {
+        let mut a = Assembler::default();
+        for (j, rev, head) in heads {
+            let key = subjects::job_record_key(JobRecordSet::Active, &j.id, 0);
+            a.add(&key, *rev, head, shadows);
+        }
+        let mut ids: Vec<JobId> = a
+            .finish(JobRecordSet::Active)
+            .jobs
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn a_done_record_newer_than_the_active_one_wins_at_load() {
+        let (done, done_head) = one_head("done");
+        let (live, live_head) = one_head("live");
+        let mut shadows = Shadows::default();
+        // The finished job's active record (rev 1) is older than its done
+        // record (rev 3); the live job has none.
+        shadows.done(done.id.clone(), 3, false);
+        let ids = assemble_active(&[(&done, 1, &done_head), (&live, 2, &live_head)], &shadows);
+        assert_eq!(ids, vec![live.id.clone()]);
+    }
+
+    #[test]
+    fn a_reopened_job_loads_as_active() {
+        let (j, head) = one_head("again");
+        // Finished (done at 3), reopened by a retry: active written anew
+        // (5), then its done record removed (6).
+        let mut shadows = Shadows::default();
+        shadows.done(j.id.clone(), 3, false);
+        assert_eq!(
+            assemble_active(&[(&j, 5, &head)], &shadows),
+            vec![j.id.clone()]
+        );
+        // Also when the removal of the done record was cut short: the
+        // newer record wins.
+        shadows.done(j.id.clone(), 6, true);
+        assert_eq!(
+            assemble_active(&[(&j, 5, &head)], &shadows),
+            vec![j.id.clone()]
+        );
+        let mut cut_short = Shadows::default();
+        cut_short.done(j.id.clone(), 3, false);
+        assert_eq!(assemble_active(&[(&j, 5, &head)], &cut_short), vec![j.id]);
+    }
+
+    #[test]
+    fn an_active_record_of_a_live_job_is_renewed_before_its_ttl() {
+        let ttl = Duration::from_secs(600);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = Written::new(Some(ttl));
+        let (a, b) = (JobId::new("a").unwrap(), JobId::new("b").unwrap());
+        w.stored(&a, &[1, 2], &[true, true], at(0));
+        w.stored(&b, &[7], &[true], at(100));
+        assert!(w.same(&a, 0, 1, at(10)));
+        assert!(!w.same(&a, 0, 9, at(10)), "a changed part is sent");
+        assert!(w.due(at(299), 10).is_empty());
+        assert_eq!(w.next_due(), Some(at(300)));
+        // Half a TTL on, its parts are due, and are sent though unchanged.
+        assert_eq!(w.due(at(300), 10), vec![a.clone()]);
+        assert!(!w.same(&a, 1, 2, at(300)));
+        // Part 1 changed at 200: it was sent then; both go again at 300
+        // because part 0 is due, and the job is fresh afterwards.
+        w.stored(&a, &[1, 3], &[true, true], at(300));
+        assert!(w.due(at(399), 10).is_empty());
+        assert_eq!(w.due(at(400), 10), vec![b.clone()]);
+        // A write that failed: due again a quarter TTL later, long before
+        // its record (written at 100) expires at 700.
+        assert!(w.due(at(549), 10).is_empty());
+        assert_eq!(w.due(at(550), 10), vec![b.clone()]);
+        // A finished job is renewed no more.
+        w.forget(&b);
+        w.forget(&a);
+        assert!(w.due(at(10_000), 10).is_empty());
+    }
+
+    #[test]
+    fn a_part_changed_later_keeps_the_job_due_by_its_oldest_part() {
+        let ttl = Duration::from_secs(600);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = Written::new(Some(ttl));
+        let a = JobId::new("a").unwrap();
+        w.stored(&a, &[1, 2], &[true, true], at(0));
+        // Only part 1 changes at 200; part 0 keeps its write at 0.
+        w.stored(&a, &[1, 3], &[false, true], at(200));
+        assert!(w.same(&a, 1, 3, at(300)));
+        assert!(!w.same(&a, 0, 1, at(300)));
+        assert_eq!(w.due(at(300), 10), vec![a.clone()]);
+        // Restored jobs are renewed by their stored age.
+        let r = JobId::new("r").unwrap();
+        w.restored(r.clone(), 1, at(100));
+        assert!(!w.same(&r, 0, 0, at(101)), "its hash is unknown");
+        assert_eq!(w.due(at(400), 10), vec![r]);
+        // Without TTLs nothing is ever due.
+        let mut none = Written::new(None);
+        none.stored(&a, &[1], &[true], at(0));
+        assert!(none.same(&a, 0, 1, at(1_000_000)));
+        assert!(none.due(at(1_000_000), 10).is_empty());
     }
 }

@@ -255,3 +255,48 @@ async fn a_lost_node_of_a_cluster_costs_no_task_and_work_resumes_soon_after() {
     }
     drop(workers);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reloads_the_running_job_and_none_of_the_finished_ones() {
+    // A finished job's active record is not removed (it expires with its
+    // TTL, ten minutes): its newer done record tells a restart it is done.
+    let mut fleet = Fleet::start().await;
+    fleet.add_worker(WorkerSpec::new("w1").cpus(8.0)).await;
+    let mut finished = Vec::new();
+    for _ in 0..5 {
+        finished.push(
+            fleet
+                .submit(&json!({"tasks": [{"command": ["true"]}]}))
+                .await,
+        );
+    }
+    for id in &finished {
+        let s = fleet.wait_finished(id, T).await;
+        assert_eq!(s["status"], "FINISHED:COMPLETED", "{s}");
+    }
+    let running = fleet
+        .submit(&json!({"tasks": [{"command": ["sleep", "600"]}]}))
+        .await;
+    fleet
+        .wait_job(&running, T, "the long task to run", |s| {
+            s["status"] == "RUNNING"
+        })
+        .await;
+
+    fleet.coordinator.as_mut().unwrap().kill9();
+    fleet.start_coordinator().await;
+    let log = fleet.coordinator.as_ref().unwrap().output();
+    let restored = log
+        .lines()
+        .find(|l| l.contains("restored the unfinished jobs"))
+        .unwrap_or_else(|| panic!("no restore line in the log:\n{log}"));
+    assert!(restored.contains(" jobs=1 "), "{restored}");
+    // The finished jobs are still served (from their done records), the
+    // running one still runs, and the restart reran nothing.
+    for id in &finished {
+        assert_eq!(fleet.get(id).await["status"], "FINISHED:COMPLETED");
+    }
+    let s = fleet.get(&running).await;
+    assert_eq!(s["status"], "RUNNING", "{s}");
+    assert_eq!(s["tasks"][0]["attempt"], 1, "{s}");
+}
