@@ -2,14 +2,11 @@
 //! nats-server: the whole API, placement under load, waiting with a reason,
 //! retries after faults, and a coordinator killed mid-run.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use bytes::Bytes;
-use gpufleet_natsutil::{KvEvent, KvOp, RawKv};
-use gpufleet_schema::{codec, Lease, LeaseState, WorkerAdvert};
+use gpufleet_testkit::invariants::LeaseWatch;
 use gpufleet_testkit::{api, pids, state_events, task_states, Fleet, WorkerSpec};
 use serde_json::{json, Value};
 
@@ -110,101 +107,12 @@ async fn the_service_is_discoverable_and_answers_every_endpoint() {
     );
 }
 
-/// Follows adverts and leases and records any moment at which a worker's
-/// live leases hold more than it has.
-fn watch_for_overcommit(fleet: &Fleet) -> (Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
-    let violations = Arc::new(Mutex::new(Vec::new()));
-    let url = fleet.url();
-    let v = violations.clone();
-    let handle = tokio::spawn(async move {
-        let js = jetstream::new(async_nats::connect(url).await.unwrap());
-        let leases = RawKv::open(&js, "gpufleet-leases").await.unwrap();
-        let adverts = RawKv::open(&js, "gpufleet-workers").await.unwrap();
-        let mut lw = leases.watch(">").await.unwrap();
-        let mut aw = adverts.watch(">").await.unwrap();
-        let mut caps: HashMap<String, WorkerAdvert> = HashMap::new();
-        let mut live: BTreeMap<String, Lease> = BTreeMap::new();
-        loop {
-            tokio::select! {
-                Some(Ok(KvEvent::Change(c))) = aw.next() => {
-                    if c.op == KvOp::Put {
-                        let a: WorkerAdvert = codec::decode(&c.value).unwrap();
-                        caps.insert(a.name.to_string(), a);
-                    }
-                }
-                Some(Ok(ev)) = lw.next() => {
-                    let KvEvent::Change(c) = ev else { continue };
-                    match c.op {
-                        KvOp::Put => {
-                            let l: Lease = codec::decode(&c.value).unwrap();
-                            if matches!(l.state, LeaseState::Rejected | LeaseState::Abandoned) {
-                                live.remove(&c.key);
-                            } else {
-                                live.insert(c.key.clone(), l);
-                            }
-                        }
-                        _ => {
-                            live.remove(&c.key);
-                        }
-                    }
-                    check(&caps, &live, &v);
-                }
-                else => return,
-            }
-        }
-    });
-    (violations, handle)
-}
-
-fn check(
-    caps: &HashMap<String, WorkerAdvert>,
-    live: &BTreeMap<String, Lease>,
-    out: &Mutex<Vec<String>>,
-) {
-    for (name, a) in caps {
-        let mine: Vec<&Lease> = live
-            .values()
-            .filter(|l| l.worker.as_str() == name)
-            .collect();
-        let cpus: u64 = mine.iter().map(|l| l.grant.cpus_milli).sum();
-        if cpus > a.cpus_milli {
-            out.lock()
-                .unwrap()
-                .push(format!("{name}: {cpus} milli-CPUs of {}", a.cpus_milli));
-        }
-        for g in &a.gpus {
-            let on: Vec<&&Lease> = mine
-                .iter()
-                .filter(|l| l.grant.gpus.iter().any(|x| x.uuid == g.uuid))
-                .collect();
-            let whole = on.iter().filter(|l| l.grant.exclusive).count();
-            if whole > 1 || (whole == 1 && on.len() > 1) {
-                out.lock().unwrap().push(format!(
-                    "{}: whole GPU shared by {} tasks",
-                    g.uuid,
-                    on.len()
-                ));
-            }
-            let shared: u64 = on
-                .iter()
-                .filter(|l| !l.grant.exclusive)
-                .flat_map(|l| l.grant.gpus.iter().filter(|x| x.uuid == g.uuid))
-                .map(|x| x.memory.0)
-                .sum();
-            if shared > g.memory_total.0 {
-                out.lock().unwrap().push(format!(
-                    "{}: {shared} bytes shared of {}",
-                    g.uuid, g.memory_total.0
-                ));
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_mixed_tasks_on_three_different_workers_never_overcommit() {
     let mut fleet = Fleet::start().await;
-    let (violations, watcher) = watch_for_overcommit(&fleet);
+    // The shared lease book: a lease ends at its expiry or removal, or once
+    // its holder's result is stored (workers leave the key to expire).
+    let book = LeaseWatch::start(&fleet.url()).await;
     fleet
         .add_worker(WorkerSpec::new("big").gpus("2x80GiB:A100").cpus(4.0))
         .await;
@@ -245,8 +153,7 @@ async fn thirty_mixed_tasks_on_three_different_workers_never_overcommit() {
             assert_eq!(t["worker"], "big", "task {i}");
         }
     }
-    watcher.abort();
-    let v = violations.lock().unwrap();
+    let v = book.violations();
     assert!(v.is_empty(), "overcommitted: {v:?}");
 }
 
