@@ -380,6 +380,12 @@ pub const PART_BUDGET: usize = 256 * 1024;
 
 impl Engine {
     /// An empty engine at `now`; `seed` makes all of its random choices.
+    /// No trace of an earlier leader was found when this one took over
+    /// (see `alive::Promises::no_predecessor`).
+    pub fn no_predecessor(&mut self, trace_life: std::time::Duration) {
+        self.promises.no_predecessor(trace_life);
+    }
+
     pub fn new(cfg: CoordinatorConfig, now: Now, seed: u64) -> Engine {
         let cfg_lease_ttl = cfg.lease_ttl.0;
         let leader_ttl = cfg.leader_ttl.0;

@@ -65,9 +65,19 @@ pub struct Leadership {
     confirmed: watch::Receiver<Instant>,
     ttl: Duration,
     renewal: tokio::task::JoinHandle<()>,
+    /// Whether the leader key had any entry (a holder, or the marker of
+    /// its expiry or release, kept `MARKER_TTL`) when we first tried.
+    predecessor: bool,
 }
 
 impl Leadership {
+    /// Whether an earlier leader may have answered workers within the
+    /// life of the leader key's markers before we took over: if not, no
+    /// promise it made can outlast that life (see `engine/alive.rs`).
+    pub fn follows_a_leader(&self) -> bool {
+        self.predecessor
+    }
+
     /// Resolves when another coordinator has taken over.
     pub async fn lost(&mut self) {
         let _ = self.lost.wait_for(|l| *l).await;
@@ -111,6 +121,8 @@ impl Leadership {
 pub async fn acquire(kv: RawKv, instance: &str, ttl: Duration) -> Result<Leadership, KvError> {
     let value = Bytes::from(instance.to_string());
     let mut announced = false;
+    // Unknown (an error) counts as a predecessor: the safe side.
+    let predecessor = !matches!(kv.last(LEADER_KEY).await, Ok(None));
     let (rev, sent) = loop {
         let sent = Instant::now();
         match kv.create(LEADER_KEY, value.clone(), Some(ttl)).await {
@@ -141,6 +153,7 @@ pub async fn acquire(kv: RawKv, instance: &str, ttl: Duration) -> Result<Leaders
         confirmed,
         ttl,
         renewal,
+        predecessor,
     })
 }
 

@@ -190,6 +190,9 @@ pub async fn run(
     metrics.leading(true);
 
     let mut engine = Engine::new(cfg.clone(), now(), random_seed()).with_metrics(metrics.clone());
+    if !leadership.follows_a_leader() {
+        engine.no_predecessor(gpufleet_natsutil::stores::MARKER_TTL);
+    }
     let max_payload = client.server_info().max_payload;
     engine.set_part_budget(PART_BUDGET.min(max_payload / 2));
     if let Some(policy) = crate::policy::read(&io.jobs).await {

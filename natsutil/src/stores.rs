@@ -78,7 +78,7 @@ pub struct Stores {
 }
 
 /// Expiry markers stay this long so that every watcher sees them.
-const MARKER_TTL: Duration = Duration::from_secs(60);
+pub const MARKER_TTL: Duration = Duration::from_secs(60);
 
 /// Tries are this far apart at most while JetStream is not ready.
 const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));

@@ -18,7 +18,10 @@
 //! meanwhile. A new leader does not know what its predecessor promised:
 //! an earlier leader answers only until [`crate::leader::promise_reach`]
 //! past its leadership's TTL, so from the new leader's start that long
-//! plus the worker's TTL covers any promise made before it.
+//! plus the worker's TTL covers any promise made before it. A leader that
+//! found no trace of an earlier one (the leader key's markers live
+//! `MARKER_TTL`) knows that any earlier promise no longer than that life,
+//! less the reach, has lapsed: a fresh fleet finds a dead worker at once.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -32,6 +35,11 @@ pub struct Promises {
     /// What an earlier leader may have promised lasts at most this, plus
     /// the worker's TTL.
     inherited: Instant,
+    /// Promises of at most this long cannot have been inherited (no
+    /// earlier leader left a trace): zero unless [`Promises::no_predecessor`].
+    none_inherited_upto: Duration,
+    /// Our start: before any promise of ours.
+    start: Instant,
     /// Workers whose advert expired while promised, with their TTL: each
     /// dies when its promise lapses, unless it advertises again.
     waiting: HashMap<WorkerId, Duration>,
@@ -44,8 +52,19 @@ impl Promises {
         Promises {
             until: HashMap::new(),
             inherited: start + reach,
+            none_inherited_upto: Duration::ZERO,
+            start,
             waiting: HashMap::new(),
         }
+    }
+
+    /// No trace of an earlier leader was found: none answered within
+    /// `trace_life` (how long the leader key's markers live) before our
+    /// start, so its promises, made at most `reach` past its leadership
+    /// and lasting the worker's TTL, have lapsed if that TTL is at most
+    /// `trace_life - reach`.
+    pub fn no_predecessor(&mut self, trace_life: Duration) {
+        self.none_inherited_upto = trace_life.saturating_sub(self.inherited - self.start);
     }
 
     /// `worker` was heard alive at `heard` and promised `ttl`.
@@ -58,7 +77,11 @@ impl Promises {
     /// Until when `worker` (whose advert lives `ttl`) is promised, by us
     /// or by an earlier leader.
     pub fn until(&self, worker: &WorkerId, ttl: Duration) -> Instant {
-        let inherited = self.inherited + ttl;
+        let inherited = if ttl <= self.none_inherited_upto {
+            self.start
+        } else {
+            self.inherited + ttl
+        };
         self.until
             .get(worker)
             .map_or(inherited, |&u| u.max(inherited))
@@ -130,6 +153,23 @@ mod tests {
         assert!(p.holds(&w("a"), ttl, t0 + 29 * S));
         // Another worker was not heard.
         assert!(!p.holds(&w("b"), ttl, t0 + 20 * S));
+    }
+
+    #[test]
+    fn a_first_leader_inherits_no_promise_that_the_trace_s_life_covers() {
+        let t0 = Instant::now();
+        let mut p = Promises::new(t0, 10 * S);
+        p.no_predecessor(60 * S);
+        // 10 s of reach + a 50 s TTL fit in the 60 s trace: nothing inherited.
+        assert!(!p.holds(&w("a"), 10 * S, t0));
+        assert!(!p.holds(&w("a"), 50 * S, t0));
+        // A longer TTL might outlast the trace: kept as before.
+        assert!(p.holds(&w("a"), 51 * S, t0 + 60 * S));
+        assert!(!p.holds(&w("a"), 51 * S, t0 + 61 * S));
+        // Our own promises hold as ever.
+        p.heard(w("a"), t0 + 5 * S, 10 * S);
+        assert!(p.holds(&w("a"), 10 * S, t0 + 14 * S));
+        assert!(!p.holds(&w("a"), 10 * S, t0 + 15 * S));
     }
 
     #[test]
