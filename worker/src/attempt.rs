@@ -12,7 +12,6 @@ use std::time::Duration;
 use async_nats::jetstream::context::PublishAckFuture;
 use bytes::Bytes;
 use gpufleet_natsutil::{Backoff, KvError};
-use gpufleet_schema::message::{Delivery, InboxMessage, FROM_GPUFLEET};
 use gpufleet_schema::{
     codec, EventBody, GpuUpgrade, Grant, Lease, LeaseKey, LeaseState, TaskOutcome, TaskState,
 };
@@ -539,20 +538,11 @@ async fn second_phase(
     }
     let told = ctx
         .mail
-        .deliver(&Delivery {
-            job_id: lease.job_id.clone(),
-            task_id: lease.task_id.clone(),
-            attempt: lease.attempt,
-            message: InboxMessage {
-                at: time::OffsetDateTime::now_utc(),
-                from: FROM_GPUFLEET.into(),
-                topic: "gpus".into(),
-                data: crate::control::gpus_message(&grant.gpus),
-            },
-            // Not signalled: SIGUSR1 would end a task that does not
-            // handle it, and the control file says the same.
-            signal: false,
-        })
+        .deliver(&crate::mail::from_gpufleet(
+            &lease,
+            "gpus",
+            crate::control::gpus_message(&grant.gpus),
+        ))
         .await;
     if !told.delivered {
         tracing::warn!(task_id = %lease.task_id, why = ?told.why, "cannot tell the task its GPUs through its inbox");

@@ -137,24 +137,35 @@ impl Mailboxes {
             &lease.preempt,
             matches!(before, Some(StopReason::Preempt { .. })),
         ) {
-            let note = Delivery {
-                job_id: lease.job_id.clone(),
-                task_id: lease.task_id.clone(),
-                attempt: lease.attempt,
-                message: InboxMessage {
-                    at: time::OffsetDateTime::now_utc(),
-                    from: FROM_GPUFLEET.into(),
-                    topic: PREEMPTED_TOPIC.into(),
-                    data: serde_json::json!({"by": p.by, "grace_seconds": p.grace.0.as_secs_f64()}),
-                },
-                signal: false,
-            };
+            let note = from_gpufleet(
+                lease,
+                PREEMPTED_TOPIC,
+                serde_json::json!({"by": p.by, "grace_seconds": p.grace.0.as_secs_f64()}),
+            );
             let r = self.deliver(&note).await;
             if let Some(why) = r.why {
                 tracing::info!(task_id = %lease.task_id, why, "could not tell a task it is preempted");
             }
         }
         stop.send_replace(Some(asked));
+    }
+}
+
+/// A line gpufleet itself puts in the inbox of `lease`'s attempt. Not
+/// signalled: SIGUSR1 would end a task that does not handle it, and each
+/// such line is also said another way (a SIGTERM, the control file).
+pub fn from_gpufleet(lease: &Lease, topic: &str, data: serde_json::Value) -> Delivery {
+    Delivery {
+        job_id: lease.job_id.clone(),
+        task_id: lease.task_id.clone(),
+        attempt: lease.attempt,
+        message: InboxMessage {
+            at: time::OffsetDateTime::now_utc(),
+            from: FROM_GPUFLEET.into(),
+            topic: topic.into(),
+            data,
+        },
+        signal: false,
     }
 }
 
