@@ -454,3 +454,51 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
     standby.sigterm();
     assert!(standby.wait_exit(T).is_some_and(|s| s.success()));
 }
+
+/// What a confused or hostile worker can get from the leader's promise to
+/// hear it alive: an answer capped at ten minutes, whatever TTL it asks,
+/// and nothing at all for a request that does not decode (the responder
+/// goes on serving the next one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alive_promise_is_capped_and_a_garbled_ask_gets_no_answer() {
+    use futures::StreamExt;
+    use gpufleet_schema::{codec, subjects, AliveAsk, AliveHeard, Dur, WorkerId};
+
+    let fleet = Fleet::start().await;
+    let client = fleet.client().await;
+    let mut answers = client.subscribe("_INBOX.alive-test.>").await.unwrap();
+    let subject = subjects::alive(&WorkerId::new("w9").unwrap());
+    let greedy = AliveAsk {
+        instance: "hostile".into(),
+        ttl: Dur::secs(365 * 24 * 3600),
+    };
+    client
+        .publish_with_reply(
+            subject.clone(),
+            "_INBOX.alive-test.garbled",
+            Bytes::from_static(b"\xc1 not msgpack"),
+        )
+        .await
+        .unwrap();
+    client
+        .publish_with_reply(
+            subject,
+            "_INBOX.alive-test.greedy",
+            codec::encode(&greedy).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    // The responder takes requests in order and one connection delivers
+    // its answers in order: an answer to the garbled one would come first.
+    let answer = tokio::time::timeout(T, answers.next())
+        .await
+        .expect("an answer to the well-formed ask")
+        .unwrap();
+    assert_eq!(answer.subject.as_str(), "_INBOX.alive-test.greedy");
+    let heard: AliveHeard = codec::decode(&answer.payload).unwrap();
+    assert_eq!(
+        heard.ttl,
+        Dur::secs(600),
+        "a year asked, {heard:?} promised"
+    );
+}
