@@ -139,14 +139,11 @@ fn wait_exit(fleet: &mut Fleet, name: &str) -> std::process::ExitStatus {
         .unwrap_or_else(|| panic!("{name} did not exit within {T:?}"))
 }
 
-// ----- 1. adverts -----
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_with_kill_9_leaves_the_fleet_within_its_advert_ttl() {
-    let mut fleet = Fleet::start().await;
-    fleet.add_worker(WorkerSpec::new("w1")).await;
-    let ctl = ctl(&fleet, "kill9");
-    // The task starts a process of its own, as torchrun would.
+/// Runs a one-task job whose task starts a process of its own, as
+/// torchrun would, and waits for both: the job, the task's pid and its
+/// child's.
+async fn run_a_parent(fleet: &Fleet, name: &str) -> (String, i32, i32) {
+    let ctl = ctl(fleet, name);
     let script = format!(
         r#"sleep 600 & echo $! > "$CTL/child.tmp" && mv "$CTL/child.tmp" "$CTL/child"; {} wait"#,
         write_pid("pid")
@@ -158,6 +155,60 @@ async fn a_worker_killed_with_kill_9_leaves_the_fleet_within_its_advert_ttl() {
         .await;
     let task_pid = wait_pid(&ctl.join("pid")).await;
     let grandchild = wait_pid(&ctl.join("child")).await;
+    (id, task_pid, grandchild)
+}
+
+/// The worker's watchdog process, among its children, once it runs.
+async fn watchdog_of(fleet: &mut Fleet, worker: &str, not: Option<u32>) -> u32 {
+    let pid = fleet.worker(worker).pid();
+    eventually(T, "the worker's watchdog to run", || async move {
+        pids::children(pid)
+            .into_iter()
+            .find(|&c| Some(c) != not && pids::alive(c, gpufleet_worker::watchdog::NAME))
+    })
+    .await
+}
+
+/// A watchdog killed is started again and told what its predecessor
+/// watched: the worker, frozen after that, still has its task stopped
+/// (the worker's own fence is frozen with it, so only the new watchdog
+/// can).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_watchdog_is_started_again_and_still_stops_the_tasks_of_a_frozen_worker() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_worker(WorkerSpec::new("w1")).await;
+    let (_, task_pid, grandchild) = run_a_parent(&fleet, "watchdog-again").await;
+
+    let first = watchdog_of(&mut fleet, "w1", None).await;
+    let status = std::process::Command::new("kill")
+        .args(["-9", &first.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let second = watchdog_of(&mut fleet, "w1", Some(first)).await;
+    assert!(
+        pids::exists(task_pid),
+        "killing the watchdog killed the task"
+    );
+    eprintln!("watchdog {first} killed, {second} started");
+
+    fleet.worker("w1").sigstop();
+    wait_gone(
+        task_pid,
+        "the new watchdog to stop the frozen worker's task",
+    )
+    .await;
+    wait_gone(grandchild, "the new watchdog to stop what the task started").await;
+    fleet.worker("w1").sigcont();
+}
+
+// ----- 1. adverts -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_with_kill_9_leaves_the_fleet_within_its_advert_ttl() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_worker(WorkerSpec::new("w1")).await;
+    let (id, task_pid, grandchild) = run_a_parent(&fleet, "kill9").await;
 
     let workers = bucket(&fleet, subjects::WORKERS_BUCKET).await;
     let mut watch = workers.watch("w1").await.unwrap();

@@ -26,6 +26,12 @@
 //! own). Until the leader is reaped its pid cannot be reused; the watchdog
 //! holds a pidfd of it and signals nothing once it is reaped.
 //!
+//! A watchdog that dies (killed, out of memory) is started again, after a
+//! pause that doubles up to [`RESTART_MAX`] while it keeps dying, and told
+//! what its predecessor knew: the newest advert and every watched task
+//! with its newest deadline ([`Told`]). Tasks stay unguarded only for that
+//! pause.
+//!
 //! Not covered: a freeze of the whole machine or container (cgroup freezer,
 //! VM pause) stops the watchdog with the tasks; on thaw both run, and the
 //! watchdog, its deadlines past, kills at once.
@@ -96,9 +102,62 @@ fn until(sent: Instant, ttl: Duration) -> u64 {
     monotonic(sent).saturating_add(ttl.saturating_sub(margin).as_nanos() as u64)
 }
 
-/// Puts a message on the queue without waiting.
+/// The first pause before a watchdog that died is started again.
+const RESTART_FIRST: Duration = Duration::from_secs(1);
+
+/// The longest pause between restarts of a watchdog that keeps dying.
+const RESTART_MAX: Duration = Duration::from_secs(30);
+
+/// A watchdog that lived this long was fine: the next restart pauses
+/// [`RESTART_FIRST`] again.
+const RESTART_RESET: Duration = Duration::from_secs(60);
+
+/// What the watchdog has been told that still holds, for telling a new
+/// one: the newest advert deadline and each watched task's `Watch` with
+/// its newest deadline.
+#[derive(Debug, Default)]
+struct Told {
+    advert: Option<u64>,
+    watched: HashMap<u64, Msg>,
+}
+
+impl Told {
+    fn note(&mut self, msg: &Msg) {
+        match msg {
+            Msg::Advert { until } => {
+                self.advert = Some(self.advert.map_or(*until, |a| a.max(*until)));
+            }
+            Msg::Watch { id, .. } => {
+                self.watched.insert(*id, msg.clone());
+            }
+            Msg::Lease { id, until } => {
+                if let Some(Msg::Watch { until: u, .. }) = self.watched.get_mut(id) {
+                    *u = (*u).max(*until);
+                }
+            }
+            Msg::Forget { id } => {
+                self.watched.remove(id);
+            }
+        }
+    }
+
+    /// The messages that tell a new watchdog all of it.
+    fn replay(&self) -> Vec<Msg> {
+        let advert = self.advert.map(|until| Msg::Advert { until });
+        advert
+            .into_iter()
+            .chain(self.watched.values().cloned())
+            .collect()
+    }
+}
+
+/// Puts a message on the queue without waiting, and notes it for a
+/// watchdog started again.
 #[derive(Clone)]
-struct Lines(mpsc::Sender<Vec<u8>>);
+struct Lines {
+    tx: mpsc::Sender<Vec<u8>>,
+    told: Arc<Mutex<Told>>,
+}
 
 impl Lines {
     fn send(&self, msg: &Msg) {
@@ -106,16 +165,144 @@ impl Lines {
             tracing::warn!(?msg, "a message the watchdog cannot take");
             return;
         };
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.0.try_send(line) {
+        // Noted and queued under one lock: a restart that takes the lock
+        // finds every queued line already in what it replays.
+        let mut told = self.told.lock().unwrap_or_else(|e| e.into_inner());
+        told.note(msg);
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(line) {
             tracing::warn!("the watchdog is not reading: a message to it was dropped");
         }
+    }
+}
+
+/// One running watchdog process and its pipes.
+struct Process {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: BufReader<tokio::process::ChildStdout>,
+    started: Instant,
+}
+
+impl Process {
+    fn spawn() -> std::io::Result<Process> {
+        // /proc/self/exe: the binary running now, even if replaced on disk.
+        let mut child = tokio::process::Command::new("/proc/self/exe")
+            .arg0("gpufleet-worker")
+            .arg(ARG)
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            // Not frozen, nor stopped, with the worker's process group.
+            .process_group(0)
+            .spawn()?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(std::io::Error::other("the watchdog's pipes are missing"));
+        };
+        tracing::info!(pid = child.id(), "watchdog started");
+        Ok(Process {
+            child,
+            stdin,
+            stdout: BufReader::new(stdout),
+            started: Instant::now(),
+        })
+    }
+
+    /// Passes queued lines to the watchdog and its answers to those
+    /// waiting, until it exits (or its pipes break).
+    async fn serve(&mut self, rx: &mut mpsc::Receiver<Vec<u8>>, answers: &Pending) {
+        let mut line = Vec::new();
+        loop {
+            tokio::select! {
+                queued = rx.recv() => {
+                    let Some(queued) = queued else { return };
+                    if let Err(e) = self.stdin.write_all(&queued).await {
+                        tracing::error!(error = %e, "cannot write to the watchdog");
+                        return;
+                    }
+                }
+                read = self.stdout.read_until(b'\n', &mut line) => {
+                    if matches!(read, Ok(0) | Err(_)) {
+                        return;
+                    }
+                    if let Some((id, signalled)) = wire::decode_forgotten(line.trim_ascii_end()) {
+                        let waiting = answers.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                        if let Some(w) = waiting {
+                            let _ = w.send(signalled);
+                        }
+                    }
+                    line.clear();
+                }
+            }
+        }
+    }
+
+    /// Tells a new watchdog what its predecessor knew. The lines queued
+    /// meanwhile are dropped: what they said is in `told` already (see
+    /// [`Lines::send`]), and an old deadline written after the replay
+    /// would set a watched task back.
+    async fn replay(&mut self, rx: &mut mpsc::Receiver<Vec<u8>>, told: &Mutex<Told>) -> bool {
+        let lines: Vec<Vec<u8>> = {
+            let told = told.lock().unwrap_or_else(|e| e.into_inner());
+            while rx.try_recv().is_ok() {}
+            told.replay().iter().filter_map(wire::encode).collect()
+        };
+        for line in lines {
+            if let Err(e) = self.stdin.write_all(&line).await {
+                tracing::error!(error = %e, "cannot write to the watchdog");
+                return false;
+            }
+        }
+        true
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<bool>>>>;
+
+/// Serves the watchdog `first`, and starts another each time one dies.
+async fn supervise(
+    first: Process,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    answers: Pending,
+    told: Arc<Mutex<Told>>,
+) {
+    let mut process = first;
+    let mut pause = RESTART_FIRST;
+    loop {
+        process.serve(&mut rx, &answers).await;
+        // Those waiting for an answer get none.
+        answers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let _ = process.child.start_kill();
+        let status = process.child.wait().await;
+        if process.started.elapsed() >= RESTART_RESET {
+            pause = RESTART_FIRST;
+        }
+        tracing::error!(
+            ?status,
+            restart_in = ?pause,
+            "the watchdog exited: the tasks of a frozen worker run on unguarded until another is started"
+        );
+        process = loop {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RESTART_MAX);
+            match Process::spawn() {
+                Ok(mut p) => {
+                    if p.replay(&mut rx, &told).await {
+                        break p;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, restart_in = ?pause, "cannot start the watchdog again");
+                }
+            }
+        };
     }
 }
 
 /// The worker's end of its watchdog.
 pub struct Watchdog {
     lines: Lines,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<bool>>>>,
+    pending: Pending,
     next: AtomicU64,
     _tasks: Vec<AbortOnDropHandle<()>>,
 }
@@ -138,61 +325,12 @@ impl Watchdog {
     }
 
     fn start(advert: Arc<Confirmed>, advert_ttl: Duration) -> std::io::Result<Watchdog> {
-        // /proc/self/exe: the binary running now, even if replaced on disk.
-        let mut child = tokio::process::Command::new("/proc/self/exe")
-            .arg0("gpufleet-worker")
-            .arg(ARG)
-            .env_clear()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            // Not frozen, nor stopped, with the worker's process group.
-            .process_group(0)
-            .spawn()?;
-        let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err(std::io::Error::other("the watchdog's pipes are missing"));
-        };
-        tracing::info!(pid = child.id(), "watchdog started");
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-        let writer = tokio::spawn(async move {
-            while let Some(line) = rx.recv().await {
-                if let Err(e) = stdin.write_all(&line).await {
-                    tracing::error!(error = %e, "cannot write to the watchdog");
-                    return;
-                }
-            }
-        });
-        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<bool>>>> = Arc::default();
-        let answers = pending.clone();
-        let reader = tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match lines.read_until(b'\n', &mut line).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let Some((id, signalled)) = wire::decode_forgotten(line.trim_ascii_end()) else {
-                    continue;
-                };
-                let waiting = answers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                if let Some(w) = waiting {
-                    let _ = w.send(signalled);
-                }
-            }
-            // Those waiting for an answer get none.
-            answers.lock().unwrap_or_else(|e| e.into_inner()).clear();
-            let status = child.wait().await;
-            tracing::error!(
-                ?status,
-                "the watchdog exited: the tasks of a frozen worker will run on until it resumes"
-            );
-        });
-        let lines = Lines(tx);
+        let first = Process::spawn()?;
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let pending: Pending = Arc::default();
+        let told: Arc<Mutex<Told>> = Arc::default();
+        let supervisor = tokio::spawn(supervise(first, rx, pending.clone(), told.clone()));
+        let lines = Lines { tx, told };
         let told = lines.clone();
         let follow = tokio::spawn(async move {
             advert
@@ -208,8 +346,7 @@ impl Watchdog {
             pending,
             next: AtomicU64::new(1),
             _tasks: vec![
-                AbortOnDropHandle::new(writer),
-                AbortOnDropHandle::new(reader),
+                AbortOnDropHandle::new(supervisor),
                 AbortOnDropHandle::new(follow),
             ],
         })
@@ -259,7 +396,7 @@ pub struct Fence {
     id: u64,
     grace: u64,
     lines: Lines,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<bool>>>>,
+    pending: Pending,
     state: Arc<Mutex<FenceState>>,
     _follow: AbortOnDropHandle<()>,
 }
@@ -317,5 +454,55 @@ impl Drop for Fence {
         if s.watched {
             self.lines.send(&Msg::Forget { id: self.id });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(id: u64, until: u64) -> Msg {
+        Msg::Watch {
+            id,
+            pgid: 100 + id as i32,
+            until,
+            grace: 5,
+            cgroup: None,
+        }
+    }
+
+    #[test]
+    fn a_new_watchdog_is_told_the_newest_advert_and_each_watched_task_s_newest_deadline() {
+        let mut told = Told::default();
+        for msg in [
+            Msg::Advert { until: 50 },
+            watch(1, 10),
+            watch(2, 20),
+            watch(3, 30),
+            Msg::Lease { id: 1, until: 40 },
+            // A renewal confirmed late says nothing new.
+            Msg::Lease { id: 2, until: 15 },
+            Msg::Forget { id: 3 },
+            Msg::Advert { until: 45 },
+            // A lease of a task no longer watched is not watched again.
+            Msg::Lease { id: 3, until: 60 },
+        ] {
+            told.note(&msg);
+        }
+        let mut replay = told.replay();
+        replay.sort_by_key(|m| match m {
+            Msg::Advert { .. } => 0,
+            Msg::Watch { id, .. } => *id,
+            other => panic!("{other:?} replayed"),
+        });
+        assert_eq!(
+            replay,
+            vec![Msg::Advert { until: 50 }, watch(1, 40), watch(2, 20)]
+        );
+    }
+
+    #[test]
+    fn nothing_told_replays_nothing() {
+        assert!(Told::default().replay().is_empty());
     }
 }
