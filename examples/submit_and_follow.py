@@ -73,6 +73,9 @@ async def main():
             print(who, "result:", body["state"], json.dumps(body["result"]), file=sys.stderr)
         elif body["kind"] == "state":
             print(who, body["state"], event.get("worker") or "", file=sys.stderr)
+        if body["kind"] in ("state", "result"):
+            # A success has no state event: its holder's result says it,
+            # and jobs.get (the authority) says so once the record has it.
             status = await api(nc, "jobs.get", {"job_id": job_id})
     await nc.close()
     print("job", job_id, status["status"], file=sys.stderr)

@@ -127,6 +127,9 @@ impl Access {
             for k in kinds {
                 subs.push(client.subscribe(subjects::events_of_kind(k)).await?);
             }
+            // The server has the subscriptions once it answers a ping: a
+            // first task may end within a millisecond of its submit.
+            client.flush().await?;
             return Ok(futures::stream::select_all(subs).map(|m| m.payload).boxed());
         }
         // With roles nobody may subscribe to events: the admin replays
@@ -283,8 +286,9 @@ impl Drop for Fleet {
     }
 }
 
-/// Counts tasks whose end the coordinator has recorded (its SUCCEEDED
-/// state events), and wakes waiters per job on RUNNING and result.
+/// Counts tasks that ended (their holders' SUCCEEDED results: the
+/// coordinator sends no state event for a success, and records it within
+/// a batch of taking the result), and wakes waiters per job on result.
 struct Watcher {
     done: Arc<AtomicU64>,
     waiting: Arc<Mutex<HashMap<String, Waiter>>>,
@@ -307,24 +311,19 @@ impl Watcher {
                 let Ok(ev) = codec::decode::<Event>(&payload) else {
                     continue;
                 };
-                match ev.body {
-                    EventBody::Result(_) => {
-                        if let Some(tx) = w
-                            .lock()
-                            .expect("lock")
-                            .get_mut(ev.job_id.as_str())
-                            .and_then(|x| x.result.take())
-                        {
-                            let _ = tx.send(at);
-                        }
-                    }
-                    EventBody::State {
-                        state: TaskState::Succeeded,
-                        ..
-                    } if ev.worker.is_none() => {
-                        d.fetch_add(1, Ordering::Relaxed);
-                    }
-                    _ => {}
+                let EventBody::Result(o) = ev.body else {
+                    continue;
+                };
+                if o.state == TaskState::Succeeded && ev.worker.is_some() {
+                    d.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(tx) = w
+                    .lock()
+                    .expect("lock")
+                    .get_mut(ev.job_id.as_str())
+                    .and_then(|x| x.result.take())
+                {
+                    let _ = tx.send(at);
                 }
             }
         });
@@ -344,7 +343,7 @@ impl Throughput {
 }
 
 /// Submits `jobs` jobs of `per_job` tasks of `cpus` CPUs each, 64 submits
-/// in flight, and waits until the coordinator has recorded every task done.
+/// in flight, and waits until every task has ended.
 pub async fn throughput(
     access: &Access,
     jobs: usize,

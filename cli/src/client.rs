@@ -360,28 +360,38 @@ impl Api {
 }
 
 /// Who holds each attempt, from the coordinator's state events: the one
-/// sender whose output, progress and results count for it.
+/// sender whose output, progress and results count for it; and which
+/// attempts the coordinator has ended, whose results come too late.
 #[derive(Default)]
-pub struct HoldersOf(std::collections::HashMap<(TaskId, u32), WorkerId>);
+pub struct HoldersOf {
+    holders: std::collections::HashMap<(TaskId, u32), WorkerId>,
+    ended: std::collections::HashSet<(TaskId, u32)>,
+}
 
 impl HoldersOf {
     /// Whether `event`, which came from `sender`, counts; learns the
     /// holder from the coordinator's events on the way. Events of an
     /// attempt come after the state event that reserved it, so its holder
-    /// is known by then.
+    /// is known by then. A result of an attempt the coordinator has ended
+    /// (LOST, say) does not count: the coordinator did not take it.
     pub fn admit(&mut self, event: &Event, sender: &Sender) -> bool {
         let key = (event.task_id.clone(), event.attempt);
         match sender {
             Sender::Coordinator => {
-                if let EventBody::State {
-                    holder: Some(w), ..
-                } = &event.body
-                {
-                    self.0.insert(key, w.clone());
+                if let EventBody::State { state, holder, .. } = &event.body {
+                    if let Some(w) = holder {
+                        self.holders.insert(key.clone(), w.clone());
+                    }
+                    if state.is_end() {
+                        self.ended.insert(key);
+                    }
                 }
                 true
             }
-            Sender::Worker(w) => self.0.get(&key) == Some(w),
+            Sender::Worker(w) => {
+                self.holders.get(&key) == Some(w)
+                    && !(matches!(event.body, EventBody::Result(_)) && self.ended.contains(&key))
+            }
         }
     }
 
@@ -390,13 +400,14 @@ impl HoldersOf {
     pub fn learn(&mut self, status: &JobStatus) {
         for t in &status.tasks {
             if let Some(w) = &t.worker {
-                self.0.insert((t.task_id.clone(), t.attempt), w.clone());
+                self.holders
+                    .insert((t.task_id.clone(), t.attempt), w.clone());
             }
         }
     }
 
     pub fn holder(&self, task: &TaskId, attempt: u32) -> Option<&WorkerId> {
-        self.0.get(&(task.clone(), attempt))
+        self.holders.get(&(task.clone(), attempt))
     }
 }
 
@@ -473,5 +484,85 @@ impl EventStream {
     /// Who held each attempt, as far as the events seen so far say.
     pub fn holders(&self) -> &HoldersOf {
         &self.holders
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use gpufleet_schema::{LogStream, TaskOutcome, TaskState};
+
+    /// An event of attempt `attempt` of task 0 of job `j`.
+    pub(crate) fn event_of(attempt: u32, body: EventBody) -> Event {
+        let job = JobId::new("j").unwrap();
+        Event {
+            task_id: TaskId::for_index(&job, 0),
+            job_id: job,
+            attempt,
+            worker: None,
+            lease_rev: None,
+            at: time::OffsetDateTime::UNIX_EPOCH,
+            body,
+            token: None,
+        }
+    }
+
+    fn event(body: EventBody) -> Event {
+        event_of(1, body)
+    }
+
+    fn state(state: TaskState, holder: Option<&str>) -> Event {
+        event(EventBody::State {
+            state,
+            reason: None,
+            holder: holder.map(|h| WorkerId::new(h).unwrap()),
+        })
+    }
+
+    /// A SUCCEEDED result of attempt `attempt`.
+    pub(crate) fn succeeded(attempt: u32) -> Event {
+        event_of(
+            attempt,
+            EventBody::Result(TaskOutcome {
+                state: TaskState::Succeeded,
+                exit_code: Some(0),
+                signal: None,
+                result: None,
+                error: None,
+                artifacts: vec![],
+                started_at: None,
+                finished_at: time::OffsetDateTime::UNIX_EPOCH,
+                usage: None,
+            }),
+        )
+    }
+
+    fn result() -> Event {
+        succeeded(1)
+    }
+
+    fn from(w: &str) -> Sender {
+        Sender::Worker(WorkerId::new(w).unwrap())
+    }
+
+    #[test]
+    fn only_the_holders_result_of_an_attempt_not_yet_ended_counts() {
+        let mut h = HoldersOf::default();
+        assert!(h.admit(
+            &state(TaskState::Reserved, Some("w1")),
+            &Sender::Coordinator
+        ));
+        assert!(!h.admit(&result(), &from("w2")), "not the holder");
+        assert!(h.admit(&result(), &from("w1")));
+        // The coordinator ended the attempt (its lease lapsed): a result
+        // after that was not taken, and does not count; output still does.
+        assert!(h.admit(&state(TaskState::Lost, None), &Sender::Coordinator));
+        assert!(!h.admit(&result(), &from("w1")));
+        let log = event(EventBody::Log {
+            stream: LogStream::Stdout,
+            text: "late\n".into(),
+            dropped_bytes: 0,
+        });
+        assert!(h.admit(&log, &from("w1")));
     }
 }

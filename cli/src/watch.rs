@@ -3,9 +3,13 @@
 //!
 //! Everything comes from the events stream, replayed from its start, so a
 //! late follower sees the whole story. The job's status is re-read when a
-//! state event arrives (and every few seconds as a safety net). A follower
-//! stops only when the job has finished *and* it has seen the newest event
-//! stored for the job, so the last lines of output are never cut off.
+//! state event or a result arrives (and every few seconds as a safety net).
+//! The coordinator publishes no state event for a success: the holder's
+//! result says it, and the task is shown SUCCEEDED once the coordinator's
+//! record says so too (a result is not the record: the lease may have
+//! lapsed first). A follower stops only when the job has finished *and* it
+//! has seen the newest event stored for the job, so the last lines of
+//! output are never cut off.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -66,6 +70,11 @@ const REFRESH_EVERY: Duration = Duration::from_millis(300);
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(3);
 /// Running tasks drawn as spinners at most; the rest are counted.
 const MAX_SPINNERS: usize = 8;
+/// After a successful result, the status is read again this often until
+/// the coordinator's record has that attempt's end...
+const SETTLE_EVERY: Duration = Duration::from_millis(50);
+/// ...for at most this long; then the safety-net reads carry on.
+const SETTLE_WITHIN: Duration = Duration::from_secs(5);
 
 struct Names(BTreeMap<String, String>);
 
@@ -79,8 +88,12 @@ impl Names {
 
     /// `[name] `, `[name#2] ` for a retry, or nothing for a lone first try.
     fn prefix(&self, ev: &Event, always: bool) -> String {
-        let name = self.of(&ev.task_id);
-        match (ev.attempt, always || self.0.len() > 1) {
+        self.prefix_of(&ev.task_id, ev.attempt, always)
+    }
+
+    fn prefix_of(&self, task: &TaskId, attempt: u32, always: bool) -> String {
+        let name = self.of(task);
+        match (attempt, always || self.0.len() > 1) {
             (a, _) if a > 1 => format!("[{name}#{a}] "),
             (_, true) => format!("[{name}] "),
             _ => String::new(),
@@ -245,15 +258,13 @@ fn above(bars: &Option<Bars>, f: impl FnOnce()) {
 pub async fn wait(api: &Api, job: &JobId, opts: &WaitOptions) -> anyhow::Result<Waited> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut status = api.get(job).await?;
-    // With output or progress, every event of the job (the newest one
-    // stored tells when all output was seen, and the coordinator's state
-    // events say whose output counts); without, its state changes.
-    let filter = if opts.follow || opts.bars {
-        subjects::job_events(&status.owner, job)
-    } else {
-        subjects::job_events_of_kind(&status.owner, job, EventKind::State)
-    };
-    let mut events = api.events(filter, Until::Live).await?;
+    // Every event of the job: the newest one stored tells when all output
+    // was seen, the coordinator's state events say whose output counts,
+    // and a holder's result is the only word of a success (a consumer may
+    // have one filter only, so state and result cannot be picked alone).
+    let mut events = api
+        .events(subjects::job_events(&status.owner, job), Until::Live)
+        .await?;
     let names = Names(
         status
             .tasks
@@ -270,6 +281,7 @@ pub async fn wait(api: &Api, job: &JobId, opts: &WaitOptions) -> anyhow::Result<
     let mut tail: Option<u64> = None;
     let mut cancelling = false;
     let mut unreachable = false;
+    let mut settling = Settling::default();
     loop {
         if status.status.is_finished() {
             if !opts.follow {
@@ -286,23 +298,30 @@ pub async fn wait(api: &Api, job: &JobId, opts: &WaitOptions) -> anyhow::Result<
         tokio::select! {
             next = events.next() => {
                 let Some(Delivered { event, pending }) = next else { break };
-                if event.kind() == EventKind::State {
+                if matches!(event.kind(), EventKind::State | EventKind::Result) {
                     dirty = true;
                 }
+                settling.saw(&event);
                 show_event(&event, &names, opts, &mut bars);
-                if dirty && (pending == 0 || refreshed.elapsed() > REFRESH_EVERY) {
+                if status.status.is_finished() {
+                    // The final record: nothing to wait for.
+                    settling.settle(&status, &names, opts, &bars);
+                } else if dirty && (pending == 0 || refreshed.elapsed() > REFRESH_EVERY) {
                     dirty = !refresh(api, job, &mut status, &mut unreachable, &bars).await;
                     refreshed = Instant::now();
+                    settling.settle(&status, &names, opts, &bars);
                     if let Some(b) = &mut bars {
                         b.update(&status);
                     }
                 }
             }
             // From the last read, not the last event: a task whose output
-            // never pauses must not put the re-read off for ever.
-            _ = tokio::time::sleep_until((refreshed + SAFETY_REFRESH).into()) => {
+            // never pauses must not put the re-read off for ever. A result
+            // the record does not show yet is read for again soon.
+            _ = tokio::time::sleep_until(settling.next_read(refreshed).into()) => {
                 dirty = !refresh(api, job, &mut status, &mut unreachable, &bars).await;
                 refreshed = Instant::now();
+                settling.settle(&status, &names, opts, &bars);
                 if let Some(b) = &mut bars {
                     b.update(&status);
                 }
@@ -350,11 +369,88 @@ pub async fn wait(api: &Api, job: &JobId, opts: &WaitOptions) -> anyhow::Result<
             }
         }
     }
+    settling.settle(&status, &names, opts, &bars);
     if let Some(b) = &mut bars {
         b.update(&status);
         b.finish();
     }
     Ok(Waited::Finished(Box::new(status)))
+}
+
+/// Successful results whose end the coordinator's record does not show
+/// yet, by task and attempt, with when each came. The coordinator sends
+/// no state event for a success, so the SUCCEEDED line is printed when
+/// the record says so; if the record says otherwise (the lease lapsed
+/// before the result: LOST), the coordinator's state event says that.
+#[derive(Default)]
+struct Settling(BTreeMap<(TaskId, u32), Instant>);
+
+impl Settling {
+    /// Notes an event that `EventStream` let through: a result from the
+    /// attempt's holder, for an attempt the coordinator has not ended.
+    fn saw(&mut self, ev: &Event) {
+        let key = (ev.task_id.clone(), ev.attempt);
+        match &ev.body {
+            EventBody::Result(o) if o.state == TaskState::Succeeded => {
+                self.0.insert(key, Instant::now());
+            }
+            // The coordinator's own end of the attempt says it all.
+            EventBody::State { state, .. } if ev.worker.is_none() && state.is_end() => {
+                self.0.remove(&key);
+            }
+            _ => {}
+        }
+    }
+
+    /// Drops what the record has settled, printing SUCCEEDED for each
+    /// attempt it shows succeeded (where state lines are printed).
+    fn settle(
+        &mut self,
+        status: &JobStatus,
+        names: &Names,
+        opts: &WaitOptions,
+        bars: &Option<Bars>,
+    ) {
+        let lines = opts.states && !opts.json && bars.is_none();
+        for (task, attempt) in self.settled(status) {
+            if lines && opts.task.as_ref().is_none_or(|only| *only == task) {
+                let prefix = names.prefix_of(&task, attempt, true);
+                eprintln!("{prefix}{}", TaskState::Succeeded);
+            }
+        }
+    }
+
+    /// Drops the attempts whose end `status` has; returns those it says
+    /// succeeded.
+    fn settled(&mut self, status: &JobStatus) -> Vec<(TaskId, u32)> {
+        let by_id: BTreeMap<&TaskId, &gpufleet_schema::TaskStatus> =
+            status.tasks.iter().map(|t| (&t.task_id, t)).collect();
+        let mut succeeded = Vec::new();
+        self.0.retain(|(task, attempt), _| {
+            let Some(t) = by_id.get(task) else {
+                return false;
+            };
+            let ended = t.attempt > *attempt || (t.attempt == *attempt && t.state.is_end());
+            if ended && t.attempt == *attempt && t.state == TaskState::Succeeded {
+                succeeded.push((task.clone(), *attempt));
+            }
+            !ended
+        });
+        succeeded
+    }
+
+    /// When to read the status next: soon while a result waits for the
+    /// record (not for ever: a coordinator that is away is read for at
+    /// the usual pace), else after the safety-net pause.
+    fn next_read(&self, refreshed: Instant) -> Instant {
+        let waiting = self.0.values().any(|at| at.elapsed() < SETTLE_WITHIN);
+        refreshed
+            + if waiting {
+                SETTLE_EVERY
+            } else {
+                SAFETY_REFRESH
+            }
+    }
 }
 
 /// Re-reads the job's status; true if it could. A coordinator that is away
@@ -521,5 +617,80 @@ async fn ask_cancel(job: &JobId, sigint: &mut tokio::signal::unix::Signal) -> Op
             eprintln!();
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::tests::{event_of as event, succeeded};
+    use gpufleet_schema::TaskStatus;
+
+    fn status(attempt: u32, state: TaskState) -> JobStatus {
+        let job = JobId::new("j").unwrap();
+        JobStatus {
+            owner: gpufleet_schema::UserId::default_user(),
+            name: None,
+            status: gpufleet_schema::JobState::Running,
+            reason: None,
+            priority: 0,
+            submitted_at: time::OffsetDateTime::UNIX_EPOCH,
+            started_at: None,
+            finished_at: None,
+            counts: Default::default(),
+            tasks: vec![TaskStatus {
+                task_id: TaskId::for_index(&job, 0),
+                name: "t".into(),
+                state,
+                attempt,
+                worker: None,
+                gpus: vec![],
+                exit_code: None,
+                result: None,
+                reason: None,
+                started_at: None,
+                finished_at: None,
+                usage: None,
+            }],
+            errors: Vec::new(),
+            error_count: 0,
+            job_id: job,
+        }
+    }
+
+    #[test]
+    fn a_result_is_shown_succeeded_only_once_the_record_says_so() {
+        let mut s = Settling::default();
+        s.saw(&succeeded(1));
+        // The coordinator has not taken the result yet: keep asking, soon.
+        assert!(s.settled(&status(1, TaskState::Running)).is_empty());
+        let now = Instant::now();
+        assert_eq!(s.next_read(now), now + SETTLE_EVERY);
+        let done = s.settled(&status(1, TaskState::Succeeded));
+        assert_eq!(done, [(TaskId::new("j-0").unwrap(), 1)]);
+        assert_eq!(s.next_read(now), now + SAFETY_REFRESH);
+    }
+
+    #[test]
+    fn a_result_the_record_ended_otherwise_is_not_shown_succeeded() {
+        // The lease lapsed before the result was taken: LOST, or retried.
+        for record in [status(1, TaskState::Lost), status(2, TaskState::Queued)] {
+            let mut s = Settling::default();
+            s.saw(&succeeded(1));
+            assert!(s.settled(&record).is_empty());
+            assert!(s.0.is_empty(), "settled by {record:?}");
+        }
+        // The coordinator's own end of the attempt settles it as well.
+        let mut s = Settling::default();
+        s.saw(&succeeded(1));
+        s.saw(&event(
+            1,
+            EventBody::State {
+                state: TaskState::Lost,
+                reason: None,
+                holder: None,
+            },
+        ));
+        assert!(s.settled(&status(1, TaskState::Succeeded)).is_empty());
     }
 }

@@ -943,6 +943,19 @@ impl Engine {
         self.fx.put_jobs.insert(job.clone());
     }
 
+    /// Tells listeners how an attempt ended, unless it succeeded: then the
+    /// result event its holder sent, which the engine accepted, said so
+    /// already (readers take it as the task's SUCCEEDED), and a state event
+    /// would be one more write per task saying nothing new.
+    fn emit_end(&mut self, job: &JobId, i: usize) {
+        let t = &self.jobs[job].tasks[i];
+        if t.state == gpufleet_schema::TaskState::Succeeded {
+            self.metrics.task_ended(t.state);
+        } else {
+            self.emit_state(job, i);
+        }
+    }
+
     /// Tells listeners the task's state as its record has it now, with
     /// the record's reason.
     fn emit_state(&mut self, job: &JobId, i: usize) {

@@ -297,12 +297,14 @@ impl Fleet {
             .unwrap_or_else(|e| panic!("get {job_id} failed: {e}"))
     }
 
-    /// Re-runs `check` whenever a message arrives on `subject`, and a
-    /// second after the last one (for changes that publish nothing there,
-    /// or that the coordinator had not read yet), until it yields `Some`.
+    /// Re-runs `check` whenever a message arrives on one of `subjects`,
+    /// soon again after one (the coordinator may not have read it yet: a
+    /// result is recorded a moment after it is published), and a second
+    /// after the last one (for changes that publish nothing there), until
+    /// it yields `Some`.
     async fn recheck_on<T, F, Fut>(
         &self,
-        subject: String,
+        subjects: Vec<String>,
         deadline: Duration,
         what: &str,
         mut check: F,
@@ -312,20 +314,30 @@ impl Fleet {
         Fut: std::future::Future<Output = Option<T>>,
     {
         let client = self.client().await;
-        let mut wakeups = client.subscribe(subject).await.expect("subscribe");
+        let mut subs = Vec::new();
+        for s in subjects {
+            subs.push(client.subscribe(s).await.expect("subscribe"));
+        }
+        let mut wakeups = futures::stream::select_all(subs);
+        let quiet = Duration::from_secs(1);
         with_deadline(deadline, what, async {
+            let mut pause = quiet;
             loop {
                 if let Some(v) = check().await {
                     return v;
                 }
-                let _ = tokio::time::timeout(Duration::from_secs(1), wakeups.next()).await;
+                pause = match tokio::time::timeout(pause, wakeups.next()).await {
+                    Ok(_) => Duration::from_millis(20),
+                    Err(_) => (pause * 2).min(quiet),
+                };
             }
         })
         .await
     }
 
     /// Waits until the job's status satisfies `pred`, checking it on each
-    /// of the job's state events.
+    /// of the job's state events and results (a success has no state
+    /// event: the status says it a moment after the holder's result).
     pub async fn wait_job(
         &self,
         job_id: &str,
@@ -335,8 +347,11 @@ impl Fleet {
     ) -> Value {
         let pred = &pred;
         let job = JobId::new(job_id).expect("a job id");
-        let states = subjects::job_events_of_kind(&UserId::default_user(), &job, EventKind::State);
-        self.recheck_on(states, deadline, what, || async move {
+        let user = UserId::default_user();
+        let wakeups = [EventKind::State, EventKind::Result]
+            .map(|k| subjects::job_events_of_kind(&user, &job, k))
+            .to_vec();
+        self.recheck_on(wakeups, deadline, what, || async move {
             let status = self.get(job_id).await;
             pred(&status).then_some(status)
         })
@@ -355,7 +370,7 @@ impl Fleet {
         let pred = &pred;
         let client = &self.client().await;
         let beats = subjects::kv_subject(subjects::WORKERS_BUCKET, name);
-        self.recheck_on(beats, Duration::from_secs(60), what, || async move {
+        self.recheck_on(vec![beats], Duration::from_secs(60), what, || async move {
             let ws = api(client, subjects::WORKERS_LIST, &serde_json::json!({}))
                 .await
                 .ok()?;
@@ -567,6 +582,58 @@ pub fn state_events(evs: &[Event]) -> Vec<(u32, TaskState, Option<String>)> {
             _ => None,
         })
         .collect()
+}
+
+/// (attempt, state, reason) of every task state change among `evs` (of one
+/// task, or several: then the attempt numbers mix), as a reader takes them (README, "A success has no state event"):
+/// the state events, and a SUCCEEDED result from the holder the
+/// coordinator's RESERVED named, unless the coordinator had ended that
+/// attempt already, or ends it otherwise later (that end replaces it).
+pub fn task_states_read(evs: &[Event]) -> Vec<(u32, TaskState, Option<String>)> {
+    let mut holders = std::collections::HashMap::new();
+    // Attempts whose success only a result said, and where it sits in `out`.
+    let mut by_result = std::collections::HashMap::new();
+    let mut out: Vec<(u32, TaskState, Option<String>)> = Vec::new();
+    let mut ended = std::collections::HashSet::new();
+    for e in evs {
+        let key = (e.task_id.clone(), e.attempt);
+        match &e.body {
+            EventBody::State {
+                state,
+                reason,
+                holder,
+            } => {
+                if e.worker.is_none() {
+                    if let Some(h) = holder {
+                        holders.insert(key.clone(), h.clone());
+                    }
+                    // It replaces a success that only a result said.
+                    if let Some(i) = state.is_end().then(|| by_result.remove(&key)).flatten() {
+                        out.remove(i);
+                        by_result
+                            .values_mut()
+                            .for_each(|j| *j -= usize::from(*j > i));
+                    }
+                    if state.is_end() {
+                        ended.insert(key);
+                    }
+                }
+                out.push((e.attempt, *state, reason.clone()));
+            }
+            EventBody::Result(o)
+                if o.state == TaskState::Succeeded
+                    && e.worker.is_some()
+                    && holders.get(&key) == e.worker.as_ref()
+                    && !ended.contains(&key)
+                    && !by_result.contains_key(&key) =>
+            {
+                by_result.insert(key, out.len());
+                out.push((e.attempt, TaskState::Succeeded, None));
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Submits a job (JSON) through `client` and returns its id; `Err` says

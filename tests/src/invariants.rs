@@ -22,7 +22,7 @@
 //! The checks are pure functions over what was read ([`check_history`]),
 //! unit-tested below with histories that break each invariant.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -337,6 +337,10 @@ fn check_task_events(
     // attempt -> the results reported for it, with their senders.
     let mut results: BTreeMap<u32, Vec<(Option<String>, &gpufleet_schema::TaskOutcome)>> =
         BTreeMap::new();
+    // Attempts a holder's SUCCEEDED result ended: the coordinator sends no
+    // state event for a success, so that result is the end, unless a later
+    // state event of the coordinator ends the attempt otherwise.
+    let mut succeeded_by_result: BTreeSet<u32> = BTreeSet::new();
     // The attempt placed and not yet ended, in the coordinator's order.
     let mut open: Option<u32> = None;
     let mut newest = 0u32;
@@ -393,6 +397,8 @@ fn check_task_events(
                         }
                     }
                     end => {
+                        // It overrides a result it came after.
+                        succeeded_by_result.remove(&a);
                         ends.entry(a).or_default().push(*end);
                         if end.is_retryable() {
                             retries.push(format!(
@@ -408,6 +414,20 @@ fn check_task_events(
             }
             EventBody::Result(outcome) => {
                 let sender = e.worker.as_ref().map(|w| w.to_string());
+                // From the holder (or nobody named one: the status's is
+                // checked below), of an attempt the coordinator had not
+                // ended: a result it came after does not count.
+                let a = e.attempt;
+                let from_holder = match holder.get(&a) {
+                    Some(Some(h)) => sender.as_ref() == Some(h),
+                    _ => true,
+                };
+                if outcome.state == TaskState::Succeeded && from_holder && !ends.contains_key(&a) {
+                    succeeded_by_result.insert(a);
+                    if open == Some(a) {
+                        open = None;
+                    }
+                }
                 results
                     .entry(e.attempt)
                     .or_default()
@@ -415,6 +435,9 @@ fn check_task_events(
             }
             EventBody::Log { .. } | EventBody::Progress { .. } | EventBody::Message { .. } => {}
         }
+    }
+    for a in succeeded_by_result {
+        ends.entry(a).or_default().push(TaskState::Succeeded);
     }
     for (a, es) in &ends {
         if es.len() > 1 {
@@ -990,7 +1013,8 @@ mod tests {
     }
 
     /// Attempt 1 lost on w1, attempt 2 succeeded on w2 (the coordinator's
-    /// events name the holder; a worker's name their sender).
+    /// events name the holder; a worker's name their sender; the holder's
+    /// result is the success: the coordinator sends no state event for it).
     fn retried_events() -> Vec<Event> {
         vec![
             reserved(1, "w1"),
@@ -999,7 +1023,6 @@ mod tests {
             reserved(2, "w2"),
             state(2, Some("w2"), TaskState::Running),
             result(2, "w2"),
-            state(2, None, TaskState::Succeeded),
         ]
     }
 
@@ -1105,7 +1128,6 @@ mod tests {
             reserved(1, "w2"),
             state(1, Some("w2"), TaskState::Running),
             result(1, "w2"),
-            state(1, None, TaskState::Succeeded),
         ];
         let ledger = [rec(1, Mark::Start, 0, "g1"), rec(1, Mark::Stop, 50, "g1")];
         let v = violations(&s, evs.clone(), &ledger);
@@ -1125,7 +1147,7 @@ mod tests {
     #[test]
     fn a_holder_no_event_names_is_taken_from_the_status_and_noted() {
         let mut s = status(TaskState::Succeeded, 1, Some(probe_result(1)));
-        let evs = vec![result(1, "w1"), state(1, None, TaskState::Succeeded)];
+        let evs = vec![result(1, "w1")];
         let ledger = [rec(1, Mark::Start, 0, "g1"), rec(1, Mark::Stop, 50, "g1")];
         let r = check_history(
             std::slice::from_ref(&s),
@@ -1143,6 +1165,45 @@ mod tests {
         let r = check_history(&[s], &[evs], &ledger);
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         assert!(r.notes[0].contains("no event in the stream names the holder"));
+    }
+
+    #[test]
+    fn a_success_is_the_holders_result_unless_the_coordinator_ended_the_attempt() {
+        let s = status(TaskState::Succeeded, 2, Some(probe_result(2)));
+        // A coordinator that still sent SUCCEEDED after the result: the same.
+        let mut evs = retried_events();
+        evs.push(state(2, None, TaskState::Succeeded));
+        let r = check_history(std::slice::from_ref(&s), &[evs], &retried_ledger());
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        // The lease lapsed first: the coordinator's LOST, after attempt 1's
+        // result, overrides it; a result after the LOST does not count.
+        for evs in [
+            vec![
+                reserved(1, "w1"),
+                result(1, "w1"),
+                state(1, None, TaskState::Lost),
+                reserved(2, "w2"),
+                result(2, "w2"),
+            ],
+            vec![
+                reserved(1, "w1"),
+                state(1, None, TaskState::Lost),
+                result(1, "w1"),
+                reserved(2, "w2"),
+                result(2, "w2"),
+            ],
+        ] {
+            let v = violations(&s, evs.clone(), &retried_ledger());
+            assert!(v.is_empty(), "{v:?} for {evs:?}");
+        }
+        // Another worker's SUCCEEDED result ends nothing.
+        let s = status(TaskState::Succeeded, 1, Some(probe_result(1)));
+        let v = violations(&s, vec![reserved(1, "w1"), result(1, "w2")], &[]);
+        assert!(
+            v.iter()
+                .any(|m| m.contains("the stream's last end is None")),
+            "{v:?}"
+        );
     }
 
     #[test]

@@ -23,7 +23,8 @@ pub mod wait;
 
 pub use fleet::{
     api, coordinator_config, get_job, open_to_tasks, spawn_coordinator, spawn_plain_worker,
-    spawn_worker, state_events, submit_job, task_states, wait_workers_listed, Fleet, WorkerSpec,
+    spawn_worker, state_events, submit_job, task_states, task_states_read, wait_workers_listed,
+    Fleet, WorkerSpec,
 };
 pub use procs::{bin, Proc};
 pub use server::{nats_server_bin, NatsCluster, NatsServer};

@@ -1308,3 +1308,185 @@ async fn a_short_task_sends_no_running_event_and_every_reader_follows_it_to_the_
         "the result says when it started: {evs:?}"
     );
 }
+
+/// A fleet with worker w1 running a one-task job named `name` whose task
+/// waits for `$CTL/go`, and `gpufleet status JOB --wait` waiting for it
+/// (it has said RUNNING on w1).
+struct Waiting {
+    fleet: Fleet,
+    url: String,
+    ctl: PathBuf,
+    job: String,
+    child: Child,
+    stderr: tokio::process::ChildStderr,
+    seen: String,
+}
+
+async fn waiting_on_w1(name: &str) -> Waiting {
+    let mut fleet = Fleet::start().await;
+    fleet.add_worker(WorkerSpec::new("w1")).await;
+    let url = fleet.url();
+    let ctl = fleet.dir().to_path_buf();
+    let env = format!("CTL={}", ctl.display());
+    let out = gpufleet(
+        &url,
+        &[
+            "run",
+            "--no-wait",
+            "--name",
+            name,
+            "-e",
+            &env,
+            "--",
+            "sh",
+            "-c",
+            "while [ ! -e \"$CTL/go\" ]; do sleep 0.05; done",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let job = out.stdout.trim().to_string();
+    let mut child = command(Some(&url), &["status", &job, "--wait"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut seen = String::new();
+    read_until(&mut stderr, &mut seen, "RUNNING on w1").await;
+    Waiting {
+        fleet,
+        url,
+        ctl,
+        job,
+        child,
+        stderr,
+        seen,
+    }
+}
+
+/// The coordinator publishes no SUCCEEDED state event (one write less per
+/// task): `status --wait` and `run` take the holder's result as the end,
+/// read the status again until the record says so, print SUCCEEDED as
+/// before, and end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_without_its_state_event_is_shown_from_the_holders_result() {
+    // `status --wait` follows no output: before, it read only state events.
+    let Waiting {
+        fleet,
+        url,
+        ctl,
+        job,
+        mut child,
+        mut stderr,
+        mut seen,
+    } = waiting_on_w1("waiter").await;
+    write(&ctl, "go", "");
+    assert_eq!(exit_code(&mut child).await, Some(0), "{seen}");
+    stderr.read_to_string(&mut seen).await.unwrap();
+    assert!(seen.contains("[waiter] SUCCEEDED\n"), "{seen}");
+    assert!(seen.contains("FINISHED:COMPLETED"), "{seen}");
+    let evs = fleet.events(&job).await;
+    assert!(
+        !state_events(&evs)
+            .iter()
+            .any(|(_, s, _)| *s == TaskState::Succeeded),
+        "no SUCCEEDED state event: {evs:?}"
+    );
+
+    // `run` (following output) of a task that ends at once, the same.
+    let out = gpufleet(&url, &["run", "--name", "quick", "--", "true"]).await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stderr.contains("[quick] SUCCEEDED\n"), "{out:#?}");
+    assert!(out.stderr.contains("FINISHED:COMPLETED"), "{out:#?}");
+}
+
+/// A worker's SUCCEEDED result counts for readers only from the attempt's
+/// holder, and only while the coordinator has not ended the attempt: a
+/// forged result from another worker, and the holder's own after its
+/// attempt ended LOST, are not shown as the task's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_result_from_a_non_holder_or_after_lost_is_not_shown_as_the_end() {
+    use gpufleet_schema::subjects::{self, Sender};
+    use gpufleet_schema::{codec, Event, EventKind, JobId, TaskId, TaskOutcome, UserId, WorkerId};
+
+    let Waiting {
+        mut fleet,
+        url,
+        job,
+        mut child,
+        mut stderr,
+        mut seen,
+        ..
+    } = waiting_on_w1("victim").await;
+
+    // Results of attempt 1 as `from` would publish them (roles are off
+    // here: anyone may publish under any worker's name).
+    let js = async_nats::jetstream::new(fleet.client().await);
+    let job_id = JobId::new(job.clone()).unwrap();
+    let task = TaskId::for_index(&job_id, 0);
+    let forge = |from: &str| {
+        let worker = WorkerId::new(from).unwrap();
+        let event = Event {
+            job_id: job_id.clone(),
+            task_id: task.clone(),
+            attempt: 1,
+            worker: Some(worker.clone()),
+            lease_rev: Some(1),
+            at: time::OffsetDateTime::now_utc(),
+            body: EventBody::Result(TaskOutcome {
+                state: TaskState::Succeeded,
+                exit_code: Some(0),
+                signal: None,
+                result: Some(json!({"forged": from})),
+                error: None,
+                artifacts: vec![],
+                started_at: None,
+                finished_at: time::OffsetDateTime::now_utc(),
+                usage: None,
+            }),
+            token: None,
+        };
+        let subject = subjects::events(
+            &UserId::default_user(),
+            &job_id,
+            &task,
+            EventKind::Result,
+            &Sender::Worker(worker),
+        );
+        (subject, Bytes::from(codec::encode(&event).unwrap()))
+    };
+    let (subject, body) = forge("w2");
+    gpufleet_natsutil::events::publish(&js, subject, body, None)
+        .await
+        .expect("publish w2's result");
+
+    // The holder dies; the coordinator ends its attempt LOST; then a
+    // result of that attempt in the holder's name comes.
+    fleet.worker("w1").kill9();
+    fleet
+        .wait_event(&job, T, "attempt 1 LOST", |e| {
+            e.attempt == 1
+                && matches!(
+                    e.body,
+                    EventBody::State {
+                        state: TaskState::Lost,
+                        ..
+                    }
+                )
+        })
+        .await;
+    let (subject, body) = forge("w1");
+    gpufleet_natsutil::events::publish(&js, subject, body, None)
+        .await
+        .expect("publish w1's late result");
+    read_until(&mut stderr, &mut seen, "LOST").await;
+
+    let out = gpufleet(&url, &["cancel", &job, "--wait"]).await;
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let code = exit_code(&mut child).await;
+    stderr.read_to_string(&mut seen).await.unwrap();
+    assert_eq!(code, Some(3), "{seen}");
+    assert!(!seen.contains("SUCCEEDED"), "{seen}");
+    let s = fleet.get(&job).await;
+    assert_eq!(s["tasks"][0]["state"], "CANCELLED", "{s:#}");
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gpufleet_testkit::invariants::LeaseWatch;
-use gpufleet_testkit::{api, pids, state_events, task_states, Fleet, WorkerSpec};
+use gpufleet_testkit::{api, pids, task_states, task_states_read, Fleet, WorkerSpec};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(120);
@@ -251,7 +251,7 @@ async fn a_task_whose_worker_dies_is_lost_then_succeeds_elsewhere() {
     assert_eq!(t["result"]["worker"], "second");
 
     // The stream tells the story: LOST, then a new attempt that succeeded.
-    let evs: Vec<(String, u32)> = state_events(&fleet.events(&id).await)
+    let evs: Vec<(String, u32)> = task_states_read(&fleet.events(&id).await)
         .into_iter()
         .map(|(attempt, state, _)| (state.to_string(), attempt))
         .collect();

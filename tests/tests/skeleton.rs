@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use gpufleet_schema::{Event, EventBody};
-use gpufleet_testkit::{api, state_events, Fleet, WorkerSpec};
+use gpufleet_schema::{Event, EventBody, TaskState};
+use gpufleet_testkit::{api, state_events, task_states_read, Fleet, WorkerSpec};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
@@ -63,13 +63,17 @@ async fn a_json_job_completes_with_its_logs_and_result_in_the_stream() {
         .position(|e| matches!(e.body, EventBody::Result(_)))
         .unwrap();
     assert!(last_log < result_at);
-    // RUNNING only if the task outlived the worker's `running_event_after`.
-    let states: Vec<String> = state_events(&evs)
-        .iter()
-        .map(|(_, state, _)| state.to_string())
-        .filter(|s| s != "RUNNING")
-        .collect();
-    assert_eq!(states, vec!["RESERVED", "SUCCEEDED"]);
+    // RUNNING only if the task outlived the worker's `running_event_after`;
+    // no SUCCEEDED state event: the holder's result says it.
+    let told = |states: Vec<(u32, TaskState, Option<String>)>| -> Vec<String> {
+        states
+            .iter()
+            .map(|(_, state, _)| state.to_string())
+            .filter(|s| s != "RUNNING")
+            .collect()
+    };
+    assert_eq!(told(state_events(&evs)), vec!["RESERVED"]);
+    assert_eq!(told(task_states_read(&evs)), vec!["RESERVED", "SUCCEEDED"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

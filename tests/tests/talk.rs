@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use gpufleet_schema::{EventBody, TaskState};
 use gpufleet_testkit::server::workspace_root;
-use gpufleet_testkit::{bin, Fleet, WorkerSpec};
+use gpufleet_testkit::{bin, task_states_read, Fleet, WorkerSpec};
 use serde_json::{json, Value};
 
 const STEP: Duration = Duration::from_secs(60);
@@ -218,13 +218,9 @@ async fn a_message_reaches_a_running_task_and_log_level_changes_its_logging() {
     assert!(!states
         .iter()
         .any(|e| matches!(&e.body, EventBody::Message { topic, .. } if topic == "late")));
-    assert!(states.iter().any(|e| matches!(
-        &e.body,
-        EventBody::State {
-            state: TaskState::Succeeded,
-            ..
-        }
-    )));
+    assert!(task_states_read(&states)
+        .iter()
+        .any(|(_, s, _)| *s == TaskState::Succeeded));
 }
 
 /// A gang member: says hello to all until it has heard from both others,

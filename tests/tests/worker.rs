@@ -21,7 +21,7 @@ use gpufleet_schema::{
 };
 use gpufleet_testkit::proxy::Proxy;
 use gpufleet_testkit::{
-    eventually, pids, state_events, task_states, with_deadline, Fleet, WorkerSpec,
+    eventually, pids, state_events, task_states, task_states_read, with_deadline, Fleet, WorkerSpec,
 };
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -853,7 +853,7 @@ async fn a_task_outliving_several_lease_ttls_keeps_its_lease() {
     let status = fleet.wait_finished(&id, T).await;
     assert_eq!(status["status"], "FINISHED:COMPLETED", "{status:#}");
     assert_eq!(status["tasks"][0]["attempt"], 1);
-    let states: Vec<TaskState> = state_events(&fleet.events(&id).await)
+    let states: Vec<TaskState> = task_states_read(&fleet.events(&id).await)
         .into_iter()
         .map(|(_, s, _)| s)
         .collect();

@@ -345,7 +345,7 @@ impl Engine {
             let reason = (state != TaskState::Succeeded).then_some(why);
             t.end(state, exit_code, reason, at);
         }
-        self.emit_state(job, i);
+        self.emit_end(job, i);
         self.touch(job);
         self.wants_schedule = true;
     }
@@ -365,7 +365,7 @@ impl Engine {
         let reason = (state != TaskState::Succeeded).then(|| why.clone());
         t.end(state, exit_code, reason, self.now.wall);
         let name = t.name.clone();
-        self.emit_state(job, i);
+        self.emit_end(job, i);
         if state != TaskState::Succeeded && !broken {
             self.break_gang(job, &format!("{name} ended {state}: {why}"));
         } else {

@@ -5,7 +5,7 @@
 //! one concern of the policy.
 
 use super::*;
-use gpufleet_schema::{ByteSize, Dur, GpuAdvert, LeaseState, TaskOutcome};
+use gpufleet_schema::{ByteSize, Dur, GpuAdvert, LeaseState, TaskId, TaskOutcome};
 use std::ops::{Deref, DerefMut};
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
@@ -271,12 +271,43 @@ fn a_task_goes_from_submit_to_completed() {
     );
     let fx = e.take_effects();
     assert!(fx.put_jobs.contains(&id));
-    assert_eq!(fx.events.len(), 1, "one SUCCEEDED state event");
+    // No SUCCEEDED state event: the holder's result, which readers take
+    // as the task's end, said it; the record says SUCCEEDED.
+    assert!(fx.events.is_empty(), "{:?}", fx.events);
+    assert_eq!(e.jobs[&id].tasks[0].state, TaskState::Succeeded);
 
     // The same result again (a replay after restart) changes nothing.
     e.handle(result(&e, &lease, TaskState::Succeeded, 42));
     let fx = e.take_effects();
     assert!(fx.put_jobs.is_empty() && fx.events.is_empty());
+}
+
+#[test]
+fn every_end_but_a_success_has_its_state_event() {
+    let mut e = ready_engine(&[advert("w1", 4, 0)]);
+    let (id, _rx) = submit(
+        &mut e,
+        r#"{"tasks": [{"command": ["true"]}, {"command": ["false"]}]}"#,
+    );
+    let leases = e.take_effects().create_leases;
+    for (i, (key, lease)) in leases.iter().enumerate() {
+        claim(&mut e, key, lease, 10 + i as u64);
+    }
+    e.take_effects();
+    e.handle(result(&e, &leases[0].1, TaskState::Succeeded, 20));
+    e.handle(result(&e, &leases[1].1, TaskState::Failed, 21));
+    let ends: Vec<(TaskId, TaskState)> = e
+        .take_effects()
+        .events
+        .iter()
+        .filter_map(|(_, ev)| match &ev.body {
+            EventBody::State { state, .. } => Some((ev.task_id.clone(), *state)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ends, [(TaskId::for_index(&id, 1), TaskState::Failed)]);
+    assert_eq!(task_state(&e, &id, 0), (TaskState::Succeeded, 1));
+    assert_eq!(task_state(&e, &id, 1), (TaskState::Failed, 1));
 }
 
 #[test]
