@@ -622,6 +622,7 @@ async fn restore(
         match codec::decode::<JobRecord>(&c.value) {
             Ok(mut job) => {
                 job.parts = store::plan_parts(&job.spec, PART_BUDGET).unwrap_or_else(|_| vec![0]);
+                job.share_specs();
                 legacy.insert(job.id.clone(), c.key.clone());
                 active.insert(job.id.clone(), job);
             }
@@ -709,7 +710,7 @@ fn plan_write(
     Ok(RecordWrite {
         job: job.id.clone(),
         new: !job.stored,
-        verify: (!job.stored && job.verify).then(|| (job.owner.clone(), job.spec.clone())),
+        verify: (!job.stored && job.verify).then(|| (job.owner.clone(), job.full_spec())),
         finished,
         parts,
         hashes,
