@@ -797,7 +797,7 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
             match p.verify {
                 Some(_) => store::read(&io.jobs, JobRecordSet::Done, &p.job)
                     .await
-                    .map(|found| found.map(|j| (j.owner, j.spec, j.status))),
+                    .map(|found| found.map(|j| (j.owner.clone(), j.full_spec(), j.status))),
                 None => Ok(None),
             }
         };

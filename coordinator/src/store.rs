@@ -708,6 +708,24 @@ mod tests {
         assert!(out.jobs == vec![j], "the record read back differs");
     }
 
+    #[test]
+    fn a_record_read_back_gives_the_spec_it_was_submitted_with() {
+        // What a submit under a finished job's id is compared with: a
+        // record keeps its tasks' specs apart from the job's own.
+        let mut submitted = spec(5, "true");
+        submitted.tasks[3].command.push("x".into());
+        let j = job(submitted.clone());
+        let mut a = Assembler::default();
+        for (i, p) in encode(&j).unwrap().iter().enumerate() {
+            let key = subjects::job_record_key(JobRecordSet::Done, &j.id, i);
+            a.add(&key, 1, p, &Shadows::default());
+        }
+        let read = a.finish(JobRecordSet::Done).jobs.remove(0);
+        assert_eq!(read.full_spec(), submitted);
+        assert!(read.same_spec(&submitted));
+        assert!(!read.same_spec(&spec(5, "true")));
+    }
+
     /// The record as serde writes [`HeadOut`] and [`PartOut`].
     fn encode_by_serde(job: &JobRecord) -> Vec<Vec<u8>> {
         let specs: Vec<TaskSpec> = job.specs.iter().map(|s| TaskSpec::clone(s)).collect();
