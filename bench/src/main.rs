@@ -218,6 +218,14 @@ async fn main() -> anyhow::Result<()> {
             ),
             format!("{:.0} s window", r.window.as_secs_f64()),
         );
+        row(
+            "scale: time to queue them, RSS per queued task then",
+            format!(
+                "{:.0} s, {:.0} B",
+                r.queueing.as_secs_f64(),
+                r.bytes_per_task
+            ),
+        );
         row("scale: coordinator CPU", format!("{:.0} %", r.cpu_percent));
         row(
             "scale: coordinator RSS (peak)",

@@ -17,6 +17,10 @@ pub struct ScaleResult {
     pub workers: usize,
     pub tasks: usize,
     pub window: Duration,
+    /// How long queueing the tasks took (submits one job at a time), and
+    /// the coordinator's resident memory then, per queued task.
+    pub queueing: Duration,
+    pub bytes_per_task: f64,
     pub cpu_percent: f64,
     pub rss_mib: f64,
     pub hwm_mib: f64,
@@ -217,6 +221,7 @@ pub async fn run(
     // so that a submit that timed out while the coordinator was busy can
     // be sent again (a 409 for the same spec means it was taken).
     let per_job = 100;
+    let queueing = Instant::now();
     for j in 0..tasks.div_ceil(per_job) {
         let n = per_job.min(tasks - j * per_job);
         let job = json!({"id": format!("scale-{j}"), "name": format!("scale-{j}"), "tasks": (0..n).map(|_| json!({"command": ["true"], "resources": {"gpus": 1}})).collect::<Vec<_>>()});
@@ -227,6 +232,8 @@ pub async fn run(
             anyhow::ensure!(tries < 5, "submitting job scale-{j}: {e}");
         }
     }
+    let queueing = queueing.elapsed();
+    let queued_rss = proc_stat(pid).map_or(0.0, |(_, rss, _)| rss);
     let s0 = coordinator_stats(&client).await?;
     let (t0, _, _) = proc_stat(pid).ok_or_else(|| anyhow::anyhow!("coordinator gone"))?;
     let sent0 = sent.load(std::sync::atomic::Ordering::Relaxed);
@@ -246,6 +253,8 @@ pub async fn run(
         workers,
         tasks,
         window: elapsed,
+        queueing,
+        bytes_per_task: queued_rss * (1 << 20) as f64 / tasks.max(1) as f64,
         cpu_percent: (t1 - t0) as f64 / tick / secs * 100.0,
         rss_mib: rss,
         hwm_mib: hwm,

@@ -763,7 +763,7 @@ impl Engine {
     fn resubmit(&mut self, spec: JobSpec, tx: ReplyTx) {
         let id = spec.id.clone().expect("a resubmit names its job");
         let existing = &self.jobs[&id];
-        let reply = if existing.spec == spec {
+        let reply = if existing.same_spec(&spec) {
             Reply::Submit(SubmitReply {
                 job_id: id.clone(),
                 status: existing.status,

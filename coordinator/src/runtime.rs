@@ -622,6 +622,7 @@ async fn restore(
         match codec::decode::<JobRecord>(&c.value) {
             Ok(mut job) => {
                 job.parts = store::plan_parts(&job.spec, PART_BUDGET).unwrap_or_else(|_| vec![0]);
+                job.share_specs();
                 legacy.insert(job.id.clone(), c.key.clone());
                 active.insert(job.id.clone(), job);
             }
@@ -709,7 +710,7 @@ fn plan_write(
     Ok(RecordWrite {
         job: job.id.clone(),
         new: !job.stored,
-        verify: (!job.stored && job.verify).then(|| (job.owner.clone(), job.spec.clone())),
+        verify: (!job.stored && job.verify).then(|| (job.owner.clone(), job.full_spec())),
         finished,
         parts,
         hashes,
@@ -796,7 +797,7 @@ async fn execute(fx: Effects, engine: &Engine, io: &Io, records: &mut Records) -
             match p.verify {
                 Some(_) => store::read(&io.jobs, JobRecordSet::Done, &p.job)
                     .await
-                    .map(|found| found.map(|j| (j.owner, j.spec, j.status))),
+                    .map(|found| found.map(|j| (j.owner.clone(), j.full_spec(), j.status))),
                 None => Ok(None),
             }
         };

@@ -6,8 +6,8 @@
 
 use gpufleet_schema::status::MAX_JOB_ERRORS;
 use gpufleet_schema::{
-    AttemptError, Grant, JobId, JobSpec, JobState, JobStatus, TaskCounts, TaskId, TaskState,
-    TaskStatus, TaskUsage, UserId, WorkerId,
+    AttemptError, Grant, JobId, JobSpec, JobState, JobStatus, TaskCounts, TaskId, TaskSpec,
+    TaskState, TaskStatus, TaskUsage, UserId, WorkerId,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -135,6 +135,19 @@ impl<'de> Deserialize<'de> for Reason {
     }
 }
 
+/// `tasks` with each one equal to the one before it sharing that one's
+/// allocation (a job's alike tasks are neighbours: copies, arrays).
+pub fn share(tasks: Vec<TaskSpec>) -> Vec<Arc<TaskSpec>> {
+    let mut out: Vec<Arc<TaskSpec>> = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        match out.last() {
+            Some(prev) if **prev == t => out.push(prev.clone()),
+            _ => out.push(Arc::new(t)),
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     pub id: JobId,
@@ -143,7 +156,15 @@ pub struct JobRecord {
     pub owner: UserId,
     /// Submission order across the fleet; the queue's tie-breaker.
     pub seq: u64,
+    /// The job's own spec; its tasks' are in `specs` (here `tasks` is
+    /// empty, but in a record an earlier version stored whole: see
+    /// [`JobRecord::share_specs`]).
     pub spec: JobSpec,
+    /// Each task's spec, alike neighbours sharing one: a job of a
+    /// thousand copies of one task holds its spec once, not a thousand
+    /// times (a queued task's largest part, with its heap).
+    #[serde(skip)]
+    pub specs: Vec<Arc<TaskSpec>>,
     pub status: JobState,
     #[serde(default)]
     pub reason: Option<String>,
@@ -187,12 +208,14 @@ pub struct TaskRecord {
     pub attempt: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<WorkerId>,
+    /// Boxed, like the other fields only an attempt under way or ended
+    /// has: a queued task (most of a long queue) keeps a pointer's worth.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grant: Option<Grant>,
+    pub grant: Option<Box<Grant>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
+    pub result: Option<Box<serde_json::Value>>,
     /// Where a result too large to keep inline is, in `GPUFLEET_EVENTS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_seq: Option<u64>,
@@ -227,11 +250,11 @@ pub struct TaskRecord {
     pub claim_rev: Option<u64>,
     /// What the current attempt used, as its worker reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub usage: Option<TaskUsage>,
+    pub usage: Option<Box<TaskUsage>>,
     /// Why the coordinator asked the current attempt to stop, while it
     /// stops: decides how its end counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stopping: Option<Stop>,
+    pub stopping: Option<Box<Stop>>,
     /// Attempts that do not count against `max_retries`: preempted ones,
     /// and those before a retry by hand.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -274,7 +297,7 @@ impl TaskRecord {
 
     /// Whether its attempt is being preempted, and for which job.
     pub fn preempted_by(&self) -> Option<&JobId> {
-        match &self.stopping {
+        match self.stopping.as_deref() {
             Some(Stop::Preempt { by }) => Some(by),
             _ => None,
         }
@@ -320,7 +343,7 @@ impl TaskRecord {
     pub fn reserve(&mut self, worker: WorkerId, grant: Grant, token: String) {
         self.state = TaskState::Reserved;
         self.worker = Some(worker);
-        self.grant = Some(grant);
+        self.grant = Some(Box::new(grant));
         self.reason = None;
         self.token = Some(token);
         self.claim_rev = None;
@@ -346,7 +369,7 @@ impl TaskRecord {
         started_at: Option<OffsetDateTime>,
         usage: Option<TaskUsage>,
     ) {
-        self.usage = usage;
+        self.usage = usage.map(Box::new);
         if self.started_at.is_none() {
             self.started_at = started_at;
         }
@@ -355,7 +378,7 @@ impl TaskRecord {
             serde_json::to_vec(r).map_or(0, |b| b.len()) <= INLINE_RESULT_BYTES
         };
         (self.result, self.result_seq) = match result {
-            Some(r) if inline(&r) => (Some(r), None),
+            Some(r) if inline(&r) => (Some(Box::new(r)), None),
             Some(_) => (None, Some(seq)),
             None => (None, None),
         };
@@ -440,9 +463,9 @@ pub enum GangSettled {
 }
 
 impl JobRecord {
-    pub fn new(id: JobId, seq: u64, spec: JobSpec, now: OffsetDateTime) -> JobRecord {
-        let tasks = spec
-            .tasks
+    pub fn new(id: JobId, seq: u64, mut spec: JobSpec, now: OffsetDateTime) -> JobRecord {
+        let specs = share(std::mem::take(&mut spec.tasks));
+        let tasks = specs
             .iter()
             .enumerate()
             .map(|(i, t)| TaskRecord {
@@ -472,6 +495,7 @@ impl JobRecord {
             owner: UserId::default_user(),
             seq,
             spec,
+            specs,
             status: JobState::Queued,
             reason: None,
             submitted_at: now,
@@ -486,6 +510,32 @@ impl JobRecord {
             stored: false,
             verify: false,
         }
+    }
+
+    /// A record decoded whole (as an earlier version stored it): its
+    /// tasks' specs move to `specs`, shared.
+    pub fn share_specs(&mut self) {
+        if self.specs.is_empty() {
+            self.specs = share(std::mem::take(&mut self.spec.tasks));
+        }
+    }
+
+    /// The spec as submitted, tasks and all.
+    pub fn full_spec(&self) -> JobSpec {
+        JobSpec {
+            tasks: self.specs.iter().map(|t| TaskSpec::clone(t)).collect(),
+            ..self.spec.clone()
+        }
+    }
+
+    /// Whether `spec` is the one this job was submitted with.
+    pub fn same_spec(&self, spec: &JobSpec) -> bool {
+        spec.tasks.len() == self.specs.len()
+            && spec.tasks.iter().zip(&self.specs).all(|(a, b)| *a == **b)
+            && JobSpec {
+                tasks: Vec::new(),
+                ..spec.clone()
+            } == self.spec
     }
 
     /// Asks the job to stop; false if it has ended or was asked already.
@@ -746,11 +796,11 @@ impl TaskRecord {
                 .map(|g| g.gpus.iter().map(|g| g.uuid.clone()).collect())
                 .unwrap_or_default(),
             exit_code: self.exit_code,
-            result: self.result.clone(),
+            result: self.result.as_deref().cloned(),
             reason: self.reason.as_ref().map(|r| r.to_string()),
             started_at: self.started_at,
             finished_at: self.finished_at,
-            usage: self.usage.clone(),
+            usage: self.usage.as_deref().cloned(),
         }
     }
 }

@@ -32,8 +32,10 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use gpufleet_schema::{
-    codec, subjects, subjects::JobRecordSet, JobId, JobSpec, JobStatus, TaskSpec,
+    codec, codec::CodecError, subjects, subjects::JobRecordSet, JobId, JobSpec, JobStatus, TaskSpec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -151,10 +153,13 @@ fn part_range(job: &JobRecord, part: usize) -> std::ops::Range<usize> {
     start.min(job.tasks.len())..end.min(job.tasks.len())
 }
 
+/// What [`encode`] writes for a part, as serde would (the test that they
+/// agree byte for byte keeps it so).
+#[cfg(test)]
 #[derive(Serialize)]
 struct PartOut<'a> {
     start: u32,
-    specs: &'a [TaskSpec],
+    specs: Vec<&'a TaskSpec>,
     tasks: &'a [TaskRecord],
 }
 
@@ -167,7 +172,8 @@ struct PartIn {
 
 /// The head: the job's own fields (its summary, as `jobs.list` shows it,
 /// which a start-up reads alone for its window of finished jobs) and its
-/// first part.
+/// first part; [`encode`] writes it field by field (see [`PartOut`]).
+#[cfg(test)]
 #[derive(Serialize)]
 struct HeadOut<'a> {
     v: u32,
@@ -203,37 +209,80 @@ struct HeadIn {
     error_count: u32,
 }
 
-/// Every part of a job's record, encoded, in order.
+/// Every part of a job's record, encoded, in order. Written piece by
+/// piece rather than through serde, so that a spec shared by a run of
+/// tasks is encoded once and its bytes repeated: specs never change, and
+/// encoding them was most of a record's cost (the rest is the tasks).
 pub fn encode(job: &JobRecord) -> Result<Vec<Vec<u8>>, String> {
     let n = job.parts.len().max(1);
     let mut out = Vec::with_capacity(n);
     for p in 0..n {
         let r = part_range(job, p);
-        let part = PartOut {
-            start: r.start as u32,
-            specs: &job.spec.tasks[r.clone()],
-            tasks: &job.tasks[r],
-        };
-        let bytes = if p == 0 {
-            codec::encode(&HeadOut {
-                v: VERSION,
-                seq: job.seq,
-                spec: spec_head(&job.spec),
-                job: job.status(false),
-                cancel_requested: job.cancel_requested,
-                gang_broken: &job.gang_broken,
-                tasks_total: job.tasks.len() as u32,
-                parts: &job.parts,
-                first: part,
-                errors: &job.errors,
-                error_count: job.error_count,
-            })
+        let mut buf = Vec::new();
+        if p == 0 {
+            encode_head(&mut buf, job, r).map_err(|e| e.to_string())?;
         } else {
-            codec::encode(&part)
-        };
-        out.push(bytes.map_err(|e| e.to_string())?);
+            encode_part(&mut buf, job, r).map_err(|e| e.to_string())?;
+        }
+        out.push(buf);
     }
     Ok(out)
+}
+
+/// A key and its value, as a struct's field.
+fn field<T: Serialize + ?Sized>(buf: &mut Vec<u8>, key: &str, value: &T) -> Result<(), CodecError> {
+    codec::encode_into(buf, key)?;
+    codec::encode_into(buf, value)
+}
+
+/// [`HeadOut`], field by field.
+fn encode_head(
+    buf: &mut Vec<u8>,
+    job: &JobRecord,
+    first: std::ops::Range<usize>,
+) -> Result<(), CodecError> {
+    let errors = !job.errors.is_empty();
+    codec::encode_map_header(buf, if errors { 11 } else { 10 });
+    field(buf, "v", &VERSION)?;
+    field(buf, "seq", &job.seq)?;
+    field(buf, "spec", &spec_head(&job.spec))?;
+    field(buf, "job", &job.status(false))?;
+    field(buf, "cancel_requested", &job.cancel_requested)?;
+    field(buf, "gang_broken", &job.gang_broken)?;
+    field(buf, "tasks_total", &(job.tasks.len() as u32))?;
+    field(buf, "parts", &job.parts)?;
+    codec::encode_into(buf, "first")?;
+    encode_part(buf, job, first)?;
+    if errors {
+        field(buf, "errors", &job.errors)?;
+    }
+    field(buf, "error_count", &job.error_count)
+}
+
+/// [`PartOut`] of tasks `r`, each run of a shared spec encoded once.
+fn encode_part(
+    buf: &mut Vec<u8>,
+    job: &JobRecord,
+    r: std::ops::Range<usize>,
+) -> Result<(), CodecError> {
+    codec::encode_map_header(buf, 3);
+    field(buf, "start", &(r.start as u32))?;
+    codec::encode_into(buf, "specs")?;
+    codec::encode_array_header(buf, r.len() as u32);
+    let mut last: Option<(&Arc<TaskSpec>, std::ops::Range<usize>)> = None;
+    for spec in &job.specs[r.clone()] {
+        match &last {
+            Some((shared, bytes)) if Arc::ptr_eq(shared, spec) => {
+                buf.extend_from_within(bytes.clone());
+            }
+            _ => {
+                let at = buf.len();
+                codec::encode_into(buf, &**spec)?;
+                last = Some((spec, at..buf.len()));
+            }
+        }
+    }
+    field(buf, "tasks", &job.tasks[r])
 }
 
 /// The keys of a record's parts in `set`, in order.
@@ -322,7 +371,7 @@ fn assemble(head: HeadIn, mut parts: BTreeMap<usize, PartIn>) -> Result<JobRecor
     let HeadIn {
         v,
         seq,
-        mut spec,
+        spec,
         job,
         cancel_requested,
         gang_broken,
@@ -362,8 +411,8 @@ fn assemble(head: HeadIn, mut parts: BTreeMap<usize, PartIn>) -> Result<JobRecor
     if tasks.len() != total {
         return Err(format!("{} of {total} tasks found", tasks.len()));
     }
-    spec.tasks = specs;
     Ok(JobRecord {
+        specs: crate::state::share(specs),
         id: job.job_id,
         owner: job.owner,
         seq,
@@ -657,6 +706,78 @@ mod tests {
         j.stored = true;
         // Not assert_eq: a difference would print megabytes.
         assert!(out.jobs == vec![j], "the record read back differs");
+    }
+
+    #[test]
+    fn a_record_read_back_gives_the_spec_it_was_submitted_with() {
+        // What a submit under a finished job's id is compared with: a
+        // record keeps its tasks' specs apart from the job's own.
+        let mut submitted = spec(5, "true");
+        submitted.tasks[3].command.push("x".into());
+        let j = job(submitted.clone());
+        let mut a = Assembler::default();
+        for (i, p) in encode(&j).unwrap().iter().enumerate() {
+            let key = subjects::job_record_key(JobRecordSet::Done, &j.id, i);
+            a.add(&key, 1, p, &Shadows::default());
+        }
+        let read = a.finish(JobRecordSet::Done).jobs.remove(0);
+        assert_eq!(read.full_spec(), submitted);
+        assert!(read.same_spec(&submitted));
+        assert!(!read.same_spec(&spec(5, "true")));
+    }
+
+    /// The record as serde writes [`HeadOut`] and [`PartOut`].
+    fn encode_by_serde(job: &JobRecord) -> Vec<Vec<u8>> {
+        let specs: Vec<TaskSpec> = job.specs.iter().map(|s| TaskSpec::clone(s)).collect();
+        (0..job.parts.len().max(1))
+            .map(|p| {
+                let r = part_range(job, p);
+                let part = PartOut {
+                    start: r.start as u32,
+                    specs: specs[r.clone()].iter().collect(),
+                    tasks: &job.tasks[r],
+                };
+                if p > 0 {
+                    return codec::encode(&part).unwrap();
+                }
+                codec::encode(&HeadOut {
+                    v: VERSION,
+                    seq: job.seq,
+                    spec: spec_head(&job.spec),
+                    job: job.status(false),
+                    cancel_requested: job.cancel_requested,
+                    gang_broken: &job.gang_broken,
+                    tasks_total: job.tasks.len() as u32,
+                    parts: &job.parts,
+                    first: part,
+                    errors: &job.errors,
+                    error_count: job.error_count,
+                })
+                .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_record_encoded_piece_by_piece_is_what_serde_writes() {
+        // Shared specs (a run of copies), specs of their own, several
+        // parts, errors or none.
+        let mut mixed = spec(40, "true");
+        for (i, t) in mixed.tasks.iter_mut().enumerate() {
+            if i % 7 == 3 {
+                t.command.push(format!("arg-{i}"));
+            }
+        }
+        for spec in [spec(1, "true"), spec(300, "true"), mixed] {
+            let mut j = job(spec);
+            j.parts = (0..j.tasks.len() as u32).step_by(17).collect();
+            assert_eq!(encode(&j).unwrap(), encode_by_serde(&j));
+            grow(&mut j);
+            let at = j.submitted_at;
+            j.note_end(0, TaskState::Failed, Some(1), "it broke", at);
+            assert!(!j.errors.is_empty());
+            assert_eq!(encode(&j).unwrap(), encode_by_serde(&j));
+        }
     }
 
     #[test]

@@ -94,6 +94,38 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     rmp_serde::to_vec_named(value).map_err(|e| CodecError::whole(e.to_string()))
 }
 
+/// Appends `value` in the native encoding to `buf`: for a message put
+/// together from pieces encoded apart (with [`encode_map_header`] and
+/// [`encode_array_header`]), such as a record that repeats one piece many
+/// times and encodes it once.
+pub fn encode_into<T: Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) -> Result<(), CodecError> {
+    rmp_serde::encode::write_named(buf, value).map_err(|e| CodecError::whole(e.to_string()))
+}
+
+/// Appends the header of a map of `len` entries (each then a key and a
+/// value), as [`encode`] writes it for a struct of `len` fields.
+pub fn encode_map_header(buf: &mut Vec<u8>, len: u32) {
+    header(buf, len, 0x80, 0xde, 0xdf);
+}
+
+/// Appends the header of an array of `len` items.
+pub fn encode_array_header(buf: &mut Vec<u8>, len: u32) {
+    header(buf, len, 0x90, 0xdc, 0xdd);
+}
+
+/// A MessagePack map or array header: its fix form, or the 16- or 32-bit.
+fn header(buf: &mut Vec<u8>, len: u32, fix: u8, m16: u8, m32: u8) {
+    if len < 16 {
+        buf.push(fix | len as u8);
+    } else if let Ok(n) = u16::try_from(len) {
+        buf.push(m16);
+        buf.extend_from_slice(&n.to_be_bytes());
+    } else {
+        buf.push(m32);
+        buf.extend_from_slice(&len.to_be_bytes());
+    }
+}
+
 /// Decodes the native encoding.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
     // A reader (not the borrowing slice decoder) so that the position is
@@ -132,6 +164,30 @@ fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> CodecEr
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pieces_encoded_apart_make_what_encode_makes() {
+        for n in [0usize, 1, 15, 16, 300, 65_535, 65_536] {
+            let list: Vec<u8> = vec![7; n];
+            let mut map = std::collections::BTreeMap::new();
+            for i in 0..n.min(70_000) as u32 {
+                map.insert(i, i % 3 == 0);
+            }
+            let mut pieces = Vec::new();
+            encode_array_header(&mut pieces, n as u32);
+            for x in &list {
+                encode_into(&mut pieces, x).unwrap();
+            }
+            assert_eq!(pieces, encode(&list).unwrap(), "array of {n}");
+            let mut pieces = Vec::new();
+            encode_map_header(&mut pieces, map.len() as u32);
+            for (k, v) in &map {
+                encode_into(&mut pieces, k).unwrap();
+                encode_into(&mut pieces, v).unwrap();
+            }
+            assert_eq!(pieces, encode(&map).unwrap(), "map of {n}");
+        }
+    }
+
     use super::*;
     use crate::event::{Event, EventBody, LogStream, TaskOutcome};
     use crate::ids::{JobId, TaskId};

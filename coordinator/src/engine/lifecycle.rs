@@ -289,7 +289,7 @@ impl Engine {
     /// left queues the next attempt instead.
     fn end_attempt(&mut self, job: &JobId, i: usize, ended: Ended) {
         self.book.settled(&self.jobs[job].tasks[i].id);
-        let ended = stopped_as_asked(self.jobs[job].tasks[i].stopping.as_ref(), ended);
+        let ended = stopped_as_asked(self.jobs[job].tasks[i].stopping.as_deref(), ended);
         let j = self.jobs.job_mut(job);
         // What a cancel or a preemption ends is no error of the job's.
         if !j.cancel_requested && j.tasks[i].stopping.is_none() {

@@ -267,7 +267,7 @@ impl Engine {
                         i,
                         subjects::lease_key(w, &t.id, t.attempt),
                         wi,
-                        grant.clone(),
+                        Grant::clone(grant),
                     ));
                 }
                 if !members.is_empty() {
@@ -408,7 +408,7 @@ impl Engine {
                 }
                 tasks += 1;
                 let t = self.jobs.task_mut(&v.job, *i);
-                t.stopping = Some(Stop::Preempt { by: p.job.clone() });
+                t.stopping = Some(Box::new(Stop::Preempt { by: p.job.clone() }));
                 t.reason = Some(Reason::new(format!(
                     "preempted by {}: asked to stop (SIGTERM, SIGKILL after {grace})",
                     p.job

@@ -279,6 +279,22 @@ impl QueuePolicy {
             .unwrap_or_default()
     }
 
+    /// The jobs with a task that the avoid window, the workers tried or a
+    /// pause say something of; `None` when that cannot be told (a task id
+    /// not made by `TaskId::for_index`): then of every job.
+    pub fn jobs_with_task_state(&self) -> Option<HashSet<JobId>> {
+        let mut jobs = HashSet::new();
+        for t in self
+            .avoid
+            .keys()
+            .chain(self.tried.keys())
+            .chain(self.paused.keys())
+        {
+            jobs.insert(t.job_and_index()?.0);
+        }
+        Some(jobs)
+    }
+
     /// Whether the avoid window or the workers tried say anything of
     /// `task` (most tasks: nothing, and then nothing is hashed for them).
     pub fn knows(&self, task: &TaskId) -> bool {

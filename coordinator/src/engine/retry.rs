@@ -48,7 +48,7 @@ impl Engine {
             }
             (TaskState::Reserved | TaskState::Running, Some(w)) => {
                 let key = subjects::lease_key(w, &t.id, t.attempt);
-                self.jobs.task_mut(&id, i).stopping = Some(Stop::Cancel);
+                self.jobs.task_mut(&id, i).stopping = Some(Box::new(Stop::Cancel));
                 self.stop_lease(&id, i, &key);
                 self.touch(&id);
             }

@@ -18,8 +18,8 @@ use std::hash::{BuildHasher, Hash, Hasher};
 use std::iter::Peekable;
 
 use gpufleet_schema::{
-    subjects, GpuRequest, Grant, JobId, Lease, LeaseState, Rendezvous, TaskId, TaskState, UserId,
-    WorkerId,
+    subjects, GpuRequest, Grant, JobId, Lease, LeaseState, Rendezvous, TaskId, TaskSpec, TaskState,
+    UserId, WorkerId,
 };
 
 use super::deps::Deps;
@@ -64,6 +64,9 @@ pub(super) struct Pass {
     /// Which of `views` may still fit each shape of request.
     candidates: Candidates,
     pub(super) policy: PassPolicy,
+    /// The jobs the queue says something of task by task (`None`: every
+    /// job, as far as the pass can tell); see [`JobPart`].
+    known_tasks: Option<HashSet<JobId>>,
     /// Reasons of requests that failed in this pass, by signature. They
     /// fail again (the snapshot only shrinks), so their reason is reused:
     /// cheap with many alike tasks.
@@ -139,10 +142,21 @@ pub(super) struct SigKey {
     task: Option<u64>,
 }
 
+/// What a task's signature takes from its job: the hash of its job's part
+/// ([`job_signature`]), and whether the queue may say something of the
+/// job's tasks one by one (a pause, the avoid window, workers tried).
+/// Most jobs' tasks it says nothing of: their tasks are then gone through
+/// without a look-up each, which on a long queue is most of a pass.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct JobPart {
+    hash: u64,
+    known: bool,
+}
+
 /// One unit of a user's waiting work: a plain job's task (with its job's
 /// part of the signature), or a gang's queued members together.
 enum Work<'a> {
-    Task(&'a JobRecord, usize, u64),
+    Task(&'a JobRecord, usize, JobPart),
     Gang(&'a JobRecord, Vec<usize>),
 }
 
@@ -151,7 +165,7 @@ struct UserQueue<'a> {
     user: &'a UserId,
     jobs: Peekable<btree_set::Iter<'a, QueueKey>>,
     /// The plain job being gone through: its tasks left to try.
-    current: Option<(&'a JobRecord, u64, Peekable<std::vec::IntoIter<usize>>)>,
+    current: Option<(&'a JobRecord, JobPart, Peekable<std::vec::IntoIter<usize>>)>,
 }
 
 impl<'a> UserQueue<'a> {
@@ -211,7 +225,8 @@ impl<'a> UserQueue<'a> {
                 }
             }
             // A task pausing before its retry waits; a gang waits whole.
-            let paused = |i: &usize| engine.queue.is_paused(&job.tasks[*i].id, now);
+            let known = pass.known_tasks.as_ref().is_none_or(|k| k.contains(id));
+            let paused = |i: &usize| known && engine.queue.is_paused(&job.tasks[*i].id, now);
             if job.spec.gang && queued.iter().any(paused) {
                 continue;
             }
@@ -223,7 +238,10 @@ impl<'a> UserQueue<'a> {
                 return Some(Work::Gang(job, queued));
             }
             let queued = Engine::within_max_parallel(job, queued, &mut pass.waiting);
-            let job_part = job_signature(job, &pass.keys);
+            let job_part = JobPart {
+                hash: job_signature(job, &pass.keys),
+                known,
+            };
             self.current = Some((job, job_part, queued.into_iter().peekable()));
         }
     }
@@ -373,6 +391,14 @@ impl Engine {
             ledger,
             views,
             policy,
+            // A shortcut like the others: without them, every task is
+            // looked up (the property test in `tests/alike.rs` holds the
+            // two to the same placements).
+            known_tasks: if self.shortcuts {
+                self.queue.jobs_with_task_state()
+            } else {
+                None
+            },
             failed: HashMap::new(),
             candidates: Candidates::default(),
             keys: RandomState::new(),
@@ -393,7 +419,7 @@ impl Engine {
         // Its quota counts every queued member.
         let mut ask = Usage::default();
         for &i in queued {
-            ask.add(&Usage::of(&job.spec.tasks[i].resources));
+            ask.add(&Usage::of(&job.specs[i].resources));
         }
         if let Some(why) = self.shares.over_quota(&job.owner, &pass.ledger, &ask) {
             let why = Reason::new(why);
@@ -437,7 +463,7 @@ impl Engine {
         if !p.assigned.is_empty() {
             pass.policy.spend(p.assigned.len());
             for a in &p.assigned {
-                let held = Usage::of(&job.spec.tasks[queued[a.task]].resources);
+                let held = Usage::of(&job.specs[queued[a.task]].resources);
                 pass.ledger.add(&self.shares, &job.owner, &held);
             }
             if is_holder {
@@ -507,13 +533,13 @@ impl Engine {
         &self,
         job: &JobRecord,
         i: usize,
-        job_part: u64,
+        job_part: JobPart,
         pass: &mut Pass,
     ) -> Option<SigKey> {
         if !pass.policy.may_reserve() {
             return None;
         }
-        let ask = Usage::of(&job.spec.tasks[i].resources);
+        let ask = Usage::of(&job.specs[i].resources);
         if let Some(why) = self.shares.over_quota(&job.owner, &pass.ledger, &ask) {
             let why = Reason::reusing(why, job.tasks[i].reason.as_ref());
             if !job.tasks[i].waits_because(&why) {
@@ -784,7 +810,7 @@ impl Engine {
         rendezvous: Option<Rendezvous>,
     ) {
         let j = self.jobs.job_mut(job);
-        let task = j.spec.tasks[i].clone();
+        let task = TaskSpec::clone(&j.specs[i]);
         let owner = j.owner.clone();
         // A secret, so not from the engine's seeded generator, whose
         // numbers show in job ids.
@@ -829,7 +855,7 @@ impl Engine {
     /// What placement is asked for one task; `elsewhere` keeps it off the
     /// workers its earlier attempts ran on.
     pub(super) fn request(&self, job: &JobRecord, i: usize, elsewhere: bool) -> TaskRequest {
-        let spec = &job.spec.tasks[i];
+        let spec = &job.specs[i];
         let task = &job.tasks[i].id;
         let mut avoid = self.queue.avoided(task, self.now.mono);
         if elsewhere {
@@ -874,12 +900,12 @@ impl Engine {
     /// Everything placement looks at for one task. `job_part` is
     /// [`job_signature`] of its job; the per-task part is hashed only for
     /// a task the queue says something of.
-    fn sig_key(&self, job: &JobRecord, i: usize, job_part: u64, keys: &RandomState) -> SigKey {
-        let spec = &job.spec.tasks[i];
+    fn sig_key(&self, job: &JobRecord, i: usize, job_part: JobPart, keys: &RandomState) -> SigKey {
+        let spec = &job.specs[i];
         let r = &spec.resources;
         let id = &job.tasks[i].id;
         SigKey {
-            job: job_part,
+            job: job_part.hash,
             cpus_milli: r.cpus_milli(),
             memory: r.memory_bytes(),
             gpu: match r.gpu_request() {
@@ -891,7 +917,7 @@ impl Engine {
                 .load
                 .as_ref()
                 .map(|l| (l.cpus_milli(), l.memory_bytes())),
-            task: self.queue.knows(id).then(|| {
+            task: (job_part.known && self.queue.knows(id)).then(|| {
                 let mut h = keys.build_hasher();
                 self.queue.hash_avoided(id, &mut h);
                 h.finish()

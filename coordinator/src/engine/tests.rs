@@ -266,8 +266,8 @@ fn a_task_goes_from_submit_to_completed() {
     e.handle(result(&e, &lease, TaskState::Succeeded, 42));
     assert_eq!(e.jobs[&id].status, JobState::Completed);
     assert_eq!(
-        e.jobs[&id].tasks[0].result,
-        Some(serde_json::json!({"seq": 42}))
+        e.jobs[&id].tasks[0].result.as_deref(),
+        Some(&serde_json::json!({"seq": 42}))
     );
     let fx = e.take_effects();
     assert!(fx.put_jobs.contains(&id));
@@ -348,8 +348,8 @@ fn a_superseded_attempt_is_fenced_off() {
     e.handle(result(&e, &lease2, TaskState::Succeeded, 51));
     assert_eq!(e.jobs[&id].status, JobState::Completed);
     assert_eq!(
-        e.jobs[&id].tasks[0].result,
-        Some(serde_json::json!({"seq": 51}))
+        e.jobs[&id].tasks[0].result.as_deref(),
+        Some(&serde_json::json!({"seq": 51}))
     );
 }
 
@@ -442,7 +442,7 @@ fn start_up_adopts_unrecorded_leases_and_requeues_lapsed_reservations() {
         worker: WorkerId::new("w1").unwrap(),
         state: LeaseState::Running,
         reason: None,
-        task: job.spec.tasks[1].clone(),
+        task: gpufleet_schema::TaskSpec::clone(&job.specs[1]),
         grant: gpufleet_schema::Grant {
             cpus_milli: 1000,
             ..Default::default()

@@ -127,8 +127,8 @@ impl Engine {
             (Some(u), _) => {
                 self.waits.remove(key);
                 let t = self.jobs.task_mut(&job, i);
-                if t.grant.as_ref() != Some(&u.grant) {
-                    t.grant = Some(u.grant.clone());
+                if t.grant.as_deref() != Some(&u.grant) {
+                    t.grant = Some(Box::new(u.grant.clone()));
                     self.touch(&job);
                 }
             }
@@ -136,8 +136,8 @@ impl Engine {
                 // A grant of ours that lost its race leaves the record
                 // ahead of the lease: back to the load phase's grant.
                 let t = self.jobs.task_mut(&job, i);
-                let reverted = t.grant.as_ref() != Some(&l.grant);
-                t.grant = Some(l.grant.clone());
+                let reverted = t.grant.as_deref() != Some(&l.grant);
+                t.grant = Some(Box::new(l.grant.clone()));
                 if self.waits.insert(key, self.now.mono) {
                     let why = format!("loaded; waiting for a GPU on {}", l.worker);
                     self.jobs.task_mut(&job, i).reason = Some(Reason::new(why));
@@ -271,7 +271,7 @@ impl Engine {
             self.book.put(&u.key, rev, lease.clone());
             self.waits.remove(&u.key);
             let t = self.jobs.task_mut(&u.job, u.index);
-            t.grant = Some(grant);
+            t.grant = Some(Box::new(grant));
             t.reason = None;
             tracing::info!(task_id = %t.id, worker = %lease.worker, "a loaded task is given its GPU");
             self.emit_state(&u.job, u.index);

@@ -15,7 +15,7 @@ fn an_array_runs_as_its_tasks_at_most_max_parallel_at_once() {
     );
     let job = &e.jobs[&id];
     assert_eq!(job.tasks.len(), 6);
-    assert!(job.spec.tasks.iter().all(|t| t.array.is_none()));
+    assert!(job.specs.iter().all(|t| t.array.is_none()));
     let made = pass(&mut e);
     assert_eq!(made.len(), 2, "max_parallel 2");
     let first = &made[0].1.task;

@@ -61,7 +61,7 @@ fn a_running_tasks_usage_comes_from_its_advert_and_an_ended_ones_from_its_result
     }
     e.handle(Input::Result { seq, event, sender });
     assert_eq!(get(&mut e), Some(usage(250)), "the result's figures stay");
-    assert_eq!(e.jobs[&id].tasks[0].usage, Some(usage(250)));
+    assert_eq!(e.jobs[&id].tasks[0].usage.as_deref(), Some(&usage(250)));
 }
 
 #[test]

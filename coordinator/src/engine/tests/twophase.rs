@@ -97,7 +97,7 @@ fn a_loaded_task_gets_its_gpu_on_its_own_worker_only() {
         granted.grant, lease.grant,
         "the reservation, as signed, is kept"
     );
-    assert_eq!(e.jobs[&id].tasks[0].grant.as_ref(), Some(&up.grant));
+    assert_eq!(e.jobs[&id].tasks[0].grant.as_deref(), Some(&up.grant));
     assert_eq!(e.jobs[&id].tasks[0].reason, None);
 
     // The worker's next renewal carries the grant: nothing more to do.
@@ -166,7 +166,7 @@ fn a_loaded_task_goes_before_new_work_on_its_worker() {
     );
     assert_eq!(e.jobs[&later].tasks[0].state, TaskState::Queued);
     assert_eq!(e.jobs[&gpu_job].tasks[0].state, TaskState::Queued);
-    assert!(e.jobs[&id].tasks[0].grant.as_ref().unwrap().exclusive);
+    assert!(e.jobs[&id].tasks[0].grant.as_deref().unwrap().exclusive);
 }
 
 #[test]
@@ -264,7 +264,7 @@ fn a_grant_that_lost_its_race_is_made_again_and_none_once_the_lease_lapsed() {
     // The worker renewed first: its value, ready and without the grant.
     ready(&mut e, &key, &lease, 12);
     assert_eq!(
-        e.jobs[&id].tasks[0].grant.as_ref(),
+        e.jobs[&id].tasks[0].grant.as_deref(),
         Some(&lease.grant),
         "back to the load phase's grant"
     );
@@ -303,7 +303,7 @@ fn a_restarted_coordinator_finds_the_wait_in_the_lease() {
     let record = e.jobs[&id].clone();
     let mut e = Sim::new(CoordinatorConfig::default());
     let mut stale = record;
-    stale.tasks[0].grant = Some(lease.grant.clone());
+    stale.tasks[0].grant = Some(Box::new(lease.grant.clone()));
     e.restore_job(stale);
     e.handle(Input::Advert(Box::new(advert("w1", 4, 1))));
     e.handle(Input::Lease(LeaseChange::Put {
@@ -316,7 +316,7 @@ fn a_restarted_coordinator_finds_the_wait_in_the_lease() {
     }
     assert!(grants(&mut e).is_empty());
     assert_eq!(
-        e.jobs[&id].tasks[0].grant.as_ref(),
+        e.jobs[&id].tasks[0].grant.as_deref(),
         granted.gpu_grant.as_ref().map(|u| &u.grant)
     );
 }
@@ -330,5 +330,10 @@ fn a_task_that_never_says_ready_ends_like_any_task() {
     assert!(grants(&mut e).is_empty());
     finish(&mut e, &key, &lease, TaskState::Succeeded, 1);
     assert_eq!(e.jobs[&id].status, JobState::Completed);
-    assert!(e.jobs[&id].tasks[0].grant.as_ref().unwrap().gpus.is_empty());
+    assert!(e.jobs[&id].tasks[0]
+        .grant
+        .as_deref()
+        .unwrap()
+        .gpus
+        .is_empty());
 }
