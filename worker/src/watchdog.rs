@@ -209,21 +209,22 @@ impl Process {
     }
 
     /// Passes queued lines to the watchdog and its answers to those
-    /// waiting, until it exits (or its pipes break).
-    async fn serve(&mut self, rx: &mut mpsc::Receiver<Vec<u8>>, answers: &Pending) {
+    /// waiting, until it exits or its pipes break (true), or until nobody
+    /// can queue a line any more (false: the worker is done with it).
+    async fn serve(&mut self, rx: &mut mpsc::Receiver<Vec<u8>>, answers: &Pending) -> bool {
         let mut line = Vec::new();
         loop {
             tokio::select! {
                 queued = rx.recv() => {
-                    let Some(queued) = queued else { return };
+                    let Some(queued) = queued else { return false };
                     if let Err(e) = self.stdin.write_all(&queued).await {
                         tracing::error!(error = %e, "cannot write to the watchdog");
-                        return;
+                        return true;
                     }
                 }
                 read = self.stdout.read_until(b'\n', &mut line) => {
                     if matches!(read, Ok(0) | Err(_)) {
-                        return;
+                        return true;
                     }
                     if let Some((id, signalled)) = wire::decode_forgotten(line.trim_ascii_end()) {
                         let waiting = answers.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
@@ -269,9 +270,19 @@ async fn supervise(
     let mut process = first;
     let mut pause = RESTART_FIRST;
     loop {
-        process.serve(&mut rx, &answers).await;
+        let exited = process.serve(&mut rx, &answers).await;
         // Those waiting for an answer get none.
         answers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        if !exited {
+            // A watchdog whose stdin closes stops what it still watches,
+            // as when the worker is gone, and exits: reap it.
+            let Process {
+                mut child, stdin, ..
+            } = process;
+            drop(stdin);
+            let _ = child.wait().await;
+            return;
+        }
         let _ = process.child.start_kill();
         let status = process.child.wait().await;
         if process.started.elapsed() >= RESTART_RESET {
