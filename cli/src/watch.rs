@@ -423,6 +423,10 @@ impl Settling {
     /// Drops the attempts whose end `status` has; returns those it says
     /// succeeded.
     fn settled(&mut self, status: &JobStatus) -> Vec<(TaskId, u32)> {
+        // Most reads come with no result waiting: no index of a large job.
+        if self.0.is_empty() {
+            return Vec::new();
+        }
         let by_id: BTreeMap<&TaskId, &gpufleet_schema::TaskStatus> =
             status.tasks.iter().map(|t| (&t.task_id, t)).collect();
         let mut succeeded = Vec::new();
